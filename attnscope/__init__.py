@@ -1,0 +1,22 @@
+"""attnscope: see and steer what text-to-image diffusion models attend to.
+
+The public API (see docs/index.md):
+
+>>> import attnscope as ats
+>>> ats.capture, ats.open_trace, ats.hooks  # doctest: +ELLIPSIS
+(<function capture at ...>, <function open_trace at ...>, <function hooks at ...>)
+"""
+
+from .capture import Recorder, capture
+from .context import CallContext, RowLayout, StepContext
+from .errors import AttnscopeError
+from .hooks import STAGES, HookSession, hooks
+from .pipeline import load_pipeline
+from .sites import CrossAttentionSite, discover_sites
+from .trace import Trace, open_trace
+
+__all__ = [
+    "AttnscopeError", "CallContext", "CrossAttentionSite", "HookSession", "Recorder", "RowLayout", "STAGES",
+    "StepContext", "Trace", "capture", "discover_sites", "hooks", "load_pipeline", "open_trace",
+]
+__version__ = "0.1.0"

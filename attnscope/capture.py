@@ -1,0 +1,304 @@
+"""Recording cross-attention maps into a trace store: the Recorder client and ``capture``."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .context import CallContext, StepContext
+from .errors import AttnscopeError
+from .hooks import HookSession, hooks
+from .manifest import build_manifest, jsonable
+from .selection import BRANCHES, HEADS, TOKENS, SiteSpec, StepSpec, check_choice, select_sites, select_steps
+from .sites import find_denoiser
+from .store_format import FORMAT_VERSION
+from .tokens import prompt_length
+from .trace import Trace, open_trace
+from .writer import SiteLayout, StoreLayout, TraceWriter
+
+__all__ = ["Recorder", "capture"]
+
+
+def _check_store_path(store: str | Path, overwrite: bool) -> Path:
+    path = Path(store)
+    if not path.exists():
+        return path
+    if not overwrite:
+        raise AttnscopeError(f"store {str(path)!r} exists; pass overwrite=True to replace it")
+    is_trace = (path / "zarr.json").is_file() and '"attnscope_format"' in (path / "zarr.json").read_text(errors="replace")
+    if not (path.is_dir() and (is_trace or not any(path.iterdir()))):
+        raise AttnscopeError(
+            f"store {str(path)!r} exists and is not an attnscope trace or an empty directory; "
+            f"overwrite=True only replaces traces"
+        )
+    return path
+
+
+class Recorder:
+    """Observer client that writes the cross-attention probabilities of one pipeline call to a store.
+
+    Use it through :func:`capture`, or inside :func:`attnscope.hooks` next to other clients; call
+    :meth:`add_images` with the pipeline's images before the block ends to store them too.
+
+    Parameters
+    ----------
+    store : path
+        Zarr store to create (a directory).
+    sites : glob, list of names/globs, or predicate on :class:`CrossAttentionSite`, optional
+        Which sites to record (default all).
+    steps : int, range, slice or list of int, optional
+        Which denoising steps to record (default all).
+    heads : {"mean", "all"}
+        Average the heads on the device (head axis of size 1) or keep every head.
+    tokens : {"all", "prompt"}
+        All text positions, or only up to the longest prompt's first end-of-text token.
+    branch : {"cond", "uncond", "both"}
+        Which classifier-free-guidance half to record.
+    overwrite : bool
+        Replace an existing trace at ``store``.
+    max_queue_bytes : int
+        Bound of the queue to the background writer; the forward pass waits only when it is full.
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> rec = ats.Recorder(tempfile.mkdtemp() + "/run.zarr", sites="up_blocks.*")
+    >>> with ats.hooks(pipe, rec):
+    ...     out = pipe("a red circle", num_inference_steps=2, height=32, width=32)
+    ...     rec.add_images(out.images)
+    >>> ats.open_trace(rec.path).complete
+    True
+    """
+
+    role = "observer"
+
+    def __init__(self, store: str | Path, *, sites: SiteSpec = None, steps: StepSpec = None, heads: str = "mean",
+                 tokens: str = "all", branch: str = "cond", overwrite: bool = False,
+                 max_queue_bytes: int = 256 << 20, run_info: dict[str, Any] | None = None):
+        self.heads = check_choice("heads", heads, HEADS)
+        self.tokens = check_choice("tokens", tokens, TOKENS)
+        self.branch = check_choice("branch", branch, BRANCHES)
+        self.path = _check_store_path(store, overwrite)
+        self.overwrite, self.max_queue_bytes = overwrite, max_queue_bytes
+        self.site_spec, self.step_spec = sites, steps
+        self.run_info = dict(run_info or {})
+        self.branches = ("uncond", "cond") if branch == "both" else (branch,)
+        self.writer: TraceWriter | None = None
+        self._session: HookSession | None = None
+        self._sites: dict[str, Any] = {}
+        self._steps: frozenset[int] = frozenset()
+        self._run: int | None = None
+        self._steps_seen = 0
+        self._num_steps = 0
+        self._token_slice = slice(None)
+        self._images: np.ndarray | None = None
+
+    # -- client protocol ------------------------------------------------------------------------------
+    def on_install(self, session: HookSession) -> None:
+        self._session = session
+        self._sites = {s.name: s for s in select_sites(self.site_spec, session.sites)}
+        expected = self.run_info.get("num_inference_steps")
+        if expected is not None:
+            select_steps(self.step_spec, expected)  # fail before the pipeline runs
+        if self.branch != "cond" and self.run_info.get("guidance_scale", 2.0) <= 1.0:
+            raise AttnscopeError(
+                f"branch={self.branch!r}: guidance_scale={self.run_info['guidance_scale']} turns classifier-free guidance "
+                f"off, so there is no unconditional branch; use branch='cond'"
+            )
+
+    def stages(self, ctx: CallContext) -> tuple[str, ...]:
+        return ("probs",) if ctx.step in self._steps and ctx.site.name in self._sites else ()
+
+    def on_step(self, step: StepContext) -> None:
+        if self._run is None:
+            self._run = step.run
+            self._start(step)
+        elif step.run != self._run:
+            raise AttnscopeError("Recorder records one pipeline call; use a new Recorder (or capture()) per call")
+        assert self.writer is not None
+        self.writer.timestep(step.step, step.timestep)
+        self._steps_seen = step.step + 1
+
+    def on_probs(self, ctx: CallContext, probs: torch.Tensor) -> None:
+        h, w = ctx.spatial_shape
+        for branch in self.branches:
+            p = probs[ctx.rows.rows(branch)]
+            p = p.mean(dim=1, keepdim=True, dtype=torch.float32) if self.heads == "mean" else p
+            p = p[..., self._token_slice]
+            p = p.reshape(p.shape[0], p.shape[1], h, w, p.shape[-1]).to(torch.float16, copy=True)
+            ready = None
+            if p.is_cuda:
+                host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+                host.copy_(p, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+                p = host
+            assert self.writer is not None
+            self.writer.put(ctx.site.name, branch, ctx.step, p, ready)
+
+    def on_remove(self, error: BaseException | None) -> None:
+        if self.writer is None:
+            return
+        complete = error is None and self._steps_seen >= self._num_steps
+        self.writer.close(complete=complete, images=self._images,
+                          attrs={"images": 0 if self._images is None else len(self._images)})
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def add_images(self, images: Any) -> None:
+        """Store the pipeline's output images (PIL list, numpy array in [0, 1], or tensor) with the trace."""
+        self._images = _images_to_uint8(images)
+
+    def _start(self, step: StepContext) -> None:
+        session = self._session
+        assert session is not None
+        num_steps = step.num_steps or self.run_info.get("num_inference_steps")
+        if not num_steps:
+            raise AttnscopeError("cannot tell this run's number of steps: the pipeline does not expose num_timesteps; "
+                                 "pass run_info={'num_inference_steps': N}")
+        self._num_steps = num_steps
+        steps = select_steps(self.step_spec, num_steps)
+        rows = step.rows
+        if self.branch != "cond" and rows.uncond is None:
+            raise AttnscopeError(f"branch={self.branch!r}: this run has no unconditional rows (guidance is off)")
+        tokenizer = getattr(session.pipe, "tokenizer", None) or getattr(session.pipe, "tokenizer_2", None)
+        ids = step.token_ids
+        if ids is not None and tokenizer is not None:
+            prompt_tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
+        elif self.tokens == "prompt":
+            raise AttnscopeError("tokens='prompt' needs the prompt's token ids, but the pipeline got embeddings, not text")
+        else:
+            prompt_tokens = None
+        text_len = self._text_length(session, step)
+        keep = max(prompt_length(t) for t in prompt_tokens) if self.tokens == "prompt" and prompt_tokens else text_len
+        self._token_slice = slice(0, keep)
+        token_text = [
+            (prompt_tokens[p] if prompt_tokens else [""] * text_len)[:keep] + [""] * max(0, keep - text_len)
+            for p in rows.prompt_of_sample
+        ]
+        layout = StoreLayout(
+            num_steps=num_steps, samples=rows.samples, prompt_of_sample=rows.prompt_of_sample,
+            image_of_sample=rows.image_of_sample, token_positions=tuple(range(keep)), token_text=token_text,
+            sites=[
+                SiteLayout(name, s.describe(), 1 if self.heads == "mean" else s.heads, s.spatial_shape(step.latent_shape),
+                           self.branches, steps)
+                for name, s in self._sites.items()
+            ],
+        )
+        scale = int(getattr(session.pipe, "vae_scale_factor", 1))
+        run = {
+            **self.run_info, "num_steps": num_steps, "samples": rows.samples,
+            "latent_shape": list(step.latent_shape), "guidance": rows.uncond is not None,
+            "height": step.latent_shape[0] * scale, "width": step.latent_shape[1] * scale,
+            "token_ids": ids.tolist() if ids is not None else None, "tokens": prompt_tokens,
+        }
+        spec = {"sites": list(self._sites), "steps": list(steps), "heads": self.heads, "tokens": self.tokens,
+                "branch": self.branch, "dtype": "float16"}
+        layout.attrs = {"manifest": build_manifest(session.pipe, run, spec), "sites": list(self._sites),
+                        "format_min_reader": FORMAT_VERSION}
+        self._steps = frozenset(steps)
+        self.writer = TraceWriter(self.path, max_queue_bytes=self.max_queue_bytes, overwrite=self.overwrite)
+        self.writer.init(layout)
+
+    @staticmethod
+    def _text_length(session: HookSession, step: StepContext) -> int:
+        if step.token_ids is not None:
+            return int(step.token_ids.shape[-1])
+        tokenizer = getattr(session.pipe, "tokenizer", None)
+        return int(getattr(tokenizer, "model_max_length", 77))
+
+
+def _images_to_uint8(images: Any) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        return images if images.ndim == 4 else images[None]
+    try:
+        return np.stack([np.asarray(im.convert("RGB")) for im in images])
+    except AttributeError as exc:
+        raise AttnscopeError(f"images: expected PIL images, a numpy array or a tensor, got {type(images).__name__}") from exc
+
+
+def _call_default(pipe: Any, name: str) -> Any:
+    param = inspect.signature(pipe.__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store: str | Path, sites: SiteSpec = None,
+            steps: StepSpec = None, heads: str = "mean", tokens: str = "all", branch: str = "cond",
+            overwrite: bool = False, **pipeline_kwargs: Any) -> Trace:
+    """Run ``pipe`` on ``prompt`` with a fixed seed and record its cross-attention maps into ``store``.
+
+    Parameters
+    ----------
+    pipe : diffusers pipeline
+        With a UNet2DConditionModel denoiser (SD 1.x, 2.x, SDXL).
+    prompt : str or list of str
+        One prompt, or several (each gets ``num_images_per_prompt`` samples).
+    seed : int or list of int
+        One seed for the whole batch (a CPU ``torch.Generator``) or one per image.
+    store : path
+        Zarr store to create; see :class:`Recorder` for ``sites``, ``steps``, ``heads``, ``tokens``,
+        ``branch`` and ``overwrite``.
+    **pipeline_kwargs
+        Passed to the pipeline (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``,
+        ``negative_prompt``, ``num_images_per_prompt``, …) and recorded in the manifest.
+
+    Returns
+    -------
+    Trace
+        The trace, reopened lazily from the store.
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> tr = ats.capture(tiny_sd_pipeline(), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
+    ...                  num_inference_steps=3, height=32, width=32)
+    >>> tr.attention(tr.sites[0]).dims
+    ('step', 'sample', 'head', 'y', 'x', 'token')
+    """
+    find_denoiser(pipe)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise AttnscopeError(f"prompt={prompt!r}: expected a string or a non-empty list of strings")
+    if "generator" in pipeline_kwargs or "prompt" in pipeline_kwargs:
+        raise AttnscopeError("pipeline_kwargs: pass `prompt` and `seed` to capture() instead of `prompt`/`generator`")
+    output_type = pipeline_kwargs.get("output_type", "pil")
+    if output_type not in ("pil", "np", "pt", "latent"):
+        raise AttnscopeError(f"output_type={output_type!r}: expected 'pil', 'np', 'pt' or 'latent'")
+    per_prompt = pipeline_kwargs.get("num_images_per_prompt") or 1
+    batch = len(prompts) * per_prompt
+    if isinstance(seed, bool) or not (isinstance(seed, int) or (isinstance(seed, (list, tuple)) and len(seed) == batch
+                                                                and all(isinstance(s, int) for s in seed))):
+        raise AttnscopeError(f"seed={seed!r}: expected an int or a list of {batch} ints (one per image)")
+    generator: Any = (torch.Generator("cpu").manual_seed(seed) if isinstance(seed, int)
+                      else [torch.Generator("cpu").manual_seed(s) for s in seed])
+    recorded, unrecorded = {}, []
+    for key, value in pipeline_kwargs.items():
+        try:
+            recorded[key] = jsonable(value)
+        except TypeError:
+            unrecorded.append(key)
+    run_info = {
+        "prompts": prompts, "negative_prompt": pipeline_kwargs.get("negative_prompt"),
+        "seed": seed if isinstance(seed, int) else list(seed), "generator_device": "cpu",
+        "num_images_per_prompt": per_prompt,
+        "num_inference_steps": pipeline_kwargs.get("num_inference_steps", _call_default(pipe, "num_inference_steps")),
+        "guidance_scale": pipeline_kwargs.get("guidance_scale", _call_default(pipe, "guidance_scale")),
+        "pipeline_kwargs": recorded, "unrecorded_kwargs": unrecorded, "reproducible": not unrecorded,
+    }
+    recorder = Recorder(store, sites=sites, steps=steps, heads=heads, tokens=tokens, branch=branch,
+                        overwrite=overwrite, run_info=run_info)
+    with hooks(pipe, recorder):
+        out = pipe(prompt=prompts if len(prompts) > 1 else prompts[0], generator=generator, **pipeline_kwargs)
+        if output_type != "latent":
+            recorder.add_images(out.images)
+    return open_trace(recorder.path)

@@ -1,0 +1,109 @@
+"""What a hook client is told at each denoising step and at each attention call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sites import CrossAttentionSite
+
+__all__ = ["RowLayout", "StepContext", "CallContext"]
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """How the rows of the denoiser's batch map to branches, prompts and images.
+
+    With classifier-free guidance diffusers stacks ``[uncond rows; cond rows]``; within each half the
+    rows are ordered prompt-major: ``prompt 0 image 0, prompt 0 image 1, …, prompt 1 image 0, …``.
+    ``sample`` is the index of the generated image in the pipeline's output (same order).
+
+    Examples
+    --------
+    >>> layout = RowLayout.for_batch(batch=8, guidance=True, num_prompts=2)
+    >>> layout.cond, layout.samples, layout.prompt_of_sample, layout.image_of_sample
+    (slice(4, 8, None), 4, (0, 0, 1, 1), (0, 1, 0, 1))
+    """
+
+    batch: int
+    uncond: slice | None
+    cond: slice
+    prompt_of_sample: tuple[int, ...]
+    image_of_sample: tuple[int, ...]
+
+    @property
+    def samples(self) -> int:
+        return len(self.prompt_of_sample)
+
+    def rows(self, branch: str) -> slice:
+        """Row slice of ``branch`` (``"cond"`` or ``"uncond"``)."""
+        if branch == "cond":
+            return self.cond
+        if self.uncond is None:
+            raise ValueError("this batch has no unconditional rows (classifier-free guidance is off)")
+        return self.uncond
+
+    @classmethod
+    def for_batch(cls, batch: int, guidance: bool, num_prompts: int | None) -> RowLayout:
+        samples = batch // 2 if guidance and batch % 2 == 0 else batch
+        guided = guidance and batch % 2 == 0
+        if not num_prompts or samples % num_prompts:
+            num_prompts = samples
+        per_prompt = samples // num_prompts
+        return cls(
+            batch=batch,
+            uncond=slice(0, samples) if guided else None,
+            cond=slice(samples, 2 * samples) if guided else slice(0, samples),
+            prompt_of_sample=tuple(i // per_prompt for i in range(samples)),
+            image_of_sample=tuple(i % per_prompt for i in range(samples)),
+        )
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """One denoiser forward pass (one denoising step).
+
+    ``step`` counts denoiser calls from 0 within a run; ``num_steps`` is the run's planned number of
+    denoiser calls when the pipeline exposes it (``pipe.num_timesteps``), else ``None``.
+    ``token_ids`` are the prompts' token ids as the (first) text encoder saw them, one row per
+    prompt, or ``None`` when the pipeline was given embeddings instead of text.
+    """
+
+    run: int
+    step: int
+    timestep: float
+    num_steps: int | None
+    latent_shape: tuple[int, int]
+    rows: RowLayout
+    token_ids: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """One call of one cross-attention site at one step.
+
+    Examples
+    --------
+    A client's ``stages`` method usually looks only at ``ctx.site.name`` and ``ctx.step``:
+
+    >>> def stages(ctx):
+    ...     return ("probs",) if ctx.step < 10 else ()
+    """
+
+    site: CrossAttentionSite
+    step_context: StepContext
+    spatial_shape: tuple[int, int]
+    tokens: int
+
+    @property
+    def step(self) -> int:
+        return self.step_context.step
+
+    @property
+    def timestep(self) -> float:
+        return self.step_context.timestep
+
+    @property
+    def rows(self) -> RowLayout:
+        return self.step_context.rows

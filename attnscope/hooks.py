@@ -1,0 +1,311 @@
+"""The hook core: the one place attnscope intercepts a diffusers model.
+
+``with hooks(pipe, *clients):`` swaps the processor of every cross-attention site for a thin
+wrapper, adds a pre-forward hook on the denoiser (step index, timestep, batch layout) and one on the
+text encoder (the prompt's token ids), and puts everything back exactly on exit, also on errors.
+
+Client protocol
+---------------
+A client is any object with:
+
+``role``
+    ``"intervention"`` (may replace tensors) or ``"observer"`` (may only look; the default when the
+    attribute is missing).
+``stages(ctx) -> Collection[str]``
+    Which of ``"logits"``, ``"probs"``, ``"output"`` it needs at this call (``ctx`` is a
+    :class:`~attnscope.context.CallContext`: site, step, timestep, rows, spatial shape).
+``on_logits(ctx, logits)``, ``on_probs(ctx, probs)``, ``on_output(ctx, output)``
+    Called for the stages it asked for. ``logits`` and ``probs`` are ``(batch, heads, h*w, tokens)``:
+    the pre-softmax ``QKᵀ/√d`` (attention mask added) and its softmax over the text tokens.
+    ``output`` is what the attention module returns (after ``to_out``). Return ``None`` to leave
+    the tensor as it is, or a tensor of the same shape to replace it (interventions only).
+
+Optional methods: ``bypass(ctx)`` (interventions; return the module output to skip computing the
+attention at this call, e.g. a cache), ``on_install(session)``, ``on_step(step_ctx)``,
+``on_remove(error)``.
+
+Order: interventions first, in the order given, each seeing the previous one's result; then
+observers, in the order given, all seeing the final tensors.
+
+Fast path: at a call where no client needs ``logits`` or ``probs``, the site's original processor
+runs untouched (fused SDPA); ``output`` clients then see its return value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .context import CallContext, RowLayout, StepContext
+from .errors import AttnscopeError
+from .sites import CrossAttentionSite, discover_sites, find_denoiser
+
+__all__ = ["hooks", "HookSession", "STAGES"]
+
+STAGES = ("logits", "probs", "output")
+
+
+def _signature_stub(fn: Any) -> Any:
+    def stub(*args: Any, **kwargs: Any) -> None:  # pragma: no cover - never called
+        raise RuntimeError("signature stub")
+
+    stub.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+    return stub
+
+
+class _SiteProcessor:
+    """Stands in for one site's processor while hooks are installed."""
+
+    def __init__(self, session: HookSession, site: CrossAttentionSite, original: Any):
+        self.session, self.site, self.original = session, site, original
+        # Attention.forward passes on only the cross_attention_kwargs that `processor.__call__`
+        # names: show it the original's signature so exactly the same kwargs reach us.
+        self.__call__ = _signature_stub(original.__call__)
+
+    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        session = self.session
+        encoder_hidden_states = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        if session.step_context is None or encoder_hidden_states is None:
+            return self.original(attn, hidden_states, *args, **kwargs)
+        ctx = session.call_context(self.site, hidden_states, encoder_hidden_states)
+        plan = session.plan(ctx)
+        output = session.bypass(ctx)
+        if output is None:
+            if plan.get("logits") or plan.get("probs"):
+                if args:
+                    raise AttnscopeError(f"site {self.site.name}: expected keyword arguments from Attention.forward")
+                output = self._attend(ctx, plan, attn, hidden_states, **kwargs)
+            else:
+                output = self.original(attn, hidden_states, *args, **kwargs)
+        return session.run_stage("output", plan, ctx, output)
+
+    def _attend(self, ctx: CallContext, plan: dict, attn: Any, hidden_states: torch.Tensor,
+                encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                temb: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        """AttnProcessor2_0's computation with the logits/probs stages made visible."""
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        if type(self.original) not in (AttnProcessor2_0, AttnProcessor):
+            raise AttnscopeError(
+                f"site {self.site.name}: reading logits/probs needs AttnProcessor2_0 or AttnProcessor, got "
+                f"{type(self.original).__name__}; call pipe.unet.set_default_attn_processor() first"
+            )
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        session = self.session
+        logits = (query @ key.transpose(-1, -2)) * head_dim**-0.5  # the scale SDPA uses
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                logits = logits.masked_fill(~attention_mask, float("-inf"))
+            else:
+                logits = logits + attention_mask
+        edited = session.run_stage("logits", plan, ctx, logits)
+        probs = edited.softmax(dim=-1)
+        final = session.run_stage("probs", plan, ctx, probs)
+        if edited is logits and final is probs:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        else:
+            out = final.to(value.dtype) @ value
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class HookSession:
+    """The installed state of :func:`hooks`: sites, clients, the current step."""
+
+    def __init__(self, pipe: Any, clients: tuple[Any, ...]):
+        self.pipe = pipe
+        self.family, self.denoiser = find_denoiser(pipe)
+        self.sites: list[CrossAttentionSite] = discover_sites(pipe)
+        for client in clients:
+            role = getattr(client, "role", "observer")
+            if role not in ("intervention", "observer") or not callable(getattr(client, "stages", None)):
+                raise AttnscopeError(
+                    f"client {client!r}: expected an object with role 'intervention' or 'observer' and a "
+                    f"stages(ctx) method, got role={role!r}"
+                )
+        self.clients = [c for c in clients if getattr(c, "role", "observer") == "intervention"]
+        self.clients += [c for c in clients if getattr(c, "role", "observer") == "observer"]
+        self.step_context: StepContext | None = None
+        self._run, self._steps_in_run, self._new_run = -1, 0, True
+        self._token_ids: torch.Tensor | None = None
+
+    # -- events from the pipeline ---------------------------------------------------------------
+    def _on_text_encoder(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self._steps_in_run > 0:
+            self._new_run, self._steps_in_run, self._token_ids = True, 0, None
+        ids = args[0] if args else kwargs.get("input_ids")
+        if self._token_ids is None and isinstance(ids, torch.Tensor):
+            self._token_ids = ids.detach().cpu()
+
+    def _on_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        num_steps = getattr(self.pipe, "_num_timesteps", None)
+        if self._new_run or (num_steps and self._steps_in_run >= num_steps):
+            self._run, self._steps_in_run, self._new_run = self._run + 1, 0, False
+        guidance = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        ids = self._token_ids
+        rows = RowLayout.for_batch(sample.shape[0], guidance, ids.shape[0] if ids is not None else None)
+        timestep = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+        self.step_context = StepContext(
+            run=self._run, step=self._steps_in_run, timestep=timestep, num_steps=num_steps,
+            latent_shape=(int(sample.shape[-2]), int(sample.shape[-1])), rows=rows, token_ids=ids,
+        )
+        self._steps_in_run += 1
+        for client in self.clients:
+            if hasattr(client, "on_step"):
+                client.on_step(self.step_context)
+
+    # -- per call ---------------------------------------------------------------------------------
+    def call_context(self, site: CrossAttentionSite, hidden_states: torch.Tensor, text: torch.Tensor) -> CallContext:
+        step = self.step_context
+        assert step is not None
+        h, w = site.spatial_shape(step.latent_shape)
+        queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1]
+        if h * w != queries:
+            raise AttnscopeError(
+                f"site {site.name}: expected {h}x{w}={h * w} query positions for a {step.latent_shape} latent, got {queries}"
+            )
+        return CallContext(site=site, step_context=step, spatial_shape=(h, w), tokens=int(text.shape[1]))
+
+    def plan(self, ctx: CallContext) -> dict[str, list[Any]]:
+        plan: dict[str, list[Any]] = {}
+        for client in self.clients:
+            for stage in client.stages(ctx):
+                if stage not in STAGES:
+                    raise AttnscopeError(f"client {client!r}: unknown stage {stage!r}, expected one of {STAGES}")
+                plan.setdefault(stage, []).append(client)
+        return plan
+
+    def bypass(self, ctx: CallContext) -> torch.Tensor | None:
+        for client in self.clients:
+            if getattr(client, "role", "observer") == "intervention" and hasattr(client, "bypass"):
+                out = client.bypass(ctx)
+                if out is not None:
+                    return out
+        return None
+
+    def run_stage(self, stage: str, plan: dict, ctx: CallContext, tensor: torch.Tensor) -> torch.Tensor:
+        for client in plan.get(stage, ()):
+            result = getattr(client, f"on_{stage}")(ctx, tensor)
+            if result is None:
+                continue
+            if getattr(client, "role", "observer") != "intervention":
+                raise AttnscopeError(f"client {client!r} is an observer but returned a tensor at stage {stage!r}")
+            if result.shape != tensor.shape:
+                raise AttnscopeError(
+                    f"client {client!r} returned shape {tuple(result.shape)} at stage {stage!r} of {ctx.site.name}, "
+                    f"expected {tuple(tensor.shape)}"
+                )
+            tensor = result
+        return tensor
+
+
+def _swap_processor(module: torch.nn.Module, new: Any) -> Any:
+    """Replace ``module.processor``; return a token that restores it exactly (also nn.Module processors)."""
+    saved = (module.__dict__.get("processor"), "processor" in module.__dict__, dict(module._modules))
+    module._modules.pop("processor", None)
+    module.__dict__["processor"] = new
+    return saved
+
+
+def _restore_processor(module: torch.nn.Module, saved: Any) -> None:
+    value, in_dict, modules = saved
+    module.__dict__.pop("processor", None)
+    if in_dict:
+        module.__dict__["processor"] = value
+    module._modules.clear()
+    module._modules.update(modules)
+
+
+@contextlib.contextmanager
+def hooks(pipe: Any, *clients: Any) -> Iterator[HookSession]:
+    """Install ``clients`` on every cross-attention site of ``pipe`` for the duration of the block.
+
+    Examples
+    --------
+    An observer that counts the calls of the two sites in ``up_blocks.1`` (2 sites × 2 steps):
+
+    >>> import attnscope as ats
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> class Count:
+    ...     calls = 0
+    ...     def stages(self, ctx):
+    ...         return ("probs",) if ctx.site.name.startswith("up_blocks.1") else ()
+    ...     def on_probs(self, ctx, probs):
+    ...         self.calls += 1
+    >>> counter = Count()
+    >>> with ats.hooks(pipe, counter):
+    ...     _ = pipe("a red circle", num_inference_steps=2, height=32, width=32)
+    >>> counter.calls
+    4
+    """
+    session = HookSession(pipe, clients)
+    saved: list[tuple[torch.nn.Module, Any]] = []
+    handles = []
+    error: BaseException | None = None
+    try:
+        for site in session.sites:
+            saved.append((site.module, _swap_processor(site.module, _SiteProcessor(session, site, site.module.processor))))
+        handles.append(session.denoiser.register_forward_pre_hook(session._on_denoiser, with_kwargs=True))
+        text_encoder = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
+        if text_encoder is not None:
+            handles.append(text_encoder.register_forward_pre_hook(session._on_text_encoder, with_kwargs=True))
+        for client in session.clients:
+            if hasattr(client, "on_install"):
+                client.on_install(session)
+        yield session
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, token in reversed(saved):
+            _restore_processor(module, token)
+        pending: BaseException | None = None
+        for client in session.clients:
+            if hasattr(client, "on_remove"):
+                try:
+                    client.on_remove(error)
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    pending = pending or exc
+        if pending is not None and error is None:
+            raise pending

@@ -1,0 +1,93 @@
+"""The manifest: everything needed to reproduce a captured generation, as JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["build_manifest", "weights_fingerprint", "jsonable"]
+
+_LIBRARIES = ("attnscope", "torch", "diffusers", "transformers", "zarr", "xarray", "numpy")
+_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
+_SAMPLES_PER_TENSOR = 4096
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types, or raise TypeError."""
+    return json.loads(json.dumps(value, default=_default))
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, (tuple, set, frozenset)):
+        return list(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _module_fingerprint(module: torch.nn.Module) -> str:
+    tensors = list(module.state_dict().items())
+    key = tuple((id(t), t._version) for _, t in tensors)
+    cached = _FINGERPRINTS.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    digest = hashlib.sha256()
+    for name, t in tensors:
+        flat = t.detach().reshape(-1)
+        stride = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+        sample = flat[::stride].to("cpu", torch.float64).numpy()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(sample.tobytes())
+    _FINGERPRINTS[module] = (key, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def weights_fingerprint(pipe: Any) -> dict[str, str]:
+    """SHA-256 per model component over names, shapes, dtypes and an evenly strided sample of
+    each tensor's values (≤4096 per tensor). Cached per module until a tensor changes.
+
+    Examples
+    --------
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> sorted(weights_fingerprint(tiny_sd_pipeline()))
+    ['text_encoder', 'unet', 'vae']
+    """
+    return {name: _module_fingerprint(c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for lib in _LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = None
+    return versions
+
+
+def build_manifest(pipe: Any, run: dict[str, Any], capture_spec: dict[str, Any]) -> dict[str, Any]:
+    """The manifest stored in a trace's root attributes (see docs/store-format.md)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return jsonable({
+        "model": {
+            "reference": pipe.config.get("_name_or_path") or getattr(pipe, "name_or_path", None),
+            "weights_fingerprint": weights_fingerprint(pipe),
+            "pipeline_class": type(pipe).__name__,
+            "denoiser_class": type(denoiser).__name__,
+        },
+        "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
+        "dtype": str(denoiser.dtype).removeprefix("torch."),
+        "device": str(denoiser.device),
+        "versions": _versions(),
+        "run": run,
+        "capture": capture_spec,
+    })

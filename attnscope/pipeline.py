@@ -1,0 +1,55 @@
+"""Loading pipelines offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import AttnscopeError
+
+__all__ = ["load_pipeline"]
+
+
+def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | None = None) -> Any:
+    """Load a diffusers pipeline from a local directory or the local Hugging Face cache, never the network.
+
+    Parameters
+    ----------
+    model : str or Path
+        A directory saved with ``pipe.save_pretrained`` or a hub id already in the local cache.
+    device : str, optional
+        ``"cpu"``, ``"cuda"``, … (default: leave where loaded).
+    dtype : {"float32", "float16", "bfloat16"}, optional
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> d = tempfile.mkdtemp()
+    >>> tiny_sd_pipeline().save_pretrained(d)
+    >>> type(ats.load_pipeline(d)).__name__
+    'StableDiffusionPipeline'
+    """
+    import torch
+    from diffusers import DiffusionPipeline
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype is not None and dtype not in dtypes:
+        raise AttnscopeError(f"dtype={dtype!r}: expected one of {', '.join(dtypes)}")
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtypes[dtype]
+    path = Path(model)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise AttnscopeError(f"model={str(model)!r}: directory has no model_index.json (expected a diffusers pipeline saved with save_pretrained)")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(model), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise AttnscopeError(
+            f"model={str(model)!r}: not a local diffusers directory and not in the local Hugging Face cache "
+            f"(this machine cannot download models): {exc}"
+        ) from exc
+    if device is not None:
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=None)
+    return pipe

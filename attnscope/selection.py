@@ -1,0 +1,89 @@
+"""Parsing the user's choice of sites, steps, heads, tokens and branches, with clear errors."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from .errors import AttnscopeError
+from .sites import CrossAttentionSite
+
+__all__ = ["select_sites", "select_steps", "check_choice", "SiteSpec", "StepSpec"]
+
+SiteSpec = None | str | Sequence[str] | Callable[[CrossAttentionSite], bool]
+StepSpec = None | int | range | slice | Iterable[int]
+
+HEADS = ("mean", "all")
+TOKENS = ("all", "prompt")
+BRANCHES = ("cond", "uncond", "both")
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``allowed``, else raise naming the argument."""
+    if not isinstance(value, str) or value not in allowed:
+        raise AttnscopeError(f"{name}={value!r}: expected one of {', '.join(repr(a) for a in allowed)}")
+    return value
+
+
+def _listing(sites: Sequence[CrossAttentionSite]) -> str:
+    return "available sites:\n  " + "\n  ".join(s.name for s in sites)
+
+
+def select_sites(spec: SiteSpec, sites: Sequence[CrossAttentionSite]) -> list[CrossAttentionSite]:
+    """Sites chosen by ``spec``: ``None`` (all), a glob, a list of names/globs, or a predicate.
+
+    Examples
+    --------
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> import attnscope as ats
+    >>> sites = ats.discover_sites(tiny_sd_pipeline())
+    >>> [s.name for s in select_sites("up_blocks.1.*", sites)]
+    ['up_blocks.1.attentions.0.transformer_blocks.0.attn2', 'up_blocks.1.attentions.1.transformer_blocks.0.attn2']
+    """
+    if spec is None:
+        return list(sites)
+    if callable(spec):
+        chosen = [s for s in sites if spec(s)]
+        if not chosen:
+            raise AttnscopeError(f"sites={spec!r}: the predicate matched no site; {_listing(sites)}")
+        return chosen
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise AttnscopeError(f"sites={spec!r}: expected a glob, a list of names/globs, or a predicate")
+    chosen_names: set[str] = set()
+    for pattern in patterns:
+        hits = {s.name for s in sites if fnmatch.fnmatchcase(s.name, pattern)}
+        if not hits:
+            raise AttnscopeError(f"sites: {pattern!r} matches no cross-attention site; {_listing(sites)}")
+        chosen_names |= hits
+    return [s for s in sites if s.name in chosen_names]
+
+
+def select_steps(spec: StepSpec, num_steps: int) -> tuple[int, ...]:
+    """Step indices chosen by ``spec`` for a run of ``num_steps`` denoiser calls.
+
+    ``None`` is every step; an int, a ``range``, a ``slice`` (resolved against the run, negative
+    indices allowed) or any iterable of ints. Indices outside ``0..num_steps-1`` are an error.
+
+    Examples
+    --------
+    >>> select_steps(slice(None, None, 5), 20), select_steps([3, 0, 3], 20), select_steps(-1, 20)
+    ((0, 5, 10, 15), (0, 3), (19,))
+    """
+    if spec is None:
+        return tuple(range(num_steps))
+    if isinstance(spec, slice):
+        return tuple(range(num_steps)[spec])
+    if isinstance(spec, bool) or not isinstance(spec, (int, range, Iterable)) or isinstance(spec, str):
+        raise AttnscopeError(f"steps={spec!r}: expected an int, range, slice or list of ints")
+    values = [spec] if isinstance(spec, int) else list(spec)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise AttnscopeError(f"steps={spec!r}: expected integers")
+    resolved = {v + num_steps if v < 0 else v for v in values}
+    outside = sorted(v for v in values if not -num_steps <= v < num_steps)
+    if outside:
+        raise AttnscopeError(f"steps: {outside} outside this run's steps 0..{num_steps - 1} ({num_steps} steps)")
+    if not resolved:
+        raise AttnscopeError(f"steps={spec!r}: selects no step")
+    return tuple(sorted(resolved))

@@ -1,0 +1,46 @@
+"""Trace store format v1: names, dimensions, chunking and codecs (see docs/store-format.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+FORMAT_VERSION = 1
+SITE_DIMS = ("step", "sample", "head", "y", "x", "token")
+IMAGE_DIMS = ("sample", "height", "width", "channel")
+#: root arrays that are coordinates of every site array (declared to xarray via the root attribute)
+ROOT_COORDS = ("timestep", "prompt_index", "image_index", "token_text")
+BRANCH_ARRAYS = {"cond": "attention", "uncond": "attention_uncond"}
+#: a site's step chunk grows until a shard holds about this many raw bytes (tiny sites), capped below
+MIN_SHARD_BYTES = 64 * 1024
+MAX_CHUNK_STEPS = 8
+
+
+def site_group(name: str) -> str:
+    """Zarr path of a site's group."""
+    return f"sites/{name}"
+
+
+def chunk_steps(step_bytes: int, steps: int) -> int:
+    """Steps per chunk/shard for a site whose one step of maps has ``step_bytes`` raw bytes.
+
+    >>> chunk_steps(1 << 20, 50), chunk_steps(10_000, 50), chunk_steps(10, 3)
+    (1, 7, 3)
+    """
+    return max(1, min(steps, MAX_CHUNK_STEPS, math.ceil(MIN_SHARD_BYTES / max(step_bytes, 1))))
+
+
+def default_compressor():
+    """Blosc-zstd with bit-shuffle (float16 attention maps compress ~2-4x)."""
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+@contextlib.contextmanager
+def quiet_consolidated():
+    """Silence zarr's note that consolidated metadata is not yet in the v3 spec (we write and read it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        yield

@@ -1,0 +1,149 @@
+"""Reading a trace store: ``open_trace`` and the lazy :class:`Trace`."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import AttnscopeError
+from .store_format import BRANCH_ARRAYS, FORMAT_VERSION, ROOT_COORDS, quiet_consolidated, site_group
+from .tokens import word_alignment
+
+__all__ = ["Trace", "open_trace"]
+
+
+class Trace:
+    """A captured generation, read lazily from its Zarr store. Create it with :func:`open_trace`.
+
+    Attributes
+    ----------
+    path : Path
+    manifest : dict
+        Model, scheduler, prompts, seeds, sizes, versions and the capture spec (docs/store-format.md).
+    complete : bool
+        False while the capture runs, or if it was interrupted.
+    steps_written : int
+        Every step before this index is on disk for every captured site.
+    """
+
+    def __init__(self, path: Path, attrs: dict[str, Any]):
+        self.path = path
+        self._attrs = attrs
+        self.manifest: dict[str, Any] = attrs["manifest"]
+        self.complete: bool = bool(attrs.get("complete", False))
+        self.steps_written: int = int(attrs.get("steps_written", 0))
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else f"incomplete, {self.steps_written} steps written"
+        return f"<Trace {str(self.path)!r}: {len(self.sites)} sites, {state}>"
+
+    @functools.cached_property
+    def tree(self) -> Any:
+        """The whole store as an ``xarray.DataTree`` (lazy, dask-backed)."""
+        import xarray as xr
+
+        with quiet_consolidated():
+            return xr.open_datatree(str(self.path), engine="zarr", chunks={}, consolidated=self.complete)
+
+    @property
+    def sites(self) -> list[str]:
+        """Module paths of the recorded sites, in model order."""
+        return list(self._attrs["sites"])
+
+    @property
+    def tokens(self) -> list[str]:
+        """Text tokens of the first prompt as the model saw them, one per position on the token axis.
+
+        For several prompts see ``manifest["run"]["tokens"]`` or the ``token_text`` coordinate.
+        """
+        texts = self.tree["token_text"].values
+        return [str(t) for t in texts[0]] if len(texts) else []
+
+    @property
+    def words(self) -> dict[str, list[int]]:
+        """Word → token positions of the first prompt (word pieces merged; SOT/EOT/padding left out)."""
+        return word_alignment(self.tokens)
+
+    @property
+    def timesteps(self) -> np.ndarray:
+        """Timestep of every denoising step of the run (NaN for steps not reached)."""
+        return self.tree["timestep"].values
+
+    @property
+    def images(self) -> list[Any]:
+        """The generated images as PIL images (empty if the capture did not finish)."""
+        from PIL import Image
+
+        if "images" not in self.tree.data_vars:
+            return []
+        return [Image.fromarray(np.asarray(a)) for a in self.tree["images"].values]
+
+    def attention(self, site: str | Any, branch: str | None = None) -> Any:
+        """Cross-attention probabilities of ``site`` as a lazy ``xarray.DataArray``.
+
+        Dims ``(step, sample, head, y, x, token)``; only captured steps that are on disk are
+        included. ``branch`` is ``"cond"`` or ``"uncond"`` (default: cond when captured).
+
+        Examples
+        --------
+        >>> import tempfile, attnscope as ats
+        >>> from attnscope.testing import tiny_sd_pipeline
+        >>> tr = ats.capture(tiny_sd_pipeline(), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
+        ...                  num_inference_steps=2, height=32, width=48)
+        >>> da = tr.attention("down_blocks.0.attentions.0.transformer_blocks.0.attn2")
+        >>> dict(da.sizes)
+        {'step': 2, 'sample': 1, 'head': 1, 'y': 16, 'x': 24, 'token': 77}
+        """
+        name = getattr(site, "name", site)
+        if name not in self.sites:
+            raise AttnscopeError(f"site {name!r} is not in this trace; recorded sites:\n  " + "\n  ".join(self.sites))
+        node = self.tree[site_group(name)]
+        branches = [b for b, arr in BRANCH_ARRAYS.items() if arr in node.data_vars]
+        if branch is None:
+            branch = "cond" if "cond" in branches else branches[0]
+        if branch not in branches:
+            raise AttnscopeError(f"branch={branch!r}: this trace recorded {branches} at {name}")
+        steps = [int(s) for s in node.attrs.get("steps", []) if self.complete or int(s) < self.steps_written]
+        da = node[BRANCH_ARRAYS[branch]]
+        da = da.assign_coords({c: self.tree[c].variable for c in ROOT_COORDS if c in self.tree.coords})
+        return da.isel(step=steps)
+
+
+def open_trace(path: str | Path) -> Trace:
+    """Open a trace store lazily; no attention map is read until asked for.
+
+    Raises AttnscopeError when ``path`` is not a trace or was written by a newer format.
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> d = tempfile.mkdtemp() + "/a.zarr"
+    >>> _ = ats.capture(tiny_sd_pipeline(), "a red circle", seed=0, store=d, num_inference_steps=2, height=32, width=32)
+    >>> tr = ats.open_trace(d)
+    >>> tr.tokens[:4], tr.words["circle"]
+    (['<|startoftext|>', 'a</w>', 'red</w>', 'circle</w>'], [3])
+    """
+    p = Path(path)
+    meta = p / "zarr.json"
+    if not meta.is_file():
+        raise AttnscopeError(f"{str(p)!r} is not an attnscope trace: no Zarr group there (expected {meta})")
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AttnscopeError(f"{str(p)!r} is not an attnscope trace: unreadable zarr.json ({exc})") from exc
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    fmt = attrs.get("attnscope_format") if isinstance(attrs, dict) else None
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise AttnscopeError(f"{str(p)!r} is not an attnscope trace: no integer 'attnscope_format' attribute")
+    if fmt > FORMAT_VERSION:
+        raise AttnscopeError(
+            f"{str(p)!r} has trace format {fmt}; this attnscope reads formats up to {FORMAT_VERSION} — upgrade attnscope"
+        )
+    if not isinstance(attrs.get("manifest"), dict) or not isinstance(attrs.get("sites"), list):
+        raise AttnscopeError(f"{str(p)!r}: trace attributes 'manifest' (object) and 'sites' (list) are missing or malformed")
+    return Trace(p, attrs)

@@ -1,0 +1,278 @@
+"""TraceWriter: a background thread that owns every write to one trace store.
+
+The forward pass only hands reduced CPU tensors to a byte-bounded queue; this thread compresses and
+writes whole shards, and advances the root attribute ``steps_written`` once every capture planned
+for the steps before it is on disk. A kill loses at most the steps not yet written.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import AttnscopeError
+from .store_format import (
+    BRANCH_ARRAYS,
+    FORMAT_VERSION,
+    IMAGE_DIMS,
+    ROOT_COORDS,
+    SITE_DIMS,
+    chunk_steps,
+    default_compressor,
+    quiet_consolidated,
+    site_group,
+)
+
+__all__ = ["TraceWriter", "SiteLayout", "StoreLayout"]
+
+
+@dataclass
+class SiteLayout:
+    """One site's array: its description, map shape and the steps/branches captured there."""
+
+    name: str
+    description: dict[str, Any]
+    heads: int
+    spatial: tuple[int, int]
+    branches: tuple[str, ...]
+    steps: tuple[int, ...]
+
+
+@dataclass
+class StoreLayout:
+    """Everything needed to create a store: sizes, coordinates, sites, root attributes."""
+
+    num_steps: int
+    samples: int
+    prompt_of_sample: tuple[int, ...]
+    image_of_sample: tuple[int, ...]
+    token_positions: tuple[int, ...]
+    token_text: list[list[str]]  # one row per sample
+    sites: list[SiteLayout]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class _ByteQueue:
+    """FIFO that blocks producers while more than ``limit`` bytes are queued."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size = limit, 0
+        self.items: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+
+    def put(self, item: Any, nbytes: int) -> None:
+        with self.cond:
+            while self.size > 0 and self.size + nbytes > self.limit:
+                self.cond.wait()
+            self.items.append((item, nbytes))
+            self.size += nbytes
+            self.cond.notify_all()
+
+    def get(self) -> Any:
+        with self.cond:
+            while not self.items:
+                self.cond.wait()
+            item, nbytes = self.items.popleft()
+            self.size -= nbytes
+            self.cond.notify_all()
+            return item
+
+
+class _SiteBuffer:
+    """Collects one (site, branch) array's steps into whole shards before writing them."""
+
+    def __init__(self, array: Any, steps: tuple[int, ...], chunk: int):
+        self.array, self.chunk = array, chunk
+        self.pending = set(steps)  # captured steps not yet on disk
+        self.shards: dict[int, tuple[np.ndarray, set[int]]] = {}
+
+    def add(self, step: int, data: np.ndarray) -> None:
+        shard = step // self.chunk
+        start = shard * self.chunk
+        stop = min(start + self.chunk, self.array.shape[0])
+        if shard not in self.shards:
+            self.shards[shard] = (np.full((stop - start, *data.shape), np.nan, dtype=np.float16), set())
+        buf, got = self.shards[shard]
+        buf[step - start] = data
+        got.add(step)
+        if all(s in got for s in self.pending if start <= s < stop):
+            self._write(shard)
+
+    def _write(self, shard: int) -> None:
+        buf, got = self.shards.pop(shard)
+        start = shard * self.chunk
+        self.array[start : start + buf.shape[0]] = buf
+        self.pending -= got
+
+    def flush(self) -> None:
+        for shard in list(self.shards):
+            self._write(shard)
+
+    def first_pending(self, num_steps: int) -> int:
+        return min(self.pending, default=num_steps)
+
+
+class TraceWriter:
+    """Writes one trace store from a background thread.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> from attnscope.writer import TraceWriter, StoreLayout, SiteLayout
+    >>> layout = StoreLayout(num_steps=2, samples=1, prompt_of_sample=(0,), image_of_sample=(0,),
+    ...     token_positions=(0, 1), token_text=[["<sot>", "<eot>"]],
+    ...     sites=[SiteLayout("attn2", {}, heads=1, spatial=(2, 2), branches=("cond",), steps=(0, 1))])
+    >>> w = TraceWriter(tempfile.mkdtemp() + "/t.zarr")
+    >>> w.init(layout)
+    >>> for step in range(2):
+    ...     w.timestep(step, 999.0 - step)
+    ...     w.put("attn2", "cond", step, np.full((1, 1, 2, 2, 2), 0.5, np.float16))
+    >>> w.close(complete=True)
+    >>> w.steps_written
+    2
+    """
+
+    def __init__(self, path: str | Path, *, max_queue_bytes: int = 256 << 20, compressor: Any = None,
+                 overwrite: bool = False):
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.compressor = compressor if compressor is not None else default_compressor()
+        self.queue = _ByteQueue(max_queue_bytes)
+        self.error: BaseException | None = None
+        self.steps_written = 0
+        self._root: Any = None
+        self._buffers: dict[tuple[str, str], _SiteBuffer] = {}
+        self._timesteps_done = 0
+        self._num_steps = 0
+        self._thread = threading.Thread(target=self._run, name=f"attnscope-writer:{self.path.name}", daemon=True)
+        self._thread.start()
+
+    # -- producer side (forward thread) -----------------------------------------------------------
+    def _send(self, message: tuple, nbytes: int = 0) -> None:
+        if self.error is not None:
+            raise AttnscopeError(f"trace writer for {self.path} failed: {self.error!r}") from self.error
+        self.queue.put(message, nbytes)
+
+    def init(self, layout: StoreLayout) -> None:
+        self._send(("init", layout))
+
+    def timestep(self, step: int, value: float) -> None:
+        self._send(("timestep", step, value))
+
+    def put(self, site: str, branch: str, step: int, data: Any, ready: Any = None) -> None:
+        """Queue one step of one site: ``data`` (sample, head, y, x, token), float16, on the CPU.
+
+        ``ready`` is an optional CUDA event the writer waits on before reading ``data``.
+        """
+        nbytes = data.numel() * 2 if isinstance(data, torch.Tensor) else data.nbytes
+        self._send(("data", site, branch, step, data, ready), nbytes)
+
+    def close(self, *, complete: bool, images: np.ndarray | None = None, attrs: dict | None = None) -> None:
+        """Flush, write ``images`` and ``attrs``, mark ``complete`` (last), stop the thread."""
+        if self._thread.is_alive():
+            self.queue.put(("close", complete, images, attrs or {}), 0)
+            self._thread.join()
+        if self.error is not None:
+            raise AttnscopeError(f"trace writer for {self.path} failed: {self.error!r}") from self.error
+
+    # -- writer thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            message = self.queue.get()
+            if self.error is not None and message[0] != "close":
+                continue  # drain so producers never block on a dead writer
+            try:
+                getattr(self, f"_do_{message[0]}")(*message[1:])
+            except BaseException as exc:  # noqa: BLE001 - reported to the producer
+                self.error = self.error or exc
+            if message[0] == "close":
+                return
+
+    def _do_init(self, layout: StoreLayout) -> None:
+        import zarr
+
+        if self.path.exists():
+            if not self.overwrite:
+                raise AttnscopeError(f"store {self.path} exists; pass overwrite=True to replace it")
+            shutil.rmtree(self.path)
+        root = zarr.open_group(str(self.path), mode="w-", zarr_format=3)
+        self._num_steps = n = layout.num_steps
+        s, t = layout.samples, len(layout.token_positions)
+
+        def coord(name: str, values: Any, dims: tuple[str, ...], **kw: Any) -> None:
+            values = np.asarray(values)
+            arr = root.create_array(name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
+                                    dimension_names=dims, compressors=None, **kw)
+            arr[...] = values
+
+        coord("step", np.arange(n, dtype=np.int64), ("step",))
+        root.create_array("timestep", shape=(n,), dtype="float64", dimension_names=("step",), fill_value=np.nan, compressors=None)
+        coord("sample", np.arange(s, dtype=np.int64), ("sample",))
+        coord("prompt_index", np.asarray(layout.prompt_of_sample, dtype=np.int64), ("sample",))
+        coord("image_index", np.asarray(layout.image_of_sample, dtype=np.int64), ("sample",))
+        coord("token", np.asarray(layout.token_positions, dtype=np.int64), ("token",))
+        coord("token_text", np.asarray(layout.token_text, dtype=str).reshape(s, t), ("sample", "token"))
+        for site in layout.sites:
+            group = root.require_group(site_group(site.name))
+            group.attrs.update({"site": site.description, "steps": list(site.steps)})
+            y, x = site.spatial
+            step_bytes = s * site.heads * y * x * t * 2
+            c = chunk_steps(step_bytes, n)
+            for branch in site.branches:
+                arr = group.create_array(
+                    BRANCH_ARRAYS[branch], shape=(n, s, site.heads, y, x, t), dtype="float16",
+                    shards=(c, s, site.heads, y, x, t), chunks=(c, 1, site.heads, y, x, t),
+                    compressors=self.compressor, fill_value=np.nan, dimension_names=SITE_DIMS,
+                    attributes={"branch": branch},
+                )
+                self._buffers[(site.name, branch)] = _SiteBuffer(arr, site.steps, c)
+        root.attrs.update({**layout.attrs, "attnscope_format": FORMAT_VERSION, "complete": False,
+                           "steps_written": 0, "coordinates": " ".join(ROOT_COORDS)})
+        self._root = root
+
+    def _do_timestep(self, step: int, value: float) -> None:
+        self._root["timestep"][step] = value
+        self._timesteps_done = max(self._timesteps_done, step + 1)
+        self._advance()
+
+    def _do_data(self, site: str, branch: str, step: int, data: Any, ready: Any) -> None:
+        if ready is not None:
+            ready.synchronize()
+        array = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+        self._buffers[(site, branch)].add(step, array)
+        self._advance()
+
+    def _advance(self) -> None:
+        done = min((b.first_pending(self._num_steps) for b in self._buffers.values()), default=self._num_steps)
+        done = min(done, self._timesteps_done)
+        if done > self.steps_written:
+            self.steps_written = done
+            self._root.attrs["steps_written"] = done
+
+    def _do_close(self, complete: bool, images: np.ndarray | None, attrs: dict) -> None:
+        if self._root is None:
+            return
+        for buf in self._buffers.values():
+            buf.flush()
+        if complete:
+            self._timesteps_done = self._num_steps
+        self._advance()
+        if images is not None:
+            arr = self._root.create_array("images", shape=images.shape, dtype="uint8", dimension_names=IMAGE_DIMS,
+                                          chunks=(1, *images.shape[1:]), compressors=self.compressor)
+            arr[...] = images
+        if attrs:
+            self._root.attrs.update(attrs)
+        if complete:
+            import zarr
+
+            self._root.attrs["complete"] = True
+            with quiet_consolidated():
+                zarr.consolidate_metadata(str(self.path))

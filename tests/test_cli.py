@@ -1,0 +1,48 @@
+"""The `attnscope` command line, run as a real subprocess."""
+
+import subprocess
+import sys
+
+import pytest
+
+import attnscope as ats
+
+
+def attnscope(*args):
+    return subprocess.run([sys.executable, "-m", "attnscope", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, sd_pipe):
+    path = tmp_path_factory.mktemp("model")
+    sd_pipe.save_pretrained(path)
+    return path
+
+
+def test_capture_command(model_dir, tmp_path):
+    out = tmp_path / "run.zarr"
+    done = attnscope("capture", "--model", str(model_dir), "--prompt", "a red circle", "--prompt", "a blue square",
+                     "--seed", "7", "--steps", "3", "--height", "32", "--width", "48", "--out", str(out),
+                     "--sites", "up_blocks.*", "--capture-steps", "0:3:2", "--tokens", "prompt")
+    assert done.returncode == 0, done.stderr
+    assert f"trace: {out}" in done.stdout
+    tr = ats.open_trace(out)
+    assert tr.complete and tr.manifest["run"]["prompts"] == ["a red circle", "a blue square"]
+    assert tr.manifest["run"]["seed"] == 7 and len(tr.images) == 2 and tr.images[0].size == (48, 32)
+    da = tr.attention(tr.sites[0])
+    assert da.step.values.tolist() == [0, 2] and da.sizes["token"] == 5
+    assert all(s.startswith("up_blocks.") for s in tr.sites)
+
+
+def test_capture_command_errors(model_dir, tmp_path):
+    done = attnscope("capture", "--model", str(model_dir), "--prompt", "a red circle", "--steps", "2",
+                     "--out", str(tmp_path / "x.zarr"), "--sites", "nope*")
+    assert done.returncode == 2 and "'nope*' matches no cross-attention site" in done.stderr
+    assert not (tmp_path / "x.zarr").exists()
+    done = attnscope("capture", "--model", str(tmp_path), "--prompt", "a", "--out", str(tmp_path / "y.zarr"))
+    assert done.returncode == 2 and "no model_index.json" in done.stderr
+
+
+def test_help_shows_an_example():
+    done = attnscope("capture", "--help")
+    assert done.returncode == 0 and "Example: attnscope capture --model" in done.stdout

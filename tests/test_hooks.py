@@ -1,0 +1,218 @@
+"""The hook core: stages, composition, fast path, restoration, step context."""
+
+import numpy as np
+import pytest
+import torch
+
+import attnscope as ats
+
+from .conftest import generate
+
+
+class Probe:
+    """Observer that asks for given stages at every call and keeps what it sees."""
+
+    role = "observer"
+
+    def __init__(self, stages=("probs",), sites=None):
+        self.wanted, self.sites, self.seen, self.steps = tuple(stages), sites, [], []
+
+    def stages(self, ctx):
+        return self.wanted if self.sites is None or ctx.site.name in self.sites else ()
+
+    def on_step(self, step):
+        self.steps.append(step)
+
+    def on_logits(self, ctx, t):
+        self.seen.append(("logits", ctx.site.name, ctx.step, t.detach().clone()))
+
+    def on_probs(self, ctx, t):
+        self.seen.append(("probs", ctx.site.name, ctx.step, t.detach().clone()))
+
+    def on_output(self, ctx, t):
+        self.seen.append(("output", ctx.site.name, ctx.step, t.detach().clone()))
+
+
+class Edit:
+    """Intervention that replaces one stage with ``fn(tensor)``."""
+
+    role = "intervention"
+
+    def __init__(self, stage, fn):
+        self.stage, self.fn = stage, fn
+
+    def stages(self, ctx):
+        return (self.stage,)
+
+    def __getattr__(self, name):
+        if name == f"on_{self.stage}":
+            return lambda ctx, t: self.fn(t)
+        raise AttributeError(name)
+
+
+def processors(pipe):
+    return {name: m.__dict__.get("processor") for name, m in pipe.unet.named_modules() if hasattr(m, "processor")}
+
+
+def test_no_stage_needed_is_bit_identical(any_pipe):
+    plain = generate(any_pipe)
+    with ats.hooks(any_pipe, Probe(stages=())):
+        hooked = generate(any_pipe)
+    assert np.array_equal(plain, hooked)
+
+
+def test_probs_observer_does_not_change_the_image(sd_pipe):
+    plain = generate(sd_pipe)
+    with ats.hooks(sd_pipe, Probe(stages=("logits", "probs", "output"))):
+        observed = generate(sd_pipe)
+    assert np.array_equal(plain, observed)
+
+
+def test_probs_are_the_softmax_of_scaled_logits(sd_pipe):
+    probe = Probe(stages=("logits", "probs"))
+    with ats.hooks(sd_pipe, probe):
+        generate(sd_pipe, num_inference_steps=1)
+    logits = [t for stage, *_, t in probe.seen if stage == "logits"]
+    probs = [t for stage, *_, t in probe.seen if stage == "probs"]
+    assert len(logits) == len(probs) == 7
+    for z, p in zip(logits, probs):
+        e = np.exp(z.double().numpy() - z.double().numpy().max(-1, keepdims=True))
+        np.testing.assert_allclose(p.numpy(), e / e.sum(-1, keepdims=True), atol=1e-6)
+
+
+def test_processors_restored_after_exit_and_exception(any_pipe):
+    before = processors(any_pipe)
+    with ats.hooks(any_pipe, Probe()):
+        assert all(type(p).__name__ == "_SiteProcessor" for n, p in processors(any_pipe).items() if n.endswith("attn2"))
+    assert processors(any_pipe) == before
+    assert all(processors(any_pipe)[n] is p for n, p in before.items())
+    with pytest.raises(RuntimeError, match="boom"):
+        with ats.hooks(any_pipe, Probe()):
+            raise RuntimeError("boom")
+    assert all(processors(any_pipe)[n] is p for n, p in before.items())
+    assert not any_pipe.unet._forward_pre_hooks and not any_pipe.text_encoder._forward_pre_hooks
+
+
+def test_module_processor_restored_in_place(sd_pipe):
+    class ModuleProcessor(torch.nn.Module):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+            return torch.zeros_like(hidden_states)
+
+    module = sd_pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2")
+    original = module.processor
+    custom = ModuleProcessor()
+    module.set_processor(custom)
+    try:
+        order = list(module._modules)
+        with ats.hooks(sd_pipe, Probe(stages=("output",))):
+            generate(sd_pipe, num_inference_steps=1)
+        assert module._modules["processor"] is custom and list(module._modules) == order
+    finally:
+        module.set_processor(original)
+
+
+def test_interventions_run_first_in_order_then_observers_see_final(sd_pipe):
+    probe = Probe(stages=("probs",))
+    uniform = Edit("probs", lambda p: torch.full_like(p, 1.0 / p.shape[-1]))
+    doubled = Edit("probs", lambda p: p * 2)
+    # the observer is listed first but still runs after both interventions
+    with ats.hooks(sd_pipe, probe, uniform, doubled):
+        edited = generate(sd_pipe, num_inference_steps=1)
+    for *_, t in probe.seen:
+        np.testing.assert_allclose(t.numpy(), 2.0 / t.shape[-1], rtol=1e-6)
+    assert not np.array_equal(edited, generate(sd_pipe, num_inference_steps=1))
+
+
+def test_logits_edit_changes_probs(sd_pipe):
+    site = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    boost = Edit("logits", lambda z: z + torch.nn.functional.one_hot(torch.tensor(3), z.shape[-1]) * 100)
+    probe = Probe(stages=("probs",), sites={site})
+    with ats.hooks(sd_pipe, boost, probe):
+        generate(sd_pipe, num_inference_steps=1)
+    (_, _, _, p), = probe.seen
+    assert p[..., 3].min() > 0.999
+
+
+def test_output_replacement_and_bypass(sd_pipe):
+    class Cache:
+        role = "intervention"
+        calls = 0
+
+        def stages(self, ctx):
+            return ()
+
+        def bypass(self, ctx):
+            self.calls += 1
+            return self.cached[ctx.site.name]
+
+    probe = Probe(stages=("output",))
+    with ats.hooks(sd_pipe, probe):
+        reference = generate(sd_pipe, num_inference_steps=1)
+    cache = Cache()
+    cache.cached = {name: t for _, name, _, t in probe.seen}
+    original = {}
+    for name, m in sd_pipe.unet.named_modules():  # make the real attention unusable: bypass must skip it
+        if name in cache.cached:
+            original[name] = m.to_q.forward
+            m.to_q.forward = None
+    try:
+        with ats.hooks(sd_pipe, cache):
+            bypassed = generate(sd_pipe, num_inference_steps=1)
+    finally:
+        for name, fwd in original.items():
+            sd_pipe.unet.get_submodule(name).to_q.forward = fwd
+    assert cache.calls == 7
+    assert np.array_equal(reference, bypassed)
+
+
+def test_observer_may_not_replace_and_shapes_must_match(sd_pipe):
+    class Rogue(Probe):
+        def on_probs(self, ctx, t):
+            return t
+
+    with pytest.raises(ats.AttnscopeError, match="observer"):
+        with ats.hooks(sd_pipe, Rogue()):
+            generate(sd_pipe, num_inference_steps=1)
+    with pytest.raises(ats.AttnscopeError, match=r"returned shape .* expected"):
+        with ats.hooks(sd_pipe, Edit("probs", lambda p: p[..., :5])):
+            generate(sd_pipe, num_inference_steps=1)
+    with pytest.raises(ats.AttnscopeError, match="unknown stage 'attn'"):
+        with ats.hooks(sd_pipe, Probe(stages=("attn",))):
+            generate(sd_pipe, num_inference_steps=1)
+
+
+def test_step_context_and_rows(sd_pipe):
+    probe = Probe(stages=())
+    with ats.hooks(sd_pipe, probe):
+        generate(sd_pipe, prompt=["a red circle", "a dog"], num_images_per_prompt=2, num_inference_steps=3)
+        generate(sd_pipe, num_inference_steps=2, guidance_scale=1.0)
+    first, second = probe.steps[:3], probe.steps[3:]
+    assert [s.step for s in first] == [0, 1, 2] and [s.step for s in second] == [0, 1]
+    assert {s.run for s in first} == {0} and {s.run for s in second} == {1}
+    sd_pipe.scheduler.set_timesteps(3)
+    assert [s.timestep for s in first] == [float(t) for t in sd_pipe.scheduler.timesteps]
+    rows = first[0].rows
+    assert rows.batch == 8 and rows.uncond == slice(0, 4) and rows.cond == slice(4, 8)
+    assert rows.prompt_of_sample == (0, 0, 1, 1) and rows.image_of_sample == (0, 1, 0, 1)
+    assert second[0].rows.uncond is None and second[0].rows.cond == slice(0, 1)
+    assert first[0].token_ids.shape == (2, 77) and first[0].latent_shape == (16, 16)
+
+
+def test_sites_and_spatial_shapes(sd_pipe, sdxl_pipe):
+    sd = ats.discover_sites(sd_pipe)
+    assert [s.name for s in sd] == [n for n, _ in sd_pipe.unet.named_modules() if n.endswith("attn2")]
+    assert {(s.block, s.level) for s in sd} == {("down", 0), ("down", 1), ("mid", 1), ("up", 1), ("up", 0)}
+    xl = ats.discover_sites(sdxl_pipe)
+    assert len(xl) == 8 and all(s.token_dim == 64 and s.heads == 4 for s in xl)
+    assert sd[0].spatial_shape((33, 47)) == (33, 47) and sd[1].spatial_shape((33, 47)) == (17, 24)
+
+
+def test_unsupported_pipelines_are_refused():
+    with pytest.raises(ats.AttnscopeError, match="expected a diffusers pipeline"):
+        with ats.hooks(object(), Probe()):
+            pass
+    with pytest.raises(ats.AttnscopeError, match="expected an object with role"):
+        from attnscope.testing import tiny_sd_pipeline
+
+        with ats.hooks(tiny_sd_pipeline(), object()):
+            pass

@@ -1,0 +1,22 @@
+"""The public surface is what it claims to be."""
+
+import inspect
+
+import attnscope as ats
+
+
+def test_all_exports_exist_and_are_documented():
+    for name in ats.__all__:
+        obj = getattr(ats, name)
+        if callable(obj) and not isinstance(obj, tuple):
+            assert inspect.getdoc(obj), f"{name} has no docstring"
+    assert set(ats.__all__) >= {"capture", "open_trace", "hooks", "Trace", "Recorder", "AttnscopeError", "load_pipeline"}
+
+
+def test_public_functions_open_with_an_example():
+    for name in ("capture", "open_trace", "hooks", "discover_sites", "load_pipeline"):
+        assert "Examples" in inspect.getdoc(getattr(ats, name)), name
+
+
+def test_one_error_class():
+    assert issubclass(ats.AttnscopeError, ValueError)
