@@ -7,11 +7,11 @@ The public API (see docs/index.md):
 (<function capture at ...>, <function open_trace at ...>, <function hooks at ...>)
 """
 
-from .capture import Recorder, capture
 from .context import CallContext, RowLayout, StepContext
 from .errors import AttnscopeError
-from .hooks import STAGES, HookSession, hooks
+from .hook_core import STAGES, HookSession, hooks
 from .pipeline import load_pipeline
+from .recording import Recorder, capture
 from .sites import CrossAttentionSite, discover_sites
 from .trace import Trace, open_trace
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -35,7 +36,7 @@ def _default(value: Any) -> Any:
 
 
 def _module_fingerprint(module: torch.nn.Module) -> str:
-    tensors = list(module.state_dict().items())
+    tensors = list(module.state_dict(keep_vars=True).items())  # the live tensors: ids stay stable
     key = tuple((id(t), t._version) for _, t in tensors)
     cached = _FINGERPRINTS.get(module)
     if cached is not None and cached[0] == key:
@@ -64,6 +65,7 @@ def weights_fingerprint(pipe: Any) -> dict[str, str]:
     return {name: _module_fingerprint(c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
 
 
+@functools.lru_cache(maxsize=1)
 def _versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for lib in _LIBRARIES:
@@ -87,7 +89,7 @@ def build_manifest(pipe: Any, run: dict[str, Any], capture_spec: dict[str, Any])
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
         "dtype": str(denoiser.dtype).removeprefix("torch."),
         "device": str(denoiser.device),
-        "versions": _versions(),
+        "versions": dict(_versions()),
         "run": run,
         "capture": capture_spec,
     })

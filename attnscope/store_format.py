@@ -13,7 +13,7 @@ IMAGE_DIMS = ("sample", "height", "width", "channel")
 ROOT_COORDS = ("timestep", "prompt_index", "image_index", "token_text")
 BRANCH_ARRAYS = {"cond": "attention", "uncond": "attention_uncond"}
 #: a site's step chunk grows until a shard holds about this many raw bytes (tiny sites), capped below
-MIN_SHARD_BYTES = 64 * 1024
+MIN_SHARD_BYTES = 512 * 1024
 MAX_CHUNK_STEPS = 8
 
 
@@ -25,17 +25,18 @@ def site_group(name: str) -> str:
 def chunk_steps(step_bytes: int, steps: int) -> int:
     """Steps per chunk/shard for a site whose one step of maps has ``step_bytes`` raw bytes.
 
-    >>> chunk_steps(1 << 20, 50), chunk_steps(10_000, 50), chunk_steps(10, 3)
-    (1, 7, 3)
+    >>> chunk_steps(1 << 20, 50), chunk_steps(158_000, 50), chunk_steps(10, 3)
+    (1, 4, 3)
     """
     return max(1, min(steps, MAX_CHUNK_STEPS, math.ceil(MIN_SHARD_BYTES / max(step_bytes, 1))))
 
 
 def default_compressor():
-    """Blosc-zstd with bit-shuffle (float16 attention maps compress ~2-4x)."""
+    """Blosc-zstd level 1 with bit-shuffle: ~2x smaller float16 maps at ~1.3 ms per 630 KB shard
+    (level 3 compresses 1% better at twice the time; measured on captured maps)."""
     from zarr.codecs import BloscCodec
 
-    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    return BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
 
 
 @contextlib.contextmanager

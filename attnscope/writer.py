@@ -2,7 +2,8 @@
 
 The forward pass only hands reduced CPU tensors to a byte-bounded queue; this thread compresses and
 writes whole shards, and advances the root attribute ``steps_written`` once every capture planned
-for the steps before it is on disk. A kill loses at most the steps not yet written.
+for the steps before it is on disk (persisted at most every PERSIST_INTERVAL seconds, so it may lag
+the data but never leads it). A kill loses at most the steps not yet written.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import collections
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,9 @@ from .store_format import (
 )
 
 __all__ = ["TraceWriter", "SiteLayout", "StoreLayout"]
+
+#: seconds between rewrites of the root attribute ``steps_written`` (it only ever lags the data)
+PERSIST_INTERVAL = 0.25
 
 
 @dataclass
@@ -57,6 +62,8 @@ class StoreLayout:
     token_text: list[list[str]]  # one row per sample
     sites: list[SiteLayout]
     attrs: dict[str, Any] = field(default_factory=dict)
+    #: the planned timestep of each step (NaN where unknown); steps that deviate are corrected later
+    timesteps: tuple[float, ...] | None = None
 
 
 class _ByteQueue:
@@ -151,6 +158,7 @@ class TraceWriter:
         self._buffers: dict[tuple[str, str], _SiteBuffer] = {}
         self._timesteps_done = 0
         self._num_steps = 0
+        self._persisted, self._persisted_at = 0, 0.0
         self._thread = threading.Thread(target=self._run, name=f"attnscope-writer:{self.path.name}", daemon=True)
         self._thread.start()
 
@@ -213,15 +221,18 @@ class TraceWriter:
             arr[...] = values
 
         coord("step", np.arange(n, dtype=np.int64), ("step",))
-        root.create_array("timestep", shape=(n,), dtype="float64", dimension_names=("step",), fill_value=np.nan, compressors=None)
+        planned = np.full(n, np.nan) if layout.timesteps is None else np.asarray(layout.timesteps, dtype=np.float64)
+        coord("timestep", planned, ("step",), fill_value=np.nan)
+        unknown = np.isnan(planned)
+        self._timesteps_done = int(unknown.argmax()) if unknown.any() else n
         coord("sample", np.arange(s, dtype=np.int64), ("sample",))
         coord("prompt_index", np.asarray(layout.prompt_of_sample, dtype=np.int64), ("sample",))
         coord("image_index", np.asarray(layout.image_of_sample, dtype=np.int64), ("sample",))
         coord("token", np.asarray(layout.token_positions, dtype=np.int64), ("token",))
         coord("token_text", np.asarray(layout.token_text, dtype=str).reshape(s, t), ("sample", "token"))
+        sites_group = root.create_group(site_group("").rstrip("/"))
         for site in layout.sites:
-            group = root.require_group(site_group(site.name))
-            group.attrs.update({"site": site.description, "steps": list(site.steps)})
+            group = sites_group.create_group(site.name, attributes={"site": site.description, "steps": list(site.steps)})
             y, x = site.spatial
             step_bytes = s * site.heads * y * x * t * 2
             c = chunk_steps(step_bytes, n)
@@ -233,13 +244,14 @@ class TraceWriter:
                     attributes={"branch": branch},
                 )
                 self._buffers[(site.name, branch)] = _SiteBuffer(arr, site.steps, c)
-        root.attrs.update({**layout.attrs, "attnscope_format": FORMAT_VERSION, "complete": False,
-                           "steps_written": 0, "coordinates": " ".join(ROOT_COORDS)})
+        root.update_attributes({**layout.attrs, "attnscope_format": FORMAT_VERSION, "complete": False,
+                                "steps_written": 0, "coordinates": " ".join(ROOT_COORDS)})  # one metadata write
         self._root = root
 
     def _do_timestep(self, step: int, value: float) -> None:
         self._root["timestep"][step] = value
-        self._timesteps_done = max(self._timesteps_done, step + 1)
+        if step == self._timesteps_done:
+            self._timesteps_done = step + 1
         self._advance()
 
     def _do_data(self, site: str, branch: str, step: int, data: Any, ready: Any) -> None:
@@ -249,12 +261,14 @@ class TraceWriter:
         self._buffers[(site, branch)].add(step, array)
         self._advance()
 
-    def _advance(self) -> None:
+    def _advance(self, force: bool = False) -> None:
+        """Advance ``steps_written``; persist it at most every PERSIST_INTERVAL s (always when forced)."""
         done = min((b.first_pending(self._num_steps) for b in self._buffers.values()), default=self._num_steps)
-        done = min(done, self._timesteps_done)
-        if done > self.steps_written:
-            self.steps_written = done
-            self._root.attrs["steps_written"] = done
+        self.steps_written = max(self.steps_written, min(done, self._timesteps_done))
+        now = time.monotonic()
+        if self.steps_written > self._persisted and (force or now - self._persisted_at >= PERSIST_INTERVAL):
+            self._root.attrs["steps_written"] = self.steps_written
+            self._persisted, self._persisted_at = self.steps_written, now
 
     def _do_close(self, complete: bool, images: np.ndarray | None, attrs: dict) -> None:
         if self._root is None:
@@ -263,16 +277,14 @@ class TraceWriter:
             buf.flush()
         if complete:
             self._timesteps_done = self._num_steps
-        self._advance()
+        self._advance(force=True)
         if images is not None:
             arr = self._root.create_array("images", shape=images.shape, dtype="uint8", dimension_names=IMAGE_DIMS,
                                           chunks=(1, *images.shape[1:]), compressors=self.compressor)
             arr[...] = images
-        if attrs:
-            self._root.attrs.update(attrs)
+        self._root.update_attributes({**attrs, "complete": complete})  # complete is set last, in one write
         if complete:
             import zarr
 
-            self._root.attrs["complete"] = True
             with quiet_consolidated():
                 zarr.consolidate_metadata(str(self.path))

@@ -6,7 +6,7 @@ import torch
 
 import attnscope as ats
 
-from .conftest import generate
+from .conftest import RUN, generate
 
 
 class Probe:
@@ -61,11 +61,18 @@ def test_no_stage_needed_is_bit_identical(any_pipe):
     assert np.array_equal(plain, hooked)
 
 
-def test_probs_observer_does_not_change_the_image(sd_pipe):
-    plain = generate(sd_pipe)
+def test_probs_observer_exact_is_bit_identical_default_is_close(sd_pipe):
+    def float_image():
+        out = sd_pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **RUN)
+        return out.images
+
+    plain = float_image()
+    with ats.hooks(sd_pipe, Probe(stages=("logits", "probs", "output")), exact=True):
+        exact = float_image()
     with ats.hooks(sd_pipe, Probe(stages=("logits", "probs", "output"))):
-        observed = generate(sd_pipe)
-    assert np.array_equal(plain, observed)
+        fast = float_image()
+    assert np.array_equal(plain, exact)
+    assert np.abs(plain - fast).max() < 1e-4
 
 
 def test_probs_are_the_softmax_of_scaled_logits(sd_pipe):
@@ -216,3 +223,31 @@ def test_unsupported_pipelines_are_refused():
 
         with ats.hooks(tiny_sd_pipeline(), object()):
             pass
+
+
+def test_tensors_kept_by_clients_are_never_overwritten(sd_pipe):
+    """Stage buffers are reused between calls on the CPU, but never while a client holds on to them."""
+
+    class Keep:
+        role = "observer"
+
+        def __init__(self):
+            self.kept, self.copies = [], []
+
+        def stages(self, ctx):
+            return ("logits", "probs") if ctx.site.name.startswith("down_blocks.0") else ()
+
+        def on_logits(self, ctx, z):
+            self.kept.append(z[1])  # a view
+            self.copies.append(z[1].clone())
+
+        def on_probs(self, ctx, p):
+            self.kept.append(p)  # the tensor itself
+            self.copies.append(p.clone())
+
+    keep = Keep()
+    with ats.hooks(sd_pipe, keep):
+        generate(sd_pipe, num_inference_steps=3)
+    assert len(keep.kept) == 6
+    for kept, copy in zip(keep.kept, keep.copies):
+        assert torch.equal(kept, copy)

@@ -28,13 +28,16 @@ Order: interventions first, in the order given, each seeing the previous one's r
 observers, in the order given, all seeing the final tensors.
 
 Fast path: at a call where no client needs ``logits`` or ``probs``, the site's original processor
-runs untouched (fused SDPA); ``output`` clients then see its return value.
+runs untouched (fused SDPA); ``output`` clients then see its return value. Where they are needed,
+Q, K, V are computed once, ``QKᵀ`` only over the text keys, and the output is ``probs @ V``
+(``exact=True``: the fused kernel whenever nothing was edited, bit-identical to no hooks).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,11 +61,27 @@ def _signature_stub(fn: Any) -> Any:
     return stub
 
 
+def _sole_reference(scratch: dict[str, torch.Tensor], key: str) -> bool:
+    """True when ``scratch[key]`` is referenced only by ``scratch`` (no tensor, view or autograd node
+    elsewhere); False when unsure."""
+    tensor = scratch.get(key)
+    if tensor is None:
+        return False
+    try:  # references to the Python object: the dict, `tensor`, getrefcount's argument
+        python_refs = sys.getrefcount(tensor) - 3
+        # references to the storage: this tensor and the temporary storage object made by the call
+        storage_refs = torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 2
+    except (AttributeError, RuntimeError):  # private API gone: never reuse
+        return False
+    return python_refs == 0 and storage_refs == 0
+
+
 class _SiteProcessor:
     """Stands in for one site's processor while hooks are installed."""
 
     def __init__(self, session: HookSession, site: CrossAttentionSite, original: Any):
         self.session, self.site, self.original = session, site, original
+        self._scratch: dict[str, torch.Tensor] = {}
         # Attention.forward passes on only the cross_attention_kwargs that `processor.__call__`
         # names: show it the original's signature so exactly the same kwargs reach us.
         self.__call__ = _signature_stub(original.__call__)
@@ -83,6 +102,20 @@ class _SiteProcessor:
             else:
                 output = self.original(attn, hidden_states, *args, **kwargs)
         return session.run_stage("output", plan, ctx, output)
+
+    def _buffer(self, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A tensor to compute into. On the CPU a fresh multi-MB tensor costs a page fault per 4 KiB
+        on every call (as much as the attention itself), so the last one is reused — but only when
+        nothing else (a client keeping the tensor or a view of it, autograd) still references it."""
+        shape = tuple(shape)
+        if like.device.type == "cpu" and _sole_reference(self._scratch, key):
+            buf = self._scratch[key]
+            if buf.shape == shape and buf.dtype == like.dtype:
+                return buf
+        buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+        if like.device.type == "cpu":
+            self._scratch[key] = buf
+        return buf
 
     def _attend(self, ctx: CallContext, plan: dict, attn: Any, hidden_states: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -123,16 +156,22 @@ class _SiteProcessor:
             key = attn.norm_k(key)
 
         session = self.session
-        logits = (query @ key.transpose(-1, -2)) * head_dim**-0.5  # the scale SDPA uses
+        rows, queries, tokens = batch_size * attn.heads, query.shape[-2], key.shape[-2]
+        logits = self._buffer("logits", (rows, queries, tokens), query)
+        torch.baddbmm(  # scaled QKᵀ in one pass (the scale SDPA uses); beta=0 ignores the input
+            query.new_empty(1, 1, 1), query.reshape(rows, queries, head_dim),
+            key.reshape(rows, tokens, head_dim).transpose(1, 2), beta=0, alpha=head_dim**-0.5, out=logits,
+        )
+        logits = logits.view(batch_size, attn.heads, queries, tokens)
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
                 logits = logits.masked_fill(~attention_mask, float("-inf"))
             else:
                 logits = logits + attention_mask
         edited = session.run_stage("logits", plan, ctx, logits)
-        probs = edited.softmax(dim=-1)
+        probs = torch.softmax(edited, dim=-1, out=self._buffer("probs", edited.shape, edited))
         final = session.run_stage("probs", plan, ctx, probs)
-        if edited is logits and final is probs:
+        if session.exact and edited is logits and final is probs:  # observed only: the fused kernel, bit-identical
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
         else:
             out = final.to(value.dtype) @ value
@@ -148,8 +187,8 @@ class _SiteProcessor:
 class HookSession:
     """The installed state of :func:`hooks`: sites, clients, the current step."""
 
-    def __init__(self, pipe: Any, clients: tuple[Any, ...]):
-        self.pipe = pipe
+    def __init__(self, pipe: Any, clients: tuple[Any, ...], exact: bool = False):
+        self.pipe, self.exact = pipe, exact
         self.family, self.denoiser = find_denoiser(pipe)
         self.sites: list[CrossAttentionSite] = discover_sites(pipe)
         for client in clients:
@@ -255,8 +294,21 @@ def _restore_processor(module: torch.nn.Module, saved: Any) -> None:
 
 
 @contextlib.contextmanager
-def hooks(pipe: Any, *clients: Any) -> Iterator[HookSession]:
+def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession]:
     """Install ``clients`` on every cross-attention site of ``pipe`` for the duration of the block.
+
+    Parameters
+    ----------
+    pipe : diffusers pipeline
+        With a UNet2DConditionModel denoiser (SD 1.x, 2.x, SDXL).
+    *clients
+        Observers and interventions (see the module docstring for the protocol and the order).
+    exact : bool
+        At calls where clients read ``logits``/``probs`` but change nothing, compute the output with
+        the fused kernel as the original processor does, so the image is bit-identical to a run
+        without hooks. Costs one more attention computation per observed call (about +50% of the
+        attention's time on CPU). Default: the output is ``probs @ V`` from the same probabilities,
+        equal to the fused result up to float rounding.
 
     Examples
     --------
@@ -277,7 +329,7 @@ def hooks(pipe: Any, *clients: Any) -> Iterator[HookSession]:
     >>> counter.calls
     4
     """
-    session = HookSession(pipe, clients)
+    session = HookSession(pipe, clients, exact=exact)
     saved: list[tuple[torch.nn.Module, Any]] = []
     handles = []
     error: BaseException | None = None

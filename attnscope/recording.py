@@ -11,7 +11,7 @@ import torch
 
 from .context import CallContext, StepContext
 from .errors import AttnscopeError
-from .hooks import HookSession, hooks
+from .hook_core import HookSession, hooks
 from .manifest import build_manifest, jsonable
 from .selection import BRANCHES, HEADS, TOKENS, SiteSpec, StepSpec, check_choice, select_sites, select_steps
 from .sites import find_denoiser
@@ -98,6 +98,7 @@ class Recorder:
         self._num_steps = 0
         self._token_slice = slice(None)
         self._images: np.ndarray | None = None
+        self._planned: list[float] = []
 
     # -- client protocol ------------------------------------------------------------------------------
     def on_install(self, session: HookSession) -> None:
@@ -122,7 +123,8 @@ class Recorder:
         elif step.run != self._run:
             raise AttnscopeError("Recorder records one pipeline call; use a new Recorder (or capture()) per call")
         assert self.writer is not None
-        self.writer.timestep(step.step, step.timestep)
+        if not self._planned or self._planned[step.step] != step.timestep:
+            self.writer.timestep(step.step, step.timestep)  # the plan was unknown or the run deviated from it
         self._steps_seen = step.step + 1
 
     def on_probs(self, ctx: CallContext, probs: torch.Tensor) -> None:
@@ -201,6 +203,9 @@ class Recorder:
                 "branch": self.branch, "dtype": "float16"}
         layout.attrs = {"manifest": build_manifest(session.pipe, run, spec), "sites": list(self._sites),
                         "format_min_reader": FORMAT_VERSION}
+        planned = getattr(session.pipe.scheduler, "timesteps", None)
+        self._planned = [float(t) for t in planned[-num_steps:]] if planned is not None and len(planned) >= num_steps else []
+        layout.timesteps = tuple(self._planned) if self._planned else None
         self._steps = frozenset(steps)
         self.writer = TraceWriter(self.path, max_queue_bytes=self.max_queue_bytes, overwrite=self.overwrite)
         self.writer.init(layout)
@@ -233,7 +238,7 @@ def _call_default(pipe: Any, name: str) -> Any:
 
 def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store: str | Path, sites: SiteSpec = None,
             steps: StepSpec = None, heads: str = "mean", tokens: str = "all", branch: str = "cond",
-            overwrite: bool = False, **pipeline_kwargs: Any) -> Trace:
+            overwrite: bool = False, exact: bool = False, **pipeline_kwargs: Any) -> Trace:
     """Run ``pipe`` on ``prompt`` with a fixed seed and record its cross-attention maps into ``store``.
 
     Parameters
@@ -247,6 +252,9 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     store : path
         Zarr store to create; see :class:`Recorder` for ``sites``, ``steps``, ``heads``, ``tokens``,
         ``branch`` and ``overwrite``.
+    exact : bool
+        Make the image bit-identical to a run without capture (see :func:`attnscope.hooks`);
+        by default it equals it up to float rounding and capture is faster.
     **pipeline_kwargs
         Passed to the pipeline (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``,
         ``negative_prompt``, ``num_images_per_prompt``, …) and recorded in the manifest.
@@ -294,10 +302,11 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         "num_inference_steps": pipeline_kwargs.get("num_inference_steps", _call_default(pipe, "num_inference_steps")),
         "guidance_scale": pipeline_kwargs.get("guidance_scale", _call_default(pipe, "guidance_scale")),
         "pipeline_kwargs": recorded, "unrecorded_kwargs": unrecorded, "reproducible": not unrecorded,
+        "exact": exact,
     }
     recorder = Recorder(store, sites=sites, steps=steps, heads=heads, tokens=tokens, branch=branch,
                         overwrite=overwrite, run_info=run_info)
-    with hooks(pipe, recorder):
+    with hooks(pipe, recorder, exact=exact):
         out = pipe(prompt=prompts if len(prompts) > 1 else prompts[0], generator=generator, **pipeline_kwargs)
         if output_type != "latent":
             recorder.add_images(out.images)

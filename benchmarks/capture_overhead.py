@@ -1,0 +1,270 @@
+"""Wall-time overhead of ``attnscope.capture`` over a plain pipeline call.
+
+For each model, in one process: build the pipeline, run one untimed warm-up of the plain call and
+one of the capture (the first capture also computes the weights fingerprint, which is cached per
+module afterwards), then time ``--repeats`` interleaved pairs ``plain, capture, plain, capture, …``
+of the same generation (same prompt, seed, steps, size) and report the medians and their ratio.
+
+Capture settings: every cross-attention site, every step, ``heads="mean"``, ``branch="cond"``,
+float16 maps, into a fresh temporary store per run (deleted afterwards). The capture time covers the
+whole ``attnscope.capture`` call, including the writer thread's flush, consolidation and reopening.
+
+    python benchmarks/capture_overhead.py                         # tiny + sd15-structure, CPU
+    python benchmarks/capture_overhead.py --models tiny --json benchmarks/results/tiny.json
+    python benchmarks/capture_overhead.py --models sd15 --device cuda --resolution 512
+    python benchmarks/capture_overhead.py --models tiny --profile # where the capture time goes
+
+See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import attnscope
+from attnscope.manifest import weights_fingerprint
+from attnscope.testing import sd15_structure_pipeline, tiny_sd_pipeline
+
+PROMPT = "a photo of a red cat and a blue dog"
+SEED = 0
+CPU_TARGET = 1.10
+GPU_TARGET = 1.03  # SD-1.5 at 512 px
+MODELS = {
+    "tiny": {"build": tiny_sd_pipeline, "label": "tiny-sd (random weights)", "resolution": 64, "steps": 20, "repeats": 5},
+    "sd15": {"build": sd15_structure_pipeline, "label": "sd15-structure (860M, random weights)", "resolution": 256,
+             "steps": 10, "repeats": 3},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny,sd15", help="comma-separated, from: " + ", ".join(MODELS) + " (default: tiny,sd15)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: tiny 20, sd15 10)")
+    p.add_argument("--repeats", type=int, help="timed runs of each kind (default: tiny 5, sd15 3)")
+    p.add_argument("--resolution", type=int, help="image height = width in px (default: tiny 64, sd15 256)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: float16 pipeline on the GPU")
+    p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, run one extra capture per model under cProfile and print the top functions")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown or not args.models:
+        p.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available in this torch build / machine")
+    return args
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def store_size(path: Path) -> tuple[int, int, int]:
+    """(apparent bytes, bytes allocated on disk, number of files) under ``path``."""
+    apparent = allocated = files = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            st = os.stat(os.path.join(root, name))
+            apparent += st.st_size
+            allocated += getattr(st, "st_blocks", 0) * 512
+            files += 1
+    return apparent, allocated, files
+
+
+def run_plain(pipe, steps: int, px: int, device: str):
+    gc.collect()
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = pipe(PROMPT, generator=torch.Generator().manual_seed(SEED), num_inference_steps=steps, height=px, width=px)
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def run_capture(pipe, steps: int, px: int, device: str, keep: bool = False, profiler: cProfile.Profile | None = None):
+    """Time one capture into a fresh temporary store; return (wall s, process CPU s, info about the store)."""
+    tmp = Path(tempfile.mkdtemp(prefix="attnscope-bench-"))
+    store = tmp / "trace.zarr"
+    try:
+        gc.collect()
+        sync(device)
+        if profiler is not None:
+            profiler.enable()
+        t0, c0 = time.perf_counter(), time.process_time()
+        trace = attnscope.capture(pipe, PROMPT, seed=SEED, store=store, sites=None, steps=None, heads="mean",
+                                  tokens="all", branch="cond", num_inference_steps=steps, height=px, width=px)
+        sync(device)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if profiler is not None:
+            profiler.disable()
+        spec = trace.manifest["capture"]
+        branches = 2 if spec["branch"] == "both" else 1
+        apparent, allocated, files = store_size(store)
+        info = {
+            "complete": trace.complete, "steps_written": trace.steps_written, "sites": len(trace.sites),
+            "maps_written": len(spec["sites"]) * len(spec["steps"]) * branches,
+            "store_bytes": apparent, "store_disk_bytes": allocated, "store_files": files,
+        }
+        if keep:
+            info["images"] = trace.images
+        return seconds, cpu, info
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def target_for(model: str, device: str, px: int) -> tuple[float | None, str]:
+    if device == "cpu":
+        return CPU_TARGET, f"CPU <= {CPU_TARGET:.2f}"
+    if model == "sd15":
+        note = "" if px == 512 else f" (defined at 512 px, run at {px})"
+        return GPU_TARGET, f"GPU SD-1.5 @ 512 px <= {GPU_TARGET:.2f}{note}"
+    return None, "no GPU target for this model"
+
+
+def bench_model(name: str, args: argparse.Namespace) -> dict:
+    cfg = MODELS[name]
+    steps = args.steps or cfg["steps"]
+    repeats = args.repeats or cfg["repeats"]
+    px = args.resolution or cfg["resolution"]
+    print(f"\n== {name}: {cfg['label']}, {px}x{px} px, {steps} steps, {repeats} repeats, device {args.device}", flush=True)
+
+    t0 = time.perf_counter()
+    pipe = cfg["build"]()
+    if args.device == "cuda":
+        pipe = pipe.to("cuda", torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    build_s = time.perf_counter() - t0
+    sites = attnscope.discover_sites(pipe)
+    latent = (px // pipe.vae_scale_factor, px // pipe.vae_scale_factor)
+    print(f"   built in {build_s:.1f} s; {len(sites)} cross-attention sites; latent {latent[0]}x{latent[1]}", flush=True)
+
+    warm_plain_s, _, plain_out = run_plain(pipe, steps, px, args.device)
+    warm_capture_s, _, warm_info = run_capture(pipe, steps, px, args.device, keep=True)
+    a, b = np.asarray(plain_out.images[0], dtype=np.int16), np.asarray(warm_info.pop("images")[0], dtype=np.int16)
+    image_diff = int(np.abs(a - b).max())
+    print(f"   warm-up (untimed): plain {warm_plain_s:.3f} s, capture {warm_capture_s:.3f} s "
+          f"(the first capture also computes the weights fingerprint, cached per module for the timed runs); "
+          f"image max |plain - capture| = {image_diff} (uint8)", flush=True)
+    t0 = time.perf_counter()
+    weights_fingerprint(pipe)
+    fingerprint_ms = (time.perf_counter() - t0) * 1e3
+    print(f"   weights_fingerprint(pipe) after the warm-up: {fingerprint_ms:.1f} ms per call "
+          f"(each timed capture pays this; ~0 if the cache hits)", flush=True)
+
+    plain, capture, plain_cpu, capture_cpu, info = [], [], [], [], warm_info
+    for i in range(repeats):
+        p, pc, _ = run_plain(pipe, steps, px, args.device)
+        c, cc, info = run_capture(pipe, steps, px, args.device)
+        plain.append(p)
+        capture.append(c)
+        plain_cpu.append(pc)
+        capture_cpu.append(cc)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"   run {i + 1}/{repeats}: plain {p:.3f} s, capture {c:.3f} s ({c / p:.3f}x); "
+              f"process CPU {pc:.2f} / {cc:.2f} s; load average {load:.2f}", flush=True)
+    assert info["complete"] and info["steps_written"] == steps, info
+
+    med_p, med_c = statistics.median(plain), statistics.median(capture)
+    target, target_text = target_for(name, args.device, px)
+    ratio = med_c / med_p
+    result = {
+        "model": name, "label": cfg["label"], "device": args.device, "resolution": px, "latent": list(latent),
+        "steps": steps, "repeats": repeats, "sites": len(sites), "build_s": build_s,
+        "warmup_plain_s": warm_plain_s, "warmup_capture_s": warm_capture_s, "image_max_abs_diff": image_diff,
+        "fingerprint_after_warmup_ms": fingerprint_ms,
+        "plain_s": plain, "capture_s": capture, "median_plain_s": med_p, "median_capture_s": med_c,
+        "ratio": ratio, "plain_cpu_s": plain_cpu, "capture_cpu_s": capture_cpu,
+        "cpu_ratio": statistics.median(capture_cpu) / statistics.median(plain_cpu), "overhead_per_step_ms": (med_c - med_p) / steps * 1e3,
+        "target": target, "target_text": target_text, "meets_target": None if target is None else ratio <= target,
+        **{k: info[k] for k in ("maps_written", "store_bytes", "store_disk_bytes", "store_files")},
+    }
+    if args.profile:
+        result["profile"] = profile_capture(pipe, steps, px, args.device)
+    del pipe
+    gc.collect()
+    return result
+
+
+def profile_capture(pipe, steps: int, px: int, device: str, top: int = 25) -> str:
+    """One capture under cProfile (main thread only: the writer thread's work is not in it)."""
+    prof = cProfile.Profile()
+    run_capture(pipe, steps, px, device, profiler=prof)
+    text = []
+    for key, title in (("tottime", "own time"), ("cumulative", "cumulative time")):
+        buf = io.StringIO()
+        stats = pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(key)
+        stats.print_stats(top)
+        text.append(f"--- top {top} by {title} ---\n" + buf.getvalue().split("\n\n", 1)[-1].strip())
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(r"attnscope[/\\]", top)
+    text.append("--- attnscope functions by cumulative time ---\n" + buf.getvalue().split("\n\n", 1)[-1].strip())
+    report = "\n\n".join(text)
+    print("\n   cProfile of one capture (main thread; the writer thread is not profiled):\n" + report, flush=True)
+    return report
+
+
+def print_table(results: list[dict]) -> None:
+    head = ["model", "px", "steps", "reps", "plain med s", "capture med s", "ratio", "target", "ok",
+            "+ms/step", "cpu-time ratio", "maps", "store bytes", "files"]
+    rows = []
+    for r in results:
+        ok = "-" if r["meets_target"] is None else ("PASS" if r["meets_target"] else "FAIL")
+        rows.append([r["model"], str(r["resolution"]), str(r["steps"]), str(r["repeats"]),
+                     f"{r['median_plain_s']:.3f}", f"{r['median_capture_s']:.3f}", f"{r['ratio']:.3f}",
+                     r["target_text"], ok, f"{r['overhead_per_step_ms']:.1f}", f"{r['cpu_ratio']:.3f}", str(r["maps_written"]),
+                     f"{r['store_bytes']:,}", str(r["store_files"])])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
+    print("\n" + line + "\n" + "-" * len(line))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print(f"\nTargets: CPU ratio <= {CPU_TARGET:.2f}; GPU SD-1.5 at 512 px <= {GPU_TARGET:.2f}. "
+          "ratio = median(capture) / median(plain); timed runs interleaved plain, capture, ...; "
+          "one untimed warm-up of each first (attnscope caches the weights fingerprint after the first capture; "
+          "the per-call cost left after the warm-up is printed above). "
+          "store bytes = apparent size of the last capture's store (fp16, heads='mean', branch='cond'). "
+          "cpu-time ratio = same for the process CPU time (all threads): a cross-check on a shared machine.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    env = {
+        "torch": torch.__version__, "attnscope": attnscope.__version__, "python": platform.python_version(),
+        "machine": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    print(f"capture overhead benchmark: torch {env['torch']}, {env['torch_threads']} torch threads, "
+          f"{env['cpu_count']} CPUs, device {args.device}{' (' + env['gpu'] + ')' if env['gpu'] else ''}, "
+          f"load average {env['loadavg_start']}")
+    print(f"prompt {PROMPT!r}, seed {SEED}; capture: all sites, every step, heads='mean', branch='cond', float16")
+    results = [bench_model(name, args) for name in args.models]
+    env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print_table(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "prompt": PROMPT, "seed": SEED, "results": results}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
