@@ -15,6 +15,12 @@ def sd_pipe():
 
 
 @pytest.fixture(scope="session")
+def sd2_pipe():
+    """SD 2.x style: linear projections in the transformer blocks, DPM-Solver++ scheduler."""
+    return tiny_sd_pipeline(linear_projection=True, scheduler="dpm")
+
+
+@pytest.fixture(scope="session")
 def sdxl_pipe():
     return tiny_sdxl_pipeline()
 

@@ -18,9 +18,9 @@ def store(tmp_path, name="run"):
     return tmp_path / f"{name}.zarr"
 
 
-@pytest.mark.parametrize("pipe_name", ["sd", "sdxl"])
-def test_stored_probs_match_independent_reference(pipe_name, sd_pipe, sdxl_pipe, tmp_path):
-    pipe = sd_pipe if pipe_name == "sd" else sdxl_pipe
+@pytest.mark.parametrize("pipe_name", ["sd", "sd2", "sdxl"])
+def test_stored_probs_match_independent_reference(pipe_name, sd_pipe, sd2_pipe, sdxl_pipe, tmp_path):
+    pipe = {"sd": sd_pipe, "sd2": sd2_pipe, "sdxl": sdxl_pipe}[pipe_name]
     with AttnInputs(pipe) as inputs:
         per_head = ats.capture(pipe, PROMPT, seed=1, store=store(tmp_path, "all"), heads="all", branch="both", **RUN)
     mean = ats.capture(pipe, PROMPT, seed=1, store=store(tmp_path, "mean"), heads="mean", branch="both", **RUN)
