@@ -103,18 +103,23 @@ class _SiteProcessor:
                 output = self.original(attn, hidden_states, *args, **kwargs)
         return session.run_stage("output", plan, ctx, output)
 
-    def _buffer(self, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A tensor to compute into. On the CPU a fresh multi-MB tensor costs a page fault per 4 KiB
-        on every call (as much as the attention itself), so the last one is reused — but only when
-        nothing else (a client keeping the tensor or a view of it, autograd) still references it."""
+    def _buffer(self, key: str, shape: tuple[int, ...], *inputs: torch.Tensor) -> torch.Tensor | None:
+        """An ``out=`` tensor to compute into, or None to let the op allocate.
+
+        On the CPU a fresh multi-MB tensor costs a page fault per 4 KiB on every call (as much as the
+        attention itself), so the last one is reused — but only when nothing else (a client keeping
+        the tensor or a view of it, autograd) still references it. None on GPUs (the caching
+        allocator already reuses memory) and when autograd records the op (``out=`` can't be
+        differentiated)."""
+        like = inputs[0]
+        if like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+            return None
         shape = tuple(shape)
-        if like.device.type == "cpu" and _sole_reference(self._scratch, key):
+        if _sole_reference(self._scratch, key):
             buf = self._scratch[key]
             if buf.shape == shape and buf.dtype == like.dtype:
                 return buf
-        buf = torch.empty(shape, dtype=like.dtype, device=like.device)
-        if like.device.type == "cpu":
-            self._scratch[key] = buf
+        buf = self._scratch[key] = torch.empty(shape, dtype=like.dtype)
         return buf
 
     def _attend(self, ctx: CallContext, plan: dict, attn: Any, hidden_states: torch.Tensor,
@@ -157,12 +162,11 @@ class _SiteProcessor:
 
         session = self.session
         rows, queries, tokens = batch_size * attn.heads, query.shape[-2], key.shape[-2]
-        logits = self._buffer("logits", (rows, queries, tokens), query)
-        torch.baddbmm(  # scaled QKᵀ in one pass (the scale SDPA uses); beta=0 ignores the input
+        logits = torch.baddbmm(  # scaled QKᵀ in one pass (the scale SDPA uses); beta=0 ignores the input
             query.new_empty(1, 1, 1), query.reshape(rows, queries, head_dim),
-            key.reshape(rows, tokens, head_dim).transpose(1, 2), beta=0, alpha=head_dim**-0.5, out=logits,
-        )
-        logits = logits.view(batch_size, attn.heads, queries, tokens)
+            key.reshape(rows, tokens, head_dim).transpose(1, 2), beta=0, alpha=head_dim**-0.5,
+            out=self._buffer("logits", (rows, queries, tokens), query, key),
+        ).view(batch_size, attn.heads, queries, tokens)
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
                 logits = logits.masked_fill(~attention_mask, float("-inf"))

@@ -251,3 +251,15 @@ def test_tensors_kept_by_clients_are_never_overwritten(sd_pipe):
     assert len(keep.kept) == 6
     for kept, copy in zip(keep.kept, keep.copies):
         assert torch.equal(kept, copy)
+
+
+def test_gradients_flow_through_observed_attention(sd_pipe):
+    """Optimising through sampling (seed 001) differentiates the attention: the stage path must allow it."""
+    latents = torch.randn(2, 4, 16, 16, requires_grad=True)
+    text = torch.randn(2, 77, 32)
+    probe = Probe(stages=("probs",))
+    with ats.hooks(sd_pipe, probe), torch.enable_grad():
+        out = sd_pipe.unet(latents, torch.tensor(500), encoder_hidden_states=text).sample
+        out.square().mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+    assert len(probe.seen) == 7 and all(t.shape[-1] == 77 for *_, t in probe.seen)
