@@ -114,7 +114,6 @@ class _SiteProcessor:
         like = inputs[0]
         if like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
             return None
-        shape = tuple(shape)
         if _sole_reference(self._scratch, key):
             buf = self._scratch[key]
             if buf.shape == shape and buf.dtype == like.dtype:

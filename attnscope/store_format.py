@@ -17,9 +17,13 @@ MIN_SHARD_BYTES = 512 * 1024
 MAX_CHUNK_STEPS = 8
 
 
+#: the group holding one group per recorded site
+SITES_GROUP = "sites"
+
+
 def site_group(name: str) -> str:
     """Zarr path of a site's group."""
-    return f"sites/{name}"
+    return f"{SITES_GROUP}/{name}"
 
 
 def chunk_steps(step_bytes: int, steps: int) -> int:

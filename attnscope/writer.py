@@ -26,10 +26,10 @@ from .store_format import (
     IMAGE_DIMS,
     ROOT_COORDS,
     SITE_DIMS,
+    SITES_GROUP,
     chunk_steps,
     default_compressor,
     quiet_consolidated,
-    site_group,
 )
 
 __all__ = ["TraceWriter", "SiteLayout", "StoreLayout"]
@@ -230,7 +230,7 @@ class TraceWriter:
         coord("image_index", np.asarray(layout.image_of_sample, dtype=np.int64), ("sample",))
         coord("token", np.asarray(layout.token_positions, dtype=np.int64), ("token",))
         coord("token_text", np.asarray(layout.token_text, dtype=str).reshape(s, t), ("sample", "token"))
-        sites_group = root.create_group(site_group("").rstrip("/"))
+        sites_group = root.create_group(SITES_GROUP)
         for site in layout.sites:
             group = sites_group.create_group(site.name, attributes={"site": site.description, "steps": list(site.steps)})
             y, x = site.spatial
