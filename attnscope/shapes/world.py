@@ -1,0 +1,224 @@
+"""The shapes world: scenes of coloured circles, squares and triangles with their captions.
+
+Everything is deterministic from a seed, so a training batch, an evaluation prompt set or a test
+scene can always be rebuilt exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import AttnscopeError
+
+__all__ = [
+    "BACKGROUND", "COLOURS", "IMAGE_SIZE", "KINDS", "RELATIONS", "SHAPES", "VOCABULARY",
+    "Scene", "ShapeObject", "check_vocabulary", "parse_prompt", "relation_holds", "render", "sample_scene",
+]
+
+IMAGE_SIZE = 32
+BACKGROUND = (232, 232, 226)
+#: Clearly separated hues (0°, 48°, 135°, 222°) at high saturation on a light neutral background.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "yellow": (235, 190, 25),
+    "green": (40, 160, 70),
+    "blue": (40, 85, 220),
+}
+SHAPES = ("circle", "square", "triangle")
+#: Relation phrase -> (axis, sign): "A to the left of B" means A's centre has a smaller x than B's.
+RELATIONS: dict[str, tuple[int, int]] = {
+    "to the left of": (0, -1),
+    "to the right of": (0, 1),
+    "above": (1, -1),
+    "below": (1, 1),
+}
+KINDS = ("single", "two", "relation", "three")
+VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(
+    ["a", "and"] + list(COLOURS) + list(SHAPES) + [w for phrase in RELATIONS for w in phrase.split()]
+))
+_MIN_SIZE, _MAX_SIZE = 9.0, 14.0  # object side (or diameter) in pixels at IMAGE_SIZE
+_GAP = 2.0  # minimum free pixels between two objects' boxes
+_SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object: its colour and shape names and its box ``(x0, y0, x1, y1)`` in pixels."""
+
+    colour: str
+    shape: str
+    box: tuple[float, float, float, float]
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return ((x0 + x1) / 2, (y0 + y1) / 2)
+
+    @property
+    def phrase(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Objects on the background, the caption describing them, and the relation the caption states."""
+
+    objects: tuple[ShapeObject, ...]
+    caption: str
+    relation: str | None = None
+    size: int = IMAGE_SIZE
+
+
+def _boxes_apart(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[2] + _GAP <= b[0] or b[2] + _GAP <= a[0] or a[3] + _GAP <= b[1] or b[3] + _GAP <= a[1]
+
+
+def _place(rng: np.random.Generator, n: int, size: int, relation: str | None) -> list[tuple[float, ...]] | None:
+    scale = size / IMAGE_SIZE
+    boxes: list[tuple[float, ...]] = []
+    for _ in range(n):
+        for _attempt in range(100):
+            s = rng.uniform(_MIN_SIZE, _MAX_SIZE) * scale
+            x0, y0 = rng.uniform(1, size - 1 - s, size=2)
+            box = (x0, y0, x0 + s, y0 + s)
+            if all(_boxes_apart(box, b) for b in boxes):
+                boxes.append(box)
+                break
+        else:
+            return None
+    if relation is not None:
+        axis, sign = RELATIONS[relation]
+        a, b = boxes
+        # The relation must be unambiguous: the boxes are apart along its axis.
+        separated = a[2 + axis] + _GAP <= b[axis] if sign < 0 else b[2 + axis] + _GAP <= a[axis]
+        if not separated:
+            return None
+    return boxes
+
+
+def sample_scene(seed: int | np.random.Generator, kind: str | None = None, size: int = IMAGE_SIZE,
+                 mixture: tuple[float, ...] = (0.3, 0.3, 0.25, 0.15)) -> Scene:
+    """Draw a random scene of ``kind`` ("single", "two", "relation" or "three"; None draws the kind
+    with the probabilities in ``mixture``, in that order).
+
+    Examples
+    --------
+    >>> from attnscope.shapes import sample_scene
+    >>> sample_scene(3, "two").caption == sample_scene(3, "two").caption
+    True
+    >>> len(sample_scene(0, "three").objects)
+    3
+    """
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    if kind is None:
+        kind = str(rng.choice(KINDS, p=mixture))
+    if kind not in KINDS:
+        raise AttnscopeError(f"kind={kind!r}: expected one of {', '.join(KINDS)} or None")
+    n = {"single": 1, "two": 2, "relation": 2, "three": 3}[kind]
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    chosen = [pairs[i] for i in rng.choice(len(pairs), size=n, replace=False)]
+    relation = str(rng.choice(list(RELATIONS))) if kind == "relation" else None
+    boxes = None
+    while boxes is None:
+        boxes = _place(rng, n, size, relation)
+    objects = tuple(ShapeObject(c, s, tuple(float(v) for v in box)) for (c, s), box in zip(chosen, boxes))
+    phrases = [f"a {o.phrase}" for o in objects]
+    caption = f"{phrases[0]} {relation} {phrases[1]}" if relation else " and ".join(phrases)
+    return Scene(objects, caption, relation, size)
+
+
+def _coverage(obj: ShapeObject, size: int) -> np.ndarray:
+    """Fraction of each pixel covered by the object, from a supersampled grid."""
+    k = _SUPERSAMPLE
+    coords = (np.arange(size * k) + 0.5) / k
+    x, y = np.meshgrid(coords, coords)
+    x0, y0, x1, y1 = obj.box
+    cx, cy = obj.centre
+    if obj.shape == "circle":
+        inside = (x - cx) ** 2 + (y - cy) ** 2 <= ((x1 - x0) / 2) ** 2
+    elif obj.shape == "square":
+        inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+    else:  # upright triangle: apex at the top centre, base along the bottom edge
+        inside = (y >= y0) & (y <= y1) & (np.abs(x - cx) <= (y - y0) / (y1 - y0) * (x1 - x0) / 2)
+    return inside.reshape(size, k, size, k).mean(axis=(1, 3))
+
+
+def render(scene: Scene) -> np.ndarray:
+    """Render a scene as an ``(H, W, 3)`` uint8 array, anti-aliased.
+
+    Examples
+    --------
+    >>> from attnscope.shapes import render, sample_scene
+    >>> render(sample_scene(0, "single")).shape
+    (32, 32, 3)
+    """
+    image = np.empty((scene.size, scene.size, 3), dtype=np.float32)
+    image[:] = BACKGROUND
+    for obj in scene.objects:
+        alpha = _coverage(obj, scene.size)[..., None]
+        image = image * (1 - alpha) + np.asarray(COLOURS[obj.colour], np.float32) * alpha
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+_WORD = re.compile(r"[a-z]+|[^\sa-z]")
+
+
+def check_vocabulary(prompt: str, vocabulary: tuple[str, ...] = VOCABULARY) -> None:
+    """Raise if ``prompt`` has words the shapes model never saw (they would become untrained letter pieces).
+
+    >>> from attnscope.shapes import check_vocabulary
+    >>> check_vocabulary("a red circle")
+    >>> check_vocabulary("a purple circle")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    attnscope.errors.AttnscopeError: prompt='a purple circle': words outside the shapes model's vocabulary: 'purple'; ...
+    """
+    unknown = [w for w in _WORD.findall(prompt.lower()) if w not in vocabulary]
+    if unknown:
+        raise AttnscopeError(
+            f"prompt={prompt!r}: words outside the shapes model's vocabulary: "
+            f"{', '.join(map(repr, dict.fromkeys(unknown)))}; the vocabulary is: {' '.join(vocabulary)}"
+        )
+
+
+_OBJECT = re.compile(rf"\ba ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
+
+
+def parse_prompt(prompt: str) -> tuple[list[tuple[str, str]], str | None]:
+    """The ``(colour, shape)`` objects a shapes-world prompt asks for, and its relation phrase.
+
+    Examples
+    --------
+    >>> from attnscope.shapes import parse_prompt
+    >>> parse_prompt("a red circle to the left of a blue square")
+    ([('red', 'circle'), ('blue', 'square')], 'to the left of')
+    """
+    check_vocabulary(prompt)
+    text = " ".join(prompt.lower().split())
+    objects = [(m.group(1), m.group(2)) for m in _OBJECT.finditer(text)]
+    skeleton = _OBJECT.sub("#", text)
+    relation = next((r for r in RELATIONS if skeleton == f"# {r} #"), None)
+    if relation is None and skeleton not in ("#", "# and #", "# and # and #"):
+        raise AttnscopeError(
+            f"prompt={prompt!r}: not a shapes-world prompt; expected e.g. 'a red circle', "
+            f"'a red circle and a blue square' or 'a red circle to the left of a blue square' "
+            f"(colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; relations {', '.join(RELATIONS)})"
+        )
+    return objects, relation
+
+
+def relation_holds(relation: str, a_centre: tuple[float, float], b_centre: tuple[float, float]) -> bool:
+    """Whether "A <relation> B" holds for objects centred at ``a_centre`` and ``b_centre``.
+
+    The comparison is along the relation's axis only (centroids, as in T2I-CompBench's spatial check).
+
+    >>> from attnscope.shapes import relation_holds
+    >>> relation_holds("above", (5.0, 3.0), (6.0, 20.0))
+    True
+    """
+    axis, sign = RELATIONS[relation]
+    delta = a_centre[axis] - b_centre[axis]
+    return delta * sign > 0
