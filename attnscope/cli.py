@@ -14,10 +14,18 @@ def main() -> None:
     """attnscope: capture, analyse and steer cross-attention of diffusers models."""
 
 
-@app.command(epilog="Example: attnscope capture --model ./my-sd-model --prompt 'a red circle and a blue square' "
+_MODEL_HELP = "'shapes' (the embedded model), a local diffusers directory, or a hub id in the local cache."
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+@app.command(epilog="Example: attnscope capture --model shapes --prompt 'a red circle and a blue square' "
                     "--seed 0 --steps 20 --out runs/a.zarr")
 def capture(
-    model: Path = typer.Option(..., help="Local diffusers pipeline directory (saved with save_pretrained)."),
+    model: str = typer.Option("shapes", help=_MODEL_HELP),
     prompt: list[str] = typer.Option(..., help="Prompt; repeat the option for several prompts."),
     out: Path = typer.Option(..., help="Trace store to create (a .zarr directory)."),
     seed: int = typer.Option(0, help="Seed of the CPU generator for the latents."),
@@ -48,9 +56,79 @@ def capture(
                          branch=branch, overwrite=overwrite, num_inference_steps=steps,
                          num_images_per_prompt=images_per_prompt, **kwargs)
     except ats.AttnscopeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise _fail(exc) from None
     typer.echo(f"trace: {tr.path}  ({len(tr.sites)} sites, {len(tr.timesteps)} steps, {len(tr.images)} images)")
+
+
+@app.command(epilog="Example: attnscope demo --prompt 'a green triangle and a yellow circle' --seed 3")
+def demo(
+    prompt: str = typer.Option("a red circle and a blue square", help="A shapes-world prompt."),
+    seed: int = typer.Option(0, help="Seed of the generation."),
+    out: Path = typer.Option(Path("runs/demo.zarr"), help="Trace store to write (replaced if it is a trace)."),
+    device: str | None = typer.Option(None, help="Device to run on (cpu, cuda, …)."),
+) -> None:
+    """Generate with the embedded shapes model, capture every cross-attention map, and summarise."""
+    import attnscope as ats
+    from attnscope.demo import run_demo
+
+    try:
+        typer.echo(run_demo(prompt, seed=seed, out=out, device=device))
+    except ats.AttnscopeError as exc:
+        raise _fail(exc) from None
+
+
+@app.command("eval", epilog="Example: attnscope eval --prompts two --n 100 --seed 0 --json runs/eval-two.json")
+def eval_(
+    prompts: str = typer.Option("two", help="single, two, relation, three, or a text file with one prompt per line."),
+    n: int = typer.Option(100, help="Number of prompts (drawn from the named set; first N of a file)."),
+    seed: int = typer.Option(0, help="Prompt i is generated with seed SEED+i; the named sets are drawn with SEED."),
+    model: str = typer.Option("shapes", help=_MODEL_HELP),
+    intervention: list[str] | None = typer.Option(None, help="Intervention to install while generating; repeatable."),
+    steps: int | None = typer.Option(None, help="Inference steps (default: the pipeline's)."),
+    guidance: float | None = typer.Option(None, help="Guidance scale (default: the pipeline's)."),
+    batch_size: int = typer.Option(16, help="Prompts per pipeline call."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the full result (rates, CIs, per prompt) here."),
+    device: str | None = typer.Option(None, help="Device to run on (cpu, cuda, …)."),
+) -> None:
+    """Generate with fixed seeds, detect the objects, and report presence rates with 95% bootstrap CIs."""
+    import attnscope as ats
+    from attnscope.evaluation import evaluate, format_report, named_interventions
+
+    try:
+        clients = named_interventions(intervention or [])
+        pipe = ats.load_pipeline(model, device=device)
+        kwargs = {k: v for k, v in dict(num_inference_steps=steps, guidance_scale=guidance).items() if v is not None}
+        result = evaluate(pipe, prompts, n=n, seed=seed, interventions=clients, batch_size=batch_size,
+                          json_path=json_out, **kwargs)
+    except ats.AttnscopeError as exc:
+        raise _fail(exc) from None
+    typer.echo(format_report(result))
+    if json_out is not None:
+        typer.echo(f"json: {json_out}")
+
+
+@app.command("train-shapes", epilog="Example: attnscope train-shapes --out runs/shapes-train --steps 3000 --threads 2")
+def train_shapes(
+    out: Path = typer.Option(Path("runs/shapes-train"), help="Run directory: checkpoints, loss.jsonl, pipeline/."),
+    steps: int = typer.Option(3000, help="Text-encoder + UNet training steps."),
+    batch: int = typer.Option(64, help="Batch size of the UNet stage."),
+    vae_steps: int = typer.Option(600, help="Autoencoder training steps (stage 1)."),
+    seed: int = typer.Option(0, help="Seed of the weights, the data and the noise."),
+    checkpoint_every: int = typer.Option(250, help="Steps between checkpoints."),
+    threads: int | None = typer.Option(None, help="Torch CPU threads (use 1 on a shared machine)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+) -> None:
+    """Train the embedded shapes model from scratch (about 16 minutes on 2 CPU cores with the defaults)."""
+    import attnscope as ats
+    from attnscope.shapes.training import TrainConfig
+    from attnscope.shapes.training import train_shapes as train
+
+    try:
+        config = TrainConfig(seed=seed, vae_steps=vae_steps, steps=steps, batch=batch, checkpoint_every=checkpoint_every)
+        path = train(out, config, resume=resume, threads=threads)
+    except ats.AttnscopeError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"pipeline: {path}  (use it with --model {path}, or ats.load_pipeline({str(path)!r}))")
 
 
 def _parse_steps(spec: str | None) -> object:

@@ -16,7 +16,8 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     Parameters
     ----------
     model : str or Path
-        A directory saved with ``pipe.save_pretrained`` or a hub id already in the local cache.
+        ``"shapes"`` (the embedded model, see docs/shapes-model.md), a directory saved with
+        ``pipe.save_pretrained``, or a hub id already in the local cache.
     device : str, optional
         ``"cpu"``, ``"cuda"``, … (default: leave where loaded).
     dtype : {"float32", "float16", "bfloat16"}, optional
@@ -29,6 +30,8 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     >>> tiny_sd_pipeline().save_pretrained(d)
     >>> type(ats.load_pipeline(d)).__name__
     'StableDiffusionPipeline'
+    >>> ats.load_pipeline("shapes").unet.config.sample_size
+    16
     """
     import torch
     from diffusers import DiffusionPipeline
@@ -39,7 +42,17 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtypes[dtype]
+    if str(model) == "shapes":
+        from .shapes.model import load_shapes_pipeline
+
+        pipe = load_shapes_pipeline(dtype=kwargs.get("torch_dtype"))
+        return pipe.to(device) if device is not None else pipe
     path = Path(model)
+    if not path.exists() and str(model).count("/") != 1:
+        raise AttnscopeError(
+            f"model={str(model)!r}: unknown model; expected 'shapes' (the embedded model), a local diffusers "
+            "directory, or a hub id 'owner/name' already in the local Hugging Face cache"
+        )
     if path.exists() and not (path / "model_index.json").is_file():
         raise AttnscopeError(f"model={str(model)!r}: directory has no model_index.json (expected a diffusers pipeline saved with save_pretrained)")
     try:

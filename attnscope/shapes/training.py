@@ -24,6 +24,8 @@ from .world import render, sample_scene
 __all__ = ["TrainConfig", "train_shapes"]
 
 _STAGES = ("vae", "diffusion")
+#: Caption kinds the autoencoder sees (fixed: every kind of scene must reconstruct well).
+VAE_MIXTURE = (0.3, 0.3, 0.25, 0.15)
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def _generator(config: TrainConfig, stage: str, step: int) -> torch.Generator:
 
 def _scenes(config: TrainConfig, stage: str, step: int, n: int):
     rng = np.random.default_rng([config.seed, _STAGES.index(stage), step])
-    mixture = config.mixture if stage == "diffusion" else (0.3, 0.3, 0.25, 0.15)
+    mixture = config.mixture if stage == "diffusion" else VAE_MIXTURE
     scenes = [sample_scene(rng, mixture=mixture) for _ in range(n)]
     pixels = np.stack([render(s) for s in scenes])
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -1,0 +1,55 @@
+"""``attnscope demo``: one generation with the embedded model, captured and summarised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .pipeline import load_pipeline
+from .recording import capture
+from .shapes.detector import detect
+from .shapes.world import parse_prompt
+
+__all__ = ["run_demo"]
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_demo(prompt: str = "a red circle and a blue square", *, seed: int = 0, out: str | Path = "runs/demo.zarr",
+             device: str | None = None) -> str:
+    """Capture ``prompt`` on the shapes model into ``out``, save the image beside it, return a summary.
+
+    >>> import tempfile
+    >>> from attnscope.demo import run_demo
+    >>> print(run_demo(out=tempfile.mkdtemp() + "/demo.zarr"))  # doctest: +ELLIPSIS
+    trace: .../demo.zarr (... MB)
+    ...
+    """
+    expected, _ = parse_prompt(prompt)
+    pipe = load_pipeline("shapes", device=device)
+    trace = capture(pipe, prompt, seed=seed, store=out, overwrite=True)
+    image = trace.images[0]
+    image_path = Path(out).with_suffix(".png")
+    image.resize((image.width * 8, image.height * 8), resample=0).save(image_path)
+    found = [(o.colour, o.shape) for o in detect(image)]
+    site_maps = {}
+    for site in trace.sites:
+        shape = tuple(trace.attention(site).sizes[d] for d in ("y", "x"))
+        site_maps[shape] = site_maps.get(shape, 0) + 1
+    resolutions = ", ".join(f"{n} at {h}x{w}" for (h, w), n in sorted(site_maps.items(), reverse=True))
+    lines = [
+        f"trace: {trace.path} ({_size(Path(trace.path)) / 1e6:.1f} MB)",
+        f"image: {image_path} ({image.width}x{image.height}, shown 8x)",
+        f"prompt: {prompt!r}, seed {seed}, {len(trace.timesteps)} steps",
+        f"sites: {len(trace.sites)} cross-attention layers ({resolutions})",
+        f"tokens: {len(trace.tokens)} positions; words at " + ", ".join(f"{w} {p}" for w, p in trace.words.items()),
+    ]
+    for colour, shape in expected:
+        status = "present" if (colour, shape) in found else "MISSING"
+        lines.append(f"  {colour} {shape}: {status}")
+    extra = [f"{c} {s}" for c, s in found if (c, s) not in expected]
+    if extra:
+        lines.append(f"  also found: {', '.join(extra)}")
+    lines.append(f"next: python -c \"import attnscope as ats; tr = ats.open_trace('{out}'); print(tr.attention(tr.sites[0]))\"")
+    return "\n".join(lines)
