@@ -5,8 +5,11 @@ The public API (see docs/index.md):
 >>> import attnscope as ats
 >>> ats.capture, ats.open_trace, ats.hooks  # doctest: +ELLIPSIS
 (<function capture at ...>, <function open_trace at ...>, <function hooks at ...>)
+>>> ats.shapes.detect  # the embedded model's world and detector  # doctest: +ELLIPSIS
+<function detect at ...>
 """
 
+from . import shapes
 from .context import CallContext, RowLayout, StepContext
 from .errors import AttnscopeError
 from .hook_core import STAGES, HookSession, hooks
@@ -17,6 +20,6 @@ from .trace import Trace, open_trace
 
 __all__ = [
     "AttnscopeError", "CallContext", "CrossAttentionSite", "HookSession", "Recorder", "RowLayout", "STAGES",
-    "StepContext", "Trace", "capture", "discover_sites", "hooks", "load_pipeline", "open_trace",
+    "StepContext", "Trace", "capture", "discover_sites", "hooks", "load_pipeline", "open_trace", "shapes",
 ]
 __version__ = "0.1.0"
