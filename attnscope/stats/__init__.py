@@ -1,0 +1,13 @@
+"""Attention-dominance statistics (DESIGN §5): ``ats.stats.dominance`` and ``ats.stats.convergence``.
+
+>>> import attnscope as ats
+>>> ats.stats.dominance, ats.stats.convergence  # doctest: +ELLIPSIS
+(<function dominance at ...>, <function convergence at ...>)
+"""
+
+from .convergence import convergence, stable_step
+from .dominance import dominance
+from .formulas import argmax_coverage, dominance_ratio, entropy, gini, map_sums, mass_share, sink_share, target_share
+
+__all__ = ["argmax_coverage", "convergence", "dominance", "dominance_ratio", "entropy", "gini", "map_sums",
+           "mass_share", "sink_share", "stable_step", "target_share"]

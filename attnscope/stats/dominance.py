@@ -1,0 +1,202 @@
+"""``ats.stats.dominance``: the attention-dominance statistics of a trace as one ``xarray.Dataset``."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import AttnscopeError
+from ..selection import select_sites
+from ..tokens import resolve_targets, token_roles, token_words
+from . import formulas as f
+
+__all__ = ["dominance", "site_arrays"]
+
+_MAP_DIMS = ("head", "y", "x", "token")
+
+
+def site_arrays(source: Any, sites: Any = None, steps: Any = None) -> tuple[dict[str, Any], bool]:
+    """The attention arrays to analyse, by site name, and whether their token axis was cut to the prompt.
+
+    ``source`` is a :class:`~attnscope.Trace`, one ``xarray.DataArray`` (dims ``step, sample, head, y, x,
+    token``; its ``name`` names the site) or a mapping of site name → DataArray.
+    """
+    import xarray as xr
+
+    if isinstance(source, xr.DataArray):
+        arrays, cut = {str(source.name or "site"): source}, False
+    elif isinstance(source, Mapping):
+        arrays, cut = dict(source), False
+    elif hasattr(source, "attention") and hasattr(source, "sites"):
+        names = [s.name for s in select_sites(sites, [types.SimpleNamespace(name=n) for n in source.sites])]
+        arrays = {n: source.attention(n) for n in names}
+        cut = source.manifest.get("capture", {}).get("tokens") == "prompt"
+        sites = None
+    else:
+        raise AttnscopeError(f"source of type {type(source).__name__}: expected a Trace, an xarray.DataArray "
+                             "or a mapping of site name to DataArray")
+    if sites is not None:
+        names = [s.name for s in select_sites(sites, [types.SimpleNamespace(name=n) for n in arrays])]
+        arrays = {n: arrays[n] for n in names}
+    for name, da in arrays.items():
+        missing = [d for d in ("step", "sample", *_MAP_DIMS) if d not in da.dims]
+        if missing:
+            raise AttnscopeError(f"site {name!r}: array with dims {da.dims} lacks {missing}; expected "
+                                 "(step, sample, head, y, x, token)")
+    if steps is not None:
+        arrays = {n: _select_steps(n, da, steps) for n, da in arrays.items()}
+    return arrays, cut
+
+
+def _select_steps(name: str, da: Any, steps: Any) -> Any:
+    have = [int(s) for s in da["step"].values]
+    if isinstance(steps, slice):
+        wanted = have[steps]
+    elif isinstance(steps, (int, np.integer)):
+        wanted = [int(steps)]
+    else:
+        wanted = [int(s) for s in steps]
+    absent = [s for s in wanted if s not in have]
+    if absent or not wanted:
+        raise AttnscopeError(f"steps={steps!r}: step(s) {absent or wanted} not captured at {name}; captured: {have}")
+    return da.sel(step=wanted)
+
+
+def _token_texts(da: Any, tokens: Sequence[str] | None) -> list[list[str]]:
+    if tokens is not None:
+        if len(tokens) != da.sizes["token"]:
+            raise AttnscopeError(f"tokens: {len(tokens)} strings for a token axis of {da.sizes['token']}")
+        return [list(tokens)] * da.sizes["sample"]
+    if "token_text" not in da.coords:
+        raise AttnscopeError("the attention array has no 'token_text' coordinate; pass tokens=[...] (the token strings)")
+    text = np.asarray(da["token_text"].values)
+    text = np.broadcast_to(text, (da.sizes["sample"], da.sizes["token"])) if text.ndim == 1 else text
+    return [[str(t) for t in row] for row in text]
+
+
+def _targets(texts: list[list[str]], targets: Any) -> tuple[list[str], list[list[list[int]]]]:
+    """Target labels and, per sample, each target's positions (empty where a sample's prompt lacks it)."""
+    if targets is None:
+        targets = list(dict.fromkeys(w for w in token_words(texts[0]) if w))
+    items = [targets] if isinstance(targets, (str, int)) else list(targets)
+    per_sample, errors = [], []
+    for text in texts:
+        row = []
+        for t in items:
+            try:
+                row.append(next(iter(resolve_targets(text, [t]).values())))
+            except AttnscopeError as exc:
+                errors.append(exc)
+                row.append([])
+        per_sample.append(row)
+    for k, t in enumerate(items):
+        if all(not row[k] for row in per_sample):
+            raise next(e for e in errors if repr(t) in str(e) or str(t) in str(e))
+    return [str(t) for t in items], per_sample
+
+
+def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, sites: Any = None,
+              steps: Any = None, include_special: bool = False, tokens: Sequence[str] | None = None) -> Any:
+    """Attention-dominance statistics per step, site and sample (DESIGN §5), as an ``xarray.Dataset``.
+
+    Heads are averaged first. Every statistic comes from one pass over each stored chunk (dask, lazily:
+    stores larger than memory are fine); formulas in :mod:`attnscope.stats.formulas`.
+
+    Parameters
+    ----------
+    source : Trace, xarray.DataArray or mapping of site name → DataArray
+        Usually ``ats.open_trace(path)``; arrays have dims ``(step, sample, head, y, x, token)``.
+    targets : list of words, phrases or token positions, optional
+        The candidates of the dominance ratio, e.g. ``["circle", "blue square"]``. Default: every
+        distinct word of the first prompt. Resolved on each sample's own prompt; a target in no
+        prompt is an error that lists the prompt's words.
+    sites : glob, list of names/globs or predicate, optional
+        Which sites (default all).
+    steps : int, list of int or slice, optional
+        Which captured steps (default all).
+    include_special : bool
+        Count SOT, EOT and padding among the prompt tokens ``P`` (default: word pieces only).
+    tokens : list of str, optional
+        Token strings, for arrays without a ``token_text`` coordinate.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dims ``step, site, sample, token`` (the positions in ``P``; coordinates ``token_text`` and
+        ``word`` on them) and ``target``. Variables ``mass_share`` and ``argmax_coverage`` (step, site,
+        sample, token); ``target_share`` (step, site, sample, target); ``dominance_ratio``,
+        ``entropy``, ``gini`` and ``sink_share`` (step, site, sample).
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
+    ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=4)
+    >>> ds = ats.stats.dominance(tr, targets=["circle", "square"])
+    >>> dict(ds.sizes)
+    {'step': 4, 'site': 7, 'sample': 1, 'token': 7, 'target': 2}
+    >>> float(ds.mass_share.sum("token").max().round(6))   # shares over the prompt's words sum to 1
+    1.0
+    """
+    import dask
+    import xarray as xr
+
+    arrays, cut = site_arrays(source, sites, steps)
+    if not arrays:
+        raise AttnscopeError("no sites to analyse")
+    first = next(iter(arrays.values()))
+    texts = _token_texts(first, tokens)
+    roles = [token_roles(t) for t in texts]
+    words = np.array([[r == "word" for r in row] for row in roles])
+    prompt = np.ones_like(words) if include_special else words
+    labels, positions = _targets(texts, targets)
+
+    mask = {"prompt": xr.DataArray(prompt, dims=("sample", "token")),
+            "words": xr.DataArray(words, dims=("sample", "token"))}
+    n_tok = first.sizes["token"]
+    lazy = [
+        xr.apply_ufunc(f.map_sums, da.variable, mask["prompt"].variable, mask["words"].variable,
+                       input_core_dims=[list(_MAP_DIMS), ["token"], ["token"]], output_core_dims=[["sum"]],
+                       kwargs={"total_is_one": cut}, dask="parallelized", output_dtypes=[np.float64],
+                       dask_gufunc_kwargs={"output_sizes": {"sum": 2 * n_tok + 4}})
+        for da in arrays.values()
+    ]
+    computed = dask.compute(*[v.data for v in lazy])
+
+    keep = np.flatnonzero(prompt.any(0))
+    per_site = []
+    for (name, da), sums in zip(arrays.items(), computed):
+        sums = np.asarray(sums)
+        share = f.mass_share(sums, prompt[None])
+        tshare = np.stack([f.target_share(share[:, s], positions[s]) for s in range(share.shape[1])], 1)
+        ds = xr.Dataset(
+            {
+                "mass_share": (("step", "sample", "token"), share[..., keep]),
+                "argmax_coverage": (("step", "sample", "token"), f.argmax_coverage(sums, prompt[None])[..., keep]),
+                "target_share": (("step", "sample", "target"), tshare),
+                "dominance_ratio": (("step", "sample"), f.dominance_ratio(tshare)),
+                "entropy": (("step", "sample"), f.entropy(sums)),
+                "gini": (("step", "sample"), f.gini(share, prompt[None])),
+                "sink_share": (("step", "sample"), f.sink_share(sums, words[None])),
+            },
+            coords={"step": da["step"].values, "sample": da["sample"].values if "sample" in da.coords
+                    else np.arange(da.sizes["sample"])},
+        )
+        if "timestep" in da.coords:
+            ds = ds.assign_coords(timestep=("step", np.asarray(da["timestep"].values, dtype=float)))
+        per_site.append(ds.expand_dims(site=[name]))
+    out = xr.concat(per_site, dim="site", join="outer", coords="minimal", compat="override")
+    out = out.transpose("step", "site", "sample", "token", "target")
+    tok_text = np.array(texts)[:, keep]
+    tok_word = np.array([token_words(t) for t in texts])[:, keep]
+    same = all(row == texts[0] for row in texts)
+    token_coords = ({"token_text": ("token", tok_text[0]), "word": ("token", tok_word[0])} if same else
+                    {"token_text": (("sample", "token"), tok_text), "word": (("sample", "token"), tok_word)})
+    out = out.assign_coords(token=keep, target=labels, **token_coords)
+    out.attrs.update({"targets": labels, "heads": "averaged before the statistics",
+                      "prompt_tokens": "word pieces, SOT, EOT and padding" if include_special else "word pieces",
+                      "definitions": "DESIGN §5; formulas in attnscope.stats.formulas"})
+    return out

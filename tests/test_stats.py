@@ -1,0 +1,182 @@
+"""Dominance statistics and convergence against values computed by hand on small made-up maps."""
+
+import math
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import attnscope as ats
+from attnscope import AttnscopeError
+from attnscope.store_format import SITE_DIMS
+
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+TOKS = [SOT, "red</w>", "circle</w>", "square</w>", EOT]
+# two pixels (y=1, x=2); columns: SOT, red, circle, square, EOT
+PIX = [[0.5, 0.1, 0.3, 0.1, 0.0],
+       [0.2, 0.2, 0.2, 0.4, 0.0]]
+
+
+def maps_da(pixels, tokens=TOKS, steps=1, name="site"):
+    """(step, sample=1, head=1, y=1, x=n, token) DataArray of the same pixels at every step."""
+    a = np.asarray(pixels, float)[None, None, None, None].repeat(steps, 0)
+    return xr.DataArray(a, dims=SITE_DIMS, name=name,
+                        coords={"step": np.arange(steps), "token_text": (("sample", "token"), [tokens])})
+
+
+def one(ds, var, **sel):
+    return float(ds[var].isel(step=0, site=0, sample=0).sel(**sel)) if sel else float(ds[var].isel(step=0, site=0, sample=0))
+
+
+def test_mass_share_ratio_entropy_gini_sink_coverage_by_hand():
+    ds = ats.stats.dominance(maps_da(PIX), targets=["red", "circle"])
+    # word masses: red 0.1+0.2, circle 0.3+0.2, square 0.1+0.4 -> 0.3, 0.5, 0.5 of 1.3
+    assert list(ds.token.values) == [1, 2, 3] and list(ds.word.values) == ["red", "circle", "square"]
+    np.testing.assert_allclose(ds.mass_share.isel(step=0, site=0, sample=0), [0.3 / 1.3, 0.5 / 1.3, 0.5 / 1.3])
+    assert one(ds, "dominance_ratio") == pytest.approx(0.5 / 0.3)
+    np.testing.assert_allclose(ds.target_share.isel(step=0, site=0, sample=0), [0.3 / 1.3, 0.5 / 1.3])
+    # entropy: pixel 1 over words (0.1, 0.3, 0.1)/0.5, pixel 2 (0.2, 0.2, 0.4)/0.8
+    h1 = -(2 * 0.2 * math.log(0.2) + 0.6 * math.log(0.6))
+    h2 = -(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5))
+    assert one(ds, "entropy") == pytest.approx((h1 + h2) / 2)
+    # Gini of (3, 5, 5)/13: sum over ordered pairs |mi - mj| = 8/13, over 2 * 3 * 1
+    assert one(ds, "gini") == pytest.approx((8 / 13) / 6)
+    # sink: 2.0 total mass, 1.3 on words
+    assert one(ds, "sink_share") == pytest.approx(1 - 1.3 / 2)
+    # argmax over words: pixel 1 -> circle, pixel 2 -> square
+    np.testing.assert_allclose(ds.argmax_coverage.isel(step=0, site=0, sample=0), [0.0, 0.5, 0.5])
+
+
+def test_ties_single_target_and_a_zero_row():
+    tied = ats.stats.dominance(maps_da(PIX), targets=["circle", "square"])
+    assert one(tied, "dominance_ratio") == 1.0
+    # an argmax tie (pixel 2: red = circle = 0.3) goes to the lower position
+    cov = ats.stats.dominance(maps_da([[0.5, 0.1, 0.3, 0.1, 0.0], [0.1, 0.3, 0.3, 0.2, 0.1]]))
+    np.testing.assert_allclose(cov.argmax_coverage.isel(step=0, site=0, sample=0), [0.5, 0.5, 0.0])
+    single = ats.stats.dominance(maps_da(PIX), targets=["square"])
+    assert math.isnan(one(single, "dominance_ratio"))
+    assert one(single, "target_share", target="square") == pytest.approx(0.5 / 1.3)
+    zero = ats.stats.dominance(maps_da([[1.0, 0, 0, 0, 0], [0.6, 0, 0, 0, 0.4]]), targets=["red", "square"])
+    for var in ("dominance_ratio", "entropy", "gini"):
+        assert math.isnan(one(zero, var)), var
+    assert np.isnan(zero.mass_share).all() and np.isnan(zero.target_share).all()
+    assert (zero.argmax_coverage == 0).all()
+    assert one(zero, "sink_share") == 1.0
+    # one target with all the mass, the other none: infinitely dominant
+    inf = ats.stats.dominance(maps_da([[0.5, 0.5, 0, 0, 0], [0.5, 0.5, 0, 0, 0]]), targets=["red", "square"])
+    assert one(inf, "dominance_ratio") == math.inf
+
+
+def test_heads_are_averaged_before_the_statistics():
+    other = np.array([[0.1, 0.5, 0.1, 0.3, 0.0], [0.0, 0.6, 0.2, 0.2, 0.0]])
+    heads = np.stack([np.asarray(PIX), other]).reshape(1, 1, 2, 1, 2, 5)  # step, sample, head, y, x, token
+    two = xr.DataArray(heads, dims=SITE_DIMS, coords={"step": [0], "token_text": (("sample", "token"), [TOKS])})
+    mean = maps_da((np.asarray(PIX) + other) / 2)
+    for var in ("mass_share", "entropy", "gini", "argmax_coverage"):
+        np.testing.assert_allclose(ats.stats.dominance(two)[var], ats.stats.dominance(mean)[var])
+
+
+def test_phrases_repeated_words_and_word_pieces():
+    toks = [SOT, "a</w>", "red</w>", "circle</w>", "and</w>", "a</w>", "blue</w>", "squ", "are</w>", EOT, EOT]
+    rng = np.random.default_rng(0)
+    p = rng.random((6, len(toks)))
+    p /= p.sum(-1, keepdims=True)
+    ds = ats.stats.dominance(maps_da(p, toks), targets=["blue square", "a", "circle"])
+    words = p[:, 1:9].sum(0)
+    share = words / words.sum()  # positions 1..8
+    expected = [share[5] + share[6] + share[7], share[0] + share[4], share[2]]
+    np.testing.assert_allclose(ds.target_share.isel(step=0, site=0, sample=0), expected)
+    assert list(ds.word.values) == ["a", "red", "circle", "and", "a", "blue", "square", "square"]
+    with pytest.raises(AttnscopeError, match=r"'triangle' is not in the prompt; its words are: a, red, circle, and, blue, square"):
+        ats.stats.dominance(maps_da(p, toks), targets=["triangle"])
+
+
+def test_include_special_counts_sot_and_eot():
+    ds = ats.stats.dominance(maps_da(PIX), targets=["circle"], include_special=True)
+    assert list(ds.token.values) == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(ds.mass_share.isel(step=0, site=0, sample=0), [0.35, 0.15, 0.25, 0.25, 0.0])
+
+
+def test_prompts_that_differ_per_sample():
+    other = [SOT, "red</w>", "triangle</w>", "square</w>", EOT]
+    a = np.asarray(PIX, float)[None, None, None, None].repeat(2, 1)
+    da = xr.DataArray(a, dims=SITE_DIMS, coords={"step": [0], "token_text": (("sample", "token"), [TOKS, other])})
+    ds = ats.stats.dominance(da, targets=["circle", "square"])
+    assert ds.word.dims == ("sample", "token") and list(ds.word.values[1]) == ["red", "triangle", "square"]
+    share = ds.target_share.isel(step=0, site=0)
+    assert share.values[0].tolist() == pytest.approx([0.5 / 1.3, 0.5 / 1.3])
+    assert math.isnan(share.values[1][0]) and share.values[1][1] == pytest.approx(0.5 / 1.3)
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    pipe = ats.load_pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    d = tmp_path_factory.mktemp("stats")
+    full = ats.capture(pipe, "a red circle and a blue square", seed=1, store=d / "full.zarr", num_inference_steps=12,
+                       heads="all")
+    cut = ats.capture(pipe, "a red circle and a blue square", seed=1, store=d / "cut.zarr", num_inference_steps=12,
+                      heads="all", tokens="prompt")
+    return full, cut
+
+
+def test_store_in_many_chunks_equals_the_same_data_in_memory(traces):
+    tr, _ = traces
+    assert any(len(tr.attention(s).chunks[0]) > 1 for s in tr.sites)  # several step chunks on disk
+    lazy = ats.stats.dominance(tr, targets=["circle", "square"])
+    loaded = {s: tr.attention(s).load() for s in tr.sites}
+    eager = ats.stats.dominance(loaded, targets=["circle", "square"])
+    xr.testing.assert_allclose(lazy.drop_vars("timestep"), eager.drop_vars("timestep"))
+    # and mass share from first principles with numpy
+    site = tr.sites[3]
+    a = loaded[site].values.astype(np.float64).mean(2).sum((2, 3))  # step, sample, token
+    words = a[..., 1:8]
+    np.testing.assert_allclose(lazy.mass_share.sel(site=site).values, words / words.sum(-1, keepdims=True), rtol=1e-5)
+
+
+def test_sites_steps_selection_and_errors(traces):
+    tr, _ = traces
+    ds = ats.stats.dominance(tr, targets=["circle", "square"], sites="up_blocks.*", steps=[0, 5, 11])
+    assert list(ds.step.values) == [0, 5, 11] and all(s.startswith("up_blocks.") for s in ds.site.values)
+    assert "timestep" in ds.coords
+    with pytest.raises(AttnscopeError, match="matches no cross-attention site"):
+        ats.stats.dominance(tr, sites="nowhere.*")
+    with pytest.raises(AttnscopeError, match=r"step\(s\) \[40\] not captured"):
+        ats.stats.dominance(tr, steps=[0, 40])
+    with pytest.raises(AttnscopeError, match="lacks"):
+        ats.stats.dominance(xr.DataArray(np.zeros((2, 3)), dims=("y", "x")))
+    with pytest.raises(AttnscopeError, match="expected a Trace"):
+        ats.stats.dominance([1, 2])
+
+
+def test_prompt_only_token_axis_keeps_the_sink_share(traces):
+    full, cut = traces
+    a = ats.stats.dominance(full, targets=["circle", "square"])
+    b = ats.stats.dominance(cut, targets=["circle", "square"])
+    assert full.attention(full.sites[0]).sizes["token"] == 16 and cut.attention(cut.sites[0]).sizes["token"] == 9
+    np.testing.assert_allclose(a.sink_share, b.sink_share, atol=2e-3)  # float16 storage
+    np.testing.assert_allclose(a.mass_share, b.mass_share, atol=1e-6)
+
+
+def test_convergence_on_a_hand_made_sequence():
+    x = np.random.default_rng(1).random((1, 1, 1, 2, 2, 3))
+    seq = np.concatenate([x, 2 * x, 2 * x, 2.02 * x])  # change 0.5, 0, 0.01 / 1.01
+    moving = xr.DataArray(seq, dims=SITE_DIMS, coords={"step": np.arange(4)})
+    still = xr.DataArray(np.repeat(x, 4, 0), dims=SITE_DIMS, coords={"step": np.arange(4)})
+    ds = ats.stats.convergence({"moving": moving, "still": still}, tol=0.05)
+    # computed in float32, like the float16 maps of a store
+    np.testing.assert_allclose(ds.convergence.sel(site="moving", sample=0), [np.nan, 0.5, 0.0, 0.01 / 1.01], rtol=1e-6)
+    np.testing.assert_allclose(ds.convergence.sel(site="still", sample=0), [np.nan, 0, 0, 0])
+    np.testing.assert_allclose(ds.mean_convergence.sel(sample=0), [np.nan, 0.25, 0.0, 0.005 / 1.01], rtol=1e-6)
+    assert int(ds.stable_step[0]) == 2 and ds.attrs["tol"] == 0.05
+    assert int(ats.stats.convergence({"moving": moving}, tol=0.001).stable_step[0]) == -1
+    with pytest.raises(AttnscopeError, match="tol=0"):
+        ats.stats.convergence({"moving": moving}, tol=0)
+
+
+def test_convergence_of_a_real_trace_settles(traces):
+    tr, _ = traces
+    ds = ats.stats.convergence(tr)
+    curve = ds.mean_convergence.isel(sample=0).values
+    assert np.isnan(curve[0]) and np.all(curve[1:] >= 0)
+    assert curve[-3:].mean() < curve[1:4].mean()  # maps change less late in sampling
