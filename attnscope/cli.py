@@ -131,7 +131,45 @@ def train_shapes(
     typer.echo(f"pipeline: {path}  (use it with --model {path}, or ats.load_pipeline({str(path)!r}))")
 
 
-def _parse_steps(spec: str | None) -> object:
+def _split_words(spec: str | None) -> list[str] | None:
+    """``"red circle,square"`` → ``["red circle", "square"]`` (commas separate targets; spaces make phrases)."""
+    return [w.strip() for w in spec.split(",") if w.strip()] if spec else None
+
+
+@app.command(epilog="Example: attnscope stats runs/demo.zarr --targets 'circle,square' --by step")
+def stats(
+    trace: Path = typer.Argument(..., help="Trace store (a .zarr directory written by attnscope capture)."),
+    targets: str | None = typer.Option(None, help="Comma-separated words or phrases, e.g. 'red circle,square' "
+                                                  "(default: every word of the prompt)."),
+    sites: list[str] | None = typer.Option(None, help="Glob of site module paths; repeatable (default all)."),
+    steps: str | None = typer.Option(None, help="Steps as START:STOP[:STEP] or a comma list (default all)."),
+    by: str = typer.Option("word", help="Table per 'word' (token), per 'step' or per 'site'."),
+    convergence: bool = typer.Option(False, "--convergence", help="Print the step-to-step convergence curve instead."),
+    tol: float = typer.Option(0.05, help="Tolerance of the convergence's stable step."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole Dataset as JSON instead of a table."),
+) -> None:
+    """Attention-dominance statistics of a trace: mass share, dominance ratio, entropy, Gini, sink share, coverage."""
+    import json
+
+    import attnscope as ats
+
+    try:
+        tr = ats.open_trace(trace)
+        if convergence:
+            ds = ats.stats.convergence(tr, sites=sites or None, steps=_parse_steps(steps, "--steps"), tol=tol)
+            if as_json:
+                typer.echo(json.dumps(ats.stats.dominance_json(ds)))
+                return
+            typer.echo(ats.stats.convergence_table(ds))
+            return
+        ds = ats.stats.dominance(tr, targets=_split_words(targets), sites=sites or None,
+                                 steps=_parse_steps(steps, "--steps"))
+        typer.echo(json.dumps(ats.stats.dominance_json(ds)) if as_json else ats.stats.dominance_table(ds, by=by))
+    except ats.AttnscopeError as exc:
+        raise _fail(exc) from None
+
+
+def _parse_steps(spec: str | None, option: str = "--capture-steps") -> object:
     from attnscope.errors import AttnscopeError
 
     if spec is None:
@@ -141,7 +179,7 @@ def _parse_steps(spec: str | None) -> object:
             return slice(*(int(p) if p else None for p in spec.split(":")))
         return [int(p) for p in spec.split(",") if p.strip()]
     except (ValueError, TypeError) as exc:
-        raise AttnscopeError(f"--capture-steps {spec!r}: expected START:STOP[:STEP] or a comma-separated list of ints") from exc
+        raise AttnscopeError(f"{option} {spec!r}: expected START:STOP[:STEP] or a comma-separated list of ints") from exc
 
 
 if __name__ == "__main__":

@@ -58,20 +58,24 @@ def map_sums(maps: Any, prompt: Any, words: Any, *, total_is_one: bool = False) 
     >>> map_sums(a, p, p)[:6].round(3).tolist()   # S, then argmax counts
     [0.3, 0.8, 0.9, 0.0, 1.0, 1.0]
     """
+    import torch
+
     a = np.asarray(maps)
     work = np.promote_types(a.dtype, np.float32)  # float16 stores are summed in float32, float64 stays
-    a = a.astype(work, copy=False).mean(axis=-4) if a.shape[-4] > 1 else a[..., 0, :, :, :].astype(work, copy=False)
-    tokens = a.shape[-1]
-    a = a.reshape(*a.shape[:-3], -1, tokens)  # (..., pixels, token)
-    prompt = np.broadcast_to(np.asarray(prompt, bool), (*a.shape[:-2], tokens))
-    words = np.broadcast_to(np.asarray(words, bool), (*a.shape[:-2], tokens))
-    sums = a.sum(axis=-2, dtype=np.float64)
-    pixels = a.shape[-2]
-    total = np.full(a.shape[:-2], float(pixels)) if total_is_one else sums.sum(-1)
+    heads, tokens = a.shape[-4], a.shape[-1]
+    lead = a.shape[:-4]
+    pixels = a.shape[-3] * a.shape[-2]
+    prompt = np.broadcast_to(np.asarray(prompt, bool), (*lead, tokens))
+    words = np.broadcast_to(np.asarray(words, bool), (*lead, tokens))
+    # S over every token: one pass over the whole map (torch sums float16 without a float32 copy)
+    flat = torch.from_numpy(np.ascontiguousarray(a).reshape(*lead, heads * pixels, tokens))
+    sums = flat.sum(-2, dtype=torch.float64 if work == np.float64 else torch.float32).double().numpy() / heads
+    total = np.full(lead, float(pixels)) if total_is_one else sums.sum(-1)
 
-    # entropy and argmax only need the prompt's columns: gather them (a few of 77 for CLIP)
+    # entropy and argmax only need the prompt's columns: gather them (a few of 77 for CLIP), average heads
     cols = np.flatnonzero(prompt.reshape(-1, tokens).any(0))
-    ap = np.where(prompt[..., None, cols], a[..., cols], 0.0)  # (..., pixels, |cols|)
+    sub = a[..., cols].astype(work).mean(-4).reshape(*lead, pixels, len(cols))
+    ap = np.where(prompt[..., None, cols], sub, 0.0)
     row = ap.sum(-1)
     has_mass = row > 0
     q = ap / np.where(has_mass, row, 1.0)[..., None]
@@ -80,7 +84,7 @@ def map_sums(maps: Any, prompt: Any, words: Any, *, total_is_one: bool = False) 
     ent_sum = (-plogp.sum(-1) * has_mass).sum(-1, dtype=np.float64)
 
     best = cols[np.argmax(np.where(prompt[..., None, cols], ap, -1.0), axis=-1)]  # (..., pixels)
-    counts = np.zeros((*a.shape[:-2], tokens))
+    counts = np.zeros((*lead, tokens))
     onehot = (best[..., None] == cols) & has_mass[..., None]
     counts[..., cols] = onehot.sum(-2)
     extra = np.stack([ent_sum, has_mass.sum(-1).astype(np.float64), np.full(ent_sum.shape, float(pixels)), total], -1)

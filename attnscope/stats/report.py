@@ -1,0 +1,147 @@
+"""Readable and JSON forms of a :func:`~attnscope.stats.dominance` Dataset (``attnscope stats``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import AttnscopeError
+
+__all__ = ["convergence_table", "dominance_json", "dominance_table"]
+
+_SUMMARY = ("dominance_ratio", "entropy", "gini", "sink_share")
+_SHORT = {"dominance_ratio": "top1/top2", "entropy": "entropy", "gini": "gini", "sink_share": "sink"}
+_BY = ("word", "step", "site")
+
+
+def _num(x: float, pct: bool = False) -> str:
+    if math.isnan(x):
+        return "—"
+    if math.isinf(x):
+        return "inf"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3g}"
+
+
+def dominance_table(ds: Any, by: str = "word") -> str:
+    """A plain-text table of a dominance Dataset, per sample, averaged over what ``by`` does not name.
+
+    ``by="word"``: mass share and argmax coverage per prompt token (mean over steps and sites), then
+    the summary statistics. ``by="step"`` / ``by="site"``: target shares and summary statistics per
+    step (mean over sites) or per site (mean over steps).
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> from attnscope.stats import dominance_table
+    >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
+    ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=4)
+    >>> print(dominance_table(ats.stats.dominance(tr, targets=["circle", "square"])))  # doctest: +ELLIPSIS
+    sample 0: 'a red circle and a blue square'
+    pos  token        word      mass share  argmax coverage  target
+    ...
+      3  circle</w>   circle    ...
+    """
+    if by not in _BY:
+        raise AttnscopeError(f"by={by!r}: expected one of {', '.join(_BY)}")
+    lines: list[str] = []
+    for s in range(ds.sizes["sample"]):
+        one = ds.isel(sample=s)
+        words = one["word"].values if "word" in one.coords else np.array([""] * one.sizes["token"])
+        prompt = " ".join(w for i, w in enumerate(words) if w and (i == 0 or words[i - 1] != w))
+        lines.append(f"sample {s}: {prompt!r}")
+        if by == "word":
+            mean = one.mean(["step", "site"])
+            targets = _target_of(one)
+            lines.append(f"{'pos':>3}  {'token':<12} {'word':<9} {'mass share':>10}  {'argmax coverage':>15}  target")
+            for i, pos in enumerate(one["token"].values):
+                text = str(one["token_text"].values[i]) if "token_text" in one.coords else ""
+                lines.append(f"{int(pos):>3}  {text:<12} {str(words[i]):<9} {_num(float(mean.mass_share[i]), True):>10}  "
+                             f"{_num(float(mean.argmax_coverage[i]), True):>15}  {targets.get(int(pos), '')}")
+            lines.append("targets: " + ", ".join(f"{t} {_num(float(v), True)}" for t, v in
+                                                  zip(one["target"].values, mean.target_share.values)))
+            lines.append("; ".join(f"{v.replace('_', ' ')} {_num(float(mean[v]))}" for v in _SUMMARY)
+                         + "  (mean over steps and sites)")
+        else:
+            other = "site" if by == "step" else "step"
+            mean = one.mean(other)
+            labels = [str(t) for t in one["target"].values]
+            head = f"{by:<52}" if by == "site" else f"{by:>4}"
+            lines.append(head + "".join(f"{t[:12]:>13}" for t in labels) + "".join(f"{_SHORT[v]:>11}" for v in _SUMMARY))
+            for k, key in enumerate(mean[by].values):
+                row = f"{str(key):<52}" if by == "site" else f"{int(key):>4}"
+                row += "".join(f"{_num(float(x), True):>13}" for x in mean.target_share.values[k])
+                row += "".join(f"{_num(float(mean[v].values[k])):>11}" for v in _SUMMARY)
+                lines.append(row)
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def convergence_table(ds: Any) -> str:
+    """A plain-text table of a :func:`~attnscope.stats.convergence` Dataset: the mean curve per sample
+    and the stable step (the suggested TGATE gate step).
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> from attnscope.stats import convergence_table
+    >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
+    ...                  num_inference_steps=4)
+    >>> print(convergence_table(ats.stats.convergence(tr, tol=0.2)))  # doctest: +ELLIPSIS
+    step  ‖C_t − C_t−1‖/‖C_t‖, mean over 7 sites (sample 0)
+       0  —
+    ...
+    stable from step 3 (tol 0.2)
+    """
+    lines = []
+    tol = ds.attrs.get("tol", float("nan"))
+    for s in range(ds.sizes["sample"]):
+        curve = ds.mean_convergence.isel(sample=s)
+        lines.append(f"step  ‖C_t − C_t−1‖/‖C_t‖, mean over {ds.sizes['site']} sites (sample {s})")
+        top = np.nanmax(curve.values) if np.isfinite(curve.values).any() else 1.0
+        for step, v in zip(curve["step"].values, curve.values):
+            bar = "" if math.isnan(v) else "#" * int(round(30 * v / top)) if top > 0 else ""
+            lines.append(f"{int(step):>4}  {_num(float(v)):<8} {bar}".rstrip())
+        stable = int(ds.stable_step.values[s])
+        lines.append(f"stable from step {stable} (tol {tol:g})" if stable >= 0 else f"never below tol {tol:g}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def _target_of(one: Any) -> dict[int, str]:
+    """Token position → target label, from the target shares' definition (the words they cover)."""
+    out: dict[int, str] = {}
+    words = [str(w) for w in one["word"].values] if "word" in one.coords else []
+    for label in one["target"].values:
+        parts = str(label).lower().split()
+        for i, pos in enumerate(one["token"].values):
+            if (str(label).isdigit() and int(label) == int(pos)) or (words and words[i].lower() in parts):
+                out.setdefault(int(pos), str(label))
+    return out
+
+
+def _clean(value: Any) -> Any:
+    """Nested lists of plain values: NaN → None, ±inf → "inf"/"-inf"."""
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def dominance_json(ds: Any) -> dict[str, Any]:
+    """The Dataset as plain JSON-able data: dims, coordinates, variables (NaN → null, inf → "inf").
+
+    >>> import numpy as np, xarray as xr
+    >>> from attnscope.stats import dominance_json
+    >>> dominance_json(xr.Dataset({"gini": (("step",), np.array([0.5, np.nan]))}, coords={"step": [0, 1]}))
+    {'dims': {'step': 2}, 'coords': {'step': {'dims': ['step'], 'data': [0, 1]}}, 'data_vars': {'gini': {'dims': ['step'], 'data': [0.5, None]}}, 'attrs': {}}
+    """
+    def var(v: Any) -> dict[str, Any]:
+        return {"dims": list(v.dims), "data": _clean(np.asarray(v.values).tolist())}
+
+    return {"dims": {k: int(v) for k, v in ds.sizes.items()},
+            "coords": {k: var(v) for k, v in ds.coords.items()},
+            "data_vars": {k: var(v) for k, v in ds.data_vars.items()},
+            "attrs": {k: (list(v) if isinstance(v, (list, tuple, np.ndarray)) else v) for k, v in ds.attrs.items()}}

@@ -1,0 +1,78 @@
+"""`attnscope stats`: the readable tables and the JSON form say what the Dataset holds."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import attnscope as ats
+from attnscope import AttnscopeError
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory):
+    pipe = ats.load_pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    store = tmp_path_factory.mktemp("report") / "a.zarr"
+    return ats.capture(pipe, "a red circle and a blue square", seed=0, store=store, num_inference_steps=8)
+
+
+def test_word_table_shows_the_mean_shares(trace):
+    ds = ats.stats.dominance(trace, targets=["circle", "blue square"])
+    table = ats.stats.dominance_table(ds)
+    mean = ds.mean(["step", "site"]).isel(sample=0)
+    circle = next(line for line in table.splitlines() if "circle</w>" in line)
+    assert f"{100 * float(mean.mass_share.sel(token=3)):.1f}%" in circle and circle.rstrip().endswith("circle")
+    blue = next(line for line in table.splitlines() if "blue</w>" in line)
+    assert blue.rstrip().endswith("blue square")
+    assert f"blue square {100 * float(mean.target_share.sel(target='blue square')):.1f}%" in table
+    assert f"gini {float(mean.gini):.3g}" in table
+
+
+def test_step_and_site_tables(trace):
+    ds = ats.stats.dominance(trace, targets=["circle", "square"])
+    by_step = ats.stats.dominance_table(ds, by="step").splitlines()
+    assert len(by_step) == 2 + ds.sizes["step"]
+    last = by_step[-1].split()
+    assert last[0] == "7" and last[1] == f"{100 * float(ds.target_share.isel(step=-1, sample=0).mean('site')[0]):.1f}%"
+    by_site = ats.stats.dominance_table(ds, by="site")
+    assert all(site in by_site for site in trace.sites)
+    with pytest.raises(AttnscopeError, match="by='layer'"):
+        ats.stats.dominance_table(ds, by="layer")
+
+
+def test_json_holds_every_value(trace):
+    ds = ats.stats.dominance(trace, targets=["circle", "square"])
+    data = json.loads(json.dumps(ats.stats.dominance_json(ds)))
+    assert data["dims"] == dict(ds.sizes)
+    ratio = np.array([[[np.nan if v is None else (math.inf if v == "inf" else v) for v in row] for row in step]
+                      for step in data["data_vars"]["dominance_ratio"]["data"]])
+    np.testing.assert_allclose(ratio, ds.dominance_ratio.values)
+    assert data["coords"]["word"]["data"] == [str(w) for w in ds.word.values]
+
+
+def test_convergence_table_marks_the_stable_step(trace):
+    ds = ats.stats.convergence(trace, tol=0.2)
+    table = ats.stats.convergence_table(ds)
+    stable = int(ds.stable_step[0])
+    assert (f"stable from step {stable} (tol 0.2)" if stable >= 0 else "never below tol 0.2") in table
+    assert len([line for line in table.splitlines() if line[:4].strip().isdigit()]) == ds.sizes["step"]
+
+
+def test_stats_cli(trace):
+    run = [sys.executable, "-m", "attnscope", "stats", str(trace.path)]
+    out = subprocess.run(run + ["--targets", "red circle,square", "--by", "step"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "red circle" in out.stdout.splitlines()[1] and len(out.stdout.splitlines()) == 10
+    js = subprocess.run(run + ["--json", "--steps", "0:4"], capture_output=True, text=True)
+    assert json.loads(js.stdout)["dims"]["step"] == 4
+    conv = subprocess.run(run + ["--convergence", "--tol", "0.1"], capture_output=True, text=True)
+    assert "stable from step" in conv.stdout or "never below tol 0.1" in conv.stdout
+    bad = subprocess.run(run + ["--targets", "hexagon"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "'hexagon' is not in the prompt; its words are: a, red, circle" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "attnscope", "stats", str(trace.path) + "-nope"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "is not an attnscope trace" in missing.stderr
