@@ -9,7 +9,8 @@ The public API (see docs/index.md):
 <function detect at ...>
 """
 
-from . import shapes, stats
+from . import accessor as accessor  # registers the `.attn` xarray accessor
+from . import plot, shapes, stats
 from .context import CallContext, RowLayout, StepContext
 from .errors import AttnscopeError
 from .hook_core import STAGES, HookSession, hooks
@@ -20,7 +21,7 @@ from .trace import Trace, open_trace
 
 __all__ = [
     "AttnscopeError", "CallContext", "CrossAttentionSite", "HookSession", "Recorder", "RowLayout", "STAGES",
-    "StepContext", "Trace", "capture", "discover_sites", "hooks", "load_pipeline", "open_trace", "shapes",
-    "stats",
+    "StepContext", "Trace", "capture", "discover_sites", "hooks", "load_pipeline", "open_trace", "plot",
+    "shapes", "stats",
 ]
 __version__ = "0.1.0"

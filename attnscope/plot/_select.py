@@ -1,0 +1,102 @@
+"""Choosing sites, steps and the sample of a trace, or a variable of a statistics Dataset, with clear errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import xarray as xr
+
+from .. import accessor  # noqa: F401  (registers DataArray.attn)
+from ..errors import AttnscopeError
+from ..selection import select_sites, select_steps
+from ..tokens import token_roles, word_alignment
+
+__all__ = ["dataset_variable", "default_targets", "sample_index", "sample_tokens", "select_label", "site_maps",
+           "site_names"]
+
+
+class _Named(NamedTuple):
+    name: str
+
+
+def site_names(trace: Any, sites: str | Sequence[str] | None) -> list[str]:
+    """The trace's sites chosen by ``sites``: ``None`` (all), a name or glob, or a list of them."""
+    if callable(sites):
+        raise AttnscopeError(f"sites={sites!r}: expected a site name, a glob or a list of them")
+    return [s.name for s in select_sites(sites, [_Named(n) for n in trace.sites])]
+
+
+def sample_index(trace: Any, sample: Any) -> int:
+    """Position of ``sample`` on the trace's sample axis (an error listing the samples if absent)."""
+    samples = trace.tree["sample"].values.tolist()
+    if isinstance(sample, bool) or sample not in samples:
+        raise AttnscopeError(f"sample={sample!r} is not in this trace; its samples are {samples}")
+    return samples.index(sample)
+
+
+def sample_tokens(trace: Any, sample: Any) -> list[str]:
+    """Token strings of ``sample``'s prompt."""
+    return [str(t) for t in trace.tree["token_text"].values[sample_index(trace, sample)].tolist()]
+
+
+def site_maps(trace: Any, site: str, steps: Any, sample: Any) -> xr.DataArray:
+    """``trace.attention(site)`` of one sample at the chosen steps, lazily (steps ``None``: every captured step)."""
+    sample_index(trace, sample)
+    da = trace.attention(site).sel(sample=sample)
+    captured = da["step"].values.tolist()
+    if steps is None:
+        return da
+    num_steps = int(trace.manifest.get("run", {}).get("num_steps") or (max(captured, default=-1) + 1))
+    chosen = list(select_steps(steps, num_steps))
+    missing = [s for s in chosen if s not in captured]
+    if missing:
+        raise AttnscopeError(f"steps={steps!r}: steps {missing} are not in this trace at {site}; "
+                             f"captured steps: {captured}")
+    return da.sel(step=chosen)
+
+
+def default_targets(tokens: Sequence[str]) -> tuple[list[str | int], list[str]]:
+    """Targets and labels for every prompt word plus SOT and EOT.
+
+    >>> default_targets(["<|startoftext|>", "a</w>", "red</w>", "a</w>", "<|endoftext|>", "<|endoftext|>"])
+    ([0, 'a', 'red', 4], ['<SOT>', 'a', 'red', '<EOT>'])
+    """
+    roles = token_roles(tokens)
+    words: list[str | int] = list(word_alignment(tokens))
+    targets, labels = list(words), [str(w) for w in words]
+    if "sot" in roles:
+        targets.insert(0, roles.index("sot"))
+        labels.insert(0, "<SOT>")
+    if "eot" in roles:
+        targets.append(roles.index("eot"))
+        labels.append("<EOT>")
+    return targets, labels
+
+
+def dataset_variable(data: Any, variable: str, needs: Sequence[str], what: str) -> xr.DataArray:
+    """``data[variable]`` after checking it is a Dataset holding that variable with dims ``needs``."""
+    if not isinstance(data, xr.Dataset):
+        raise AttnscopeError(f"{what}: got {type(data).__name__}, expected an xarray.Dataset from attnscope.stats")
+    if variable not in data.data_vars:
+        raise AttnscopeError(f"{what}: the Dataset has no variable {variable!r}; "
+                             f"its variables are {list(data.data_vars)}")
+    da = data[variable]
+    missing = [d for d in needs if d not in da.dims]
+    if missing:
+        raise AttnscopeError(f"{what}: variable {variable!r} has dims {list(da.dims)}, "
+                             f"expected {list(needs)} among them")
+    return da
+
+
+def select_label(da: xr.DataArray, dim: str, value: Any, what: str) -> xr.DataArray:
+    """``da.sel({dim: value})``; ``what`` (the user's argument, e.g. ``"sample=3"``) opens the error listing the labels.
+
+    A dim without a coordinate is labelled by position.
+    """
+    labels = da[dim].values.tolist()  # 0..n-1 when the dim has no coordinate
+    values = value if isinstance(value, (list, tuple)) else [value]
+    missing = [v for v in values if isinstance(v, bool) or v not in labels]
+    if missing:
+        raise AttnscopeError(f"{what}: {missing} not in the Dataset's {dim!r} labels {labels}")
+    return da.sel({dim: value}) if dim in da.coords else da.isel({dim: value})
