@@ -169,6 +169,59 @@ def stats(
         raise _fail(exc) from None
 
 
+_PLOT_KINDS = ("heatmaps", "grid", "violins", "dominance", "convergence")
+
+
+@app.command(epilog="Example: attnscope plot runs/demo.zarr --words 'circle,blue square' -o runs/heatmaps.png")
+def plot(
+    trace: Path = typer.Argument(..., help="Trace store (a .zarr directory written by attnscope capture)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Figure file to write (.png, .pdf, .svg)."),
+    words: str | None = typer.Option(None, help="Comma-separated words or phrases (default: every word of the prompt)."),
+    kind: str = typer.Option("heatmaps", help="heatmaps (over the image), grid (step x site, first word), "
+                                              "violins (per-token values at --steps), dominance (target shares over "
+                                              "steps), convergence (step-to-step change)."),
+    sites: list[str] | None = typer.Option(None, help="Glob of site module paths; repeatable (default all)."),
+    steps: str | None = typer.Option(None, help="Steps as START:STOP[:STEP] or a comma list (default all; "
+                                                "violins: 0, middle, last)."),
+    sample: int = typer.Option(0, help="Which generated image of the trace."),
+    dpi: int = typer.Option(150, help="Resolution of raster figures."),
+) -> None:
+    """Draw a figure of a trace: word heat maps, the step x site grid, violins, dominance or convergence lines."""
+    import attnscope as ats
+
+    try:
+        if kind not in _PLOT_KINDS:
+            raise ats.AttnscopeError(f"--kind {kind!r}: expected one of {', '.join(_PLOT_KINDS)}")
+        tr = ats.open_trace(trace)
+        targets, chosen = _split_words(words), _parse_steps(steps, "--steps")
+        if kind == "heatmaps":
+            fig = ats.plot.heatmaps(tr, targets or _prompt_words(tr), sites=sites or None, steps=chosen, sample=sample)
+        elif kind == "grid":
+            fig = ats.plot.site_step_grid(tr, (targets or _prompt_words(tr))[0], sites=sites or None, steps=chosen,
+                                          sample=sample)
+        elif kind == "violins":
+            captured = [int(s) for s in tr.attention(tr.sites[0])["step"].values]
+            default = sorted({captured[0], captured[len(captured) // 2], captured[-1]})
+            fig = ats.plot.violins(tr, chosen if chosen is not None else default, sites=sites or None, sample=sample,
+                                   words=targets)
+        elif kind == "dominance":
+            ds = ats.stats.dominance(tr, targets=targets, sites=sites or None, steps=chosen)
+            fig = ats.plot.dominance_lines(ds, sample=sample)
+        else:
+            fig = ats.plot.convergence(ats.stats.convergence(tr, sites=sites or None, steps=chosen), sample=sample)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=dpi, bbox_inches="tight")
+    except ats.AttnscopeError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"figure: {out}")
+
+
+def _prompt_words(tr) -> list[str]:
+    from attnscope.tokens import token_words
+
+    return list(dict.fromkeys(w for w in token_words(tr.tokens) if w))
+
+
 def _parse_steps(spec: str | None, option: str = "--capture-steps") -> object:
     from attnscope.errors import AttnscopeError
 

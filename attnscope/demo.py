@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .pipeline import load_pipeline
+from .plot import heatmaps
 from .recording import capture
 from .shapes.detector import detect
 from .shapes.world import parse_prompt
+from .stats import dominance, dominance_table
 
 __all__ = ["run_demo"]
 
@@ -18,7 +20,9 @@ def _size(path: Path) -> int:
 
 def run_demo(prompt: str = "a red circle and a blue square", *, seed: int = 0, out: str | Path = "runs/demo.zarr",
              device: str | None = None) -> str:
-    """Capture ``prompt`` on the shapes model into ``out``, save the image beside it, return a summary.
+    """Capture ``prompt`` on the shapes model into ``out``, save the image and the word heat maps beside
+    it, and return a summary: the trace, the sites, the detected objects and the dominance table of the
+    requested objects (DESIGN §5).
 
     >>> import tempfile
     >>> from attnscope.demo import run_demo
@@ -51,5 +55,12 @@ def run_demo(prompt: str = "a red circle and a blue square", *, seed: int = 0, o
     extra = [f"{c} {s}" for c, s in found if (c, s) not in expected]
     if extra:
         lines.append(f"  also found: {', '.join(extra)}")
+    objects = [f"{c} {s}" for c, s in expected]
+    stats = dominance(trace, targets=objects)
+    figure_path = Path(out).with_name(Path(out).stem + "-heatmaps.png")
+    heatmaps(trace, objects).savefig(figure_path, dpi=150, bbox_inches="tight")
+    lines += ["", "attention dominance (mean over steps and sites; attnscope stats for more):",
+              dominance_table(stats), f"heat maps: {figure_path}"]
+    lines.append(f"next: attnscope stats {out} --targets '{','.join(objects)}' --by step")
     lines.append(f"next: python -c \"import attnscope as ats; tr = ats.open_trace('{out}'); print(tr.attention(tr.sites[0]))\"")
     return "\n".join(lines)

@@ -111,6 +111,14 @@ def test_demo_writes_a_trace_and_reports_objects(tmp_path):
     for phrase in ("red circle", "blue square"):
         status = "present" if phrase.split() in [[o.colour, o.shape] for o in detect(tr.images[0])] else "MISSING"
         assert f"{phrase}: {status}" in proc.stdout
+    # the dominance table of the two objects, and their heat maps beside the trace
+    shares = ats.stats.dominance(tr, targets=["red circle", "blue square"]).target_share.mean(["step", "site"])
+    expected = ", ".join(f"{t} {100 * float(v):.1f}%" for t, v in zip(shares.target.values, shares.values[0]))
+    assert f"targets: {expected}" in proc.stdout
+    from PIL import Image
+
+    figure = tmp_path / "demo-heatmaps.png"
+    assert f"heat maps: {figure}" in proc.stdout and Image.open(figure).size[0] > Image.open(figure).size[1] > 100
     bad = subprocess.run([sys.executable, "-m", "attnscope", "demo", "--prompt", "a purple circle", "--out",
                           str(tmp_path / "x.zarr")], capture_output=True, text=True)
     assert bad.returncode == 2 and "'purple'" in bad.stderr and not (tmp_path / "x.zarr").exists()

@@ -76,3 +76,23 @@ def test_stats_cli(trace):
     missing = subprocess.run([sys.executable, "-m", "attnscope", "stats", str(trace.path) + "-nope"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "is not an attnscope trace" in missing.stderr
+
+
+@pytest.mark.parametrize("kind", ["heatmaps", "grid", "violins", "dominance", "convergence"])
+def test_plot_cli_writes_each_figure(trace, tmp_path, kind):
+    from PIL import Image
+
+    out = tmp_path / f"{kind}.png"
+    proc = subprocess.run([sys.executable, "-m", "attnscope", "plot", str(trace.path), "--words", "circle,blue square",
+                           "--kind", kind, "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"figure: {out}" and min(Image.open(out).size) > 100
+
+
+def test_plot_cli_errors(trace, tmp_path):
+    run = [sys.executable, "-m", "attnscope", "plot", str(trace.path), "-o", str(tmp_path / "x.png")]
+    bad = subprocess.run(run + ["--kind", "pie"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--kind 'pie': expected one of heatmaps" in bad.stderr
+    word = subprocess.run(run + ["--words", "hexagon"], capture_output=True, text=True)
+    assert word.returncode == 2 and "'hexagon' is not in the prompt" in word.stderr
+    assert not (tmp_path / "x.png").exists()
