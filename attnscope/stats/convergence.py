@@ -76,11 +76,13 @@ def convergence(source: Any, *, sites: Any = None, steps: Any = None, tol: float
     values = dask.compute(*[c.data for c in curves])
     first = next(iter(arrays.values()))
     per_site = xr.DataArray(np.stack([np.asarray(v, float) for v in values], 1), dims=("step", "site", "sample"),
-                            coords={"step": first["step"].values, "site": list(arrays)})
+                            coords={"step": first["step"].values, "site": list(arrays),
+                                    "sample": first["sample"].values if "sample" in first.coords
+                                    else np.arange(first.sizes["sample"])})
     mean = per_site.mean("site")
     stable = [stable_step(mean.isel(sample=s).values, mean["step"].values, tol) for s in range(mean.sizes["sample"])]
     out = xr.Dataset({"convergence": per_site, "mean_convergence": mean,
-                      "stable_step": ("sample", np.array(stable, dtype=np.int64))})
+                      "stable_step": ("sample", np.array(stable, dtype=np.int64))}, coords={"sample": per_site["sample"]})
     if "timestep" in first.coords:
         out = out.assign_coords(timestep=("step", np.asarray(first["timestep"].values, dtype=float)))
     out.attrs["tol"] = tol

@@ -98,6 +98,28 @@ def _targets(texts: list[list[str]], targets: Any) -> tuple[list[str], list[list
     return [str(t) for t in items], per_sample
 
 
+def _chunk_sums(da: Any, prompt: np.ndarray, words: np.ndarray, cut: bool) -> Any:
+    """``map_sums`` of every stored chunk, lazily: a dask array (step, sample, sums), one task per chunk.
+
+    Each task holds whole maps (head, y, x, token) of some steps and all samples (one stored shard);
+    it picks its samples' rows of the token masks from ``block_info``, so the graph has no other
+    input than the store.
+    """
+    data = da.transpose("step", "sample", *_MAP_DIMS).data
+    width = 2 * da.sizes["token"] + 4
+    if not hasattr(data, "map_blocks"):  # in memory
+        return f.map_sums(np.asarray(data), prompt[None], words[None], total_is_one=cut)
+    # one task per step-chunk with every sample: the writer's shard layout, and far fewer kernel calls
+    data = data.rechunk({1: -1, **{i: -1 for i in range(2, 6)}})
+
+    def block(chunk: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        lo, hi = block_info[0]["array-location"][1]
+        return f.map_sums(chunk, prompt[None, lo:hi], words[None, lo:hi], total_is_one=cut)
+
+    return data.map_blocks(block, drop_axis=[2, 3, 4, 5], new_axis=[2], chunks=(*data.chunks[:2], (width,)),
+                           dtype=np.float64, meta=np.empty((0, 0, 0)))
+
+
 def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, sites: Any = None,
               steps: Any = None, include_special: bool = False, tokens: Sequence[str] | None = None) -> Any:
     """Attention-dominance statistics per step, site and sample (DESIGN §5), as an ``xarray.Dataset``.
@@ -154,17 +176,7 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     prompt = np.ones_like(words) if include_special else words
     labels, positions = _targets(texts, targets)
 
-    mask = {"prompt": xr.DataArray(prompt, dims=("sample", "token")),
-            "words": xr.DataArray(words, dims=("sample", "token"))}
-    n_tok = first.sizes["token"]
-    lazy = [
-        xr.apply_ufunc(f.map_sums, da.variable, mask["prompt"].variable, mask["words"].variable,
-                       input_core_dims=[list(_MAP_DIMS), ["token"], ["token"]], output_core_dims=[["sum"]],
-                       kwargs={"total_is_one": cut}, dask="parallelized", output_dtypes=[np.float64],
-                       dask_gufunc_kwargs={"output_sizes": {"sum": 2 * n_tok + 4}})
-        for da in arrays.values()
-    ]
-    computed = dask.compute(*[v.data for v in lazy])
+    computed = dask.compute(*[_chunk_sums(da, prompt, words, cut) for da in arrays.values()])
 
     keep = np.flatnonzero(prompt.any(0))
     per_site = []

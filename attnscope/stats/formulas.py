@@ -37,7 +37,7 @@ def map_sums(maps: Any, prompt: Any, words: Any, *, total_is_one: bool = False) 
     Parameters
     ----------
     maps : array (..., head, y, x, token)
-        Probabilities (float16 is summed in float32; float32/float64 keep their precision).
+        Probabilities (float16/float32 are reduced in float32, float64 in float64).
     prompt : bool array (..., token)
         The tokens ``P`` the statistics are over (broadcast against the leading axes).
     words : bool array (..., token)
@@ -60,34 +60,33 @@ def map_sums(maps: Any, prompt: Any, words: Any, *, total_is_one: bool = False) 
     """
     import torch
 
-    a = np.asarray(maps)
-    work = np.promote_types(a.dtype, np.float32)  # float16 stores are summed in float32, float64 stays
+    a = np.ascontiguousarray(maps)
+    double = a.dtype == np.float64  # float16 stores are reduced in float32; float64 input keeps its precision
+    work = torch.float64 if double else torch.float32
     heads, tokens = a.shape[-4], a.shape[-1]
     lead = a.shape[:-4]
     pixels = a.shape[-3] * a.shape[-2]
     prompt = np.broadcast_to(np.asarray(prompt, bool), (*lead, tokens))
     words = np.broadcast_to(np.asarray(words, bool), (*lead, tokens))
+    t = torch.from_numpy(a).reshape(*lead, heads, pixels, tokens)
     # S over every token: one pass over the whole map (torch sums float16 without a float32 copy)
-    flat = torch.from_numpy(np.ascontiguousarray(a).reshape(*lead, heads * pixels, tokens))
-    sums = flat.sum(-2, dtype=torch.float64 if work == np.float64 else torch.float32).double().numpy() / heads
+    sums = t.sum((-3, -2), dtype=work).double().numpy() / heads
     total = np.full(lead, float(pixels)) if total_is_one else sums.sum(-1)
 
     # entropy and argmax only need the prompt's columns: gather them (a few of 77 for CLIP), average heads
     cols = np.flatnonzero(prompt.reshape(-1, tokens).any(0))
-    sub = a[..., cols].astype(work).mean(-4).reshape(*lead, pixels, len(cols))
-    ap = np.where(prompt[..., None, cols], sub, 0.0)
-    row = ap.sum(-1)
+    keep = torch.from_numpy(np.ascontiguousarray(prompt[..., cols]))[..., None, :]  # (..., 1, C)
+    sub = t.index_select(-1, torch.from_numpy(cols)).to(work).mean(-3) * keep  # (..., pixels, C)
+    row = sub.sum(-1)
     has_mass = row > 0
-    q = ap / np.where(has_mass, row, 1.0)[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = np.where(q > 0, q * np.log(q), 0.0)
-    ent_sum = (-plogp.sum(-1) * has_mass).sum(-1, dtype=np.float64)
-
-    best = cols[np.argmax(np.where(prompt[..., None, cols], ap, -1.0), axis=-1)]  # (..., pixels)
+    q = sub / torch.where(has_mass, row, torch.ones_like(row))[..., None]
+    ent = -torch.special.xlogy(q, q).sum(-1)  # 0·log 0 = 0
+    ent_sum = (ent * has_mass).sum(-1).double().numpy()
+    best = torch.where(keep, sub, torch.full_like(sub, -1.0)).argmax(-1)  # first maximum: the lower position
     counts = np.zeros((*lead, tokens))
-    onehot = (best[..., None] == cols) & has_mass[..., None]
-    counts[..., cols] = onehot.sum(-2)
-    extra = np.stack([ent_sum, has_mass.sum(-1).astype(np.float64), np.full(ent_sum.shape, float(pixels)), total], -1)
+    hits = torch.nn.functional.one_hot(best, len(cols)) * has_mass[..., None]
+    counts[..., cols] = hits.sum(-2).double().numpy()
+    extra = np.stack([ent_sum, has_mass.sum(-1).double().numpy(), np.full(ent_sum.shape, float(pixels)), total], -1)
     return np.concatenate([sums, counts, extra], -1)
 
 
