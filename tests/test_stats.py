@@ -180,3 +180,23 @@ def test_convergence_of_a_real_trace_settles(traces):
     curve = ds.mean_convergence.isel(sample=0).values
     assert np.isnan(curve[0]) and np.all(curve[1:] >= 0)
     assert curve[-3:].mean() < curve[1:4].mean()  # maps change less late in sampling
+
+
+def test_target_resolution_edge_cases():
+    from attnscope.tokens import resolve_targets, token_roles, token_words
+
+    toks = [SOT, "a</w>", "red</w>", "circle</w>", "and</w>", "a</w>", "blue</w>", "squ", "are</w>", EOT, EOT]
+    assert token_roles(toks) == ["sot"] + ["word"] * 8 + ["eot", "pad"]
+    assert token_words(toks)[7:9] == ["square", "square"]
+    assert resolve_targets(toks, "Blue SQUARE") == {"Blue SQUARE": [6, 7, 8]}      # case-insensitive, pieces merged
+    with pytest.raises(AttnscopeError, match="'red square' is not in the prompt"):   # words, but not consecutive
+        resolve_targets(toks, ["red square"])
+    assert resolve_targets(toks, [0, 9]) == {"0": [0], "9": [9]}                     # positions reach SOT/EOT
+    with pytest.raises(AttnscopeError, match="position out of range 0..10"):
+        resolve_targets(toks, [11])
+    with pytest.raises(AttnscopeError, match="expected a word, a phrase or a token position"):
+        resolve_targets(toks, [True])
+    with pytest.raises(AttnscopeError, match=r"targets=\[\]"):
+        resolve_targets(toks, [])
+    with pytest.raises(AttnscopeError, match="no token text"):
+        resolve_targets([""] * 4, ["circle"])
