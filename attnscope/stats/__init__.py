@@ -5,10 +5,10 @@
 (<function dominance at ...>, <function convergence at ...>)
 """
 
-from .convergence import convergence, stable_step
-from .dominance import dominance
+from .dominance_dataset import dominance
 from .formulas import argmax_coverage, dominance_ratio, entropy, gini, map_sums, mass_share, sink_share, target_share
 from .report import convergence_table, dominance_json, dominance_table
+from .step_convergence import convergence, stable_step
 
 __all__ = ["argmax_coverage", "convergence", "convergence_table", "dominance", "dominance_json", "dominance_ratio", "dominance_table", "entropy", "gini", "map_sums",
            "mass_share", "sink_share", "stable_step", "target_share"]

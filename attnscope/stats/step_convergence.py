@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .dominance import site_arrays
+from .dominance_dataset import site_arrays
 
 __all__ = ["convergence", "stable_step"]
 
