@@ -20,11 +20,27 @@ from .hook_core import hooks
 from .shapes.detector import detect
 from .shapes.world import KINDS, parse_prompt, relation_holds, sample_scene
 
-__all__ = ["INTERVENTIONS", "PROMPT_SETS", "evaluate", "eval_prompts", "format_report", "named_interventions"]
+__all__ = ["INTERVENTIONS", "PROMPT_SETS", "evaluate", "eval_prompts", "format_report", "named_interventions",
+           "object_phrases"]
 
 PROMPT_SETS = ("single", "two", "relation", "three")
-#: ``attnscope eval --intervention NAME`` -> factory of a hook client; the regulation module registers here.
-INTERVENTIONS: dict[str, Callable[[], Any]] = {}
+def object_phrases(prompt: str) -> list[str]:
+    """The object phrases of a shapes-world prompt, the targets of regulation in ``eval``.
+
+    >>> object_phrases("a red circle to the left of a blue square")
+    ['red circle', 'blue square']
+    """
+    return [f"{colour} {shape}" for colour, shape in parse_prompt(prompt)[0]]
+
+
+def _regulation() -> Any:
+    from .regulate import AttentionRegulation
+
+    return AttentionRegulation(object_phrases)
+
+
+#: ``attnscope eval --intervention NAME`` -> factory of a hook client (targets chosen per prompt).
+INTERVENTIONS: dict[str, Callable[[], Any]] = {"regulation": _regulation}
 _METRICS = {
     "object_present": "objects present",
     "all_present": "all objects present",

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 from .errors import AttnscopeError
 
-__all__ = ["EOT", "ROLES", "SOT", "prompt_length", "resolve_targets", "token_roles", "token_words", "word_alignment"]
+__all__ = ["EOT", "ROLES", "SOT", "prompt_length", "prompt_text", "resolve_targets", "token_roles", "token_words",
+           "word_alignment"]
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 ROLES = ("sot", "word", "eot", "pad")
@@ -77,6 +78,15 @@ def _occurrences(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
     if pieces:  # a prompt cut by the tokenizer's length limit ends inside a word
         found.append(("".join(tokens[j] for j in pieces).replace(_END_OF_WORD, ""), pieces))
     return found
+
+
+def prompt_text(tokens: Sequence[str]) -> str:
+    """The prompt's words joined by spaces (pieces merged, special tokens dropped).
+
+    >>> prompt_text(["<|startoftext|>", "a</w>", "ele", "phant</w>", "<|endoftext|>", "<|endoftext|>"])
+    'a elephant'
+    """
+    return " ".join(word for word, _ in _occurrences(tokens))
 
 
 def word_alignment(tokens: Sequence[str]) -> dict[str, list[int]]:

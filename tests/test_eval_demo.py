@@ -132,3 +132,12 @@ def test_shipped_weights_keep_their_measured_quality(shapes):
     two = evaluate(shapes, "two", n=40, progress=False)["metrics"]["all_present"]
     assert single["rate"] >= 0.9, single
     assert 0.4 <= two["rate"] <= 0.95, two
+
+
+def test_eval_regulation_targets_each_prompts_objects(shapes):
+    from attnscope.evaluation import named_interventions
+
+    (reg,) = named_interventions(["regulation"])
+    result = evaluate(shapes, "two", n=2, num_inference_steps=4, interventions=[reg], progress=False)
+    assert result["interventions"] == [repr(reg)] and len(reg.history) > 0
+    assert reg.describe()["params"]["targets"] == "object_phrases"

@@ -1,0 +1,238 @@
+"""Attention Regulation (seed 000, Zhang et al., ECCV 2024) as a hook client of the ``logits`` stage.
+
+At the chosen sites and steps, for the conditional rows only, a perturbation Δ is added to the
+pre-softmax logits of the target tokens' columns. Δ is a weighted sum of Gaussian bumps (basis.py)
+whose weights are found by gradient descent on the loss of :func:`regulation_loss`; the best Δ of the
+iterations is smoothed with the previous step's and decayed with the step. After the softmax the SOT
+and first-EOT columns get their unedited probabilities back. Facts: ../shared/SEEDS.md, seed 000.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import AttnscopeError
+from .basis import basis_centres, gaussian_basis
+from .reweight import _plain
+from .scope import InterventionScope, default_regulation_sites
+
+__all__ = ["AttentionRegulation", "regulation_loss"]
+
+
+def regulation_loss(maps: torch.Tensor, weights: torch.Tensor, tau: float, *, quantile: float = 0.9,
+                    quantile_target: float = 0.9, mass_weight: float = 80.0, weight_decay: float = 0.09,
+                    groups: int = 1) -> torch.Tensor:
+    """The official three-term loss, per group of rows (a sample's heads), shape (groups,).
+
+    ``maps`` (rows, pixels, n): target-token probabilities; ``weights`` (rows, K, n). Per group,
+    over its rows and the n targets::
+
+        mean (q_0.9(A) − 0.9)²  +  80 · mean (mean_pixels A − τ/n)²  +  0.09 · mean W²
+
+    The mean over groups is the official scalar loss (a mean over batch × heads).
+
+    >>> import torch
+    >>> a = torch.tensor([[[0.2], [0.4]]])          # one row, two pixels, one target
+    >>> w = torch.tensor([[[1.0], [3.0]]])          # two bumps
+    >>> # q_0.9 of (0.2, 0.4) = 0.38; mean 0.3; tau = 0.2: (0.38-0.9)^2 + 80 (0.3-0.2)^2 + 0.09 * 5
+    >>> round(float(regulation_loss(a, w, 0.2)[0]), 4)
+    1.5204
+    """
+    rows, _, n = maps.shape
+    q = torch.quantile(maps, quantile, dim=1)  # (rows, n)
+    mass = maps.mean(1)  # (rows, n)
+    per_row = (q - quantile_target) ** 2 + mass_weight * (mass - tau / n) ** 2  # (rows, n)
+    shaped = per_row.reshape(groups, rows // groups * n).mean(1)
+    decay = (weights**2).reshape(groups, -1).mean(1)
+    return shaped + weight_decay * decay
+
+
+class AttentionRegulation:
+    """Reshape the cross-attention of target tokens at inference time so that each covers a region.
+
+    Parameters
+    ----------
+    targets : list of words/phrases/positions, or a function prompt → targets
+        The objects to regulate, e.g. ``["circle", "square"]`` (first occurrence of each, word pieces
+        and phrase words included).
+    sites : glob(s) or None
+        Default (None): the down/up-block ``attn2`` at the deepest level whose maps are ≥ 8 px
+        (SD-2 base at 512 px: ``down_blocks.2`` and ``up_blocks.1``, the official choice).
+    steps : "first_half", int, list, slice or None
+        Default: the first half of the steps (the official 25 of 50).
+    lr, iterations : float, int
+        Plain gradient descent ``W ← W − rows · lr · ∇L`` for ``iterations`` steps (official 100, 20);
+        the Δ with the lowest loss is kept, per sample.
+    scale_lr : bool
+        Scale ``lr`` by ``pixels / (256 σ_y σ_x)``: the gradient on a bump's weight grows with the share
+        of the map the bump covers. The factor is 1 at the official sizes (16², 32², 64² maps with
+        σ = 1, 2, 4) and 0.25 on 8×8 maps, where the unscaled step overshoots. ``False``: the
+        official fixed ``lr``.
+    quantile, quantile_target, mass_weight, weight_decay, tau : loss terms (see :func:`regulation_loss`);
+        ``tau`` defaults to ``min(1, 0.2 n)`` for n target tokens.
+    smoothing : float
+        ``Δ* = smoothing · Δ_prev + (1 − smoothing) · Δ_best`` per site (official 0.25).
+    decay : float
+        The applied edit is ``decay**step · Δ*`` (official 0.99).
+    seed : int
+        Seed of the random initial weights ``W ~ U[0, 1)`` (drawn per site and step, on the device).
+
+    Examples
+    --------
+    >>> import attnscope as ats, torch
+    >>> pipe = ats.load_pipeline("shapes")
+    >>> reg = ats.regulate.AttentionRegulation(["circle", "square"], iterations=5)
+    >>> with ats.hooks(pipe, reg):
+    ...     image = pipe("a red circle and a blue square", num_inference_steps=4,
+    ...                  generator=torch.Generator().manual_seed(0)).images[0]
+    >>> reg.describe()["params"]["targets"]
+    ['circle', 'square']
+    """
+
+    role = "intervention"
+
+    def __init__(self, targets: Any, *, sites: Any = None, steps: Any = "first_half", lr: float = 100.0,
+                 iterations: int = 20, quantile: float = 0.9, quantile_target: float = 0.9, mass_weight: float = 80.0,
+                 weight_decay: float = 0.09, tau: float | None = None, smoothing: float = 0.25, decay: float = 0.99,
+                 scale_lr: bool = True, seed: int = 0):
+        if not isinstance(iterations, int) or iterations < 1:
+            raise AttnscopeError(f"iterations={iterations!r}: expected a positive integer")
+        for name, value in (("lr", lr), ("decay", decay)):
+            if not value > 0:
+                raise AttnscopeError(f"{name}={value!r}: expected a positive number")
+        if not 0 <= smoothing < 1:
+            raise AttnscopeError(f"smoothing={smoothing!r}: expected a number in [0, 1)")
+        self.targets = targets
+        self.scope = InterventionScope(targets, sites, steps, first_occurrence=True,
+                                       default_sites=default_regulation_sites)
+        self.lr, self.iterations, self.seed, self.scale_lr = float(lr), iterations, seed, scale_lr
+        self.loss_terms = {"quantile": quantile, "quantile_target": quantile_target, "mass_weight": mass_weight,
+                           "weight_decay": weight_decay}
+        self.tau, self.smoothing, self.decay = tau, smoothing, decay
+        self._previous: dict[tuple[str, int], torch.Tensor] = {}
+        self._restore: tuple[str, int, list[tuple[int, list[int], torch.Tensor]]] | None = None
+        self._eos: int | None = None
+        self._site_index: dict[str, int] = {}
+        #: last optimisation's losses per call, for inspection: {(site, step): (first, best)} (tensors)
+        self.history: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return f"AttentionRegulation({self.targets!r})"
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for manifests."""
+        targets = self.targets if not callable(self.targets) else getattr(self.targets, "__name__", "function")
+        return {"name": "AttentionRegulation", "params": {
+            "targets": _plain(targets), "sites": _plain(self.scope.sites), "steps": _plain(self.scope.steps),
+            "lr": self.lr, "iterations": self.iterations, **self.loss_terms, "tau": self.tau,
+            "smoothing": self.smoothing, "decay": self.decay, "scale_lr": self.scale_lr, "seed": self.seed}}
+
+    # -- hook client protocol ------------------------------------------------------------------
+    def on_install(self, session: Any) -> None:
+        self.scope.install(session)
+        self._site_index = {s.name: i for i, s in enumerate(session.sites)}
+        tokenizer = getattr(session.pipe, "tokenizer", None)
+        self._eos = getattr(tokenizer, "eos_token_id", None)
+        self._previous = {}
+
+    def on_step(self, step_ctx: Any) -> None:
+        if step_ctx.step == 0:  # a new run: no temporal smoothing across generations
+            self._previous = {}
+            self.history = {}
+
+    def stages(self, ctx: Any) -> tuple[str, ...]:
+        return ("logits", "probs") if self.scope.active(ctx) else ()
+
+    def on_logits(self, ctx: Any, logits: torch.Tensor) -> torch.Tensor:
+        columns = self.scope.columns(ctx)
+        h, w = ctx.spatial_shape
+        basis = gaussian_basis(h, w, device=logits.device).reshape(-1, h * w)  # (K, pixels)
+        out = logits.clone()
+        restore = []
+        cond = ctx.rows.cond
+        for group in _groups(columns):
+            cols = columns[group[0]]
+            if not cols:
+                continue
+            rows = [cond.start + s for s in group]
+            z = logits[rows].detach().float()  # (b, heads, pixels, tokens)
+            b, heads, pixels, tokens = z.shape
+            flat = z.reshape(b * heads, pixels, tokens)
+            lr = self.lr * (h * w / (256 * basis_centres(h)[0] * basis_centres(w)[0]) if self.scale_lr else 1.0)
+            best, initial = self._optimise(flat, cols, basis, lr, groups=b, key=(ctx.site.name, ctx.step))
+            key = (ctx.site.name, tuple(rows))
+            previous = self._previous.get(key, initial)
+            delta = self.smoothing * previous + (1 - self.smoothing) * best
+            self._previous[key] = delta
+            edited = flat.clone()
+            edited[..., cols] += (self.decay ** ctx.step) * delta
+            out[rows] = edited.reshape(b, heads, pixels, tokens).to(logits.dtype)
+            keep = [0] + self._eot_columns(ctx, group)
+            restore.append((rows, keep, torch.softmax(z, -1)[..., keep]))
+        self._restore = (ctx.site.name, ctx.step, restore)
+        return out
+
+    def on_probs(self, ctx: Any, probs: torch.Tensor) -> torch.Tensor | None:
+        if self._restore is None or self._restore[:2] != (ctx.site.name, ctx.step):
+            return None
+        out = probs.clone()
+        for rows, keep, original in self._restore[2]:
+            for i, row in enumerate(rows):
+                out[row, :, :, keep] = original[i].to(probs.dtype)
+        self._restore = None
+        return out
+
+    # -- the optimisation ----------------------------------------------------------------------
+    def _optimise(self, z: torch.Tensor, cols: list[int], basis: torch.Tensor, lr: float, *, groups: int,
+                  key: tuple[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best Δ (rows, pixels, n) over the iterations, and the initial Δ; no host syncs."""
+        rows = z.shape[0]
+        n = len(cols)
+        tau = self.tau if self.tau is not None else min(1.0, 0.2 * n)
+        generator = torch.Generator(device=z.device).manual_seed(
+            (self.seed * 1_000_003 + self._site_index.get(key[0], 0)) * 10_007 + key[1])
+        weights = torch.rand((rows, basis.shape[0], n), generator=generator, device=z.device, dtype=z.dtype)
+        initial = torch.einsum("rkn,kp->rpn", weights, basis)
+        others = z.clone()
+        best_loss = torch.full((groups,), float("inf"), device=z.device)
+        best = initial.clone()
+        first = None
+        per_group = rows // groups
+        with torch.enable_grad():
+            for _ in range(self.iterations):
+                weights = weights.detach().requires_grad_(True)
+                delta = torch.einsum("rkn,kp->rpn", weights, basis)
+                logits = others.index_put((torch.arange(rows, device=z.device)[:, None, None],
+                                           torch.arange(z.shape[1], device=z.device)[None, :, None],
+                                           torch.tensor(cols, device=z.device)[None, None, :]),
+                                          z[..., cols] + delta)
+                maps = torch.softmax(logits, -1)[..., cols]
+                loss = regulation_loss(maps, weights, tau, groups=groups, **self.loss_terms)
+                (grad,) = torch.autograd.grad(loss.mean(), weights)
+                with torch.no_grad():
+                    better = loss.detach() < best_loss
+                    best_loss = torch.where(better, loss.detach(), best_loss)
+                    mask = better.repeat_interleave(per_group)[:, None, None]
+                    best = torch.where(mask, delta.detach(), best)
+                    first = loss.detach() if first is None else first
+                    weights = weights - rows * lr * grad
+        self.history[key] = (first, best_loss)
+        return best, initial
+
+    def _eot_columns(self, ctx: Any, group: list[int]) -> list[int]:
+        ids = ctx.step_context.token_ids
+        if ids is None or self._eos is None:
+            return []
+        prompt = ctx.rows.prompt_of_sample[group[0]]
+        hits = (ids[prompt] == self._eos).nonzero().flatten()
+        return [int(hits[0])] if len(hits) else []
+
+
+def _groups(columns: list[list[int]]) -> list[list[int]]:
+    """Samples with the same target columns, optimised together (usually all of them)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for sample, cols in enumerate(columns):
+        groups.setdefault(tuple(cols), []).append(sample)
+    return list(groups.values())

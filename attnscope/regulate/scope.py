@@ -1,0 +1,140 @@
+"""Where and when an intervention acts, and on which token columns: shared by every intervention."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import AttnscopeError
+from ..selection import select_sites
+from ..tokens import prompt_text, resolve_targets
+
+__all__ = ["InterventionScope", "default_regulation_sites"]
+
+TargetSpec = Sequence[str | int] | str | int | Callable[[str], Sequence[str | int]]
+
+
+def default_regulation_sites(sites: Sequence[Any], latent_shape: tuple[int, int], min_side: int = 8) -> list[str]:
+    """The down/up-block sites at the deepest level whose maps are still ``min_side`` pixels or more.
+
+    This is the official Attention Regulation choice expressed by position and scale: on SD-2 base
+    at 512 px (64×64 latent) it gives the five ``attn2`` of ``down_blocks.2`` and ``up_blocks.1``
+    (16×16 maps); on the shapes model (16×16 latent) the 8×8 sites of ``down_blocks.1`` and
+    ``up_blocks.1``. Mid-block sites are never chosen.
+
+    >>> import attnscope as ats
+    >>> default_regulation_sites(ats.discover_sites(ats.load_pipeline("shapes")), (16, 16))  # doctest: +NORMALIZE_WHITESPACE
+    ['down_blocks.1.attentions.0.transformer_blocks.0.attn2', 'up_blocks.1.attentions.0.transformer_blocks.0.attn2',
+     'up_blocks.1.attentions.1.transformer_blocks.0.attn2']
+    """
+    candidates = [s for s in sites if s.block in ("down", "up")]
+    big = [s for s in candidates if min(s.spatial_shape(latent_shape)) >= min_side]
+    if not big:  # tiny latents: the finest level there is
+        big = candidates
+    deepest = max(s.level for s in big)
+    return [s.name for s in big if s.level == deepest]
+
+
+class InterventionScope:
+    """Sites, steps and target tokens of one intervention.
+
+    Parameters
+    ----------
+    targets : words/phrases/positions, or a function prompt → targets
+        Resolved on each prompt's own tokens (:func:`attnscope.tokens.resolve_targets`); with
+        ``first_occurrence`` only the first occurrence of each target is used.
+    sites : glob, list of names/globs, predicate, or None
+        ``None`` means ``default_sites(sites, latent_shape)`` (all sites when that is None too).
+    steps : int, list, range, slice, "first_half" or None
+        ``None``: every step; ``"first_half"``: steps below half of the run's planned steps.
+    """
+
+    def __init__(self, targets: TargetSpec, sites: Any = None, steps: Any = None, *, first_occurrence: bool = False,
+                 default_sites: Callable[[Sequence[Any], tuple[int, int]], list[str]] | None = None):
+        if targets is None or (isinstance(targets, (list, tuple)) and not targets):
+            raise AttnscopeError(f"targets={targets!r}: expected words, phrases or token positions")
+        self.targets, self.sites, self.steps = targets, sites, steps
+        self.first_occurrence, self.default_sites = first_occurrence, default_sites
+        self._all: list[Any] = []
+        self._chosen: set[str] | None = None
+        self._tokenizer: Any = None
+        self._columns: dict[tuple[int, ...], list[list[int]]] = {}
+
+    def install(self, session: Any) -> None:
+        """Check the site spec against the pipeline's sites (an unknown site is an error) and keep the tokenizer."""
+        self._all = list(session.sites)
+        self._chosen = None
+        if self.sites is not None:
+            named = [types.SimpleNamespace(name=s.name) for s in self._all] if not callable(self.sites) else self._all
+            self._chosen = {s.name for s in select_sites(self.sites, named)}
+        self._tokenizer = getattr(session.pipe, "tokenizer", None)
+        self._columns = {}
+
+    def active(self, ctx: Any) -> bool:
+        """Whether the intervention acts at this call (site × step)."""
+        if self._chosen is None:
+            chosen = (self.default_sites(self._all, ctx.step_context.latent_shape) if self.default_sites
+                      else [s.name for s in self._all])
+            self._chosen = set(chosen)
+        return ctx.site.name in self._chosen and self._step_active(ctx)
+
+    def _step_active(self, ctx: Any) -> bool:
+        spec, step = self.steps, ctx.step
+        if spec is None:
+            return True
+        if spec == "first_half":
+            total = ctx.step_context.num_steps
+            if total is None:
+                raise AttnscopeError("steps='first_half': the pipeline does not say how many steps it runs; pass steps=")
+            return step < (total + 1) // 2
+        if isinstance(spec, int):
+            return step == spec
+        if isinstance(spec, slice):
+            return step in range(spec.start or 0, spec.stop if spec.stop is not None else step + 1, spec.step or 1)
+        return step in set(spec)
+
+    def columns(self, ctx: Any) -> list[list[int]]:
+        """Per sample of the cond half: the token columns of every target (flattened, sorted)."""
+        ids = ctx.step_context.token_ids
+        if ids is None:
+            if all(isinstance(t, int) for t in (self.targets if isinstance(self.targets, (list, tuple))
+                                                else [self.targets])):
+                cols = sorted({int(t) for t in (self.targets if isinstance(self.targets, (list, tuple))
+                                                else [self.targets])})
+                return [cols] * ctx.rows.samples
+            raise AttnscopeError("targets given as words need the prompt's tokens, but the pipeline got embeddings; "
+                                 "give token positions instead")
+        key = tuple(int(i) for i in ids.flatten().tolist()) + (ids.shape[0],)
+        if key not in self._columns:
+            per_prompt = [self._prompt_columns(row) for row in ids]
+            self._columns[key] = per_prompt
+        per_prompt = self._columns[key]
+        return [per_prompt[p] for p in ctx.rows.prompt_of_sample]
+
+    def _prompt_columns(self, ids: Any) -> list[int]:
+        if self._tokenizer is None:
+            raise AttnscopeError("this pipeline has no tokenizer to find the target words with; give token positions")
+        tokens = self._tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+        targets = self.targets
+        if callable(targets):
+            targets = targets(prompt_text(tokens))
+        resolved = resolve_targets(tokens, targets)
+        cols: set[int] = set()
+        for positions in resolved.values():
+            cols.update(_first_run(positions) if self.first_occurrence else positions)
+        return sorted(cols)
+
+
+def _first_run(positions: list[int]) -> list[int]:
+    """The first consecutive run of positions (the first occurrence of a word or phrase).
+
+    >>> _first_run([2, 3, 7, 8])
+    [2, 3]
+    """
+    run = positions[:1]
+    for p in positions[1:]:
+        if p != run[-1] + 1:
+            break
+        run.append(p)
+    return run
