@@ -10,18 +10,19 @@ The public API (see docs/index.md):
 """
 
 from . import accessor as accessor  # registers the `.attn` xarray accessor
-from . import plot, shapes, stats
+from . import plot, regulate, shapes, stats
 from .context import CallContext, RowLayout, StepContext
 from .errors import AttnscopeError
 from .hook_core import STAGES, HookSession, hooks
 from .pipeline import load_pipeline
 from .recording import Recorder, capture
+from .reruns import compare, rerun
 from .sites import CrossAttentionSite, discover_sites
 from .trace import Trace, open_trace
 
 __all__ = [
     "AttnscopeError", "CallContext", "CrossAttentionSite", "HookSession", "Recorder", "RowLayout", "STAGES",
-    "StepContext", "Trace", "capture", "discover_sites", "hooks", "load_pipeline", "open_trace", "plot",
-    "shapes", "stats",
+    "StepContext", "Trace", "capture", "compare", "discover_sites", "hooks", "load_pipeline", "open_trace", "plot",
+    "regulate", "rerun", "shapes", "stats",
 ]
 __version__ = "0.1.0"

@@ -169,6 +169,67 @@ def stats(
         raise _fail(exc) from None
 
 
+@app.command(epilog="Example: attnscope rerun runs/demo.zarr --regulate 'circle,square' -o runs/demo-reg.zarr")
+def rerun(
+    trace: Path = typer.Argument(..., help="Trace store to regenerate (a complete .zarr written by attnscope capture)."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Trace store to create "
+                                                              "(default: <trace stem>-rerun.zarr beside TRACE)."),
+    regulate: str | None = typer.Option(None, help="Attention Regulation of these comma-separated targets, "
+                                                   "e.g. 'circle,square' or 'red circle,blue square'."),
+    reweight: list[str] | None = typer.Option(None, help="WORD=FACTOR: scale the attention on WORD by FACTOR, "
+                                                         "e.g. square=2.0; repeatable."),
+    overwrite: bool = typer.Option(False, help="Replace an existing trace at --out."),
+    device: str | None = typer.Option(None, help="Device to run on (default: the trace's)."),
+) -> None:
+    """Regenerate a trace exactly (same model, seed, scheduler) with interventions on; compare target shares."""
+    import attnscope as ats
+    from attnscope.reruns import compare
+    from attnscope.reruns import rerun as rerun_trace
+
+    try:
+        targets = _split_words(regulate)
+        weights = [_parse_reweight(spec) for spec in reweight or []]
+        clients = _rerun_interventions(targets, weights)
+        tr = rerun_trace(trace, clients, store=out, overwrite=overwrite, device=device)
+        chosen = list(dict.fromkeys([*(targets or []), *(w for w, _ in weights)])) or None
+        table = compare(trace, tr, chosen).table()
+    except ats.AttnscopeError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"trace: {tr.path}  ({len(tr.sites)} sites, {len(tr.timesteps)} steps, {len(tr.images)} images; "
+               f"interventions: {', '.join(i['name'] for i in tr.manifest['interventions']) or 'none'})")
+    typer.echo(f"mean target share, {trace} -> {tr.path}:")
+    typer.echo(table)
+
+
+def _parse_reweight(spec: str) -> tuple[str, float]:
+    from attnscope.errors import AttnscopeError
+
+    word, sep, factor = spec.rpartition("=")
+    try:
+        if not sep or not word.strip():
+            raise ValueError
+        return word.strip(), float(factor)
+    except ValueError:
+        raise AttnscopeError(f"--reweight {spec!r}: expected WORD=FACTOR, e.g. square=2.0") from None
+
+
+def _rerun_interventions(targets: list[str] | None, weights: list[tuple[str, float]]) -> list[object]:
+    from attnscope.errors import AttnscopeError
+
+    if not targets and not weights:
+        return []
+    try:
+        import attnscope.regulate as regulate
+    except ImportError as exc:
+        raise AttnscopeError(f"--regulate/--reweight need attnscope.regulate, which cannot be imported: {exc}") from exc
+    needed = (["AttentionRegulation"] if targets else []) + (["Reweight"] if weights else [])
+    missing = [name for name in needed if not hasattr(regulate, name)]
+    if missing:
+        raise AttnscopeError(f"--regulate/--reweight: attnscope.regulate has no {', '.join(missing)} in this version")
+    clients: list[object] = [regulate.AttentionRegulation(targets=targets)] if targets else []
+    return clients + [regulate.Reweight(word, factor) for word, factor in weights]
+
+
 _PLOT_KINDS = ("heatmaps", "grid", "violins", "dominance", "convergence")
 
 

@@ -62,6 +62,11 @@ class Recorder:
         Replace an existing trace at ``store``.
     max_queue_bytes : int
         Bound of the queue to the background writer; the forward pass waits only when it is full.
+    run_info : dict, optional
+        What the hooks cannot see (prompts, seed, …), stored as the manifest's ``run``.
+    extra_manifest : dict, optional
+        JSON-able top-level manifest fields added to the built manifest (e.g. ``parent`` and
+        ``interventions`` of a rerun); they cannot replace the built ones.
 
     Examples
     --------
@@ -80,7 +85,8 @@ class Recorder:
 
     def __init__(self, store: str | Path, *, sites: SiteSpec = None, steps: StepSpec = None, heads: str = "mean",
                  tokens: str = "all", branch: str = "cond", overwrite: bool = False,
-                 max_queue_bytes: int = 256 << 20, run_info: dict[str, Any] | None = None):
+                 max_queue_bytes: int = 256 << 20, run_info: dict[str, Any] | None = None,
+                 extra_manifest: dict[str, Any] | None = None):
         self.heads = check_choice("heads", heads, HEADS)
         self.tokens = check_choice("tokens", tokens, TOKENS)
         self.branch = check_choice("branch", branch, BRANCHES)
@@ -88,6 +94,7 @@ class Recorder:
         self.overwrite, self.max_queue_bytes = overwrite, max_queue_bytes
         self.site_spec, self.step_spec = sites, steps
         self.run_info = dict(run_info or {})
+        self.extra_manifest = _extra_manifest(extra_manifest)
         self.branches = ("uncond", "cond") if branch == "both" else (branch,)
         self.writer: TraceWriter | None = None
         self._session: HookSession | None = None
@@ -201,7 +208,8 @@ class Recorder:
         }
         spec = {"sites": list(self._sites), "steps": list(steps), "heads": self.heads, "tokens": self.tokens,
                 "branch": self.branch, "dtype": "float16"}
-        layout.attrs = {"manifest": build_manifest(session.pipe, run, spec), "sites": list(self._sites),
+        manifest = {**build_manifest(session.pipe, run, spec), **self.extra_manifest}
+        layout.attrs = {"manifest": manifest, "sites": list(self._sites),
                         "format_min_reader": FORMAT_VERSION}
         planned = getattr(session.pipe.scheduler, "timesteps", None)
         self._planned = [float(t) for t in planned[-num_steps:]] if planned is not None and len(planned) >= num_steps else []
@@ -216,6 +224,23 @@ class Recorder:
             return int(step.token_ids.shape[-1])
         tokenizer = getattr(session.pipe, "tokenizer", None)
         return int(getattr(tokenizer, "model_max_length", 77))
+
+
+_BUILT_MANIFEST_KEYS = ("model", "scheduler", "dtype", "device", "versions", "run", "capture")
+
+
+def _extra_manifest(extra: dict[str, Any] | None) -> dict[str, Any]:
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise AttnscopeError(f"extra_manifest={extra!r}: expected a dict of JSON-able manifest fields")
+    clash = [k for k in extra if k in _BUILT_MANIFEST_KEYS]
+    if clash:
+        raise AttnscopeError(f"extra_manifest: keys {clash} are built by attnscope and cannot be replaced")
+    try:
+        return jsonable(extra)
+    except TypeError as exc:
+        raise AttnscopeError(f"extra_manifest={extra!r}: not JSON-able ({exc})") from exc
 
 
 def _images_to_uint8(images: Any) -> np.ndarray:

@@ -43,7 +43,7 @@ def test_capture_command_errors(model_dir, tmp_path):
     assert done.returncode == 2 and "no model_index.json" in done.stderr
 
 
-@pytest.mark.parametrize("command", ["capture", "demo", "eval", "train-shapes", "stats", "plot"])
+@pytest.mark.parametrize("command", ["capture", "demo", "eval", "train-shapes", "stats", "plot", "rerun"])
 def test_help_shows_an_example(command):
     done = attnscope(command, "--help")
     assert done.returncode == 0 and f"Example: attnscope {command} " in " ".join(done.stdout.split())

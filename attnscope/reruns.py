@@ -1,0 +1,489 @@
+"""Rerunning a captured generation from its manifest (optionally with interventions) and comparing two traces."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import AttnscopeError
+from .hook_core import hooks
+from .manifest import jsonable, weights_fingerprint
+from .pipeline import load_pipeline
+from .recording import Recorder, _check_store_path
+from .trace import Trace, open_trace
+
+__all__ = ["Comparison", "compare", "manifest_sha256", "rerun"]
+
+#: ``**capture_options`` of :func:`rerun`: the capture spec (default: the parent's) and the recorder's tuning.
+CAPTURE_OPTIONS = ("sites", "steps", "heads", "tokens", "branch", "exact", "max_queue_bytes")
+#: What ``capture`` put into the manifest's ``run`` from its arguments (the rest the recorder measures).
+_STAT_DIMS = ("step", "site", "sample", "token", "target")
+_RUN_INPUTS = ("prompts", "negative_prompt", "seed", "generator_device", "num_images_per_prompt",
+               "num_inference_steps", "guidance_scale")
+
+
+def manifest_sha256(manifest: dict[str, Any]) -> str:
+    """SHA-256 of a manifest as ``json.dumps(manifest, sort_keys=True)`` (UTF-8): the ``parent`` link of a rerun.
+
+    Examples
+    --------
+    >>> manifest_sha256({"b": 1, "a": [2]}) == manifest_sha256({"a": [2], "b": 1})
+    True
+    """
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _as_trace(trace: Any, what: str) -> Trace:
+    if isinstance(trace, Trace):
+        return trace
+    if isinstance(trace, (str, Path)):
+        return open_trace(trace)
+    raise AttnscopeError(f"{what}={trace!r}: expected an attnscope Trace or the path of a trace store")
+
+
+# -- rerun ------------------------------------------------------------------------------------------------
+def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Path | None = None, pipe: Any = None,
+          overwrite: bool = False, device: str | None = None, **capture_options: Any) -> Trace:
+    """Regenerate a captured trace exactly (same model, weights, scheduler, prompts, seeds, sizes), optionally
+    with interventions installed, and capture the new run into a new trace.
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> d = tempfile.mkdtemp()
+    >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
+    ...                  store=d + "/a.zarr", num_inference_steps=3)
+    >>> again = ats.rerun(tr)                        # no intervention: the same image, the same maps
+    >>> again.path.name, again.manifest["parent"]["path"] == str(tr.path), again.manifest["interventions"]
+    ('a-rerun.zarr', True, [])
+    >>> import numpy as np
+    >>> np.array_equal(np.asarray(again.images[0]), np.asarray(tr.images[0]))
+    True
+
+    With interventions (hook clients of role ``"intervention"``, e.g. ``ats.regulate.Reweight``), pass
+    them as ``interventions=[...]``; each one's ``describe()`` is stored in the new manifest.
+
+    Parameters
+    ----------
+    trace : Trace or path
+        A **complete** trace written by :func:`attnscope.capture` (or by an earlier rerun).
+    interventions : hook client or sequence of them
+        Installed in the same :func:`attnscope.hooks` call as the recorder (interventions run first, so
+        the new trace records the attention they produce). Default: none.
+    store : path, optional
+        Trace store to create. Default: ``<parent stem>-rerun.zarr`` beside the parent. Never the parent.
+    pipe : diffusers pipeline, optional
+        Use this pipeline instead of loading ``manifest["model"]["reference"]``; its weights must match
+        the trace's fingerprint and its dtype the trace's dtype. Its scheduler is replaced by the
+        trace's for the duration of the run and put back afterwards. ``device`` given too moves it there.
+    overwrite : bool
+        Replace an existing trace at ``store``.
+    device : str, optional
+        Where to run. Default: the device the trace was captured on (the latents are drawn on the CPU
+        either way, so another device changes the image only by float rounding).
+    **capture_options
+        Override the parent's capture spec: ``sites``, ``steps``, ``heads``, ``tokens``, ``branch`` (as in
+        :func:`attnscope.capture`), ``exact`` and ``max_queue_bytes``. With ``exact=False`` (capture's
+        default) the attention of recorded calls is computed as ``probs @ V``, so recording other sites
+        or steps than the parent changes the image by float rounding; keep the spec for bit-identity
+        (on the CPU, also the number of torch threads: see docs/rerun.md).
+
+    Returns
+    -------
+    Trace
+        The new trace; its manifest adds ``interventions`` (each client's ``describe()``, or
+        ``{"name": class name}``) and ``parent`` (``path`` and ``manifest_sha256``, see
+        :func:`manifest_sha256`).
+
+    Raises
+    ------
+    AttnscopeError
+        The trace is incomplete or lacks what a rerun needs (prompts and seed: traces of a bare
+        :class:`~attnscope.Recorder` cannot be rerun), its model cannot be loaded, the loaded weights
+        differ from the recorded fingerprint (the message names the components), ``store`` is the
+        parent or exists without ``overwrite=True``, or an option is unknown.
+    """
+    parent = _as_trace(trace, "trace")
+    where = str(parent.path)
+    if not parent.complete:
+        raise AttnscopeError(f"trace {where!r} is incomplete (complete=false: its capture was interrupted or is "
+                             f"still running, {parent.steps_written} steps written); only a complete trace can be rerun")
+    manifest = parent.manifest
+    run = manifest.get("run") if isinstance(manifest.get("run"), dict) else {}
+    prompts, seed = run.get("prompts"), run.get("seed")
+    if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)) or seed is None:
+        raise AttnscopeError(f"trace {where!r}: its manifest has no prompts/seed (prompts={prompts!r}, seed={seed!r}); "
+                             "it was recorded with a bare Recorder rather than attnscope.capture and cannot be rerun")
+    clients = _interventions(interventions)
+    described = [_describe(i, c) for i, c in enumerate(clients)]
+    options = _capture_options(manifest, run, capture_options)
+    out = _check_store_path(_rerun_store(parent, store), overwrite)
+    if pipe is None:
+        pipe = _load(manifest, where, device)
+    else:
+        pipe = pipe.to(device) if device is not None else pipe
+        _check_dtype(pipe, manifest, where)
+    _check_weights(pipe, manifest, where)
+    scheduler = _scheduler(manifest, where)
+    generator = _generator(run, where)
+    kwargs = _pipeline_kwargs(pipe, run, where)
+    exact = bool(options.pop("exact"))
+    run_info = {
+        **{k: run.get(k) for k in _RUN_INPUTS}, "pipeline_kwargs": jsonable(kwargs), "unrecorded_kwargs": [],
+        "reproducible": True, "exact": exact,
+    }
+    extra = {"interventions": described,
+             "parent": {"path": where, "manifest_sha256": manifest_sha256(manifest)}}
+    recorder = Recorder(out, overwrite=overwrite, run_info=run_info, extra_manifest=extra, **options)
+    saved = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        with hooks(pipe, *clients, recorder, exact=exact):
+            result = pipe(prompt=prompts if len(prompts) > 1 else prompts[0], generator=generator, **kwargs)
+            if kwargs.get("output_type", "pil") != "latent":
+                recorder.add_images(result.images)
+    finally:
+        pipe.scheduler = saved
+    return open_trace(recorder.path)
+
+
+def _interventions(interventions: Any) -> list[Any]:
+    if interventions is None:
+        return []
+    if callable(getattr(interventions, "stages", None)):
+        interventions = [interventions]
+    if isinstance(interventions, (str, bytes)) or not isinstance(interventions, (list, tuple)):
+        raise AttnscopeError(f"interventions={interventions!r}: expected a hook client or a list of them "
+                             "(objects with role 'intervention' and a stages(ctx) method)")
+    for i, client in enumerate(interventions):
+        role = getattr(client, "role", "observer")
+        if role != "intervention" or not callable(getattr(client, "stages", None)):
+            raise AttnscopeError(f"interventions[{i}]={client!r}: expected a hook client with role 'intervention' "
+                                 f"and a stages(ctx) method, got role={role!r}")
+    return list(interventions)
+
+
+def _describe(i: int, client: Any) -> Any:
+    describe = getattr(client, "describe", None)
+    if not callable(describe):
+        return {"name": type(client).__name__}
+    description = describe()
+    try:
+        return jsonable(description)
+    except TypeError as exc:
+        raise AttnscopeError(f"interventions[{i}]={client!r}: describe() returned {description!r}, which is not "
+                             f"JSON-able ({exc})") from exc
+
+
+def _capture_options(manifest: dict[str, Any], run: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    unknown = [k for k in given if k not in CAPTURE_OPTIONS]
+    if unknown:
+        raise AttnscopeError(f"rerun(**{{{unknown[0]!r}: ...}}): unknown capture option; expected one of "
+                             f"{', '.join(CAPTURE_OPTIONS)}")
+    spec = manifest.get("capture") if isinstance(manifest.get("capture"), dict) else {}
+    options = {"sites": spec.get("sites"), "steps": spec.get("steps"), "heads": spec.get("heads", "mean"),
+               "tokens": spec.get("tokens", "all"), "branch": spec.get("branch", "cond"),
+               "exact": bool(run.get("exact", False))}
+    return {**options, **given}
+
+
+def _rerun_store(parent: Trace, store: str | Path | None) -> Path:
+    out = Path(store) if store is not None else parent.path.with_name(parent.path.stem + "-rerun.zarr")
+    here, there = out.resolve(), parent.path.resolve()
+    if here == there or there in here.parents:
+        raise AttnscopeError(f"store={str(out)!r} is the parent trace {str(parent.path)!r} (or inside it); "
+                             "a rerun writes a new trace, choose another path")
+    return out
+
+
+def _denoiser(pipe: Any) -> Any:
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+
+
+def _load(manifest: dict[str, Any], where: str, device: str | None) -> Any:
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    ref = model.get("reference")
+    if not isinstance(ref, str) or not ref:
+        raise AttnscopeError(f"trace {where!r}: its manifest names no model (reference={ref!r}: the pipeline was "
+                             "built in memory); pass the pipeline itself with pipe=...")
+    target = device or manifest.get("device")
+    if target is not None:
+        try:
+            torch.empty(0, device=target)
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            raise AttnscopeError(f"cannot rerun trace {where!r} on device {target!r}: {exc}; pass device='cpu' "
+                                 "(the latents are drawn on the CPU, so the image changes only by float rounding)") from exc
+    try:
+        return load_pipeline(ref, device=target, dtype=manifest.get("dtype"))
+    except AttnscopeError as exc:
+        raise AttnscopeError(f"cannot rerun trace {where!r}: its model cannot be loaded: {exc}") from exc
+
+
+def _check_dtype(pipe: Any, manifest: dict[str, Any], where: str) -> None:
+    denoiser = _denoiser(pipe)
+    have = str(getattr(denoiser, "dtype", "")).removeprefix("torch.")
+    want = manifest.get("dtype")
+    if want is not None and have != want:
+        raise AttnscopeError(f"cannot rerun trace {where!r} with this pipe: its dtype is {have}, the trace was "
+                             f"captured in {want}; pass a pipeline in {want} (or pipe=None to load it)")
+
+
+def _check_weights(pipe: Any, manifest: dict[str, Any], where: str) -> None:
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    recorded = model.get("weights_fingerprint")
+    if not isinstance(recorded, dict) or not recorded:
+        raise AttnscopeError(f"trace {where!r}: its manifest has no weights fingerprint to check the model against")
+    current = weights_fingerprint(pipe)
+    differ = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: trace {str(recorded.get(k) or 'absent')[:12]}, loaded "
+                           f"{str(current.get(k) or 'absent')[:12]}" for k in differ)
+        raise AttnscopeError(f"cannot rerun trace {where!r}: the weights of {', '.join(differ)} differ from those it "
+                             f"was captured with (model {model.get('reference')!r}; {detail})")
+
+
+def _scheduler(manifest: dict[str, Any], where: str) -> Any:
+    import diffusers
+
+    spec = manifest.get("scheduler") if isinstance(manifest.get("scheduler"), dict) else {}
+    name, config = spec.get("class"), spec.get("config")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)) or not isinstance(config, dict):
+        raise AttnscopeError(f"trace {where!r}: scheduler class {name!r} is not a diffusers scheduler (or its config "
+                             "is missing), so the run cannot be rebuilt")
+    return cls.from_config(config)
+
+
+def _generator(run: dict[str, Any], where: str) -> Any:
+    seed, device = run.get("seed"), run.get("generator_device") or "cpu"
+
+    def ok(s: Any) -> bool:
+        return isinstance(s, int) and not isinstance(s, bool)
+
+    if not (ok(seed) or (isinstance(seed, list) and seed and all(ok(s) for s in seed))):
+        raise AttnscopeError(f"trace {where!r}: seed={seed!r} in its manifest; expected an int or a list of ints")
+    try:
+        if ok(seed):
+            return torch.Generator(device).manual_seed(seed)
+        return [torch.Generator(device).manual_seed(s) for s in seed]
+    except RuntimeError as exc:
+        raise AttnscopeError(f"trace {where!r}: cannot make its generator on {device!r}: {exc}") from exc
+
+
+def _pipeline_kwargs(pipe: Any, run: dict[str, Any], where: str) -> dict[str, Any]:
+    unrecorded = run.get("unrecorded_kwargs") or []
+    if unrecorded:
+        warnings.warn(f"trace {where!r} was generated with pipeline arguments that could not be recorded "
+                      f"({', '.join(map(str, unrecorded))}); the rerun runs without them and may differ", stacklevel=3)
+    kwargs = dict(run.get("pipeline_kwargs") or {})
+    for key in ("prompt", "generator"):
+        kwargs.pop(key, None)
+    for key in ("num_inference_steps", "guidance_scale", "height", "width", "num_images_per_prompt"):
+        if kwargs.get(key) is None and run.get(key) is not None:
+            kwargs[key] = run[key]
+    # JSON made tuples lists; give tuple-typed arguments (SDXL's original_size, …) their tuples back
+    params = inspect.signature(pipe.__call__).parameters
+    for key, value in kwargs.items():
+        annotation = str(getattr(params.get(key), "annotation", ""))
+        if isinstance(value, list) and "tuple" in annotation.lower():
+            kwargs[key] = tuple(value)
+    return kwargs
+
+
+# -- compare ----------------------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    """Before/after dominance statistics of two runs of one generation; made by :func:`compare`.
+
+    Attributes
+    ----------
+    a, b : Trace
+        The run before (usually the parent) and after (usually the rerun with interventions).
+    targets : list of str
+        The target labels of the statistics.
+    before, after : xarray.Dataset
+        ``ats.stats.dominance`` of ``a`` and of ``b``.
+    stats : xarray.Dataset
+        ``after - before``, aligned on the common steps and sites; same dims and variables.
+    """
+
+    a: Trace
+    b: Trace
+    targets: list[str]
+    before: Any
+    after: Any
+    stats: Any
+    sites: Any = field(default=None, repr=False)
+    steps: Any = field(default=None, repr=False)
+    target_spec: list = field(default_factory=list, repr=False)  # as given (words, phrases, positions)
+
+    def shares(self) -> Any:
+        """Mean target share per target (over steps, sites and samples): a DataFrame with ``before``, ``after``,
+        ``change`` columns."""
+        import pandas as pd
+
+        mean = ["step", "site", "sample"]
+        before = self.before.target_share.mean(mean).to_series()
+        after = self.after.target_share.mean(mean).to_series()
+        return pd.DataFrame({"before": before, "after": after, "change": after - before})
+
+    def table(self) -> str:
+        """The targets' mean shares before and after as a text table."""
+        df = self.shares()
+        width = max([6, *(len(t) for t in df.index)])
+        lines = [f"{'target':<{width}}  {'before':>7}  {'after':>7}  {'change':>7}"]
+        for target, row in df.iterrows():
+            lines.append(f"{target:<{width}}  {row.before:7.3f}  {row.after:7.3f}  {row.change:+7.3f}")
+        return "\n".join(lines)
+
+    def figure(self, sample: int = 0, cmap: str = "viridis") -> Any:
+        """The two images side by side with each target's heat map, and the mean target shares before/after.
+
+        Heat maps: for each trace, each site's map of a target (its pieces summed) averaged over heads
+        and the compared steps, upsampled to the image size and averaged over the compared sites; the
+        before and after maps of one target share a colour scale from 0 (so a change of strength shows).
+
+        Parameters
+        ----------
+        sample : int
+            Which generated image.
+        cmap : str
+            Matplotlib colour map of the heat maps.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            Two rows (before, after) of ``1 + len(targets)`` panels, plus one bar-chart axes at the right.
+        """
+        from matplotlib.figure import Figure
+
+        from .plot._select import sample_index
+
+        spec = self.target_spec or self.targets
+        maps = [_word_maps(tr, spec, self.sites, self.steps, sample) for tr in (self.a, self.b)]
+        n = len(self.targets)
+        fig = Figure(figsize=(2.2 * (n + 1) + 3.6, 4.8), layout="constrained")
+        grid = fig.add_gridspec(2, n + 2, width_ratios=[1.0] * (n + 1) + [1.8])
+        for row, (tr, label, m) in enumerate(zip((self.a, self.b), ("before", "after"), maps)):
+            images = tr.images
+            picture = np.asarray(images[sample_index(tr, sample)]) if images else None
+            ax = fig.add_subplot(grid[row, 0])
+            if picture is not None:
+                ax.imshow(picture)
+            else:
+                ax.text(0.5, 0.5, "no image stored", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(f"{label}: {tr.path.name}", fontsize=8)
+            ax.set_axis_off()
+            for k, target in enumerate(self.targets):
+                ax = fig.add_subplot(grid[row, k + 1])
+                top = max(float(np.nanmax(mm[k])) for mm in maps) or 1.0
+                ax.imshow(m[k], cmap=cmap, vmin=0.0, vmax=top)
+                ax.set_title(f"{target} ({label})", fontsize=8)
+                ax.set_axis_off()
+        bars = fig.add_subplot(grid[:, -1])
+        pick = {"sample": self.before["sample"].values[sample_index(self.a, sample)]}
+        x = np.arange(n)
+        for offset, (label, ds) in zip((-0.2, 0.2), (("before", self.before), ("after", self.after))):
+            values = ds.target_share.sel(pick).mean(["step", "site"]).sel(target=self.targets).values
+            bars.bar(x + offset, values, width=0.4, label=label)
+        bars.set_xticks(x, self.targets, rotation=45, ha="right", fontsize=8)
+        bars.set_ylabel("mean target share")
+        bars.legend(fontsize=8)
+        return fig
+
+
+def _word_maps(tr: Trace, targets: list[Any], sites: Any, steps: Any, sample: int) -> np.ndarray:
+    """(target, y, x) mean attention over heads, steps and sites, at image size."""
+    import xarray as xr
+
+    from .plot._select import site_maps, site_names
+    from .upsample import image_size
+
+    size = image_size(tr)
+    per_site = [site_maps(tr, site, steps, sample).attn.words(targets).attn.aggregate(["step", "head"])
+                .attn.upsample(size) for site in site_names(tr, sites)]
+    maps = xr.concat(per_site, dim="site", coords="minimal", compat="override", join="override").mean("site")
+    return np.asarray(maps.transpose("word", "y", "x").values)
+
+
+def _same_generation(a: Trace, b: Trace) -> None:
+    ra, rb = a.manifest.get("run", {}), b.manifest.get("run", {})
+    pa, pb = ra.get("prompts"), rb.get("prompts")
+    if pa is None or pb is None:
+        pa, pb = ra.get("tokens"), rb.get("tokens")
+    if pa != pb:
+        raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: their prompts differ "
+                             f"({pa!r} vs {pb!r})")
+    for key in ("height", "width", "samples"):
+        if ra.get(key) != rb.get(key):
+            raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: their {key} differs "
+                                 f"({ra.get(key)!r} vs {rb.get(key)!r})")
+
+
+def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str | int] | str | None = None, *,
+            sites: Any = None, steps: Any = None) -> Comparison:
+    """Dominance statistics of two runs of the same generation, and their difference ``b - a``.
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> d = tempfile.mkdtemp()
+    >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
+    ...                  store=d + "/a.zarr", num_inference_steps=2)
+    >>> c = ats.compare(tr, ats.rerun(tr), ["circle", "square"])
+    >>> c.stats.target_share.dims, float(abs(c.stats.target_share).max())   # a plain rerun changes nothing
+    (('step', 'site', 'sample', 'target'), 0.0)
+    >>> fig = c.figure()                            # images, heat maps, mean shares before/after
+
+    Parameters
+    ----------
+    a, b : Trace or path
+        Before and after: two traces of the same prompts and image size (typically a trace and its
+        :func:`rerun` with interventions).
+    targets : list of words, phrases or token positions, optional
+        Default: every distinct word of ``a``'s first prompt (``ats.stats.dominance``'s default).
+    sites : glob, list of names/globs, optional
+        Which sites (default all that both traces recorded).
+    steps : int, list of int or slice, optional
+        Which captured steps (default all).
+
+    Returns
+    -------
+    Comparison
+        ``.before``/``.after`` (:func:`attnscope.stats.dominance` of ``a``/``b``), ``.stats`` (their
+        difference, aligned on the common steps and sites), ``.table()`` and ``.figure()``.
+    """
+    from . import accessor  # noqa: F401  (registers DataArray.attn)
+    from .stats import dominance
+    from .tokens import token_words
+
+    ta, tb = _as_trace(a, "a"), _as_trace(b, "b")
+    _same_generation(ta, tb)
+    if targets is None:
+        targets = list(dict.fromkeys(w for w in token_words(ta.tokens) if w))
+    targets = [targets] if isinstance(targets, (str, int)) else list(targets)
+    if sites is None:
+        common = [s for s in ta.sites if s in set(tb.sites)]
+        if not common:
+            raise AttnscopeError(f"cannot compare {str(ta.path)!r} and {str(tb.path)!r}: they recorded no site in "
+                                 f"common ({ta.sites} vs {tb.sites})")
+        sites = common
+    before = dominance(ta, targets, sites=sites, steps=steps)
+    after = dominance(tb, targets, sites=sites, steps=steps)
+    with np.errstate(invalid="ignore"):
+        stats = (after - before).transpose(*(d for d in _STAT_DIMS if d in before.dims))
+    if any(stats.sizes[d] == 0 for d in ("step", "site")):
+        raise AttnscopeError(f"cannot compare {str(ta.path)!r} and {str(tb.path)!r}: no captured step in common "
+                             f"({before['step'].values.tolist()} vs {after['step'].values.tolist()})")
+    stats.attrs.update({**before.attrs, "difference": "after - before (b - a)"})
+    return Comparison(ta, tb, [str(t) for t in before["target"].values.tolist()], before, after, stats,
+                      sites=sites, steps=steps, target_spec=targets)

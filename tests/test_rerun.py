@@ -1,0 +1,359 @@
+"""``ats.rerun``: regenerating a trace from its manifest (with interventions), ``compare``, ``attnscope rerun``."""
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import attnscope as ats
+from attnscope.reruns import compare, rerun
+from attnscope.testing import tiny_sd_pipeline
+
+PROMPT = "a red circle and a blue square"
+
+
+def _regulate_has(name):
+    try:
+        import attnscope.regulate as regulate
+    except ImportError:
+        return False
+    return hasattr(regulate, name)
+
+
+class ScaleWord:
+    """Test intervention: multiply the post-softmax attention on one word's tokens (cond rows) by ``factor``."""
+
+    role = "intervention"
+
+    def __init__(self, position, factor):
+        self.position, self.factor = position, factor
+
+    def describe(self):
+        return {"name": "ScaleWord", "params": {"position": self.position, "factor": self.factor}}
+
+    def stages(self, ctx):
+        return ("probs",)
+
+    def on_probs(self, ctx, probs):
+        out = probs.clone()
+        out[ctx.rows.cond, :, :, self.position] *= self.factor
+        return out
+
+
+class Silent:
+    """Test intervention without describe(): changes nothing."""
+
+    role = "intervention"
+
+    def stages(self, ctx):
+        return ()
+
+
+def images(tr):
+    return np.stack([np.asarray(im) for im in tr.images])
+
+
+def assert_same_maps(a, b):
+    assert a.sites == b.sites
+    for site in a.sites:
+        np.testing.assert_array_equal(a.attention(site).values, b.attention(site).values, err_msg=site)
+
+
+def edited_copy(trace, dest, edit):
+    """A copy of ``trace`` whose root attributes went through ``edit(attrs)`` (plain zarr)."""
+    shutil.copytree(trace.path, dest)
+    root = zarr.open_group(str(dest), mode="r+")
+    attrs = dict(root.attrs)
+    edit(attrs)
+    root.attrs.update(attrs)
+    return dest
+
+
+def attnscope_cli(*args):
+    return subprocess.run([sys.executable, "-m", "attnscope", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return ats.load_pipeline("shapes")
+
+
+@pytest.fixture(scope="module")
+def parent(shapes, tmp_path_factory):
+    store = tmp_path_factory.mktemp("parent") / "a.zarr"
+    return ats.capture(shapes, PROMPT, seed=3, store=store, num_inference_steps=8)
+
+
+@pytest.fixture(scope="module")
+def steered(parent, tmp_path_factory):
+    """A rerun of ``parent`` with the attention on "circle" tripled."""
+    circle = parent.words["circle"][0]
+    return rerun(parent, [ScaleWord(circle, 3.0)], store=tmp_path_factory.mktemp("steered") / "s.zarr")
+
+
+# -- reproduction -------------------------------------------------------------------------------------------
+def test_rerun_without_interventions_is_bit_identical(parent):
+    again = rerun(parent)
+    assert again.path == parent.path.with_name("a-rerun.zarr") and again.complete
+    assert np.array_equal(images(again), images(parent))
+    assert_same_maps(parent, again)
+    np.testing.assert_array_equal(again.timesteps, parent.timesteps)
+    # a rerun of the rerun reproduces it too, and links to it
+    third = rerun(again, store=parent.path.with_name("third.zarr"))
+    assert np.array_equal(images(third), images(parent)) and third.manifest["parent"]["path"] == str(again.path)
+
+
+def test_manifest_records_parent_and_interventions(parent, tmp_path):
+    again = rerun(parent, [Silent()], store=tmp_path / "r.zarr")
+    digest = hashlib.sha256(json.dumps(parent.manifest, sort_keys=True).encode()).hexdigest()
+    assert again.manifest["parent"] == {"path": str(parent.path), "manifest_sha256": digest}
+    assert again.manifest["interventions"] == [{"name": "Silent"}]
+    for key in ("model", "scheduler", "dtype", "capture"):
+        assert again.manifest[key] == parent.manifest[key], key
+    run, before = again.manifest["run"], parent.manifest["run"]
+    for key in ("prompts", "seed", "generator_device", "num_inference_steps", "guidance_scale", "height", "width",
+                "token_ids", "latent_shape", "exact"):
+        assert run[key] == before[key], key
+    assert np.array_equal(images(again), images(parent))  # an intervention that changes nothing changes nothing
+
+
+def test_rerun_with_an_intervention_changes_image_and_maps(parent, steered):
+    circle = parent.words["circle"][0]
+    assert steered.manifest["interventions"] == [{"name": "ScaleWord", "params": {"position": circle, "factor": 3.0}}]
+    assert not np.array_equal(images(steered), images(parent))
+    site = parent.sites[0]
+    before = parent.attention(site).isel(step=0).sel(token=circle).values.astype(np.float64)
+    after = steered.attention(site).isel(step=0).sel(token=circle).values.astype(np.float64)
+    # step 0 starts from the same latents: the recorder sees the intervention's tripled probabilities
+    np.testing.assert_allclose(after, 3 * before, rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not _regulate_has("Reweight"), reason="attnscope.regulate.Reweight not available yet")
+def test_rerun_with_reweight(parent, tmp_path):
+    done = rerun(parent, [ats.regulate.Reweight("circle", 2.0)], store=tmp_path / "rw.zarr")
+    assert done.manifest["interventions"] == [ats.regulate.Reweight("circle", 2.0).describe()]
+    assert not np.array_equal(images(done), images(parent))
+    shares = compare(parent, done, ["circle"]).stats.target_share
+    assert float(shares.isel(step=0).mean()) > 0
+
+
+def test_rerun_restores_a_changed_scheduler(shapes, tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    original = shapes.scheduler
+    shapes.scheduler = EulerDiscreteScheduler.from_config(original.config)
+    try:
+        tr = ats.capture(shapes, "a green triangle", seed=1, store=tmp_path / "e.zarr", num_inference_steps=4)
+    finally:
+        shapes.scheduler = original
+    assert tr.manifest["scheduler"]["class"] == "EulerDiscreteScheduler"
+    again = rerun(tr, pipe=shapes)  # the pipe has DDIM again: the rerun must use Euler, then give DDIM back
+    assert again.manifest["scheduler"] == tr.manifest["scheduler"]
+    assert np.array_equal(images(again), images(tr))
+    assert shapes.scheduler is original
+
+
+def test_capture_options_override_the_parent_spec(parent, tmp_path):
+    again = rerun(parent, store=tmp_path / "o.zarr", sites="up_blocks.*", steps=[0, 7], heads="all", exact=True)
+    spec = again.manifest["capture"]
+    assert spec["steps"] == [0, 7] and spec["heads"] == "all" and all(s.startswith("up_blocks.") for s in spec["sites"])
+    assert again.manifest["run"]["exact"] is True
+    assert again.attention(again.sites[0]).sizes["head"] > 1
+    with pytest.raises(ats.AttnscopeError, match="{'colour': ...}\\): unknown capture option; expected one of sites"):
+        rerun(parent, store=tmp_path / "x.zarr", colour="red")
+
+
+def test_unrecorded_pipeline_arguments_warn(shapes, tmp_path):
+    tr = ats.capture(shapes, PROMPT, seed=5, store=tmp_path / "cb.zarr", num_inference_steps=3,
+                     callback_on_step_end=lambda pipe, step, t, kw: {})
+    assert tr.manifest["run"]["reproducible"] is False
+    with pytest.warns(UserWarning, match="callback_on_step_end"):
+        again = rerun(tr, pipe=shapes)
+    assert np.array_equal(images(again), images(tr)) and again.manifest["run"]["reproducible"] is True
+
+
+def test_local_directory_model(tmp_path):
+    model = tmp_path / "tiny-sd"
+    tiny_sd_pipeline().save_pretrained(model)
+    pipe = ats.load_pipeline(model)
+    tr = ats.capture(pipe, ["a red circle", "a blue square"], seed=[11, 12], store=tmp_path / "t.zarr",
+                     num_inference_steps=3, height=32, width=48, negative_prompt=["green", "red"], branch="both")
+    assert tr.manifest["model"]["reference"] == str(model)
+    again = rerun(tr)  # loads the directory named in the manifest
+    assert again.manifest["model"]["reference"] == str(model) and again.manifest["capture"]["branch"] == "both"
+    assert np.array_equal(images(again), images(tr)) and images(tr).shape == (2, 32, 48, 3)
+    assert_same_maps(tr, again)
+    for site in tr.sites[:2]:
+        np.testing.assert_array_equal(tr.attention(site, "uncond").values, again.attention(site, "uncond").values)
+
+
+# -- refusals ---------------------------------------------------------------------------------------------
+def test_weight_mismatch_is_refused(parent, tmp_path):
+    pipe = ats.load_pipeline("shapes")
+    with torch.no_grad():
+        next(pipe.unet.parameters()).view(-1)[0] += 0.5  # element 0 is in the fingerprint's strided sample
+    with pytest.raises(ats.AttnscopeError, match=r"the weights of unet differ .*model 'shapes'") as err:
+        rerun(parent, pipe=pipe, store=tmp_path / "w.zarr")
+    assert str(parent.path) in str(err.value)
+    assert not (tmp_path / "w.zarr").exists()
+
+    def corrupt(attrs):
+        attrs["manifest"]["model"]["weights_fingerprint"]["vae"] = "0" * 64
+
+    copy = edited_copy(parent, tmp_path / "fp.zarr", corrupt)
+    with pytest.raises(ats.AttnscopeError, match=r"the weights of vae differ .*trace 000000000000"):
+        rerun(copy, store=tmp_path / "w2.zarr")
+
+
+def test_dtype_mismatch_of_a_given_pipe_is_refused(parent, tmp_path):
+    pipe = ats.load_pipeline("shapes", dtype="bfloat16")
+    with pytest.raises(ats.AttnscopeError, match="its dtype is bfloat16, the trace was captured in float32"):
+        rerun(parent, pipe=pipe, store=tmp_path / "d.zarr")
+
+
+def test_incomplete_trace_is_refused(parent, tmp_path):
+    copy = edited_copy(parent, tmp_path / "inc.zarr", lambda attrs: attrs.update(complete=False))
+    with pytest.raises(ats.AttnscopeError, match="is incomplete") as err:
+        rerun(copy)
+    assert str(copy) in str(err.value) and not (tmp_path / "inc-rerun.zarr").exists()
+
+
+def test_missing_model_is_refused(parent, tmp_path):
+    def elsewhere(attrs):
+        attrs["manifest"]["model"]["reference"] = str(tmp_path / "gone")
+
+    copy = edited_copy(parent, tmp_path / "m.zarr", elsewhere)
+    with pytest.raises(ats.AttnscopeError, match="its model cannot be loaded: model=.*gone.*unknown model") as err:
+        rerun(copy)
+    assert str(copy) in str(err.value)
+
+    def nameless(attrs):
+        attrs["manifest"]["model"]["reference"] = None
+
+    copy = edited_copy(parent, tmp_path / "n.zarr", nameless)
+    with pytest.raises(ats.AttnscopeError, match="names no model .*pass the pipeline itself with pipe="):
+        rerun(copy)
+
+
+def test_bad_store_and_interventions_are_refused(parent, shapes, tmp_path):
+    with pytest.raises(ats.AttnscopeError, match="is the parent trace"):
+        rerun(parent, store=parent.path, overwrite=True)
+    rerun(parent, pipe=shapes, store=tmp_path / "x.zarr")
+    with pytest.raises(ats.AttnscopeError, match="exists; pass overwrite=True"):
+        rerun(parent, pipe=shapes, store=tmp_path / "x.zarr")
+    assert rerun(parent, pipe=shapes, store=tmp_path / "x.zarr", overwrite=True).complete
+    with pytest.raises(ats.AttnscopeError, match=r"interventions\[0\]='circle': expected a hook client"):
+        rerun(parent, ["circle"], pipe=shapes, store=tmp_path / "y.zarr")
+    with pytest.raises(ats.AttnscopeError, match="got role='observer'"):
+        rerun(parent, [ats.Recorder(tmp_path / "z.zarr")], pipe=shapes, store=tmp_path / "y.zarr")
+    with pytest.raises(ats.AttnscopeError, match="expected an attnscope Trace or the path"):
+        rerun(42)
+
+
+def test_recorder_extra_manifest_cannot_replace_built_fields(tmp_path):
+    with pytest.raises(ats.AttnscopeError, match=r"keys \['run'\] are built by attnscope"):
+        ats.Recorder(tmp_path / "r.zarr", extra_manifest={"run": {}, "note": 1})
+    with pytest.raises(ats.AttnscopeError, match="not JSON-able"):
+        ats.Recorder(tmp_path / "r.zarr", extra_manifest={"note": object()})
+
+
+def test_trace_of_a_bare_recorder_is_refused(shapes, tmp_path):
+    rec = ats.Recorder(tmp_path / "bare.zarr")
+    with ats.hooks(shapes, rec):
+        rec.add_images(shapes(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images)
+    with pytest.raises(ats.AttnscopeError, match="no prompts/seed .*bare Recorder"):
+        rerun(rec.path, pipe=shapes)
+
+
+# -- compare ----------------------------------------------------------------------------------------------
+def test_compare_is_after_minus_before(parent, steered):
+    c = compare(parent, steered)
+    assert c.targets == ["a", "red", "circle", "and", "blue", "square"]
+    before = ats.stats.dominance(ats.open_trace(parent.path))
+    after = ats.stats.dominance(ats.open_trace(steered.path))
+    assert set(c.stats.data_vars) == set(before.data_vars) and dict(c.stats.sizes) == dict(before.sizes)
+    for name in before.data_vars:
+        with np.errstate(invalid="ignore"):
+            expected = after[name].values - before[name].values
+        np.testing.assert_array_equal(c.stats[name].values, expected, err_msg=name)
+        np.testing.assert_array_equal(c.before[name].values, before[name].values, err_msg=name)
+    circle = c.stats.target_share.sel(target="circle")
+    assert float(circle.isel(step=0).min()) > 0  # tripling its attention raises its share
+    table = c.table()
+    assert table.splitlines()[0].split() == ["target", "before", "after", "change"] and "circle" in table
+    sub = compare(parent.path, steered.path, ["circle", "blue square"], sites="up_blocks.1.*", steps=[0, 1])
+    assert dict(sub.stats.sizes) == {"step": 2, "site": 2, "sample": 1, "token": 7, "target": 2}
+
+
+def test_compare_figure_renders(parent, steered):
+    c = compare(parent, steered, ["circle", "square"])
+    fig = c.figure()
+    assert len(fig.axes) == 2 * 3 + 1
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["before: a.zarr", "circle (before)", "square (before)"]
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+    square = parent.words["square"][0]  # a token position as target
+    by_position = compare(parent, steered, [square], sites="mid_block.*")
+    assert by_position.targets == [str(square)] and len(by_position.figure().axes) == 2 * 2 + 1
+
+
+def test_compare_refuses_different_generations(parent, shapes, tmp_path):
+    other = ats.capture(shapes, "a green triangle", seed=3, store=tmp_path / "o.zarr", num_inference_steps=2)
+    with pytest.raises(ats.AttnscopeError, match="prompts differ .*'a green triangle'"):
+        compare(parent, other)
+    wide = ats.capture(shapes, PROMPT, seed=3, store=tmp_path / "w.zarr", num_inference_steps=2, width=40)
+    with pytest.raises(ats.AttnscopeError, match="their width differs \\(32 vs 40\\)"):
+        compare(parent, wide)
+
+
+# -- command line -----------------------------------------------------------------------------------------
+def test_rerun_command(parent, tmp_path):
+    out = tmp_path / "cli.zarr"
+    done = attnscope_cli("rerun", str(parent.path), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"trace: {out}" in done.stdout and "interventions: none" in done.stdout
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["target"])
+    assert [line.split()[0] for line in lines[header + 1:]] == ["a", "red", "circle", "and", "blue", "square"]
+    # the subprocess may run torch on another number of CPU threads than this one: equal up to float rounding
+    assert all(line.split()[-1] in ("+0.000", "-0.000") for line in lines[header + 1:])
+    assert np.abs(images(ats.open_trace(out)).astype(int) - images(parent)).max() <= 2
+
+
+@pytest.mark.skipif(not (_regulate_has("Reweight") and _regulate_has("AttentionRegulation")),
+                    reason="attnscope.regulate not available yet")
+def test_rerun_command_with_interventions(parent, tmp_path):
+    out = tmp_path / "reg.zarr"
+    done = attnscope_cli("rerun", str(parent.path), "-o", str(out), "--regulate", "circle,blue square",
+                         "--reweight", "red=2.0", "--reweight", "blue square=0.5")
+    assert done.returncode == 0, done.stderr
+    assert "interventions: AttentionRegulation, Reweight, Reweight" in done.stdout
+    rows = [line.rsplit(None, 3)[0] for line in done.stdout.splitlines()[-3:]]
+    assert rows == ["circle", "blue square", "red"]
+    described = ats.open_trace(out).manifest["interventions"]
+    assert described[1:] == [ats.regulate.Reweight("red", 2.0).describe(),
+                             ats.regulate.Reweight("blue square", 0.5).describe()]
+
+
+def test_rerun_command_errors(parent, tmp_path):
+    done = attnscope_cli("rerun", str(parent.path), "--reweight", "circle", "--reweight", "square=x")
+    assert done.returncode == 2 and "error: --reweight 'circle': expected WORD=FACTOR" in done.stderr
+    done = attnscope_cli("rerun", str(tmp_path / "missing.zarr"))
+    assert done.returncode == 2 and "error:" in done.stderr and "missing.zarr" in done.stderr
+    assert "is not an attnscope trace" in done.stderr
+    done = attnscope_cli("rerun", str(parent.path), "-o", str(parent.path))
+    assert done.returncode == 2 and "is the parent trace" in done.stderr
+
+
+def test_rerun_command_help_shows_an_example():
+    done = attnscope_cli("rerun", "--help")
+    text = " ".join(done.stdout.split())
+    assert done.returncode == 0 and "Example: attnscope rerun runs/demo.zarr --regulate 'circle,square'" in text
