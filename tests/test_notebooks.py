@@ -10,6 +10,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = {  # a line each notebook must print, so a silently empty run cannot pass
     "01_diagnose_dominance.ipynb": "peak-to-mean, failed:",
     "02_programmatic_capture.ipynb": "generations lost an object",
+    "03_regulated_rerun.ipynb": "fixed by regulation",
 }
 
 

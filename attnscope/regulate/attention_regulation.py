@@ -195,7 +195,12 @@ class AttentionRegulation:
             (self.seed * 1_000_003 + self._site_index.get(key[0], 0)) * 10_007 + key[1])
         weights = torch.rand((rows, basis.shape[0], n), generator=generator, device=z.device, dtype=z.dtype)
         initial = torch.einsum("rkn,kp->rpn", weights, basis)
-        others = z.clone()
+        # softmax(Z + Δ) restricted to S, with Δ only on S: the other columns enter through one
+        # log-sum-exp, computed once per call, so each iteration touches n columns, not all tokens
+        target = z[..., cols]
+        rest = z.clone()
+        rest[..., cols] = float("-inf")
+        rest = torch.logsumexp(rest, -1, keepdim=True)  # (rows, pixels, 1)
         best_loss = torch.full((groups,), float("inf"), device=z.device)
         best = initial.clone()
         first = None
@@ -204,11 +209,8 @@ class AttentionRegulation:
             for _ in range(self.iterations):
                 weights = weights.detach().requires_grad_(True)
                 delta = torch.einsum("rkn,kp->rpn", weights, basis)
-                logits = others.index_put((torch.arange(rows, device=z.device)[:, None, None],
-                                           torch.arange(z.shape[1], device=z.device)[None, :, None],
-                                           torch.tensor(cols, device=z.device)[None, None, :]),
-                                          z[..., cols] + delta)
-                maps = torch.softmax(logits, -1)[..., cols]
+                edited = target + delta
+                maps = torch.exp(edited - torch.logaddexp(rest, torch.logsumexp(edited, -1, keepdim=True)))
                 loss = regulation_loss(maps, weights, tau, groups=groups, **self.loss_terms)
                 (grad,) = torch.autograd.grad(loss.mean(), weights)
                 with torch.no_grad():
