@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import AttnscopeError
 
 __all__ = ["load_pipeline"]
+
+
+@contextlib.contextmanager
+def quiet_dtype_deprecation() -> Iterator[None]:
+    """Silence diffusers' note that ``torch_dtype`` is renamed ``dtype``: attnscope passes ``torch_dtype``,
+    which every supported diffusers version reads (older ones do not know ``dtype``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
+        yield
 
 
 def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | None = None) -> Any:
@@ -56,7 +68,8 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     if path.exists() and not (path / "model_index.json").is_file():
         raise AttnscopeError(f"model={str(model)!r}: directory has no model_index.json (expected a diffusers pipeline saved with save_pretrained)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(model), **kwargs)
+        with quiet_dtype_deprecation():
+            pipe = DiffusionPipeline.from_pretrained(str(model), **kwargs)
     except (OSError, ValueError) as exc:
         raise AttnscopeError(
             f"model={str(model)!r}: not a local diffusers directory and not in the local Hugging Face cache "

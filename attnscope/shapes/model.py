@@ -8,6 +8,7 @@ from typing import Any
 from diffusers import StableDiffusionPipeline
 
 from ..errors import AttnscopeError
+from ..pipeline import quiet_dtype_deprecation
 from .world import IMAGE_SIZE, VOCABULARY, check_vocabulary
 
 __all__ = ["DEFAULT_GUIDANCE", "DEFAULT_STEPS", "TEXT_LENGTH", "WEIGHTS_DIR", "ShapesPipeline", "build_components",
@@ -121,7 +122,8 @@ def load_shapes_pipeline(dtype: Any = None) -> ShapesPipeline:
             "reinstall attnscope or train them with `attnscope train-shapes`"
         )
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    pipe = ShapesPipeline.from_pretrained(WEIGHTS_DIR, local_files_only=True, **kwargs)
+    with quiet_dtype_deprecation():
+        pipe = ShapesPipeline.from_pretrained(WEIGHTS_DIR, local_files_only=True, **kwargs)
     pipe.register_to_config(_name_or_path="shapes")
     pipe.set_progress_bar_config(disable=None)
     return pipe
