@@ -11,12 +11,13 @@ The public API (see docs/index.md):
 
 from . import accessor as accessor  # registers the `.attn` xarray accessor
 from . import plot, regulate, shapes, stats
+from .comparison import compare
 from .context import CallContext, RowLayout, StepContext
 from .errors import AttnscopeError
 from .hook_core import STAGES, HookSession, hooks
 from .pipeline import load_pipeline
 from .recording import Recorder, capture
-from .reruns import compare, rerun
+from .reruns import rerun
 from .sites import CrossAttentionSite, discover_sites
 from .trace import Trace, open_trace
 

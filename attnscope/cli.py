@@ -183,7 +183,7 @@ def rerun(
 ) -> None:
     """Regenerate a trace exactly (same model, seed, scheduler) with interventions on; compare target shares."""
     import attnscope as ats
-    from attnscope.reruns import compare
+    from attnscope.comparison import compare
     from attnscope.reruns import rerun as rerun_trace
 
     try:

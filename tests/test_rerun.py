@@ -13,7 +13,8 @@ import torch
 import zarr
 
 import attnscope as ats
-from attnscope.reruns import compare, rerun
+from attnscope.comparison import compare
+from attnscope.reruns import rerun
 from attnscope.testing import tiny_sd_pipeline
 
 PROMPT = "a red circle and a blue square"

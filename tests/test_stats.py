@@ -200,3 +200,12 @@ def test_target_resolution_edge_cases():
         resolve_targets(toks, [])
     with pytest.raises(AttnscopeError, match="no token text"):
         resolve_targets([""] * 4, ["circle"])
+
+
+def test_target_tokens_mark_each_targets_positions():
+    toks = [SOT, "a</w>", "red</w>", "circle</w>", "and</w>", "a</w>", "blue</w>", "squ", "are</w>", EOT, EOT]
+    p = np.full((2, len(toks)), 1 / len(toks))
+    ds = ats.stats.dominance(maps_da(p, toks), targets=["blue square", "a"])
+    mask = ds.target_tokens.isel(sample=0)
+    assert ds.token.values[mask.sel(target="blue square").values].tolist() == [6, 7, 8]
+    assert ds.token.values[mask.sel(target="a").values].tolist() == [1, 5]

@@ -16,6 +16,26 @@ from ._select import sample_index, site_maps, site_names
 __all__ = ["heatmaps", "site_step_grid"]
 
 
+def mean_word_maps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Sequence[str] | None = None,
+                   steps: Any = None, sample: int = 0) -> xr.DataArray:
+    """Each word's map at image size (dims ``word, y, x``), not normalised: per chosen site averaged over
+    heads and the chosen steps and upsampled bilinearly, then averaged over the sites. Computed.
+
+    >>> import tempfile, attnscope as ats, attnscope.plot
+    >>> from attnscope.plot._heatmaps import mean_word_maps
+    >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
+    ...                  num_inference_steps=2)
+    >>> dict(mean_word_maps(tr, ["circle"]).sizes)
+    {'word': 1, 'y': 32, 'x': 32}
+    """
+    images = trace.images
+    size = image_size(images[sample_index(trace, sample)] if images else trace)
+    per_site = [site_maps(trace, site, steps, sample).attn.words(words).attn.aggregate(["step", "head"])
+                .attn.upsample(size) for site in site_names(trace, sites)]
+    maps = xr.concat(per_site, dim="site", coords="minimal", compat="override", join="override").mean("site")
+    return maps.transpose("word", "y", "x").compute()
+
+
 def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Sequence[str] | None = None,
              steps: Any = None, sample: int = 0, alpha: float = 0.55, cmap: str = "jet") -> Figure:
     """Word heat maps overlaid on the generated image, DAAM-style.
@@ -56,11 +76,8 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
     """
     position = sample_index(trace, sample)
     images = trace.images
-    size = image_size(images[position] if images else trace)
-    per_site = [site_maps(trace, site, steps, sample).attn.words(words).attn.aggregate(["step", "head"])
-                .attn.upsample(size) for site in site_names(trace, sites)]
-    maps = (xr.concat(per_site, dim="site", coords="minimal", compat="override", join="override")
-            .mean("site").attn.normalize("minmax").transpose("word", "y", "x").compute())
+    maps = mean_word_maps(trace, words, sites, steps, sample).attn.normalize("minmax").transpose("word", "y", "x")
+    size = maps.sizes["y"], maps.sizes["x"]
     labels = [str(w) for w in maps["word"].values.tolist()]
     fig, axes = new_figure(1, 1 + len(labels), (2.6, 2.8))
     picture = np.asarray(images[position]) if images else None

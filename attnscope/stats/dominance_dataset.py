@@ -82,19 +82,20 @@ def _targets(texts: list[list[str]], targets: Any) -> tuple[list[str], list[list
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(texts[0]) if w))
     items = [targets] if isinstance(targets, (str, int)) else list(targets)
-    per_sample, errors = [], []
+    per_sample: list[list[list[int]]] = []
+    errors: dict[int, AttnscopeError] = {}
     for text in texts:
         row = []
-        for t in items:
+        for k, t in enumerate(items):
             try:
                 row.append(next(iter(resolve_targets(text, [t]).values())))
             except AttnscopeError as exc:
-                errors.append(exc)
+                errors.setdefault(k, exc)
                 row.append([])
         per_sample.append(row)
-    for k, t in enumerate(items):
+    for k in range(len(items)):
         if all(not row[k] for row in per_sample):
-            raise next(e for e in errors if repr(t) in str(e) or str(t) in str(e))
+            raise errors[k]
     return [str(t) for t in items], per_sample
 
 
@@ -150,7 +151,8 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
         Dims ``step, site, sample, token`` (the positions in ``P``; coordinates ``token_text`` and
         ``word`` on them) and ``target``. Variables ``mass_share`` and ``argmax_coverage`` (step, site,
         sample, token); ``target_share`` (step, site, sample, target); ``dominance_ratio``,
-        ``entropy``, ``gini`` and ``sink_share`` (step, site, sample).
+        ``entropy``, ``gini`` and ``sink_share`` (step, site, sample). The coordinate ``target_tokens``
+        (sample, target, token) is True where a token belongs to a target.
 
     Examples
     --------
@@ -208,6 +210,11 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     token_coords = ({"token_text": ("token", tok_text[0]), "word": ("token", tok_word[0])} if same else
                     {"token_text": (("sample", "token"), tok_text), "word": (("sample", "token"), tok_word)})
     out = out.assign_coords(token=keep, target=labels, **token_coords)
+    member = np.zeros((len(texts), len(labels), len(keep)), bool)
+    for sample, row in enumerate(positions):
+        for k, cols in enumerate(row):
+            member[sample, k] = np.isin(keep, cols)
+    out = out.assign_coords(target_tokens=(("sample", "target", "token"), member))
     out.attrs.update({"targets": labels, "heads": "averaged before the statistics",
                       "prompt_tokens": "word pieces, SOT, EOT and padding" if include_special else "word pieces",
                       "definitions": "DESIGN §5; formulas in attnscope.stats.formulas"})

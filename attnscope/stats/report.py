@@ -110,14 +110,13 @@ def convergence_table(ds: Any) -> str:
 
 
 def _target_of(one: Any) -> dict[int, str]:
-    """Token position → target label, from the target shares' definition (the words they cover)."""
+    """Token position → the first target it belongs to (from the ``target_tokens`` mask)."""
     out: dict[int, str] = {}
-    words = [str(w) for w in one["word"].values] if "word" in one.coords else []
-    for label in one["target"].values:
-        parts = str(label).lower().split()
-        for i, pos in enumerate(one["token"].values):
-            if (str(label).isdigit() and int(label) == int(pos)) or (words and words[i].lower() in parts):
-                out.setdefault(int(pos), str(label))
+    if "target_tokens" not in one:
+        return out
+    for k, label in enumerate(one["target"].values):
+        for pos in one["token"].values[one["target_tokens"].values[k]]:
+            out.setdefault(int(pos), str(label))
     return out
 
 

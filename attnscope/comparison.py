@@ -1,0 +1,195 @@
+"""``ats.compare``: the dominance statistics of two runs of one generation, their difference, a figure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import AttnscopeError
+from .reruns import _as_trace
+from .trace import Trace
+
+__all__ = ["Comparison", "compare"]
+
+_STAT_DIMS = ("step", "site", "sample", "token", "target")
+
+
+@dataclass
+class Comparison:
+    """Before/after dominance statistics of two runs of one generation; made by :func:`compare`.
+
+    Attributes
+    ----------
+    a, b : Trace
+        The run before (usually the parent) and after (usually the rerun with interventions).
+    targets : list of str
+        The target labels of the statistics.
+    before, after : xarray.Dataset
+        ``ats.stats.dominance`` of ``a`` and of ``b``.
+    stats : xarray.Dataset
+        ``after - before``, aligned on the common steps and sites; same dims and variables.
+    """
+
+    a: Trace
+    b: Trace
+    targets: list[str]
+    before: Any
+    after: Any
+    stats: Any
+    sites: Any = field(default=None, repr=False)
+    steps: Any = field(default=None, repr=False)
+    target_spec: list = field(default_factory=list, repr=False)  # as given (words, phrases, positions)
+
+    def shares(self) -> Any:
+        """Mean target share per target (over steps, sites and samples): a DataFrame with ``before``, ``after``,
+        ``change`` columns."""
+        import pandas as pd
+
+        mean = ["step", "site", "sample"]
+        before = self.before.target_share.mean(mean).to_series()
+        after = self.after.target_share.mean(mean).to_series()
+        return pd.DataFrame({"before": before, "after": after, "change": after - before})
+
+    def table(self) -> str:
+        """The targets' mean shares before and after as a text table."""
+        df = self.shares()
+        width = max([6, *(len(t) for t in df.index)])
+        lines = [f"{'target':<{width}}  {'before':>7}  {'after':>7}  {'change':>7}"]
+        for target, row in df.iterrows():
+            lines.append(f"{target:<{width}}  {row.before:7.3f}  {row.after:7.3f}  {row.change:+7.3f}")
+        return "\n".join(lines)
+
+    def figure(self, sample: int = 0, cmap: str = "viridis") -> Any:
+        """The two images side by side with each target's heat map, and the mean target shares before/after.
+
+        Heat maps: for each trace, each site's map of a target (its pieces summed) averaged over heads
+        and the compared steps, upsampled to the image size and averaged over the compared sites; the
+        before and after maps of one target share a colour scale from 0 (so a change of strength shows).
+
+        Parameters
+        ----------
+        sample : int
+            Which generated image.
+        cmap : str
+            Matplotlib colour map of the heat maps.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            Two rows (before, after) of ``1 + len(targets)`` panels, plus one bar-chart axes at the right.
+        """
+        from matplotlib.figure import Figure
+
+        from .plot._heatmaps import mean_word_maps
+        from .plot._select import sample_index
+
+        spec = self.target_spec or self.targets
+        maps = [mean_word_maps(tr, spec, self.sites, self.steps, sample).transpose("word", "y", "x").values
+                for tr in (self.a, self.b)]
+        n = len(self.targets)
+        fig = Figure(figsize=(2.2 * (n + 1) + 3.6, 4.8), layout="constrained")
+        grid = fig.add_gridspec(2, n + 2, width_ratios=[1.0] * (n + 1) + [1.8])
+        for row, (tr, label, m) in enumerate(zip((self.a, self.b), ("before", "after"), maps)):
+            images = tr.images
+            picture = np.asarray(images[sample_index(tr, sample)]) if images else None
+            ax = fig.add_subplot(grid[row, 0])
+            if picture is not None:
+                ax.imshow(picture)
+            else:
+                ax.text(0.5, 0.5, "no image stored", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(f"{label}: {tr.path.name}", fontsize=8)
+            ax.set_axis_off()
+            for k, target in enumerate(self.targets):
+                ax = fig.add_subplot(grid[row, k + 1])
+                top = max(float(np.nanmax(mm[k])) for mm in maps) or 1.0
+                ax.imshow(m[k], cmap=cmap, vmin=0.0, vmax=top)
+                ax.set_title(f"{target} ({label})", fontsize=8)
+                ax.set_axis_off()
+        bars = fig.add_subplot(grid[:, -1])
+        pick = {"sample": self.before["sample"].values[sample_index(self.a, sample)]}
+        x = np.arange(n)
+        for offset, (label, ds) in zip((-0.2, 0.2), (("before", self.before), ("after", self.after))):
+            values = ds.target_share.sel(pick).mean(["step", "site"]).sel(target=self.targets).values
+            bars.bar(x + offset, values, width=0.4, label=label)
+        bars.set_xticks(x, self.targets, rotation=45, ha="right", fontsize=8)
+        bars.set_ylabel("mean target share")
+        bars.legend(fontsize=8)
+        return fig
+
+
+def _same_generation(a: Trace, b: Trace) -> None:
+    ra, rb = a.manifest.get("run", {}), b.manifest.get("run", {})
+    pa, pb = ra.get("prompts"), rb.get("prompts")
+    if pa is None or pb is None:
+        pa, pb = ra.get("tokens"), rb.get("tokens")
+    if pa != pb:
+        raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: their prompts differ "
+                             f"({pa!r} vs {pb!r})")
+    for key in ("height", "width", "samples"):
+        if ra.get(key) != rb.get(key):
+            raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: their {key} differs "
+                                 f"({ra.get(key)!r} vs {rb.get(key)!r})")
+
+
+def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str | int] | str | None = None, *,
+            sites: Any = None, steps: Any = None) -> Comparison:
+    """Dominance statistics of two runs of the same generation, and their difference ``b - a``.
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> d = tempfile.mkdtemp()
+    >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
+    ...                  store=d + "/a.zarr", num_inference_steps=2)
+    >>> c = ats.compare(tr, ats.rerun(tr), ["circle", "square"])
+    >>> c.stats.target_share.dims, float(abs(c.stats.target_share).max())   # a plain rerun changes nothing
+    (('step', 'site', 'sample', 'target'), 0.0)
+    >>> fig = c.figure()                            # images, heat maps, mean shares before/after
+
+    Parameters
+    ----------
+    a, b : Trace or path
+        Before and after: two traces of the same prompts and image size (typically a trace and its
+        :func:`rerun` with interventions).
+    targets : list of words, phrases or token positions, optional
+        Default: every distinct word of ``a``'s first prompt (``ats.stats.dominance``'s default).
+    sites : glob, list of names/globs, optional
+        Which sites (default all that both traces recorded).
+    steps : int, list of int or slice, optional
+        Which captured steps (default all).
+
+    Returns
+    -------
+    Comparison
+        ``.before``/``.after`` (:func:`attnscope.stats.dominance` of ``a``/``b``), ``.stats`` (their
+        difference, aligned on the common steps and sites), ``.table()`` and ``.figure()``.
+    """
+    from . import accessor  # noqa: F401  (registers DataArray.attn)
+    from .stats import dominance
+    from .tokens import token_words
+
+    ta, tb = _as_trace(a, "a"), _as_trace(b, "b")
+    _same_generation(ta, tb)
+    if targets is None:
+        targets = list(dict.fromkeys(w for w in token_words(ta.tokens) if w))
+    targets = [targets] if isinstance(targets, (str, int)) else list(targets)
+    if sites is None:
+        common = [s for s in ta.sites if s in set(tb.sites)]
+        if not common:
+            raise AttnscopeError(f"cannot compare {str(ta.path)!r} and {str(tb.path)!r}: they recorded no site in "
+                                 f"common ({ta.sites} vs {tb.sites})")
+        sites = common
+    before = dominance(ta, targets, sites=sites, steps=steps)
+    after = dominance(tb, targets, sites=sites, steps=steps)
+    with np.errstate(invalid="ignore"):
+        stats = (after - before).transpose(*(d for d in _STAT_DIMS if d in before.dims))
+    if any(stats.sizes[d] == 0 for d in ("step", "site")):
+        raise AttnscopeError(f"cannot compare {str(ta.path)!r} and {str(tb.path)!r}: no captured step in common "
+                             f"({before['step'].values.tolist()} vs {after['step'].values.tolist()})")
+    stats.attrs.update({**before.attrs, "difference": "after - before (b - a)"})
+    return Comparison(ta, tb, [str(t) for t in before["target"].values.tolist()], before, after, stats,
+                      sites=sites, steps=steps, target_spec=targets)
