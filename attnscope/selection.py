@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import AttnscopeError
 from .sites import CrossAttentionSite
 
-__all__ = ["select_sites", "select_steps", "check_choice", "SiteSpec", "StepSpec"]
+__all__ = ["select_site_names", "select_sites", "select_steps", "check_choice", "SiteSpec", "StepSpec"]
 
 SiteSpec = None | str | Sequence[str] | Callable[[CrossAttentionSite], bool]
 StepSpec = None | int | range | slice | Iterable[int]
@@ -58,6 +58,19 @@ def select_sites(spec: SiteSpec, sites: Sequence[CrossAttentionSite]) -> list[Cr
             raise AttnscopeError(f"sites: {pattern!r} matches no cross-attention site; {_listing(sites)}")
         chosen_names |= hits
     return [s for s in sites if s.name in chosen_names]
+
+
+class _Named(NamedTuple):
+    name: str
+
+
+def select_site_names(spec: SiteSpec, names: Sequence[str]) -> list[str]:
+    """:func:`select_sites` over bare site names (a predicate sees objects with only ``.name``).
+
+    >>> select_site_names("up_*", ["down_blocks.0.attn2", "up_blocks.0.attn2"])
+    ['up_blocks.0.attn2']
+    """
+    return [s.name for s in select_sites(spec, [_Named(n) for n in names])]
 
 
 def select_steps(spec: StepSpec, num_steps: int) -> tuple[int, ...]:

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import xarray as xr
 
 from .. import accessor  # noqa: F401  (registers DataArray.attn)
 from ..errors import AttnscopeError
-from ..selection import select_sites, select_steps
+from ..selection import select_site_names, select_steps
 from ..tokens import token_roles, word_alignment
 
 __all__ = ["dataset_variable", "default_targets", "sample_index", "sample_tokens", "select_label", "site_maps",
            "site_names"]
 
 
-class _Named(NamedTuple):
-    name: str
-
-
 def site_names(trace: Any, sites: str | Sequence[str] | None) -> list[str]:
     """The trace's sites chosen by ``sites``: ``None`` (all), a name or glob, or a list of them."""
     if callable(sites):
         raise AttnscopeError(f"sites={sites!r}: expected a site name, a glob or a list of them")
-    return [s.name for s in select_sites(sites, [_Named(n) for n in trace.sites])]
+    return select_site_names(sites, trace.sites)
 
 
 def sample_index(trace: Any, sample: Any) -> int:

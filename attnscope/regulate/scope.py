@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,8 +65,7 @@ class InterventionScope:
         self._all = list(session.sites)
         self._chosen = None
         if self.sites is not None:
-            named = [types.SimpleNamespace(name=s.name) for s in self._all] if not callable(self.sites) else self._all
-            self._chosen = {s.name for s in select_sites(self.sites, named)}
+            self._chosen = {s.name for s in select_sites(self.sites, self._all)}
         self._tokenizer = getattr(session.pipe, "tokenizer", None)
         self._columns = {}
 
@@ -98,11 +96,9 @@ class InterventionScope:
         """Per sample of the cond half: the token columns of every target (flattened, sorted)."""
         ids = ctx.step_context.token_ids
         if ids is None:
-            if all(isinstance(t, int) for t in (self.targets if isinstance(self.targets, (list, tuple))
-                                                else [self.targets])):
-                cols = sorted({int(t) for t in (self.targets if isinstance(self.targets, (list, tuple))
-                                                else [self.targets])})
-                return [cols] * ctx.rows.samples
+            items = self.targets if isinstance(self.targets, (list, tuple)) else [self.targets]
+            if all(isinstance(t, int) for t in items):
+                return [sorted({int(t) for t in items})] * ctx.rows.samples
             raise AttnscopeError("targets given as words need the prompt's tokens, but the pipeline got embeddings; "
                                  "give token positions instead")
         key = tuple(int(i) for i in ids.flatten().tolist()) + (ids.shape[0],)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..selection import select_sites
+from ..selection import select_site_names
 from ..tokens import resolve_targets, token_roles, token_words
 from . import formulas as f
 
@@ -31,16 +30,14 @@ def site_arrays(source: Any, sites: Any = None, steps: Any = None) -> tuple[dict
     elif isinstance(source, Mapping):
         arrays, cut = dict(source), False
     elif hasattr(source, "attention") and hasattr(source, "sites"):
-        names = [s.name for s in select_sites(sites, [types.SimpleNamespace(name=n) for n in source.sites])]
-        arrays = {n: source.attention(n) for n in names}
+        arrays = {n: source.attention(n) for n in select_site_names(sites, source.sites)}
         cut = source.manifest.get("capture", {}).get("tokens") == "prompt"
         sites = None
     else:
         raise AttnscopeError(f"source of type {type(source).__name__}: expected a Trace, an xarray.DataArray "
                              "or a mapping of site name to DataArray")
     if sites is not None:
-        names = [s.name for s in select_sites(sites, [types.SimpleNamespace(name=n) for n in arrays])]
-        arrays = {n: arrays[n] for n in names}
+        arrays = {n: arrays[n] for n in select_site_names(sites, list(arrays))}
     for name, da in arrays.items():
         missing = [d for d in ("step", "sample", *_MAP_DIMS) if d not in da.dims]
         if missing:
