@@ -43,6 +43,9 @@ def capture(
     device: str | None = typer.Option(None, help="Device to run on (cpu, cuda, …)."),
     dtype: str | None = typer.Option(None, help="float32, float16 or bfloat16."),
     overwrite: bool = typer.Option(False, help="Replace an existing trace at --out."),
+    output_change: bool = typer.Option(False, "--output-change",
+                                       help="Also record each site's per-step output norm and change "
+                                            "(for 'attnscope stats --convergence --of outputs')."),
 ) -> None:
     """Generate with a local diffusers model and record its cross-attention maps into a trace store."""
     import attnscope as ats
@@ -53,7 +56,7 @@ def capture(
                                          negative_prompt=negative_prompt).items() if v is not None}
         tr = ats.capture(pipe, prompt if len(prompt) > 1 else prompt[0], seed=seed, store=out,
                          sites=sites or None, steps=_parse_steps(capture_steps), heads=heads, tokens=tokens,
-                         branch=branch, overwrite=overwrite, num_inference_steps=steps,
+                         branch=branch, overwrite=overwrite, output_change=output_change, num_inference_steps=steps,
                          num_images_per_prompt=images_per_prompt, **kwargs)
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
@@ -136,7 +139,8 @@ def _split_words(spec: str | None) -> list[str] | None:
     return [w.strip() for w in spec.split(",") if w.strip()] if spec else None
 
 
-@app.command(epilog="Example: attnscope stats runs/demo.zarr --targets 'circle,square' --by step")
+@app.command(epilog="Example: attnscope stats runs/demo.zarr --targets 'circle,square' --by step  "
+                    "(or: attnscope stats runs/demo.zarr --convergence --tol 0.05)")
 def stats(
     trace: Path = typer.Argument(..., help="Trace store (a .zarr directory written by attnscope capture)."),
     targets: str | None = typer.Option(None, help="Comma-separated words or phrases, e.g. 'red circle,square' "
@@ -144,8 +148,11 @@ def stats(
     sites: list[str] | None = typer.Option(None, help="Glob of site module paths; repeatable (default all)."),
     steps: str | None = typer.Option(None, help="Steps as START:STOP[:STEP] or a comma list (default all)."),
     by: str = typer.Option("word", help="Table per 'word' (token), per 'step' or per 'site'."),
-    convergence: bool = typer.Option(False, "--convergence", help="Print the step-to-step convergence curve instead."),
+    convergence: bool = typer.Option(False, "--convergence", help="Print the step-to-step convergence curve and the "
+                                                                  "suggested TGATE gate step instead."),
     tol: float = typer.Option(0.05, help="Tolerance of the convergence's stable step."),
+    of: str = typer.Option("auto", help="Convergence of the 'maps', the 'outputs' (traces captured with "
+                                        "--output-change) or 'auto' (outputs when recorded)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole Dataset as JSON instead of a table."),
 ) -> None:
     """Attention-dominance statistics of a trace: mass share, dominance ratio, entropy, Gini, sink share, coverage."""
@@ -156,11 +163,12 @@ def stats(
     try:
         tr = ats.open_trace(trace)
         if convergence:
-            ds = ats.stats.convergence(tr, sites=sites or None, steps=_parse_steps(steps, "--steps"), tol=tol)
+            ds = ats.stats.convergence(tr, sites=sites or None, steps=_parse_steps(steps, "--steps"), tol=tol, of=of)
             if as_json:
                 typer.echo(json.dumps(ats.stats.dominance_json(ds)))
                 return
             typer.echo(ats.stats.convergence_table(ds))
+            typer.echo(_gate_step_line(ds, tol))
             return
         ds = ats.stats.dominance(tr, targets=_split_words(targets), sites=sites or None,
                                  steps=_parse_steps(steps, "--steps"))
@@ -169,7 +177,8 @@ def stats(
         raise _fail(exc) from None
 
 
-@app.command(epilog="Example: attnscope rerun runs/demo.zarr --regulate 'circle,square' -o runs/demo-reg.zarr")
+@app.command(epilog="Example: attnscope rerun runs/demo.zarr --regulate 'circle,square' -o runs/demo-reg.zarr\n\n"
+                     "Example: attnscope rerun runs/demo.zarr --tgate 10 -o runs/demo-tgate.zarr")
 def rerun(
     trace: Path = typer.Argument(..., help="Trace store to regenerate (a complete .zarr written by attnscope capture)."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Trace store to create "
@@ -178,6 +187,10 @@ def rerun(
                                                    "e.g. 'circle,square' or 'red circle,blue square'."),
     reweight: list[str] | None = typer.Option(None, help="WORD=FACTOR: scale the attention on WORD by FACTOR, "
                                                          "e.g. square=2.0; repeatable."),
+    tgate: str | None = typer.Option(None, help="TGATE: run this many steps in full, then reuse the cached "
+                                                "cross-attention without guidance; an integer (10), a share of "
+                                                "the steps (0.4), or 'auto' (the gate step TRACE's convergence "
+                                                "suggests)."),
     overwrite: bool = typer.Option(False, help="Replace an existing trace at --out."),
     device: str | None = typer.Option(None, help="Device to run on (default: the trace's)."),
 ) -> None:
@@ -189,7 +202,7 @@ def rerun(
     try:
         targets = _split_words(regulate)
         weights = [_parse_reweight(spec) for spec in reweight or []]
-        clients = _rerun_interventions(targets, weights)
+        clients = _rerun_interventions(targets, weights) + ([_parse_tgate(tgate, trace)] if tgate is not None else [])
         tr = rerun_trace(trace, clients, store=out, overwrite=overwrite, device=device)
         chosen = list(dict.fromkeys([*(targets or []), *(w for w, _ in weights)])) or None
         table = compare(trace, tr, chosen).table()
@@ -199,6 +212,33 @@ def rerun(
                f"interventions: {', '.join(i['name'] for i in tr.manifest['interventions']) or 'none'})")
     typer.echo(f"mean target share, {trace} -> {tr.path}:")
     typer.echo(table)
+
+
+def _gate_step_line(conv, tol: float) -> str:
+    """``suggested gate step: N``, or why there is none."""
+    import attnscope as ats
+
+    try:
+        return f"suggested gate step: {ats.stats.suggest_gate_step(conv, tol=tol)}"
+    except ats.AttnscopeError as exc:
+        return f"suggested gate step: none — {exc}"
+
+
+def _parse_tgate(spec: str, trace: Path) -> object:
+    from attnscope.errors import AttnscopeError
+    from attnscope.regulate import TGate
+
+    if spec.strip() == "auto":
+        return TGate("auto", reference=trace)
+    try:
+        value: int | float = int(spec)
+    except ValueError:
+        try:
+            value = float(spec)
+        except ValueError:
+            raise AttnscopeError(f"--tgate {spec!r}: expected an integer gate step (10), a share of the steps "
+                                 f"(0.4) or 'auto'") from None
+    return TGate(value)
 
 
 def _parse_reweight(spec: str) -> tuple[str, float]:
@@ -245,6 +285,8 @@ def plot(
     steps: str | None = typer.Option(None, help="Steps as START:STOP[:STEP] or a comma list (default all; "
                                                 "violins: 0, middle, last)."),
     sample: int = typer.Option(0, help="Which generated image of the trace."),
+    of: str = typer.Option("auto", help="convergence: of the 'maps', the 'outputs' or 'auto' (outputs when recorded)."),
+    tol: float = typer.Option(0.05, help="convergence: tolerance that sets the suggested gate step."),
     dpi: int = typer.Option(150, help="Resolution of raster figures."),
 ) -> None:
     """Draw a figure of a trace: word heat maps, the step x site grid, violins, dominance or convergence lines."""
@@ -269,7 +311,8 @@ def plot(
             ds = ats.stats.dominance(tr, targets=targets, sites=sites or None, steps=chosen)
             fig = ats.plot.dominance_lines(ds, sample=sample)
         else:
-            fig = ats.plot.convergence(ats.stats.convergence(tr, sites=sites or None, steps=chosen), sample=sample)
+            conv = ats.stats.convergence(tr, sites=sites or None, steps=chosen, tol=tol, of=of)
+            fig = ats.plot.convergence(conv, sample=sample)
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=dpi, bbox_inches="tight")
     except ats.AttnscopeError as exc:

@@ -68,6 +68,11 @@ class StepContext:
     denoiser calls when the pipeline exposes it (``pipe.num_timesteps``), else ``None``.
     ``token_ids`` are the prompts' token ids as the (first) text encoder saw them, one row per
     prompt, or ``None`` when the pipeline was given embeddings instead of text.
+    ``single_branch`` is ``"uncond"`` or ``"cond"`` when a client asked the core to run only that
+    half of a classifier-free-guidance batch at this step (TGATE after its gate): the denoiser then
+    sees one row per image, ``rows`` describes that batch (no ``uncond`` slice; ``rows.cond`` covers
+    all rows), and its prediction is duplicated into both halves so the pipeline's guidance combine
+    returns it unchanged. ``None`` on ordinary steps.
     """
 
     run: int
@@ -77,6 +82,7 @@ class StepContext:
     latent_shape: tuple[int, int]
     rows: RowLayout
     token_ids: torch.Tensor | None
+    single_branch: str | None = None
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,14 @@ def _regulation() -> Any:
     return AttentionRegulation(object_phrases)
 
 
+def _tgate() -> Any:
+    from .regulate import TGate
+
+    return TGate(0.4)  # TGATE's 10 of 25 steps, as a share of whatever the run's steps are
+
+
 #: ``attnscope eval --intervention NAME`` -> factory of a hook client (targets chosen per prompt).
-INTERVENTIONS: dict[str, Callable[[], Any]] = {"regulation": _regulation}
+INTERVENTIONS: dict[str, Callable[[], Any]] = {"regulation": _regulation, "tgate": _tgate}
 _METRICS = {
     "object_present": "objects present",
     "all_present": "all objects present",

@@ -21,8 +21,15 @@ A client is any object with:
     the tensor as it is, or a tensor of the same shape to replace it (interventions only).
 
 Optional methods: ``bypass(ctx)`` (interventions; return the module output to skip computing the
-attention at this call, e.g. a cache), ``on_install(session)``, ``on_step(step_ctx)``,
-``on_remove(error)``.
+attention at this call, e.g. a cache), ``on_skipped(ctx)`` (told that a call where it asked for
+``logits``/``probs`` was bypassed, so those stages did not run), ``branches(step_ctx)``
+(interventions; return ``("uncond",)`` or ``("cond",)`` to run the denoiser on that half of a
+classifier-free-guidance batch only at this step, ``None`` for both), ``on_install(session)``,
+``on_step(step_ctx)``, ``on_remove(error)``.
+
+Self-attention: a client with ``self_attention = True`` is also shown the denoiser's self-attention
+modules (sites of kind ``"self"``), where only ``output`` and ``bypass`` exist (self-attention is
+never materialised). Other clients never see them.
 
 Order: interventions first, in the order given, each seeing the previous one's result; then
 observers, in the order given, all seeing the final tensors.
@@ -36,6 +43,7 @@ Q, K, V are computed once, ``QKᵀ`` only over the text keys, and the output is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import sys
 from collections.abc import Iterator
@@ -44,9 +52,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .cfg_batch import duplicate_prediction, select_rows
 from .context import CallContext, RowLayout, StepContext
 from .errors import AttnscopeError
-from .sites import CrossAttentionSite, discover_sites, find_denoiser
+from .sites import CrossAttentionSite, discover_self_sites, discover_sites, find_denoiser
 
 __all__ = ["hooks", "HookSession", "STAGES"]
 
@@ -94,7 +103,9 @@ class _SiteProcessor:
         ctx = session.call_context(self.site, hidden_states, encoder_hidden_states)
         plan = session.plan(ctx)
         output = session.bypass(ctx)
-        if output is None:
+        if output is not None:
+            session.skipped(plan, ctx)
+        else:
             if plan.get("logits") or plan.get("probs"):
                 if args:
                     raise AttnscopeError(f"site {self.site.name}: expected keyword arguments from Attention.forward")
@@ -187,6 +198,27 @@ class _SiteProcessor:
         return out / attn.rescale_output_factor
 
 
+class _SelfAttentionProcessor:
+    """Stands in for a self-attention module's processor: ``bypass`` and ``output`` only."""
+
+    def __init__(self, session: HookSession, site: CrossAttentionSite, original: Any):
+        self.session, self.site, self.original = session, site, original
+        self.__call__ = _signature_stub(original.__call__)
+
+    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        session = self.session
+        if session.step_context is None:
+            return self.original(attn, hidden_states, *args, **kwargs)
+        ctx = session.call_context(self.site, hidden_states, hidden_states)
+        plan = session.plan(ctx, session.self_clients)
+        if plan.get("logits") or plan.get("probs"):
+            raise AttnscopeError(f"self-attention site {self.site.name}: only the 'output' stage and bypass exist there")
+        output = session.bypass(ctx, session.self_clients)
+        if output is None:
+            output = self.original(attn, hidden_states, *args, **kwargs)
+        return session.run_stage("output", plan, ctx, output)
+
+
 class HookSession:
     """The installed state of :func:`hooks`: sites, clients, the current step."""
 
@@ -203,7 +235,10 @@ class HookSession:
                 )
         self.clients = [c for c in clients if getattr(c, "role", "observer") == "intervention"]
         self.clients += [c for c in clients if getattr(c, "role", "observer") == "observer"]
+        self.self_clients = [c for c in self.clients if getattr(c, "self_attention", False)]
+        self.self_sites: list[CrossAttentionSite] = discover_self_sites(pipe) if self.self_clients else []
         self.step_context: StepContext | None = None
+        self._duplicate = False
         self._run, self._steps_in_run, self._new_run = -1, 0, True
         self._token_ids: torch.Tensor | None = None
 
@@ -223,16 +258,50 @@ class HookSession:
             self._run, self._steps_in_run, self._new_run = self._run + 1, 0, False
         guidance = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
         ids = self._token_ids
-        rows = RowLayout.for_batch(sample.shape[0], guidance, ids.shape[0] if ids is not None else None)
+        prompts = ids.shape[0] if ids is not None else None
+        rows = RowLayout.for_batch(sample.shape[0], guidance, prompts)
         timestep = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-        self.step_context = StepContext(
+        step = StepContext(
             run=self._run, step=self._steps_in_run, timestep=timestep, num_steps=num_steps,
             latent_shape=(int(sample.shape[-2]), int(sample.shape[-1])), rows=rows, token_ids=ids,
         )
+        branch = self._single_branch(step)
+        self._duplicate = branch is not None
+        if branch is not None:  # run one half of the CFG batch; the post-hook duplicates the prediction
+            keep = rows.rows(branch)
+            args, kwargs = select_rows(args, rows.batch, keep), select_rows(kwargs, rows.batch, keep)
+            step = dataclasses.replace(step, rows=RowLayout.for_batch(rows.samples, False, prompts), single_branch=branch)
+        self.step_context = step
         self._steps_in_run += 1
         for client in self.clients:
             if hasattr(client, "on_step"):
                 client.on_step(self.step_context)
+        return (args, kwargs) if branch is not None else None
+
+    def _single_branch(self, step: StepContext) -> str | None:
+        """The one CFG branch the interventions want the denoiser to run at this step, or None."""
+        wanted: set[str] = set()
+        for client in self.clients:
+            if getattr(client, "role", "observer") == "intervention" and hasattr(client, "branches"):
+                branches = client.branches(step)
+                if branches is None:
+                    continue
+                if not set(branches) <= {"uncond", "cond"} or not branches:
+                    raise AttnscopeError(f"client {client!r}: branches() returned {branches!r}, expected ('uncond',), "
+                                         f"('cond',), ('uncond', 'cond') or None")
+                if len(set(branches)) == 1:
+                    wanted.add(branches[0])
+        if len(wanted) > 1:
+            raise AttnscopeError(f"step {step.step}: interventions ask for different single branches {sorted(wanted)}")
+        if not wanted or step.rows.uncond is None:  # nothing asked, or no CFG batch to cut
+            return None
+        return wanted.pop()
+
+    def _after_denoiser(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self._duplicate:
+            return None
+        self._duplicate = False
+        return duplicate_prediction(output)
 
     # -- per call ---------------------------------------------------------------------------------
     def call_context(self, site: CrossAttentionSite, hidden_states: torch.Tensor, text: torch.Tensor) -> CallContext:
@@ -246,22 +315,30 @@ class HookSession:
             )
         return CallContext(site=site, step_context=step, spatial_shape=(h, w), tokens=int(text.shape[1]))
 
-    def plan(self, ctx: CallContext) -> dict[str, list[Any]]:
+    def plan(self, ctx: CallContext, clients: list[Any] | None = None) -> dict[str, list[Any]]:
         plan: dict[str, list[Any]] = {}
-        for client in self.clients:
+        for client in self.clients if clients is None else clients:
             for stage in client.stages(ctx):
                 if stage not in STAGES:
                     raise AttnscopeError(f"client {client!r}: unknown stage {stage!r}, expected one of {STAGES}")
                 plan.setdefault(stage, []).append(client)
         return plan
 
-    def bypass(self, ctx: CallContext) -> torch.Tensor | None:
-        for client in self.clients:
+    def bypass(self, ctx: CallContext, clients: list[Any] | None = None) -> torch.Tensor | None:
+        for client in self.clients if clients is None else clients:
             if getattr(client, "role", "observer") == "intervention" and hasattr(client, "bypass"):
                 out = client.bypass(ctx)
                 if out is not None:
                     return out
         return None
+
+    def skipped(self, plan: dict, ctx: CallContext) -> None:
+        """Tell the clients that asked for logits/probs at a bypassed call that those stages did not run."""
+        told: list[Any] = []
+        for client in plan.get("logits", []) + plan.get("probs", []):
+            if hasattr(client, "on_skipped") and not any(client is c for c in told):
+                told.append(client)
+                client.on_skipped(ctx)
 
     def run_stage(self, stage: str, plan: dict, ctx: CallContext, tensor: torch.Tensor) -> torch.Tensor:
         for client in plan.get(stage, ()):
@@ -339,7 +416,10 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
     try:
         for site in session.sites:
             saved.append((site.module, _swap_processor(site.module, _SiteProcessor(session, site, site.module.processor))))
+        for site in session.self_sites:
+            saved.append((site.module, _swap_processor(site.module, _SelfAttentionProcessor(session, site, site.module.processor))))
         handles.append(session.denoiser.register_forward_pre_hook(session._on_denoiser, with_kwargs=True))
+        handles.append(session.denoiser.register_forward_hook(session._after_denoiser, with_kwargs=True))
         text_encoder = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
         if text_encoder is not None:
             handles.append(text_encoder.register_forward_pre_hook(session._on_text_encoder, with_kwargs=True))

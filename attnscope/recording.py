@@ -15,7 +15,7 @@ from .hook_core import HookSession, hooks
 from .manifest import build_manifest, jsonable
 from .selection import BRANCHES, HEADS, TOKENS, SiteSpec, StepSpec, check_choice, select_sites, select_steps
 from .sites import find_denoiser
-from .store_format import FORMAT_VERSION
+from .store_format import FORMAT_VERSION, GATED_STEPS_ATTR, OUTPUT_CHANGE, OUTPUT_NORM
 from .tokens import prompt_length
 from .trace import Trace, open_trace
 from .writer import SiteLayout, StoreLayout, TraceWriter
@@ -44,6 +44,13 @@ class Recorder:
     Use it through :func:`capture`, or inside :func:`attnscope.hooks` next to other clients; call
     :meth:`add_images` with the pipeline's images before the block ends to store them too.
 
+    Next to interventions: at a call whose attention an intervention bypassed (TGATE serving its
+    cache) the maps are stored as NaN, so the store stays complete and step-aligned, and the step is
+    listed in the root attribute ``gated_steps``. At a step where the hook core runs one
+    classifier-free-guidance half only (``StepContext.single_branch``) and a call still attends,
+    the rows that ran are stored as the ``cond`` branch — they are the prediction that drives the
+    image — and ``attention_uncond`` (if recorded) holds NaN there.
+
     Parameters
     ----------
     store : path
@@ -60,6 +67,11 @@ class Recorder:
         Which classifier-free-guidance half to record.
     overwrite : bool
         Replace an existing trace at ``store``.
+    output_change : bool
+        Also keep, at every recorded site and step, ``‖O_t‖`` and ``‖O_t − O_{t−1}‖`` per sample,
+        where ``O`` is the site's output averaged over the two guidance halves (what TGATE caches);
+        computed on the device, moved to the host once at the end and stored in the ``summaries``
+        group (read with :meth:`Trace.output_change`).
     max_queue_bytes : int
         Bound of the queue to the background writer; the forward pass waits only when it is full.
     run_info : dict, optional
@@ -84,7 +96,7 @@ class Recorder:
     role = "observer"
 
     def __init__(self, store: str | Path, *, sites: SiteSpec = None, steps: StepSpec = None, heads: str = "mean",
-                 tokens: str = "all", branch: str = "cond", overwrite: bool = False,
+                 tokens: str = "all", branch: str = "cond", overwrite: bool = False, output_change: bool = False,
                  max_queue_bytes: int = 256 << 20, run_info: dict[str, Any] | None = None,
                  extra_manifest: dict[str, Any] | None = None):
         self.heads = check_choice("heads", heads, HEADS)
@@ -92,6 +104,9 @@ class Recorder:
         self.branch = check_choice("branch", branch, BRANCHES)
         self.path = _check_store_path(store, overwrite)
         self.overwrite, self.max_queue_bytes = overwrite, max_queue_bytes
+        if not isinstance(output_change, bool):
+            raise AttnscopeError(f"output_change={output_change!r}: expected True or False")
+        self.output_change = output_change
         self.site_spec, self.step_spec = sites, steps
         self.run_info = dict(run_info or {})
         self.extra_manifest = _extra_manifest(extra_manifest)
@@ -99,6 +114,7 @@ class Recorder:
         self.writer: TraceWriter | None = None
         self._session: HookSession | None = None
         self._sites: dict[str, Any] = {}
+        self._site_index: dict[str, int] = {}
         self._steps: frozenset[int] = frozenset()
         self._run: int | None = None
         self._steps_seen = 0
@@ -106,11 +122,16 @@ class Recorder:
         self._token_slice = slice(None)
         self._images: np.ndarray | None = None
         self._planned: list[float] = []
+        self._samples = 0
+        self._gated: set[int] = set()  # steps where an intervention bypassed a recorded site
+        self._bypassed: set[str] = set()  # sites bypassed at the current step
+        self._outputs = _OutputChange()
 
     # -- client protocol ------------------------------------------------------------------------------
     def on_install(self, session: HookSession) -> None:
         self._session = session
         self._sites = {s.name: s for s in select_sites(self.site_spec, session.sites)}
+        self._site_index = {name: i for i, name in enumerate(self._sites)}
         expected = self.run_info.get("num_inference_steps")
         if expected is not None:
             select_steps(self.step_spec, expected)  # fail before the pipeline runs
@@ -121,7 +142,9 @@ class Recorder:
             )
 
     def stages(self, ctx: CallContext) -> tuple[str, ...]:
-        return ("probs",) if ctx.step in self._steps and ctx.site.name in self._sites else ()
+        if ctx.step not in self._steps or ctx.site.name not in self._sites:
+            return ()
+        return ("probs", "output") if self.output_change else ("probs",)
 
     def on_step(self, step: StepContext) -> None:
         if self._run is None:
@@ -133,11 +156,39 @@ class Recorder:
         if not self._planned or self._planned[step.step] != step.timestep:
             self.writer.timestep(step.step, step.timestep)  # the plan was unknown or the run deviated from it
         self._steps_seen = step.step + 1
+        self._bypassed = set()
+
+    def on_skipped(self, ctx: CallContext) -> None:
+        """An intervention bypassed this call's attention: store NaN maps and remember the step as gated."""
+        self._gated.add(ctx.step)
+        self._bypassed.add(ctx.site.name)
+        for branch in self.branches:
+            self._put_nan(ctx, branch)
+
+    def on_output(self, ctx: CallContext, output: torch.Tensor) -> None:
+        if ctx.site.name in self._bypassed:  # a cache, not this step's attention
+            self._outputs.skip(ctx.site.name)
+        else:
+            self._outputs.add(ctx, self._site_index[ctx.site.name], output)
+
+    def _put_nan(self, ctx: CallContext, branch: str) -> None:
+        heads = 1 if self.heads == "mean" else ctx.site.heads
+        keep = self._token_slice.stop
+        assert self.writer is not None
+        self.writer.put(ctx.site.name, branch, ctx.step,
+                        np.full((self._samples, heads, *ctx.spatial_shape, keep), np.nan, np.float16))
 
     def on_probs(self, ctx: CallContext, probs: torch.Tensor) -> None:
         h, w = ctx.spatial_shape
         for branch in self.branches:
-            p = probs[ctx.rows.rows(branch)]
+            if ctx.step_context.single_branch is not None:  # one CFG half ran: its rows are the prediction
+                if branch == "uncond":
+                    self._put_nan(ctx, branch)
+                    continue
+                rows = slice(None)
+            else:
+                rows = ctx.rows.rows(branch)
+            p = probs[rows]
             p = p.mean(dim=1, keepdim=True, dtype=torch.float32) if self.heads == "mean" else p
             p = p[..., self._token_slice]
             p = p.reshape(p.shape[0], p.shape[1], h, w, p.shape[-1]).to(torch.float16, copy=True)
@@ -155,8 +206,14 @@ class Recorder:
         if self.writer is None:
             return
         complete = error is None and self._steps_seen >= self._num_steps
-        self.writer.close(complete=complete, images=self._images,
-                          attrs={"images": 0 if self._images is None else len(self._images)})
+        try:
+            if self.output_change and self.writer.error is None:
+                norm, change = self._outputs.arrays(self._num_steps, len(self._sites), self._samples)
+                self.writer.summaries(list(self._sites), {OUTPUT_NORM: norm, OUTPUT_CHANGE: change})
+        finally:
+            self.writer.close(complete=complete, images=self._images,
+                              attrs={"images": 0 if self._images is None else len(self._images),
+                                     GATED_STEPS_ATTR: sorted(self._gated)})
 
     # -- helpers --------------------------------------------------------------------------------------
     def add_images(self, images: Any) -> None:
@@ -207,7 +264,7 @@ class Recorder:
             "token_ids": ids.tolist() if ids is not None else None, "tokens": prompt_tokens,
         }
         spec = {"sites": list(self._sites), "steps": list(steps), "heads": self.heads, "tokens": self.tokens,
-                "branch": self.branch, "dtype": "float16"}
+                "branch": self.branch, "dtype": "float16", "output_change": self.output_change}
         manifest = {**build_manifest(session.pipe, run, spec), **self.extra_manifest}
         layout.attrs = {"manifest": manifest, "sites": list(self._sites),
                         "format_min_reader": FORMAT_VERSION}
@@ -215,6 +272,7 @@ class Recorder:
         self._planned = [float(t) for t in planned[-num_steps:]] if planned is not None and len(planned) >= num_steps else []
         layout.timesteps = tuple(self._planned) if self._planned else None
         self._steps = frozenset(steps)
+        self._samples = rows.samples
         self.writer = TraceWriter(self.path, max_queue_bytes=self.max_queue_bytes, overwrite=self.overwrite)
         self.writer.init(layout)
 
@@ -224,6 +282,51 @@ class Recorder:
             return int(step.token_ids.shape[-1])
         tokenizer = getattr(session.pipe, "tokenizer", None)
         return int(getattr(tokenizer, "model_max_length", 77))
+
+
+class _OutputChange:
+    """Per-step ``‖O_t‖`` and ``‖O_t − O_{t−1}‖`` of each site's output, kept on the device until the end.
+
+    ``O`` is the output averaged over the two guidance halves when the batch has both (TGATE's
+    cache), else the rows as they are; norms are Frobenius over everything but the sample axis, in
+    float32. No host synchronisation per call: the norms stay device tensors until :meth:`arrays`.
+    """
+
+    def __init__(self) -> None:
+        self.previous: dict[str, tuple[torch.Tensor, bool]] = {}  # site → (O, averaged)
+        self.norms: list[tuple[int, int, torch.Tensor]] = []
+        self.changes: list[tuple[int, int, torch.Tensor]] = []
+
+    def add(self, ctx: CallContext, site: int, output: torch.Tensor) -> None:
+        rows = ctx.rows
+        averaged = rows.uncond is not None
+        if averaged:
+            o = (output[rows.uncond].detach().float() + output[rows.cond].detach().float()) * 0.5
+        else:  # a copy: the next step compares against it, whatever happens to `output`
+            o = output.detach().to(torch.float32, copy=True)
+        o = o.flatten(1)
+        self.norms.append((ctx.step, site, torch.linalg.vector_norm(o, dim=1)))
+        previous = self.previous.get(ctx.site.name)
+        if previous is not None and previous[1] == averaged and previous[0].shape == o.shape:
+            self.changes.append((ctx.step, site, torch.linalg.vector_norm(o - previous[0], dim=1)))
+        self.previous[ctx.site.name] = (o, averaged)
+
+    def skip(self, name: str) -> None:
+        """A bypassed call: nothing computed, and the next step has nothing to compare with."""
+        self.previous.pop(name, None)
+
+    def arrays(self, steps: int, sites: int, samples: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(norm, change)`` as float32 (step, site, sample) arrays, NaN where not computed (one copy to the host)."""
+        out = []
+        for entries in (self.norms, self.changes):
+            values = np.full((steps, sites, samples), np.nan, np.float32)
+            if entries:
+                host = torch.stack([v for _, _, v in entries]).cpu().numpy()
+                for (step, site, _), v in zip(entries, host):
+                    values[step, site] = v
+            out.append(values)
+        self.previous.clear()
+        return out[0], out[1]
 
 
 _BUILT_MANIFEST_KEYS = ("model", "scheduler", "dtype", "device", "versions", "run", "capture")
@@ -263,7 +366,8 @@ def _call_default(pipe: Any, name: str) -> Any:
 
 def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store: str | Path, sites: SiteSpec = None,
             steps: StepSpec = None, heads: str = "mean", tokens: str = "all", branch: str = "cond",
-            overwrite: bool = False, exact: bool = False, **pipeline_kwargs: Any) -> Trace:
+            overwrite: bool = False, exact: bool = False, output_change: bool = False,
+            **pipeline_kwargs: Any) -> Trace:
     """Run ``pipe`` on ``prompt`` with a fixed seed and record its cross-attention maps into ``store``.
 
     Parameters
@@ -276,7 +380,8 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         One seed for the whole batch (a CPU ``torch.Generator``) or one per image.
     store : path
         Zarr store to create; see :class:`Recorder` for ``sites``, ``steps``, ``heads``, ``tokens``,
-        ``branch`` and ``overwrite``.
+        ``branch``, ``overwrite`` and ``output_change`` (also keep the per-step norms of each site's
+        output and of its change, for ``ats.stats.convergence(tr, of="outputs")``).
     exact : bool
         Make the image bit-identical to a run without capture (see :func:`attnscope.hooks`);
         by default it equals it up to float rounding and capture is faster.
@@ -330,7 +435,7 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         "exact": exact,
     }
     recorder = Recorder(store, sites=sites, steps=steps, heads=heads, tokens=tokens, branch=branch,
-                        overwrite=overwrite, run_info=run_info)
+                        overwrite=overwrite, output_change=output_change, run_info=run_info)
     with hooks(pipe, recorder, exact=exact):
         out = pipe(prompt=prompts if len(prompts) > 1 else prompts[0], generator=generator, **pipeline_kwargs)
         if output_type != "latent":

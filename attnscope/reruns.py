@@ -21,7 +21,7 @@ from .trace import Trace, open_trace
 __all__ = ["manifest_sha256", "rerun"]
 
 #: ``**capture_options`` of :func:`rerun`: the capture spec (default: the parent's) and the recorder's tuning.
-CAPTURE_OPTIONS = ("sites", "steps", "heads", "tokens", "branch", "exact", "max_queue_bytes")
+CAPTURE_OPTIONS = ("sites", "steps", "heads", "tokens", "branch", "exact", "output_change", "max_queue_bytes")
 #: What ``capture`` put into the manifest's ``run`` from its arguments (the rest the recorder measures).
 _RUN_INPUTS = ("prompts", "negative_prompt", "seed", "generator_device", "num_images_per_prompt",
                "num_inference_steps", "guidance_scale")
@@ -87,8 +87,8 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         Where to run. Default: the device the trace was captured on (the latents are drawn on the CPU
         either way, so another device changes the image only by float rounding).
     **capture_options
-        Override the parent's capture spec: ``sites``, ``steps``, ``heads``, ``tokens``, ``branch`` (as in
-        :func:`attnscope.capture`), ``exact`` and ``max_queue_bytes``. With ``exact=False`` (capture's
+        Override the parent's capture spec: ``sites``, ``steps``, ``heads``, ``tokens``, ``branch``,
+        ``output_change`` (as in :func:`attnscope.capture`), ``exact`` and ``max_queue_bytes``. With ``exact=False`` (capture's
         default) the attention of recorded calls is computed as ``probs @ V``, so recording other sites
         or steps than the parent changes the image by float rounding; keep the spec for bit-identity
         (on the CPU, also the number of torch threads: see docs/rerun.md).
@@ -188,7 +188,7 @@ def _capture_options(manifest: dict[str, Any], run: dict[str, Any], given: dict[
     spec = manifest.get("capture") if isinstance(manifest.get("capture"), dict) else {}
     options = {"sites": spec.get("sites"), "steps": spec.get("steps"), "heads": spec.get("heads", "mean"),
                "tokens": spec.get("tokens", "all"), "branch": spec.get("branch", "cond"),
-               "exact": bool(run.get("exact", False))}
+               "output_change": bool(spec.get("output_change", False)), "exact": bool(run.get("exact", False))}
     return {**options, **given}
 
 

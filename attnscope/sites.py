@@ -14,7 +14,7 @@ import torch
 
 from .errors import AttnscopeError
 
-__all__ = ["CrossAttentionSite", "find_denoiser", "discover_sites"]
+__all__ = ["CrossAttentionSite", "find_denoiser", "discover_sites", "discover_self_sites"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,9 @@ class CrossAttentionSite:
     family : str
         Model family adapter that found it (``"unet"``).
     kind : str
-        ``"cross"`` for UNet/PixArt attn2; ``"joint"`` for the text slice of a joint attention.
+        ``"cross"`` for UNet/PixArt attn2; ``"joint"`` for the text slice of a joint attention;
+        ``"self"`` for a self-attention module (attn1), wrapped only for clients that ask for
+        self-attention (TGATE V2's cache, :func:`discover_self_sites`).
     block : str
         ``"down"``, ``"mid"`` or ``"up"``.
     level : int
@@ -87,13 +89,13 @@ def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
     )
 
 
-def _unet_sites(unet: torch.nn.Module) -> list[CrossAttentionSite]:
+def _unet_sites(unet: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite]:
     from diffusers.models.attention_processor import Attention
 
     n_levels = len(unet.down_blocks)
     sites = []
     for name, module in unet.named_modules():
-        if not (isinstance(module, Attention) and module.is_cross_attention):
+        if not (isinstance(module, Attention) and bool(module.is_cross_attention) == cross):
             continue
         top = name.split(".")
         if top[0] == "down_blocks":
@@ -107,7 +109,7 @@ def _unet_sites(unet: torch.nn.Module) -> list[CrossAttentionSite]:
         inner = module.to_q.out_features
         sites.append(
             CrossAttentionSite(
-                name=name, family="unet", kind="cross", block=block, level=level, heads=module.heads,
+                name=name, family="unet", kind="cross" if cross else "self", block=block, level=level, heads=module.heads,
                 head_dim=inner // module.heads, token_dim=module.to_k.in_features, module=module,
             )
         )
@@ -129,3 +131,17 @@ def discover_sites(pipe: Any) -> list[CrossAttentionSite]:
     """
     family, denoiser = find_denoiser(pipe)
     return _ADAPTERS[family](denoiser)
+
+
+def discover_self_sites(pipe: Any) -> list[CrossAttentionSite]:
+    """The self-attention modules (``attn1``) of the denoiser's transformer blocks, kind ``"self"``.
+
+    Examples
+    --------
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> sites = discover_self_sites(tiny_sd_pipeline())
+    >>> sites[0].name, sites[0].kind
+    ('down_blocks.0.attentions.0.transformer_blocks.0.attn1', 'self')
+    """
+    family, denoiser = find_denoiser(pipe)
+    return _ADAPTERS[family](denoiser, cross=False)

@@ -20,6 +20,16 @@ MAX_CHUNK_STEPS = 8
 #: the group holding one group per recorded site
 SITES_GROUP = "sites"
 
+#: root attribute: sorted steps at which an intervention bypassed the recorded sites' attention
+#: (their maps are NaN); absent in traces written before it existed (read as [])
+GATED_STEPS_ATTR = "gated_steps"
+#: optional group of small per-step summaries (``capture(..., output_change=True)``)
+SUMMARIES_GROUP = "summaries"
+SUMMARY_DIMS = ("step", "site", "sample")
+#: ‖O_t‖ and ‖O_t − O_{t−1}‖ of each site's attention output (float32, NaN where not computed)
+OUTPUT_NORM = "output_norm"
+OUTPUT_CHANGE = "output_change"
+
 
 def site_group(name: str) -> str:
     """Zarr path of a site's group."""

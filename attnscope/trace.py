@@ -10,7 +10,18 @@ from typing import Any
 import numpy as np
 
 from .errors import AttnscopeError
-from .store_format import BRANCH_ARRAYS, FORMAT_VERSION, ROOT_COORDS, quiet_consolidated, site_group
+from .store_format import (
+    BRANCH_ARRAYS,
+    FORMAT_VERSION,
+    GATED_STEPS_ATTR,
+    OUTPUT_CHANGE,
+    OUTPUT_NORM,
+    ROOT_COORDS,
+    SUMMARIES_GROUP,
+    SUMMARY_DIMS,
+    quiet_consolidated,
+    site_group,
+)
 from .tokens import word_alignment
 
 __all__ = ["Trace", "open_trace"]
@@ -72,6 +83,59 @@ class Trace:
     def timesteps(self) -> np.ndarray:
         """Timestep of every denoising step of the run (NaN for steps not reached)."""
         return self.tree["timestep"].values
+
+    @property
+    def gated_steps(self) -> list[int]:
+        """Steps at which an intervention bypassed the recorded sites' attention (e.g. TGATE's cache).
+
+        Their maps are NaN in the store. ``[]`` when none, and for traces written before this was
+        recorded.
+        """
+        steps = self._attrs.get(GATED_STEPS_ATTR, [])
+        if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+            raise AttnscopeError(f"{str(self.path)!r}: root attribute {GATED_STEPS_ATTR!r} is {steps!r}, expected a list of ints")
+        return list(steps)
+
+    def output_change(self) -> Any:
+        """Per-step norms of each site's attention output and of its change, or None if not recorded.
+
+        Recorded with ``ats.capture(..., output_change=True)``. ``O_t`` is a site's output at step
+        ``t`` averaged over the two guidance halves (the rows as they are without guidance); norms
+        are Frobenius over positions and channels. Only captured steps are included.
+
+        Returns
+        -------
+        xarray.Dataset or None
+            ``output_norm`` = ``‖O_t‖`` and ``output_change`` = ``‖O_t − O_{t−1}‖`` (the previous
+            captured step), float32 with dims ``(step, site, sample)``; NaN at gated steps, and
+            ``output_change`` is NaN at the first captured step and right after a gated one.
+            ``attrs["gated_steps"]`` lists the gated steps.
+
+        Examples
+        --------
+        >>> import tempfile, attnscope as ats
+        >>> from attnscope.testing import tiny_sd_pipeline
+        >>> tr = ats.capture(tiny_sd_pipeline(), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
+        ...                  num_inference_steps=3, height=32, width=32, output_change=True)
+        >>> ds = tr.output_change()
+        >>> dict(ds.output_change.sizes), bool(ds.output_change.isel(step=0).isnull().all())
+        ({'step': 3, 'site': 7, 'sample': 1}, True)
+        """
+        if SUMMARIES_GROUP not in self.tree.children:
+            return None
+        node = self.tree[SUMMARIES_GROUP]
+        missing = [v for v in (OUTPUT_NORM, OUTPUT_CHANGE) if v not in node.data_vars]
+        if missing:
+            raise AttnscopeError(f"{str(self.path)!r}: group {SUMMARIES_GROUP!r} lacks {missing}")
+        ds = node.to_dataset(inherit=False)[[OUTPUT_NORM, OUTPUT_CHANGE]]
+        ds = ds.assign_coords(step=self.tree["step"].values, sample=self.tree["sample"].values,
+                              site=[str(s) for s in ds["site"].values],
+                              timestep=("step", np.asarray(self.tree["timestep"].values, dtype=float)))
+        captured = self.manifest.get("capture", {}).get("steps")
+        if isinstance(captured, list):
+            ds = ds.sel(step=[int(s) for s in captured if self.complete or int(s) < self.steps_written])
+        ds.attrs[GATED_STEPS_ATTR] = self.gated_steps
+        return ds.transpose(*SUMMARY_DIMS)
 
     @property
     def images(self) -> list[Any]:

@@ -27,6 +27,8 @@ from .store_format import (
     ROOT_COORDS,
     SITE_DIMS,
     SITES_GROUP,
+    SUMMARIES_GROUP,
+    SUMMARY_DIMS,
     chunk_steps,
     default_compressor,
     quiet_consolidated,
@@ -182,6 +184,13 @@ class TraceWriter:
         nbytes = data.numel() * 2 if isinstance(data, torch.Tensor) else data.nbytes
         self._send(("data", site, branch, step, data, ready), nbytes)
 
+    def summaries(self, sites: list[str], arrays: dict[str, np.ndarray]) -> None:
+        """Queue the per-step summaries: ``arrays`` maps a name to a float32 (step, site, sample) array.
+
+        Written as the root group ``summaries`` (one array per name, plus the ``site`` labels).
+        """
+        self._send(("summaries", list(sites), arrays), sum(a.nbytes for a in arrays.values()))
+
     def close(self, *, complete: bool, images: np.ndarray | None = None, attrs: dict | None = None) -> None:
         """Flush, write ``images`` and ``attrs``, mark ``complete`` (last), stop the thread."""
         if self._thread.is_alive():
@@ -262,6 +271,15 @@ class TraceWriter:
         array = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
         self._buffers[(site, branch)].add(step, array)
         self._advance()
+
+    def _do_summaries(self, sites: list[str], arrays: dict[str, np.ndarray]) -> None:
+        group = self._root.create_group(SUMMARIES_GROUP)
+        labels = group.create_array("site", shape=(len(sites),), dtype=str, dimension_names=("site",), compressors=None)
+        labels[...] = np.asarray(sites, dtype=str)
+        for name, values in arrays.items():
+            arr = group.create_array(name, shape=values.shape, dtype="float32", dimension_names=SUMMARY_DIMS,
+                                     compressors=None, fill_value=np.nan)
+            arr[...] = values.astype(np.float32)
 
     def _advance(self, force: bool = False) -> None:
         """Advance ``steps_written``; persist it at most every PERSIST_INTERVAL s (always when forced)."""

@@ -34,6 +34,18 @@ def test_capture_command(model_dir, tmp_path):
     assert all(s.startswith("up_blocks.") for s in tr.sites)
 
 
+def test_capture_command_output_change(model_dir, tmp_path):
+    out = tmp_path / "oc.zarr"
+    done = attnscope("capture", "--model", str(model_dir), "--prompt", "a red circle", "--steps", "3",
+                     "--height", "32", "--width", "32", "--out", str(out), "--sites", "mid_block.*", "--output-change")
+    assert done.returncode == 0, done.stderr
+    tr = ats.open_trace(out)
+    assert tr.manifest["capture"]["output_change"] is True
+    ds = tr.output_change()
+    assert dict(ds.output_norm.sizes) == {"step": 3, "site": 1, "sample": 1} and (ds.output_norm.values > 0).all()
+    assert ats.stats.convergence(tr).attrs["of"] == "outputs"
+
+
 def test_capture_command_errors(model_dir, tmp_path):
     done = attnscope("capture", "--model", str(model_dir), "--prompt", "a red circle", "--steps", "2",
                      "--out", str(tmp_path / "x.zarr"), "--sites", "nope*")

@@ -87,25 +87,32 @@ def dominance_lines(stats: xr.Dataset, variable: str = "target_share", sample: i
     return fig
 
 
+_YLABEL = {"maps": "‖Cₜ − Cₜ₋₁‖ / ‖Cₜ‖ of the maps", "outputs": "‖Oₜ − Oₜ₋₁‖ / ‖Oₜ‖ of the outputs"}
+
+
 def convergence(conv: xr.Dataset, sample: int = 0) -> Figure:
-    """Step-to-step change of the maps (:func:`attnscope.stats.convergence`): per site, their mean, the gate step.
+    """Step-to-step change of the cross-attention (:func:`attnscope.stats.convergence`): per site, their
+    mean, the suggested gate step.
 
     >>> import attnscope as ats, attnscope.plot, numpy as np, xarray as xr
     >>> c = np.array([[np.nan, np.nan], [0.5, 0.3], [0.04, 0.02], [0.01, 0.01]])[:, :, None]
     >>> ds = xr.Dataset({"convergence": (("step", "site", "sample"), c),
     ...                  "mean_convergence": (("step", "sample"), c.mean(axis=1)),
     ...                  "stable_step": (("sample",), [2])},
-    ...                 coords={"step": range(4), "site": ["s0", "s1"], "sample": [0]}, attrs={"tol": 0.05})
+    ...                 coords={"step": range(4), "site": ["s0", "s1"], "sample": [0]},
+    ...                 attrs={"tol": 0.05, "of": "outputs"})
     >>> fig = ats.plot.convergence(ds)
     >>> fig.axes[0].get_legend_handles_labels()[1]
-    ['per site', 'mean over sites', 'tol = 0.05', 'stable from step 2']
+    ['per site', 'mean over sites', 'tol = 0.05', 'suggested gate step 2']
+    >>> fig.axes[0].get_ylabel()
+    '‖Oₜ − Oₜ₋₁‖ / ‖Oₜ‖ of the outputs'
 
     Parameters
     ----------
     conv : xarray.Dataset
         With ``convergence`` (step, site, sample); ``mean_convergence`` (step, sample) is used when
-        present (else the site mean is taken), ``stable_step`` (sample) and the ``tol`` attribute
-        when present.
+        present (else the site mean is taken), ``stable_step`` (sample) and the attributes ``tol``,
+        ``of`` (``"maps"`` or ``"outputs"``: the y label) and ``gated_steps`` when present.
     sample : int
         Which generated image.
 
@@ -113,8 +120,8 @@ def convergence(conv: xr.Dataset, sample: int = 0) -> Figure:
     -------
     matplotlib.figure.Figure
         One axes with a log-scaled y axis (linear if no value is positive): thin per-site curves,
-        the thick mean, a dashed horizontal line at ``tol`` and a dotted vertical line at the stable
-        step (when it is ≥ 0).
+        the thick mean, a dashed horizontal line at ``tol``, a dotted vertical line at the stable
+        step — the suggested TGATE gate step — when it is ≥ 0, and a grey band over gated steps.
     """
     per_site = dataset_variable(conv, "convergence", ("step", "site"), "convergence(conv)")
     if "sample" in per_site.dims:
@@ -140,10 +147,14 @@ def convergence(conv: xr.Dataset, sample: int = 0) -> Figure:
             stable = select_label(stable, "sample", sample, f"sample={sample!r}")
         stable = int(stable)
         if stable >= 0:
-            ax.axvline(stable, ls=":", color="tab:green", lw=1.5, label=f"stable from step {stable}")
+            ax.axvline(stable, ls=":", color="tab:green", lw=1.5, label=f"suggested gate step {stable}")
+    gated = [int(s) for s in conv.attrs.get("gated_steps", [])]
+    if gated:
+        ax.axvspan(min(gated) - 0.5, max(gated) + 0.5, color="0.85", zorder=0, label=f"gated steps {min(gated)}–{max(gated)}")
     if np.any(np.asarray(per_site.values) > 0) or np.any(np.asarray(mean.values) > 0):
         ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="step", ylabel="‖Cₜ − Cₜ₋₁‖ / ‖Cₜ‖", title=f"convergence — sample {sample}")
+    of = conv.attrs.get("of", "maps")
+    ax.set(xlabel="step", ylabel=_YLABEL.get(of, str(of)), title=f"convergence — sample {sample}")
     ax.legend(fontsize=8)
     return fig

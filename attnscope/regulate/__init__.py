@@ -2,12 +2,13 @@
 
 >>> import attnscope as ats
 >>> sorted(ats.regulate.__all__)
-['AttentionRegulation', 'Reweight', 'default_regulation_sites', 'gaussian_basis', 'regulation_loss']
+['AttentionRegulation', 'Reweight', 'TGate', 'default_regulation_sites', 'gaussian_basis', 'regulation_loss']
 """
 
 from .attention_regulation import AttentionRegulation, regulation_loss
 from .basis import gaussian_basis
 from .reweight import Reweight
 from .scope import default_regulation_sites
+from .tgate import TGate
 
-__all__ = ["AttentionRegulation", "Reweight", "default_regulation_sites", "gaussian_basis", "regulation_loss"]
+__all__ = ["AttentionRegulation", "Reweight", "TGate", "default_regulation_sites", "gaussian_basis", "regulation_loss"]

@@ -80,7 +80,7 @@ def dominance_table(ds: Any, by: str = "word") -> str:
 
 def convergence_table(ds: Any) -> str:
     """A plain-text table of a :func:`~attnscope.stats.convergence` Dataset: the mean curve per sample
-    and the stable step (the suggested TGATE gate step).
+    and the stable step (the suggested TGATE gate step). Gated steps are marked ``gated``.
 
     Examples
     --------
@@ -89,20 +89,25 @@ def convergence_table(ds: Any) -> str:
     >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
     ...                  num_inference_steps=4)
     >>> print(convergence_table(ats.stats.convergence(tr, tol=0.2)))  # doctest: +ELLIPSIS
-    step  ‖C_t − C_t−1‖/‖C_t‖, mean over 7 sites (sample 0)
+    step  ‖C_t − C_t−1‖/‖C_t‖ of the maps, mean over 7 sites (sample 0)
        0  —
     ...
     stable from step 3 (tol 0.2)
     """
+    from .step_convergence import _LABEL
+
     lines = []
     tol = ds.attrs.get("tol", float("nan"))
+    of = ds.attrs.get("of", "maps")
+    gated = {int(s) for s in ds.attrs.get("gated_steps", [])}
     for s in range(ds.sizes["sample"]):
         curve = ds.mean_convergence.isel(sample=s)
-        lines.append(f"step  ‖C_t − C_t−1‖/‖C_t‖, mean over {ds.sizes['site']} sites (sample {s})")
+        lines.append(f"step  {_LABEL.get(of, of)} of the {of}, mean over {ds.sizes['site']} sites (sample {s})")
         top = np.nanmax(curve.values) if np.isfinite(curve.values).any() else 1.0
         for step, v in zip(curve["step"].values, curve.values):
             bar = "" if math.isnan(v) else "#" * int(round(30 * v / top)) if top > 0 else ""
-            lines.append(f"{int(step):>4}  {_num(float(v)):<8} {bar}".rstrip())
+            text = "gated" if int(step) in gated else _num(float(v))
+            lines.append(f"{int(step):>4}  {text:<8} {bar}".rstrip())
         stable = int(ds.stable_step.values[s])
         lines.append(f"stable from step {stable} (tol {tol:g})" if stable >= 0 else f"never below tol {tol:g}")
         lines.append("")

@@ -1,0 +1,182 @@
+"""TGATE (seed 002, Liu et al.): cache the cross-attention output at the gate step, then skip text.
+
+Steps are counted from 0. With ``gate_step = g`` the first ``g`` steps run in full; at step ``g − 1``
+every cross-attention site keeps its output averaged over the two classifier-free-guidance halves
+(the ``to_out`` output: cross-attention modules have no residual inside); from step ``g`` on each
+site returns that cache instead of attending, and the denoiser runs on the unconditional half only
+(one row per image, no guidance combine). The CFG cut is the hook core's step-level branch control
+(``branches``), the same for every pipeline family: no pipeline's denoising loop is copied.
+
+V2 (``sp_interval`` given) also caches self-attention outputs, on the official schedule: before the
+gate, steps below ``warm_up`` compute, step ``warm_up`` and every ``sp_interval``-th step compute and
+refresh the cache, the others reuse it; at step ``g − 1`` the cache is refreshed (CFG-averaged);
+after the gate, every ``fi_interval``-th step computes and refreshes, the others reuse.
+Facts: ../shared/SEEDS.md, seed 002.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import AttnscopeError
+
+__all__ = ["TGate"]
+
+
+def _positive_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AttnscopeError(f"{name}={value!r}: expected an integer >= {minimum}")
+    return value
+
+
+class TGate:
+    """Cache cross-attention after the gate step and drop classifier-free guidance (TGATE).
+
+    Parameters
+    ----------
+    gate_step : int, float or "auto"
+        Number of steps computed in full (official: 10 of 25 for SD-1.5/2.1/XL, 8 for PixArt). A
+        float in (0, 1) is a fraction of each run's steps (``0.4``: 10 of 25, 8 of 20), rounded, at
+        least 1. ``"auto"``: :func:`attnscope.stats.suggest_gate_step` of ``reference`` at ``tol``.
+    reference : Trace, optional
+        The trace whose convergence sets ``gate_step="auto"``.
+    tol : float
+        Tolerance for ``"auto"`` (relative step-to-step change of the cross-attention).
+    drop_guidance : bool
+        After the gate run the denoiser on the unconditional half only (official, most of the
+        speed-up). ``False`` keeps the CFG batch and only serves the cache (an ablation).
+    sp_interval, warm_up, fi_interval : int, optional
+        TGATE V2's self-attention cache (off unless ``sp_interval`` is given): refresh interval
+        before the gate, steps always computed at the start (default 2), refresh interval after the
+        gate (default 1: always computed).
+
+    Attributes
+    ----------
+    cache : dict
+        Site name → the cached cross-attention output of the current run.
+    computed : dict
+        Site name → the steps at which it attended during the last run (cross and self sites);
+        ``gated_steps``: the steps served from the cross-attention cache.
+
+    Examples
+    --------
+    >>> import attnscope as ats, torch
+    >>> pipe = ats.load_pipeline("shapes")
+    >>> gate = ats.regulate.TGate(3)
+    >>> with ats.hooks(pipe, gate):
+    ...     image = pipe("a red circle and a blue square", num_inference_steps=6,
+    ...                  generator=torch.Generator().manual_seed(0)).images[0]
+    >>> gate.gated_steps
+    [3, 4, 5]
+    """
+
+    role = "intervention"
+
+    def __init__(self, gate_step: int | str = 10, *, reference: Any = None, tol: float = 0.05,
+                 drop_guidance: bool = True, sp_interval: int | None = None, warm_up: int = 2,
+                 fi_interval: int = 1):
+        if gate_step == "auto":
+            if reference is None:
+                raise AttnscopeError("gate_step='auto': pass reference=<a Trace> whose convergence sets the gate step")
+            from ..stats import suggest_gate_step
+
+            gate_step = suggest_gate_step(reference, tol=tol)
+        elif reference is not None:
+            raise AttnscopeError(f"reference= is used only with gate_step='auto', got gate_step={gate_step!r}")
+        if isinstance(gate_step, float):
+            if not 0 < gate_step < 1:
+                raise AttnscopeError(f"gate_step={gate_step!r}: expected an integer >= 1 or a fraction in (0, 1)")
+            self.fraction: float | None = gate_step
+            self.gate_step = 1  # resolved at the start of each run
+        else:
+            self.fraction = None
+            self.gate_step = _positive_int("gate_step", gate_step, 1)
+        self.tol, self.drop_guidance = tol, bool(drop_guidance)
+        self.sp_interval = None if sp_interval is None else _positive_int("sp_interval", sp_interval, 1)
+        self.warm_up = _positive_int("warm_up", warm_up, 0)
+        self.fi_interval = _positive_int("fi_interval", fi_interval, 1)
+        #: a V2 TGate is shown the self-attention modules too (hook core protocol)
+        self.self_attention = self.sp_interval is not None
+        self.cache: dict[str, torch.Tensor] = {}
+        self.computed: dict[str, list[int]] = {}
+        self.gated_steps: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"TGate({self.fraction if self.fraction is not None else self.gate_step})"
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for manifests (``gate_step`` as resolved for the last run)."""
+        params = {"gate_step": self.gate_step, "drop_guidance": self.drop_guidance, "sp_interval": self.sp_interval,
+                  "warm_up": self.warm_up, "fi_interval": self.fi_interval}
+        if self.fraction is not None:
+            params["fraction"] = self.fraction
+        return {"name": "TGate", "params": params}
+
+    # -- the schedule ----------------------------------------------------------------------------
+    def gated(self, step: int) -> bool:
+        """Whether cross-attention is served from the cache at ``step``.
+
+        >>> [TGate(2).gated(s) for s in range(4)]
+        [False, False, True, True]
+        """
+        return step >= self.gate_step
+
+    def self_attention_computed(self, step: int) -> bool:
+        """Whether (V2) self-attention attends at ``step``; otherwise it reuses its cache.
+
+        >>> gate = TGate(10, sp_interval=5, warm_up=2, fi_interval=2)
+        >>> [s for s in range(14) if not gate.self_attention_computed(s)]
+        [3, 4, 6, 7, 8, 11, 13]
+        """
+        if self.sp_interval is None or step < self.warm_up or step == self.gate_step - 1:
+            return True
+        if step < self.gate_step - 1:
+            return step == self.warm_up or step % self.sp_interval == 0
+        return step % self.fi_interval == 0
+
+    # -- hook client protocol ------------------------------------------------------------------
+    def branches(self, step_ctx: Any) -> tuple[str, ...] | None:
+        return ("uncond",) if self.drop_guidance and self.gated(step_ctx.step) else None
+
+    def on_step(self, step_ctx: Any) -> None:
+        if step_ctx.step == 0:  # a new run
+            self.cache, self.computed, self.gated_steps = {}, {}, []
+            if self.fraction is not None:
+                if not step_ctx.num_steps:
+                    raise AttnscopeError(f"gate_step={self.fraction}: the pipeline does not say how many steps it "
+                                         f"runs; give an integer gate step")
+                self.gate_step = max(1, round(self.fraction * step_ctx.num_steps))
+        if self.gated(step_ctx.step):
+            self.gated_steps.append(step_ctx.step)
+
+    def stages(self, ctx: Any) -> tuple[str, ...]:
+        return ("output",) if self._caches(ctx) else ()
+
+    def bypass(self, ctx: Any) -> torch.Tensor | None:
+        name, step = ctx.site.name, ctx.step
+        reuse = self.gated(step) if ctx.site.kind != "self" else not self.self_attention_computed(step)
+        cached = self.cache.get(name) if reuse else None
+        if cached is None:
+            self.computed.setdefault(name, []).append(step)
+            return None
+        if cached.shape[0] != ctx.rows.batch:  # the CFG batch is kept (drop_guidance=False): both halves
+            cached = torch.cat([cached] * (ctx.rows.batch // cached.shape[0]))
+        return cached
+
+    def on_output(self, ctx: Any, output: torch.Tensor) -> None:
+        rows = ctx.rows
+        # the official cache at the last full step is the mean of the two CFG halves (self-attention's
+        # too, since the batch shrinks to one half after the gate)
+        average = ctx.step == self.gate_step - 1 and rows.uncond is not None and (
+            ctx.site.kind != "self" or self.drop_guidance)
+        if average:
+            output = (output[rows.uncond] + output[rows.cond]) / 2
+        self.cache[ctx.site.name] = output.detach()
+
+    def _caches(self, ctx: Any) -> bool:
+        """Whether this call's output is kept: cross sites at the last full step, V2 self sites whenever they attend."""
+        if ctx.site.kind != "self":
+            return ctx.step == self.gate_step - 1
+        return self.self_attention_computed(ctx.step)
