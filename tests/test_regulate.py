@@ -10,6 +10,8 @@ import attnscope as ats
 from attnscope import AttnscopeError
 from attnscope.context import CallContext, RowLayout, StepContext
 from attnscope.regulate import AttentionRegulation, Reweight, default_regulation_sites, gaussian_basis, regulation_loss
+from attnscope.regulate.attention_regulation import _put_columns
+from attnscope.regulate.descent import RegulationDescent, one_thread, quantile_positions, topk_quantile
 from attnscope.sites import CrossAttentionSite
 
 PROMPT = "a red circle and a blue square"
@@ -89,6 +91,127 @@ def test_one_descent_step_lowers_the_loss():
     # the official step rows * lr * grad with lr 100, scaled for an 8x8 map: 64 / (256 * 1 * 1) = 0.25
     after = loss_of((w - 8 * 100.0 * 0.25 * grad).detach())
     assert float(after) < 0.75 * float(before.detach())
+
+
+def _maps(z, cols, weights, basis):
+    """softmax(Z + Δ) of the target columns, Δ = W·basis on them only: the loss's input, by autograd."""
+    edited = z.clone()
+    edited[..., cols] = z[..., cols] + torch.einsum("rkn,kp->rpn", weights, basis)
+    return torch.softmax(edited, -1)[..., cols]
+
+
+def _reference_descent(z, cols, weights, basis, lr, iterations, tau, groups):
+    """The straightforward loop: autograd of regulation_loss(...).mean(), keep the best Δ per group."""
+    rows = z.shape[0]
+    best_loss = torch.full((groups,), float("inf"), dtype=z.dtype)
+    best = first = None
+    trajectory = []
+    for _ in range(iterations):
+        weights = weights.detach().requires_grad_(True)
+        delta = torch.einsum("rkn,kp->rpn", weights, basis).detach()
+        loss = regulation_loss(_maps(z, cols, weights, basis), weights, tau, groups=groups)
+        (grad,) = torch.autograd.grad(loss.mean(), weights)
+        loss = loss.detach()
+        trajectory.append(weights.detach())
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        mask = better.repeat_interleave(rows // groups)[:, None, None]
+        best = delta if best is None else torch.where(mask, delta, best)
+        first = loss if first is None else first
+        weights = weights.detach() - rows * lr * grad
+    return best, first, best_loss, trajectory
+
+
+@pytest.mark.parametrize("pixels", [64, 256, 37, 1, 2])
+def test_topk_quantile_equals_torch_quantile(pixels):
+    torch.manual_seed(pixels)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.rand(3, pixels, 4, dtype=dtype)
+        for q in (0.9, 0.5, 0.1, 0.0, 1.0, 0.33):
+            assert torch.equal(topk_quantile(x, q, dim=1), torch.quantile(x, q, dim=1)), (dtype, q)
+    below, above, frac = quantile_positions(37, 0.9)
+    assert (below, above) == (32, 33) and frac == pytest.approx(0.4, abs=1e-5)
+
+
+@pytest.mark.parametrize("rows, tokens, cols, groups, bumps, quantile", [
+    (4, 16, [2, 3, 6, 7], 1, (8, 8), 0.9),   # the shapes model: 8x8 maps, 4 target columns
+    (6, 10, [4], 3, 37, 0.9),                # a prime pixel count (random bumps), n = 1, 3 groups
+    (6, 12, [1, 2, 5, 9], 3, (4, 8), 0.9),   # a 4x8 map, n = 4, 3 groups
+    (3, 5, [0], 1, 11, 0.9),                 # 11 pixels: rank 9 exactly, one order statistic
+    (4, 9, [1, 3], 2, (8, 8), 0.3),          # a low quantile: the smallest values, ascending
+])
+def test_analytic_gradient_equals_autograd(rows, tokens, cols, groups, bumps, quantile):
+    torch.manual_seed(rows * tokens)
+    for dtype in (torch.float64, torch.float32):
+        basis = (gaussian_basis(*bumps, dtype=dtype).flatten(1) if isinstance(bumps, tuple)
+                 else torch.rand(5, bumps, dtype=dtype))
+        z = torch.randn(rows, basis.shape[1], tokens, dtype=dtype) * 2
+        weights = torch.rand(rows, basis.shape[0], len(cols), dtype=dtype)
+        tau = min(1.0, 0.2 * len(cols))
+        leaf = weights.clone().requires_grad_(True)
+        loss = regulation_loss(_maps(z, cols, leaf, basis), leaf, tau, quantile=quantile, groups=groups)
+        (expected,) = torch.autograd.grad(loss.mean(), leaf)
+        descent = RegulationDescent(rows, len(cols), basis, lr=25.0, iterations=3, tau=tau, groups=groups,
+                                    quantile=quantile)
+        got = descent.gradient(z, cols, weights)
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(descent.losses()[0], loss.detach(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("batch, cols, spatial", [(1, [2, 3, 6, 7], (8, 8)), (3, [4], (4, 8)), (2, [1, 5], (16, 16))])
+def test_optimise_matches_an_autograd_reference_loop(batch, cols, spatial):
+    """Best Δ, initial Δ, first/best losses and every iteration's weights, in float64 (exact up to
+    rounding) and on the shapes model's float32 sizes."""
+    h, w = spatial
+    basis = gaussian_basis(h, w, dtype=torch.float64).reshape(-1, h * w)
+    lr = 100.0 * h * w / 256
+    torch.manual_seed(batch)
+    z = torch.randn(batch * 4, h * w, 16, dtype=torch.float64) * 2
+    reg = AttentionRegulation(["circle"], iterations=20)
+    best, initial = reg._optimise(z, cols, basis, lr, groups=batch, key=("site", 3))
+    first, best_loss = reg.history[("site", 3)]
+    def drawn(dtype):   # the weights _optimise draws: seed 0, site index 0, step 3
+        generator = torch.Generator().manual_seed((0 * 1_000_003 + 0) * 10_007 + 3)
+        return torch.rand((batch * 4, basis.shape[0], len(cols)), generator=generator, dtype=dtype)
+
+    weights = drawn(torch.float64)
+    tau = min(1.0, 0.2 * len(cols))
+    expected, expected_first, expected_best, trajectory = _reference_descent(z, cols, weights, basis, lr, 20, tau,
+                                                                             batch)
+    assert first.shape == best_loss.shape == (batch,)
+    torch.testing.assert_close(best, expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(initial, torch.einsum("rkn,kp->rpn", weights, basis), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(first, expected_first, rtol=1e-12, atol=0)
+    torch.testing.assert_close(best_loss, expected_best, rtol=1e-9, atol=0)
+    descent = RegulationDescent(batch * 4, len(cols), basis, lr=lr, iterations=20, tau=tau, groups=batch)
+    descent.run(z, cols, weights)
+    for t, reference in enumerate(trajectory):
+        torch.testing.assert_close(descent.weights(t), reference, rtol=1e-9, atol=1e-9)
+    if spatial == (8, 8):   # float32, as in generation: rounding grows over the 20 steps, to ~1e-6 here
+        best32, _ = reg._optimise(z.float(), cols, basis.float(), lr, groups=batch, key=("site", 3))
+        expected32 = _reference_descent(z.float(), cols, drawn(torch.float32), basis.float(), lr, 20, tau, batch)[0]
+        torch.testing.assert_close(best32, expected32, rtol=1e-5, atol=1e-5 * float(expected32.abs().max()))
+
+
+def test_descent_helpers_restore_state_and_write_columns():
+    threads = torch.get_num_threads()
+    with one_thread(10, torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
+    with one_thread(1 << 30, torch.device("cpu")):                       # large tensors keep all threads
+        assert torch.get_num_threads() == threads
+    out, values = torch.zeros(4, 2, 3, 5), torch.arange(36.0).reshape(3, 2, 3, 2)
+    cols = torch.tensor([1, 4])
+    _put_columns(out, [0, 2, 3], cols, values)                           # non-consecutive rows: a list
+    expected = torch.zeros(4, 2, 3, 5)
+    expected[[0, 2, 3], :, :, 1], expected[[0, 2, 3], :, :, 4] = values[..., 0], values[..., 1]
+    assert torch.equal(out, expected)
+    _put_columns(out, slice(1, 4), cols, values)                         # consecutive rows: a view
+    expected[1:4, :, :, 1], expected[1:4, :, :, 4] = values[..., 0], values[..., 1]
+    assert torch.equal(out, expected)
+    with pytest.raises(AttnscopeError, match="groups=2"):
+        RegulationDescent(3, 1, gaussian_basis(8, 8).reshape(9, 64), lr=1.0, iterations=2, tau=0.2, groups=2)
 
 
 def _context(pipe, session, step=0, spatial=(8, 8)):

@@ -2,9 +2,10 @@
 
 At the chosen sites and steps, for the conditional rows only, a perturbation Δ is added to the
 pre-softmax logits of the target tokens' columns. Δ is a weighted sum of Gaussian bumps (basis.py)
-whose weights are found by gradient descent on the loss of :func:`regulation_loss`; the best Δ of the
-iterations is smoothed with the previous step's and decayed with the step. After the softmax the SOT
-and first-EOT columns get their unedited probabilities back. Facts: ../shared/SEEDS.md, seed 000.
+whose weights are found by gradient descent on the loss of :func:`regulation_loss` (its analytic
+gradient, without autograd: descent.py); the best Δ of the iterations is smoothed with the previous
+step's and decayed with the step. After the softmax the SOT and first-EOT columns get their unedited
+probabilities back. Facts: ../shared/SEEDS.md, seed 000.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from ..errors import AttnscopeError
 from .basis import basis_centres, gaussian_basis
+from .descent import RegulationDescent, one_thread
 from .reweight import _plain
 from .scope import InterventionScope, default_regulation_sites
 
@@ -112,9 +114,12 @@ class AttentionRegulation:
                            "weight_decay": weight_decay}
         self.tau, self.smoothing, self.decay = tau, smoothing, decay
         self._previous: dict[tuple[str, int], torch.Tensor] = {}
-        self._restore: tuple[str, int, list[tuple[int, list[int], torch.Tensor]]] | None = None
+        self._restore: tuple[str, int, list[tuple[list[int], torch.Tensor, torch.Tensor]]] | None = None
         self._eos: int | None = None
         self._site_index: dict[str, int] = {}
+        self._bases: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._descents: dict[tuple, RegulationDescent] = {}
+        self._indices: dict[tuple, torch.Tensor] = {}
         #: last optimisation's losses per call, for inspection: {(site, step): (first, best)} (tensors)
         self.history: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -136,6 +141,7 @@ class AttentionRegulation:
         tokenizer = getattr(session.pipe, "tokenizer", None)
         self._eos = getattr(tokenizer, "eos_token_id", None)
         self._previous = {}
+        self._bases, self._descents, self._indices = {}, {}, {}
 
     def on_step(self, step_ctx: Any) -> None:
         if step_ctx.step == 0:  # a new run: no temporal smoothing across generations
@@ -148,7 +154,16 @@ class AttentionRegulation:
     def on_logits(self, ctx: Any, logits: torch.Tensor) -> torch.Tensor:
         columns = self.scope.columns(ctx)
         h, w = ctx.spatial_shape
-        basis = gaussian_basis(h, w, device=logits.device).reshape(-1, h * w)  # (K, pixels)
+        basis = self._basis(h, w, logits.device)  # (K, pixels)
+        lr = self.lr * (h * w / (256 * basis_centres(h)[0] * basis_centres(w)[0]) if self.scale_lr else 1.0)
+        with one_thread(logits.numel(), logits.device):  # small tensors: no thread hand-offs
+            out, restore = self._regulate(ctx, logits, columns, basis, lr)
+        self._restore = (ctx.site.name, ctx.step, restore)
+        return out
+
+    def _regulate(self, ctx: Any, logits: torch.Tensor, columns: list[list[int]], basis: torch.Tensor,
+                  lr: float) -> tuple[torch.Tensor, list[tuple[list[int], torch.Tensor, torch.Tensor]]]:
+        """The edited logits, and per sample group the unedited SOT/EOT probabilities to restore."""
         out = logits.clone()
         restore = []
         cond = ctx.rows.cond
@@ -157,71 +172,70 @@ class AttentionRegulation:
             if not cols:
                 continue
             rows = [cond.start + s for s in group]
-            z = logits[rows].detach().float()  # (b, heads, pixels, tokens)
+            index = _index(rows)
+            z = logits[index].detach().float()  # (b, heads, pixels, tokens)
             b, heads, pixels, tokens = z.shape
             flat = z.reshape(b * heads, pixels, tokens)
-            lr = self.lr * (h * w / (256 * basis_centres(h)[0] * basis_centres(w)[0]) if self.scale_lr else 1.0)
             best, initial = self._optimise(flat, cols, basis, lr, groups=b, key=(ctx.site.name, ctx.step))
             key = (ctx.site.name, tuple(rows))
-            previous = self._previous.get(key, initial)
-            delta = self.smoothing * previous + (1 - self.smoothing) * best
+            delta = torch.lerp(best, self._previous.get(key, initial), self.smoothing)  # s·Δ_prev + (1 − s)·Δ_best
             self._previous[key] = delta
-            edited = flat.clone()
-            edited[..., cols] += (self.decay ** ctx.step) * delta
-            out[rows] = edited.reshape(b, heads, pixels, tokens).to(logits.dtype)
-            keep = [0] + self._eot_columns(ctx, group)
-            restore.append((rows, keep, torch.softmax(z, -1)[..., keep]))
-        self._restore = (ctx.site.name, ctx.step, restore)
-        return out
+            cols_t = self._long(cols, logits.device)
+            edited = torch.add(flat.index_select(-1, cols_t), delta, alpha=self.decay**ctx.step)
+            _put_columns(out, index, cols_t, edited.reshape(b, heads, pixels, -1).to(logits.dtype))
+            keep = self._long([0] + self._eot_columns(ctx, group), logits.device)
+            restore.append((rows, keep, torch.softmax(z, -1).index_select(-1, keep)))
+        return out, restore
 
     def on_probs(self, ctx: Any, probs: torch.Tensor) -> torch.Tensor | None:
         if self._restore is None or self._restore[:2] != (ctx.site.name, ctx.step):
             return None
         out = probs.clone()
         for rows, keep, original in self._restore[2]:
-            for i, row in enumerate(rows):
-                out[row, :, :, keep] = original[i].to(probs.dtype)
+            _put_columns(out, _index(rows), keep, original.to(probs.dtype))
         self._restore = None
         return out
 
     # -- the optimisation ----------------------------------------------------------------------
     def _optimise(self, z: torch.Tensor, cols: list[int], basis: torch.Tensor, lr: float, *, groups: int,
                   key: tuple[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best Δ (rows, pixels, n) over the iterations, and the initial Δ; no host syncs."""
+        """Best Δ (rows, pixels, n) over the iterations, and the initial Δ; no host syncs.
+
+        The weights are drawn per site and step; the descent (:class:`RegulationDescent`) is built once
+        per shape and reused."""
         rows = z.shape[0]
         n = len(cols)
         tau = self.tau if self.tau is not None else min(1.0, 0.2 * n)
         generator = torch.Generator(device=z.device).manual_seed(
             (self.seed * 1_000_003 + self._site_index.get(key[0], 0)) * 10_007 + key[1])
         weights = torch.rand((rows, basis.shape[0], n), generator=generator, device=z.device, dtype=z.dtype)
-        initial = torch.einsum("rkn,kp->rpn", weights, basis)
-        # softmax(Z + Δ) restricted to S, with Δ only on S: the other columns enter through one
-        # log-sum-exp, computed once per call, so each iteration touches n columns, not all tokens
-        target = z[..., cols]
-        rest = z.clone()
-        rest[..., cols] = float("-inf")
-        rest = torch.logsumexp(rest, -1, keepdim=True)  # (rows, pixels, 1)
-        best_loss = torch.full((groups,), float("inf"), device=z.device)
-        best = initial.clone()
-        first = None
-        per_group = rows // groups
-        with torch.enable_grad():
-            for _ in range(self.iterations):
-                weights = weights.detach().requires_grad_(True)
-                delta = torch.einsum("rkn,kp->rpn", weights, basis)
-                edited = target + delta
-                maps = torch.exp(edited - torch.logaddexp(rest, torch.logsumexp(edited, -1, keepdim=True)))
-                loss = regulation_loss(maps, weights, tau, groups=groups, **self.loss_terms)
-                (grad,) = torch.autograd.grad(loss.mean(), weights)
-                with torch.no_grad():
-                    better = loss.detach() < best_loss
-                    best_loss = torch.where(better, loss.detach(), best_loss)
-                    mask = better.repeat_interleave(per_group)[:, None, None]
-                    best = torch.where(mask, delta.detach(), best)
-                    first = loss.detach() if first is None else first
-                    weights = weights - rows * lr * grad
+        descent = self._descent(rows, n, basis, lr, tau, groups).run(z, cols, weights)
+        best, initial, first, best_loss = descent.result()
         self.history[key] = (first, best_loss)
         return best, initial
+
+    def _basis(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """The (K, pixels) bumps of a map size, built once per size and device."""
+        key = (height, width, device)
+        if key not in self._bases:
+            self._bases[key] = gaussian_basis(height, width, device=device).reshape(-1, height * width)
+        return self._bases[key]
+
+    def _descent(self, rows: int, n: int, basis: torch.Tensor, lr: float, tau: float,
+                 groups: int) -> RegulationDescent:
+        """The descent for a shape, built once (its constants and buffers are reused)."""
+        key = (rows, n, id(basis), lr, tau, groups, self.iterations, tuple(self.loss_terms.values()))
+        if key not in self._descents:
+            self._descents[key] = RegulationDescent(rows, n, basis, lr=lr, iterations=self.iterations, tau=tau,
+                                                    groups=groups, **self.loss_terms)
+        return self._descents[key]
+
+    def _long(self, values: list[int], device: torch.device) -> torch.Tensor:
+        """``values`` as an index tensor on ``device``, built once (no host-to-device copy per call)."""
+        key = (tuple(values), device)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(values, device=device)
+        return self._indices[key]
 
     def _eot_columns(self, ctx: Any, group: list[int]) -> list[int]:
         ids = ctx.step_context.token_ids
@@ -230,6 +244,19 @@ class AttentionRegulation:
         prompt = ctx.rows.prompt_of_sample[group[0]]
         hits = (ids[prompt] == self._eos).nonzero().flatten()
         return [int(hits[0])] if len(hits) else []
+
+
+def _index(rows: list[int]) -> slice | list[int]:
+    """Consecutive rows as a slice (a view of the batch), others as a list."""
+    return slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[0] + len(rows))) else rows
+
+
+def _put_columns(out: torch.Tensor, index: slice | list[int], cols: torch.Tensor, values: torch.Tensor) -> None:
+    """``out[index][..., cols] = values`` in place, for a slice or a list of rows."""
+    if isinstance(index, slice):
+        out[index].index_copy_(-1, cols, values)
+    else:
+        out[index] = out[index].index_copy(-1, cols, values)
 
 
 def _groups(columns: list[list[int]]) -> list[list[int]]:
