@@ -1,15 +1,67 @@
-"""Timing two variants of the same generation in one process: interleaved pairs, medians, their ratio.
+"""What the with/without benchmarks share: the models, the common options, interleaved timing, the JSON.
 
-Shared by the benchmark scripts; import it from a script in this folder (``from paired_timing import ...``).
+Used by regulation_overhead.py and tgate_speed.py (``from paired_timing import ...`` from a script in
+this folder). Each script times the same generation twice per pair — plain, then with one hook
+client — and reports the medians' ratio measured in one process.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+import attnscope as ats
+from attnscope.testing import sd15_structure_pipeline
+
+PROMPT = "a red circle and a blue square"
+#: name -> label, builder, default image side (px) and timed pairs
+MODELS = {
+    "shapes": {"label": "embedded shapes model (7 sites)", "build": lambda: ats.load_pipeline("shapes"),
+               "resolution": 32, "repeats": 5},
+    "sd15": {"label": "SD-1.5 UNet structure, 860M random weights (16 sites)", "build": sd15_structure_pipeline,
+             "resolution": 256, "repeats": 2},
+}
+
+
+def parser(description: str, steps: str) -> argparse.ArgumentParser:
+    """The options every paired benchmark takes; ``steps`` is the --steps help text."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="shapes,sd15", help="comma-separated from: " + ", ".join(MODELS))
+    p.add_argument("--steps", type=int, help=steps)
+    p.add_argument("--repeats", type=int, help="timed pairs (default: shapes 5, sd15 2)")
+    p.add_argument("--resolution", type=int, help="image side in px (default: shapes 32, sd15 256)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: float16, synchronised timers)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--json", type=Path, help="also write the numbers here")
+    return p
+
+
+def pipeline(name: str, device: str):
+    """The model's pipeline on ``device`` (float16 off the CPU), progress bar off."""
+    pipe = MODELS[name]["build"]()
+    if device != "cpu":
+        pipe = pipe.to(device, torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generation(pipe, client, *, steps: int, side: int) -> Callable[[bool], None]:
+    """``run(with_client)``: the same generation (prompt, seed 0, steps, size), with or without ``client``."""
+    def run(with_client: bool) -> None:
+        kwargs = dict(num_inference_steps=steps, height=side, width=side, generator=torch.Generator().manual_seed(0))
+        if with_client:
+            with ats.hooks(pipe, client):
+                pipe(PROMPT, **kwargs)
+        else:
+            pipe(PROMPT, **kwargs)
+    return run
 
 
 def timed(run: Callable[[], object], device: str = "cpu") -> float:
@@ -23,14 +75,24 @@ def timed(run: Callable[[], object], device: str = "cpu") -> float:
     return time.perf_counter() - start
 
 
-def interleaved(baseline: Callable[[], object], variant: Callable[[], object], repeats: int,
-                device: str = "cpu") -> dict:
-    """One untimed warm-up of each, then ``repeats`` pairs (baseline, variant); medians and ratio variant/baseline."""
-    baseline(), variant()
-    base, var = [], []
+def interleaved(run: Callable[[bool], None], repeats: int, device: str = "cpu") -> dict:
+    """One untimed warm-up of each, then ``repeats`` pairs (plain, with the client); medians and their ratio."""
+    run(False), run(True)
+    plain, treated = [], []
     for _ in range(repeats):
-        base.append(timed(baseline, device))
-        var.append(timed(variant, device))
-    ratio = statistics.median(var) / statistics.median(base)
-    return {"baseline_s": base, "variant_s": var, "baseline_median_s": statistics.median(base),
-            "variant_median_s": statistics.median(var), "ratio": ratio}
+        plain.append(timed(lambda: run(False), device))
+        treated.append(timed(lambda: run(True), device))
+    return {"plain_s": plain, "with_s": treated, "plain_median_s": statistics.median(plain),
+            "with_median_s": statistics.median(treated),
+            "ratio": statistics.median(treated) / statistics.median(plain)}
+
+
+def run_models(args: argparse.Namespace, measure: Callable[[str, argparse.Namespace], dict]) -> list[dict]:
+    """``measure`` each model named in ``--models``; write ``--json`` if given."""
+    torch.set_num_threads(args.threads)
+    results = [measure(name.strip(), args) for name in args.models.split(",") if name.strip()]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": platform.machine(), "threads": args.threads, "results": results},
+                                        indent=1))
+    return results
