@@ -160,7 +160,8 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
     sites : glob, list of names/globs, optional
         Which sites (default all that both traces recorded).
     steps : int, list of int or slice, optional
-        Which captured steps (default all).
+        Which steps of the run (an int, list or slice over the run's steps, like ``capture``; all
+        must be captured; default every captured step).
 
     Returns
     -------

@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 from .errors import AttnscopeError
 from .sites import CrossAttentionSite
 
-__all__ = ["select_site_names", "select_sites", "select_steps", "check_choice", "SiteSpec", "StepSpec"]
+__all__ = ["select_site_names", "select_sites", "select_steps", "select_captured_steps", "run_steps", "check_choice", "SiteSpec",
+           "StepSpec"]
 
 SiteSpec = None | str | Sequence[str] | Callable[[CrossAttentionSite], bool]
 StepSpec = None | int | range | slice | Iterable[int]
@@ -100,3 +101,33 @@ def select_steps(spec: StepSpec, num_steps: int) -> tuple[int, ...]:
     if not resolved:
         raise AttnscopeError(f"steps={spec!r}: selects no step")
     return tuple(sorted(resolved))
+
+
+def select_captured_steps(spec: StepSpec, captured: Sequence[int], num_steps: int, where: str) -> list[int]:
+    """Steps chosen by ``spec`` in a run of ``num_steps`` (as :func:`select_steps`: a slice or a
+    negative index counts the run's steps, like capture does), all of which must be ``captured`` at
+    ``where`` (a site name).
+
+    >>> select_captured_steps(slice(None, None, 5), [0, 5, 10, 15], 20, "up")
+    [0, 5, 10, 15]
+    >>> select_captured_steps([0, 1], [0, 5], 20, "up")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: steps=[0, 1]: steps [1] are not in this trace at up; captured steps: [0, 5]
+    """
+    chosen = list(select_steps(spec, num_steps))
+    have = {int(s) for s in captured}
+    missing = [s for s in chosen if s not in have]
+    if missing:
+        raise AttnscopeError(f"steps={spec!r}: steps {missing} are not in this trace at {where}; "
+                             f"captured steps: {[int(s) for s in captured]}")
+    return chosen
+
+
+def run_steps(source: Any, arrays: Iterable[Any]) -> int:
+    """Denoising steps of the run behind ``source``: the trace manifest's ``run.num_steps``, else one
+    past the last step of ``arrays`` (xarray objects with a ``step`` coordinate)."""
+    manifest = getattr(source, "manifest", None)
+    recorded = manifest.get("run", {}).get("num_steps") if isinstance(manifest, dict) else None
+    if recorded:
+        return int(recorded)
+    return max((int(da["step"].max()) + 1 for da in arrays if da.sizes.get("step")), default=0)

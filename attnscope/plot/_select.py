@@ -9,7 +9,7 @@ import xarray as xr
 
 from .. import accessor  # noqa: F401  (registers DataArray.attn)
 from ..errors import AttnscopeError
-from ..selection import select_site_names, select_steps
+from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import token_roles, word_alignment
 
 __all__ = ["dataset_variable", "default_targets", "sample_index", "sample_tokens", "select_label", "site_maps",
@@ -40,16 +40,9 @@ def site_maps(trace: Any, site: str, steps: Any, sample: Any) -> xr.DataArray:
     """``trace.attention(site)`` of one sample at the chosen steps, lazily (steps ``None``: every captured step)."""
     sample_index(trace, sample)
     da = trace.attention(site).sel(sample=sample)
-    captured = da["step"].values.tolist()
     if steps is None:
         return da
-    num_steps = int(trace.manifest.get("run", {}).get("num_steps") or (max(captured, default=-1) + 1))
-    chosen = list(select_steps(steps, num_steps))
-    missing = [s for s in chosen if s not in captured]
-    if missing:
-        raise AttnscopeError(f"steps={steps!r}: steps {missing} are not in this trace at {site}; "
-                             f"captured steps: {captured}")
-    return da.sel(step=chosen)
+    return da.sel(step=select_captured_steps(steps, da["step"].values.tolist(), run_steps(trace, [da]), site))
 
 
 def default_targets(tokens: Sequence[str]) -> tuple[list[str | int], list[str]]:

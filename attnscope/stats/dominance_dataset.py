@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..selection import select_site_names
+from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import resolve_targets, token_roles, token_words
 from . import formulas as f
 
@@ -44,22 +44,10 @@ def site_arrays(source: Any, sites: Any = None, steps: Any = None) -> tuple[dict
             raise AttnscopeError(f"site {name!r}: array with dims {da.dims} lacks {missing}; expected "
                                  "(step, sample, head, y, x, token)")
     if steps is not None:
-        arrays = {n: _select_steps(n, da, steps) for n, da in arrays.items()}
+        total = run_steps(source, arrays.values())
+        arrays = {n: da.sel(step=select_captured_steps(steps, da["step"].values.tolist(), total, n))
+                  for n, da in arrays.items()}
     return arrays, cut
-
-
-def _select_steps(name: str, da: Any, steps: Any) -> Any:
-    have = [int(s) for s in da["step"].values]
-    if isinstance(steps, slice):
-        wanted = have[steps]
-    elif isinstance(steps, (int, np.integer)):
-        wanted = [int(steps)]
-    else:
-        wanted = [int(s) for s in steps]
-    absent = [s for s in wanted if s not in have]
-    if absent or not wanted:
-        raise AttnscopeError(f"steps={steps!r}: step(s) {absent or wanted} not captured at {name}; captured: {have}")
-    return da.sel(step=wanted)
 
 
 def _token_texts(da: Any, tokens: Sequence[str] | None) -> list[list[str]]:
@@ -136,7 +124,8 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     sites : glob, list of names/globs or predicate, optional
         Which sites (default all).
     steps : int, list of int or slice, optional
-        Which captured steps (default all).
+        Which steps of the run (an int, list or slice over the run's steps, like ``capture``; all
+        must be captured; default every captured step).
     include_special : bool
         Count SOT, EOT and padding among the prompt tokens ``P`` (default: word pieces only).
     tokens : list of str, optional

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..selection import select_site_names
+from ..selection import run_steps, select_captured_steps, select_site_names
 from ..store_format import GATED_STEPS_ATTR, OUTPUT_CHANGE, OUTPUT_NORM
 from ..trace import open_trace
-from .dominance_dataset import _select_steps, site_arrays
+from .dominance_dataset import site_arrays
 
 __all__ = ["convergence", "stable_step", "suggest_gate_step"]
 
@@ -80,7 +80,8 @@ def _output_curves(ds: Any, sites: Any, steps: Any) -> Any:
     if sites is not None:
         curve = curve.sel(site=select_site_names(sites, [str(s) for s in curve["site"].values]))
     if steps is not None:
-        curve = _select_steps("the output summaries", curve, steps)
+        captured = curve["step"].values.tolist()
+        curve = curve.sel(step=select_captured_steps(steps, captured, run_steps(ds, [curve]), "the output summaries"))
     curve = curve.compute()
     if "sample" not in curve.coords:
         curve = curve.assign_coords(sample=np.arange(curve.sizes["sample"]))
