@@ -89,6 +89,7 @@ def build_manifest(pipe: Any, run: dict[str, Any], capture_spec: dict[str, Any])
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
         "dtype": str(denoiser.dtype).removeprefix("torch."),
         "device": str(denoiser.device),
+        "cpu_threads": torch.get_num_threads(),
         "versions": dict(_versions()),
         "run": run,
         "capture": capture_spec,

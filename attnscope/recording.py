@@ -329,7 +329,7 @@ class _OutputChange:
         return out[0], out[1]
 
 
-_BUILT_MANIFEST_KEYS = ("model", "scheduler", "dtype", "device", "versions", "run", "capture")
+_BUILT_MANIFEST_KEYS = ("model", "scheduler", "dtype", "device", "cpu_threads", "versions", "run", "capture")
 
 
 def _extra_manifest(extra: dict[str, Any] | None) -> dict[str, Any]:

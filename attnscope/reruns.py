@@ -129,6 +129,7 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         pipe = pipe.to(device) if device is not None else pipe
         _check_dtype(pipe, manifest, where)
     _check_weights(pipe, manifest, where)
+    _warn_on_other_threads(pipe, manifest, where)
     scheduler = _scheduler(manifest, where)
     generator = _generator(run, where)
     kwargs = _pipeline_kwargs(pipe, run, where)
@@ -231,6 +232,15 @@ def _check_dtype(pipe: Any, manifest: dict[str, Any], where: str) -> None:
     if want is not None and have != want:
         raise AttnscopeError(f"cannot rerun trace {where!r} with this pipe: its dtype is {have}, the trace was "
                              f"captured in {want}; pass a pipeline in {want} (or pipe=None to load it)")
+
+
+def _warn_on_other_threads(pipe: Any, manifest: dict[str, Any], where: str) -> None:
+    """On the CPU another torch thread count splits sums differently: the maps then differ by float rounding."""
+    recorded, now = manifest.get("cpu_threads"), torch.get_num_threads()
+    if str(getattr(_denoiser(pipe), "device", "")) == "cpu" and isinstance(recorded, int) and recorded != now:
+        warnings.warn(f"trace {where!r} was captured with {recorded} CPU threads, this rerun uses {now}: maps and "
+                      f"images may differ by float rounding; torch.set_num_threads({recorded}) reproduces it "
+                      f"bit for bit", stacklevel=3)
 
 
 def _check_weights(pipe: Any, manifest: dict[str, Any], where: str) -> None:

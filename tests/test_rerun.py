@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -358,3 +359,19 @@ def test_rerun_command_help_shows_an_example():
     done = attnscope_cli("rerun", "--help")
     text = " ".join(done.stdout.split())
     assert done.returncode == 0 and "Example: attnscope rerun runs/demo.zarr --regulate 'circle,square'" in text
+
+
+def test_another_cpu_thread_count_warns_and_names_the_fix(parent, tmp_path):
+    recorded = parent.manifest["cpu_threads"]
+    assert recorded == torch.get_num_threads()
+    other = 1 if recorded != 1 else 2
+    torch.set_num_threads(other)
+    try:
+        with pytest.warns(UserWarning, match=rf"captured with {recorded} CPU threads, this rerun uses {other}.*"
+                                             rf"torch.set_num_threads\({recorded}\)"):
+            rerun(parent, store=tmp_path / "t.zarr")
+    finally:
+        torch.set_num_threads(recorded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same count: no warning
+        rerun(parent, store=tmp_path / "same.zarr")
