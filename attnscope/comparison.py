@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import AttnscopeError
 from .reruns import _as_trace
+from .selection import select_site_names
 from .trace import Trace
 
 __all__ = ["Comparison", "compare"]
@@ -135,6 +136,20 @@ def _same_generation(a: Trace, b: Trace) -> None:
                                  f"({ra.get(key)!r} vs {rb.get(key)!r})")
 
 
+def _computed_in_both(a: Trace, b: Trace, sites: Any) -> list[int] | None:
+    """The steps both traces captured and computed (not gated by TGATE), or None when neither was gated."""
+    gated = set(a.gated_steps) | set(b.gated_steps)
+    if not gated:
+        return None
+    site = select_site_names(sites, a.sites)[0]
+    have = set(b.attention(site)["step"].values.tolist()) if site in b.sites else set()
+    steps = [s for s in a.attention(site)["step"].values.tolist() if s in have and s not in gated]
+    if not steps:
+        raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: no step was computed in both "
+                             f"(gated steps: {sorted(gated)})")
+    return steps
+
+
 def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str | int] | str | None = None, *,
             sites: Any = None, steps: Any = None) -> Comparison:
     """Dominance statistics of two runs of the same generation, and their difference ``b - a``.
@@ -161,7 +176,8 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
         Which sites (default all that both traces recorded).
     steps : int, list of int or slice, optional
         Which steps of the run (an int, list or slice over the run's steps, like ``capture``; all
-        must be captured; default every captured step).
+        must be captured). Default: every step both traces captured, less the steps either one
+        gated (TGATE: not computed, stored as NaN).
 
     Returns
     -------
@@ -184,6 +200,8 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
             raise AttnscopeError(f"cannot compare {str(ta.path)!r} and {str(tb.path)!r}: they recorded no site in "
                                  f"common ({ta.sites} vs {tb.sites})")
         sites = common
+    if steps is None:
+        steps = _computed_in_both(ta, tb, sites)
     before = dominance(ta, targets, sites=sites, steps=steps)
     after = dominance(tb, targets, sites=sites, steps=steps)
     with np.errstate(invalid="ignore"):

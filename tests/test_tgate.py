@@ -298,3 +298,14 @@ def test_a_rerun_keeps_the_output_summaries_of_its_parent(parent, tmp_path):
     assert summary is not None
     before = parent.output_change()["output_norm"].values
     assert np.array_equal(summary["output_norm"].values[:GATE], before[:GATE])  # the same outputs up to the gate
+
+
+def test_compare_with_a_gated_rerun_uses_the_steps_both_computed(parent, tmp_path):
+    gated = ats.rerun(parent, [TGate(GATE)], store=tmp_path / "c.zarr")
+    c = ats.compare(parent, gated, ["circle", "square"])
+    assert c.stats.step.values.tolist() == list(range(GATE))
+    assert np.isfinite(c.stats.target_share.values).all()
+    assert float(abs(c.stats.target_share).max()) == 0.0  # before the gate the two runs are the same
+    assert np.isfinite(c.shares().to_numpy()).all()
+    fig = c.figure()
+    assert all(np.isfinite(im.get_array()).all() for ax in fig.axes for im in ax.images)
