@@ -1,6 +1,8 @@
 """attnscope: see and steer what text-to-image diffusion models attend to.
 
-The public API (see docs/index.md):
+The public API (see docs/index.md). The packages follow the data flow: ``models`` (what gets
+hooked) → ``hooks`` (interception) → ``capture`` → ``store`` → ``stats`` → ``plot``, and
+``hooks`` → ``regulate`` (interventions) → ``rerun`` (reproduce and compare).
 
 >>> import attnscope as ats
 >>> ats.capture, ats.open_trace, ats.hooks  # doctest: +ELLIPSIS
@@ -9,21 +11,27 @@ The public API (see docs/index.md):
 <function detect at ...>
 """
 
-from . import accessor as accessor  # registers the `.attn` xarray accessor
-from . import plot, regulate, shapes, stats
-from .comparison import compare
-from .context import CallContext, RowLayout, StepContext
+from . import plot, regulate, stats
+from .capture import Recorder, capture
 from .errors import AttnscopeError
-from .hook_core import STAGES, HookSession, hooks
-from .pipeline import load_pipeline
-from .recording import Recorder, capture
-from .reruns import rerun
-from .sites import CrossAttentionSite, discover_sites
-from .trace import Trace, open_trace
+from .hooks import (
+    STAGES,
+    CallContext,
+    CrossAttentionSite,
+    HookClient,
+    HookSession,
+    RowLayout,
+    StepContext,
+    discover_sites,
+    hooks,
+)
+from .models import load_pipeline, shapes
+from .rerun import Comparison, compare, rerun
+from .store import Trace, open_trace
 
 __all__ = [
-    "AttnscopeError", "CallContext", "CrossAttentionSite", "HookSession", "Recorder", "RowLayout", "STAGES",
-    "StepContext", "Trace", "capture", "compare", "discover_sites", "hooks", "load_pipeline", "open_trace", "plot",
-    "regulate", "rerun", "shapes", "stats",
+    "AttnscopeError", "CallContext", "Comparison", "CrossAttentionSite", "HookClient", "HookSession", "Recorder",
+    "RowLayout", "STAGES", "StepContext", "Trace", "capture", "compare", "discover_sites", "hooks", "load_pipeline",
+    "open_trace", "plot", "regulate", "rerun", "shapes", "stats",
 ]
 __version__ = "0.1.0"

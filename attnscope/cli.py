@@ -49,13 +49,14 @@ def capture(
 ) -> None:
     """Generate with a local diffusers model and record its cross-attention maps into a trace store."""
     import attnscope as ats
+    from attnscope.selection import parse_step_text
 
     try:
         pipe = ats.load_pipeline(model, device=device, dtype=dtype)
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width,
                                          negative_prompt=negative_prompt).items() if v is not None}
         tr = ats.capture(pipe, prompt if len(prompt) > 1 else prompt[0], seed=seed, store=out,
-                         sites=sites or None, steps=_parse_steps(capture_steps), heads=heads, tokens=tokens,
+                         sites=sites or None, steps=parse_step_text(capture_steps, "--capture-steps"), heads=heads, tokens=tokens,
                          branch=branch, overwrite=overwrite, output_change=output_change, num_inference_steps=steps,
                          num_images_per_prompt=images_per_prompt, **kwargs)
     except ats.AttnscopeError as exc:
@@ -72,7 +73,7 @@ def demo(
 ) -> None:
     """Generate with the embedded shapes model, capture every cross-attention map, and summarise."""
     import attnscope as ats
-    from attnscope.demo import run_demo
+    from attnscope.models import run_demo
 
     try:
         typer.echo(run_demo(prompt, seed=seed, out=out, device=device))
@@ -95,7 +96,7 @@ def eval_(
 ) -> None:
     """Generate with fixed seeds, detect the objects, and report presence rates with 95% bootstrap CIs."""
     import attnscope as ats
-    from attnscope.evaluation import evaluate, format_report, named_interventions
+    from attnscope.models import evaluate, format_report, named_interventions
 
     try:
         clients = named_interventions(intervention or [])
@@ -123,8 +124,8 @@ def train_shapes(
 ) -> None:
     """Train the embedded shapes model from scratch (about 16 minutes on 2 CPU cores with the defaults)."""
     import attnscope as ats
-    from attnscope.shapes.training import TrainConfig
-    from attnscope.shapes.training import train_shapes as train
+    from attnscope.models.shapes import TrainConfig
+    from attnscope.models.shapes import train_shapes as train
 
     try:
         config = TrainConfig(seed=seed, vae_steps=vae_steps, steps=steps, batch=batch, checkpoint_every=checkpoint_every)
@@ -159,11 +160,12 @@ def stats(
     import json
 
     import attnscope as ats
+    from attnscope.selection import parse_step_text
 
     try:
         tr = ats.open_trace(trace)
         if convergence:
-            ds = ats.stats.convergence(tr, sites=sites or None, steps=_parse_steps(steps, "--steps"), tol=tol, of=of)
+            ds = ats.stats.convergence(tr, sites=sites or None, steps=parse_step_text(steps, "--steps"), tol=tol, of=of)
             if as_json:
                 typer.echo(json.dumps(ats.stats.dominance_json(ds)))
                 return
@@ -171,7 +173,7 @@ def stats(
             typer.echo(_gate_step_line(ds, tol))
             return
         ds = ats.stats.dominance(tr, targets=_split_words(targets), sites=sites or None,
-                                 steps=_parse_steps(steps, "--steps"))
+                                 steps=parse_step_text(steps, "--steps"))
         typer.echo(json.dumps(ats.stats.dominance_json(ds)) if as_json else ats.stats.dominance_table(ds, by=by))
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
@@ -196,16 +198,14 @@ def rerun(
 ) -> None:
     """Regenerate a trace exactly (same model, seed, scheduler) with interventions on; compare target shares."""
     import attnscope as ats
-    from attnscope.comparison import compare
-    from attnscope.reruns import rerun as rerun_trace
 
     try:
         targets = _split_words(regulate)
         weights = [_parse_reweight(spec) for spec in reweight or []]
         clients = _rerun_interventions(targets, weights) + ([_parse_tgate(tgate, trace)] if tgate is not None else [])
-        tr = rerun_trace(trace, clients, store=out, overwrite=overwrite, device=device)
+        tr = ats.rerun(trace, clients, store=out, overwrite=overwrite, device=device)
         chosen = list(dict.fromkeys([*(targets or []), *(w for w, _ in weights)])) or None
-        table = compare(trace, tr, chosen).table()
+        table = ats.compare(trace, tr, chosen).table()
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
     typer.echo(f"trace: {tr.path}  ({len(tr.sites)} sites, {len(tr.timesteps)} steps, {len(tr.images)} images; "
@@ -225,7 +225,7 @@ def _gate_step_line(conv, tol: float) -> str:
 
 
 def _parse_tgate(spec: str, trace: Path) -> object:
-    from attnscope.errors import AttnscopeError
+    from attnscope import AttnscopeError
     from attnscope.regulate import TGate
 
     if spec.strip() == "auto":
@@ -242,7 +242,7 @@ def _parse_tgate(spec: str, trace: Path) -> object:
 
 
 def _parse_reweight(spec: str) -> tuple[str, float]:
-    from attnscope.errors import AttnscopeError
+    from attnscope import AttnscopeError
 
     word, sep, factor = spec.rpartition("=")
     try:
@@ -254,20 +254,10 @@ def _parse_reweight(spec: str) -> tuple[str, float]:
 
 
 def _rerun_interventions(targets: list[str] | None, weights: list[tuple[str, float]]) -> list[object]:
-    from attnscope.errors import AttnscopeError
+    import attnscope as ats
 
-    if not targets and not weights:
-        return []
-    try:
-        import attnscope.regulate as regulate
-    except ImportError as exc:
-        raise AttnscopeError(f"--regulate/--reweight need attnscope.regulate, which cannot be imported: {exc}") from exc
-    needed = (["AttentionRegulation"] if targets else []) + (["Reweight"] if weights else [])
-    missing = [name for name in needed if not hasattr(regulate, name)]
-    if missing:
-        raise AttnscopeError(f"--regulate/--reweight: attnscope.regulate has no {', '.join(missing)} in this version")
-    clients: list[object] = [regulate.AttentionRegulation(targets=targets)] if targets else []
-    return clients + [regulate.Reweight(word, factor) for word, factor in weights]
+    clients: list[object] = [ats.regulate.AttentionRegulation(targets=targets)] if targets else []
+    return clients + [ats.regulate.Reweight(word, factor) for word, factor in weights]
 
 
 _PLOT_KINDS = ("heatmaps", "grid", "violins", "dominance", "convergence")
@@ -291,12 +281,13 @@ def plot(
 ) -> None:
     """Draw a figure of a trace: word heat maps, the step x site grid, violins, dominance or convergence lines."""
     import attnscope as ats
+    from attnscope.selection import parse_step_text
 
     try:
         if kind not in _PLOT_KINDS:
             raise ats.AttnscopeError(f"--kind {kind!r}: expected one of {', '.join(_PLOT_KINDS)}")
         tr = ats.open_trace(trace)
-        targets, chosen = _split_words(words), _parse_steps(steps, "--steps")
+        targets, chosen = _split_words(words), parse_step_text(steps, "--steps")
         if kind == "heatmaps":
             fig = ats.plot.heatmaps(tr, targets or _prompt_words(tr), sites=sites or None, steps=chosen, sample=sample)
         elif kind == "grid":
@@ -324,19 +315,6 @@ def _prompt_words(tr) -> list[str]:
     from attnscope.tokens import token_words
 
     return list(dict.fromkeys(w for w in token_words(tr.tokens) if w))
-
-
-def _parse_steps(spec: str | None, option: str = "--capture-steps") -> object:
-    from attnscope.errors import AttnscopeError
-
-    if spec is None:
-        return None
-    try:
-        if ":" in spec:
-            return slice(*(int(p) if p else None for p in spec.split(":")))
-        return [int(p) for p in spec.split(",") if p.strip()]
-    except (ValueError, TypeError) as exc:
-        raise AttnscopeError(f"{option} {spec!r}: expected START:STOP[:STEP] or a comma-separated list of ints") from exc
 
 
 if __name__ == "__main__":

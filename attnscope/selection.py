@@ -1,4 +1,10 @@
-"""Parsing the user's choice of sites, steps, heads, tokens and branches, with clear errors."""
+"""Parsing the user's choice of sites, steps, heads, tokens and branches, with clear errors.
+
+The one step-spec parser (:func:`select_steps`) serves capture, the statistics, the plots and the
+interventions alike: a step is an index into the run's denoising steps, negative indices and slices
+count from the run's end. Sites are anything with a ``.name`` (a ``CrossAttentionSite``, or a bare
+name through :func:`select_site_names`), so this module needs nothing of the hook core.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from .errors import AttnscopeError
-from .sites import CrossAttentionSite
 
-__all__ = ["select_site_names", "select_sites", "select_steps", "select_captured_steps", "run_steps", "check_choice", "SiteSpec",
-           "StepSpec"]
+__all__ = ["SiteSpec", "StepSpec", "check_choice", "parse_step_text", "run_steps", "select_captured_steps", "select_site_names",
+           "select_sites", "select_steps"]
 
-SiteSpec = None | str | Sequence[str] | Callable[[CrossAttentionSite], bool]
+SiteSpec = None | str | Sequence[str] | Callable[[Any], bool]
 StepSpec = None | int | range | slice | Iterable[int]
 
 HEADS = ("mean", "all")
@@ -27,12 +32,12 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
     return value
 
 
-def _listing(sites: Sequence[CrossAttentionSite]) -> str:
+def _listing(sites: Sequence[Any]) -> str:
     return "available sites:\n  " + "\n  ".join(s.name for s in sites)
 
 
-def select_sites(spec: SiteSpec, sites: Sequence[CrossAttentionSite]) -> list[CrossAttentionSite]:
-    """Sites chosen by ``spec``: ``None`` (all), a glob, a list of names/globs, or a predicate.
+def select_sites(spec: SiteSpec, sites: Sequence[Any]) -> list[Any]:
+    """Sites (objects with a ``.name``) chosen by ``spec``: ``None`` (all), a glob, a list of names/globs, or a predicate.
 
     Examples
     --------
@@ -101,6 +106,29 @@ def select_steps(spec: StepSpec, num_steps: int) -> tuple[int, ...]:
     if not resolved:
         raise AttnscopeError(f"steps={spec!r}: selects no step")
     return tuple(sorted(resolved))
+
+
+def parse_step_text(text: str | None, option: str = "--steps") -> StepSpec:
+    """A step spec from the command line's text: ``START:STOP[:STEP]`` (a slice) or a comma list of ints.
+
+    ``option`` names the option in the error. The spec is then resolved by :func:`select_steps`.
+
+    Examples
+    --------
+    >>> parse_step_text("-3:"), parse_step_text("0,5,-1"), parse_step_text(None)
+    (slice(-3, None, None), [0, 5, -1], None)
+    >>> parse_step_text("a:b", "--capture-steps")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: --capture-steps 'a:b': expected START:STOP[:STEP] or a comma-separated list of ints
+    """
+    if text is None:
+        return None
+    try:
+        if ":" in text:
+            return slice(*(int(p) if p.strip() else None for p in text.split(":")))
+        return [int(p) for p in text.split(",") if p.strip()]
+    except (ValueError, TypeError) as exc:
+        raise AttnscopeError(f"{option} {text!r}: expected START:STOP[:STEP] or a comma-separated list of ints") from exc
 
 
 def select_captured_steps(spec: StepSpec, captured: Sequence[int], num_steps: int, where: str) -> list[int]:

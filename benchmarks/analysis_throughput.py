@@ -6,7 +6,7 @@ attnscope's own ``TraceWriter`` — ≥ 2 GB on disk by default — then times, 
 
 * **read**: every chunk of every site read and decompressed through the same dask path the
   statistics use (one task per stored chunk), with a function that does nothing with the data;
-* **stats**: ``ats.stats.dominance(trace, targets=[...])`` — every statistic of DESIGN §5.
+* **stats**: ``ats.stats.dominance(trace, targets=[...])`` — every statistic of docs/analysis.md.
 
 Prints both rates (stored and raw MB/s), their ratio (target ≥ 0.80) and, with ``--json``, writes them.
 The store is written once per run into ``--dir`` (default: a temporary directory, deleted after).
@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import attnscope as ats
-from attnscope.store_format import SITE_DIMS
-from attnscope.writer import SiteLayout, StoreLayout, TraceWriter
+from attnscope.store import SITE_DIMS, SiteLayout, StoreLayout, TraceWriter
 
 TARGET = 0.80
 #: SD-1.5 cross-attention sites at 512 px: (name, map side)

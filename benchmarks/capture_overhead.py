@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import attnscope
-from attnscope.manifest import weights_fingerprint
+from attnscope.store import weights_fingerprint
 from attnscope.testing import sd15_structure_pipeline, tiny_sd_pipeline
 
 PROMPT = "a photo of a red cat and a blue dog"

@@ -1,12 +1,45 @@
-"""Shared fixtures: tiny random-weight SD and SDXL pipelines built from config (offline)."""
+"""Shared fixtures: tiny random-weight SD and SDXL pipelines built from config (offline), the embedded
+shapes model, and ``cli`` to run the ``attnscope`` command line in this process."""
 
-import numpy as np
-import pytest
-import torch
+import os
 
-from attnscope.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+# One torch thread per test process, and the same for every process a test starts (the CLI's entry
+# point, the Jupyter kernels of the notebooks): on a machine where another process holds a core,
+# torch's default thread pool spins at every barrier and a 30 s notebook can take over 600 s. Speed
+# is measured by benchmarks/, never here; `pytest -n 2` (see README) uses the cores instead.
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from typer.testing import CliRunner, Result  # noqa: E402
+
+import attnscope as ats  # noqa: E402
+from attnscope.testing import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+
+torch.set_num_threads(1)  # also when torch was imported before this file (the doctests of attnscope/)
 
 RUN = dict(num_inference_steps=3, height=32, width=32)
+
+
+def cli(*args: str | os.PathLike) -> Result:
+    """``attnscope ARGS`` run in this process with typer's CliRunner, as ``python -m attnscope`` runs it.
+
+    The result has ``exit_code``, ``stdout`` and ``stderr`` apart (``output`` is both, interleaved).
+    An unexpected exception propagates with its traceback instead of becoming exit code 1. The command
+    must leave torch's thread count and the global torch and numpy random states as it found them:
+    the tests that follow share this interpreter.
+    """
+    from attnscope.cli import app
+
+    threads, torch_rng, numpy_rng = torch.get_num_threads(), torch.random.get_rng_state(), np.random.get_state()
+    result = CliRunner().invoke(app, [str(a) for a in args], prog_name="attnscope", catch_exceptions=False)
+    assert torch.get_num_threads() == threads, f"attnscope {args}: left torch on {torch.get_num_threads()} threads"
+    assert torch.equal(torch.random.get_rng_state(), torch_rng), f"attnscope {args}: drew from torch's global RNG"
+    after = np.random.get_state()
+    assert after[0] == numpy_rng[0] and np.array_equal(after[1], numpy_rng[1]) and after[2:] == numpy_rng[2:], \
+        f"attnscope {args}: drew from numpy's global RNG"
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +56,12 @@ def sd2_pipe():
 @pytest.fixture(scope="session")
 def sdxl_pipe():
     return tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="session")
+def shapes():
+    """The embedded shapes model, loaded once: a test that changes it (scheduler, hooks) puts it back."""
+    return ats.load_pipeline("shapes")
 
 
 @pytest.fixture(params=["sd", "sdxl"])

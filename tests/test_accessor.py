@@ -7,7 +7,7 @@ import xarray as xr
 from PIL import Image
 
 import attnscope as ats
-import attnscope.accessor  # noqa: F401  (registers DataArray.attn)
+import attnscope.stats  # noqa: F401  (registers DataArray.attn)
 from attnscope.errors import AttnscopeError
 
 PROMPTS = ["a red circle and a blue square", "a green triangle"]
@@ -31,9 +31,9 @@ def bilinear(maps, size):
 
 
 @pytest.fixture(scope="module")
-def trace(tmp_path_factory):
-    pipe = ats.load_pipeline("shapes")
-    return ats.capture(pipe, PROMPTS, seed=0, store=tmp_path_factory.mktemp("acc") / "a.zarr",
+def trace(shapes, tmp_path_factory):
+    """The two PROMPTS, 3 steps, every head kept."""
+    return ats.capture(shapes, PROMPTS, seed=0, store=tmp_path_factory.mktemp("acc") / "a.zarr",
                        num_inference_steps=3, heads="all")
 
 

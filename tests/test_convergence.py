@@ -2,8 +2,6 @@
 checked against curves known by hand."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,9 +10,9 @@ import xarray as xr
 
 import attnscope as ats
 from attnscope import AttnscopeError
-from attnscope.store_format import SITE_DIMS
+from attnscope.store import SITE_DIMS
 
-from .conftest import RUN
+from .conftest import RUN, cli
 
 PROMPT = "a red circle"
 # mean over the two guidance halves of every site's output is M[t] · X (see Scale); its relative
@@ -244,10 +242,10 @@ def test_table_plot_and_cli_show_the_gate_step(scaled, sd_pipe, tmp_path):
     assert "of the maps" in maps_table.splitlines()[0] and maps_table.splitlines()[3:5] == ["   2  gated", "   3  gated"]
     assert "gated steps 2–3" in ats.plot.convergence(ats.stats.convergence(gated)).axes[0].get_legend_handles_labels()[1]
 
-    run = [sys.executable, "-m", "attnscope", "stats", str(tr.path), "--convergence"]
-    done = subprocess.run(run + ["--tol", "0.05"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    run = ["stats", str(tr.path), "--convergence"]
+    done = cli(*run, "--tol", "0.05")
+    assert done.exit_code == 0, done.stderr
     assert done.stdout.rstrip().endswith("suggested gate step: 3") and "of the outputs" in done.stdout
-    done = subprocess.run(run + ["--tol", "0.005", "--of", "outputs"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = cli(*run, "--tol", "0.005", "--of", "outputs")
+    assert done.exit_code == 0, done.stderr
     assert "suggested gate step: none — no gate step at tol=0.005" in done.stdout and "is 0.0101 (from step 4 on)" in done.stdout

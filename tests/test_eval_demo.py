@@ -1,8 +1,6 @@
 """`attnscope eval` and `attnscope demo` on the embedded shapes model."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,13 +8,11 @@ import torch
 
 import attnscope as ats
 from attnscope import AttnscopeError
-from attnscope.evaluation import _rate, eval_prompts, evaluate, format_report
-from attnscope.shapes import detect, parse_prompt
+from attnscope.models import eval_prompts, evaluate, format_report
+from attnscope.models._evaluation import _rate
+from attnscope.models.shapes import detect, parse_prompt
 
-
-@pytest.fixture(scope="module")
-def shapes():
-    return ats.load_pipeline("shapes")
+from .conftest import cli
 
 
 def test_prompt_sets_are_deterministic_and_well_formed(tmp_path):
@@ -86,23 +82,20 @@ def test_eval_takes_any_hook_client(shapes):
 
 def test_eval_cli_writes_the_documented_json(tmp_path):
     out = tmp_path / "e.json"
-    proc = subprocess.run([sys.executable, "-m", "attnscope", "eval", "--prompts", "single", "--n", "3", "--steps", "4",
-                           "--json", str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    proc = cli("eval", "--prompts", "single", "--n", "3", "--steps", "4", "--json", str(out))
+    assert proc.exit_code == 0, proc.stderr
     assert "all objects present" in proc.stdout
     data = json.loads(out.read_text())
     assert set(data) == {"prompts", "n", "seed", "model", "settings", "interventions", "metrics", "per_prompt"}
     assert data["n"] == 3 and data["model"] == "shapes" and data["settings"]["num_inference_steps"] == 4
-    bad = subprocess.run([sys.executable, "-m", "attnscope", "eval", "--intervention", "nope", "--n", "1"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "intervention='nope'" in bad.stderr
+    bad = cli("eval", "--intervention", "nope", "--n", "1")
+    assert bad.exit_code == 2 and "intervention='nope'" in bad.stderr
 
 
 def test_demo_writes_a_trace_and_reports_objects(tmp_path):
     store = tmp_path / "demo.zarr"
-    proc = subprocess.run([sys.executable, "-m", "attnscope", "demo", "--out", str(store)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    proc = cli("demo", "--out", str(store))
+    assert proc.exit_code == 0, proc.stderr
     tr = ats.open_trace(store)
     assert tr.complete and len(tr.sites) == 7
     assert tr.manifest["run"]["prompts"] == ["a red circle and a blue square"]
@@ -119,9 +112,8 @@ def test_demo_writes_a_trace_and_reports_objects(tmp_path):
 
     figure = tmp_path / "demo-heatmaps.png"
     assert f"heat maps: {figure}" in proc.stdout and Image.open(figure).size[0] > Image.open(figure).size[1] > 100
-    bad = subprocess.run([sys.executable, "-m", "attnscope", "demo", "--prompt", "a purple circle", "--out",
-                          str(tmp_path / "x.zarr")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "'purple'" in bad.stderr and not (tmp_path / "x.zarr").exists()
+    bad = cli("demo", "--prompt", "a purple circle", "--out", str(tmp_path / "x.zarr"))
+    assert bad.exit_code == 2 and "'purple'" in bad.stderr and not (tmp_path / "x.zarr").exists()
 
 
 def test_shipped_weights_keep_their_measured_quality(shapes):
@@ -135,7 +127,7 @@ def test_shipped_weights_keep_their_measured_quality(shapes):
 
 
 def test_eval_regulation_targets_each_prompts_objects(shapes):
-    from attnscope.evaluation import named_interventions
+    from attnscope.models import named_interventions
 
     (reg,) = named_interventions(["regulation"])
     result = evaluate(shapes, "two", n=2, num_inference_steps=4, interventions=[reg], progress=False)

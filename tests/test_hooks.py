@@ -90,7 +90,7 @@ def test_probs_are_the_softmax_of_scaled_logits(sd_pipe):
 def test_processors_restored_after_exit_and_exception(any_pipe):
     before = processors(any_pipe)
     with ats.hooks(any_pipe, Probe()):
-        assert all(type(p).__name__ == "_SiteProcessor" for n, p in processors(any_pipe).items() if n.endswith("attn2"))
+        assert all(type(p).__name__ == "CrossAttentionProcessor" for n, p in processors(any_pipe).items() if n.endswith("attn2"))
     assert processors(any_pipe) == before
     assert all(processors(any_pipe)[n] is p for n, p in before.items())
     with pytest.raises(RuntimeError, match="boom"):
@@ -263,3 +263,43 @@ def test_gradients_flow_through_observed_attention(sd_pipe):
         out.square().mean().backward()
     assert latents.grad is not None and latents.grad.abs().sum() > 0
     assert len(probe.seen) == 7 and all(t.shape[-1] == 77 for *_, t in probe.seen)
+
+
+def test_the_client_protocol_is_declared_once():
+    from attnscope.hooks import OPTIONAL_METHODS, ROLES, HookClient, client_role
+
+    assert isinstance(Probe(), HookClient) and isinstance(Edit("probs", lambda t: t), HookClient)
+    assert not isinstance(object(), HookClient)
+    assert ROLES == ("intervention", "observer") and ats.STAGES == ("logits", "probs", "output")
+    doc = HookClient.__doc__
+    for name in ("role", "self_attention", "stages", *OPTIONAL_METHODS):
+        assert name in doc, f"HookClient does not document {name}"
+
+    class NoRole:
+        def stages(self, ctx):
+            return ()
+
+    class Wrong(NoRole):
+        role = "editor"
+
+    assert client_role(NoRole()) == "observer" and client_role(Edit("probs", None)) == "intervention"
+    with pytest.raises(ats.AttnscopeError, match="got role='editor' and a stages"):
+        client_role(Wrong())
+
+
+def test_only_interventions_may_bypass_or_choose_branches(sd_pipe):
+    """An observer's ``bypass`` and ``branches`` are never called: the role is read once, at install."""
+    calls = []
+
+    class Pretender(Probe):
+        def bypass(self, ctx):
+            calls.append("bypass")
+            return torch.zeros(1)
+
+        def branches(self, step):
+            calls.append("branches")
+            return ("uncond",)
+
+    with ats.hooks(sd_pipe, Pretender()) as session:
+        generate(sd_pipe)
+    assert calls == [] and session.interventions == [] and len(session.clients) == 1

@@ -38,9 +38,9 @@ def assert_png(fig, path):
 
 
 @pytest.fixture(scope="module")
-def trace(tmp_path_factory):
-    pipe = ats.load_pipeline("shapes")
-    return ats.capture(pipe, PROMPT, seed=0, store=tmp_path_factory.mktemp("plot") / "a.zarr",
+def trace(shapes, tmp_path_factory):
+    """PROMPT, 6 steps of which the CAPTURED ones are recorded, every head kept."""
+    return ats.capture(shapes, PROMPT, seed=0, store=tmp_path_factory.mktemp("plot") / "a.zarr",
                        num_inference_steps=6, heads="all", steps=CAPTURED)
 
 
@@ -267,7 +267,7 @@ def test_plots_of_real_statistics(trace, tmp_path):
 
 
 def test_exports_are_documented_functions_returning_figures():
-    assert sorted(plot.__all__) == ["convergence", "dominance_lines", "heatmaps", "site_step_grid", "violins"]
+    assert sorted(plot.__all__) == ["comparison", "convergence", "dominance_lines", "heatmaps", "site_step_grid", "violins"]
     for name in plot.__all__:
         func = getattr(plot, name)
         assert inspect.isfunction(func) and func.__module__.startswith("attnscope.plot.")

@@ -1,4 +1,4 @@
-"""Attention Regulation and Reweight against the official algorithm's definitions (shared/SEEDS.md)."""
+"""Attention Regulation and Reweight against the official algorithm's definitions (docs/regulation.md, "The algorithm, from the official code")."""
 
 import math
 
@@ -8,11 +8,10 @@ import torch
 
 import attnscope as ats
 from attnscope import AttnscopeError
-from attnscope.context import CallContext, RowLayout, StepContext
+from attnscope.hooks import CallContext, CrossAttentionSite, RowLayout, StepContext
 from attnscope.regulate import AttentionRegulation, Reweight, default_regulation_sites, gaussian_basis, regulation_loss
-from attnscope.regulate.attention_regulation import _put_columns
-from attnscope.regulate.descent import RegulationDescent, one_thread, quantile_positions, topk_quantile
-from attnscope.sites import CrossAttentionSite
+from attnscope.regulate._descent import RegulationDescent, one_thread, quantile_positions, topk_quantile
+from attnscope.regulate._regulation import _put_columns
 
 PROMPT = "a red circle and a blue square"
 

@@ -4,8 +4,6 @@ import hashlib
 import io
 import json
 import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -14,19 +12,13 @@ import torch
 import zarr
 
 import attnscope as ats
-from attnscope.comparison import compare
-from attnscope.reruns import rerun
+from attnscope import compare, rerun
+from attnscope.regulate import AttentionRegulation, Reweight
 from attnscope.testing import tiny_sd_pipeline
 
+from .conftest import cli
+
 PROMPT = "a red circle and a blue square"
-
-
-def _regulate_has(name):
-    try:
-        import attnscope.regulate as regulate
-    except ImportError:
-        return False
-    return hasattr(regulate, name)
 
 
 class ScaleWord:
@@ -76,15 +68,6 @@ def edited_copy(trace, dest, edit):
     edit(attrs)
     root.attrs.update(attrs)
     return dest
-
-
-def attnscope_cli(*args):
-    return subprocess.run([sys.executable, "-m", "attnscope", *args], capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def shapes():
-    return ats.load_pipeline("shapes")
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +120,9 @@ def test_rerun_with_an_intervention_changes_image_and_maps(parent, steered):
     np.testing.assert_allclose(after, 3 * before, rtol=2e-3, atol=1e-4)
 
 
-@pytest.mark.skipif(not _regulate_has("Reweight"), reason="attnscope.regulate.Reweight not available yet")
 def test_rerun_with_reweight(parent, tmp_path):
-    done = rerun(parent, [ats.regulate.Reweight("circle", 2.0)], store=tmp_path / "rw.zarr")
-    assert done.manifest["interventions"] == [ats.regulate.Reweight("circle", 2.0).describe()]
+    done = rerun(parent, [Reweight("circle", 2.0)], store=tmp_path / "rw.zarr")
+    assert done.manifest["interventions"] == [Reweight("circle", 2.0).describe()]
     assert not np.array_equal(images(done), images(parent))
     shares = compare(parent, done, ["circle"]).stats.target_share
     assert float(shares.isel(step=0).mean()) > 0
@@ -319,46 +301,48 @@ def test_compare_refuses_different_generations(parent, shapes, tmp_path):
 # -- command line -----------------------------------------------------------------------------------------
 def test_rerun_command(parent, tmp_path):
     out = tmp_path / "cli.zarr"
-    done = attnscope_cli("rerun", str(parent.path), "-o", str(out))
-    assert done.returncode == 0, done.stderr
+    done = cli("rerun", str(parent.path), "-o", str(out))
+    assert done.exit_code == 0, done.stderr
     assert f"trace: {out}" in done.stdout and "interventions: none" in done.stdout
     lines = done.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["target"])
     assert [line.split()[0] for line in lines[header + 1:]] == ["a", "red", "circle", "and", "blue", "square"]
-    # the subprocess may run torch on another number of CPU threads than this one: equal up to float rounding
+    # on another number of CPU threads (a separate process may use one) a rerun is equal up to float rounding;
+    # the command runs in this process, on the parent's own thread count: bit for bit
     assert all(line.split()[-1] in ("+0.000", "-0.000") for line in lines[header + 1:])
     assert np.abs(images(ats.open_trace(out)).astype(int) - images(parent)).max() <= 2
+    assert torch.get_num_threads() == parent.manifest["cpu_threads"]
+    assert np.array_equal(images(ats.open_trace(out)), images(parent))
+    assert_same_maps(parent, ats.open_trace(out))
 
 
-@pytest.mark.skipif(not (_regulate_has("Reweight") and _regulate_has("AttentionRegulation")),
-                    reason="attnscope.regulate not available yet")
 def test_rerun_command_with_interventions(parent, tmp_path):
     out = tmp_path / "reg.zarr"
-    done = attnscope_cli("rerun", str(parent.path), "-o", str(out), "--regulate", "circle,blue square",
-                         "--reweight", "red=2.0", "--reweight", "blue square=0.5")
-    assert done.returncode == 0, done.stderr
+    done = cli("rerun", str(parent.path), "-o", str(out), "--regulate", "circle,blue square",
+               "--reweight", "red=2.0", "--reweight", "blue square=0.5")
+    assert done.exit_code == 0, done.stderr
     assert "interventions: AttentionRegulation, Reweight, Reweight" in done.stdout
     rows = [line.rsplit(None, 3)[0] for line in done.stdout.splitlines()[-3:]]
     assert rows == ["circle", "blue square", "red"]
     described = ats.open_trace(out).manifest["interventions"]
-    assert described[1:] == [ats.regulate.Reweight("red", 2.0).describe(),
-                             ats.regulate.Reweight("blue square", 0.5).describe()]
+    assert described[0] == AttentionRegulation(targets=["circle", "blue square"]).describe()
+    assert described[1:] == [Reweight("red", 2.0).describe(), Reweight("blue square", 0.5).describe()]
 
 
 def test_rerun_command_errors(parent, tmp_path):
-    done = attnscope_cli("rerun", str(parent.path), "--reweight", "circle", "--reweight", "square=x")
-    assert done.returncode == 2 and "error: --reweight 'circle': expected WORD=FACTOR" in done.stderr
-    done = attnscope_cli("rerun", str(tmp_path / "missing.zarr"))
-    assert done.returncode == 2 and "error:" in done.stderr and "missing.zarr" in done.stderr
+    done = cli("rerun", str(parent.path), "--reweight", "circle", "--reweight", "square=x")
+    assert done.exit_code == 2 and "error: --reweight 'circle': expected WORD=FACTOR" in done.stderr
+    done = cli("rerun", str(tmp_path / "missing.zarr"))
+    assert done.exit_code == 2 and "error:" in done.stderr and "missing.zarr" in done.stderr
     assert "is not an attnscope trace" in done.stderr
-    done = attnscope_cli("rerun", str(parent.path), "-o", str(parent.path))
-    assert done.returncode == 2 and "is the parent trace" in done.stderr
+    done = cli("rerun", str(parent.path), "-o", str(parent.path))
+    assert done.exit_code == 2 and "is the parent trace" in done.stderr
 
 
 def test_rerun_command_help_shows_an_example():
-    done = attnscope_cli("rerun", "--help")
+    done = cli("rerun", "--help")
     text = " ".join(done.stdout.split())
-    assert done.returncode == 0 and "Example: attnscope rerun runs/demo.zarr --regulate 'circle,square'" in text
+    assert done.exit_code == 0 and "Example: attnscope rerun runs/demo.zarr --regulate 'circle,square'" in text
 
 
 def test_another_cpu_thread_count_warns_and_names_the_fix(parent, tmp_path):

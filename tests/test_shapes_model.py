@@ -11,13 +11,7 @@ import torch
 
 import attnscope as ats
 from attnscope import AttnscopeError
-from attnscope.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, VOCABULARY
-from attnscope.shapes.training import TrainConfig, train_shapes
-
-
-@pytest.fixture(scope="module")
-def shapes():
-    return ats.load_pipeline("shapes")
+from attnscope.models.shapes import DEFAULT_GUIDANCE, DEFAULT_STEPS, VOCABULARY, TrainConfig, train_shapes
 
 
 def _image(pipe, prompt, seed, steps=4):
@@ -102,7 +96,7 @@ def test_training_lowers_the_loss_and_writes_loadable_weights(tmp_path):
 
 
 def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch):
-    import attnscope.shapes.training as training
+    import attnscope.models.shapes._training as training
 
     config = TrainConfig(vae_steps=4, vae_batch=4, steps=6, batch=4, warmup=2, checkpoint_every=2)
     whole = train_shapes(tmp_path / "whole", config, progress=False)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from attnscope import AttnscopeError
-from attnscope.shapes import (
+from attnscope.models.shapes import (
     BACKGROUND,
     COLOURS,
     RELATIONS,
@@ -53,7 +53,7 @@ def test_objects_do_not_overlap():
 
 
 def test_render_draws_known_pixels():
-    from attnscope.shapes import Scene, ShapeObject
+    from attnscope.models.shapes import Scene, ShapeObject
 
     scene = Scene((ShapeObject("red", "square", (4.0, 6.0, 14.0, 16.0)),), "a red square")
     image = render(scene)
@@ -83,7 +83,7 @@ def test_detector_accuracy_on_rendered_scenes():
 def test_detector_boxes_and_pil_input():
     from PIL import Image
 
-    from attnscope.shapes import Scene, ShapeObject
+    from attnscope.models.shapes import Scene, ShapeObject
 
     scene = Scene((ShapeObject("blue", "circle", (2.0, 2.0, 14.0, 14.0)),
                    ShapeObject("yellow", "triangle", (18.0, 16.0, 30.0, 28.0))), "a blue circle and a yellow triangle")

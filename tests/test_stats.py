@@ -8,7 +8,7 @@ import xarray as xr
 
 import attnscope as ats
 from attnscope import AttnscopeError
-from attnscope.store_format import SITE_DIMS
+from attnscope.store import SITE_DIMS
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 TOKS = [SOT, "red</w>", "circle</w>", "square</w>", EOT]

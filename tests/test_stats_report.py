@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,13 +9,14 @@ import pytest
 import attnscope as ats
 from attnscope import AttnscopeError
 
+from .conftest import cli
+
 
 @pytest.fixture(scope="module")
-def trace(tmp_path_factory):
-    pipe = ats.load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
+def trace(shapes, tmp_path_factory):
+    """One prompt, 8 steps, every step and site captured, heads averaged (the capture defaults)."""
     store = tmp_path_factory.mktemp("report") / "a.zarr"
-    return ats.capture(pipe, "a red circle and a blue square", seed=0, store=store, num_inference_steps=8)
+    return ats.capture(shapes, "a red circle and a blue square", seed=0, store=store, num_inference_steps=8)
 
 
 def test_word_table_shows_the_mean_shares(trace):
@@ -63,19 +62,18 @@ def test_convergence_table_marks_the_stable_step(trace):
 
 
 def test_stats_cli(trace):
-    run = [sys.executable, "-m", "attnscope", "stats", str(trace.path)]
-    out = subprocess.run(run + ["--targets", "red circle,square", "--by", "step"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    run = ["stats", str(trace.path)]
+    out = cli(*run, "--targets", "red circle,square", "--by", "step")
+    assert out.exit_code == 0, out.stderr
     assert "red circle" in out.stdout.splitlines()[1] and len(out.stdout.splitlines()) == 10
-    js = subprocess.run(run + ["--json", "--steps", "0:4"], capture_output=True, text=True)
+    js = cli(*run, "--json", "--steps", "0:4")
     assert json.loads(js.stdout)["dims"]["step"] == 4
-    conv = subprocess.run(run + ["--convergence", "--tol", "0.1"], capture_output=True, text=True)
+    conv = cli(*run, "--convergence", "--tol", "0.1")
     assert "stable from step" in conv.stdout or "never below tol 0.1" in conv.stdout
-    bad = subprocess.run(run + ["--targets", "hexagon"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "'hexagon' is not in the prompt; its words are: a, red, circle" in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "attnscope", "stats", str(trace.path) + "-nope"],
-                             capture_output=True, text=True)
-    assert missing.returncode == 2 and "is not an attnscope trace" in missing.stderr
+    bad = cli(*run, "--targets", "hexagon")
+    assert bad.exit_code == 2 and "'hexagon' is not in the prompt; its words are: a, red, circle" in bad.stderr
+    missing = cli("stats", str(trace.path) + "-nope")
+    assert missing.exit_code == 2 and "is not an attnscope trace" in missing.stderr
 
 
 @pytest.mark.parametrize("kind", ["heatmaps", "grid", "violins", "dominance", "convergence"])
@@ -83,16 +81,15 @@ def test_plot_cli_writes_each_figure(trace, tmp_path, kind):
     from PIL import Image
 
     out = tmp_path / f"{kind}.png"
-    proc = subprocess.run([sys.executable, "-m", "attnscope", "plot", str(trace.path), "--words", "circle,blue square",
-                           "--kind", kind, "-o", str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    proc = cli("plot", str(trace.path), "--words", "circle,blue square", "--kind", kind, "-o", str(out))
+    assert proc.exit_code == 0, proc.stderr
     assert proc.stdout.strip() == f"figure: {out}" and min(Image.open(out).size) > 100
 
 
 def test_plot_cli_errors(trace, tmp_path):
-    run = [sys.executable, "-m", "attnscope", "plot", str(trace.path), "-o", str(tmp_path / "x.png")]
-    bad = subprocess.run(run + ["--kind", "pie"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--kind 'pie': expected one of heatmaps" in bad.stderr
-    word = subprocess.run(run + ["--words", "hexagon"], capture_output=True, text=True)
-    assert word.returncode == 2 and "'hexagon' is not in the prompt" in word.stderr
+    run = ["plot", str(trace.path), "-o", str(tmp_path / "x.png")]
+    bad = cli(*run, "--kind", "pie")
+    assert bad.exit_code == 2 and "--kind 'pie': expected one of heatmaps" in bad.stderr
+    word = cli(*run, "--words", "hexagon")
+    assert word.exit_code == 2 and "'hexagon' is not in the prompt" in word.stderr
     assert not (tmp_path / "x.png").exists()

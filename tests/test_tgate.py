@@ -1,4 +1,4 @@
-"""TGATE (seed 002) against the official schedule in shared/SEEDS.md: cache, CFG cut, V2 intervals."""
+"""TGATE (seed 002) against the official schedule (docs/tgate.md, "The algorithm, from the official code"): cache, CFG cut, V2 intervals."""
 
 from collections import defaultdict
 
@@ -8,8 +8,8 @@ import torch
 
 import attnscope as ats
 from attnscope import AttnscopeError
+from attnscope.hooks import discover_self_sites
 from attnscope.regulate import TGate
-from attnscope.sites import discover_self_sites
 from attnscope.testing import tiny_sdxl_pipeline
 
 PROMPT = "a red circle and a blue square"
@@ -170,7 +170,7 @@ def test_v2_self_attention_skips_exactly_the_scheduled_steps(pipe):
         assert gate.computed[site.name] == expected
     assert torch.equal(latents[1], plain_v1[1]) and not torch.equal(latents[3], plain_v1[3])  # step 3 reused
     for site in self_sites:  # processors are back after the block
-        assert type(site.module.processor).__name__ != "_SelfAttentionProcessor"
+        assert type(site.module.processor).__name__ != "SelfAttentionProcessor"
 
 
 def test_sdxl_cuts_every_batched_input_including_text_time_conditioning():

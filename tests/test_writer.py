@@ -8,8 +8,8 @@ import pytest
 import zarr
 
 from attnscope.errors import AttnscopeError
-from attnscope.store_format import chunk_steps
-from attnscope.writer import SiteLayout, StoreLayout, TraceWriter, _ByteQueue
+from attnscope.store import SiteLayout, StoreLayout, TraceWriter, chunk_steps
+from attnscope.store._writer import _ByteQueue
 
 
 def layout(steps=(0, 1, 2), num_steps=3, spatial=(2, 3)):

@@ -1,41 +1,31 @@
-"""Recording cross-attention maps into a trace store: the Recorder client and ``capture``."""
+"""The Recorder: an observer client that writes cross-attention maps into a trace store."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .context import CallContext, StepContext
-from .errors import AttnscopeError
-from .hook_core import HookSession, hooks
-from .manifest import build_manifest, jsonable
-from .selection import BRANCHES, HEADS, TOKENS, SiteSpec, StepSpec, check_choice, select_sites, select_steps
-from .sites import find_denoiser
-from .store_format import FORMAT_VERSION, GATED_STEPS_ATTR, OUTPUT_CHANGE, OUTPUT_NORM
-from .tokens import prompt_length
-from .trace import Trace, open_trace
-from .writer import SiteLayout, StoreLayout, TraceWriter
+from ..errors import AttnscopeError
+from ..hooks import CallContext, HookSession, StepContext
+from ..selection import BRANCHES, HEADS, TOKENS, SiteSpec, StepSpec, check_choice, select_sites, select_steps
+from ..store import (
+    FORMAT_VERSION,
+    GATED_STEPS_ATTR,
+    OUTPUT_CHANGE,
+    OUTPUT_NORM,
+    SiteLayout,
+    StoreLayout,
+    TraceWriter,
+    build_manifest,
+    check_store_path,
+    jsonable,
+)
+from ..tokens import prompt_length
 
-__all__ = ["Recorder", "capture"]
-
-
-def _check_store_path(store: str | Path, overwrite: bool) -> Path:
-    path = Path(store)
-    if not path.exists():
-        return path
-    if not overwrite:
-        raise AttnscopeError(f"store {str(path)!r} exists; pass overwrite=True to replace it")
-    is_trace = (path / "zarr.json").is_file() and '"attnscope_format"' in (path / "zarr.json").read_text(errors="replace")
-    if not (path.is_dir() and (is_trace or not any(path.iterdir()))):
-        raise AttnscopeError(
-            f"store {str(path)!r} exists and is not an attnscope trace or an empty directory; "
-            f"overwrite=True only replaces traces"
-        )
-    return path
+__all__ = ["Recorder"]
 
 
 class Recorder:
@@ -102,7 +92,7 @@ class Recorder:
         self.heads = check_choice("heads", heads, HEADS)
         self.tokens = check_choice("tokens", tokens, TOKENS)
         self.branch = check_choice("branch", branch, BRANCHES)
-        self.path = _check_store_path(store, overwrite)
+        self.path = check_store_path(store, overwrite)
         self.overwrite, self.max_queue_bytes = overwrite, max_queue_bytes
         if not isinstance(output_change, bool):
             raise AttnscopeError(f"output_change={output_change!r}: expected True or False")
@@ -265,7 +255,7 @@ class Recorder:
         }
         spec = {"sites": list(self._sites), "steps": list(steps), "heads": self.heads, "tokens": self.tokens,
                 "branch": self.branch, "dtype": "float16", "output_change": self.output_change}
-        manifest = {**build_manifest(session.pipe, run, spec), **self.extra_manifest}
+        manifest = {**build_manifest(session.pipe, session.denoiser, run, spec), **self.extra_manifest}
         layout.attrs = {"manifest": manifest, "sites": list(self._sites),
                         "format_min_reader": FORMAT_VERSION}
         planned = getattr(session.pipe.scheduler, "timesteps", None)
@@ -357,87 +347,3 @@ def _images_to_uint8(images: Any) -> np.ndarray:
         return np.stack([np.asarray(im.convert("RGB")) for im in images])
     except AttributeError as exc:
         raise AttnscopeError(f"images: expected PIL images, a numpy array or a tensor, got {type(images).__name__}") from exc
-
-
-def _call_default(pipe: Any, name: str) -> Any:
-    param = inspect.signature(pipe.__call__).parameters.get(name)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
-
-
-def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store: str | Path, sites: SiteSpec = None,
-            steps: StepSpec = None, heads: str = "mean", tokens: str = "all", branch: str = "cond",
-            overwrite: bool = False, exact: bool = False, output_change: bool = False,
-            **pipeline_kwargs: Any) -> Trace:
-    """Run ``pipe`` on ``prompt`` with a fixed seed and record its cross-attention maps into ``store``.
-
-    Parameters
-    ----------
-    pipe : diffusers pipeline
-        With a UNet2DConditionModel denoiser (SD 1.x, 2.x, SDXL).
-    prompt : str or list of str
-        One prompt, or several (each gets ``num_images_per_prompt`` samples).
-    seed : int or list of int
-        One seed for the whole batch (a CPU ``torch.Generator``) or one per image.
-    store : path
-        Zarr store to create; see :class:`Recorder` for ``sites``, ``steps``, ``heads``, ``tokens``,
-        ``branch``, ``overwrite`` and ``output_change`` (also keep the per-step norms of each site's
-        output and of its change, for ``ats.stats.convergence(tr, of="outputs")``).
-    exact : bool
-        Make the image bit-identical to a run without capture (see :func:`attnscope.hooks`);
-        by default it equals it up to float rounding and capture is faster.
-    **pipeline_kwargs
-        Passed to the pipeline (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``,
-        ``negative_prompt``, ``num_images_per_prompt``, …) and recorded in the manifest.
-
-    Returns
-    -------
-    Trace
-        The trace, reopened lazily from the store.
-
-    Examples
-    --------
-    >>> import tempfile, attnscope as ats
-    >>> from attnscope.testing import tiny_sd_pipeline
-    >>> tr = ats.capture(tiny_sd_pipeline(), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
-    ...                  num_inference_steps=3, height=32, width=32)
-    >>> tr.attention(tr.sites[0]).dims
-    ('step', 'sample', 'head', 'y', 'x', 'token')
-    """
-    find_denoiser(pipe)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise AttnscopeError(f"prompt={prompt!r}: expected a string or a non-empty list of strings")
-    if "generator" in pipeline_kwargs or "prompt" in pipeline_kwargs:
-        raise AttnscopeError("pipeline_kwargs: pass `prompt` and `seed` to capture() instead of `prompt`/`generator`")
-    output_type = pipeline_kwargs.get("output_type", "pil")
-    if output_type not in ("pil", "np", "pt", "latent"):
-        raise AttnscopeError(f"output_type={output_type!r}: expected 'pil', 'np', 'pt' or 'latent'")
-    per_prompt = pipeline_kwargs.get("num_images_per_prompt") or 1
-    batch = len(prompts) * per_prompt
-    if isinstance(seed, bool) or not (isinstance(seed, int) or (isinstance(seed, (list, tuple)) and len(seed) == batch
-                                                                and all(isinstance(s, int) for s in seed))):
-        raise AttnscopeError(f"seed={seed!r}: expected an int or a list of {batch} ints (one per image)")
-    generator: Any = (torch.Generator("cpu").manual_seed(seed) if isinstance(seed, int)
-                      else [torch.Generator("cpu").manual_seed(s) for s in seed])
-    recorded, unrecorded = {}, []
-    for key, value in pipeline_kwargs.items():
-        try:
-            recorded[key] = jsonable(value)
-        except TypeError:
-            unrecorded.append(key)
-    run_info = {
-        "prompts": prompts, "negative_prompt": pipeline_kwargs.get("negative_prompt"),
-        "seed": seed if isinstance(seed, int) else list(seed), "generator_device": "cpu",
-        "num_images_per_prompt": per_prompt,
-        "num_inference_steps": pipeline_kwargs.get("num_inference_steps", _call_default(pipe, "num_inference_steps")),
-        "guidance_scale": pipeline_kwargs.get("guidance_scale", _call_default(pipe, "guidance_scale")),
-        "pipeline_kwargs": recorded, "unrecorded_kwargs": unrecorded, "reproducible": not unrecorded,
-        "exact": exact,
-    }
-    recorder = Recorder(store, sites=sites, steps=steps, heads=heads, tokens=tokens, branch=branch,
-                        overwrite=overwrite, output_change=output_change, run_info=run_info)
-    with hooks(pipe, recorder, exact=exact):
-        out = pipe(prompt=prompts if len(prompts) > 1 else prompts[0], generator=generator, **pipeline_kwargs)
-        if output_type != "latent":
-            recorder.add_images(out.images)
-    return open_trace(recorder.path)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sites import CrossAttentionSite
+from ._sites import CrossAttentionSite
 
 __all__ = ["RowLayout", "StepContext", "CallContext"]
 

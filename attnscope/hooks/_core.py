@@ -1,38 +1,9 @@
 """The hook core: the one place attnscope intercepts a diffusers model.
 
 ``with hooks(pipe, *clients):`` swaps the processor of every cross-attention site for a thin
-wrapper, adds a pre-forward hook on the denoiser (step index, timestep, batch layout) and one on the
-text encoder (the prompt's token ids), and puts everything back exactly on exit, also on errors.
-
-Client protocol
----------------
-A client is any object with:
-
-``role``
-    ``"intervention"`` (may replace tensors) or ``"observer"`` (may only look; the default when the
-    attribute is missing).
-``stages(ctx) -> Collection[str]``
-    Which of ``"logits"``, ``"probs"``, ``"output"`` it needs at this call (``ctx`` is a
-    :class:`~attnscope.context.CallContext`: site, step, timestep, rows, spatial shape).
-``on_logits(ctx, logits)``, ``on_probs(ctx, probs)``, ``on_output(ctx, output)``
-    Called for the stages it asked for. ``logits`` and ``probs`` are ``(batch, heads, h*w, tokens)``:
-    the pre-softmax ``QKᵀ/√d`` (attention mask added) and its softmax over the text tokens.
-    ``output`` is what the attention module returns (after ``to_out``). Return ``None`` to leave
-    the tensor as it is, or a tensor of the same shape to replace it (interventions only).
-
-Optional methods: ``bypass(ctx)`` (interventions; return the module output to skip computing the
-attention at this call, e.g. a cache), ``on_skipped(ctx)`` (told that a call where it asked for
-``logits``/``probs`` was bypassed, so those stages did not run), ``branches(step_ctx)``
-(interventions; return ``("uncond",)`` or ``("cond",)`` to run the denoiser on that half of a
-classifier-free-guidance batch only at this step, ``None`` for both), ``on_install(session)``,
-``on_step(step_ctx)``, ``on_remove(error)``.
-
-Self-attention: a client with ``self_attention = True`` is also shown the denoiser's self-attention
-modules (sites of kind ``"self"``), where only ``output`` and ``bypass`` exist (self-attention is
-never materialised). Other clients never see them.
-
-Order: interventions first, in the order given, each seeing the previous one's result; then
-observers, in the order given, all seeing the final tensors.
+wrapper (:mod:`._processors`), adds a pre-forward hook on the denoiser (step index, timestep, batch
+layout) and one on the text encoder (the prompt's token ids), and puts everything back exactly on
+exit, also on errors. What a client offers is declared once, in :class:`~attnscope.hooks.HookClient`.
 
 Fast path: at a call where no client needs ``logits`` or ``probs``, the site's original processor
 runs untouched (fused SDPA); ``output`` clients then see its return value. Where they are needed,
@@ -44,179 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .cfg_batch import duplicate_prediction, select_rows
-from .context import CallContext, RowLayout, StepContext
-from .errors import AttnscopeError
-from .sites import CrossAttentionSite, discover_self_sites, discover_sites, find_denoiser
+from ..errors import AttnscopeError
+from ._cfg_batch import duplicate_prediction, select_rows
+from ._client import STAGES, client_role
+from ._context import CallContext, RowLayout, StepContext
+from ._discovery import discover_self_sites, discover_sites, find_denoiser
+from ._processors import CrossAttentionProcessor, SelfAttentionProcessor
+from ._sites import CrossAttentionSite
 
-__all__ = ["hooks", "HookSession", "STAGES"]
-
-STAGES = ("logits", "probs", "output")
-
-
-def _signature_stub(fn: Any) -> Any:
-    def stub(*args: Any, **kwargs: Any) -> None:  # pragma: no cover - never called
-        raise RuntimeError("signature stub")
-
-    stub.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
-    return stub
-
-
-def _sole_reference(scratch: dict[str, torch.Tensor], key: str) -> bool:
-    """True when ``scratch[key]`` is referenced only by ``scratch`` (no tensor, view or autograd node
-    elsewhere); False when unsure."""
-    tensor = scratch.get(key)
-    if tensor is None:
-        return False
-    try:  # references to the Python object: the dict, `tensor`, getrefcount's argument
-        python_refs = sys.getrefcount(tensor) - 3
-        # references to the storage: this tensor and the temporary storage object made by the call
-        storage_refs = torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 2
-    except (AttributeError, RuntimeError):  # private API gone: never reuse
-        return False
-    return python_refs == 0 and storage_refs == 0
-
-
-class _SiteProcessor:
-    """Stands in for one site's processor while hooks are installed."""
-
-    def __init__(self, session: HookSession, site: CrossAttentionSite, original: Any):
-        self.session, self.site, self.original = session, site, original
-        self._scratch: dict[str, torch.Tensor] = {}
-        # Attention.forward passes on only the cross_attention_kwargs that `processor.__call__`
-        # names: show it the original's signature so exactly the same kwargs reach us.
-        self.__call__ = _signature_stub(original.__call__)
-
-    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        session = self.session
-        encoder_hidden_states = kwargs.get("encoder_hidden_states", args[0] if args else None)
-        if session.step_context is None or encoder_hidden_states is None:
-            return self.original(attn, hidden_states, *args, **kwargs)
-        ctx = session.call_context(self.site, hidden_states, encoder_hidden_states)
-        plan = session.plan(ctx)
-        output = session.bypass(ctx)
-        if output is not None:
-            session.skipped(plan, ctx)
-        else:
-            if plan.get("logits") or plan.get("probs"):
-                if args:
-                    raise AttnscopeError(f"site {self.site.name}: expected keyword arguments from Attention.forward")
-                output = self._attend(ctx, plan, attn, hidden_states, **kwargs)
-            else:
-                output = self.original(attn, hidden_states, *args, **kwargs)
-        return session.run_stage("output", plan, ctx, output)
-
-    def _buffer(self, key: str, shape: tuple[int, ...], *inputs: torch.Tensor) -> torch.Tensor | None:
-        """An ``out=`` tensor to compute into, or None to let the op allocate.
-
-        On the CPU a fresh multi-MB tensor costs a page fault per 4 KiB on every call (as much as the
-        attention itself), so the last one is reused — but only when nothing else (a client keeping
-        the tensor or a view of it, autograd) still references it. None on GPUs (the caching
-        allocator already reuses memory) and when autograd records the op (``out=`` can't be
-        differentiated)."""
-        like = inputs[0]
-        if like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
-            return None
-        if _sole_reference(self._scratch, key):
-            buf = self._scratch[key]
-            if buf.shape == shape and buf.dtype == like.dtype:
-                return buf
-        buf = self._scratch[key] = torch.empty(shape, dtype=like.dtype)
-        return buf
-
-    def _attend(self, ctx: CallContext, plan: dict, attn: Any, hidden_states: torch.Tensor,
-                encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                temb: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        """AttnProcessor2_0's computation with the logits/probs stages made visible."""
-        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-        if type(self.original) not in (AttnProcessor2_0, AttnProcessor):
-            raise AttnscopeError(
-                f"site {self.site.name}: reading logits/probs needs AttnProcessor2_0 or AttnProcessor, got "
-                f"{type(self.original).__name__}; call pipe.unet.set_default_attn_processor() first"
-            )
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = encoder_hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        session = self.session
-        rows, queries, tokens = batch_size * attn.heads, query.shape[-2], key.shape[-2]
-        logits = torch.baddbmm(  # scaled QKᵀ in one pass (the scale SDPA uses); beta=0 ignores the input
-            query.new_empty(1, 1, 1), query.reshape(rows, queries, head_dim),
-            key.reshape(rows, tokens, head_dim).transpose(1, 2), beta=0, alpha=head_dim**-0.5,
-            out=self._buffer("logits", (rows, queries, tokens), query, key),
-        ).view(batch_size, attn.heads, queries, tokens)
-        if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:
-                logits = logits.masked_fill(~attention_mask, float("-inf"))
-            else:
-                logits = logits + attention_mask
-        edited = session.run_stage("logits", plan, ctx, logits)
-        probs = torch.softmax(edited, dim=-1, out=self._buffer("probs", edited.shape, edited))
-        final = session.run_stage("probs", plan, ctx, probs)
-        if session.exact and edited is logits and final is probs:  # observed only: the fused kernel, bit-identical
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        else:
-            out = final.to(value.dtype) @ value
-        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-
-class _SelfAttentionProcessor:
-    """Stands in for a self-attention module's processor: ``bypass`` and ``output`` only."""
-
-    def __init__(self, session: HookSession, site: CrossAttentionSite, original: Any):
-        self.session, self.site, self.original = session, site, original
-        self.__call__ = _signature_stub(original.__call__)
-
-    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        session = self.session
-        if session.step_context is None:
-            return self.original(attn, hidden_states, *args, **kwargs)
-        ctx = session.call_context(self.site, hidden_states, hidden_states)
-        plan = session.plan(ctx, session.self_clients)
-        if plan.get("logits") or plan.get("probs"):
-            raise AttnscopeError(f"self-attention site {self.site.name}: only the 'output' stage and bypass exist there")
-        output = session.bypass(ctx, session.self_clients)
-        if output is None:
-            output = self.original(attn, hidden_states, *args, **kwargs)
-        return session.run_stage("output", plan, ctx, output)
+__all__ = ["HookSession", "hooks"]
 
 
 class HookSession:
@@ -226,15 +38,11 @@ class HookSession:
         self.pipe, self.exact = pipe, exact
         self.family, self.denoiser = find_denoiser(pipe)
         self.sites: list[CrossAttentionSite] = discover_sites(pipe)
-        for client in clients:
-            role = getattr(client, "role", "observer")
-            if role not in ("intervention", "observer") or not callable(getattr(client, "stages", None)):
-                raise AttnscopeError(
-                    f"client {client!r}: expected an object with role 'intervention' or 'observer' and a "
-                    f"stages(ctx) method, got role={role!r}"
-                )
-        self.clients = [c for c in clients if getattr(c, "role", "observer") == "intervention"]
-        self.clients += [c for c in clients if getattr(c, "role", "observer") == "observer"]
+        roles = [client_role(client) for client in clients]  # the one place a client's role is read
+        #: interventions first, then observers, each in the order given
+        self.interventions = [c for c, role in zip(clients, roles) if role == "intervention"]
+        self.clients = self.interventions + [c for c, role in zip(clients, roles) if role == "observer"]
+        self._intervening = {id(c) for c in self.interventions}
         self.self_clients = [c for c in self.clients if getattr(c, "self_attention", False)]
         self.self_sites: list[CrossAttentionSite] = discover_self_sites(pipe) if self.self_clients else []
         self.step_context: StepContext | None = None
@@ -281,8 +89,8 @@ class HookSession:
     def _single_branch(self, step: StepContext) -> str | None:
         """The one CFG branch the interventions want the denoiser to run at this step, or None."""
         wanted: set[str] = set()
-        for client in self.clients:
-            if getattr(client, "role", "observer") == "intervention" and hasattr(client, "branches"):
+        for client in self.interventions:
+            if hasattr(client, "branches"):
                 branches = client.branches(step)
                 if branches is None:
                     continue
@@ -325,8 +133,8 @@ class HookSession:
         return plan
 
     def bypass(self, ctx: CallContext, clients: list[Any] | None = None) -> torch.Tensor | None:
-        for client in self.clients if clients is None else clients:
-            if getattr(client, "role", "observer") == "intervention" and hasattr(client, "bypass"):
+        for client in self.interventions if clients is None else clients:
+            if id(client) in self._intervening and hasattr(client, "bypass"):
                 out = client.bypass(ctx)
                 if out is not None:
                     return out
@@ -345,7 +153,7 @@ class HookSession:
             result = getattr(client, f"on_{stage}")(ctx, tensor)
             if result is None:
                 continue
-            if getattr(client, "role", "observer") != "intervention":
+            if id(client) not in self._intervening:
                 raise AttnscopeError(f"client {client!r} is an observer but returned a tensor at stage {stage!r}")
             if result.shape != tensor.shape:
                 raise AttnscopeError(
@@ -382,7 +190,8 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
     pipe : diffusers pipeline
         With a UNet2DConditionModel denoiser (SD 1.x, 2.x, SDXL).
     *clients
-        Observers and interventions (see the module docstring for the protocol and the order).
+        Observers and interventions: objects following :class:`~attnscope.hooks.HookClient` (it
+        documents the stages, the roles, the optional methods and the order they run in).
     exact : bool
         At calls where clients read ``logits``/``probs`` but change nothing, compute the output with
         the fused kernel as the original processor does, so the image is bit-identical to a run
@@ -415,9 +224,9 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
     error: BaseException | None = None
     try:
         for site in session.sites:
-            saved.append((site.module, _swap_processor(site.module, _SiteProcessor(session, site, site.module.processor))))
+            saved.append((site.module, _swap_processor(site.module, CrossAttentionProcessor(session, site, site.module.processor))))
         for site in session.self_sites:
-            saved.append((site.module, _swap_processor(site.module, _SelfAttentionProcessor(session, site, site.module.processor))))
+            saved.append((site.module, _swap_processor(site.module, SelfAttentionProcessor(session, site, site.module.processor))))
         handles.append(session.denoiser.register_forward_pre_hook(session._on_denoiser, with_kwargs=True))
         handles.append(session.denoiser.register_forward_hook(session._after_denoiser, with_kwargs=True))
         text_encoder = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .pipeline import load_pipeline
-from .plot import heatmaps
-from .recording import capture
-from .shapes.detector import detect
-from .shapes.world import parse_prompt
-from .stats import dominance, dominance_table
+from .. import plot
+from ..capture import capture
+from ..stats import dominance, dominance_table
+from ._loading import load_pipeline
+from .shapes import detect, parse_prompt
 
 __all__ = ["run_demo"]
 
@@ -22,10 +21,10 @@ def run_demo(prompt: str = "a red circle and a blue square", *, seed: int = 0, o
              device: str | None = None) -> str:
     """Capture ``prompt`` on the shapes model into ``out``, save the image and the word heat maps beside
     it, and return a summary: the trace, the sites, the detected objects and the dominance table of the
-    requested objects (DESIGN §5).
+    requested objects (definitions in docs/analysis.md).
 
     >>> import tempfile
-    >>> from attnscope.demo import run_demo
+    >>> from attnscope.models import run_demo
     >>> print(run_demo(out=tempfile.mkdtemp() + "/demo.zarr"))  # doctest: +ELLIPSIS
     trace: .../demo.zarr (... MB)
     ...
@@ -58,7 +57,7 @@ def run_demo(prompt: str = "a red circle and a blue square", *, seed: int = 0, o
     objects = [f"{c} {s}" for c, s in expected]
     stats = dominance(trace, targets=objects)
     figure_path = Path(out).with_name(Path(out).stem + "-heatmaps.png")
-    heatmaps(trace, objects).savefig(figure_path, dpi=150, bbox_inches="tight")
+    plot.heatmaps(trace, objects).savefig(figure_path, dpi=150, bbox_inches="tight")
     lines += ["", "attention dominance (mean over steps and sites; attnscope stats for more):",
               dominance_table(stats), f"heat maps: {figure_path}"]
     lines.append(f"next: attnscope stats {out} --targets '{','.join(objects)}' --by step")

@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AttnscopeError
-from .hook_core import hooks
-from .shapes.detector import detect
-from .shapes.world import KINDS, parse_prompt, relation_holds, sample_scene
+from ..errors import AttnscopeError
+from ..hooks import hooks
+from .shapes import KINDS, detect, parse_prompt, relation_holds, sample_scene
 
 __all__ = ["INTERVENTIONS", "PROMPT_SETS", "evaluate", "eval_prompts", "format_report", "named_interventions",
            "object_phrases"]
@@ -34,13 +33,13 @@ def object_phrases(prompt: str) -> list[str]:
 
 
 def _regulation() -> Any:
-    from .regulate import AttentionRegulation
+    from ..regulate import AttentionRegulation
 
     return AttentionRegulation(object_phrases)
 
 
 def _tgate() -> Any:
-    from .regulate import TGate
+    from ..regulate import TGate
 
     return TGate(0.4)  # TGATE's 10 of 25 steps, as a share of whatever the run's steps are
 
@@ -59,7 +58,7 @@ def eval_prompts(prompts: str | Path | Sequence[str], n: int | None = None, seed
     """The prompt list for an evaluation: a named set (``"single"``, ``"two"``, ``"relation"``,
     ``"three"``; ``n`` prompts drawn with ``seed``), a text file with one prompt per line, or a list.
 
-    >>> from attnscope.evaluation import eval_prompts
+    >>> from attnscope.models import eval_prompts
     >>> eval_prompts("two", n=4)[2:]
     ['a blue square and a blue triangle', 'a green square and a green circle']
     """
@@ -85,14 +84,13 @@ def eval_prompts(prompts: str | Path | Sequence[str], n: int | None = None, seed
 def named_interventions(names: Sequence[str]) -> list[Any]:
     """Hook clients for intervention names given on the command line (see :data:`INTERVENTIONS`).
 
-    >>> from attnscope.evaluation import named_interventions
+    >>> from attnscope.models import named_interventions
     >>> named_interventions([])
     []
     """
     unknown = [name for name in names if name not in INTERVENTIONS]
     if unknown:
-        available = ", ".join(sorted(INTERVENTIONS)) or "none are registered in this version"
-        raise AttnscopeError(f"intervention={unknown[0]!r}: unknown; available: {available}")
+        raise AttnscopeError(f"intervention={unknown[0]!r}: unknown; available: {', '.join(sorted(INTERVENTIONS))}")
     return [INTERVENTIONS[name]() for name in names]
 
 
@@ -161,7 +159,7 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
     Examples
     --------
     >>> import attnscope as ats
-    >>> from attnscope.evaluation import evaluate
+    >>> from attnscope.models import evaluate
     >>> result = evaluate(ats.load_pipeline("shapes"), "single", n=2, num_inference_steps=4, progress=False)
     >>> sorted(result["metrics"])
     ['all_present', 'exact', 'object_present']
@@ -223,7 +221,7 @@ def _plain(value: Any) -> bool:
 def format_report(result: dict[str, Any]) -> str:
     """A plain-text table of an :func:`evaluate` result.
 
-    >>> from attnscope.evaluation import format_report
+    >>> from attnscope.models import format_report
     >>> m = {"rate": 0.5, "ci95": [0.25, 0.75], "count": 1, "total": 2}
     >>> print(format_report({"prompts": "two", "n": 2, "seed": 0, "model": "shapes", "settings": {},
     ...                      "interventions": [], "metrics": {"all_present": m}}))

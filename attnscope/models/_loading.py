@@ -1,25 +1,14 @@
-"""Loading pipelines offline."""
+"""``load_pipeline``: the embedded model, a local diffusers directory or a cached hub id, never the network."""
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import AttnscopeError
+from ..errors import AttnscopeError
+from ._compat import quiet_dtype_deprecation
 
 __all__ = ["load_pipeline"]
-
-
-@contextlib.contextmanager
-def quiet_dtype_deprecation() -> Iterator[None]:
-    """Silence diffusers' note that ``torch_dtype`` is renamed ``dtype``: attnscope passes ``torch_dtype``,
-    which every supported diffusers version reads (older ones do not know ``dtype``)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
-        yield
 
 
 def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | None = None) -> Any:
@@ -55,7 +44,7 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     if dtype is not None:
         kwargs["torch_dtype"] = dtypes[dtype]
     if str(model) == "shapes":
-        from .shapes.model import load_shapes_pipeline
+        from .shapes import load_shapes_pipeline
 
         pipe = load_shapes_pipeline(dtype=kwargs.get("torch_dtype"))
         return pipe.to(device) if device is not None else pipe

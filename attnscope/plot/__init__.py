@@ -2,10 +2,19 @@
 
 Figures are built without pyplot's global state, so they work on any backend (Agg included) and are
 shown by Jupyter when returned (with ``%matplotlib inline``). See docs/analysis-plots.md.
+matplotlib (and seaborn, for the violins) load on first use of a figure function, not with
+``import attnscope``.
+
+>>> import attnscope as ats
+>>> sorted(ats.plot.__all__)
+['comparison', 'convergence', 'dominance_lines', 'heatmaps', 'site_step_grid', 'violins']
 """
 
-from ._heatmaps import heatmaps, site_step_grid
-from ._lines import convergence, dominance_lines
-from ._violins import violins
+from .._lazy import lazy_exports
 
-__all__ = ["convergence", "dominance_lines", "heatmaps", "site_step_grid", "violins"]
+__all__ = ["comparison", "convergence", "dominance_lines", "heatmaps", "site_step_grid", "violins"]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "comparison": "._compare", "convergence": "._lines", "dominance_lines": "._lines", "heatmaps": "._heatmaps",
+    "site_step_grid": "._heatmaps", "violins": "._violins",
+}, globals())

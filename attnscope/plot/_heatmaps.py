@@ -9,7 +9,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from ..upsample import image_size
+from ..stats import image_size
 from ._layout import new_figure, short_site, step_label
 from ._select import sample_index, site_maps, site_names
 

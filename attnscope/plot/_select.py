@@ -7,7 +7,7 @@ from typing import Any
 
 import xarray as xr
 
-from .. import accessor  # noqa: F401  (registers DataArray.attn)
+from .. import stats  # noqa: F401  (registers DataArray.attn)
 from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import token_roles, word_alignment

@@ -1,14 +1,20 @@
 """Interventions on cross-attention, all clients of the one hook API (``ats.hooks``).
 
+Attention Regulation (seed 000), TGATE (seed 002) and the prompt-to-prompt reweighting baseline;
+:class:`InterventionScope` is where and when an intervention acts, shared by all of them. This
+package uses the hook core only through ``attnscope.hooks``' public names.
+
 >>> import attnscope as ats
->>> sorted(ats.regulate.__all__)
-['AttentionRegulation', 'Reweight', 'TGate', 'default_regulation_sites', 'gaussian_basis', 'regulation_loss']
+>>> sorted(ats.regulate.__all__)  # doctest: +NORMALIZE_WHITESPACE
+['AttentionRegulation', 'InterventionScope', 'Reweight', 'TGate', 'default_regulation_sites', 'gaussian_basis',
+ 'regulation_loss']
 """
 
-from .attention_regulation import AttentionRegulation, regulation_loss
-from .basis import gaussian_basis
-from .reweight import Reweight
-from .scope import default_regulation_sites
-from .tgate import TGate
+from ._basis import gaussian_basis
+from ._regulation import AttentionRegulation, regulation_loss
+from ._reweight import Reweight
+from ._scope import InterventionScope, default_regulation_sites
+from ._tgate import TGate
 
-__all__ = ["AttentionRegulation", "Reweight", "TGate", "default_regulation_sites", "gaussian_basis", "regulation_loss"]
+__all__ = ["AttentionRegulation", "InterventionScope", "Reweight", "TGate", "default_regulation_sites", "gaussian_basis",
+           "regulation_loss"]

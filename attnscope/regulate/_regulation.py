@@ -1,11 +1,12 @@
 """Attention Regulation (seed 000, Zhang et al., ECCV 2024) as a hook client of the ``logits`` stage.
 
 At the chosen sites and steps, for the conditional rows only, a perturbation Δ is added to the
-pre-softmax logits of the target tokens' columns. Δ is a weighted sum of Gaussian bumps (basis.py)
+pre-softmax logits of the target tokens' columns. Δ is a weighted sum of Gaussian bumps (_basis.py)
 whose weights are found by gradient descent on the loss of :func:`regulation_loss` (its analytic
-gradient, without autograd: descent.py); the best Δ of the iterations is smoothed with the previous
+gradient, without autograd: _descent.py); the best Δ of the iterations is smoothed with the previous
 step's and decayed with the step. After the softmax the SOT and first-EOT columns get their unedited
-probabilities back. Facts: ../shared/SEEDS.md, seed 000.
+probabilities back. The official algorithm and where attnscope departs from it: docs/regulation.md, "The algorithm, from
+the official code".
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from typing import Any
 import torch
 
 from ..errors import AttnscopeError
-from .basis import basis_centres, gaussian_basis
-from .descent import RegulationDescent, one_thread
-from .reweight import _plain
-from .scope import InterventionScope, default_regulation_sites
+from ._basis import basis_centres, gaussian_basis
+from ._descent import RegulationDescent, one_thread
+from ._scope import InterventionScope, default_regulation_sites
 
 __all__ = ["AttentionRegulation", "regulation_loss"]
 
@@ -83,12 +83,20 @@ class AttentionRegulation:
 
     Examples
     --------
-    >>> import attnscope as ats, torch
+    >>> import attnscope as ats, numpy as np, torch
     >>> pipe = ats.load_pipeline("shapes")
+    >>> def generate():
+    ...     out = pipe("a red circle and a blue square", num_inference_steps=4, output_type="np",
+    ...                generator=torch.Generator().manual_seed(0))
+    ...     return out.images[0]
+    >>> plain = generate()
     >>> reg = ats.regulate.AttentionRegulation(["circle", "square"], iterations=5)
     >>> with ats.hooks(pipe, reg):
-    ...     image = pipe("a red circle and a blue square", num_inference_steps=4,
-    ...                  generator=torch.Generator().manual_seed(0)).images[0]
+    ...     regulated = generate()
+    >>> bool(np.abs(regulated - plain).max() > 0.01)  # the regulated attention changes the image
+    True
+    >>> np.array_equal(generate(), plain)  # and the hooks are gone afterwards
+    True
     >>> reg.describe()["params"]["targets"]
     ['circle', 'square']
     """
@@ -130,7 +138,7 @@ class AttentionRegulation:
         """JSON-able description for manifests."""
         targets = self.targets if not callable(self.targets) else getattr(self.targets, "__name__", "function")
         return {"name": "AttentionRegulation", "params": {
-            "targets": _plain(targets), "sites": _plain(self.scope.sites), "steps": _plain(self.scope.steps),
+            "targets": targets if isinstance(targets, (str, int)) else list(targets), **self.scope.describe(),
             "lr": self.lr, "iterations": self.iterations, **self.loss_terms, "tau": self.tau,
             "smoothing": self.smoothing, "decay": self.decay, "scale_lr": self.scale_lr, "seed": self.seed}}
 

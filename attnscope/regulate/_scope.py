@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import AttnscopeError
-from ..selection import select_sites
+from ..selection import select_sites, select_steps
 from ..tokens import prompt_text, resolve_targets
 
 __all__ = ["InterventionScope", "default_regulation_sites"]
@@ -46,7 +46,18 @@ class InterventionScope:
     sites : glob, list of names/globs, predicate, or None
         ``None`` means ``default_sites(sites, latent_shape)`` (all sites when that is None too).
     steps : int, list, range, slice, "first_half" or None
-        ``None``: every step; ``"first_half"``: steps below half of the run's planned steps.
+        The run's steps, parsed as capture and the statistics parse them
+        (:func:`attnscope.selection.select_steps`: negative indices and slices count from the run's
+        end, ``-1`` is the last step); ``None``: every step; ``"first_half"``: the steps below half
+        of the run's planned steps (the official Attention Regulation schedule).
+
+    Examples
+    --------
+    >>> scope = InterventionScope("square", steps=slice(-3, None))
+    >>> scope.steps_of_run(20)
+    (17, 18, 19)
+    >>> InterventionScope("square", steps="first_half").steps_of_run(5)
+    (0, 1, 2)
     """
 
     def __init__(self, targets: TargetSpec, sites: Any = None, steps: Any = None, *, first_occurrence: bool = False,
@@ -59,6 +70,8 @@ class InterventionScope:
         self._chosen: set[str] | None = None
         self._tokenizer: Any = None
         self._columns: dict[tuple[int, ...], list[list[int]]] = {}
+        self._steps: frozenset[int] = frozenset()
+        self._steps_for: int | None = None
 
     def install(self, session: Any) -> None:
         """Check the site spec against the pipeline's sites (an unknown site is an error) and keep the tokenizer."""
@@ -77,20 +90,30 @@ class InterventionScope:
             self._chosen = set(chosen)
         return ctx.site.name in self._chosen and self._step_active(ctx)
 
+    def steps_of_run(self, num_steps: int) -> tuple[int, ...]:
+        """The steps the intervention acts at in a run of ``num_steps`` steps."""
+        if self.steps == "first_half":
+            return tuple(range((num_steps + 1) // 2))
+        return select_steps(self.steps, num_steps)
+
     def _step_active(self, ctx: Any) -> bool:
-        spec, step = self.steps, ctx.step
-        if spec is None:
+        if self.steps is None:
             return True
-        if spec == "first_half":
-            total = ctx.step_context.num_steps
-            if total is None:
-                raise AttnscopeError("steps='first_half': the pipeline does not say how many steps it runs; pass steps=")
-            return step < (total + 1) // 2
-        if isinstance(spec, int):
-            return step == spec
-        if isinstance(spec, slice):
-            return step in range(spec.start or 0, spec.stop if spec.stop is not None else step + 1, spec.step or 1)
-        return step in set(spec)
+        total = ctx.step_context.num_steps
+        if total is None:
+            raise AttnscopeError(f"steps={self.steps!r}: the pipeline does not say how many steps it runs, so the "
+                                 "steps cannot be resolved; pass steps=None")
+        if self._steps_for != total:
+            self._steps, self._steps_for = frozenset(self.steps_of_run(total)), total
+        return ctx.step in self._steps
+
+    def describe(self) -> dict[str, Any]:
+        """The sites and steps as JSON-able values, for an intervention's ``describe()``.
+
+        >>> InterventionScope("square", steps=slice(0, 10)).describe()
+        {'sites': None, 'steps': {'start': 0, 'stop': 10, 'step': None}}
+        """
+        return {"sites": _jsonable_spec(self.sites), "steps": _jsonable_spec(self.steps)}
 
     def columns(self, ctx: Any) -> list[list[int]]:
         """Per sample of the cond half: the token columns of every target (flattened, sorted)."""
@@ -134,3 +157,20 @@ def _first_run(positions: list[int]) -> list[int]:
             break
         run.append(p)
     return run
+
+
+def _jsonable_spec(value: Any) -> Any:
+    """A JSON-able form of a site/step spec.
+
+    >>> _jsonable_spec([range(2), slice(1, None)])
+    [[0, 1], {'start': 1, 'stop': None, 'step': None}]
+    """
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, slice):
+        return {"start": value.start, "stop": value.stop, "step": value.step}
+    if isinstance(value, range):
+        return list(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable_spec(v) for v in value]
+    return repr(value)

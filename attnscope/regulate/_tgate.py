@@ -11,7 +11,8 @@ V2 (``sp_interval`` given) also caches self-attention outputs, on the official s
 gate, steps below ``warm_up`` compute, step ``warm_up`` and every ``sp_interval``-th step compute and
 refresh the cache, the others reuse it; at step ``g − 1`` the cache is refreshed (CFG-averaged);
 after the gate, every ``fi_interval``-th step computes and refreshes, the others reuse.
-Facts: ../shared/SEEDS.md, seed 002.
+The official algorithm and where attnscope departs from it: docs/tgate.md, "The algorithm, from the
+official code".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``ats.compare``: the dominance statistics of two runs of one generation, their difference, a figure."""
+"""``compare``: the dominance statistics of two runs of one generation and their difference (``Comparison``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AttnscopeError
-from .reruns import _as_trace
-from .selection import select_site_names
-from .trace import Trace
+from ..errors import AttnscopeError
+from ..selection import select_site_names
+from ..stats import dominance
+from ..store import Trace, as_trace
+from ..tokens import token_words
 
 __all__ = ["Comparison", "compare"]
 
@@ -67,59 +68,11 @@ class Comparison:
     def figure(self, sample: int = 0, cmap: str = "viridis") -> Any:
         """The two images side by side with each target's heat map, and the mean target shares before/after.
 
-        Heat maps: for each trace, each site's map of a target (its pieces summed) averaged over heads
-        and the compared steps, upsampled to the image size and averaged over the compared sites; the
-        before and after maps of one target share a colour scale from 0 (so a change of strength shows).
-
-        Parameters
-        ----------
-        sample : int
-            Which generated image.
-        cmap : str
-            Matplotlib colour map of the heat maps.
-
-        Returns
-        -------
-        matplotlib.figure.Figure
-            Two rows (before, after) of ``1 + len(targets)`` panels, plus one bar-chart axes at the right.
+        The same as :func:`attnscope.plot.comparison` ``(self, sample, cmap)``: see there.
         """
-        from matplotlib.figure import Figure
+        from ..plot import comparison
 
-        from .plot._heatmaps import mean_word_maps
-        from .plot._select import sample_index
-
-        spec = self.target_spec or self.targets
-        maps = [mean_word_maps(tr, spec, self.sites, self.steps, sample).transpose("word", "y", "x").values
-                for tr in (self.a, self.b)]
-        n = len(self.targets)
-        fig = Figure(figsize=(2.2 * (n + 1) + 3.6, 4.8), layout="constrained")
-        grid = fig.add_gridspec(2, n + 2, width_ratios=[1.0] * (n + 1) + [1.8])
-        for row, (tr, label, m) in enumerate(zip((self.a, self.b), ("before", "after"), maps)):
-            images = tr.images
-            picture = np.asarray(images[sample_index(tr, sample)]) if images else None
-            ax = fig.add_subplot(grid[row, 0])
-            if picture is not None:
-                ax.imshow(picture)
-            else:
-                ax.text(0.5, 0.5, "no image stored", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(f"{label}: {tr.path.name}", fontsize=8)
-            ax.set_axis_off()
-            for k, target in enumerate(self.targets):
-                ax = fig.add_subplot(grid[row, k + 1])
-                top = max(float(np.nanmax(mm[k])) for mm in maps) or 1.0
-                ax.imshow(m[k], cmap=cmap, vmin=0.0, vmax=top)
-                ax.set_title(f"{target} ({label})", fontsize=8)
-                ax.set_axis_off()
-        bars = fig.add_subplot(grid[:, -1])
-        pick = {"sample": self.before["sample"].values[sample_index(self.a, sample)]}
-        x = np.arange(n)
-        for offset, (label, ds) in zip((-0.2, 0.2), (("before", self.before), ("after", self.after))):
-            values = ds.target_share.sel(pick).mean(["step", "site"]).sel(target=self.targets).values
-            bars.bar(x + offset, values, width=0.4, label=label)
-        bars.set_xticks(x, self.targets, rotation=45, ha="right", fontsize=8)
-        bars.set_ylabel("mean target share")
-        bars.legend(fontsize=8)
-        return fig
+        return comparison(self, sample=sample, cmap=cmap)
 
 
 def _same_generation(a: Trace, b: Trace) -> None:
@@ -185,11 +138,7 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
         ``.before``/``.after`` (:func:`attnscope.stats.dominance` of ``a``/``b``), ``.stats`` (their
         difference, aligned on the common steps and sites), ``.table()`` and ``.figure()``.
     """
-    from . import accessor  # noqa: F401  (registers DataArray.attn)
-    from .stats import dominance
-    from .tokens import token_words
-
-    ta, tb = _as_trace(a, "a"), _as_trace(b, "b")
+    ta, tb = as_trace(a, "a"), as_trace(b, "b")
     _same_generation(ta, tb)
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(ta.tokens) if w))

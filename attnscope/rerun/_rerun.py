@@ -1,4 +1,4 @@
-"""Rerunning a captured generation from its manifest (optionally with interventions) and comparing two traces."""
+"""``rerun``: regenerate a captured generation from its manifest, optionally with interventions installed."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from typing import Any
 
 import torch
 
-from .errors import AttnscopeError
-from .hook_core import hooks
-from .manifest import jsonable, weights_fingerprint
-from .pipeline import load_pipeline
-from .recording import Recorder, _check_store_path
-from .trace import Trace, open_trace
+from ..capture import Recorder
+from ..errors import AttnscopeError
+from ..hooks import client_role, find_denoiser, hooks
+from ..models import load_pipeline
+from ..store import Trace, as_trace, check_store_path, jsonable, open_trace, weights_fingerprint
 
 __all__ = ["manifest_sha256", "rerun"]
 
@@ -36,14 +35,6 @@ def manifest_sha256(manifest: dict[str, Any]) -> str:
     True
     """
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-
-
-def _as_trace(trace: Any, what: str) -> Trace:
-    if isinstance(trace, Trace):
-        return trace
-    if isinstance(trace, (str, Path)):
-        return open_trace(trace)
-    raise AttnscopeError(f"{what}={trace!r}: expected an attnscope Trace or the path of a trace store")
 
 
 # -- rerun ------------------------------------------------------------------------------------------------
@@ -108,7 +99,7 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         differ from the recorded fingerprint (the message names the components), ``store`` is the
         parent or exists without ``overwrite=True``, or an option is unknown.
     """
-    parent = _as_trace(trace, "trace")
+    parent = as_trace(trace, "trace")
     where = str(parent.path)
     if not parent.complete:
         raise AttnscopeError(f"trace {where!r} is incomplete (complete=false: its capture was interrupted or is "
@@ -122,7 +113,7 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     clients = _interventions(interventions)
     described = [_describe(i, c) for i, c in enumerate(clients)]
     options = _capture_options(manifest, run, capture_options)
-    out = _check_store_path(_rerun_store(parent, store), overwrite)
+    out = check_store_path(_rerun_store(parent, store), overwrite)
     if pipe is None:
         pipe = _load(manifest, where, device)
     else:
@@ -162,8 +153,11 @@ def _interventions(interventions: Any) -> list[Any]:
         raise AttnscopeError(f"interventions={interventions!r}: expected a hook client or a list of them "
                              "(objects with role 'intervention' and a stages(ctx) method)")
     for i, client in enumerate(interventions):
-        role = getattr(client, "role", "observer")
-        if role != "intervention" or not callable(getattr(client, "stages", None)):
+        try:
+            role = client_role(client)
+        except AttnscopeError:
+            role = "none: not a hook client"
+        if role != "intervention":
             raise AttnscopeError(f"interventions[{i}]={client!r}: expected a hook client with role 'intervention' "
                                  f"and a stages(ctx) method, got role={role!r}")
     return list(interventions)
@@ -202,10 +196,6 @@ def _rerun_store(parent: Trace, store: str | Path | None) -> Path:
     return out
 
 
-def _denoiser(pipe: Any) -> Any:
-    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-
-
 def _load(manifest: dict[str, Any], where: str, device: str | None) -> Any:
     model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
     ref = model.get("reference")
@@ -226,7 +216,7 @@ def _load(manifest: dict[str, Any], where: str, device: str | None) -> Any:
 
 
 def _check_dtype(pipe: Any, manifest: dict[str, Any], where: str) -> None:
-    denoiser = _denoiser(pipe)
+    denoiser = find_denoiser(pipe)[1]
     have = str(getattr(denoiser, "dtype", "")).removeprefix("torch.")
     want = manifest.get("dtype")
     if want is not None and have != want:
@@ -237,7 +227,7 @@ def _check_dtype(pipe: Any, manifest: dict[str, Any], where: str) -> None:
 def _warn_on_other_threads(pipe: Any, manifest: dict[str, Any], where: str) -> None:
     """On the CPU another torch thread count splits sums differently: the maps then differ by float rounding."""
     recorded, now = manifest.get("cpu_threads"), torch.get_num_threads()
-    if str(getattr(_denoiser(pipe), "device", "")) == "cpu" and isinstance(recorded, int) and recorded != now:
+    if str(find_denoiser(pipe)[1].device) == "cpu" and isinstance(recorded, int) and recorded != now:
         warnings.warn(f"trace {where!r} was captured with {recorded} CPU threads, this rerun uses {now}: maps and "
                       f"images may differ by float rounding; torch.set_num_threads({recorded}) reproduces it "
                       f"bit for bit", stacklevel=3)

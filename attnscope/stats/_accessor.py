@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .errors import AttnscopeError
-from .tokens import resolve_targets
-from .upsample import image_size, upsample_maps
+from ..errors import AttnscopeError
+from ..tokens import resolve_targets
+from ._upsample import image_size, upsample_maps
 
 __all__ = ["AttentionAccessor"]
 
@@ -61,7 +61,7 @@ class AttentionAccessor:
 
     Examples
     --------
-    >>> import tempfile, attnscope as ats, attnscope.accessor
+    >>> import tempfile, attnscope as ats
     >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
     ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=2)
     >>> da = tr.attention(tr.sites[0])
@@ -75,7 +75,7 @@ class AttentionAccessor:
     def words(self, targets: Sequence[str | int] | str | int, sample: Any = None) -> xr.DataArray:
         """Replace the ``token`` dim by a ``word`` dim: each target's map summed over its token positions.
 
-        >>> import tempfile, attnscope as ats, attnscope.accessor
+        >>> import tempfile, attnscope as ats
         >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
         ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=2)
         >>> w = tr.attention(tr.sites[0]).attn.words(["circle", "blue square", 0])
@@ -124,7 +124,7 @@ class AttentionAccessor:
     def aggregate(self, over: Sequence[str] | str = ("step", "head"), how: str = "mean") -> xr.DataArray:
         """Reduce the named dims with ``how`` (``"mean"``, ``"sum"`` or ``"max"``; NaNs skipped).
 
-        >>> import tempfile, attnscope as ats, attnscope.accessor
+        >>> import tempfile, attnscope as ats
         >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle", seed=0,
         ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=2)
         >>> tr.attention(tr.sites[0]).attn.aggregate(["step", "head", "sample"], how="max").dims
@@ -146,7 +146,7 @@ class AttentionAccessor:
     def upsample(self, size: Any) -> xr.DataArray:
         """Resize the ``(y, x)`` maps bilinearly to ``size`` (``torch`` ``interpolate``, ``align_corners=False``).
 
-        >>> import tempfile, attnscope as ats, attnscope.accessor
+        >>> import tempfile, attnscope as ats
         >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle", seed=0,
         ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=2)
         >>> da = tr.attention(tr.sites[1])  # a 4x4 site
@@ -183,7 +183,7 @@ class AttentionAccessor:
 
         Zero-safe: a map whose max (sum, range) is 0 comes out as zeros, not NaN.
 
-        >>> import xarray as xr, attnscope.accessor
+        >>> import xarray as xr, attnscope
         >>> da = xr.DataArray([[1.0, 4.0], [3.0, 0.0]], dims=("y", "x"))
         >>> da.attn.normalize("minmax").values.tolist(), da.attn.normalize("sum").values.tolist()
         ([[0.25, 1.0], [0.75, 0.0]], [[0.125, 0.5], [0.375, 0.0]])
@@ -206,7 +206,7 @@ class AttentionAccessor:
                 over: Sequence[str] | str = ("step", "head"), norm: str = "minmax") -> xr.DataArray:
         """Word heat maps at image size: :meth:`words`, :meth:`aggregate` (mean), :meth:`upsample`, :meth:`normalize`.
 
-        >>> import tempfile, attnscope as ats, attnscope.accessor
+        >>> import tempfile, attnscope as ats
         >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle", seed=0,
         ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=2)
         >>> hm = tr.attention(tr.sites[0]).attn.heatmap("circle", size=tr.images[0])

@@ -11,14 +11,13 @@ import numpy as np
 
 from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
-from ..store_format import GATED_STEPS_ATTR, OUTPUT_CHANGE, OUTPUT_NORM
-from ..trace import open_trace
-from .dominance_dataset import site_arrays
+from ..store import GATED_STEPS_ATTR, OUTPUT_CHANGE, OUTPUT_NORM, open_trace
+from ._dominance import site_arrays
 
 __all__ = ["convergence", "stable_step", "suggest_gate_step"]
 
 OF = ("auto", "maps", "outputs")
-_LABEL = {"maps": "‖C_t − C_t−1‖/‖C_t‖", "outputs": "‖O_t − O_t−1‖/‖O_t‖"}
+CHANGE_LABELS = {"maps": "‖C_t − C_t−1‖/‖C_t‖", "outputs": "‖O_t − O_t−1‖/‖O_t‖"}
 
 
 def stable_step(curve: Any, steps: Any, tol: float) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import resolve_targets, token_roles, token_words
-from . import formulas as f
+from . import _formulas as f
 
 __all__ = ["dominance", "site_arrays"]
 
@@ -108,10 +108,10 @@ def _chunk_sums(da: Any, prompt: np.ndarray, words: np.ndarray, cut: bool) -> An
 
 def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, sites: Any = None,
               steps: Any = None, include_special: bool = False, tokens: Sequence[str] | None = None) -> Any:
-    """Attention-dominance statistics per step, site and sample (DESIGN §5), as an ``xarray.Dataset``.
+    """Attention-dominance statistics per step, site and sample (definitions in docs/analysis.md), as an ``xarray.Dataset``.
 
     Heads are averaged first. Every statistic comes from one pass over each stored chunk (dask, lazily:
-    stores larger than memory are fine); formulas in :mod:`attnscope.stats.formulas`.
+    stores larger than memory are fine); one function per formula in :mod:`attnscope.stats` (``mass_share``, ``entropy``, …).
 
     Parameters
     ----------
@@ -203,5 +203,5 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     out = out.assign_coords(target_tokens=(("sample", "target", "token"), member))
     out.attrs.update({"targets": labels, "heads": "averaged before the statistics",
                       "prompt_tokens": "word pieces, SOT, EOT and padding" if include_special else "word pieces",
-                      "definitions": "DESIGN §5; formulas in attnscope.stats.formulas"})
+                      "definitions": "docs/analysis.md of attnscope; one function per formula in attnscope.stats"})
     return out

@@ -1,4 +1,4 @@
-"""The statistics of DESIGN §5 on plain arrays: one reduction per map, then one formula per statistic.
+"""The statistics of docs/analysis.md on plain arrays: one reduction per map, then one formula per statistic.
 
 Every statistic is computed from a few sums per (step, sample) map, which :func:`map_sums` takes in
 one pass over the map — so a trace is read once whatever statistics are asked for. Notation, for one

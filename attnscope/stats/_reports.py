@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
+from ._convergence import CHANGE_LABELS
 
 __all__ = ["convergence_table", "dominance_json", "dominance_table"]
 
@@ -94,15 +95,13 @@ def convergence_table(ds: Any) -> str:
     ...
     stable from step 3 (tol 0.2)
     """
-    from .step_convergence import _LABEL
-
     lines = []
     tol = ds.attrs.get("tol", float("nan"))
     of = ds.attrs.get("of", "maps")
     gated = {int(s) for s in ds.attrs.get("gated_steps", [])}
     for s in range(ds.sizes["sample"]):
         curve = ds.mean_convergence.isel(sample=s)
-        lines.append(f"step  {_LABEL.get(of, of)} of the {of}, mean over {ds.sizes['site']} sites (sample {s})")
+        lines.append(f"step  {CHANGE_LABELS.get(of, of)} of the {of}, mean over {ds.sizes['site']} sites (sample {s})")
         top = np.nanmax(curve.values) if np.isfinite(curve.values).any() else 1.0
         for step, v in zip(curve["step"].values, curve.values):
             bar = "" if math.isnan(v) else "#" * int(round(30 * v / top)) if top > 0 else ""

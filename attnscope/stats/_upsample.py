@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AttnscopeError
+from ..errors import AttnscopeError
 
 __all__ = ["image_size", "upsample_maps"]
 

@@ -76,9 +76,9 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
-def build_manifest(pipe: Any, run: dict[str, Any], capture_spec: dict[str, Any]) -> dict[str, Any]:
-    """The manifest stored in a trace's root attributes (see docs/store-format.md)."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+def build_manifest(pipe: Any, denoiser: torch.nn.Module, run: dict[str, Any], capture_spec: dict[str, Any]) -> dict[str, Any]:
+    """The manifest stored in a trace's root attributes (see docs/store-format.md); ``denoiser`` is the
+    pipeline's UNet or transformer, as the hook core found it."""
     return jsonable({
         "model": {
             "reference": pipe.config.get("_name_or_path") or getattr(pipe, "name_or_path", None),

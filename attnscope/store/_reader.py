@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AttnscopeError
-from .store_format import (
+from ..errors import AttnscopeError
+from ..tokens import word_alignment
+from ._format import (
     BRANCH_ARRAYS,
     FORMAT_VERSION,
     GATED_STEPS_ATTR,
@@ -22,9 +23,8 @@ from .store_format import (
     quiet_consolidated,
     site_group,
 )
-from .tokens import word_alignment
 
-__all__ = ["Trace", "open_trace"]
+__all__ = ["Trace", "as_trace", "open_trace"]
 
 
 class Trace:
@@ -211,3 +211,17 @@ def open_trace(path: str | Path) -> Trace:
     if not isinstance(attrs.get("manifest"), dict) or not isinstance(attrs.get("sites"), list):
         raise AttnscopeError(f"{str(p)!r}: trace attributes 'manifest' (object) and 'sites' (list) are missing or malformed")
     return Trace(p, attrs)
+
+
+def as_trace(trace: Trace | str | Path, what: str = "trace") -> Trace:
+    """``trace`` itself, or the trace at that path (:func:`open_trace`); ``what`` names the argument in errors.
+
+    >>> as_trace(42, "a")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: a=42: expected an attnscope Trace or the path of a trace store
+    """
+    if isinstance(trace, Trace):
+        return trace
+    if isinstance(trace, (str, Path)):
+        return open_trace(trace)
+    raise AttnscopeError(f"{what}={trace!r}: expected an attnscope Trace or the path of a trace store")

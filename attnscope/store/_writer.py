@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import AttnscopeError
-from .store_format import (
+from ..errors import AttnscopeError
+from ._format import (
     BRANCH_ARRAYS,
     FORMAT_VERSION,
     IMAGE_DIMS,
@@ -34,7 +34,36 @@ from .store_format import (
     quiet_consolidated,
 )
 
-__all__ = ["TraceWriter", "SiteLayout", "StoreLayout"]
+__all__ = ["SiteLayout", "StoreLayout", "TraceWriter", "check_store_path"]
+
+def check_store_path(store: str | Path, overwrite: bool) -> Path:
+    """The path of a trace store about to be written: new, or (``overwrite=True``) an existing trace or empty
+    directory, never anything else (``overwrite`` only ever replaces traces).
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> check_store_path(d / "new.zarr", overwrite=False).name
+    'new.zarr'
+    >>> (d / "notes.txt").write_text("keep me")
+    7
+    >>> check_store_path(d, overwrite=True)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: store '...' exists and is not an attnscope trace or an empty directory; overwrite=True only replaces traces
+    """
+    path = Path(store)
+    if not path.exists():
+        return path
+    if not overwrite:
+        raise AttnscopeError(f"store {str(path)!r} exists; pass overwrite=True to replace it")
+    meta = path / "zarr.json"
+    is_trace = meta.is_file() and '"attnscope_format"' in meta.read_text(errors="replace")
+    if not (path.is_dir() and (is_trace or not any(path.iterdir()))):
+        raise AttnscopeError(
+            f"store {str(path)!r} exists and is not an attnscope trace or an empty directory; "
+            f"overwrite=True only replaces traces"
+        )
+    return path
+
 
 #: seconds between rewrites of the root attribute ``steps_written`` (it only ever lags the data)
 PERSIST_INTERVAL = 0.25
@@ -134,7 +163,7 @@ class TraceWriter:
     Examples
     --------
     >>> import tempfile, numpy as np
-    >>> from attnscope.writer import TraceWriter, StoreLayout, SiteLayout
+    >>> from attnscope.store import TraceWriter, StoreLayout, SiteLayout
     >>> layout = StoreLayout(num_steps=2, samples=1, prompt_of_sample=(0,), image_of_sample=(0,),
     ...     token_positions=(0, 1), token_text=[["<sot>", "<eot>"]],
     ...     sites=[SiteLayout("attn2", {}, heads=1, spatial=(2, 2), branches=("cond",), steps=(0, 1))])

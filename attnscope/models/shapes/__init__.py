@@ -1,13 +1,18 @@
-"""The embedded "shapes" model and its world: scenes, captions, a detector, training and loading.
+"""The embedded "shapes" model and its world: scenes, captions, a detector, the model, its training.
 
->>> from attnscope.shapes import detect, render, sample_scene
+The world and the detector are plain numpy and load with ``import attnscope``; the model, its
+tokenizer builder and its training load diffusers/transformers on first use.
+
+>>> from attnscope.models.shapes import detect, render, sample_scene
 >>> scene = sample_scene(0, "two")
 >>> sorted((o.colour, o.shape) for o in detect(render(scene))) == sorted((o.colour, o.shape) for o in scene.objects)
 True
 """
 
-from .detector import DetectedObject, detect
-from .world import (
+from ..._lazy import lazy_exports
+from ._detector import DetectedObject, detect
+from ._tokenizer import make_clip_tokenizer
+from ._world import (
     BACKGROUND,
     COLOURS,
     IMAGE_SIZE,
@@ -25,6 +30,14 @@ from .world import (
 )
 
 __all__ = [
-    "BACKGROUND", "COLOURS", "DetectedObject", "IMAGE_SIZE", "KINDS", "RELATIONS", "SHAPES", "Scene",
-    "ShapeObject", "VOCABULARY", "check_vocabulary", "detect", "parse_prompt", "relation_holds", "render", "sample_scene",
+    "BACKGROUND", "COLOURS", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "DetectedObject", "IMAGE_SIZE", "KINDS", "RELATIONS",
+    "SHAPES", "Scene", "ShapeObject", "ShapesPipeline", "TEXT_LENGTH", "TrainConfig", "VOCABULARY", "WEIGHTS_DIR",
+    "assemble", "build_components", "check_vocabulary", "detect", "load_shapes_pipeline", "make_clip_tokenizer",
+    "parse_prompt", "relation_holds", "render", "sample_scene", "sampling_scheduler", "train_shapes",
 ]
+
+_MODEL = ("DEFAULT_GUIDANCE", "DEFAULT_STEPS", "ShapesPipeline", "TEXT_LENGTH", "WEIGHTS_DIR", "assemble",
+          "build_components", "load_shapes_pipeline", "sampling_scheduler")
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(_MODEL, "._model"), "TrainConfig": "._training", "train_shapes": "._training",
+}, globals())

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AttnscopeError
-from .world import COLOURS, IMAGE_SIZE
+from ...errors import AttnscopeError
+from ._world import COLOURS, IMAGE_SIZE
 
 __all__ = ["DetectedObject", "detect"]
 
@@ -102,7 +102,7 @@ def detect(image: Any) -> list[DetectedObject]:
 
     Examples
     --------
-    >>> from attnscope.shapes import detect, render, sample_scene
+    >>> from attnscope.models.shapes import detect, render, sample_scene
     >>> scene = sample_scene(1, "single")
     >>> [(o.colour, o.shape) for o in detect(render(scene))] == [(o.colour, o.shape) for o in scene.objects]
     True

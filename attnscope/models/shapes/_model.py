@@ -7,11 +7,12 @@ from typing import Any
 
 from diffusers import StableDiffusionPipeline
 
-from ..errors import AttnscopeError
-from ..pipeline import quiet_dtype_deprecation
-from .world import IMAGE_SIZE, VOCABULARY, check_vocabulary
+from ...errors import AttnscopeError
+from .._compat import quiet_dtype_deprecation
+from ._tokenizer import make_clip_tokenizer
+from ._world import IMAGE_SIZE, VOCABULARY, check_vocabulary
 
-__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_STEPS", "TEXT_LENGTH", "WEIGHTS_DIR", "ShapesPipeline", "build_components",
+__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_STEPS", "TEXT_LENGTH", "WEIGHTS_DIR", "ShapesPipeline", "assemble", "build_components",
            "load_shapes_pipeline", "sampling_scheduler"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -60,7 +61,7 @@ def build_components(tokenizer_dir: str | Path, seed: int = 0) -> dict[str, Any]
     halves the image (32 px ↔ 16×16×4 latent), the text encoder is a 2-layer CLIP of width 64.
 
     >>> import tempfile
-    >>> from attnscope.shapes.model import build_components
+    >>> from attnscope.models.shapes import build_components
     >>> parts = build_components(tempfile.mkdtemp())
     >>> sorted(parts)
     ['scheduler', 'text_encoder', 'tokenizer', 'unet', 'vae']
@@ -68,8 +69,6 @@ def build_components(tokenizer_dir: str | Path, seed: int = 0) -> dict[str, Any]
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ..testing import make_clip_tokenizer
 
     tokenizer = make_clip_tokenizer(tokenizer_dir, words=VOCABULARY, model_max_length=TEXT_LENGTH)
     torch.manual_seed(seed)
@@ -110,7 +109,7 @@ def assemble(parts: dict[str, Any], cls: type = StableDiffusionPipeline) -> Any:
 def load_shapes_pipeline(dtype: Any = None) -> ShapesPipeline:
     """The shipped shapes model, from the package's own files (never the network).
 
-    >>> from attnscope.shapes.model import load_shapes_pipeline
+    >>> from attnscope.models.shapes import load_shapes_pipeline
     >>> pipe = load_shapes_pipeline()
     >>> pipe.config._name_or_path, len(pipe("a red circle", generator=__import__("torch").manual_seed(0),
     ...                                    num_inference_steps=2).images)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import AttnscopeError
-from .model import assemble, build_components
-from .world import render, sample_scene
+from ...errors import AttnscopeError
+from ._model import assemble, build_components
+from ._world import render, sample_scene
 
 __all__ = ["TrainConfig", "train_shapes"]
 
@@ -132,7 +132,7 @@ def train_shapes(out: str | Path, config: TrainConfig = TrainConfig(), *, resume
     Examples
     --------
     >>> import tempfile
-    >>> from attnscope.shapes.training import TrainConfig, train_shapes
+    >>> from attnscope.models.shapes import TrainConfig, train_shapes
     >>> cfg = TrainConfig(vae_steps=2, vae_batch=2, steps=2, batch=2, warmup=1)
     >>> (train_shapes(tempfile.mkdtemp(), cfg, progress=False) / "model_index.json").is_file()
     True

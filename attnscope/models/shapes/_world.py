@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import AttnscopeError
+from ...errors import AttnscopeError
 
 __all__ = [
     "BACKGROUND", "COLOURS", "IMAGE_SIZE", "KINDS", "RELATIONS", "SHAPES", "VOCABULARY",
@@ -106,7 +106,7 @@ def sample_scene(seed: int | np.random.Generator, kind: str | None = None, size:
 
     Examples
     --------
-    >>> from attnscope.shapes import sample_scene
+    >>> from attnscope.models.shapes import sample_scene
     >>> sample_scene(3, "two").caption == sample_scene(3, "two").caption
     True
     >>> len(sample_scene(0, "three").objects)
@@ -151,7 +151,7 @@ def render(scene: Scene) -> np.ndarray:
 
     Examples
     --------
-    >>> from attnscope.shapes import render, sample_scene
+    >>> from attnscope.models.shapes import render, sample_scene
     >>> render(sample_scene(0, "single")).shape
     (32, 32, 3)
     """
@@ -169,7 +169,7 @@ _WORD = re.compile(r"[a-z]+|[^\sa-z]")
 def check_vocabulary(prompt: str, vocabulary: tuple[str, ...] = VOCABULARY) -> None:
     """Raise if ``prompt`` has words the shapes model never saw (they would become untrained letter pieces).
 
-    >>> from attnscope.shapes import check_vocabulary
+    >>> from attnscope.models.shapes import check_vocabulary
     >>> check_vocabulary("a red circle")
     >>> check_vocabulary("a purple circle")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -192,7 +192,7 @@ def parse_prompt(prompt: str) -> tuple[list[tuple[str, str]], str | None]:
 
     Examples
     --------
-    >>> from attnscope.shapes import parse_prompt
+    >>> from attnscope.models.shapes import parse_prompt
     >>> parse_prompt("a red circle to the left of a blue square")
     ([('red', 'circle'), ('blue', 'square')], 'to the left of')
     """
@@ -215,7 +215,7 @@ def relation_holds(relation: str, a_centre: tuple[float, float], b_centre: tuple
 
     The comparison is along the relation's axis only (centroids, as in T2I-CompBench's spatial check).
 
-    >>> from attnscope.shapes import relation_holds
+    >>> from attnscope.models.shapes import relation_holds
     >>> relation_holds("above", (5.0, 3.0), (6.0, 20.0))
     True
     """

@@ -1,0 +1,11 @@
+"""From hooks to the store: ``capture()`` a generation, or install a :class:`Recorder` next to other clients.
+
+>>> import attnscope as ats
+>>> ats.capture is capture, ats.Recorder is Recorder
+(True, True)
+"""
+
+from ._capture import capture
+from ._recorder import Recorder
+
+__all__ = ["Recorder", "capture"]

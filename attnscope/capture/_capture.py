@@ -1,0 +1,101 @@
+"""``capture``: run a pipeline with a fixed seed and record its cross-attention maps into a new trace."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AttnscopeError
+from ..hooks import find_denoiser, hooks
+from ..selection import SiteSpec, StepSpec
+from ..store import Trace, jsonable, open_trace
+from ._recorder import Recorder
+
+__all__ = ["capture"]
+
+
+def _call_default(pipe: Any, name: str) -> Any:
+    param = inspect.signature(pipe.__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store: str | Path, sites: SiteSpec = None,
+            steps: StepSpec = None, heads: str = "mean", tokens: str = "all", branch: str = "cond",
+            overwrite: bool = False, exact: bool = False, output_change: bool = False,
+            **pipeline_kwargs: Any) -> Trace:
+    """Run ``pipe`` on ``prompt`` with a fixed seed and record its cross-attention maps into ``store``.
+
+    Parameters
+    ----------
+    pipe : diffusers pipeline
+        With a UNet2DConditionModel denoiser (SD 1.x, 2.x, SDXL).
+    prompt : str or list of str
+        One prompt, or several (each gets ``num_images_per_prompt`` samples).
+    seed : int or list of int
+        One seed for the whole batch (a CPU ``torch.Generator``) or one per image.
+    store : path
+        Zarr store to create; see :class:`Recorder` for ``sites``, ``steps``, ``heads``, ``tokens``,
+        ``branch``, ``overwrite`` and ``output_change`` (also keep the per-step norms of each site's
+        output and of its change, for ``ats.stats.convergence(tr, of="outputs")``).
+    exact : bool
+        Make the image bit-identical to a run without capture (see :func:`attnscope.hooks`);
+        by default it equals it up to float rounding and capture is faster.
+    **pipeline_kwargs
+        Passed to the pipeline (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``,
+        ``negative_prompt``, ``num_images_per_prompt``, …) and recorded in the manifest.
+
+    Returns
+    -------
+    Trace
+        The trace, reopened lazily from the store.
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> tr = ats.capture(tiny_sd_pipeline(), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
+    ...                  num_inference_steps=3, height=32, width=32)
+    >>> tr.attention(tr.sites[0]).dims
+    ('step', 'sample', 'head', 'y', 'x', 'token')
+    """
+    find_denoiser(pipe)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise AttnscopeError(f"prompt={prompt!r}: expected a string or a non-empty list of strings")
+    if "generator" in pipeline_kwargs or "prompt" in pipeline_kwargs:
+        raise AttnscopeError("pipeline_kwargs: pass `prompt` and `seed` to capture() instead of `prompt`/`generator`")
+    output_type = pipeline_kwargs.get("output_type", "pil")
+    if output_type not in ("pil", "np", "pt", "latent"):
+        raise AttnscopeError(f"output_type={output_type!r}: expected 'pil', 'np', 'pt' or 'latent'")
+    per_prompt = pipeline_kwargs.get("num_images_per_prompt") or 1
+    batch = len(prompts) * per_prompt
+    if isinstance(seed, bool) or not (isinstance(seed, int) or (isinstance(seed, (list, tuple)) and len(seed) == batch
+                                                                and all(isinstance(s, int) for s in seed))):
+        raise AttnscopeError(f"seed={seed!r}: expected an int or a list of {batch} ints (one per image)")
+    generator: Any = (torch.Generator("cpu").manual_seed(seed) if isinstance(seed, int)
+                      else [torch.Generator("cpu").manual_seed(s) for s in seed])
+    recorded, unrecorded = {}, []
+    for key, value in pipeline_kwargs.items():
+        try:
+            recorded[key] = jsonable(value)
+        except TypeError:
+            unrecorded.append(key)
+    run_info = {
+        "prompts": prompts, "negative_prompt": pipeline_kwargs.get("negative_prompt"),
+        "seed": seed if isinstance(seed, int) else list(seed), "generator_device": "cpu",
+        "num_images_per_prompt": per_prompt,
+        "num_inference_steps": pipeline_kwargs.get("num_inference_steps", _call_default(pipe, "num_inference_steps")),
+        "guidance_scale": pipeline_kwargs.get("guidance_scale", _call_default(pipe, "guidance_scale")),
+        "pipeline_kwargs": recorded, "unrecorded_kwargs": unrecorded, "reproducible": not unrecorded,
+        "exact": exact,
+    }
+    recorder = Recorder(store, sites=sites, steps=steps, heads=heads, tokens=tokens, branch=branch,
+                        overwrite=overwrite, output_change=output_change, run_info=run_info)
+    with hooks(pipe, recorder, exact=exact):
+        out = pipe(prompt=prompts if len(prompts) > 1 else prompts[0], generator=generator, **pipeline_kwargs)
+        if output_type != "latent":
+            recorder.add_images(out.images)
+    return open_trace(recorder.path)

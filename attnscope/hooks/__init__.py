@@ -1,0 +1,20 @@
+"""Interception: the one hook API every other part of attnscope is a client of.
+
+``with ats.hooks(pipe, *clients):`` installs observers and interventions (objects following
+:class:`HookClient`) on every cross-attention site of a diffusers pipeline. Sites are found per
+model family by the adapters in :mod:`attnscope.hooks.families`. This package imports nothing of
+capture, store, stats, plot, regulate or rerun: they build on it.
+
+>>> import attnscope as ats
+>>> ats.hooks is hooks, STAGES
+(True, ('logits', 'probs', 'output'))
+"""
+
+from ._client import OPTIONAL_METHODS, ROLES, STAGES, HookClient, client_role
+from ._context import CallContext, RowLayout, StepContext
+from ._core import HookSession, hooks
+from ._discovery import discover_self_sites, discover_sites, find_denoiser
+from ._sites import CrossAttentionSite
+
+__all__ = ["CallContext", "CrossAttentionSite", "HookClient", "HookSession", "OPTIONAL_METHODS", "ROLES", "RowLayout", "STAGES",
+           "StepContext", "client_role", "discover_self_sites", "discover_sites", "find_denoiser", "hooks"]

@@ -1,0 +1,70 @@
+"""Finding a pipeline's denoiser and its sites through the family adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import AttnscopeError
+from ._sites import CrossAttentionSite
+from .families import ADAPTERS
+
+__all__ = ["discover_self_sites", "discover_sites", "find_denoiser"]
+
+
+def _adapter(pipe: Any) -> tuple[Any, torch.nn.Module]:
+    from diffusers import DiffusionPipeline
+
+    supported = "; ".join(adapter.SUPPORTS for adapter in ADAPTERS)
+    if not isinstance(pipe, DiffusionPipeline):
+        raise AttnscopeError(
+            f"pipe: expected a diffusers pipeline (DiffusionPipeline) with a supported denoiser ({supported}), "
+            f"got {type(pipe).__module__}.{type(pipe).__qualname__}"
+        )
+    for adapter in ADAPTERS:
+        denoiser = adapter.denoiser(pipe)
+        if denoiser is not None:
+            return adapter, denoiser
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    found = type(denoiser).__name__ if denoiser is not None else "no `unet` or `transformer` component"
+    raise AttnscopeError(f"pipe: {type(pipe).__name__} has {found}; supported denoisers: {supported}")
+
+
+def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
+    """Return ``(family, denoiser)`` of a diffusers pipeline or raise AttnscopeError.
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> find_denoiser(tiny_sd_pipeline())[0]
+    'unet'
+    """
+    adapter, denoiser = _adapter(pipe)
+    return adapter.FAMILY, denoiser
+
+
+def discover_sites(pipe: Any) -> list[CrossAttentionSite]:
+    """All cross-attention sites of a pipeline's denoiser, in module order.
+
+    Examples
+    --------
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> import attnscope as ats
+    >>> [s.name for s in ats.discover_sites(tiny_sd_pipeline())][:2]
+    ['down_blocks.0.attentions.0.transformer_blocks.0.attn2', 'down_blocks.1.attentions.0.transformer_blocks.0.attn2']
+    """
+    adapter, denoiser = _adapter(pipe)
+    return adapter.sites(denoiser)
+
+
+def discover_self_sites(pipe: Any) -> list[CrossAttentionSite]:
+    """The self-attention modules (``attn1``) of the denoiser's transformer blocks, kind ``"self"``.
+
+    Examples
+    --------
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> sites = discover_self_sites(tiny_sd_pipeline())
+    >>> sites[0].name, sites[0].kind
+    ('down_blocks.0.attentions.0.transformer_blocks.0.attn1', 'self')
+    """
+    adapter, denoiser = _adapter(pipe)
+    return adapter.sites(denoiser, cross=False)

@@ -1,0 +1,184 @@
+"""The attention processors the hook core swaps in: cross-attention with visible stages, self-attention with bypass."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import AttnscopeError
+from ._context import CallContext
+from ._sites import CrossAttentionSite
+
+__all__ = ["CrossAttentionProcessor", "SelfAttentionProcessor"]
+
+
+def _signature_stub(fn: Any) -> Any:
+    def stub(*args: Any, **kwargs: Any) -> None:  # pragma: no cover - never called
+        raise RuntimeError("signature stub")
+
+    stub.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+    return stub
+
+
+def _sole_reference(scratch: dict[str, torch.Tensor], key: str) -> bool:
+    """True when ``scratch[key]`` is referenced only by ``scratch`` (no tensor, view or autograd node
+    elsewhere); False when unsure."""
+    tensor = scratch.get(key)
+    if tensor is None:
+        return False
+    try:  # references to the Python object: the dict, `tensor`, getrefcount's argument
+        python_refs = sys.getrefcount(tensor) - 3
+        # references to the storage: this tensor and the temporary storage object made by the call
+        storage_refs = torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 2
+    except (AttributeError, RuntimeError):  # private API gone: never reuse
+        return False
+    return python_refs == 0 and storage_refs == 0
+
+
+class CrossAttentionProcessor:
+    """Stands in for one cross-attention site's processor while hooks are installed.
+
+    At a call where no client needs ``logits`` or ``probs`` it runs the site's original processor.
+    Where they are needed it computes the attention itself, mirroring diffusers'
+    ``AttnProcessor2_0`` (``diffusers.models.attention_processor``) step by step — spatial norm,
+    4-D inputs, attention mask, group norm, ``norm_cross``, ``norm_q``/``norm_k``, ``to_out``,
+    residual connection, ``rescale_output_factor`` — with ``QKᵀ/√d`` and its softmax made visible
+    as the ``logits`` and ``probs`` stages; it accepts sites whose original processor is
+    ``AttnProcessor2_0`` or ``AttnProcessor`` (the same computation without SDPA). Tested against
+    diffusers 0.42 (the version CI installs; ``pyproject.toml`` admits 0.35 and later): with
+    ``exact=True`` an observed call is bit-identical to the original processor.
+    """
+
+    def __init__(self, session: Any, site: CrossAttentionSite, original: Any):
+        self.session, self.site, self.original = session, site, original
+        self._scratch: dict[str, torch.Tensor] = {}
+        # Attention.forward passes on only the cross_attention_kwargs that `processor.__call__`
+        # names: show it the original's signature so exactly the same kwargs reach us.
+        self.__call__ = _signature_stub(original.__call__)
+
+    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        session = self.session
+        encoder_hidden_states = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        if session.step_context is None or encoder_hidden_states is None:
+            return self.original(attn, hidden_states, *args, **kwargs)
+        ctx = session.call_context(self.site, hidden_states, encoder_hidden_states)
+        plan = session.plan(ctx)
+        output = session.bypass(ctx)
+        if output is not None:
+            session.skipped(plan, ctx)
+        else:
+            if plan.get("logits") or plan.get("probs"):
+                if args:
+                    raise AttnscopeError(f"site {self.site.name}: expected keyword arguments from Attention.forward")
+                output = self._attend(ctx, plan, attn, hidden_states, **kwargs)
+            else:
+                output = self.original(attn, hidden_states, *args, **kwargs)
+        return session.run_stage("output", plan, ctx, output)
+
+    def _buffer(self, key: str, shape: tuple[int, ...], *inputs: torch.Tensor) -> torch.Tensor | None:
+        """An ``out=`` tensor to compute into, or None to let the op allocate.
+
+        On the CPU a fresh multi-MB tensor costs a page fault per 4 KiB on every call (as much as the
+        attention itself), so the last one is reused — but only when nothing else (a client keeping
+        the tensor or a view of it, autograd) still references it. None on GPUs (the caching
+        allocator already reuses memory) and when autograd records the op (``out=`` can't be
+        differentiated)."""
+        like = inputs[0]
+        if like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+            return None
+        if _sole_reference(self._scratch, key):
+            buf = self._scratch[key]
+            if buf.shape == shape and buf.dtype == like.dtype:
+                return buf
+        buf = self._scratch[key] = torch.empty(shape, dtype=like.dtype)
+        return buf
+
+    def _attend(self, ctx: CallContext, plan: dict, attn: Any, hidden_states: torch.Tensor,
+                encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                temb: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        """AttnProcessor2_0's computation with the logits/probs stages made visible."""
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        if type(self.original) not in (AttnProcessor2_0, AttnProcessor):
+            raise AttnscopeError(
+                f"site {self.site.name}: reading logits/probs needs AttnProcessor2_0 or AttnProcessor, got "
+                f"{type(self.original).__name__}; call pipe.unet.set_default_attn_processor() first"
+            )
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        session = self.session
+        rows, queries, tokens = batch_size * attn.heads, query.shape[-2], key.shape[-2]
+        logits = torch.baddbmm(  # scaled QKᵀ in one pass (the scale SDPA uses); beta=0 ignores the input
+            query.new_empty(1, 1, 1), query.reshape(rows, queries, head_dim),
+            key.reshape(rows, tokens, head_dim).transpose(1, 2), beta=0, alpha=head_dim**-0.5,
+            out=self._buffer("logits", (rows, queries, tokens), query, key),
+        ).view(batch_size, attn.heads, queries, tokens)
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                logits = logits.masked_fill(~attention_mask, float("-inf"))
+            else:
+                logits = logits + attention_mask
+        edited = session.run_stage("logits", plan, ctx, logits)
+        probs = torch.softmax(edited, dim=-1, out=self._buffer("probs", edited.shape, edited))
+        final = session.run_stage("probs", plan, ctx, probs)
+        if session.exact and edited is logits and final is probs:  # observed only: the fused kernel, bit-identical
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        else:
+            out = final.to(value.dtype) @ value
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class SelfAttentionProcessor:
+    """Stands in for a self-attention module's processor: ``bypass`` and ``output`` only."""
+
+    def __init__(self, session: Any, site: CrossAttentionSite, original: Any):
+        self.session, self.site, self.original = session, site, original
+        self.__call__ = _signature_stub(original.__call__)
+
+    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        session = self.session
+        if session.step_context is None:
+            return self.original(attn, hidden_states, *args, **kwargs)
+        ctx = session.call_context(self.site, hidden_states, hidden_states)
+        plan = session.plan(ctx, session.self_clients)
+        if plan.get("logits") or plan.get("probs"):
+            raise AttnscopeError(f"self-attention site {self.site.name}: only the 'output' stage and bypass exist there")
+        output = session.bypass(ctx, session.self_clients)
+        if output is None:
+            output = self.original(attn, hidden_states, *args, **kwargs)
+        return session.run_stage("output", plan, ctx, output)

@@ -1,0 +1,67 @@
+"""The UNet family: ``UNet2DConditionModel`` denoisers (Stable Diffusion 1.x, 2.x, SDXL).
+
+Every ``Attention`` module inside ``down_blocks``, ``mid_block`` and ``up_blocks`` whose keys come
+from the text encoder (``is_cross_attention``: the transformer blocks' ``attn2``) is a site of kind
+``"cross"``; the ``attn1`` modules beside them are the self-attention sites (kind ``"self"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._sites import CrossAttentionSite
+
+__all__ = ["FAMILY", "SUPPORTS", "denoiser", "sites"]
+
+FAMILY = "unet"
+SUPPORTS = "UNet2DConditionModel (Stable Diffusion 1.x, 2.x, SDXL)"
+
+
+def denoiser(pipe: Any) -> torch.nn.Module | None:
+    """The pipeline's ``unet`` when it is a ``UNet2DConditionModel``, else None.
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> type(denoiser(tiny_sd_pipeline())).__name__
+    'UNet2DConditionModel'
+    """
+    from diffusers import UNet2DConditionModel
+
+    unet = getattr(pipe, "unet", None)
+    return unet if isinstance(unet, UNet2DConditionModel) else None
+
+
+def sites(unet: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite]:
+    """The cross-attention sites of ``unet`` in module order (``cross=False``: its self-attention modules).
+
+    Blocks are ``down``/``mid``/``up``; the level counts halvings of the latent resolution.
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> [(s.block, s.level) for s in sites(tiny_sd_pipeline().unet)]
+    [('down', 0), ('down', 1), ('up', 1), ('up', 1), ('up', 0), ('up', 0), ('mid', 1)]
+    """
+    from diffusers.models.attention_processor import Attention
+
+    n_levels = len(unet.down_blocks)
+    found = []
+    for name, module in unet.named_modules():
+        if not (isinstance(module, Attention) and bool(module.is_cross_attention) == cross):
+            continue
+        top = name.split(".")
+        if top[0] == "down_blocks":
+            block, level = "down", int(top[1])
+        elif top[0] == "up_blocks":
+            block, level = "up", n_levels - 1 - int(top[1])
+        elif top[0] == "mid_block":
+            block, level = "mid", n_levels - 1
+        else:
+            continue
+        inner = module.to_q.out_features
+        found.append(
+            CrossAttentionSite(
+                name=name, family=FAMILY, kind="cross" if cross else "self", block=block, level=level,
+                heads=module.heads, head_dim=inner // module.heads, token_dim=module.to_k.in_features, module=module,
+            )
+        )
+    return found

@@ -1,0 +1,26 @@
+"""What gets hooked: ``load_pipeline``, the embedded shapes model, and its evaluation and demo.
+
+``load_pipeline`` loads the embedded model, a local diffusers directory or a cached hub id (never
+the network). The shapes world's detector makes object presence a fidelity metric: ``evaluate``
+is ``attnscope eval``, ``run_demo`` is ``attnscope demo``.
+
+>>> import attnscope as ats
+>>> ats.load_pipeline is load_pipeline, ats.shapes is shapes
+(True, True)
+"""
+
+from . import shapes
+from ._demo import run_demo
+from ._evaluation import (
+           INTERVENTIONS,
+           PROMPT_SETS,
+           eval_prompts,
+           evaluate,
+           format_report,
+           named_interventions,
+           object_phrases,
+)
+from ._loading import load_pipeline
+
+__all__ = ["INTERVENTIONS", "PROMPT_SETS", "eval_prompts", "evaluate", "format_report", "load_pipeline",
+           "named_interventions", "object_phrases", "run_demo", "shapes"]

@@ -1,0 +1,80 @@
+"""The compare figure: two runs of one generation side by side (``ats.compare(...).figure()``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ._heatmaps import mean_word_maps
+from ._select import sample_index
+
+__all__ = ["comparison"]
+
+
+def comparison(result: Any, sample: int = 0, cmap: str = "viridis") -> Figure:
+    """The two images of a :class:`~attnscope.Comparison` side by side with each target's heat map, and the
+    mean target shares before/after.
+
+    Heat maps: for each trace, each site's map of a target (its pieces summed) averaged over heads
+    and the compared steps, upsampled to the image size and averaged over the compared sites; the
+    before and after maps of one target share a colour scale from 0 (so a change of strength shows).
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
+    ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=2)
+    >>> fig = ats.plot.comparison(ats.compare(tr, tr, ["circle", "square"]))
+    >>> len(fig.axes)  # two images, two heat maps per row, the bars
+    7
+
+    Parameters
+    ----------
+    result : Comparison
+        What :func:`attnscope.compare` returned.
+    sample : int
+        Which generated image.
+    cmap : str
+        Matplotlib colour map of the heat maps.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two rows (before, after) of ``1 + len(targets)`` panels, plus one bar-chart axes at the right.
+    """
+    spec = result.target_spec or result.targets
+    maps = [mean_word_maps(tr, spec, result.sites, result.steps, sample).transpose("word", "y", "x").values
+            for tr in (result.a, result.b)]
+    n = len(result.targets)
+    fig = Figure(figsize=(2.2 * (n + 1) + 3.6, 4.8), layout="constrained")
+    grid = fig.add_gridspec(2, n + 2, width_ratios=[1.0] * (n + 1) + [1.8])
+    for row, (tr, label, m) in enumerate(zip((result.a, result.b), ("before", "after"), maps)):
+        images = tr.images
+        picture = np.asarray(images[sample_index(tr, sample)]) if images else None
+        ax = fig.add_subplot(grid[row, 0])
+        if picture is not None:
+            ax.imshow(picture)
+        else:
+            ax.text(0.5, 0.5, "no image stored", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{label}: {tr.path.name}", fontsize=8)
+        ax.set_axis_off()
+        for k, target in enumerate(result.targets):
+            ax = fig.add_subplot(grid[row, k + 1])
+            top = max(float(np.nanmax(mm[k])) for mm in maps) or 1.0
+            ax.imshow(m[k], cmap=cmap, vmin=0.0, vmax=top)
+            ax.set_title(f"{target} ({label})", fontsize=8)
+            ax.set_axis_off()
+    bars = fig.add_subplot(grid[:, -1])
+    pick = {"sample": result.before["sample"].values[sample_index(result.a, sample)]}
+    x = np.arange(n)
+    for offset, (label, ds) in zip((-0.2, 0.2), (("before", result.before), ("after", result.after))):
+        values = ds.target_share.sel(pick).mean(["step", "site"]).sel(target=result.targets).values
+        bars.bar(x + offset, values, width=0.4, label=label)
+    bars.set_xticks(x, result.targets, rotation=45, ha="right", fontsize=8)
+    bars.set_ylabel("mean target share")
+    bars.legend(fontsize=8)
+    return fig
+
+

@@ -1,0 +1,34 @@
+"""The Zarr trace store: its format, the manifest, the background writer and the lazy reader.
+
+One place for the on-disk format (docs/store-format.md): :func:`open_trace` and :class:`Trace` read
+it, :class:`TraceWriter` writes it, :func:`build_manifest` says how a run is reproduced. This
+package never imports the hook core; capture feeds the writer, stats and plots read traces.
+
+>>> import attnscope as ats
+>>> ats.open_trace is open_trace, FORMAT_VERSION
+(True, 1)
+"""
+
+from ._format import (
+    BRANCH_ARRAYS,
+    FORMAT_VERSION,
+    GATED_STEPS_ATTR,
+    IMAGE_DIMS,
+    OUTPUT_CHANGE,
+    OUTPUT_NORM,
+    ROOT_COORDS,
+    SITE_DIMS,
+    SITES_GROUP,
+    SUMMARIES_GROUP,
+    SUMMARY_DIMS,
+    chunk_steps,
+    site_group,
+)
+from ._manifest import build_manifest, jsonable, weights_fingerprint
+from ._reader import Trace, as_trace, open_trace
+from ._writer import SiteLayout, StoreLayout, TraceWriter, check_store_path
+
+__all__ = ["BRANCH_ARRAYS", "FORMAT_VERSION", "GATED_STEPS_ATTR", "IMAGE_DIMS", "OUTPUT_CHANGE", "OUTPUT_NORM",
+           "ROOT_COORDS", "SITES_GROUP", "SITE_DIMS", "SUMMARIES_GROUP", "SUMMARY_DIMS", "SiteLayout", "StoreLayout",
+           "Trace", "TraceWriter", "as_trace", "build_manifest", "check_store_path", "chunk_steps", "jsonable",
+           "open_trace", "site_group", "weights_fingerprint"]
