@@ -114,13 +114,13 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     described = [_describe(i, c) for i, c in enumerate(clients)]
     options = _capture_options(manifest, run, capture_options)
     out = check_store_path(_rerun_store(parent, store), overwrite)
-    if pipe is None:
-        pipe = _load(manifest, where, device)
-    else:
-        pipe = pipe.to(device) if device is not None else pipe
-        _check_dtype(pipe, manifest, where)
+    given = pipe is not None
+    pipe = (pipe.to(device) if device is not None else pipe) if given else _load(manifest, where, device)
+    denoiser = find_denoiser(pipe)[1]
+    if given:
+        _check_dtype(denoiser, manifest, where)
     _check_weights(pipe, manifest, where)
-    _warn_on_other_threads(pipe, manifest, where)
+    _warn_on_other_threads(denoiser, manifest, where)
     scheduler = _scheduler(manifest, where)
     generator = _generator(run, where)
     kwargs = _pipeline_kwargs(pipe, run, where)
@@ -215,8 +215,7 @@ def _load(manifest: dict[str, Any], where: str, device: str | None) -> Any:
         raise AttnscopeError(f"cannot rerun trace {where!r}: its model cannot be loaded: {exc}") from exc
 
 
-def _check_dtype(pipe: Any, manifest: dict[str, Any], where: str) -> None:
-    denoiser = find_denoiser(pipe)[1]
+def _check_dtype(denoiser: Any, manifest: dict[str, Any], where: str) -> None:
     have = str(getattr(denoiser, "dtype", "")).removeprefix("torch.")
     want = manifest.get("dtype")
     if want is not None and have != want:
@@ -224,10 +223,10 @@ def _check_dtype(pipe: Any, manifest: dict[str, Any], where: str) -> None:
                              f"captured in {want}; pass a pipeline in {want} (or pipe=None to load it)")
 
 
-def _warn_on_other_threads(pipe: Any, manifest: dict[str, Any], where: str) -> None:
+def _warn_on_other_threads(denoiser: Any, manifest: dict[str, Any], where: str) -> None:
     """On the CPU another torch thread count splits sums differently: the maps then differ by float rounding."""
     recorded, now = manifest.get("cpu_threads"), torch.get_num_threads()
-    if str(find_denoiser(pipe)[1].device) == "cpu" and isinstance(recorded, int) and recorded != now:
+    if str(denoiser.device) == "cpu" and isinstance(recorded, int) and recorded != now:
         warnings.warn(f"trace {where!r} was captured with {recorded} CPU threads, this rerun uses {now}: maps and "
                       f"images may differ by float rounding; torch.set_num_threads({recorded}) reproduces it "
                       f"bit for bit", stacklevel=3)
