@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 from .errors import AttnscopeError
 
-__all__ = ["EOT", "ROLES", "SOT", "prompt_length", "prompt_text", "resolve_targets", "token_roles", "token_words",
-           "word_alignment"]
+__all__ = ["EOT", "ROLES", "SOT", "prompt_length", "prompt_text", "resolve_targets", "target_occurrences",
+           "token_roles", "token_words", "word_alignment"]
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 ROLES = ("sot", "word", "eot", "pad")
@@ -134,7 +134,6 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
     if not items:
         raise AttnscopeError("targets=[]: expected at least one word, phrase or token position")
     occurrences = [(w.lower(), p) for w, p in _occurrences(tokens)]
-    words = [w for w, _ in occurrences]
     resolved: dict[str, list[int]] = {}
     for target in items:
         if isinstance(target, bool) or not isinstance(target, (str, int)):
@@ -144,11 +143,30 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
                 raise AttnscopeError(f"target {target}: token position out of range 0..{len(tokens) - 1}")
             resolved[str(target)] = [target]
             continue
-        phrase = target.lower().split()
-        positions = [p for start in range(len(words) - len(phrase) + 1) if phrase and words[start:start + len(phrase)] == phrase
-                     for _, ps in occurrences[start:start + len(phrase)] for p in ps]
-        if not positions:
+        found = _matches(occurrences, target)
+        if not found:
+            words = [w for w, _ in occurrences]
             listed = ", ".join(dict.fromkeys(words)) or "none: the trace has no token text (prompt given as embeddings); use positions"
             raise AttnscopeError(f"target {target!r} is not in the prompt; its words are: {listed}")
-        resolved[target] = sorted(set(positions))
+        resolved[target] = sorted({p for positions in found for p in positions})
     return resolved
+
+
+def target_occurrences(tokens: Sequence[str], target: str) -> list[list[int]]:
+    """The token positions of each occurrence of a word or phrase, in prompt order (case ignored).
+
+    Examples
+    --------
+    >>> toks = ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "and</w>", "a</w>", "blue</w>",
+    ...         "circle</w>", "<|endoftext|>"]
+    >>> target_occurrences(toks, "circle"), target_occurrences(toks, "blue circle"), target_occurrences(toks, "cat")
+    ([[3], [7]], [[6, 7]], [])
+    """
+    return _matches([(w.lower(), p) for w, p in _occurrences(tokens)], target)
+
+
+def _matches(occurrences: list[tuple[str, list[int]]], target: str) -> list[list[int]]:
+    """Positions of each match of the phrase ``target`` among the (lower-cased) words."""
+    phrase, words = target.lower().split(), [w for w, _ in occurrences]
+    return [[p for _, ps in occurrences[start:start + len(phrase)] for p in ps]
+            for start in range(len(words) - len(phrase) + 1) if phrase and words[start:start + len(phrase)] == phrase]

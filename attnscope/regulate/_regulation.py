@@ -18,7 +18,7 @@ import torch
 from ..errors import AttnscopeError
 from ._basis import basis_centres, gaussian_basis
 from ._descent import RegulationDescent, one_thread
-from ._scope import InterventionScope, default_regulation_sites
+from ._scope import InterventionScope, default_regulation_sites, targets_label
 
 __all__ = ["AttentionRegulation", "regulation_loss"]
 
@@ -57,8 +57,11 @@ class AttentionRegulation:
     Parameters
     ----------
     targets : list of words/phrases/positions, or a function prompt → targets
-        The objects to regulate, e.g. ``["circle", "square"]`` (first occurrence of each, word pieces
-        and phrase words included).
+        The objects to regulate, e.g. ``["circle", "square"]``: one token column set per target, the
+        first occurrence of each word or phrase (its word pieces included); a word given twice takes
+        its second occurrence (``["circle", "circle"]`` in "a red circle and a blue circle"). The
+        official code takes the object nouns' token indices; a phrase such as ``"red circle"`` makes
+        each of its words a target of its own (see docs/regulation.md, "Extra objects").
     sites : glob(s) or None
         Default (None): the down/up-block ``attn2`` at the deepest level whose maps are ≥ 8 px
         (SD-2 base at 512 px: ``down_blocks.2`` and ``up_blocks.1``, the official choice).
@@ -79,7 +82,9 @@ class AttentionRegulation:
     decay : float
         The applied edit is ``decay**step · Δ*`` (official 0.99).
     seed : int
-        Seed of the random initial weights ``W ~ U[0, 1)`` (drawn per site and step, on the device).
+        Seed of the random initial weights ``W ~ U[0, 1)``: one draw of shape (heads, K, n) per site and
+        step, on the device, used by every sample, so a sample's result does not depend on its batch
+        (the official code draws (batch·heads, K, n) at once).
 
     Examples
     --------
@@ -128,13 +133,12 @@ class AttentionRegulation:
         self.history: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
-        return f"AttentionRegulation({self.targets!r})"
+        return f"AttentionRegulation({targets_label(self.targets)!r})"
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for manifests."""
-        targets = self.targets if not callable(self.targets) else getattr(self.targets, "__name__", "function")
         return {"name": "AttentionRegulation", "params": {
-            "targets": targets if isinstance(targets, (str, int)) else list(targets), **self.scope.describe(),
+            "targets": targets_label(self.targets), **self.scope.describe(),
             "lr": self.lr, "iterations": self.iterations, **self.loss_terms, "tau": self.tau,
             "smoothing": self.smoothing, "decay": self.decay, "scale_lr": self.scale_lr, "seed": self.seed}}
 
@@ -212,7 +216,9 @@ class AttentionRegulation:
         tau = self.tau if self.tau is not None else min(1.0, 0.2 * n)
         generator = torch.Generator(device=z.device).manual_seed(
             (self.seed * 1_000_003 + self._site_index.get(key[0], 0)) * 10_007 + key[1])
-        weights = torch.rand((rows, basis.shape[0], n), generator=generator, device=z.device, dtype=z.dtype)
+        # one draw for a sample's heads, repeated for every sample: its start does not depend on its batch
+        weights = torch.rand((rows // groups, basis.shape[0], n), generator=generator, device=z.device,
+                             dtype=z.dtype).repeat(groups, 1, 1)
         descent = self._descent(rows, n, basis, lr, tau, groups).run(z, cols, weights)
         best, initial, first, best_loss = descent.result()
         self.history[key] = (first, best_loss)

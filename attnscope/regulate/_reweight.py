@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import AttnscopeError
-from ._scope import InterventionScope
+from ._scope import InterventionScope, targets_label
 
 __all__ = ["Reweight"]
 
@@ -18,8 +18,8 @@ class Reweight:
 
     Parameters
     ----------
-    word : str, int or list of them
-        Word(s), phrase(s) or token position(s) whose columns are scaled.
+    word : str, int, list of them, or a function prompt → those
+        Word(s), phrase(s) or token position(s) whose columns are scaled (every occurrence).
     factor : float
         Scale; > 1 strengthens the word, < 1 weakens it, 0 removes it.
     sites, steps : optional
@@ -51,11 +51,12 @@ class Reweight:
         self.scope = InterventionScope(word, sites, steps)
 
     def __repr__(self) -> str:
-        return f"Reweight({self.word!r}, {self.factor})"
+        return f"Reweight({targets_label(self.word)!r}, {self.factor})"
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for manifests."""
-        return {"name": "Reweight", "params": {"word": self.word, "factor": self.factor, **self.scope.describe()}}
+        return {"name": "Reweight", "params": {"word": targets_label(self.word), "factor": self.factor,
+                                               **self.scope.describe()}}
 
     def on_install(self, session: Any) -> None:
         self.scope.install(session)

@@ -7,9 +7,9 @@ from typing import Any
 
 from ..errors import AttnscopeError
 from ..selection import select_sites, select_steps
-from ..tokens import prompt_text, resolve_targets
+from ..tokens import prompt_text, resolve_targets, target_occurrences
 
-__all__ = ["InterventionScope", "default_regulation_sites"]
+__all__ = ["InterventionScope", "default_regulation_sites", "targets_label"]
 
 TargetSpec = Sequence[str | int] | str | int | Callable[[str], Sequence[str | int]]
 
@@ -42,7 +42,8 @@ class InterventionScope:
     ----------
     targets : words/phrases/positions, or a function prompt → targets
         Resolved on each prompt's own tokens (:func:`attnscope.tokens.resolve_targets`); with
-        ``first_occurrence`` only the first occurrence of each target is used.
+        ``first_occurrence`` each target takes one occurrence: the first, or the k-th for the k-th
+        mention of the same word (``["circle", "circle"]`` is the prompt's two circles).
     sites : glob, list of names/globs, predicate, or None
         ``None`` means ``default_sites(sites, latent_shape)`` (all sites when that is None too).
     steps : int, list, range, slice, "first_half" or None
@@ -138,25 +139,46 @@ class InterventionScope:
         targets = self.targets
         if callable(targets):
             targets = targets(prompt_text(tokens))
-        resolved = resolve_targets(tokens, targets)
-        cols: set[int] = set()
-        for positions in resolved.values():
-            cols.update(_first_run(positions) if self.first_occurrence else positions)
-        return sorted(cols)
+        if not self.first_occurrence:
+            return sorted({p for positions in resolve_targets(tokens, targets).values() for p in positions})
+        return sorted({p for positions in _nth_occurrences(tokens, targets) for p in positions})
 
 
-def _first_run(positions: list[int]) -> list[int]:
-    """The first consecutive run of positions (the first occurrence of a word or phrase).
+def _nth_occurrences(tokens: list[str], targets: Any) -> list[list[int]]:
+    """Each target's positions: the first occurrence of a word or phrase, the second occurrence for
+    its second mention in ``targets``, and so on (``["circle", "circle"]`` is both circles).
 
-    >>> _first_run([2, 3, 7, 8])
-    [2, 3]
+    >>> toks = ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "and</w>", "a</w>", "blue</w>",
+    ...         "circle</w>", "<|endoftext|>"]
+    >>> _nth_occurrences(toks, ["circle", "circle"]), _nth_occurrences(toks, ["blue circle", 2])
+    ([[3], [7]], [[6, 7], [2]])
     """
-    run = positions[:1]
-    for p in positions[1:]:
-        if p != run[-1] + 1:
-            break
-        run.append(p)
-    return run
+    items = [targets] if isinstance(targets, (str, int)) else list(targets)
+    resolve_targets(tokens, items)  # the checks and errors for unknown words and bad positions
+    mentions: dict[str, int] = {}
+    out = []
+    for target in items:
+        if isinstance(target, int):
+            out.append([target])
+            continue
+        found = target_occurrences(tokens, target)
+        k = mentions[target.lower()] = mentions.get(target.lower(), -1) + 1
+        if k >= len(found):
+            raise AttnscopeError(f"target {target!r} is given {k + 1} times but occurs {len(found)} time(s) in the "
+                                 f"prompt {prompt_text(tokens)!r}")
+        out.append(found[k])
+    return out
+
+
+def targets_label(targets: Any) -> Any:
+    """Targets as JSON and in reprs: a function (targets chosen per prompt) by its name, a tuple as a list.
+
+    >>> targets_label(("circle", "square")), targets_label(len)
+    (['circle', 'square'], 'len')
+    """
+    if callable(targets):
+        return getattr(targets, "__name__", "function")
+    return list(targets) if isinstance(targets, tuple) else targets
 
 
 def _jsonable_spec(value: Any) -> Any:
