@@ -81,33 +81,52 @@ def demo(
         raise _fail(exc) from None
 
 
-@app.command("eval", epilog="Example: attnscope eval --prompts two --n 100 --seed 0 --json runs/eval-two.json")
+@app.command("eval", epilog="Example: attnscope eval --prompts two --n 300 --seed 0 --intervention regulation "
+                             "--paired --per-kind --json runs/eval-two.json")
 def eval_(
     prompts: str = typer.Option("two", help="single, two, relation, three, or a text file with one prompt per line."),
     n: int = typer.Option(100, help="Number of prompts (drawn from the named set; first N of a file)."),
     seed: int = typer.Option(0, help="Prompt i is generated with seed SEED+i; the named sets are drawn with SEED."),
     model: str = typer.Option("shapes", help=_MODEL_HELP),
-    intervention: list[str] | None = typer.Option(None, help="Intervention to install while generating; repeatable."),
+    intervention: list[str] | None = typer.Option(None, help="Intervention to install while generating: regulation, "
+                                                             "reweight or tgate; repeatable."),
     steps: int | None = typer.Option(None, help="Inference steps (default: the pipeline's)."),
     guidance: float | None = typer.Option(None, help="Guidance scale (default: the pipeline's)."),
-    batch_size: int = typer.Option(16, help="Prompts per pipeline call."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the full result (rates, CIs, per prompt) here."),
+    batch_size: int = typer.Option(16, help="Prompts per pipeline call (the images do not depend on it)."),
+    per_kind: bool = typer.Option(False, "--per-kind", help="Also report per prompt kind: distinct, shared colour, "
+                                                            "shared shape (two objects), single, three."),
+    paired: bool = typer.Option(False, "--paired", help="Also generate without the interventions, on the same "
+                                                        "prompts and seeds, and report the paired differences."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the full result (rates, CIs, per prompt) here; "
+                                                              "with --paired also the baseline and the differences."),
     device: str | None = typer.Option(None, help="Device to run on (cpu, cuda, …)."),
 ) -> None:
     """Generate with fixed seeds, detect the objects, and report presence rates with 95% bootstrap CIs."""
+    import json
+
     import attnscope as ats
-    from attnscope.models import evaluate, format_report, named_interventions
+    from attnscope.models import evaluate, format_paired, format_report, named_interventions, paired_differences
 
     try:
         clients = named_interventions(intervention or [])
+        if paired and not clients:
+            raise ats.AttnscopeError("--paired compares against a run without interventions: give --intervention")
         pipe = ats.load_pipeline(model, device=device)
         kwargs = {k: v for k, v in dict(num_inference_steps=steps, guidance_scale=guidance).items() if v is not None}
-        result = evaluate(pipe, prompts, n=n, seed=seed, interventions=clients, batch_size=batch_size,
-                          json_path=json_out, **kwargs)
+        run = dict(n=n, seed=seed, batch_size=batch_size, **kwargs)
+        baseline = evaluate(pipe, prompts, **run) if paired else None
+        result = evaluate(pipe, prompts, interventions=clients, **run)
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
-    typer.echo(format_report(result))
+    if baseline is not None:
+        typer.echo("without interventions:\n" + format_report(baseline, per_kind) + "\n")
+    typer.echo(format_report(result, per_kind))
+    if baseline is not None:
+        result = {**result, "baseline": baseline, "paired": paired_differences(baseline, result, seed=seed)}
+        typer.echo("\n" + format_paired(result["paired"], per_kind))
     if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1))
         typer.echo(f"json: {json_out}")
 
 

@@ -48,7 +48,7 @@ def test_eval_json_matches_its_own_per_prompt_rows(shapes, tmp_path):
     assert [r["seed"] for r in rows] == list(range(3, 9))
     assert [r["prompt"] for r in rows] == eval_prompts("relation", n=6, seed=3)
     m = result["metrics"]
-    assert set(m) == {"object_present", "all_present", "exact", "relation_correct"}
+    assert set(m) == {"object_present", "all_present", "exact", "extra", "relation_correct"}
     assert m["object_present"]["count"] == sum(sum(r["present"]) for r in rows)
     assert m["object_present"]["total"] == 12
     assert m["all_present"]["rate"] == pytest.approx(np.mean([r["all_present"] for r in rows]))
@@ -86,7 +86,8 @@ def test_eval_cli_writes_the_documented_json(tmp_path):
     assert proc.exit_code == 0, proc.stderr
     assert "all objects present" in proc.stdout
     data = json.loads(out.read_text())
-    assert set(data) == {"prompts", "n", "seed", "model", "settings", "interventions", "metrics", "per_prompt"}
+    assert set(data) == {"prompts", "n", "seed", "model", "settings", "interventions", "metrics", "per_kind",
+                         "per_prompt"}
     assert data["n"] == 3 and data["model"] == "shapes" and data["settings"]["num_inference_steps"] == 4
     bad = cli("eval", "--intervention", "nope", "--n", "1")
     assert bad.exit_code == 2 and "intervention='nope'" in bad.stderr
@@ -132,4 +133,78 @@ def test_eval_regulation_targets_each_prompts_objects(shapes):
     (reg,) = named_interventions(["regulation"])
     result = evaluate(shapes, "two", n=2, num_inference_steps=4, interventions=[reg], progress=False)
     assert result["interventions"] == [repr(reg)] and len(reg.history) > 0
-    assert reg.describe()["params"]["targets"] == "object_phrases"
+    assert reg.describe()["params"]["targets"] == "object_nouns"
+
+
+def test_prompt_kinds_extra_objects_and_rates_per_kind(shapes):
+    from attnscope.models import prompt_kind
+
+    assert [prompt_kind(p) for p in ("a red circle and a blue square", "a green square and a green circle",
+                                     "a red circle below a blue circle", "a red circle",
+                                     "a red circle and a blue square and a green triangle")] == [
+        "distinct", "shared colour", "shared shape", "single", "three"]
+    result = evaluate(shapes, "two", n=12, seed=11, num_inference_steps=6, progress=False)
+    rows = result["per_prompt"]
+    for row in rows:
+        assert row["kind"] == prompt_kind(row["prompt"])
+        expected = [tuple(e.split()) for e in row["expected"]]
+        found = [(d["colour"], d["shape"]) for d in row["detected"]]
+        left = list(found)
+        for e in expected:
+            if e in left:
+                left.remove(e)
+        assert row["extra"] == bool(left) and sorted(row["extra_objects"]) == sorted(f"{c} {s}" for c, s in left)
+        assert row["exact"] == (row["all_present"] and not row["extra"])
+    m = result["metrics"]
+    assert m["extra"]["count"] == sum(r["extra"] for r in rows)
+    per_kind = result["per_kind"]
+    assert set(per_kind) == {r["kind"] for r in rows}
+    for name in ("all_present", "exact", "extra"):
+        assert sum(k[name]["count"] for k in per_kind.values()) == m[name]["count"]
+        assert sum(k[name]["total"] for k in per_kind.values()) == 12
+    assert "shared" in format_report(result, per_kind=True) or "distinct (n=12)" in format_report(result, per_kind=True)
+
+
+def _row(prompt, seed, all_present, extra):
+    from attnscope.models import prompt_kind
+
+    return {"prompt": prompt, "seed": seed, "kind": prompt_kind(prompt), "all_present": all_present,
+            "exact": all_present and not extra, "extra": extra}
+
+
+def test_paired_differences_count_fixes_and_breaks_per_kind():
+    from attnscope.models import paired_differences
+
+    a, b = "a red circle and a blue square", "a green square and a green circle"
+    before = {"per_prompt": [_row(a, 0, False, False), _row(a, 1, True, True), _row(b, 2, False, False),
+                             _row(b, 3, True, False)]}
+    after = {"per_prompt": [_row(a, 0, True, False), _row(a, 1, True, False), _row(b, 2, True, True),
+                            _row(b, 3, False, False)]}
+    d = paired_differences(before, after, bootstrap=500)
+    allp, exact, extra = (d["metrics"][k] for k in ("all_present", "exact", "extra"))
+    assert (allp["before"], allp["after"], allp["difference"]) == (0.5, 0.75, 0.25)
+    assert (allp["fixed"], allp["broken"]) == (2, 1)
+    assert (exact["before"], exact["after"], exact["fixed"], exact["broken"]) == (0.25, 0.5, 2, 1)
+    assert (extra["difference"], extra["fixed"], extra["broken"]) == (0.0, 1, 1)    # extra: fewer is a fix
+    assert allp["ci95"][0] <= 0.25 <= allp["ci95"][1]
+    kinds = d["per_kind"]
+    assert kinds["distinct"]["all_present"]["difference"] == 0.5 and kinds["shared colour"]["all_present"]["n"] == 2
+    assert kinds["shared colour"]["extra"]["broken"] == 1
+    with pytest.raises(AttnscopeError, match="not on the same prompts and seeds"):
+        paired_differences(before, {"per_prompt": after["per_prompt"][:3]})
+
+
+def test_eval_cli_paired_per_kind(tmp_path):
+    out = tmp_path / "p.json"
+    proc = cli("eval", "--prompts", "two", "--n", "3", "--steps", "4", "--intervention", "reweight", "--paired",
+               "--per-kind", "--json", str(out))
+    assert proc.exit_code == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["interventions"] == ["Reweight('object_nouns', 2.0)"]
+    assert data["baseline"]["interventions"] == [] and set(data["paired"]) == {"metrics", "per_kind"}
+    assert [r["seed"] for r in data["baseline"]["per_prompt"]] == [r["seed"] for r in data["per_prompt"]]
+    assert "without interventions:" in proc.stdout and "paired (same prompts and seeds)" in proc.stdout
+    for kind in data["per_kind"]:
+        assert f"{kind} (n=" in proc.stdout
+    bad = cli("eval", "--n", "1", "--paired")
+    assert bad.exit_code == 2 and "--paired" in bad.stderr

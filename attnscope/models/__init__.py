@@ -13,14 +13,20 @@ from . import shapes
 from ._demo import run_demo
 from ._evaluation import (
            INTERVENTIONS,
+           PROMPT_KINDS,
            PROMPT_SETS,
            eval_prompts,
            evaluate,
+           format_paired,
            format_report,
            named_interventions,
+           object_nouns,
            object_phrases,
+           paired_differences,
+           prompt_kind,
 )
 from ._loading import load_pipeline
 
-__all__ = ["INTERVENTIONS", "PROMPT_SETS", "eval_prompts", "evaluate", "format_report", "load_pipeline",
-           "named_interventions", "object_phrases", "run_demo", "shapes"]
+__all__ = ["INTERVENTIONS", "PROMPT_KINDS", "PROMPT_SETS", "eval_prompts", "evaluate", "format_paired", "format_report",
+           "load_pipeline", "named_interventions", "object_nouns", "object_phrases", "paired_differences",
+           "prompt_kind", "run_demo", "shapes"]

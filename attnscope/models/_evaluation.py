@@ -19,10 +19,39 @@ from ..errors import AttnscopeError
 from ..hooks import hooks
 from .shapes import KINDS, detect, parse_prompt, relation_holds, sample_scene
 
-__all__ = ["INTERVENTIONS", "PROMPT_SETS", "evaluate", "eval_prompts", "format_report", "named_interventions",
-           "object_phrases"]
+__all__ = ["INTERVENTIONS", "PROMPT_KINDS", "PROMPT_SETS", "evaluate", "eval_prompts", "format_paired", "format_report",
+           "named_interventions", "object_nouns", "object_phrases", "paired_differences", "prompt_kind"]
 
 PROMPT_SETS = ("single", "two", "relation", "three")
+#: what :func:`prompt_kind` says about a prompt, in report order
+PROMPT_KINDS = ("single", "distinct", "shared colour", "shared shape", "three")
+
+
+def prompt_kind(prompt: str) -> str:
+    """How a shapes-world prompt's objects relate: ``"distinct"`` (two objects, colours and shapes
+    differ), ``"shared colour"``, ``"shared shape"``; ``"single"`` and ``"three"`` by count.
+
+    >>> [prompt_kind(p) for p in ("a red circle and a blue square", "a red circle above a red square",
+    ...                           "a red circle and a blue circle", "a red circle")]
+    ['distinct', 'shared colour', 'shared shape', 'single']
+    """
+    objects = parse_prompt(prompt)[0]
+    if len(objects) != 2:
+        return {1: "single", 3: "three"}[len(objects)]
+    (colour_a, shape_a), (colour_b, shape_b) = objects
+    return "shared colour" if colour_a == colour_b else "shared shape" if shape_a == shape_b else "distinct"
+
+
+def object_nouns(prompt: str) -> list[str]:
+    """The object nouns of a shapes-world prompt, once per object: the targets of regulation and
+    reweighting in ``eval`` (a repeated noun is its next occurrence, see ``AttentionRegulation``).
+
+    >>> object_nouns("a red circle and a blue circle")
+    ['circle', 'circle']
+    """
+    return [shape for _, shape in parse_prompt(prompt)[0]]
+
+
 def object_phrases(prompt: str) -> list[str]:
     """The object phrases of a shapes-world prompt, the targets of regulation in ``eval``.
 
@@ -35,7 +64,13 @@ def object_phrases(prompt: str) -> list[str]:
 def _regulation() -> Any:
     from ..regulate import AttentionRegulation
 
-    return AttentionRegulation(object_phrases)
+    return AttentionRegulation(object_nouns)
+
+
+def _reweight() -> Any:
+    from ..regulate import Reweight
+
+    return Reweight(object_nouns, 2.0)  # the cheap baseline: twice the attention on both objects
 
 
 def _tgate() -> Any:
@@ -45,13 +80,16 @@ def _tgate() -> Any:
 
 
 #: ``attnscope eval --intervention NAME`` -> factory of a hook client (targets chosen per prompt).
-INTERVENTIONS: dict[str, Callable[[], Any]] = {"regulation": _regulation, "tgate": _tgate}
+INTERVENTIONS: dict[str, Callable[[], Any]] = {"regulation": _regulation, "reweight": _reweight, "tgate": _tgate}
 _METRICS = {
     "object_present": "objects present",
     "all_present": "all objects present",
     "exact": "exactly the objects asked",
+    "extra": "extra objects",
     "relation_correct": "relation correct",
 }
+#: per-prompt outcomes that ``paired_differences`` compares (``extra``: lower is better)
+PAIRED = ("all_present", "exact", "extra")
 
 
 def eval_prompts(prompts: str | Path | Sequence[str], n: int | None = None, seed: int = 0) -> list[str]:
@@ -106,11 +144,14 @@ def _score(prompt: str, image: Any) -> dict[str, Any]:
         matches.append(hit)
     row = {
         "prompt": prompt,
+        "kind": prompt_kind(prompt),
         "expected": [f"{c} {s}" for c, s in expected],
         "detected": [{"colour": o.colour, "shape": o.shape, "box": list(o.box)} for o in found],
         "present": [m is not None for m in matches],
         "all_present": all(m is not None for m in matches),
         "exact": all(m is not None for m in matches) and not remaining,
+        "extra": bool(remaining),
+        "extra_objects": [f"{o.colour} {o.shape}" for o in remaining],
         "relation_correct": None,
     }
     if relation is not None:
@@ -162,7 +203,7 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
     >>> from attnscope.models import evaluate
     >>> result = evaluate(ats.load_pipeline("shapes"), "single", n=2, num_inference_steps=4, progress=False)
     >>> sorted(result["metrics"])
-    ['all_present', 'exact', 'object_present']
+    ['all_present', 'exact', 'extra', 'object_present']
     """
     import torch
     from tqdm.auto import tqdm
@@ -187,17 +228,9 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
         pipe.set_progress_bar_config(disable=None)
 
     rng = np.random.default_rng(seed)
-    present = np.array([sum(r["present"]) for r in rows], float)
-    objects = np.array([len(r["present"]) for r in rows], float)
-    ones = np.ones(len(rows))
-    metrics = {
-        "object_present": _rate(present, objects, rng, bootstrap),
-        "all_present": _rate(np.array([r["all_present"] for r in rows], float), ones, rng, bootstrap),
-        "exact": _rate(np.array([r["exact"] for r in rows], float), ones, rng, bootstrap),
-    }
-    relational = [r["relation_correct"] for r in rows if r["relation_correct"] is not None]
-    if relational:
-        metrics["relation_correct"] = _rate(np.array(relational, float), np.ones(len(relational)), rng, bootstrap)
+    metrics = _metrics(rows, rng, bootstrap)
+    per_kind = {kind: _metrics([r for r in rows if r["kind"] == kind], rng, bootstrap)
+                for kind in PROMPT_KINDS if any(r["kind"] == kind for r in rows)}
     result = {
         "prompts": str(prompts) if isinstance(prompts, (str, Path)) else "list",
         "n": len(rows),
@@ -206,6 +239,7 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
         "settings": {"batch_size": batch_size, **{k: v for k, v in pipeline_kwargs.items() if _plain(v)}},
         "interventions": [repr(c) for c in interventions],
         "metrics": metrics,
+        "per_kind": per_kind,
         "per_prompt": rows,
     }
     if json_path is not None:
@@ -214,12 +248,104 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
     return result
 
 
+def _metrics(rows: list[dict[str, Any]], rng: np.random.Generator, bootstrap: int) -> dict[str, Any]:
+    """The rates of :func:`evaluate` over some of its rows."""
+    present = np.array([sum(r["present"]) for r in rows], float)
+    objects = np.array([len(r["present"]) for r in rows], float)
+    ones = np.ones(len(rows))
+    metrics = {"object_present": _rate(present, objects, rng, bootstrap)}
+    for name in PAIRED:
+        metrics[name] = _rate(np.array([r[name] for r in rows], float), ones, rng, bootstrap)
+    relational = [r["relation_correct"] for r in rows if r["relation_correct"] is not None]
+    if relational:
+        metrics["relation_correct"] = _rate(np.array(relational, float), np.ones(len(relational)), rng, bootstrap)
+    return metrics
+
+
+def paired_differences(before: dict[str, Any], after: dict[str, Any], *, bootstrap: int = 2000,
+                       seed: int = 0) -> dict[str, Any]:
+    """Paired comparison of two :func:`evaluate` results on the same prompts and seeds.
+
+    For each per-prompt outcome (all objects present, exactly the objects asked, extra objects):
+    the rates before and after, their difference with a percentile-bootstrap 95 % CI over prompts
+    (resampling prompts, so each keeps its pair), and how many prompts changed each way. ``fixed``
+    counts prompts that went from failing to succeeding, ``broken`` the reverse; for ``extra``,
+    success is having none. Also per prompt kind (``"per_kind"``).
+
+    Examples
+    --------
+    >>> row = lambda ok, extra: {"prompt": "a red circle and a blue square", "seed": 0, "kind": "distinct",
+    ...                          "all_present": ok, "exact": ok and not extra, "extra": extra}
+    >>> before = {"per_prompt": [row(False, False), row(True, True), row(True, False)]}
+    >>> after = {"per_prompt": [row(True, False), row(True, False), row(True, False)]}
+    >>> d = paired_differences(before, after)["metrics"]
+    >>> round(d["all_present"]["difference"], 3), d["all_present"]["fixed"], d["extra"]["fixed"]
+    (0.333, 1, 1)
+    """
+    rows_before, rows_after = before["per_prompt"], after["per_prompt"]
+    pairs = [(r["prompt"], r["seed"]) for r in rows_before]
+    if pairs != [(r["prompt"], r["seed"]) for r in rows_after]:
+        raise AttnscopeError("paired_differences: the two results are not on the same prompts and seeds "
+                             f"({len(rows_before)} and {len(rows_after)} rows); run both with the same prompts, n and seed")
+    rng = np.random.default_rng(seed)
+
+    def compare(index: list[int]) -> dict[str, Any]:
+        out = {}
+        resamples = rng.integers(0, len(index), size=(bootstrap, len(index)))
+        for name in PAIRED:
+            a = np.array([rows_before[i][name] for i in index], float)
+            b = np.array([rows_after[i][name] for i in index], float)
+            good_a, good_b = (1 - a, 1 - b) if name == "extra" else (a, b)
+            lo, hi = np.percentile((b - a)[resamples].mean(1), [2.5, 97.5])
+            out[name] = {"before": float(a.mean()), "after": float(b.mean()), "difference": float((b - a).mean()),
+                         "ci95": [float(lo), float(hi)], "fixed": int(((good_b > 0) & (good_a == 0)).sum()),
+                         "broken": int(((good_a > 0) & (good_b == 0)).sum()), "n": len(index)}
+        return out
+
+    kinds = [r.get("kind") for r in rows_before]
+    per_kind = {kind: compare([i for i, k in enumerate(kinds) if k == kind])
+                for kind in PROMPT_KINDS if kind in kinds}
+    return {"metrics": compare(list(range(len(pairs)))), "per_kind": per_kind}
+
+
+def format_paired(paired: dict[str, Any], per_kind: bool = False) -> str:
+    """A plain-text table of :func:`paired_differences` (points, 95 % CI, fixed/broken counts).
+
+    >>> d = {"before": 0.5, "after": 0.75, "difference": 0.25, "ci95": [0.1, 0.4], "fixed": 3, "broken": 1, "n": 8}
+    >>> print(format_paired({"metrics": {"all_present": d}, "per_kind": {}}))
+    paired (same prompts and seeds)    before    after   difference [95% CI]      fixed broken
+    all objects present                50.0 %   75.0 %    +25.0 [+10.0, +40.0]        3      1
+    """
+    kinds = {kind: (metrics["all_present"]["n"], metrics) for kind, metrics in paired["per_kind"].items()}
+    return "\n".join(_tables(_paired_table, "paired (same prompts and seeds)", paired["metrics"],
+                             kinds if per_kind else {}))
+
+
+def _tables(table: Callable[[str, dict[str, Any]], list[str]], title: str, metrics: dict[str, Any],
+            kinds: dict[str, tuple[int, dict[str, Any]]]) -> list[str]:
+    """``table`` of the whole set, then one per prompt kind (``kinds``: kind → (prompts, metrics))."""
+    lines = table(title, metrics)
+    for kind, (size, kind_metrics) in kinds.items():
+        lines += table(f"{kind} (n={size})", kind_metrics)
+    return lines
+
+
+def _paired_table(title: str, metrics: dict[str, Any]) -> list[str]:
+    lines = [f"{title:<33}{'before':>8} {'after':>8}   {'difference [95% CI]':<24}{'fixed':>6} {'broken':>6}"]
+    for name, d in metrics.items():
+        lo, hi = d["ci95"]
+        lines.append(f"{_METRICS[name]:<33}{100 * d['before']:>6.1f} % {100 * d['after']:>6.1f} %   "
+                     f"{100 * d['difference']:>+6.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]".ljust(77)
+                     + f"{d['fixed']:>6} {d['broken']:>6}")
+    return lines
+
+
 def _plain(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool)) or value is None
 
 
-def format_report(result: dict[str, Any]) -> str:
-    """A plain-text table of an :func:`evaluate` result.
+def format_report(result: dict[str, Any], per_kind: bool = False) -> str:
+    """A plain-text table of an :func:`evaluate` result; ``per_kind`` adds one table per prompt kind.
 
     >>> from attnscope.models import format_report
     >>> m = {"rate": 0.5, "ci95": [0.25, 0.75], "count": 1, "total": 2}
@@ -234,9 +360,15 @@ def format_report(result: dict[str, Any]) -> str:
              + (f", {settings}" if settings else "")]
     if result["interventions"]:
         lines.append("interventions: " + "; ".join(result["interventions"]))
-    lines.append(f"{'metric':<28}{'rate':>6}    {'95% CI':<17}count")
-    for name, m in result["metrics"].items():
+    kinds = {kind: (metrics["all_present"]["total"], metrics) for kind, metrics in result.get("per_kind", {}).items()}
+    lines += _tables(_metric_table, "metric", result["metrics"], kinds if per_kind else {})
+    return "\n".join(lines)
+
+
+def _metric_table(title: str, metrics: dict[str, Any]) -> list[str]:
+    lines = [f"{title:<28}{'rate':>6}    {'95% CI':<17}count"]
+    for name, m in metrics.items():
         lo, hi = m["ci95"]
         ci = f"[{100 * lo:.1f}, {100 * hi:.1f}]"
         lines.append(f"{_METRICS[name]:<28}{100 * m['rate']:>5.1f} %   {ci:<17}{m['count']}/{m['total']}")
-    return "\n".join(lines)
+    return lines
