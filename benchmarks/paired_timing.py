@@ -39,6 +39,8 @@ def parser(description: str, steps: str) -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="image side in px (default: shapes 32, sd15 256)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: float16, synchronised timers)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--batch", type=int, default=1, help="prompts per call (default 1; more: the first N prompts of "
+                                                       "the 'two' evaluation set, one seed each)")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     return p
 
@@ -52,15 +54,20 @@ def pipeline(name: str, device: str):
     return pipe
 
 
-def generation(pipe, client, *, steps: int, side: int) -> Callable[[bool], None]:
-    """``run(with_client)``: the same generation (prompt, seed 0, steps, size), with or without ``client``."""
+def generation(pipe, client, *, steps: int, side: int, batch: int = 1) -> Callable[[bool], None]:
+    """``run(with_client)``: the same generation (prompts, seeds 0…, steps, size), with or without ``client``."""
+    from attnscope.models import eval_prompts
+
+    prompts = [PROMPT] if batch == 1 else eval_prompts("two", n=batch, seed=0)
+
     def run(with_client: bool) -> None:
-        kwargs = dict(num_inference_steps=steps, height=side, width=side, generator=torch.Generator().manual_seed(0))
+        kwargs = dict(num_inference_steps=steps, height=side, width=side,
+                      generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))])
         if with_client:
             with ats.hooks(pipe, client):
-                pipe(PROMPT, **kwargs)
+                pipe(prompts, **kwargs)
         else:
-            pipe(PROMPT, **kwargs)
+            pipe(prompts, **kwargs)
     return run
 
 

@@ -23,7 +23,7 @@ def measure(name: str, args) -> dict:
     model = MODELS[name]
     side, steps = args.resolution or model["resolution"], args.steps or 25
     gate = ats.regulate.TGate(args.gate, sp_interval=args.sp_interval)
-    run = generation(pipeline(name, args.device), gate, steps=steps, side=side)
+    run = generation(pipeline(name, args.device), gate, steps=steps, side=side, batch=args.batch)
     timing = interleaved(run, args.repeats or model["repeats"], args.device)
     saved = 1 - timing["ratio"]
     version = f"V2, sp_interval {args.sp_interval}" if args.sp_interval else "V1"
