@@ -92,7 +92,8 @@ def eval_(
                                                              "reweight or tgate; repeatable."),
     steps: int | None = typer.Option(None, help="Inference steps (default: the pipeline's)."),
     guidance: float | None = typer.Option(None, help="Guidance scale (default: the pipeline's)."),
-    batch_size: int = typer.Option(16, help="Prompts per pipeline call (the images do not depend on it)."),
+    batch_size: int = typer.Option(16, help="Prompts per pipeline call (no intervention couples the samples; the "
+                                                "denoiser's float rounding varies slightly with it)."),
     per_kind: bool = typer.Option(False, "--per-kind", help="Also report per prompt kind: distinct, shared colour, "
                                                             "shared shape (two objects), single, three."),
     paired: bool = typer.Option(False, "--paired", help="Also generate without the interventions, on the same "
