@@ -35,7 +35,11 @@ def prompt_kind(prompt: str) -> str:
     ...                           "a red circle and a blue circle", "a red circle")]
     ['distinct', 'shared colour', 'shared shape', 'single']
     """
-    objects = parse_prompt(prompt)[0]
+    return _kind(parse_prompt(prompt)[0])
+
+
+def _kind(objects: list[tuple[str, str]]) -> str:
+    """:func:`prompt_kind` of a prompt's parsed (colour, shape) objects."""
     if len(objects) != 2:
         return {1: "single", 3: "three"}[len(objects)]
     (colour_a, shape_a), (colour_b, shape_b) = objects
@@ -144,7 +148,7 @@ def _score(prompt: str, image: Any) -> dict[str, Any]:
         matches.append(hit)
     row = {
         "prompt": prompt,
-        "kind": prompt_kind(prompt),
+        "kind": _kind(expected),
         "expected": [f"{c} {s}" for c, s in expected],
         "detected": [{"colour": o.colour, "shape": o.shape, "box": list(o.box)} for o in found],
         "present": [m is not None for m in matches],
