@@ -35,10 +35,12 @@ def capture(
     width: int | None = typer.Option(None, help="Image width in pixels."),
     images_per_prompt: int = typer.Option(1, help="Images per prompt."),
     negative_prompt: str | None = typer.Option(None, help="Negative prompt."),
+    max_sequence_length: int | None = typer.Option(
+        None, help="T5 tokens of the text (SD3, Flux; default: the pipeline's, 256 / 512). A longer prompt is an error."),
     sites: list[str] | None = typer.Option(None, help="Glob of site module paths to record; repeatable (default all)."),
     capture_steps: str | None = typer.Option(None, help="Steps to record as START:STOP[:STEP] or a comma list (default all)."),
     heads: str = typer.Option("mean", help="'mean' (average heads on the device) or 'all'."),
-    tokens: str = typer.Option("all", help="'all' text positions or 'prompt' (up to the end-of-text token)."),
+    tokens: str = typer.Option("all", help="'all' text positions or 'prompt' (each segment up to its end-of-text token)."),
     branch: str = typer.Option("cond", help="'cond', 'uncond' or 'both' classifier-free-guidance halves."),
     device: str | None = typer.Option(None, help="Device to run on (cpu, cuda, …)."),
     dtype: str | None = typer.Option(None, help="float32, float16 or bfloat16."),
@@ -54,7 +56,8 @@ def capture(
     try:
         pipe = ats.load_pipeline(model, device=device, dtype=dtype)
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width,
-                                         negative_prompt=negative_prompt).items() if v is not None}
+                                         negative_prompt=negative_prompt,
+                                         max_sequence_length=max_sequence_length).items() if v is not None}
         tr = ats.capture(pipe, prompt if len(prompt) > 1 else prompt[0], seed=seed, store=out,
                          sites=sites or None, steps=parse_step_text(capture_steps, "--capture-steps"), heads=heads, tokens=tokens,
                          branch=branch, overwrite=overwrite, output_change=output_change, num_inference_steps=steps,

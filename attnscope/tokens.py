@@ -1,8 +1,14 @@
-"""Token strings and the word ↔ token alignment for CLIP BPE tokenizers.
+"""Token strings and the word ↔ token alignment for CLIP BPE and T5 sentencepiece tokenizers.
 
 Positions are labelled by role — ``"sot"`` (start of text), ``"word"`` (a piece of a prompt word),
-``"eot"`` (the first end-of-text token) and ``"pad"`` (everything after it) — and word pieces are
-merged into words the way DAAM does: a word ends at a piece carrying ``</w>``.
+``"eot"`` (the first end-of-text token: CLIP's ``<|endoftext|>``, T5's ``</s>``) and ``"pad"``
+(everything after it) — and word pieces are merged into words the way DAAM does: a CLIP word ends
+at a piece carrying ``</w>``, a T5 word starts at a piece carrying ``▁``.
+
+A token axis may hold several *segments* one after the other: SD3's sites read 77 CLIP positions
+followed by the T5 positions. A segment starts at CLIP's ``<|startoftext|>``, or, once the previous
+segment has ended, at a sentencepiece token (``▁…``, ``</s>`` or ``<pad>``). Roles and words are
+found per segment, so a word of the prompt maps to its pieces in every segment.
 """
 
 from __future__ import annotations
@@ -11,42 +17,86 @@ from collections.abc import Sequence
 
 from .errors import AttnscopeError
 
-__all__ = ["EOT", "ROLES", "SOT", "prompt_length", "prompt_text", "resolve_targets", "target_occurrences",
-           "token_roles", "token_words", "word_alignment"]
+__all__ = ["EOT", "ROLES", "SOT", "prompt_length", "prompt_positions", "prompt_text", "resolve_targets",
+           "segment_bounds", "target_occurrences", "token_roles", "token_words", "word_alignment"]
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+T5_EOS, T5_PAD, T5_SPACE = "</s>", "<pad>", "\u2581"
 ROLES = ("sot", "word", "eot", "pad")
 _END_OF_WORD = "</w>"
 
 
+def _sentencepiece(token: str) -> bool:
+    return token.startswith(T5_SPACE) or token in (T5_EOS, T5_PAD)
+
+
+def segment_bounds(tokens: Sequence[str]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each tokenizer segment on the token axis (one for a CLIP or a T5 prompt).
+
+    >>> segment_bounds(["<|startoftext|>", "a</w>", "<|endoftext|>", "!", "\u2581a", "</s>", "<pad>"])
+    [(0, 4), (4, 7)]
+    """
+    starts, ended = [0], False
+    for i, tok in enumerate(tokens):
+        if i == 0:
+            continue
+        if tok == SOT or (ended and _sentencepiece(tok) and not _sentencepiece(tokens[i - 1])):
+            starts.append(i)
+            ended = False
+        if tok == EOT:
+            ended = True
+    return list(zip(starts, starts[1:] + [len(tokens)]))
+
+
 def prompt_length(tokens: Sequence[str]) -> int:
-    """Number of positions up to and including the first end-of-text token.
+    """Number of positions up to and including the first end-of-text token (of the first segment).
 
     >>> prompt_length(["<|startoftext|>", "a</w>", "<|endoftext|>", "<|endoftext|>"])
     3
+    >>> prompt_length(["\u2581a", "\u2581red", "</s>", "<pad>"])
+    3
     """
-    return tokens.index(EOT) + 1 if EOT in tokens else len(tokens)
+    start, stop = segment_bounds(tokens)[0] if tokens else (0, 0)
+    for i in range(start, stop):
+        if tokens[i] in (EOT, T5_EOS):
+            return i + 1
+    return stop
+
+
+def prompt_positions(tokens: Sequence[str]) -> list[int]:
+    """Positions of every segment's prompt: SOT, its word pieces and its end-of-text token (no padding).
+
+    >>> prompt_positions(["<|startoftext|>", "a</w>", "<|endoftext|>", "!", "\u2581a", "</s>", "<pad>"])
+    [0, 1, 2, 4, 5]
+    """
+    return [i for i, role in enumerate(token_roles(tokens)) if role != "pad"]
 
 
 def token_roles(tokens: Sequence[str]) -> list[str]:
     """Role of every position: ``"sot"``, ``"word"``, ``"eot"`` (the first end-of-text) or ``"pad"``.
 
     Empty strings (a trace captured from prompt embeddings has no token text) count as padding.
+    T5's ``</s>`` is the end of text and ``<pad>`` padding; each segment has its own roles.
 
     >>> token_roles(["<|startoftext|>", "a</w>", "red</w>", "<|endoftext|>", "<|endoftext|>"])
     ['sot', 'word', 'word', 'eot', 'pad']
+    >>> token_roles(["\u2581a", "\u2581ele", "phant", "</s>", "<pad>"])
+    ['word', 'word', 'word', 'eot', 'pad']
     """
-    end = prompt_length(tokens)
-    roles = []
-    for i, tok in enumerate(tokens):
-        if i >= end or not tok:
-            roles.append("pad")
-        elif tok == SOT:
-            roles.append("sot")
-        elif tok == EOT:
-            roles.append("eot")
-        else:
-            roles.append("word")
+    roles: list[str] = []
+    for start, stop in segment_bounds(tokens):
+        ended = False
+        for i in range(start, stop):
+            tok = tokens[i]
+            if ended or not tok or tok == T5_PAD:
+                roles.append("pad")
+            elif tok == SOT:
+                roles.append("sot")
+            elif tok in (EOT, T5_EOS):
+                roles.append("eot")
+                ended = True
+            else:
+                roles.append("word")
     return roles
 
 
@@ -55,6 +105,8 @@ def token_words(tokens: Sequence[str]) -> list[str]:
 
     >>> token_words(["<|startoftext|>", "a</w>", "ele", "phant</w>", "<|endoftext|>"])
     ['', 'a', 'elephant', 'elephant', '']
+    >>> token_words(["\u2581a", "\u2581ele", "phant", "</s>"])
+    ['a', 'elephant', 'elephant', '']
     """
     out = [""] * len(tokens)
     for word, positions in _occurrences(tokens):
@@ -64,12 +116,20 @@ def token_words(tokens: Sequence[str]) -> list[str]:
 
 
 def _occurrences(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
-    """Every word of the prompt in order, with its piece positions."""
+    """Every word of the prompt in order, segment after segment, with its piece positions."""
+    found: list[tuple[str, list[int]]] = []
+    roles = token_roles(tokens)
+    for start, stop in segment_bounds(tokens):
+        words = [i for i in range(start, stop) if roles[i] == "word"]
+        found.extend(_sentencepiece_words(tokens, words) if any(tokens[i].startswith(T5_SPACE) for i in words)
+                     else _bpe_words(tokens, words))
+    return found
+
+
+def _bpe_words(tokens: Sequence[str], positions: list[int]) -> list[tuple[str, list[int]]]:
     found: list[tuple[str, list[int]]] = []
     pieces: list[int] = []
-    for i, role in enumerate(token_roles(tokens)):
-        if role != "word":
-            continue
+    for i in positions:
         pieces.append(i)
         if tokens[i].endswith(_END_OF_WORD):
             word = "".join(tokens[j] for j in pieces)[: -len(_END_OF_WORD)].replace(_END_OF_WORD, "")
@@ -78,6 +138,16 @@ def _occurrences(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
     if pieces:  # a prompt cut by the tokenizer's length limit ends inside a word
         found.append(("".join(tokens[j] for j in pieces).replace(_END_OF_WORD, ""), pieces))
     return found
+
+
+def _sentencepiece_words(tokens: Sequence[str], positions: list[int]) -> list[tuple[str, list[int]]]:
+    found: list[tuple[str, list[int]]] = []
+    for i in positions:
+        if tokens[i].startswith(T5_SPACE) or not found:
+            found.append(("", []))
+        found[-1][1].append(i)
+    return [("".join(tokens[j] for j in pieces).replace(T5_SPACE, ""), pieces) for _, pieces in found
+            if "".join(tokens[j] for j in pieces).replace(T5_SPACE, "")]
 
 
 def prompt_text(tokens: Sequence[str]) -> str:

@@ -13,6 +13,7 @@ whole ``attnscope.capture`` call, including the writer thread's flush, consolida
     python benchmarks/capture_overhead.py --models tiny --json benchmarks/results/tiny.json
     python benchmarks/capture_overhead.py --models sd15 --device cuda --resolution 512
     python benchmarks/capture_overhead.py --models tiny --profile # where the capture time goes
+    python benchmarks/capture_overhead.py --models flux,sd3       # joint attention (transformers), CPU
 
 See benchmarks/README.md.
 """
@@ -38,7 +39,7 @@ import torch
 
 import attnscope
 from attnscope.store import weights_fingerprint
-from attnscope.testing import sd15_structure_pipeline, tiny_sd_pipeline
+from attnscope.testing import flux_structure_pipeline, sd3_structure_pipeline, sd15_structure_pipeline, tiny_sd_pipeline
 
 PROMPT = "a photo of a red cat and a blue dog"
 SEED = 0
@@ -48,6 +49,12 @@ MODELS = {
     "tiny": {"build": tiny_sd_pipeline, "label": "tiny-sd (random weights)", "resolution": 64, "steps": 20, "repeats": 5},
     "sd15": {"build": sd15_structure_pipeline, "label": "sd15-structure (860M, random weights)", "resolution": 256,
              "steps": 10, "repeats": 3},
+    "flux": {"build": flux_structure_pipeline, "resolution": 128, "steps": 4, "repeats": 5,
+             "label": "flux-structure (4 double + 8 single blocks, 8x64 heads, random weights; "
+                      "1024 image + 512 T5 tokens at 128 px, as FLUX.1 at 512 px)"},
+    "sd3": {"build": sd3_structure_pipeline, "resolution": 128, "steps": 4, "repeats": 5,
+            "label": "sd3-structure (6 joint blocks, 8x64 heads, random weights; "
+                     "1024 image + 77 CLIP + 256 T5 tokens at 128 px, as SD3 at 512 px)"},
 }
 
 

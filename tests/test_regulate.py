@@ -213,6 +213,10 @@ def test_descent_helpers_restore_state_and_write_columns():
         RegulationDescent(3, 1, gaussian_basis(8, 8).reshape(9, 64), lr=1.0, iterations=2, tau=0.2, groups=2)
 
 
+def _spelled(pipe, ids):
+    return tuple(tuple(pipe.tokenizer.convert_ids_to_tokens(row.tolist())) for row in ids)
+
+
 def _context(pipe, session, step=0, spatial=(8, 8), ids=None):
     if ids is None:
         ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -220,7 +224,7 @@ def _context(pipe, session, step=0, spatial=(8, 8), ids=None):
     site = next(s for s in session.sites if s.name.startswith("up_blocks.1.attentions.0"))
     layout = RowLayout.for_batch(batch=2, guidance=True, num_prompts=1)
     step_ctx = StepContext(run=0, step=step, timestep=999.0, num_steps=20, latent_shape=(16, 16), rows=layout,
-                           token_ids=ids)
+                           token_ids=ids, token_text=_spelled(pipe, ids))
     return CallContext(site=site, step_context=step_ctx, spatial_shape=spatial, tokens=ids.shape[1])
 
 
@@ -343,7 +347,7 @@ def _batch_context(pipe, session, prompts, step, images_per_prompt=1):
     site = next(s for s in session.sites if s.name.startswith("up_blocks.1.attentions.0"))
     layout = RowLayout.for_batch(batch=2 * samples, guidance=True, num_prompts=len(prompts))
     step_ctx = StepContext(run=0, step=step, timestep=999.0, num_steps=20, latent_shape=(16, 16), rows=layout,
-                           token_ids=ids)
+                           token_ids=ids, token_text=_spelled(pipe, ids))
     return CallContext(site=site, step_context=step_ctx, spatial_shape=(8, 8), tokens=ids.shape[1])
 
 

@@ -23,7 +23,7 @@ from ..store import (
     check_store_path,
     jsonable,
 )
-from ..tokens import prompt_length
+from ..tokens import prompt_positions, segment_bounds
 
 __all__ = ["Recorder"]
 
@@ -52,7 +52,9 @@ class Recorder:
     heads : {"mean", "all"}
         Average the heads on the device (head axis of size 1) or keep every head.
     tokens : {"all", "prompt"}
-        All text positions, or only up to the longest prompt's first end-of-text token.
+        All text positions, or only each segment's positions up to the longest prompt's end-of-text
+        token (CLIP's, T5's ``</s>``). At joint sites the padding's share stays known: it is the
+        ``text_mass`` minus the stored columns.
     branch : {"cond", "uncond", "both"}
         Which classifier-free-guidance half to record.
     overwrite : bool
@@ -109,7 +111,8 @@ class Recorder:
         self._run: int | None = None
         self._steps_seen = 0
         self._num_steps = 0
-        self._token_slice = slice(None)
+        self._token_index: slice | torch.Tensor = slice(None)
+        self._kept = 0
         self._images: np.ndarray | None = None
         self._planned: list[float] = []
         self._samples = 0
@@ -163,10 +166,12 @@ class Recorder:
 
     def _put_nan(self, ctx: CallContext, branch: str) -> None:
         heads = 1 if self.heads == "mean" else ctx.site.heads
-        keep = self._token_slice.stop
         assert self.writer is not None
         self.writer.put(ctx.site.name, branch, ctx.step,
-                        np.full((self._samples, heads, *ctx.spatial_shape, keep), np.nan, np.float16))
+                        np.full((self._samples, heads, *ctx.spatial_shape, self._kept), np.nan, np.float16))
+        if ctx.site.kind == "joint":
+            self.writer.put(ctx.site.name, branch, ctx.step, np.full((self._samples, heads, *ctx.spatial_shape), np.nan,
+                                                                     np.float16), quantity="text_mass")
 
     def on_probs(self, ctx: CallContext, probs: torch.Tensor) -> None:
         h, w = ctx.spatial_shape
@@ -180,17 +185,23 @@ class Recorder:
                 rows = ctx.rows.rows(branch)
             p = probs[rows]
             p = p.mean(dim=1, keepdim=True, dtype=torch.float32) if self.heads == "mean" else p
-            p = p[..., self._token_slice]
-            p = p.reshape(p.shape[0], p.shape[1], h, w, p.shape[-1]).to(torch.float16, copy=True)
-            ready = None
-            if p.is_cuda:
-                host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
-                host.copy_(p, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()
-                p = host
-            assert self.writer is not None
-            self.writer.put(ctx.site.name, branch, ctx.step, p, ready)
+            if ctx.site.kind == "joint":  # the row's whole mass on text, before any token selection
+                mass = p.sum(dim=-1, dtype=torch.float32).reshape(p.shape[0], p.shape[1], h, w)
+                self._put(ctx, branch, mass, "text_mass")
+            p = p[..., self._token_index]
+            self._put(ctx, branch, p.reshape(p.shape[0], p.shape[1], h, w, p.shape[-1]), "attention")
+
+    def _put(self, ctx: CallContext, branch: str, values: torch.Tensor, quantity: str) -> None:
+        p = values.to(torch.float16, copy=True)
+        ready = None
+        if p.is_cuda:
+            host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+            host.copy_(p, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            p = host
+        assert self.writer is not None
+        self.writer.put(ctx.site.name, branch, ctx.step, p, ready, quantity=quantity)
 
     def on_remove(self, error: BaseException | None) -> None:
         if self.writer is None:
@@ -222,24 +233,23 @@ class Recorder:
         rows = step.rows
         if self.branch != "cond" and rows.uncond is None:
             raise AttnscopeError(f"branch={self.branch!r}: this run has no unconditional rows (guidance is off)")
-        tokenizer = getattr(session.pipe, "tokenizer", None) or getattr(session.pipe, "tokenizer_2", None)
         ids = step.token_ids
-        if ids is not None and tokenizer is not None:
-            prompt_tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
-        elif self.tokens == "prompt":
+        prompt_tokens = [list(t) for t in step.token_text] if step.token_text is not None else None
+        if prompt_tokens is None and self.tokens == "prompt":
             raise AttnscopeError("tokens='prompt' needs the prompt's token ids, but the pipeline got embeddings, not text")
-        else:
-            prompt_tokens = None
         text_len = self._text_length(session, step)
-        keep = max(prompt_length(t) for t in prompt_tokens) if self.tokens == "prompt" and prompt_tokens else text_len
-        self._token_slice = slice(0, keep)
+        positions = _kept_positions(prompt_tokens, text_len) if self.tokens == "prompt" and prompt_tokens else list(range(text_len))
+        contiguous = positions == list(range(len(positions)))
+        self._token_index = slice(0, len(positions)) if contiguous else torch.tensor(positions)
+        self._kept = len(positions)
         token_text = [
-            (prompt_tokens[p] if prompt_tokens else [""] * text_len)[:keep] + [""] * max(0, keep - text_len)
+            [(prompt_tokens[p] if prompt_tokens else [])[i] if prompt_tokens and i < len(prompt_tokens[p]) else ""
+             for i in positions]
             for p in rows.prompt_of_sample
         ]
         layout = StoreLayout(
             num_steps=num_steps, samples=rows.samples, prompt_of_sample=rows.prompt_of_sample,
-            image_of_sample=rows.image_of_sample, token_positions=tuple(range(keep)), token_text=token_text,
+            image_of_sample=rows.image_of_sample, token_positions=tuple(positions), token_text=token_text,
             sites=[
                 SiteLayout(name, s.describe(), 1 if self.heads == "mean" else s.heads, s.spatial_shape(step.latent_shape),
                            self.branches, steps)
@@ -252,6 +262,7 @@ class Recorder:
             "latent_shape": list(step.latent_shape), "guidance": rows.uncond is not None,
             "height": step.latent_shape[0] * scale, "width": step.latent_shape[1] * scale,
             "token_ids": ids.tolist() if ids is not None else None, "tokens": prompt_tokens,
+            "segments": [list(segment) for segment in step.segments],
         }
         spec = {"sites": list(self._sites), "steps": list(steps), "heads": self.heads, "tokens": self.tokens,
                 "branch": self.branch, "dtype": "float16", "output_change": self.output_change}
@@ -268,10 +279,27 @@ class Recorder:
 
     @staticmethod
     def _text_length(session: HookSession, step: StepContext) -> int:
+        if step.text_length is not None:
+            return step.text_length
         if step.token_ids is not None:
             return int(step.token_ids.shape[-1])
         tokenizer = getattr(session.pipe, "tokenizer", None)
         return int(getattr(tokenizer, "model_max_length", 77))
+
+
+def _kept_positions(prompt_tokens: list[list[str]], text_len: int) -> list[int]:
+    """``tokens="prompt"``: in each segment, its positions up to the longest prompt's end-of-text token."""
+    kept: list[int] = []
+    bounds = segment_bounds(prompt_tokens[0][:text_len])
+    last = {b: -1 for b in bounds}
+    for tokens in prompt_tokens:
+        for p in prompt_positions(tokens[:text_len]):
+            for start, stop in bounds:
+                if start <= p < stop:
+                    last[(start, stop)] = max(last[(start, stop)], p)
+    for (start, _), end in last.items():
+        kept.extend(range(start, end + 1))
+    return kept
 
 
 class _OutputChange:

@@ -66,8 +66,11 @@ class StepContext:
 
     ``step`` counts denoiser calls from 0 within a run; ``num_steps`` is the run's planned number of
     denoiser calls when the pipeline exposes it (``pipe.num_timesteps``), else ``None``.
-    ``token_ids`` are the prompts' token ids as the (first) text encoder saw them, one row per
-    prompt, or ``None`` when the pipeline was given embeddings instead of text.
+    ``token_ids`` are the prompts' token ids as the text encoders saw them, one row per prompt,
+    the segments of the sites' text axis joined (SD3: CLIP then T5), or ``None`` when the
+    pipeline was given embeddings instead of text. ``token_text`` spells them (one tuple of
+    strings per prompt, ``""`` where unknown) and ``segments`` names each segment and its length
+    (``(("clip", 77), ("t5", 256))``). ``text_length`` is the number of text keys the sites see.
     ``single_branch`` is ``"uncond"`` or ``"cond"`` when a client asked the core to run only that
     half of a classifier-free-guidance batch at this step (TGATE after its gate): the denoiser then
     sees one row per image, ``rows`` describes that batch (no ``uncond`` slice; ``rows.cond`` covers
@@ -83,6 +86,9 @@ class StepContext:
     rows: RowLayout
     token_ids: torch.Tensor | None
     single_branch: str | None = None
+    text_length: int | None = None
+    token_text: tuple[tuple[str, ...], ...] | None = None
+    segments: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

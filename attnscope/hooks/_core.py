@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,8 +25,9 @@ from ..errors import AttnscopeError
 from ._cfg_batch import duplicate_prediction, select_rows
 from ._client import STAGES, client_role
 from ._context import CallContext, RowLayout, StepContext
-from ._discovery import discover_self_sites, discover_sites, find_denoiser
-from ._processors import CrossAttentionProcessor, SelfAttentionProcessor
+from ._discovery import discover_self_sites, discover_sites, find_adapter
+from ._joint import JointAttentionProcessor
+from ._processors import CrossAttentionProcessor, ScratchBuffers, SelfAttentionProcessor
 from ._sites import CrossAttentionSite
 
 __all__ = ["HookSession", "hooks"]
@@ -36,8 +38,12 @@ class HookSession:
 
     def __init__(self, pipe: Any, clients: tuple[Any, ...], exact: bool = False):
         self.pipe, self.exact = pipe, exact
-        self.family, self.denoiser = find_denoiser(pipe)
+        self.adapter, self.denoiser = find_adapter(pipe)
+        self.family: str = self.adapter.FAMILY
         self.sites: list[CrossAttentionSite] = discover_sites(pipe)
+        #: per text segment of the sites' key axis: (pipeline attribute of its text encoder, or None)
+        self.text_encoders = [next((a for a in alternatives if getattr(pipe, a, None) is not None), None)
+                              for alternatives in self.adapter.TEXT_ENCODERS]
         roles = [client_role(client) for client in clients]  # the one place a client's role is read
         #: interventions first, then observers, each in the order given
         self.interventions = [c for c, role in zip(clients, roles) if role == "intervention"]
@@ -48,30 +54,44 @@ class HookSession:
         self.step_context: StepContext | None = None
         self._duplicate = False
         self._run, self._steps_in_run, self._new_run = -1, 0, True
-        self._token_ids: torch.Tensor | None = None
+        self._segment_ids: list[torch.Tensor | None] = [None] * len(self.text_encoders)
+        self._text: tuple[torch.Tensor | None, tuple[tuple[str, ...], ...] | None, tuple[tuple[str, int], ...]] | None = None
+        self._last_timestep: float | None = None
 
     # -- events from the pipeline ---------------------------------------------------------------
-    def _on_text_encoder(self, module: Any, args: tuple, kwargs: dict) -> None:
+    def _on_text_encoder(self, segment: int, args: tuple, kwargs: dict) -> None:
         if self._steps_in_run > 0:
-            self._new_run, self._steps_in_run, self._token_ids = True, 0, None
+            self._new_run, self._steps_in_run = True, 0
+            self._segment_ids, self._text = [None] * len(self.text_encoders), None
         ids = args[0] if args else kwargs.get("input_ids")
-        if self._token_ids is None and isinstance(ids, torch.Tensor):
-            self._token_ids = ids.detach().cpu()
+        if self._segment_ids[segment] is None and isinstance(ids, torch.Tensor):  # the prompt's, not the negative's
+            self._segment_ids[segment] = ids.detach().cpu()
+
+    def _text_of_run(self, text_length: int | None) -> tuple:
+        """``(token_ids, token_text, segments)`` of this run's prompts, computed once per run."""
+        if self._text is None:
+            self._text = _prompt_text(self.pipe, self.text_encoders, self._segment_ids, text_length)
+        return self._text
 
     def _on_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        inputs = self.adapter.step_inputs(args, kwargs)
+        timestep = inputs["timestep"]
         num_steps = getattr(self.pipe, "_num_timesteps", None)
+        if not self._new_run and self.adapter.STEPS_BY == "timestep" and timestep == self._last_timestep:
+            # a second pass of the same step (Flux's true CFG: the negative prompt): not shown to clients
+            self.step_context, self._duplicate = None, False
+            return None
         if self._new_run or (num_steps and self._steps_in_run >= num_steps):
             self._run, self._steps_in_run, self._new_run = self._run + 1, 0, False
+        self._last_timestep = timestep
         guidance = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
-        ids = self._token_ids
-        prompts = ids.shape[0] if ids is not None else None
-        rows = RowLayout.for_batch(sample.shape[0], guidance, prompts)
-        timestep = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+        ids, token_text, segments = self._text_of_run(inputs["text_length"])
+        prompts = len(token_text) if token_text is not None else None
+        rows = RowLayout.for_batch(inputs["batch"], guidance, prompts)
         step = StepContext(
             run=self._run, step=self._steps_in_run, timestep=timestep, num_steps=num_steps,
-            latent_shape=(int(sample.shape[-2]), int(sample.shape[-1])), rows=rows, token_ids=ids,
+            latent_shape=inputs["latent_shape"], rows=rows, token_ids=ids, text_length=inputs["text_length"],
+            token_text=token_text, segments=segments,
         )
         branch = self._single_branch(step)
         self._duplicate = branch is not None
@@ -112,16 +132,16 @@ class HookSession:
         return duplicate_prediction(output)
 
     # -- per call ---------------------------------------------------------------------------------
-    def call_context(self, site: CrossAttentionSite, hidden_states: torch.Tensor, text: torch.Tensor) -> CallContext:
+    def call_context(self, site: CrossAttentionSite, queries: int, tokens: int) -> CallContext:
+        """The context of one call of ``site`` with ``queries`` image positions and ``tokens`` text keys."""
         step = self.step_context
         assert step is not None
         h, w = site.spatial_shape(step.latent_shape)
-        queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1]
         if h * w != queries:
             raise AttnscopeError(
                 f"site {site.name}: expected {h}x{w}={h * w} query positions for a {step.latent_shape} latent, got {queries}"
             )
-        return CallContext(site=site, step_context=step, spatial_shape=(h, w), tokens=int(text.shape[1]))
+        return CallContext(site=site, step_context=step, spatial_shape=(h, w), tokens=int(tokens))
 
     def plan(self, ctx: CallContext, clients: list[Any] | None = None) -> dict[str, list[Any]]:
         plan: dict[str, list[Any]] = {}
@@ -162,6 +182,44 @@ class HookSession:
                 )
             tensor = result
         return tensor
+
+
+def _text_encoder_hook(session: HookSession, segment: int, module: Any, args: tuple, kwargs: dict) -> None:
+    session._on_text_encoder(segment, args, kwargs)
+
+
+def _segment_name(tokenizer: Any) -> str:
+    name = type(tokenizer).__name__.lower()
+    return "clip" if "clip" in name else "t5" if "t5" in name else name.removesuffix("fast").removesuffix("tokenizer")
+
+
+def _prompt_text(pipe: Any, encoders: list[str | None], ids: list[torch.Tensor | None], text_length: int | None) -> tuple:
+    """``(token_ids, token_text, segments)``: the prompts' ids and strings over the sites' text axis.
+
+    Segments are joined in order; a segment whose encoder did not run (SD3 without T5: zeros) is
+    spelled by empty strings. ``token_ids`` is None unless every segment was seen.
+    """
+    known = [i for i in ids if i is not None]
+    if not known:
+        return None, None, ()
+    prompts = known[0].shape[0]
+    total = sum(i.shape[-1] for i in known)
+    missing = (text_length - total) if text_length is not None else 0
+    texts: list[list[str]] = [[] for _ in range(prompts)]
+    segments = []
+    for name, segment_ids in zip(encoders, ids):
+        if segment_ids is None or segment_ids.shape[0] != prompts:
+            length = max(0, missing)
+            for row in texts:
+                row.extend([""] * length)
+            segments.append(("missing", length))
+            continue
+        tokenizer = getattr(pipe, "tokenizer" + name[len("text_encoder"):], None) if name else None
+        for row, row_ids in zip(texts, segment_ids.tolist()):
+            row.extend(tokenizer.convert_ids_to_tokens(row_ids) if tokenizer is not None else [""] * len(row_ids))
+        segments.append((_segment_name(tokenizer), int(segment_ids.shape[-1])))
+    token_ids = torch.cat(known, dim=-1) if len(known) == len(ids) else None
+    return token_ids, tuple(tuple(row) for row in texts), tuple(segments)
 
 
 def _swap_processor(module: torch.nn.Module, new: Any) -> Any:
@@ -223,15 +281,19 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
     handles = []
     error: BaseException | None = None
     try:
+        kernel, buffers = session.adapter.KERNEL, ScratchBuffers()
         for site in session.sites:
-            saved.append((site.module, _swap_processor(site.module, CrossAttentionProcessor(session, site, site.module.processor))))
+            wrapper = (JointAttentionProcessor(session, site, site.module.processor, kernel, buffers) if site.kind == "joint"
+                       else CrossAttentionProcessor(session, site, site.module.processor))
+            saved.append((site.module, _swap_processor(site.module, wrapper)))
         for site in session.self_sites:
             saved.append((site.module, _swap_processor(site.module, SelfAttentionProcessor(session, site, site.module.processor))))
         handles.append(session.denoiser.register_forward_pre_hook(session._on_denoiser, with_kwargs=True))
         handles.append(session.denoiser.register_forward_hook(session._after_denoiser, with_kwargs=True))
-        text_encoder = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
-        if text_encoder is not None:
-            handles.append(text_encoder.register_forward_pre_hook(session._on_text_encoder, with_kwargs=True))
+        for segment, name in enumerate(session.text_encoders):
+            if name is not None:
+                hook = functools.partial(_text_encoder_hook, session, segment)
+                handles.append(getattr(pipe, name).register_forward_pre_hook(hook, with_kwargs=True))
         for client in session.clients:
             if hasattr(client, "on_install"):
                 client.on_install(session)

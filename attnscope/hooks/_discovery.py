@@ -10,10 +10,11 @@ from ..errors import AttnscopeError
 from ._sites import CrossAttentionSite
 from .families import ADAPTERS
 
-__all__ = ["discover_self_sites", "discover_sites", "find_denoiser"]
+__all__ = ["discover_self_sites", "discover_sites", "find_adapter", "find_denoiser"]
 
 
-def _adapter(pipe: Any) -> tuple[Any, torch.nn.Module]:
+def find_adapter(pipe: Any) -> tuple[Any, torch.nn.Module]:
+    """The family adapter module (:mod:`attnscope.hooks.families`) and the denoiser of ``pipe``, or AttnscopeError."""
     from diffusers import DiffusionPipeline
 
     supported = "; ".join(adapter.SUPPORTS for adapter in ADAPTERS)
@@ -38,7 +39,7 @@ def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
     >>> find_denoiser(tiny_sd_pipeline())[0]
     'unet'
     """
-    adapter, denoiser = _adapter(pipe)
+    adapter, denoiser = find_adapter(pipe)
     return adapter.FAMILY, denoiser
 
 
@@ -52,7 +53,7 @@ def discover_sites(pipe: Any) -> list[CrossAttentionSite]:
     >>> [s.name for s in ats.discover_sites(tiny_sd_pipeline())][:2]
     ['down_blocks.0.attentions.0.transformer_blocks.0.attn2', 'down_blocks.1.attentions.0.transformer_blocks.0.attn2']
     """
-    adapter, denoiser = _adapter(pipe)
+    adapter, denoiser = find_adapter(pipe)
     return adapter.sites(denoiser)
 
 
@@ -66,5 +67,5 @@ def discover_self_sites(pipe: Any) -> list[CrossAttentionSite]:
     >>> sites[0].name, sites[0].kind
     ('down_blocks.0.attentions.0.transformer_blocks.0.attn1', 'self')
     """
-    adapter, denoiser = _adapter(pipe)
+    adapter, denoiser = find_adapter(pipe)
     return adapter.sites(denoiser, cross=False)

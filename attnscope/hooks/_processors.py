@@ -13,15 +13,20 @@ from ..errors import AttnscopeError
 from ._context import CallContext
 from ._sites import CrossAttentionSite
 
-__all__ = ["CrossAttentionProcessor", "SelfAttentionProcessor"]
+__all__ = ["CrossAttentionProcessor", "ScratchBuffers", "SelfAttentionProcessor", "signature_stub"]
 
 
-def _signature_stub(fn: Any) -> Any:
+def signature_stub(fn: Any) -> Any:
     def stub(*args: Any, **kwargs: Any) -> None:  # pragma: no cover - never called
         raise RuntimeError("signature stub")
 
     stub.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
     return stub
+
+
+def _queries(hidden_states: torch.Tensor) -> int:
+    """Query positions of an attention input: ``(batch, seq, dim)`` or ``(batch, channels, h, w)``."""
+    return int(hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1])
 
 
 def _sole_reference(scratch: dict[str, torch.Tensor], key: str) -> bool:
@@ -37,6 +42,39 @@ def _sole_reference(scratch: dict[str, torch.Tensor], key: str) -> bool:
     except (AttributeError, RuntimeError):  # private API gone: never reuse
         return False
     return python_refs == 0 and storage_refs == 0
+
+
+class ScratchBuffers:
+    """``out=`` tensors for large per-call results, reused from call to call on the CPU.
+
+    On the CPU a fresh multi-MB tensor costs a page fault per 4 KiB on every call (as much as the
+    attention itself), so the last one is reused — but only when nothing else (a client keeping the
+    tensor or a view of it, autograd) still references it. Calling returns None on GPUs (the caching
+    allocator already reuses memory) and when autograd records the op (``out=`` can't be
+    differentiated): then let the op allocate.
+
+    >>> buffers = ScratchBuffers()
+    >>> a = buffers("probs", (2, 3), torch.zeros(1))
+    >>> b = buffers("probs", (2, 3), torch.zeros(1))   # `a` is still referenced here: a new tensor
+    >>> b is a
+    False
+    """
+
+    def __init__(self) -> None:
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def __call__(self, key: str, shape: tuple[int, ...], *inputs: torch.Tensor, dtype: torch.dtype | None = None
+                 ) -> torch.Tensor | None:
+        like = inputs[0]
+        dtype = like.dtype if dtype is None else dtype
+        if like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+            return None
+        if _sole_reference(self._scratch, key):
+            buf = self._scratch[key]
+            if buf.shape == shape and buf.dtype == dtype:
+                return buf
+        buf = self._scratch[key] = torch.empty(shape, dtype=dtype)
+        return buf
 
 
 class CrossAttentionProcessor:
@@ -55,17 +93,17 @@ class CrossAttentionProcessor:
 
     def __init__(self, session: Any, site: CrossAttentionSite, original: Any):
         self.session, self.site, self.original = session, site, original
-        self._scratch: dict[str, torch.Tensor] = {}
+        self._buffer = ScratchBuffers()
         # Attention.forward passes on only the cross_attention_kwargs that `processor.__call__`
         # names: show it the original's signature so exactly the same kwargs reach us.
-        self.__call__ = _signature_stub(original.__call__)
+        self.__call__ = signature_stub(original.__call__)
 
     def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         session = self.session
         encoder_hidden_states = kwargs.get("encoder_hidden_states", args[0] if args else None)
         if session.step_context is None or encoder_hidden_states is None:
             return self.original(attn, hidden_states, *args, **kwargs)
-        ctx = session.call_context(self.site, hidden_states, encoder_hidden_states)
+        ctx = session.call_context(self.site, _queries(hidden_states), int(encoder_hidden_states.shape[1]))
         plan = session.plan(ctx)
         output = session.bypass(ctx)
         if output is not None:
@@ -78,24 +116,6 @@ class CrossAttentionProcessor:
             else:
                 output = self.original(attn, hidden_states, *args, **kwargs)
         return session.run_stage("output", plan, ctx, output)
-
-    def _buffer(self, key: str, shape: tuple[int, ...], *inputs: torch.Tensor) -> torch.Tensor | None:
-        """An ``out=`` tensor to compute into, or None to let the op allocate.
-
-        On the CPU a fresh multi-MB tensor costs a page fault per 4 KiB on every call (as much as the
-        attention itself), so the last one is reused — but only when nothing else (a client keeping
-        the tensor or a view of it, autograd) still references it. None on GPUs (the caching
-        allocator already reuses memory) and when autograd records the op (``out=`` can't be
-        differentiated)."""
-        like = inputs[0]
-        if like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
-            return None
-        if _sole_reference(self._scratch, key):
-            buf = self._scratch[key]
-            if buf.shape == shape and buf.dtype == like.dtype:
-                return buf
-        buf = self._scratch[key] = torch.empty(shape, dtype=like.dtype)
-        return buf
 
     def _attend(self, ctx: CallContext, plan: dict, attn: Any, hidden_states: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -168,13 +188,13 @@ class SelfAttentionProcessor:
 
     def __init__(self, session: Any, site: CrossAttentionSite, original: Any):
         self.session, self.site, self.original = session, site, original
-        self.__call__ = _signature_stub(original.__call__)
+        self.__call__ = signature_stub(original.__call__)
 
     def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         session = self.session
         if session.step_context is None:
             return self.original(attn, hidden_states, *args, **kwargs)
-        ctx = session.call_context(self.site, hidden_states, hidden_states)
+        ctx = session.call_context(self.site, _queries(hidden_states), _queries(hidden_states))
         plan = session.plan(ctx, session.self_clients)
         if plan.get("logits") or plan.get("probs"):
             raise AttnscopeError(f"self-attention site {self.site.name}: only the 'output' stage and bypass exist there")

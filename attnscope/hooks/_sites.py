@@ -25,14 +25,22 @@ class CrossAttentionSite:
     family : str
         Model family adapter that found it (``"unet"``).
     kind : str
-        ``"cross"`` for a UNet's attn2; ``"self"`` for a self-attention module (attn1), wrapped only for clients that ask for
+        ``"cross"`` for a UNet's attn2; ``"joint"`` for a transformer's joint attention (SD3, Flux), whose
+        cross part is the image-query × text-key block of one softmax over image and text keys;
+        ``"self"`` for a self-attention module (attn1), wrapped only for clients that ask for
         self-attention (TGATE V2's cache, :func:`~attnscope.hooks.discover_self_sites`).
     block : str
-        ``"down"``, ``"mid"`` or ``"up"``.
+        ``"down"``, ``"mid"`` or ``"up"`` in a UNet; ``"double"`` or ``"single"`` (the stream) in a transformer.
     level : int
-        Resolution level: 0 is the latent resolution, each level halves it (rounding up).
+        Resolution level: 0 is the latent resolution, each level halves it (rounding up). Transformer sites are all
+        level 0.
     heads, head_dim, token_dim : int
         Attention heads, width per head, width of the text features it reads.
+    text_layout : str
+        Joint sites: where the text keys sit in the joint sequence, ``"text_first"`` (Flux) or ``"image_first"``
+        (SD3); ``""`` for cross-attention sites.
+    patch : int
+        Latent pixels per side of one query position (a transformer's ``patch_size``; 1 for UNets).
 
     Examples
     --------
@@ -52,14 +60,18 @@ class CrossAttentionSite:
     head_dim: int
     token_dim: int
     module: torch.nn.Module = field(compare=False, repr=False)
+    text_layout: str = ""
+    patch: int = 1
 
     def spatial_shape(self, latent_shape: tuple[int, int]) -> tuple[int, int]:
         """(h, w) of this site's attention map for a latent of ``latent_shape`` (h, w)."""
-        h, w = latent_shape
+        h, w = math.ceil(latent_shape[0] / self.patch), math.ceil(latent_shape[1] / self.patch)
         for _ in range(self.level):
             h, w = math.ceil(h / 2), math.ceil(w / 2)
         return h, w
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description (stored with each site's array)."""
-        return {k: getattr(self, k) for k in ("name", "family", "kind", "block", "level", "heads", "head_dim", "token_dim")}
+        keys = ("name", "family", "kind", "block", "level", "heads", "head_dim", "token_dim")
+        extra = ("text_layout", "patch") if self.kind == "joint" else ()
+        return {k: getattr(self, k) for k in keys + extra}

@@ -191,6 +191,8 @@ class AttentionRegulation:
             cols_t = self._long(cols, logits.device)
             edited = torch.add(flat.index_select(-1, cols_t), delta, alpha=self.decay**ctx.step)
             _put_columns(out, index, cols_t, edited.reshape(b, heads, pixels, -1).to(logits.dtype))
+            if ctx.site.kind == "joint":  # no CLIP SOT/EOT sink to give back in a joint softmax (see docs)
+                continue
             keep = self._long([0] + self._eot_columns(ctx, group), logits.device)
             restore.append((rows, keep, torch.softmax(z, -1).index_select(-1, keep)))
         return out, restore

@@ -20,7 +20,9 @@ def default_regulation_sites(sites: Sequence[Any], latent_shape: tuple[int, int]
     This is the official Attention Regulation choice expressed by position and scale: on SD-2 base
     at 512 px (64×64 latent) it gives the five ``attn2`` of ``down_blocks.2`` and ``up_blocks.1``
     (16×16 maps); on the shapes model (16×16 latent) the 8×8 sites of ``down_blocks.1`` and
-    ``up_blocks.1``. Mid-block sites are never chosen.
+    ``up_blocks.1``. Mid-block sites are never chosen. A transformer (SD3, Flux) has one
+    resolution everywhere: its double-stream blocks (every SD3 block; Flux's ``transformer_blocks``)
+    are chosen, not its single-stream ones — a choice by structure, not yet measured on real weights.
 
     >>> import attnscope as ats
     >>> default_regulation_sites(ats.discover_sites(ats.load_pipeline("shapes")), (16, 16))  # doctest: +NORMALIZE_WHITESPACE
@@ -28,6 +30,8 @@ def default_regulation_sites(sites: Sequence[Any], latent_shape: tuple[int, int]
      'up_blocks.1.attentions.1.transformer_blocks.0.attn2']
     """
     candidates = [s for s in sites if s.block in ("down", "up")]
+    if not candidates:  # a transformer (SD3, Flux): one resolution everywhere; its double-stream (joint) blocks
+        return [s.name for s in sites if s.block == "double"] or [s.name for s in sites]
     big = [s for s in candidates if min(s.spatial_shape(latent_shape)) >= min_side]
     if not big:  # tiny latents: the finest level there is
         big = candidates
@@ -69,18 +73,16 @@ class InterventionScope:
         self.first_occurrence, self.default_sites = first_occurrence, default_sites
         self._all: list[Any] = []
         self._chosen: set[str] | None = None
-        self._tokenizer: Any = None
-        self._columns: dict[tuple[int, ...], list[list[int]]] = {}
+        self._columns: dict[tuple[tuple[str, ...], ...], list[list[int]]] = {}
         self._steps: frozenset[int] = frozenset()
         self._steps_for: int | None = None
 
     def install(self, session: Any) -> None:
-        """Check the site spec against the pipeline's sites (an unknown site is an error) and keep the tokenizer."""
+        """Check the site spec against the pipeline's sites (an unknown site is an error)."""
         self._all = list(session.sites)
         self._chosen = None
         if self.sites is not None:
             self._chosen = {s.name for s in select_sites(self.sites, self._all)}
-        self._tokenizer = getattr(session.pipe, "tokenizer", None)
         self._columns = {}
 
     def active(self, ctx: Any) -> bool:
@@ -118,24 +120,20 @@ class InterventionScope:
 
     def columns(self, ctx: Any) -> list[list[int]]:
         """Per sample of the cond half: the token columns of every target (flattened, sorted)."""
-        ids = ctx.step_context.token_ids
-        if ids is None:
+        texts = ctx.step_context.token_text
+        if texts is None:
             items = self.targets if isinstance(self.targets, (list, tuple)) else [self.targets]
             if all(isinstance(t, int) for t in items):
                 return [sorted({int(t) for t in items})] * ctx.rows.samples
             raise AttnscopeError("targets given as words need the prompt's tokens, but the pipeline got embeddings; "
                                  "give token positions instead")
-        key = tuple(int(i) for i in ids.flatten().tolist()) + (ids.shape[0],)
+        key = texts
         if key not in self._columns:
-            per_prompt = [self._prompt_columns(row) for row in ids]
-            self._columns[key] = per_prompt
+            self._columns[key] = [self._prompt_columns(list(tokens)) for tokens in texts]
         per_prompt = self._columns[key]
         return [per_prompt[p] for p in ctx.rows.prompt_of_sample]
 
-    def _prompt_columns(self, ids: Any) -> list[int]:
-        if self._tokenizer is None:
-            raise AttnscopeError("this pipeline has no tokenizer to find the target words with; give token positions")
-        tokens = self._tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+    def _prompt_columns(self, tokens: list[str]) -> list[int]:
         targets = self.targets
         if callable(targets):
             targets = targets(prompt_text(tokens))

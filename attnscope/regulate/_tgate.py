@@ -32,6 +32,10 @@ def _positive_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+#: the families TGATE is defined on: cross-attention whose output can be cached on its own
+_FAMILIES = ("unet",)
+
+
 class TGate:
     """Cache cross-attention after the gate step and drop classifier-free guidance (TGATE).
 
@@ -138,6 +142,13 @@ class TGate:
         return step % self.fi_interval == 0
 
     # -- hook client protocol ------------------------------------------------------------------
+    def on_install(self, session: Any) -> None:
+        if session.family not in _FAMILIES:
+            raise AttnscopeError(
+                f"TGate on a {session.family!r} pipeline: TGATE has no official rule for joint attention (SD3, Flux), "
+                f"where text and image share one softmax, and attnscope has not designed and measured one; "
+                f"supported families: {', '.join(_FAMILIES)} (Stable Diffusion 1.x, 2.x, SDXL)")
+
     def branches(self, step_ctx: Any) -> tuple[str, ...] | None:
         return ("uncond",) if self.drop_guidance and self.gated(step_ctx.step) else None
 

@@ -12,6 +12,9 @@ IMAGE_DIMS = ("sample", "height", "width", "channel")
 #: root arrays that are coordinates of every site array (declared to xarray via the root attribute)
 ROOT_COORDS = ("timestep", "prompt_index", "image_index", "token_text")
 BRANCH_ARRAYS = {"cond": "attention", "uncond": "attention_uncond"}
+#: joint sites (SD3, Flux) also store each pixel's total attention mass on the text keys
+TEXT_MASS_ARRAYS = {"cond": "text_mass", "uncond": "text_mass_uncond"}
+TEXT_MASS_DIMS = SITE_DIMS[:-1]
 #: a site's step chunk grows until a shard holds about this many raw bytes (tiny sites), capped below
 MIN_SHARD_BYTES = 512 * 1024
 MAX_CHUNK_STEPS = 8

@@ -20,6 +20,7 @@ from ._format import (
     ROOT_COORDS,
     SUMMARIES_GROUP,
     SUMMARY_DIMS,
+    TEXT_MASS_ARRAYS,
     quiet_consolidated,
     site_group,
 )
@@ -162,18 +163,35 @@ class Trace:
         >>> dict(da.sizes)
         {'step': 2, 'sample': 1, 'head': 1, 'y': 16, 'x': 24, 'token': 77}
         """
+        return self._site_array(site, branch, BRANCH_ARRAYS)
+
+    def text_mass(self, site: str | Any, branch: str | None = None) -> Any:
+        """A joint site's per-pixel attention mass on all text keys, lazy, dims ``(step, sample, head, y, x)``.
+
+        At a joint site (SD3, Flux) :meth:`attention` holds the image-query × text-key block of the
+        model's softmax over image *and* text keys, so a pixel's row sums to its text mass, not to 1;
+        ``attention(site) / text_mass(site)`` renormalises it over the text (padding included).
+        Cross-attention sites have no text mass (it is 1 by construction): AttnscopeError.
+        """
+        return self._site_array(site, branch, TEXT_MASS_ARRAYS)
+
+    def _site_array(self, site: str | Any, branch: str | None, arrays: dict[str, str]) -> Any:
         name = getattr(site, "name", site)
         if name not in self.sites:
             raise AttnscopeError(f"site {name!r} is not in this trace; recorded sites:\n  " + "\n  ".join(self.sites))
         node = self.tree[site_group(name)]
-        branches = [b for b, arr in BRANCH_ARRAYS.items() if arr in node.data_vars]
+        branches = [b for b, arr in arrays.items() if arr in node.data_vars]
+        if not branches:
+            kind = node.attrs.get("site", {}).get("kind", "cross")
+            raise AttnscopeError(f"site {name!r} is a {kind!r} site: only joint sites (SD3, Flux) store a text mass")
         if branch is None:
             branch = "cond" if "cond" in branches else branches[0]
         if branch not in branches:
             raise AttnscopeError(f"branch={branch!r}: this trace recorded {branches} at {name}")
         steps = [int(s) for s in node.attrs.get("steps", []) if self.complete or int(s) < self.steps_written]
-        da = node[BRANCH_ARRAYS[branch]]
-        da = da.assign_coords({c: self.tree[c].variable for c in ROOT_COORDS if c in self.tree.coords})
+        da = node[arrays[branch]]
+        da = da.assign_coords({c: self.tree[c].variable for c in ROOT_COORDS
+                               if c in self.tree.coords and set(self.tree[c].dims) <= set(da.dims)})
         return da.isel(step=steps)
 
 

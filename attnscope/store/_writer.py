@@ -29,6 +29,8 @@ from ._format import (
     SITES_GROUP,
     SUMMARIES_GROUP,
     SUMMARY_DIMS,
+    TEXT_MASS_ARRAYS,
+    TEXT_MASS_DIMS,
     chunk_steps,
     default_compressor,
     quiet_consolidated,
@@ -205,13 +207,15 @@ class TraceWriter:
     def timestep(self, step: int, value: float) -> None:
         self._send(("timestep", step, value))
 
-    def put(self, site: str, branch: str, step: int, data: Any, ready: Any = None) -> None:
+    def put(self, site: str, branch: str, step: int, data: Any, ready: Any = None, quantity: str = "attention") -> None:
         """Queue one step of one site: ``data`` (sample, head, y, x, token), float16, on the CPU.
 
         ``ready`` is an optional CUDA event the writer waits on before reading ``data``.
+        ``quantity="text_mass"``: a joint site's per-pixel text mass, (sample, head, y, x).
         """
         nbytes = data.numel() * 2 if isinstance(data, torch.Tensor) else data.nbytes
-        self._send(("data", site, branch, step, data, ready), nbytes)
+        array = (BRANCH_ARRAYS if quantity == "attention" else TEXT_MASS_ARRAYS)[branch]
+        self._send(("data", site, array, step, data, ready), nbytes)
 
     def summaries(self, sites: list[str], arrays: dict[str, np.ndarray]) -> None:
         """Queue the per-step summaries: ``arrays`` maps a name to a float32 (step, site, sample) array.
@@ -283,7 +287,15 @@ class TraceWriter:
                     # every shard written holds captured maps: skip zarr's all-NaN test (~1 ms per write)
                     config={"write_empty_chunks": True},
                 )
-                self._buffers[(site.name, branch)] = _SiteBuffer(arr, site.steps, c)
+                self._buffers[(site.name, BRANCH_ARRAYS[branch])] = _SiteBuffer(arr, site.steps, c)
+                if site.description.get("kind") == "joint":
+                    mass = group.create_array(
+                        TEXT_MASS_ARRAYS[branch], shape=(n, s, site.heads, y, x), dtype="float16",
+                        shards=(c, s, site.heads, y, x), chunks=(c, 1, site.heads, y, x), compressors=self.compressor,
+                        fill_value=np.nan, dimension_names=TEXT_MASS_DIMS, attributes={"branch": branch},
+                        config={"write_empty_chunks": True},
+                    )
+                    self._buffers[(site.name, TEXT_MASS_ARRAYS[branch])] = _SiteBuffer(mass, site.steps, c)
         root.update_attributes({**layout.attrs, "attnscope_format": FORMAT_VERSION, "complete": False,
                                 "steps_written": 0, "coordinates": " ".join(ROOT_COORDS)})  # one metadata write
         self._root = root
@@ -294,11 +306,11 @@ class TraceWriter:
             self._timesteps_done = step + 1
         self._advance()
 
-    def _do_data(self, site: str, branch: str, step: int, data: Any, ready: Any) -> None:
+    def _do_data(self, site: str, array_name: str, step: int, data: Any, ready: Any) -> None:
         if ready is not None:
             ready.synchronize()
         array = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-        self._buffers[(site, branch)].add(step, array)
+        self._buffers[(site, array_name)].add(step, array)
         self._advance()
 
     def _do_summaries(self, sites: list[str], arrays: dict[str, np.ndarray]) -> None:

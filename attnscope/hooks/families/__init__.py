@@ -1,18 +1,28 @@
 """Model-family adapters: one module per denoiser family, each finding its denoiser and its sites.
 
-An adapter module has ``FAMILY`` (its name, stored in each site), ``SUPPORTS`` (what it covers, for
-error messages), ``denoiser(pipe)`` (the pipeline's denoiser when the family applies, else None) and
-``sites(denoiser, cross=True)`` (its :class:`~attnscope.hooks.CrossAttentionSite` list in module
-order; ``cross=False``: the self-attention modules). Add a family by adding a module and listing it
-in :data:`ADAPTERS`.
+An adapter module has
+
+- ``FAMILY`` (its name, stored in each site) and ``SUPPORTS`` (what it covers, for error messages);
+- ``denoiser(pipe)``: the pipeline's denoiser when the family applies, else None;
+- ``sites(denoiser, cross=True)``: its :class:`~attnscope.hooks.CrossAttentionSite` list in module
+  order (``cross=False``: the self-attention modules wrapped for bypass, if any);
+- ``step_inputs(args, kwargs)``: batch, timestep, latent (h, w) and text length of a denoiser call;
+- ``TEXT_ENCODERS``: the text segments of the sites' key axis, in order, each a tuple of
+  alternative pipeline attributes (``"text_encoder_3"``) whose input ids spell that segment;
+- ``KERNEL``: ``(module, attribute, layout)`` of the attention function a joint site's processor
+  calls (replaced for the call when a client reads logits/probs), or None for cross-attention;
+- ``STEPS_BY``: ``"call"`` (each denoiser call is a step) or ``"timestep"`` (a call with the same
+  timestep as the previous one is a second pass of the same step, e.g. Flux's true CFG).
+
+Add a family by adding a module and listing it in :data:`ADAPTERS`.
 
 >>> [adapter.FAMILY for adapter in ADAPTERS]
-['unet']
+['unet', 'sd3', 'flux']
 """
 
-from . import unet
+from . import flux, sd3, unet
 
 __all__ = ["ADAPTERS"]
 
 #: The adapters, tried in this order.
-ADAPTERS = (unet,)
+ADAPTERS = (unet, sd3, flux)

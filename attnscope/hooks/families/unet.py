@@ -13,10 +13,16 @@ import torch
 
 from .._sites import CrossAttentionSite
 
-__all__ = ["FAMILY", "SUPPORTS", "denoiser", "sites"]
+__all__ = ["FAMILY", "KERNEL", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "sites", "step_inputs"]
 
 FAMILY = "unet"
 SUPPORTS = "UNet2DConditionModel (Stable Diffusion 1.x, 2.x, SDXL)"
+#: The text encoder whose token ids make the sites' text axis (alternatives in order: an SDXL refiner has only the second).
+TEXT_ENCODERS = (("text_encoder", "text_encoder_2"),)
+#: The cross-attention processor is re-implemented (``attnscope.hooks._processors``), not patched.
+KERNEL = None
+#: Steps are counted by denoiser calls.
+STEPS_BY = "call"
 
 
 def denoiser(pipe: Any) -> torch.nn.Module | None:
@@ -65,3 +71,17 @@ def sites(unet: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite]
             )
         )
     return found
+
+
+def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Batch size, timestep, latent (h, w) and text length of one UNet call.
+
+    >>> step_inputs((torch.zeros(2, 4, 8, 6), torch.tensor(981)), {"encoder_hidden_states": torch.zeros(2, 77, 32)})
+    {'batch': 2, 'timestep': 981.0, 'latent_shape': (8, 6), 'text_length': 77}
+    """
+    sample = args[0] if args else kwargs["sample"]
+    t = args[1] if len(args) > 1 else kwargs["timestep"]
+    text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+    return {"batch": int(sample.shape[0]), "timestep": float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t),
+            "latent_shape": (int(sample.shape[-2]), int(sample.shape[-1])),
+            "text_length": None if text is None else int(text.shape[1])}
