@@ -408,3 +408,40 @@ def test_capture_command_on_a_saved_flux_pipeline(flux, tmp_path):
     done = cli("capture", "--model", str(tmp_path / "flux"), "--prompt", "a red circle and a blue square",
                "--steps", "2", "--max-sequence-length", "4", "--out", str(tmp_path / "x.zarr"))
     assert done.exit_code == 2 and "max_sequence_length=4" in done.stderr
+
+
+def test_compare_a_regulated_rerun_of_an_sd3_trace(sd3, tmp_path):
+    tr = ats.capture(sd3, "a red circle and a blue square", seed=2, store=tmp_path / "a.zarr", **SD3_KW)
+    reg = ats.rerun(tr, pipe=sd3, interventions=[ats.regulate.AttentionRegulation(["circle", "square"], iterations=3)],
+                    store=tmp_path / "b.zarr")
+    assert reg.manifest["interventions"][0]["name"] == "AttentionRegulation"
+    table = ats.compare(tr, reg, ["circle", "square"]).table()
+    assert len(table) > 0 and not np.array_equal(np.asarray(reg.images[0]), np.asarray(tr.images[0]))
+
+
+def test_unsupported_transformer_names_the_supported_families():
+    from diffusers import DiffusionPipeline
+
+    class Other(DiffusionPipeline):
+        def __init__(self):
+            super().__init__()
+            self.register_modules(transformer=torch.nn.Linear(2, 2))
+
+    with pytest.raises(AttnscopeError, match=r"Linear; supported denoisers: UNet2DConditionModel .*SD3Transformer2DModel"
+                                             r".*FluxTransformer2DModel"):
+        ats.discover_sites(Other())
+
+
+def test_stats_and_rerun_commands_on_a_flux_trace(flux, tmp_path):
+    from .conftest import cli
+
+    flux.save_pretrained(tmp_path / "flux")
+    out = tmp_path / "run.zarr"
+    assert cli("capture", "--model", str(tmp_path / "flux"), "--prompt", "a red circle", "--steps", "2", "--height", "32",
+               "--width", "32", "--max-sequence-length", "16", "--out", str(out)).exit_code == 0
+    done = cli("stats", str(out), "--targets", "red,circle", "--by", "site")
+    assert done.exit_code == 0, done.stderr
+    assert "single_transformer_blocks.1.attn" in done.stdout
+    done = cli("rerun", str(out), "--out", str(tmp_path / "re.zarr"))
+    assert done.exit_code == 0, done.stderr
+    assert np.array_equal(np.asarray(ats.open_trace(tmp_path / "re.zarr").images[0]), np.asarray(ats.open_trace(out).images[0]))
