@@ -40,7 +40,8 @@ def capture(
     sites: list[str] | None = typer.Option(None, help="Glob of site module paths to record; repeatable (default all)."),
     capture_steps: str | None = typer.Option(None, help="Steps to record as START:STOP[:STEP] or a comma list (default all)."),
     heads: str = typer.Option("mean", help="'mean' (average heads on the device) or 'all'."),
-    tokens: str = typer.Option("all", help="'all' text positions or 'prompt' (each segment up to its end-of-text token)."),
+    tokens: str = typer.Option("auto", help="'all' text positions, 'prompt' (each segment up to its end-of-text token) "
+                                            "or 'auto' (prompt on SD3/Flux, all on UNets)."),
     branch: str = typer.Option("cond", help="'cond', 'uncond' or 'both' classifier-free-guidance halves."),
     device: str | None = typer.Option(None, help="Device to run on (cpu, cuda, …)."),
     dtype: str | None = typer.Option(None, help="float32, float16 or bfloat16."),

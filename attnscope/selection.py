@@ -21,7 +21,7 @@ SiteSpec = None | str | Sequence[str] | Callable[[Any], bool]
 StepSpec = None | int | range | slice | Iterable[int]
 
 HEADS = ("mean", "all")
-TOKENS = ("all", "prompt")
+TOKENS = ("auto", "all", "prompt")
 BRANCHES = ("cond", "uncond", "both")
 
 

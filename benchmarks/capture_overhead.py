@@ -6,7 +6,8 @@ module afterwards), then time ``--repeats`` interleaved pairs ``plain, capture, 
 of the same generation (same prompt, seed, steps, size) and report the medians and their ratio.
 
 Capture settings: every cross-attention site, every step, ``heads="mean"``, ``branch="cond"``,
-float16 maps, into a fresh temporary store per run (deleted afterwards). The capture time covers the
+``tokens="auto"`` (the default: all 77 positions on UNets; on SD3/Flux the prompt's positions, plus
+each pixel's text mass), float16 maps, into a fresh temporary store per run (deleted afterwards). The capture time covers the
 whole ``attnscope.capture`` call, including the writer thread's flush, consolidation and reopening.
 
     python benchmarks/capture_overhead.py                         # tiny + sd15-structure, CPU
@@ -42,6 +43,7 @@ from attnscope.store import weights_fingerprint
 from attnscope.testing import flux_structure_pipeline, sd3_structure_pipeline, sd15_structure_pipeline, tiny_sd_pipeline
 
 PROMPT = "a photo of a red cat and a blue dog"
+TOKENS = "auto"  # capture's default: every position on UNets, the prompt's positions on SD3/Flux
 SEED = 0
 CPU_TARGET = 1.10
 GPU_TARGET = 1.03  # SD-1.5 at 512 px
@@ -116,7 +118,7 @@ def run_capture(pipe, steps: int, px: int, device: str, keep: bool = False, prof
             profiler.enable()
         t0, c0 = time.perf_counter(), time.process_time()
         trace = attnscope.capture(pipe, PROMPT, seed=SEED, store=store, sites=None, steps=None, heads="mean",
-                                  tokens="all", branch="cond", num_inference_steps=steps, height=px, width=px)
+                                  tokens=TOKENS, branch="cond", num_inference_steps=steps, height=px, width=px)
         sync(device)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         if profiler is not None:
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"capture overhead benchmark: torch {env['torch']}, {env['torch_threads']} torch threads, "
           f"{env['cpu_count']} CPUs, device {args.device}{' (' + env['gpu'] + ')' if env['gpu'] else ''}, "
           f"load average {env['loadavg_start']}")
-    print(f"prompt {PROMPT!r}, seed {SEED}; capture: all sites, every step, heads='mean', branch='cond', float16")
+    print(f"prompt {PROMPT!r}, seed {SEED}; capture: all sites, every step, heads='mean', tokens={TOKENS!r}, branch='cond', float16")
     results = [bench_model(name, args) for name in args.models]
     env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print_table(results)

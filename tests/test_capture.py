@@ -146,7 +146,7 @@ def test_overwrite(sd_pipe, tmp_path):
     (dict(steps=[0, 7]), r"\[7\] outside this run's steps 0..2"),
     (dict(steps="all"), "expected an int, range, slice or list"),
     (dict(heads="max"), "heads='max': expected one of 'mean', 'all'"),
-    (dict(tokens="words"), "tokens='words': expected one of 'all', 'prompt'"),
+    (dict(tokens="words"), "tokens='words': expected one of 'auto', 'all', 'prompt'"),
     (dict(branch="neg"), "branch='neg': expected one of 'cond', 'uncond', 'both'"),
     (dict(branch="uncond", guidance_scale=1.0), "no unconditional branch"),
     (dict(seed=[1, 2]), "expected an int or a list of 1 ints"),

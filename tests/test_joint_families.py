@@ -161,7 +161,7 @@ def test_stored_maps_equal_a_float64_computation_from_the_module_projections(fam
     kw = FLUX_KW if family == "flux" else SD3_KW
     inputs, handles = _record_inputs(pipe, tmp_path)
     try:
-        tr = ats.capture(pipe, ["a red circle", "a blue square"], seed=[1, 2, 3, 4], store=tmp_path / "t.zarr", heads="all",
+        tr = ats.capture(pipe, ["a red circle", "a blue square"], seed=[1, 2, 3, 4], store=tmp_path / "t.zarr", heads="all", tokens="all",
                          branch="cond" if family == "flux" else "both", num_images_per_prompt=2,
                          **{**kw, "width": 48})
     finally:
@@ -251,16 +251,22 @@ def test_true_cfg_counts_steps_by_timestep_and_shows_clients_the_prompt_pass(flu
 # ----------------------------------------------------------------------------- tokens
 def test_tokens_words_and_segments(flux, sd3, tmp_path):
     tr = ats.capture(flux, "a red elephant", seed=0, store=tmp_path / "f.zarr", **FLUX_KW)
-    assert tr.tokens[:5] == ["\u2581a", "\u2581red", "\u2581ele", "phant", "</s>"]
+    assert tr.manifest["capture"]["tokens"] == "prompt"                        # "auto" on a joint family
+    assert tr.tokens == ["\u2581a", "\u2581red", "\u2581ele", "phant", "</s>"]
     assert tr.words == {"a": [0], "red": [1], "elephant": [2, 3]}
     assert tr.manifest["run"]["segments"] == [["t5", 16]]
-    tr3 = ats.capture(sd3, "a red elephant", seed=0, store=tmp_path / "s.zarr", **SD3_KW)
+    tr3 = ats.capture(sd3, "a red elephant", seed=0, store=tmp_path / "s.zarr", tokens="all", **SD3_KW)
     assert tr3.manifest["run"]["segments"] == [["clip", 77], ["t5", 16]]
     words = tr3.words
     assert words["red"] == [2, 78] and words["elephant"][-2:] == [79, 80]
     small = ats.capture(sd3, "a red elephant", seed=0, store=tmp_path / "p.zarr", tokens="prompt", **SD3_KW)
     kept = small.attention(small.sites[0]).token.values.tolist()
-    assert kept[0] == 0 and 77 in kept and len(kept) < 93                    # both segments' prompts, no padding
+    assert kept == [0, 1, 2, 3, 4, 77, 78, 79, 80, 81]                         # both segments' prompts, no padding
+    assert small.words["red"] == [2, 6]                                        # indices along the kept axis
+    ds = ats.stats.dominance(small, targets=["red"])
+    assert ds.token.values.tolist() == [1, 2, 3, 77, 78, 79, 80]               # the stored positions
+    np.testing.assert_allclose(ds.mass_share.values, ats.stats.dominance(tr3, targets=["red"]).mass_share.values,
+                               atol=1e-6)
     site = small.sites[0]
     padding = small.text_mass(site) - small.attention(site).sum("token")     # what the padding took
     full = tr3.attention(site)

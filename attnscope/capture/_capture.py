@@ -41,7 +41,7 @@ def _check_prompt_lengths(pipe: Any, adapter: Any, prompts: list[str], pipeline_
 
 
 def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store: str | Path, sites: SiteSpec = None,
-            steps: StepSpec = None, heads: str = "mean", tokens: str = "all", branch: str = "cond",
+            steps: StepSpec = None, heads: str = "mean", tokens: str = "auto", branch: str = "cond",
             overwrite: bool = False, exact: bool = False, output_change: bool = False,
             **pipeline_kwargs: Any) -> Trace:
     """Run ``pipe`` on ``prompt`` with a fixed seed and record its cross-attention maps into ``store``.
@@ -49,7 +49,8 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     Parameters
     ----------
     pipe : diffusers pipeline
-        With a UNet2DConditionModel denoiser (SD 1.x, 2.x, SDXL).
+        With a supported denoiser: UNet2DConditionModel (SD 1.x, 2.x, SDXL), SD3Transformer2DModel (SD3,
+        SD3.5) or FluxTransformer2DModel (FLUX.1); see docs/model-families.md.
     prompt : str or list of str
         One prompt, or several (each gets ``num_images_per_prompt`` samples).
     seed : int or list of int

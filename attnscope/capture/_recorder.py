@@ -51,10 +51,12 @@ class Recorder:
         Which denoising steps to record (default all).
     heads : {"mean", "all"}
         Average the heads on the device (head axis of size 1) or keep every head.
-    tokens : {"all", "prompt"}
+    tokens : {"auto", "all", "prompt"}
         All text positions, or only each segment's positions up to the longest prompt's end-of-text
         token (CLIP's, T5's ``</s>``). At joint sites the padding's share stays known: it is the
-        ``text_mass`` minus the stored columns.
+        ``text_mass`` minus the stored columns. ``"auto"`` (default): ``"prompt"`` when the
+        pipeline has joint sites (SD3, Flux: 256–512 T5 positions, mostly padding) and the prompt's
+        tokens are known, else ``"all"`` (the 77 CLIP positions of a UNet).
     branch : {"cond", "uncond", "both"}
         Which classifier-free-guidance half to record.
     overwrite : bool
@@ -88,7 +90,7 @@ class Recorder:
     role = "observer"
 
     def __init__(self, store: str | Path, *, sites: SiteSpec = None, steps: StepSpec = None, heads: str = "mean",
-                 tokens: str = "all", branch: str = "cond", overwrite: bool = False, output_change: bool = False,
+                 tokens: str = "auto", branch: str = "cond", overwrite: bool = False, output_change: bool = False,
                  max_queue_bytes: int = 256 << 20, run_info: dict[str, Any] | None = None,
                  extra_manifest: dict[str, Any] | None = None):
         self.heads = check_choice("heads", heads, HEADS)
@@ -184,11 +186,12 @@ class Recorder:
             else:
                 rows = ctx.rows.rows(branch)
             p = probs[rows]
-            p = p.mean(dim=1, keepdim=True, dtype=torch.float32) if self.heads == "mean" else p
             if ctx.site.kind == "joint":  # the row's whole mass on text, before any token selection
-                mass = p.sum(dim=-1, dtype=torch.float32).reshape(p.shape[0], p.shape[1], h, w)
-                self._put(ctx, branch, mass, "text_mass")
-            p = p[..., self._token_index]
+                mass = p.sum(dim=-1, dtype=torch.float32)
+                mass = mass.mean(dim=1, keepdim=True) if self.heads == "mean" else mass
+                self._put(ctx, branch, mass.reshape(mass.shape[0], mass.shape[1], h, w), "text_mass")
+            p = p[..., self._token_index]  # select, then average the heads: fewer columns to average
+            p = p.mean(dim=1, keepdim=True, dtype=torch.float32) if self.heads == "mean" else p
             self._put(ctx, branch, p.reshape(p.shape[0], p.shape[1], h, w, p.shape[-1]), "attention")
 
     def _put(self, ctx: CallContext, branch: str, values: torch.Tensor, quantity: str) -> None:
@@ -237,6 +240,9 @@ class Recorder:
         prompt_tokens = [list(t) for t in step.token_text] if step.token_text is not None else None
         if prompt_tokens is None and self.tokens == "prompt":
             raise AttnscopeError("tokens='prompt' needs the prompt's token ids, but the pipeline got embeddings, not text")
+        if self.tokens == "auto":
+            joint = any(s.kind == "joint" for s in self._sites.values())
+            self.tokens = "prompt" if joint and prompt_tokens is not None else "all"
         text_len = self._text_length(session, step)
         positions = _kept_positions(prompt_tokens, text_len) if self.tokens == "prompt" and prompt_tokens else list(range(text_len))
         contiguous = positions == list(range(len(positions)))

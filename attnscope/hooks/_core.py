@@ -1,14 +1,18 @@
 """The hook core: the one place attnscope intercepts a diffusers model.
 
-``with hooks(pipe, *clients):`` swaps the processor of every cross-attention site for a thin
-wrapper (:mod:`._processors`), adds a pre-forward hook on the denoiser (step index, timestep, batch
-layout) and one on the text encoder (the prompt's token ids), and puts everything back exactly on
-exit, also on errors. What a client offers is declared once, in :class:`~attnscope.hooks.HookClient`.
+``with hooks(pipe, *clients):`` swaps the processor of every site for a thin wrapper — a
+cross-attention site's (:mod:`._processors`) or a joint-attention site's (:mod:`._joint`) —, adds
+a pre-forward hook on the denoiser (step index, timestep, batch layout, text length) and one on
+each text encoder whose ids spell the sites' text axis, and puts everything back exactly on exit,
+also on errors. What a client offers is declared once, in :class:`~attnscope.hooks.HookClient`;
+what differs between model families, in their adapters (:mod:`attnscope.hooks.families`).
 
 Fast path: at a call where no client needs ``logits`` or ``probs``, the site's original processor
-runs untouched (fused SDPA); ``output`` clients then see its return value. Where they are needed,
-Q, K, V are computed once, ``QKᵀ`` only over the text keys, and the output is ``probs @ V``
-(``exact=True``: the fused kernel whenever nothing was edited, bit-identical to no hooks).
+runs untouched (fused SDPA); ``output`` clients then see its return value. Where they are needed at
+a cross site, Q, K, V are computed once, ``QKᵀ`` only over the text keys, and the output is
+``probs @ V`` (``exact=True``: the fused kernel whenever nothing was edited, bit-identical to no
+hooks). At a joint site the model's processor runs with its attention function replaced for the
+call: the fused kernel's output and log-sum-exp, and the text block from them.
 """
 
 from __future__ import annotations
@@ -246,7 +250,8 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
     Parameters
     ----------
     pipe : diffusers pipeline
-        With a UNet2DConditionModel denoiser (SD 1.x, 2.x, SDXL).
+        With a supported denoiser: UNet2DConditionModel (SD 1.x, 2.x, SDXL), SD3Transformer2DModel (SD3,
+        SD3.5) or FluxTransformer2DModel (FLUX.1); see docs/model-families.md.
     *clients
         Observers and interventions: objects following :class:`~attnscope.hooks.HookClient` (it
         documents the stages, the roles, the optional methods and the order they run in).

@@ -195,7 +195,8 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     same = all(row == texts[0] for row in texts)
     token_coords = ({"token_text": ("token", tok_text[0]), "word": ("token", tok_word[0])} if same else
                     {"token_text": (("sample", "token"), tok_text), "word": (("sample", "token"), tok_word)})
-    out = out.assign_coords(token=keep, target=labels, **token_coords)
+    stored = first["token"].values if "token" in first.coords else np.arange(first.sizes["token"])
+    out = out.assign_coords(token=stored[keep], target=labels, **token_coords)  # the stored positions
     member = np.zeros((len(texts), len(labels), len(keep)), bool)
     for sample, row in enumerate(positions):
         for k, cols in enumerate(row):

@@ -77,7 +77,12 @@ class Trace:
 
     @property
     def words(self) -> dict[str, list[int]]:
-        """Word → token positions of the first prompt (word pieces merged; SOT/EOT/padding left out)."""
+        """Word → indices along the token axis of the first prompt (word pieces merged; SOT/EOT/padding left out).
+
+        The indices suit ``isel(token=...)``; they equal the text positions (the ``token``
+        coordinate) unless the trace kept a subset of non-leading positions (SD3 with
+        ``tokens="prompt"``: CLIP 0…k, then T5 77…m).
+        """
         return word_alignment(self.tokens)
 
     @property
