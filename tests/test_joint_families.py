@@ -451,3 +451,29 @@ def test_stats_and_rerun_commands_on_a_flux_trace(flux, tmp_path):
     done = cli("rerun", str(out), "--out", str(tmp_path / "re.zarr"))
     assert done.exit_code == 0, done.stderr
     assert np.array_equal(np.asarray(ats.open_trace(tmp_path / "re.zarr").images[0]), np.asarray(ats.open_trace(out).images[0]))
+
+
+def test_an_unknown_joint_processor_is_refused_when_logits_are_read(sd3):
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    class Other(JointAttnProcessor2_0):
+        pass
+
+    site = ats.discover_sites(sd3)[0]
+    original = site.module.processor
+    site.module.set_processor(Other())
+    try:
+        class Probs:
+            def stages(self, ctx):
+                return ("probs",)
+
+            def on_probs(self, ctx, probs):
+                pass
+
+        with pytest.raises(AttnscopeError, match="reading logits/probs needs one of the processors"):
+            with ats.hooks(sd3, Probs()):
+                sd3("a red circle", **SD3_KW)
+        with ats.hooks(sd3):                              # no logits/probs client: any processor runs
+            sd3("a red circle", **SD3_KW)
+    finally:
+        site.module.set_processor(original)

@@ -288,7 +288,8 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
     try:
         kernel, buffers = session.adapter.KERNEL, ScratchBuffers()
         for site in session.sites:
-            wrapper = (JointAttentionProcessor(session, site, site.module.processor, kernel, buffers) if site.kind == "joint"
+            wrapper = (JointAttentionProcessor(session, site, site.module.processor, kernel, buffers,
+                                               getattr(session.adapter, "PROCESSORS", ())) if site.kind == "joint"
                        else CrossAttentionProcessor(session, site, site.module.processor))
             saved.append((site.module, _swap_processor(site.module, wrapper)))
         for site in session.self_sites:

@@ -169,8 +169,9 @@ class JointAttentionProcessor:
     """
 
     def __init__(self, session: Any, site: CrossAttentionSite, original: Any, kernel: tuple[str, str, str],
-                 buffers: ScratchBuffers | None = None):
+                 buffers: ScratchBuffers | None = None, processors: tuple[str, ...] = ()):
         self.session, self.site, self.original = session, site, original
+        self._known = processors
         self._target, self._layout = (kernel[0], kernel[1]), kernel[2]
         # one set for all joint sites of a session: they run one after the other with the same shapes,
         # and a text block per site kept alive would cost sites × (heads · N · T) floats
@@ -225,6 +226,12 @@ class JointAttentionProcessor:
 
     def _observed(self, ctx: CallContext, plan: dict, images: int, tokens: int, attn: Any, hidden_states: torch.Tensor,
                   *args: Any, **kwargs: Any) -> Any:
+        if self._known and type(self.original).__name__ not in self._known:
+            raise AttnscopeError(
+                f"site {self.site.name}: reading logits/probs needs one of the processors {list(self._known)}, got "
+                f"{type(self.original).__name__}; put the default back with "
+                f"{type(self.session.denoiser).__name__}.set_attn_processor({self._known[0]}()) "
+                f"(clients that read no logits/probs still work with any processor)")
         text_first = self.site.text_layout == "text_first"
         image = slice(tokens, tokens + images) if text_first else slice(0, images)
         text = slice(0, tokens) if text_first else slice(images, images + tokens)

@@ -11,6 +11,7 @@ An adapter module has
   alternative pipeline attributes (``"text_encoder_3"``) whose input ids spell that segment;
 - ``KERNEL``: ``(module, attribute, layout)`` of the attention function a joint site's processor
   calls (replaced for the call when a client reads logits/probs), or None for cross-attention;
+- ``PROCESSORS`` (joint families): the processor class names known to make that one call;
 - ``STEPS_BY``: ``"call"`` (each denoiser call is a step) or ``"timestep"`` (a call with the same
   timestep as the previous one is a second pass of the same step, e.g. Flux's true CFG).
 

@@ -22,7 +22,7 @@ import torch
 
 from .._sites import CrossAttentionSite
 
-__all__ = ["FAMILY", "KERNEL", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "sites", "step_inputs"]
+__all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "sites", "step_inputs"]
 
 FAMILY = "flux"
 SUPPORTS = "FluxTransformer2DModel (FLUX.1)"
@@ -30,6 +30,8 @@ SUPPORTS = "FluxTransformer2DModel (FLUX.1)"
 TEXT_ENCODERS = (("text_encoder_2",),)
 #: (module, attribute, layout) of the attention kernel the processor calls.
 KERNEL = ("diffusers.models.transformers.transformer_flux", "dispatch_attention_fn", "bshd")
+#: Processors whose one kernel call is the joint attention over [text, image] (checked before logits/probs are read).
+PROCESSORS = ("FluxAttnProcessor",)
 #: Steps are counted by the scheduler's timestep (with ``true_cfg_scale`` the model runs twice per step).
 STEPS_BY = "timestep"
 

@@ -15,7 +15,7 @@ import torch
 
 from .._sites import CrossAttentionSite
 
-__all__ = ["FAMILY", "KERNEL", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "sites", "step_inputs"]
+__all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "sites", "step_inputs"]
 
 FAMILY = "sd3"
 SUPPORTS = "SD3Transformer2DModel (Stable Diffusion 3, 3.5)"
@@ -23,6 +23,8 @@ SUPPORTS = "SD3Transformer2DModel (Stable Diffusion 3, 3.5)"
 TEXT_ENCODERS = (("text_encoder",), ("text_encoder_3",))
 #: (module, attribute, layout) of the attention kernel the processor calls.
 KERNEL = ("torch.nn.functional", "scaled_dot_product_attention", "bhsd")
+#: Processors whose one kernel call is the joint attention over [image, text] (checked before logits/probs are read).
+PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
 #: Steps are counted by the scheduler's timestep.
 STEPS_BY = "timestep"
 
