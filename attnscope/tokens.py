@@ -141,13 +141,13 @@ def _bpe_words(tokens: Sequence[str], positions: list[int]) -> list[tuple[str, l
 
 
 def _sentencepiece_words(tokens: Sequence[str], positions: list[int]) -> list[tuple[str, list[int]]]:
-    found: list[tuple[str, list[int]]] = []
+    words: list[list[int]] = []
     for i in positions:
-        if tokens[i].startswith(T5_SPACE) or not found:
-            found.append(("", []))
-        found[-1][1].append(i)
-    return [("".join(tokens[j] for j in pieces).replace(T5_SPACE, ""), pieces) for _, pieces in found
-            if "".join(tokens[j] for j in pieces).replace(T5_SPACE, "")]
+        if tokens[i].startswith(T5_SPACE) or not words:
+            words.append([])
+        words[-1].append(i)
+    spelled = [("".join(tokens[j] for j in pieces).replace(T5_SPACE, ""), pieces) for pieces in words]
+    return [(word, pieces) for word, pieces in spelled if word]  # a lone "▁" spells nothing
 
 
 def prompt_text(tokens: Sequence[str]) -> str:

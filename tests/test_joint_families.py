@@ -287,24 +287,11 @@ def test_dominance_and_heatmaps(family, flux, sd3, tmp_path):
 
 
 # ----------------------------------------------------------------------------- interventions
-class _Spy:
-    """An intervention that only looks: sees the logits before the ones after it."""
+class _Logits:
+    """Keeps a copy of the logits it is shown; as an intervention placed first it sees them before any edit."""
 
-    role = "intervention"
-
-    def __init__(self):
-        self.seen = {}
-
-    def stages(self, ctx):
-        return ("logits",)
-
-    def on_logits(self, ctx, logits):
-        self.seen[(ctx.site.name, ctx.step)] = logits.clone()
-
-
-class _After:
-    def __init__(self):
-        self.seen = {}
+    def __init__(self, role):
+        self.role, self.seen = role, {}
 
     def stages(self, ctx):
         return ("logits",)
@@ -316,7 +303,7 @@ class _After:
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_regulation_edits_only_the_target_columns_and_changes_the_image(family, flux, sd3):
     pipe, kw = (flux, FLUX_KW) if family == "flux" else (sd3, SD3_KW)
-    spy, after = _Spy(), _After()
+    spy, after = _Logits("intervention"), _Logits("observer")
     reg = ats.regulate.AttentionRegulation(["circle"], iterations=3)
     with ats.hooks(pipe, spy, reg, after):
         edited = pipe("a red circle", generator=torch.Generator().manual_seed(3), output_type="np", **kw).images

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import AttnscopeError
-from ..hooks import find_adapter, hooks
+from ..hooks import find_denoiser, hooks, segment_name, text_segments
 from ..selection import SiteSpec, StepSpec
 from ..store import Trace, jsonable, open_trace
 from ._recorder import Recorder
@@ -22,22 +22,20 @@ def _call_default(pipe: Any, name: str) -> Any:
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
-def _check_prompt_lengths(pipe: Any, adapter: Any, prompts: list[str], pipeline_kwargs: dict) -> None:
+def _check_prompt_lengths(pipe: Any, prompts: list[str], pipeline_kwargs: dict) -> None:
     """A prompt longer than ``max_sequence_length`` T5 tokens would be cut silently: refuse it, naming the count."""
     limit = pipeline_kwargs.get("max_sequence_length", _call_default(pipe, "max_sequence_length"))
     if not isinstance(limit, int):
         return
-    for alternatives in adapter.TEXT_ENCODERS:
-        for name in alternatives:
-            tokenizer = getattr(pipe, "tokenizer" + name[len("text_encoder"):], None)
-            if tokenizer is None or "t5" not in type(tokenizer).__name__.lower():
-                continue
-            for prompt in prompts:
-                count = len(tokenizer(prompt).input_ids)
-                if count > limit:
-                    raise AttnscopeError(f"prompt {prompt!r}: {count} T5 tokens (with </s>), more than "
-                                         f"max_sequence_length={limit}; the pipeline would cut it. Shorten the prompt "
-                                         f"or raise max_sequence_length")
+    for _, tokenizer in text_segments(pipe):
+        if tokenizer is None or segment_name(tokenizer) != "t5":
+            continue
+        for prompt in prompts:
+            count = len(tokenizer(prompt).input_ids)
+            if count > limit:
+                raise AttnscopeError(f"prompt {prompt!r}: {count} T5 tokens (with </s>), more than "
+                                     f"max_sequence_length={limit}; the pipeline would cut it. Shorten the prompt "
+                                     f"or raise max_sequence_length")
 
 
 def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store: str | Path, sites: SiteSpec = None,
@@ -80,13 +78,13 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     >>> tr.attention(tr.sites[0]).dims
     ('step', 'sample', 'head', 'y', 'x', 'token')
     """
-    adapter, _ = find_adapter(pipe)
+    find_denoiser(pipe)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise AttnscopeError(f"prompt={prompt!r}: expected a string or a non-empty list of strings")
     if "generator" in pipeline_kwargs or "prompt" in pipeline_kwargs:
         raise AttnscopeError("pipeline_kwargs: pass `prompt` and `seed` to capture() instead of `prompt`/`generator`")
-    _check_prompt_lengths(pipe, adapter, prompts, pipeline_kwargs)
+    _check_prompt_lengths(pipe, prompts, pipeline_kwargs)
     output_type = pipeline_kwargs.get("output_type", "pil")
     if output_type not in ("pil", "np", "pt", "latent"):
         raise AttnscopeError(f"output_type={output_type!r}: expected 'pil', 'np', 'pt' or 'latent'")

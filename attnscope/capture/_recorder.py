@@ -248,11 +248,8 @@ class Recorder:
         contiguous = positions == list(range(len(positions)))
         self._token_index = slice(0, len(positions)) if contiguous else torch.tensor(positions)
         self._kept = len(positions)
-        token_text = [
-            [(prompt_tokens[p] if prompt_tokens else [])[i] if prompt_tokens and i < len(prompt_tokens[p]) else ""
-             for i in positions]
-            for p in rows.prompt_of_sample
-        ]
+        spelled = [prompt_tokens[p] if prompt_tokens else [] for p in rows.prompt_of_sample]
+        token_text = [[row[i] if i < len(row) else "" for i in positions] for row in spelled]
         layout = StoreLayout(
             num_steps=num_steps, samples=rows.samples, prompt_of_sample=rows.prompt_of_sample,
             image_of_sample=rows.image_of_sample, token_positions=tuple(positions), token_text=token_text,

@@ -13,8 +13,9 @@ capture, store, stats, plot, regulate or rerun: they build on it.
 from ._client import OPTIONAL_METHODS, ROLES, STAGES, HookClient, client_role
 from ._context import CallContext, RowLayout, StepContext
 from ._core import HookSession, hooks
-from ._discovery import discover_self_sites, discover_sites, find_adapter, find_denoiser
+from ._discovery import discover_self_sites, discover_sites, find_adapter, find_denoiser, segment_name, text_segments
 from ._sites import CrossAttentionSite
 
 __all__ = ["CallContext", "CrossAttentionSite", "HookClient", "HookSession", "OPTIONAL_METHODS", "ROLES", "RowLayout", "STAGES",
-           "StepContext", "client_role", "discover_self_sites", "discover_sites", "find_adapter", "find_denoiser", "hooks"]
+           "StepContext", "client_role", "discover_self_sites", "discover_sites", "find_adapter", "find_denoiser", "hooks",
+           "segment_name", "text_segments"]

@@ -29,7 +29,7 @@ from ..errors import AttnscopeError
 from ._cfg_batch import duplicate_prediction, select_rows
 from ._client import STAGES, client_role
 from ._context import CallContext, RowLayout, StepContext
-from ._discovery import discover_self_sites, discover_sites, find_adapter
+from ._discovery import discover_self_sites, discover_sites, find_adapter, segment_name, text_segments
 from ._joint import JointAttentionProcessor
 from ._processors import CrossAttentionProcessor, ScratchBuffers, SelfAttentionProcessor
 from ._sites import CrossAttentionSite
@@ -45,9 +45,8 @@ class HookSession:
         self.adapter, self.denoiser = find_adapter(pipe)
         self.family: str = self.adapter.FAMILY
         self.sites: list[CrossAttentionSite] = discover_sites(pipe)
-        #: per text segment of the sites' key axis: (pipeline attribute of its text encoder, or None)
-        self.text_encoders = [next((a for a in alternatives if getattr(pipe, a, None) is not None), None)
-                              for alternatives in self.adapter.TEXT_ENCODERS]
+        #: per text segment of the sites' key axis: (pipeline attribute of its text encoder, its tokenizer)
+        self.text_encoders = text_segments(pipe)
         roles = [client_role(client) for client in clients]  # the one place a client's role is read
         #: interventions first, then observers, each in the order given
         self.interventions = [c for c, role in zip(clients, roles) if role == "intervention"]
@@ -63,7 +62,7 @@ class HookSession:
         self._last_timestep: float | None = None
 
     # -- events from the pipeline ---------------------------------------------------------------
-    def _on_text_encoder(self, segment: int, args: tuple, kwargs: dict) -> None:
+    def _on_text_encoder(self, segment: int, module: Any, args: tuple, kwargs: dict) -> None:
         if self._steps_in_run > 0:
             self._new_run, self._steps_in_run = True, 0
             self._segment_ids, self._text = [None] * len(self.text_encoders), None
@@ -74,7 +73,7 @@ class HookSession:
     def _text_of_run(self, text_length: int | None) -> tuple:
         """``(token_ids, token_text, segments)`` of this run's prompts, computed once per run."""
         if self._text is None:
-            self._text = _prompt_text(self.pipe, self.text_encoders, self._segment_ids, text_length)
+            self._text = _prompt_text(self.text_encoders, self._segment_ids, text_length)
         return self._text
 
     def _on_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -188,16 +187,7 @@ class HookSession:
         return tensor
 
 
-def _text_encoder_hook(session: HookSession, segment: int, module: Any, args: tuple, kwargs: dict) -> None:
-    session._on_text_encoder(segment, args, kwargs)
-
-
-def _segment_name(tokenizer: Any) -> str:
-    name = type(tokenizer).__name__.lower()
-    return "clip" if "clip" in name else "t5" if "t5" in name else name.removesuffix("fast").removesuffix("tokenizer")
-
-
-def _prompt_text(pipe: Any, encoders: list[str | None], ids: list[torch.Tensor | None], text_length: int | None) -> tuple:
+def _prompt_text(encoders: list[tuple[str | None, Any]], ids: list[torch.Tensor | None], text_length: int | None) -> tuple:
     """``(token_ids, token_text, segments)``: the prompts' ids and strings over the sites' text axis.
 
     Segments are joined in order; a segment whose encoder did not run (SD3 without T5: zeros) is
@@ -211,17 +201,16 @@ def _prompt_text(pipe: Any, encoders: list[str | None], ids: list[torch.Tensor |
     missing = (text_length - total) if text_length is not None else 0
     texts: list[list[str]] = [[] for _ in range(prompts)]
     segments = []
-    for name, segment_ids in zip(encoders, ids):
+    for (_, tokenizer), segment_ids in zip(encoders, ids):
         if segment_ids is None or segment_ids.shape[0] != prompts:
             length = max(0, missing)
             for row in texts:
                 row.extend([""] * length)
             segments.append(("missing", length))
             continue
-        tokenizer = getattr(pipe, "tokenizer" + name[len("text_encoder"):], None) if name else None
         for row, row_ids in zip(texts, segment_ids.tolist()):
             row.extend(tokenizer.convert_ids_to_tokens(row_ids) if tokenizer is not None else [""] * len(row_ids))
-        segments.append((_segment_name(tokenizer), int(segment_ids.shape[-1])))
+        segments.append((segment_name(tokenizer), int(segment_ids.shape[-1])))
     token_ids = torch.cat(known, dim=-1) if len(known) == len(ids) else None
     return token_ids, tuple(tuple(row) for row in texts), tuple(segments)
 
@@ -296,9 +285,9 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
             saved.append((site.module, _swap_processor(site.module, SelfAttentionProcessor(session, site, site.module.processor))))
         handles.append(session.denoiser.register_forward_pre_hook(session._on_denoiser, with_kwargs=True))
         handles.append(session.denoiser.register_forward_hook(session._after_denoiser, with_kwargs=True))
-        for segment, name in enumerate(session.text_encoders):
+        for segment, (name, _) in enumerate(session.text_encoders):
             if name is not None:
-                hook = functools.partial(_text_encoder_hook, session, segment)
+                hook = functools.partial(session._on_text_encoder, segment)
                 handles.append(getattr(pipe, name).register_forward_pre_hook(hook, with_kwargs=True))
         for client in session.clients:
             if hasattr(client, "on_install"):

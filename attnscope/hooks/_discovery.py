@@ -10,7 +10,7 @@ from ..errors import AttnscopeError
 from ._sites import CrossAttentionSite
 from .families import ADAPTERS
 
-__all__ = ["discover_self_sites", "discover_sites", "find_adapter", "find_denoiser"]
+__all__ = ["discover_self_sites", "discover_sites", "find_adapter", "find_denoiser", "segment_name", "text_segments"]
 
 
 def find_adapter(pipe: Any) -> tuple[Any, torch.nn.Module]:
@@ -69,3 +69,34 @@ def discover_self_sites(pipe: Any) -> list[CrossAttentionSite]:
     """
     adapter, denoiser = find_adapter(pipe)
     return adapter.sites(denoiser, cross=False)
+
+
+def text_segments(pipe: Any) -> list[tuple[str | None, Any]]:
+    """Per segment of the sites' text axis: ``(text encoder attribute, its tokenizer)``, None where absent.
+
+    The adapter's ``TEXT_ENCODERS`` name the segments; each takes the first alternative the pipeline
+    has (an SDXL refiner has only ``text_encoder_2``), and ``text_encoder_N`` is spelled by
+    ``tokenizer_N``.
+
+    >>> from attnscope.testing import tiny_sd3_pipeline
+    >>> [(name, segment_name(tok)) for name, tok in text_segments(tiny_sd3_pipeline())]
+    [('text_encoder', 'clip'), ('text_encoder_3', 't5')]
+    """
+    adapter, _ = find_adapter(pipe)
+    found = []
+    for alternatives in adapter.TEXT_ENCODERS:
+        name = next((a for a in alternatives if getattr(pipe, a, None) is not None), None)
+        found.append((name, getattr(pipe, "tokenizer" + name[len("text_encoder"):], None) if name else None))
+    return found
+
+
+def segment_name(tokenizer: Any) -> str:
+    """Short name of a tokenizer's segment: ``"clip"``, ``"t5"``, or its class name without "Tokenizer(Fast)".
+
+    >>> from attnscope.testing import make_clip_tokenizer
+    >>> import tempfile
+    >>> segment_name(make_clip_tokenizer(tempfile.mkdtemp()))
+    'clip'
+    """
+    name = type(tokenizer).__name__.lower()
+    return "clip" if "clip" in name else "t5" if "t5" in name else name.removesuffix("fast").removesuffix("tokenizer")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .._sites import CrossAttentionSite
+from ._common import timestep_value, transformer_of
 
 __all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "sites", "step_inputs"]
 
@@ -43,10 +44,7 @@ def denoiser(pipe: Any) -> torch.nn.Module | None:
     >>> type(denoiser(tiny_flux_pipeline())).__name__
     'FluxTransformer2DModel'
     """
-    from diffusers import FluxTransformer2DModel
-
-    model = getattr(pipe, "transformer", None)
-    return model if isinstance(model, FluxTransformer2DModel) else None
+    return transformer_of(pipe, "FluxTransformer2DModel")
 
 
 def sites(model: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite]:
@@ -90,5 +88,5 @@ def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
     else:  # no positions given: a square grid
         side = 2 * int(round(sample.shape[1] ** 0.5))
         shape = (side, side)
-    return {"batch": int(sample.shape[0]), "timestep": float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t),
+    return {"batch": int(sample.shape[0]), "timestep": timestep_value(t),
             "latent_shape": shape, "text_length": None if text is None else int(text.shape[1])}

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .._sites import CrossAttentionSite
+from ._common import timestep_value, transformer_of
 
 __all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "sites", "step_inputs"]
 
@@ -36,10 +37,7 @@ def denoiser(pipe: Any) -> torch.nn.Module | None:
     >>> type(denoiser(tiny_sd3_pipeline())).__name__
     'SD3Transformer2DModel'
     """
-    from diffusers import SD3Transformer2DModel
-
-    model = getattr(pipe, "transformer", None)
-    return model if isinstance(model, SD3Transformer2DModel) else None
+    return transformer_of(pipe, "SD3Transformer2DModel")
 
 
 def sites(model: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite]:
@@ -74,10 +72,7 @@ def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
     sample = args[0] if args else kwargs["hidden_states"]
     text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
     t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-    return {"batch": int(sample.shape[0]), "timestep": _scalar(t),
+    return {"batch": int(sample.shape[0]), "timestep": timestep_value(t),
             "latent_shape": (int(sample.shape[-2]), int(sample.shape[-1])),
             "text_length": None if text is None else int(text.shape[1])}
 
-
-def _scalar(t: Any) -> float:
-    return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)

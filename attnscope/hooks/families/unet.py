@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .._sites import CrossAttentionSite
+from ._common import timestep_value
 
 __all__ = ["FAMILY", "KERNEL", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "sites", "step_inputs"]
 
@@ -82,6 +83,6 @@ def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
     sample = args[0] if args else kwargs["sample"]
     t = args[1] if len(args) > 1 else kwargs["timestep"]
     text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
-    return {"batch": int(sample.shape[0]), "timestep": float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t),
+    return {"batch": int(sample.shape[0]), "timestep": timestep_value(t),
             "latent_shape": (int(sample.shape[-2]), int(sample.shape[-1])),
             "text_length": None if text is None else int(text.shape[1])}
