@@ -17,6 +17,25 @@ def main() -> None:
 _MODEL_HELP = "'shapes' (the embedded model), a local diffusers directory, or a hub id in the local cache."
 
 
+def _pipeline_args(items: list[str]) -> dict:
+    """``--set NAME=VALUE`` options as keyword arguments (VALUE parsed as JSON, else kept as a string)."""
+    import json
+
+    import attnscope as ats
+
+    found = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ats.AttnscopeError(f"--set {item!r}: expected NAME=VALUE with a Python identifier as NAME "
+                                     f"(e.g. use_resolution_binning=false)")
+        try:
+            found[name] = json.loads(value)
+        except json.JSONDecodeError:
+            found[name] = value
+    return found
+
+
 def _fail(exc: Exception) -> typer.Exit:
     typer.echo(f"error: {exc}", err=True)
     return typer.Exit(2)
@@ -41,7 +60,7 @@ def capture(
     capture_steps: str | None = typer.Option(None, help="Steps to record as START:STOP[:STEP] or a comma list (default all)."),
     heads: str = typer.Option("mean", help="'mean' (average heads on the device) or 'all'."),
     tokens: str = typer.Option("auto", help="'all' text positions, 'prompt' (each segment up to its end-of-text token) "
-                                            "or 'auto' (prompt on SD3/Flux, all on UNets)."),
+                                            "or 'auto' (prompt on transformers, all on CLIP UNets)."),
     branch: str = typer.Option("cond", help="'cond', 'uncond' or 'both' classifier-free-guidance halves."),
     device: str | None = typer.Option(None, help="Device to run on (cpu, cuda, …)."),
     dtype: str | None = typer.Option(None, help="float32, float16 or bfloat16."),
@@ -49,16 +68,21 @@ def capture(
     output_change: bool = typer.Option(False, "--output-change",
                                        help="Also record each site's per-step output norm and change "
                                             "(for 'attnscope stats --convergence --of outputs')."),
+    pipeline_arg: list[str] | None = typer.Option(
+        None, "--set", help="Another pipeline argument as NAME=VALUE, VALUE in JSON (true, 3, \"text\", [1,2]) or a "
+                            "bare string; repeatable. E.g. --set use_resolution_binning=false for PixArt/Sana."),
 ) -> None:
     """Generate with a local diffusers model and record its cross-attention maps into a trace store."""
     import attnscope as ats
     from attnscope.selection import parse_step_text
 
     try:
+        extra = _pipeline_args(pipeline_arg or [])
         pipe = ats.load_pipeline(model, device=device, dtype=dtype)
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width,
                                          negative_prompt=negative_prompt,
                                          max_sequence_length=max_sequence_length).items() if v is not None}
+        kwargs.update(extra)
         tr = ats.capture(pipe, prompt if len(prompt) > 1 else prompt[0], seed=seed, store=out,
                          sites=sites or None, steps=parse_step_text(capture_steps, "--capture-steps"), heads=heads, tokens=tokens,
                          branch=branch, overwrite=overwrite, output_change=output_change, num_inference_steps=steps,
@@ -338,7 +362,7 @@ def plot(
 def _prompt_words(tr) -> list[str]:
     from attnscope.tokens import token_words
 
-    return list(dict.fromkeys(w for w in token_words(tr.tokens) if w))
+    return list(dict.fromkeys(w for w in token_words(tr.tokens, tr.token_roles) if w))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,18 @@ tiny_sd3_pipeline
     Seconds-fast SD3 (or SD3.5-style with ``dual_attention=True``) MMDiT pipeline.
 tiny_flux_pipeline
     Seconds-fast Flux.1 pipeline (double- and single-stream transformer blocks).
-flux_structure_pipeline, sd3_structure_pipeline
-    Flux.1 / SD3 pipelines with benchmark-sized transformers (random weights), FLUX.1 and SD3
-    token counts at 512 px for ``height=width=128``.
+tiny_pixart_pipeline
+    Seconds-fast PixArt-α / PixArt-Σ pipeline (a flat stack of cross-attention layers, masked T5 padding).
+make_gemma_tokenizer, tiny_sana_pipeline
+    Tiny Gemma BPE tokenizer; seconds-fast Sana pipeline (linear self-attention, Gemma-2 text, instruction prefix).
+make_qwen_tokenizer
+    Tiny Qwen2/Qwen3 byte-level BPE tokenizer with Qwen3's chat template.
+tiny_flux2_pipeline
+    Seconds-fast FLUX.2 klein pipeline (Qwen3 text encoder, double- and single-stream blocks).
+flux_structure_pipeline, flux2_structure_pipeline, sd3_structure_pipeline, pixart_structure_pipeline, sana_structure_pipeline
+    Flux.1 / Flux.2 / SD3 / PixArt / Sana pipelines with benchmark-sized transformers (random weights) and the
+    real models' token counts (FLUX.1, FLUX.2, SD3, PixArt at 512 px for ``height=width=128``; Sana at 1024 px
+    for ``height=width=64``).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from types import MappingProxyType
 
 import torch
 
+from .models.shapes import learn_bpe_merges
 from .models.shapes import make_clip_tokenizer as build_clip_tokenizer
 
 __all__ = [
@@ -60,6 +70,14 @@ __all__ = [
     "sd3_structure_pipeline",
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
+    "make_qwen_tokenizer",
+    "tiny_flux2_pipeline",
+    "tiny_pixart_pipeline",
+    "tiny_sana_pipeline",
+    "make_gemma_tokenizer",
+    "flux2_structure_pipeline",
+    "pixart_structure_pipeline",
+    "sana_structure_pipeline",
 ]
 
 DEFAULT_WORDS: tuple[str, ...] = (
@@ -594,6 +612,418 @@ def sd3_structure_pipeline(seed=0, num_layers=6, heads=8, head_dim=64):
         transformer = _dit("SD3Transformer2DModel", seed, **{
             **_SD3, "sample_size": 64, "attention_head_dim": head_dim, "num_attention_heads": heads,
             "caption_projection_dim": heads * head_dim, "num_layers": num_layers})
+    pipe.register_modules(transformer=transformer)
+    return pipe
+
+
+# ----------------------------------------------------------------------------- PixArt, Sana
+_PIXART = MappingProxyType(dict(
+    sample_size=8, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+    in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+))
+
+
+def tiny_pixart_pipeline(seed=0, tokenizer_dir=None, sigma=False, num_layers=2):
+    """Build a tiny random-weight PixArt-α (or PixArt-Σ) pipeline (CPU, fp32).
+
+    Examples
+    --------
+    >>> import torch
+    >>> pipe = tiny_pixart_pipeline()
+    >>> out = pipe("a red circle", num_inference_steps=2, height=32, width=48, max_sequence_length=16,
+    ...            use_resolution_binning=False, clean_caption=False, generator=torch.Generator().manual_seed(0))
+    >>> out.images[0].size, type(pipe).__name__
+    ((48, 32), 'PixArtAlphaPipeline')
+
+    Parameters
+    ----------
+    seed : int, default 0
+        Seed for the random weights (the caller's global torch RNG state is restored afterwards).
+    tokenizer_dir : str or os.PathLike, optional
+        Where the T5 tokenizer files are written; a temporary directory (removed again) when None.
+    sigma : bool, default False
+        A ``PixArtSigmaPipeline`` (T5 prompts of 300 tokens by default) instead of ``PixArtAlphaPipeline`` (120).
+    num_layers : int, default 2
+        Number of transformer layers, each with a self-attention ``attn1`` and a cross-attention ``attn2``.
+
+    Returns
+    -------
+    diffusers.PixArtAlphaPipeline or diffusers.PixArtSigmaPipeline
+        ``PixArtTransformer2DModel`` with 3 heads of 8 (width 24), patch size 2, 4 latent channels and
+        a learned variance (8 output channels), mirroring diffusers' own PixArt test configuration; a
+        2-layer T5 encoder of width 32 on :func:`make_t5_tokenizer`; a VAE with scale factor 2 (32x32
+        px -> 16x16 latent -> 8x8 = 64 image tokens); DPM-Solver++ as PixArt ships. The pipelines'
+        resolution binning needs PixArt's real sample sizes: pass ``use_resolution_binning=False``.
+    """
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
+
+    with torch.random.fork_rng(devices=[]), _tokenizers(tokenizer_dir, "t5") as (tok,):
+        transformer = _dit("PixArtTransformer2DModel", seed, **_PIXART, num_layers=num_layers)
+        cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+        pipe = cls(tokenizer=tok, text_encoder=_t5_encoder(tok, seed, d_model=_PIXART["caption_channels"]),
+                   vae=_vae(seed), transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------- Flux.2 klein
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_QWEN_THINK = ("<think>", "</think>")
+#: A Qwen3-style chat template, enough for ``apply_chat_template(..., add_generation_prompt=True,
+#: enable_thinking=False)`` as the klein pipeline calls it (no tools, no reasoning history).
+_QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def make_qwen_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DEFAULT_WORDS):
+    """Write a tiny Qwen2/Qwen3 byte-level BPE tokenizer with Qwen3's chat tokens into ``directory`` and load it.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tok = make_qwen_tokenizer(tempfile.mkdtemp())
+    >>> text = tok.apply_chat_template([{"role": "user", "content": "a red elephant"}], tokenize=False,
+    ...                                add_generation_prompt=True, enable_thinking=False)
+    >>> text
+    '<|im_start|>user\\na red elephant<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'
+    >>> tok.convert_ids_to_tokens(tok(text, padding="max_length", max_length=16).input_ids)  # doctest: +NORMALIZE_WHITESPACE
+    ['<|im_start|>', 'user', 'Ċ', 'a', 'Ġred', 'Ġele', 'phant', '<|im_end|>', 'Ċ', '<|im_start|>', 'assistant',
+     'Ċ', '<think>', 'ĊĊ', '</think>', 'ĊĊ']
+    >>> tok.convert_ids_to_tokens(tok(" two zebras").input_ids)
+    ['Ġ', 't', 'w', 'o', 'Ġ', 'z', 'e', 'b', 'r', 'as']
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        Where ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja`` are written
+        (created if missing). ``Qwen2TokenizerFast.from_pretrained(directory)`` works on it afterwards.
+    words : sequence of str
+        Words without whitespace that each become one token, bare (a prompt's first word, right
+        after the template's ``user\\n``) and with byte-level BPE's space ``Ġ`` in front; "elephant"
+        becomes two pieces (``Ġele`` + ``phant``) so that merging pieces into words can be tested.
+
+    Returns
+    -------
+    transformers.Qwen2TokenizerFast
+        Qwen2's own pre-tokenizer (its split pattern, then byte level) over a vocabulary of the 256
+        byte symbols and the merges of BPE training on the words (and ``user``, ``assistant``,
+        ``\\n\\n``); ``<|endoftext|>`` (padding), ``<|im_start|>``, ``<|im_end|>`` (end of sequence)
+        special, ``<think>`` and ``</think>`` added, as in Qwen3; a chat template that writes
+        ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message and, with
+        ``add_generation_prompt=True``, ``<|im_start|>assistant\\n``, followed by an empty
+        ``<think>\\n\\n</think>\\n\\n`` when ``enable_thinking=False``. Unknown words split into
+        smaller pieces (single bytes, pieces learnt from the words), their space into a lone ``Ġ``.
+    """
+    from tokenizers import AddedToken, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    bad = [w for w in words if not w or w != "".join(w.split())]
+    if bad:
+        raise ValueError(f"words must be non-empty without whitespace, got {bad}")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+
+    def symbols(text: str) -> list[str]:  # byte-level BPE's printable symbol of each byte: " " -> "Ġ"
+        return list(byte_level.pre_tokenize_str(text)[0][0])
+
+    sequences = [symbols("\n\n")]
+    for word in dict.fromkeys([*words, "user", "assistant"]):
+        first, *rest = ("ele", "phant") if word == "elephant" else (word,)
+        sequences += [symbols(first), symbols(" " + first)] + [symbols(piece) for piece in rest]
+    merges = learn_bpe_merges(sequences)
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in merges] + list(_QWEN_SPECIALS + _QWEN_THINK)
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tok = Qwen2TokenizerFast(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
+                             pad_token="<|endoftext|>", additional_special_tokens=list(_QWEN_SPECIALS[1:]),
+                             chat_template=_QWEN_CHAT_TEMPLATE, model_max_length=32768)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _QWEN_THINK])
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(directory))
+    return Qwen2TokenizerFast.from_pretrained(str(directory))
+
+
+#: The tiny Flux.2 transformer, as diffusers' Flux2Klein test (:func:`tiny_flux2_pipeline` adds the layer counts);
+#: its text width is 3 hidden states of the width-16 Qwen3 encoder.
+_FLUX2 = MappingProxyType(dict(
+    patch_size=1, in_channels=4, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+    timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+))
+
+
+def _qwen3_encoder(tokenizer, seed, hidden_size=16, layers=28):
+    """Random Qwen3 causal LM sized for ``tokenizer``; 28 layers, so the klein pipeline's default
+    ``text_encoder_out_layers=(9, 18, 27)`` applies (as Qwen3-0.6B)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=hidden_size // 2, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def tiny_flux2_pipeline(seed=0, tokenizer_dir=None, num_layers=2, num_single_layers=2):
+    """Build a tiny random-weight FLUX.2 klein pipeline (CPU, fp32).
+
+    Examples
+    --------
+    >>> import torch
+    >>> pipe = tiny_flux2_pipeline()
+    >>> out = pipe(prompt="a red circle", num_inference_steps=2, height=32, width=48, max_sequence_length=32,
+    ...            generator=torch.Generator().manual_seed(0))  # the first positional parameter is `image`
+    >>> out.images[0].size, type(pipe).__name__
+    ((48, 32), 'Flux2KleinPipeline')
+
+    Parameters
+    ----------
+    seed : int, default 0
+        Seed for the random weights (each component is seeded separately; the caller's global
+        torch RNG state is restored afterwards).
+    tokenizer_dir : str or os.PathLike, optional
+        Where the tokenizer files are written (:func:`make_qwen_tokenizer`); a temporary directory
+        (removed again) when None.
+    num_layers : int, default 2
+        Number of double-stream ``Flux2TransformerBlock`` layers (``transformer_blocks.*.attn``).
+    num_single_layers : int, default 2
+        Number of single-stream ``Flux2SingleTransformerBlock`` layers (``single_transformer_blocks.*.attn``).
+
+    Returns
+    -------
+    diffusers.Flux2KleinPipeline
+        Mirrors diffusers' Flux2Klein test configuration: ``Flux2Transformer2DModel`` with 2 heads of
+        16 (width 32), RoPE axes (4, 4, 4, 4), 4 input channels (1 latent channel patchified 2x2);
+        ``AutoencoderKLFlux2`` with 1 latent channel, here with two blocks (scale factor 2: 32x32 px
+        -> 16x16 latent -> 8x8 = 64 packed image tokens); flow-matching Euler scheduler with dynamic
+        shifting; a Qwen3 causal LM of width 16 with 28 layers (the pipeline's default hidden states
+        9, 18 and 27, joined to the transformer's text width 48) on :func:`make_qwen_tokenizer`. Not
+        distilled: ``guidance_scale > 1`` (4.0 by default) runs the negative prompt as a second
+        transformer call per step. Every attention sees the ``max_sequence_length`` chat-template
+        tokens first, then the image tokens.
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    with torch.random.fork_rng(devices=[]), ExitStack() as stack:
+        root = tokenizer_dir if tokenizer_dir is not None else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="attnscope-tok-"))
+        tok = make_qwen_tokenizer(root)
+        transformer = _dit("Flux2Transformer2DModel", seed, **_FLUX2, num_layers=num_layers,
+                           num_single_layers=num_single_layers)
+        torch.manual_seed(seed)
+        vae = AutoencoderKLFlux2(
+            sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 4), layers_per_block=1,
+            latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        ).eval()
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096,
+        )
+        pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=_qwen3_encoder(tok, seed),
+                                  tokenizer=tok, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_gemma_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DEFAULT_WORDS,
+                         split: Mapping[str, int] | None = None):
+    """Write a tiny Gemma (byte-fallback BPE, ``▁`` for spaces, no prefix space) tokenizer into ``directory`` and load it.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tok = make_gemma_tokenizer(tempfile.mkdtemp())
+    >>> tok.convert_ids_to_tokens(tok("red and an elephant").input_ids)
+    ['<bos>', 'r', 'e', 'd', '▁and', '▁an', '▁ele', 'phant']
+    >>> tok.convert_ids_to_tokens(tok("Prompt: a cat").input_ids)[-4:]
+    ['t', ':', '▁a', '▁cat']
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        Where the files are written (``transformers.GemmaTokenizer.save_pretrained``).
+    words : sequence of str
+        Words that become one piece ``▁word`` (built by a chain of BPE merges), except those in ``split``.
+    split : mapping of str to int, optional
+        Words that become ``▁`` + their first *n* letters and the rest; None means ``{"elephant": 3}``.
+
+    Returns
+    -------
+    transformers.GemmaTokenizer
+        ``<pad>`` = 0, ``<eos>`` = 1, ``<bos>`` = 2 (added at the start), ``<unk>`` = 3, ``<mask>`` = 4,
+        then ``▁``, the ASCII letters, digits and punctuation, a newline, and the word pieces. Like
+        Gemma there is no prefix space: a prompt's first word is spelled without ``▁`` (letters, unless
+        it follows a space); any other text falls back to single characters.
+    """
+    from transformers import GemmaTokenizer
+
+    split = _T5_SPLIT if split is None else split
+    vocab = {t: i for i, t in enumerate(("<pad>", "<eos>", "<bos>", "<unk>", "<mask>"))}
+    for c in ["▁", *_T5_CHARS, "\n"]:
+        vocab.setdefault(c, len(vocab))
+    merges: list[tuple[str, str]] = []
+
+    def chain(start: str, letters: str) -> None:
+        piece = start
+        for ch in letters:
+            if (piece, ch) not in merges:
+                merges.append((piece, ch))
+            piece += ch
+            vocab.setdefault(piece, len(vocab))
+
+    for w in words:
+        if w in split:
+            chain("▁", w[:split[w]])
+            chain(w[split[w]], w[split[w] + 1:])
+        else:
+            chain("▁", w)
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(directory))
+    return GemmaTokenizer.from_pretrained(str(directory))
+
+
+def tiny_sana_pipeline(seed=0, tokenizer_dir=None, num_layers=2, qk_norm=None):
+    """Build a tiny random-weight Sana pipeline (CPU, fp32).
+
+    Examples
+    --------
+    >>> import torch
+    >>> pipe = tiny_sana_pipeline()
+    >>> out = pipe("a red circle", num_inference_steps=2, height=32, width=64, max_sequence_length=16,
+    ...            use_resolution_binning=False, generator=torch.Generator().manual_seed(0))
+    >>> out.images[0].size
+    (64, 32)
+
+    Parameters
+    ----------
+    seed : int, default 0
+        Seed for the random weights (the caller's global torch RNG state is restored afterwards).
+    tokenizer_dir : str or os.PathLike, optional
+        Where the Gemma tokenizer files are written; a temporary directory (removed again) when None.
+    num_layers : int, default 2
+        Number of ``SanaTransformerBlock`` layers: a linear self-attention ``attn1`` and a softmax
+        cross-attention ``attn2`` each.
+    qk_norm : str, optional
+        ``"rms_norm_across_heads"`` as Sana 1.5 and Sana Sprint: RMS norms of the queries and keys
+        over all heads, applied before the heads are split.
+
+    Returns
+    -------
+    diffusers.SanaPipeline
+        ``SanaTransformer2DModel`` (patch size 1, 2 cross-attention heads of 4, 4 latent channels),
+        mirroring diffusers' own Sana test configuration; a 1-layer ``Gemma2Model`` of width 8 on
+        :func:`make_gemma_tokenizer`; an ``AutoencoderDC`` with scale factor 2 (32x64 px -> 16x32
+        latent = 512 image tokens; Sana wants sides divisible by 32); flow-matching Euler with ``shift=3.0``. The pipeline
+        prepends its long default instruction to each prompt, as Sana does; its resolution
+        binning needs Sana's real sample sizes: pass ``use_resolution_binning=False``.
+    """
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline
+    from transformers import Gemma2Config, Gemma2Model
+
+    with torch.random.fork_rng(devices=[]), ExitStack() as stack:
+        root = tokenizer_dir if tokenizer_dir is not None else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="attnscope-tok-"))
+        tok = make_gemma_tokenizer(root)
+        transformer = _dit(
+            "SanaTransformer2DModel", seed, patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers,
+            num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
+            cross_attention_dim=8, caption_channels=8, sample_size=32, qk_norm=qk_norm,
+        )
+        torch.manual_seed(seed)
+        vae = AutoencoderDC(
+            in_channels=3, latent_channels=4, attention_head_dim=2,
+            encoder_block_types=("ResBlock", "EfficientViTBlock"), decoder_block_types=("ResBlock", "EfficientViTBlock"),
+            encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+            encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+            encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+            downsample_block_type="conv", upsample_block_type="interpolate",
+            decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+        ).eval()
+        torch.manual_seed(seed)
+        text_encoder = Gemma2Model(Gemma2Config(
+            head_dim=16, hidden_size=8, intermediate_size=64, max_position_embeddings=8192, num_attention_heads=2,
+            num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, attn_implementation="eager",
+        )).eval()
+        pipe = SanaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux2_structure_pipeline(seed=0, num_layers=4, num_single_layers=8, heads=8, head_dim=64):
+    """A FLUX.2 klein pipeline whose transformer has a benchmark-sized width (random weights, CPU, fp32).
+
+    :func:`tiny_flux2_pipeline` with ``num_layers`` double-stream and ``num_single_layers`` single-stream
+    blocks of ``heads`` × ``head_dim``. Its VAE halves the image side and the pipeline packs 2×2, so
+    ``height=width=128`` gives 32×32 = 1024 image tokens, as FLUX.2 at 512 px; the text is the
+    ``max_sequence_length`` (512 by default) chat-template positions.
+
+    >>> pipe = flux2_structure_pipeline(num_layers=1, num_single_layers=1, heads=2, head_dim=16)
+    >>> pipe.transformer.config.num_attention_heads, len(pipe.transformer.single_transformer_blocks)
+    (2, 1)
+    """
+    pipe = tiny_flux2_pipeline(seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        transformer = _dit("Flux2Transformer2DModel", seed, **{
+            **_FLUX2, "attention_head_dim": head_dim, "num_attention_heads": heads,
+            "axes_dims_rope": (head_dim // 4,) * 4, "num_layers": num_layers, "num_single_layers": num_single_layers})
+    pipe.register_modules(transformer=transformer)
+    return pipe
+
+
+def pixart_structure_pipeline(seed=0, num_layers=4, heads=16, head_dim=72, sigma=False):
+    """A PixArt pipeline whose transformer has PixArt-α's width (random weights, CPU, fp32).
+
+    :func:`tiny_pixart_pipeline` with ``num_layers`` layers of ``heads`` × ``head_dim`` (PixArt-α/Σ: 28
+    layers of 16 × 72). Its VAE halves the image side, so ``height=width=128`` gives 32×32 = 1024 image
+    tokens, as PixArt at 512 px; the text is 120 (α) or 300 (Σ) T5 positions.
+
+    >>> pipe = pixart_structure_pipeline(num_layers=1, heads=2, head_dim=8)
+    >>> pipe.transformer.config.num_attention_heads, len(pipe.transformer.transformer_blocks)
+    (2, 1)
+    """
+    pipe = tiny_pixart_pipeline(seed=seed, sigma=sigma)
+    with torch.random.fork_rng(devices=[]):
+        transformer = _dit("PixArtTransformer2DModel", seed, **{
+            **_PIXART, "sample_size": 64, "num_attention_heads": heads, "attention_head_dim": head_dim,
+            "cross_attention_dim": heads * head_dim, "num_layers": num_layers})
+    pipe.register_modules(transformer=transformer)
+    return pipe
+
+
+def sana_structure_pipeline(seed=0, num_layers=4, heads=20, head_dim=112):
+    """A Sana pipeline whose transformer has Sana 1600M's width (random weights, CPU, fp32).
+
+    :func:`tiny_sana_pipeline` with ``num_layers`` layers of width ``heads × head_dim`` (Sana 1600M: 20
+    layers of 2240, cross-attention 20 × 112; linear self-attention 70 × 32). Its VAE halves the image
+    side, so ``height=width=64`` gives 32×32 = 1024 image tokens, as Sana at 1024 px on its 32× DC-AE;
+    the text is 300 Gemma positions.
+
+    >>> pipe = sana_structure_pipeline(num_layers=1, heads=2, head_dim=8)
+    >>> pipe.transformer.config.num_cross_attention_heads, len(pipe.transformer.transformer_blocks)
+    (2, 1)
+    """
+    pipe = tiny_sana_pipeline(seed=seed)
+    width = heads * head_dim
+    linear_heads = max(1, width // 32)  # Sana's linear self-attention: heads of 32
+    with torch.random.fork_rng(devices=[]):
+        transformer = _dit(
+            "SanaTransformer2DModel", seed, patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers,
+            num_attention_heads=linear_heads, attention_head_dim=width // linear_heads, num_cross_attention_heads=heads,
+            cross_attention_head_dim=head_dim, cross_attention_dim=width, caption_channels=8, sample_size=32,
+        )
     pipe.register_modules(transformer=transformer)
     return pipe
 

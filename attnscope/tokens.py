@@ -1,9 +1,16 @@
-"""Token strings and the word ↔ token alignment for CLIP BPE and T5 sentencepiece tokenizers.
+"""Token strings and the word ↔ token alignment for CLIP BPE, sentencepiece (T5, Gemma) and byte-level BPE (Qwen).
 
-Positions are labelled by role — ``"sot"`` (start of text), ``"word"`` (a piece of a prompt word),
-``"eot"`` (the first end-of-text token: CLIP's ``<|endoftext|>``, T5's ``</s>``) and ``"pad"``
-(everything after it) — and word pieces are merged into words the way DAAM does: a CLIP word ends
-at a piece carrying ``</w>``, a T5 word starts at a piece carrying ``▁``.
+Positions are labelled by role — ``"sot"`` (start of text: CLIP's ``<|startoftext|>``, Gemma's
+``<bos>``), ``"word"`` (a piece of a prompt word), ``"eot"`` (the first end-of-text token: CLIP's
+``<|endoftext|>``, T5's ``</s>``, Gemma's ``<eos>``), ``"pad"`` (everything after it) and
+``"instruction"`` (text the pipeline adds around the user's prompt: Sana's instruction prefix,
+Flux.2's chat template) — and word pieces are merged into words the way DAAM does: a CLIP word ends
+at a piece carrying ``</w>``, a sentencepiece word starts at a piece carrying ``▁``, a byte-level
+BPE word at a piece carrying ``Ġ``.
+
+Roles are read from the token strings, except where the strings cannot tell (an instruction is
+ordinary text): there the family adapter that spelled the tokens gives them, the capture stores
+them (the ``token_role`` coordinate) and every function here takes them as ``roles=``.
 
 A token axis may hold several *segments* one after the other: SD3's sites read 77 CLIP positions
 followed by the T5 positions. A segment starts at CLIP's ``<|startoftext|>``, or, once the previous
@@ -17,12 +24,16 @@ from collections.abc import Sequence
 
 from .errors import AttnscopeError
 
-__all__ = ["EOT", "ROLES", "SOT", "prompt_length", "prompt_positions", "prompt_text", "resolve_targets",
+__all__ = ["BYTE_SPACE", "EOT", "ROLES", "SOT", "byte_to_unicode", "prompt_length", "prompt_positions", "prompt_text", "resolve_targets",
            "segment_bounds", "target_occurrences", "token_roles", "token_words", "word_alignment"]
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 T5_EOS, T5_PAD, T5_SPACE = "</s>", "<pad>", "\u2581"
-ROLES = ("sot", "word", "eot", "pad")
+#: the space marker of byte-level BPE (GPT-2, Qwen): "Ġ"
+BYTE_SPACE = "\u0120"
+ROLES = ("sot", "word", "eot", "pad", "instruction")
+_STARTS = (SOT, "<bos>")
+_ENDS = (EOT, T5_EOS, "<eos>")
 _END_OF_WORD = "</w>"
 
 
@@ -63,44 +74,57 @@ def prompt_length(tokens: Sequence[str]) -> int:
     return stop
 
 
-def prompt_positions(tokens: Sequence[str]) -> list[int]:
+def prompt_positions(tokens: Sequence[str], roles: Sequence[str] | None = None) -> list[int]:
     """Positions of every segment's prompt: SOT, its word pieces and its end-of-text token (no padding).
+
+    An instruction the pipeline put before the prompt is kept too (it is what the model read).
 
     >>> prompt_positions(["<|startoftext|>", "a</w>", "<|endoftext|>", "!", "\u2581a", "</s>", "<pad>"])
     [0, 1, 2, 4, 5]
     """
-    return [i for i, role in enumerate(token_roles(tokens)) if role != "pad"]
+    return [i for i, role in enumerate(token_roles(tokens, roles)) if role != "pad"]
 
 
-def token_roles(tokens: Sequence[str]) -> list[str]:
-    """Role of every position: ``"sot"``, ``"word"``, ``"eot"`` (the first end-of-text) or ``"pad"``.
+def token_roles(tokens: Sequence[str], roles: Sequence[str] | None = None) -> list[str]:
+    """Role of every position: ``"sot"``, ``"word"``, ``"eot"`` (the first end-of-text), ``"pad"`` or ``"instruction"``.
 
-    Empty strings (a trace captured from prompt embeddings has no token text) count as padding.
-    T5's ``</s>`` is the end of text and ``<pad>`` padding; each segment has its own roles.
+    ``roles`` given (by the adapter that spelled the tokens) are returned as they are, after a
+    check. Otherwise they are read from the strings: empty strings (a trace captured from prompt
+    embeddings has no token text) count as padding; T5's ``</s>`` and Gemma's ``<eos>`` are the end
+    of text, ``<pad>`` padding, Gemma's ``<bos>`` the start; each segment has its own roles.
 
     >>> token_roles(["<|startoftext|>", "a</w>", "red</w>", "<|endoftext|>", "<|endoftext|>"])
     ['sot', 'word', 'word', 'eot', 'pad']
     >>> token_roles(["\u2581a", "\u2581ele", "phant", "</s>", "<pad>"])
     ['word', 'word', 'word', 'eot', 'pad']
+    >>> token_roles(["<bos>", "\u2581a", "<pad>"])
+    ['sot', 'word', 'pad']
     """
-    roles: list[str] = []
+    if roles is not None:
+        roles = [str(r) for r in roles]
+        bad = sorted({r for r in roles if r not in ROLES})
+        if len(roles) != len(tokens) or bad:
+            raise AttnscopeError(f"roles: expected one of {ROLES} per token ({len(tokens)}), got {len(roles)} "
+                                 f"roles{f' with unknown {bad}' if bad else ''}")
+        return roles
+    found: list[str] = []
     for start, stop in segment_bounds(tokens):
         ended = False
         for i in range(start, stop):
             tok = tokens[i]
             if ended or not tok or tok == T5_PAD:
-                roles.append("pad")
-            elif tok == SOT:
-                roles.append("sot")
-            elif tok in (EOT, T5_EOS):
-                roles.append("eot")
+                found.append("pad")
+            elif tok in _STARTS:
+                found.append("sot")
+            elif tok in _ENDS:
+                found.append("eot")
                 ended = True
             else:
-                roles.append("word")
-    return roles
+                found.append("word")
+    return found
 
 
-def token_words(tokens: Sequence[str]) -> list[str]:
+def token_words(tokens: Sequence[str], roles: Sequence[str] | None = None) -> list[str]:
     """The word each position belongs to (pieces merged); ``""`` for SOT, EOT and padding.
 
     >>> token_words(["<|startoftext|>", "a</w>", "ele", "phant</w>", "<|endoftext|>"])
@@ -109,20 +133,24 @@ def token_words(tokens: Sequence[str]) -> list[str]:
     ['a', 'elephant', 'elephant', '']
     """
     out = [""] * len(tokens)
-    for word, positions in _occurrences(tokens):
+    for word, positions in _occurrences(tokens, roles):
         for p in positions:
             out[p] = word
     return out
 
 
-def _occurrences(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
+def _occurrences(tokens: Sequence[str], roles: Sequence[str] | None = None) -> list[tuple[str, list[int]]]:
     """Every word of the prompt in order, segment after segment, with its piece positions."""
     found: list[tuple[str, list[int]]] = []
-    roles = token_roles(tokens)
+    roles = token_roles(tokens, roles)
     for start, stop in segment_bounds(tokens):
         words = [i for i in range(start, stop) if roles[i] == "word"]
-        found.extend(_sentencepiece_words(tokens, words) if any(tokens[i].startswith(T5_SPACE) for i in words)
-                     else _bpe_words(tokens, words))
+        if any(t.startswith(BYTE_SPACE) or t == _BYTE_NEWLINE for t in tokens[start:stop]):
+            found.extend(_byte_level_words(tokens, words))
+        elif any(tokens[i].startswith(T5_SPACE) for i in words):
+            found.extend(_marked_words(tokens, words, T5_SPACE))
+        else:
+            found.extend(_bpe_words(tokens, words))
     return found
 
 
@@ -140,29 +168,82 @@ def _bpe_words(tokens: Sequence[str], positions: list[int]) -> list[tuple[str, l
     return found
 
 
-def _sentencepiece_words(tokens: Sequence[str], positions: list[int]) -> list[tuple[str, list[int]]]:
+def _marked_words(tokens: Sequence[str], positions: list[int], marker: str) -> list[tuple[str, list[int]]]:
+    """Words of pieces where ``marker`` (``▁``, ``Ġ``) starts a word; a gap in the positions starts one too."""
     words: list[list[int]] = []
     for i in positions:
-        if tokens[i].startswith(T5_SPACE) or not words:
+        if tokens[i].startswith(marker) or not words or words[-1][-1] != i - 1:
             words.append([])
         words[-1].append(i)
-    spelled = [("".join(tokens[j] for j in pieces).replace(T5_SPACE, ""), pieces) for pieces in words]
+    spelled = [("".join(tokens[j] for j in pieces).replace(marker, "").strip(), pieces) for pieces in words]
     return [(word, pieces) for word, pieces in spelled if word]  # a lone "▁" spells nothing
 
 
-def prompt_text(tokens: Sequence[str]) -> str:
+def byte_to_unicode() -> dict[int, str]:
+    """Byte-level BPE's table (GPT-2's; CLIP and Qwen use it): each byte → the printable character that spells it.
+
+    >>> table = byte_to_unicode()
+    >>> table[ord("a")], table[ord(" ")], table[10]   # 10: a newline
+    ('a', 'Ġ', 'Ċ')
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in keep:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+_BYTE_OF = {char: byte for byte, char in byte_to_unicode().items()}
+_BYTE_NEWLINE = "\u010a"  # "Ċ"
+
+
+def _byte_level_words(tokens: Sequence[str], positions: list[int]) -> list[tuple[str, list[int]]]:
+    """Words of byte-level BPE pieces: a word starts at a piece beginning with ``Ġ`` (a space) or after a gap in the
+    positions; a piece that is only whitespace (a lone ``Ġ``, a newline) belongs to no word and ends the one before;
+    a word's text is its pieces' bytes decoded together (``Ã`` + ``©`` → ``é``).
+
+    >>> _byte_level_words(["a", "\u0120red", "\u0120", "caf", "\u00c3", "\u00a9"], [0, 1, 2, 3, 4, 5])
+    [('a', [0]), ('red', [1]), ('café', [3, 4, 5])]
+    """
+    found: list[tuple[str, list[int]]] = []
+    pieces: list[int] = []
+
+    def close() -> None:
+        text = b"".join(_piece_bytes(tokens[j]) for j in pieces).decode("utf-8", errors="replace").strip()
+        if text:
+            found.append((text, list(pieces)))
+        pieces.clear()
+
+    for i in positions:
+        blank = not _piece_bytes(tokens[i]).strip()
+        if blank or tokens[i].startswith(BYTE_SPACE) or (pieces and pieces[-1] != i - 1):
+            close()
+        if not blank:
+            pieces.append(i)
+    close()
+    return found
+
+
+def _piece_bytes(piece: str) -> bytes:
+    return bytes(_BYTE_OF.get(c, ord("?")) for c in piece)
+
+
+def prompt_text(tokens: Sequence[str], roles: Sequence[str] | None = None) -> str:
     """The prompt's words joined by spaces (pieces merged, special tokens dropped).
 
     >>> prompt_text(["<|startoftext|>", "a</w>", "ele", "phant</w>", "<|endoftext|>", "<|endoftext|>"])
     'a elephant'
     """
-    return " ".join(word for word, _ in _occurrences(tokens))
+    return " ".join(word for word, _ in _occurrences(tokens, roles))
 
 
-def word_alignment(tokens: Sequence[str]) -> dict[str, list[int]]:
+def word_alignment(tokens: Sequence[str], roles: Sequence[str] | None = None) -> dict[str, list[int]]:
     """Map each word of the prompt to the token positions that spell it (word pieces merged).
 
-    Positions of every occurrence are listed in order; SOT, EOT and padding are left out.
+    Positions of every occurrence are listed in order; SOT, EOT, padding and a pipeline's
+    instruction (``roles``) are left out.
 
     Examples
     --------
@@ -170,12 +251,13 @@ def word_alignment(tokens: Sequence[str]) -> dict[str, list[int]]:
     {'a': [1, 5], 'elephant': [2, 3], 'and': [4]}
     """
     words: dict[str, list[int]] = {}
-    for word, positions in _occurrences(tokens):
+    for word, positions in _occurrences(tokens, roles):
         words.setdefault(word, []).extend(positions)
     return words
 
 
-def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | int) -> dict[str, list[int]]:
+def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | int,
+                    roles: Sequence[str] | None = None) -> dict[str, list[int]]:
     """Token positions of each target: a word, a phrase of consecutive words, or a position.
 
     A word or phrase that occurs several times gets the positions of every occurrence; a word
@@ -187,6 +269,9 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
         The token strings of one prompt (``trace.tokens``).
     targets : str, int or sequence of them
         ``"circle"``, ``"blue square"``, ``7`` (a token position), or a list of these.
+    roles : sequence of str, optional
+        The positions' roles when the strings cannot tell them (:func:`token_roles`): words of a
+        pipeline's instruction are not the prompt's and are never matched.
 
     Returns
     -------
@@ -203,7 +288,7 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
     items = [targets] if isinstance(targets, (str, int)) else list(targets)
     if not items:
         raise AttnscopeError("targets=[]: expected at least one word, phrase or token position")
-    occurrences = [(w.lower(), p) for w, p in _occurrences(tokens)]
+    occurrences = [(w.lower(), p) for w, p in _occurrences(tokens, roles)]
     resolved: dict[str, list[int]] = {}
     for target in items:
         if isinstance(target, bool) or not isinstance(target, (str, int)):
@@ -222,7 +307,7 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
     return resolved
 
 
-def target_occurrences(tokens: Sequence[str], target: str) -> list[list[int]]:
+def target_occurrences(tokens: Sequence[str], target: str, roles: Sequence[str] | None = None) -> list[list[int]]:
     """The token positions of each occurrence of a word or phrase, in prompt order (case ignored).
 
     Examples
@@ -232,7 +317,7 @@ def target_occurrences(tokens: Sequence[str], target: str) -> list[list[int]]:
     >>> target_occurrences(toks, "circle"), target_occurrences(toks, "blue circle"), target_occurrences(toks, "cat")
     ([[3], [7]], [[6, 7]], [])
     """
-    return _matches([(w.lower(), p) for w, p in _occurrences(tokens)], target)
+    return _matches([(w.lower(), p) for w, p in _occurrences(tokens, roles)], target)
 
 
 def _matches(occurrences: list[tuple[str, list[int]]], target: str) -> list[list[int]]:

@@ -228,3 +228,37 @@ def test_failed_run_leaves_readable_incomplete_store(sd_pipe, tmp_path):
     assert not tr.complete and tr.steps_written == 2 and tr.images == []
     assert tr.attention(tr.sites[0]).step.values.tolist() == [0, 1]
     assert tr.manifest["run"]["unrecorded_kwargs"] == ["callback_on_step_end"]
+
+
+def test_token_roles_are_stored_and_traces_without_them_still_read(sd_pipe, tmp_path):
+    import shutil
+
+    path = store(tmp_path)
+    tr = ats.capture(sd_pipe, "a red circle", seed=0, store=path, **RUN)
+    roles = tr.token_roles
+    assert roles[:5] == ["sot", "word", "word", "word", "eot"] and set(roles[5:]) == {"pad"}
+    assert tr.tree["token_role"].dims == ("sample", "token")
+    before, words = ats.stats.dominance(tr, targets=["red", "circle"]).compute(), tr.words
+    # a trace written before the coordinate existed: roles are read from the token strings again
+    shutil.rmtree(path / "token_role")
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["coordinates"] = meta["attributes"]["coordinates"].replace(" token_role", "")
+    meta["consolidated_metadata"]["metadata"].pop("token_role")
+    (path / "zarr.json").write_text(json.dumps(meta))
+    old = ats.open_trace(path)
+    assert "token_role" not in old.tree.coords
+    assert old.token_roles == roles and old.words == words
+    xr.testing.assert_identical(ats.stats.dominance(old, targets=["red", "circle"]), before)
+
+
+def test_explicit_roles_are_checked():
+    from attnscope.tokens import token_roles, word_alignment
+
+    toks = ["<bos>", "\u2581say", ":", "a", "\u2581red"]
+    assert word_alignment(toks) == {"say:a": [1, 2, 3], "red": [4]}           # the strings alone cannot tell
+    roles = ["sot", "instruction", "instruction", "word", "word"]
+    assert word_alignment(toks, roles) == {"a": [3], "red": [4]}
+    with pytest.raises(ats.AttnscopeError, match="one of .* per token \\(5\\), got 4 roles"):
+        token_roles(toks, roles[:4])
+    with pytest.raises(ats.AttnscopeError, match="unknown \\['prefix'\\]"):
+        token_roles(toks, ["sot", "prefix", "word", "word", "word"])

@@ -30,7 +30,7 @@ ALLOWED = {
     "plot": {"errors", "tokens", "selection", "store", "stats", "_lazy"},
     "capture": {"errors", "tokens", "selection", "hooks", "store"},
     "regulate": {"errors", "tokens", "selection", "hooks", "stats"},
-    "models": {"errors", "hooks", "capture", "stats", "plot", "regulate", "_lazy"},
+    "models": {"errors", "tokens", "hooks", "capture", "stats", "plot", "regulate", "_lazy"},
     "rerun": {"errors", "tokens", "selection", "hooks", "capture", "store", "stats", "plot", "models"},
     "testing": {"models"},
 }

@@ -23,19 +23,25 @@ def _call_default(pipe: Any, name: str) -> Any:
 
 
 def _check_prompt_lengths(pipe: Any, prompts: list[str], pipeline_kwargs: dict) -> None:
-    """A prompt longer than ``max_sequence_length`` T5 tokens would be cut silently: refuse it, naming the count."""
+    """A prompt longer than ``max_sequence_length`` T5 (or Gemma) tokens would be cut silently: refuse it, naming
+    the count. Sana's Gemma prompt has room for ``max_sequence_length − 2`` tokens after its instruction (the
+    pipeline keeps ``<bos>`` and the last ``max_sequence_length − 1`` positions), ``− 1`` without one."""
     limit = pipeline_kwargs.get("max_sequence_length", _call_default(pipe, "max_sequence_length"))
     if not isinstance(limit, int):
         return
     for _, tokenizer in text_segments(pipe):
-        if tokenizer is None or segment_name(tokenizer) != "t5":
+        kind = segment_name(tokenizer) if tokenizer is not None else None
+        if kind not in ("t5", "gemma"):
             continue
+        instruction = pipeline_kwargs.get("complex_human_instruction", _call_default(pipe, "complex_human_instruction"))
+        room = limit if kind == "t5" else limit - (2 if instruction else 1)
         for prompt in prompts:
-            count = len(tokenizer(prompt).input_ids)
-            if count > limit:
-                raise AttnscopeError(f"prompt {prompt!r}: {count} T5 tokens (with </s>), more than "
-                                     f"max_sequence_length={limit}; the pipeline would cut it. Shorten the prompt "
-                                     f"or raise max_sequence_length")
+            count = len(tokenizer(prompt, add_special_tokens=kind == "t5").input_ids)
+            if count > room:
+                what = "T5 tokens (with </s>)" if kind == "t5" else "Gemma tokens"
+                raise AttnscopeError(f"prompt {prompt!r}: {count} {what}, more than the {room} that "
+                                     f"max_sequence_length={limit} leaves; the pipeline would cut it. Shorten the "
+                                     f"prompt or raise max_sequence_length")
 
 
 def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store: str | Path, sites: SiteSpec = None,

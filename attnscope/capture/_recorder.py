@@ -23,7 +23,7 @@ from ..store import (
     check_store_path,
     jsonable,
 )
-from ..tokens import prompt_positions, segment_bounds
+from ..tokens import prompt_positions, segment_bounds, token_roles
 
 __all__ = ["Recorder"]
 
@@ -55,8 +55,10 @@ class Recorder:
         All text positions, or only each segment's positions up to the longest prompt's end-of-text
         token (CLIP's, T5's ``</s>``). At joint sites the padding's share stays known: it is the
         ``text_mass`` minus the stored columns. ``"auto"`` (default): ``"prompt"`` when the
-        pipeline has joint sites (SD3, Flux: 256–512 T5 positions, mostly padding) and the prompt's
-        tokens are known, else ``"all"`` (the 77 CLIP positions of a UNet).
+        pipeline has joint sites (SD3, Flux: 256–512 T5 positions, mostly padding) or a text
+        encoder other than CLIP (PixArt's 120/300 T5 positions, masked padding with zero attention;
+        Sana's 300 Gemma positions) and the prompt's tokens are known, else ``"all"`` (the 77 CLIP
+        positions of a UNet).
     branch : {"cond", "uncond", "both"}
         Which classifier-free-guidance half to record.
     overwrite : bool
@@ -238,21 +240,28 @@ class Recorder:
             raise AttnscopeError(f"branch={self.branch!r}: this run has no unconditional rows (guidance is off)")
         ids = step.token_ids
         prompt_tokens = [list(t) for t in step.token_text] if step.token_text is not None else None
+        prompt_roles = ([list(r) for r in step.token_roles] if step.token_roles is not None else
+                        [token_roles(t) for t in prompt_tokens] if prompt_tokens is not None else None)
         if prompt_tokens is None and self.tokens == "prompt":
             raise AttnscopeError("tokens='prompt' needs the prompt's token ids, but the pipeline got embeddings, not text")
-        if self.tokens == "auto":
+        if self.tokens == "auto":  # the long padded text axes of T5/Gemma/Qwen prompts and of joint sites: the prompt
             joint = any(s.kind == "joint" for s in self._sites.values())
-            self.tokens = "prompt" if joint and prompt_tokens is not None else "all"
+            long_text = any(name not in ("clip", "missing") for name, _ in step.segments)
+            self.tokens = "prompt" if (joint or long_text) and prompt_tokens is not None else "all"
         text_len = self._text_length(session, step)
-        positions = _kept_positions(prompt_tokens, text_len) if self.tokens == "prompt" and prompt_tokens else list(range(text_len))
+        positions = (_kept_positions(prompt_tokens, prompt_roles, text_len) if self.tokens == "prompt" and prompt_tokens
+                     else list(range(text_len)))
         contiguous = positions == list(range(len(positions)))
         self._token_index = slice(0, len(positions)) if contiguous else torch.tensor(positions)
         self._kept = len(positions)
         spelled = [prompt_tokens[p] if prompt_tokens else [] for p in rows.prompt_of_sample]
         token_text = [[row[i] if i < len(row) else "" for i in positions] for row in spelled]
+        role_rows = [prompt_roles[p] if prompt_roles else [] for p in rows.prompt_of_sample]
+        roles = [[row[i] if i < len(row) else "pad" for i in positions] for row in role_rows]
         layout = StoreLayout(
             num_steps=num_steps, samples=rows.samples, prompt_of_sample=rows.prompt_of_sample,
             image_of_sample=rows.image_of_sample, token_positions=tuple(positions), token_text=token_text,
+            token_roles=roles,
             sites=[
                 SiteLayout(name, s.describe(), 1 if self.heads == "mean" else s.heads, s.spatial_shape(step.latent_shape),
                            self.branches, steps)
@@ -265,6 +274,7 @@ class Recorder:
             "latent_shape": list(step.latent_shape), "guidance": rows.uncond is not None,
             "height": step.latent_shape[0] * scale, "width": step.latent_shape[1] * scale,
             "token_ids": ids.tolist() if ids is not None else None, "tokens": prompt_tokens,
+            "token_roles": [list(r) for r in step.token_roles] if step.token_roles is not None else None,
             "segments": [list(segment) for segment in step.segments],
         }
         spec = {"sites": list(self._sites), "steps": list(steps), "heads": self.heads, "tokens": self.tokens,
@@ -290,13 +300,13 @@ class Recorder:
         return int(getattr(tokenizer, "model_max_length", 77))
 
 
-def _kept_positions(prompt_tokens: list[list[str]], text_len: int) -> list[int]:
+def _kept_positions(prompt_tokens: list[list[str]], prompt_roles: list[list[str]], text_len: int) -> list[int]:
     """``tokens="prompt"``: in each segment, its positions up to the longest prompt's end-of-text token."""
     kept: list[int] = []
     bounds = segment_bounds(prompt_tokens[0][:text_len])
     last = {b: -1 for b in bounds}
-    for tokens in prompt_tokens:
-        for p in prompt_positions(tokens[:text_len]):
+    for tokens, roles in zip(prompt_tokens, prompt_roles):
+        for p in prompt_positions(tokens[:text_len], roles[:text_len]):
             for start, stop in bounds:
                 if start <= p < stop:
                     last[(start, stop)] = max(last[(start, stop)], p)

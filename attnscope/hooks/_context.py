@@ -71,6 +71,9 @@ class StepContext:
     pipeline was given embeddings instead of text. ``token_text`` spells them (one tuple of
     strings per prompt, ``""`` where unknown) and ``segments`` names each segment and its length
     (``(("clip", 77), ("t5", 256))``). ``text_length`` is the number of text keys the sites see.
+    ``token_roles`` gives each position's role (:data:`attnscope.tokens.ROLES`) where the strings
+    cannot tell it — an instruction the pipeline added around the prompt (Sana, Flux.2) — and is
+    None where :func:`attnscope.tokens.token_roles` reads them from ``token_text``.
     ``single_branch`` is ``"uncond"`` or ``"cond"`` when a client asked the core to run only that
     half of a classifier-free-guidance batch at this step (TGATE after its gate): the denoiser then
     sees one row per image, ``rows`` describes that batch (no ``uncond`` slice; ``rows.cond`` covers
@@ -89,6 +92,7 @@ class StepContext:
     text_length: int | None = None
     token_text: tuple[tuple[str, ...], ...] | None = None
     segments: tuple[tuple[str, int], ...] = ()
+    token_roles: tuple[tuple[str, ...], ...] | None = None
 
 
 @dataclass(frozen=True)

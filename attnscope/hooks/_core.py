@@ -58,7 +58,7 @@ class HookSession:
         self._duplicate = False
         self._run, self._steps_in_run, self._new_run = -1, 0, True
         self._segment_ids: list[torch.Tensor | None] = [None] * len(self.text_encoders)
-        self._text: tuple[torch.Tensor | None, tuple[tuple[str, ...], ...] | None, tuple[tuple[str, int], ...]] | None = None
+        self._text: tuple | None = None  # (token_ids, token_text, segments, token_roles) of the run
         self._last_timestep: float | None = None
 
     # -- events from the pipeline ---------------------------------------------------------------
@@ -71,15 +71,16 @@ class HookSession:
             self._segment_ids[segment] = ids.detach().cpu()
 
     def _text_of_run(self, text_length: int | None) -> tuple:
-        """``(token_ids, token_text, segments)`` of this run's prompts, computed once per run."""
+        """``(token_ids, token_text, segments, token_roles)`` of this run's prompts, computed once per run."""
         if self._text is None:
-            self._text = _prompt_text(self.text_encoders, self._segment_ids, text_length)
+            self._text = _prompt_text(self.text_encoders, self._segment_ids, text_length,
+                                      getattr(self.adapter, "spell", None), self.pipe)
         return self._text
 
     def _on_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
         inputs = self.adapter.step_inputs(args, kwargs)
         timestep = inputs["timestep"]
-        num_steps = getattr(self.pipe, "_num_timesteps", None)
+        num_steps = self._num_steps()
         if not self._new_run and self.adapter.STEPS_BY == "timestep" and timestep == self._last_timestep:
             # a second pass of the same step (Flux's true CFG: the negative prompt): not shown to clients
             self.step_context, self._duplicate = None, False
@@ -87,14 +88,14 @@ class HookSession:
         if self._new_run or (num_steps and self._steps_in_run >= num_steps):
             self._run, self._steps_in_run, self._new_run = self._run + 1, 0, False
         self._last_timestep = timestep
-        guidance = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
-        ids, token_text, segments = self._text_of_run(inputs["text_length"])
+        guidance = self._guidance()
+        ids, token_text, segments, token_roles = self._text_of_run(inputs["text_length"])
         prompts = len(token_text) if token_text is not None else None
         rows = RowLayout.for_batch(inputs["batch"], guidance, prompts)
         step = StepContext(
             run=self._run, step=self._steps_in_run, timestep=timestep, num_steps=num_steps,
             latent_shape=inputs["latent_shape"], rows=rows, token_ids=ids, text_length=inputs["text_length"],
-            token_text=token_text, segments=segments,
+            token_text=token_text, segments=segments, token_roles=token_roles,
         )
         branch = self._single_branch(step)
         self._duplicate = branch is not None
@@ -108,6 +109,23 @@ class HookSession:
             if hasattr(client, "on_step"):
                 client.on_step(self.step_context)
         return (args, kwargs) if branch is not None else None
+
+    def _num_steps(self) -> int | None:
+        """The run's planned denoiser steps: the pipeline's ``_num_timesteps``, else its scheduler's timesteps."""
+        num_steps = getattr(self.pipe, "_num_timesteps", None)
+        if num_steps is None:  # PixArt's pipelines keep no count; the scheduler is set before the first step
+            timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+            num_steps = len(timesteps) if timesteps is not None else None
+        return num_steps
+
+    def _guidance(self) -> bool:
+        """Whether the denoiser's batch stacks the CFG halves: the adapter's reading where it has one (PixArt keeps
+        the flag as a local of its call; Flux.2 guides with separate calls, not stacked rows), else the pipeline's
+        ``do_classifier_free_guidance``."""
+        read = getattr(self.adapter, "guidance", None)
+        if read is not None:
+            return bool(read(self.pipe))
+        return bool(getattr(self.pipe, "do_classifier_free_guidance", False))
 
     def _single_branch(self, step: StepContext) -> str | None:
         """The one CFG branch the interventions want the denoiser to run at this step, or None."""
@@ -187,20 +205,26 @@ class HookSession:
         return tensor
 
 
-def _prompt_text(encoders: list[tuple[str | None, Any]], ids: list[torch.Tensor | None], text_length: int | None) -> tuple:
-    """``(token_ids, token_text, segments)``: the prompts' ids and strings over the sites' text axis.
+def _prompt_text(encoders: list[tuple[str | None, Any]], ids: list[torch.Tensor | None], text_length: int | None,
+                 spell: Any = None, pipe: Any = None) -> tuple:
+    """``(token_ids, token_text, segments, token_roles)``: the prompts' ids, strings and roles over the sites' text axis.
 
     Segments are joined in order; a segment whose encoder did not run (SD3 without T5: zeros) is
-    spelled by empty strings. ``token_ids`` is None unless every segment was seen.
+    spelled by empty strings. ``token_ids`` is None unless every segment was seen. An adapter's
+    ``spell(tokenizer, ids, text_length, pipe)`` (single-segment families whose text axis is not
+    the encoder's input as it is: Sana keeps ``[0] + the last 299`` positions after an instruction,
+    Flux.2 wraps the prompt in a chat template) gives the positions the sites see, their strings and
+    their roles; ``token_roles`` is None when every role can be read from the strings.
     """
     known = [i for i in ids if i is not None]
     if not known:
-        return None, None, ()
+        return None, None, (), None
     prompts = known[0].shape[0]
     total = sum(i.shape[-1] for i in known)
     missing = (text_length - total) if text_length is not None else 0
     texts: list[list[str]] = [[] for _ in range(prompts)]
-    segments = []
+    roles: list[tuple[str, ...]] = []
+    segments, kept_ids = [], []
     for (_, tokenizer), segment_ids in zip(encoders, ids):
         if segment_ids is None or segment_ids.shape[0] != prompts:
             length = max(0, missing)
@@ -208,11 +232,19 @@ def _prompt_text(encoders: list[tuple[str | None, Any]], ids: list[torch.Tensor 
                 row.extend([""] * length)
             segments.append(("missing", length))
             continue
+        positions = list(range(segment_ids.shape[-1]))
+        spelled = spell is not None and tokenizer is not None and len(encoders) == 1
         for row, row_ids in zip(texts, segment_ids.tolist()):
-            row.extend(tokenizer.convert_ids_to_tokens(row_ids) if tokenizer is not None else [""] * len(row_ids))
-        segments.append((segment_name(tokenizer), int(segment_ids.shape[-1])))
-    token_ids = torch.cat(known, dim=-1) if len(known) == len(ids) else None
-    return token_ids, tuple(tuple(row) for row in texts), tuple(segments)
+            if spelled:  # one segment: the adapter says which positions the sites see and their roles
+                positions, tokens, token_roles = spell(tokenizer, row_ids, text_length, pipe)
+                roles.append(tuple(token_roles))
+            else:
+                tokens = tokenizer.convert_ids_to_tokens(row_ids) if tokenizer is not None else [""] * len(row_ids)
+            row.extend(tokens)
+        kept_ids.append(segment_ids[:, positions])
+        segments.append((segment_name(tokenizer), len(positions)))
+    token_ids = torch.cat(kept_ids, dim=-1) if len(known) == len(ids) else None
+    return token_ids, tuple(tuple(row) for row in texts), tuple(segments), tuple(roles) if roles else None
 
 
 def _swap_processor(module: torch.nn.Module, new: Any) -> Any:

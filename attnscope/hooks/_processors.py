@@ -86,7 +86,8 @@ class CrossAttentionProcessor:
     4-D inputs, attention mask, group norm, ``norm_cross``, ``norm_q``/``norm_k``, ``to_out``,
     residual connection, ``rescale_output_factor`` — with ``QKᵀ/√d`` and its softmax made visible
     as the ``logits`` and ``probs`` stages; it accepts sites whose original processor is
-    ``AttnProcessor2_0`` or ``AttnProcessor`` (the same computation without SDPA). Tested against
+    ``AttnProcessor2_0``, ``AttnProcessor`` (the same computation without SDPA) or Sana's
+    ``SanaAttnProcessor2_0`` (q/k norms before the heads are split). Tested against
     diffusers 0.42 (the version CI installs; ``pyproject.toml`` admits 0.35 and later): with
     ``exact=True`` an observed call is bit-identical to the original processor.
     """
@@ -120,14 +121,15 @@ class CrossAttentionProcessor:
     def _attend(self, ctx: CallContext, plan: dict, attn: Any, hidden_states: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 temb: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        """AttnProcessor2_0's computation with the logits/probs stages made visible."""
-        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-        if type(self.original) not in (AttnProcessor2_0, AttnProcessor):
+        """AttnProcessor2_0's computation with the logits/probs stages made visible (SanaAttnProcessor2_0's: the
+        same with the q/k norms applied before the heads are split)."""
+        name = type(self.original).__name__
+        if name not in _KNOWN_PROCESSORS:
             raise AttnscopeError(
-                f"site {self.site.name}: reading logits/probs needs AttnProcessor2_0 or AttnProcessor, got "
-                f"{type(self.original).__name__}; call pipe.unet.set_default_attn_processor() first"
+                f"site {self.site.name}: reading logits/probs needs one of {', '.join(_KNOWN_PROCESSORS)}, got "
+                f"{name}; call the denoiser's set_default_attn_processor() first"
             )
+        norm_before_heads = name == "SanaAttnProcessor2_0"
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -146,14 +148,14 @@ class CrossAttentionProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
+        if norm_before_heads:
+            query, key = _normed(attn, query, key)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        if not norm_before_heads:
+            query, key = _normed(attn, query, key)
 
         session = self.session
         rows, queries, tokens = batch_size * attn.heads, query.shape[-2], key.shape[-2]
@@ -181,6 +183,19 @@ class CrossAttentionProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+#: the cross-attention processors whose computation :class:`CrossAttentionProcessor` mirrors
+_KNOWN_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "SanaAttnProcessor2_0")
+
+
+def _normed(attn: Any, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attn.norm_q(query)``, ``attn.norm_k(key)`` where the module has them."""
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key
 
 
 class SelfAttentionProcessor:

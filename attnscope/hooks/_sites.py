@@ -30,10 +30,16 @@ class CrossAttentionSite:
         ``"self"`` for a self-attention module (attn1), wrapped only for clients that ask for
         self-attention (TGATE V2's cache, :func:`~attnscope.hooks.discover_self_sites`).
     block : str
-        ``"down"``, ``"mid"`` or ``"up"`` in a UNet; ``"double"`` or ``"single"`` (the stream) in a transformer.
+        ``"down"``, ``"mid"`` or ``"up"`` in a UNet; ``"double"`` or ``"single"`` (the stream) in a joint
+        transformer (SD3, Flux); in a flat stack of identical layers (PixArt, Sana) the third of the stack
+        the layer sits in: ``"early"``, ``"middle"`` or ``"late"``.
     level : int
         Resolution level: 0 is the latent resolution, each level halves it (rounding up). Transformer sites are all
         level 0.
+    depth : int
+        Position of the site in the denoiser's forward pass, from 0 (a UNet's down blocks, then its mid
+        block, then its up blocks; a transformer's layers in order, Flux's double-stream before its
+        single-stream blocks).
     heads, head_dim, token_dim : int
         Attention heads, width per head, width of the text features it reads.
     text_layout : str
@@ -62,6 +68,7 @@ class CrossAttentionSite:
     module: torch.nn.Module = field(compare=False, repr=False)
     text_layout: str = ""
     patch: int = 1
+    depth: int = 0
 
     def spatial_shape(self, latent_shape: tuple[int, int]) -> tuple[int, int]:
         """(h, w) of this site's attention map for a latent of ``latent_shape`` (h, w)."""
@@ -72,6 +79,6 @@ class CrossAttentionSite:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description (stored with each site's array)."""
-        keys = ("name", "family", "kind", "block", "level", "heads", "head_dim", "token_dim")
+        keys = ("name", "family", "kind", "block", "level", "depth", "heads", "head_dim", "token_dim")
         extra = ("text_layout", "patch") if self.kind == "joint" else ()
         return {k: getattr(self, k) for k in keys + extra}

@@ -57,7 +57,8 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     if path.exists() and not (path / "model_index.json").is_file():
         raise AttnscopeError(f"model={str(model)!r}: directory has no model_index.json (expected a diffusers pipeline saved with save_pretrained)")
     try:
-        with quiet_dtype_deprecation():
+        # some models draw their init from torch's global RNG while loading (PixArt, Sana): the caller's stays as it was
+        with quiet_dtype_deprecation(), torch.random.fork_rng(devices=[]):
             pipe = DiffusionPipeline.from_pretrained(str(model), **kwargs)
     except (OSError, ValueError) as exc:
         raise AttnscopeError(

@@ -12,7 +12,7 @@ from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import token_roles, word_alignment
 
-__all__ = ["dataset_variable", "default_targets", "sample_index", "sample_tokens", "select_label", "site_maps",
+__all__ = ["dataset_variable", "default_targets", "sample_index", "sample_roles", "sample_tokens", "select_label", "site_maps",
            "site_names"]
 
 
@@ -36,6 +36,13 @@ def sample_tokens(trace: Any, sample: Any) -> list[str]:
     return [str(t) for t in trace.tree["token_text"].values[sample_index(trace, sample)].tolist()]
 
 
+def sample_roles(trace: Any, sample: Any) -> list[str] | None:
+    """Roles of ``sample``'s tokens as stored (None for traces without the ``token_role`` coordinate)."""
+    if "token_role" not in trace.tree.coords:
+        return None
+    return [str(t) for t in trace.tree["token_role"].values[sample_index(trace, sample)].tolist()]
+
+
 def site_maps(trace: Any, site: str, steps: Any, sample: Any) -> xr.DataArray:
     """``trace.attention(site)`` of one sample at the chosen steps, lazily (steps ``None``: every captured step)."""
     sample_index(trace, sample)
@@ -45,14 +52,14 @@ def site_maps(trace: Any, site: str, steps: Any, sample: Any) -> xr.DataArray:
     return da.sel(step=select_captured_steps(steps, da["step"].values.tolist(), run_steps(trace, [da]), site))
 
 
-def default_targets(tokens: Sequence[str]) -> tuple[list[str | int], list[str]]:
+def default_targets(tokens: Sequence[str], roles: Sequence[str] | None = None) -> tuple[list[str | int], list[str]]:
     """Targets and labels for every prompt word plus SOT and EOT.
 
     >>> default_targets(["<|startoftext|>", "a</w>", "red</w>", "a</w>", "<|endoftext|>", "<|endoftext|>"])
     ([0, 'a', 'red', 4], ['<SOT>', 'a', 'red', '<EOT>'])
     """
-    roles = token_roles(tokens)
-    words: list[str | int] = list(word_alignment(tokens))
+    roles = token_roles(tokens, roles)
+    words: list[str | int] = list(word_alignment(tokens, roles))
     targets, labels = list(words), [str(w) for w in words]
     if "sot" in roles:
         targets.insert(0, roles.index("sot"))

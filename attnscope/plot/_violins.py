@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ._layout import new_figure, step_label
-from ._select import default_targets, sample_tokens, site_maps, site_names
+from ._select import default_targets, sample_roles, sample_tokens, site_maps, site_names
 
 __all__ = ["violins"]
 
@@ -50,7 +50,7 @@ def violins(trace: Any, steps: Any, sites: str | Sequence[str] | None = None, sa
         One panel per step (shared y axis), words on the x axis in the order given.
     """
     if words is None:
-        targets, labels = default_targets(sample_tokens(trace, sample))
+        targets, labels = default_targets(sample_tokens(trace, sample), sample_roles(trace, sample))
     else:
         targets, labels = words, None
     frames = []

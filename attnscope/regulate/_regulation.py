@@ -11,14 +11,18 @@ the official code".
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 from ..errors import AttnscopeError
+from ..tokens import token_roles
 from ._basis import basis_centres, gaussian_basis
 from ._descent import RegulationDescent, one_thread
 from ._scope import InterventionScope, default_regulation_sites, targets_label
+
+_roles = functools.lru_cache(maxsize=64)(token_roles)  # per prompt (a tuple of token strings), not per call
 
 __all__ = ["AttentionRegulation", "regulation_loss"]
 
@@ -193,8 +197,10 @@ class AttentionRegulation:
             _put_columns(out, index, cols_t, edited.reshape(b, heads, pixels, -1).to(logits.dtype))
             if ctx.site.kind == "joint":  # no CLIP SOT/EOT sink to give back in a joint softmax (see docs)
                 continue
-            keep = self._long([0] + self._eot_columns(ctx, group), logits.device)
-            restore.append((rows, keep, torch.softmax(z, -1).index_select(-1, keep)))
+            sinks = self._sink_columns(ctx, group)
+            if sinks:
+                keep = self._long(sinks, logits.device)
+                restore.append((rows, keep, torch.softmax(z, -1).index_select(-1, keep)))
         return out, restore
 
     def on_probs(self, ctx: Any, probs: torch.Tensor) -> torch.Tensor | None:
@@ -248,6 +254,17 @@ class AttentionRegulation:
         if key not in self._indices:
             self._indices[key] = torch.tensor(values, device=device)
         return self._indices[key]
+
+    def _sink_columns(self, ctx: Any, group: list[int]) -> list[int]:
+        """The columns whose unedited probabilities are given back: the start-of-text token (CLIP's; T5 and
+        Gemma prompts start with a word or ``<bos>``) and the first end-of-text token, from the prompt's tokens."""
+        text = ctx.step_context.token_text
+        if text is None:  # embeddings given: a CLIP-style layout is assumed, as the official code does
+            return [0] + self._eot_columns(ctx, group)
+        prompt = ctx.rows.prompt_of_sample[group[0]]
+        given = ctx.step_context.token_roles
+        roles = given[prompt] if given is not None else _roles(tuple(text[prompt]))
+        return [i for i, r in enumerate(roles) if r == "sot"][:1] + [i for i, r in enumerate(roles) if r == "eot"][:1]
 
     def _eot_columns(self, ctx: Any, group: list[int]) -> list[int]:
         ids = ctx.step_context.token_ids

@@ -20,9 +20,10 @@ def default_regulation_sites(sites: Sequence[Any], latent_shape: tuple[int, int]
     This is the official Attention Regulation choice expressed by position and scale: on SD-2 base
     at 512 px (64×64 latent) it gives the five ``attn2`` of ``down_blocks.2`` and ``up_blocks.1``
     (16×16 maps); on the shapes model (16×16 latent) the 8×8 sites of ``down_blocks.1`` and
-    ``up_blocks.1``. Mid-block sites are never chosen. A transformer (SD3, Flux) has one
-    resolution everywhere: its double-stream blocks (every SD3 block; Flux's ``transformer_blocks``)
-    are chosen, not its single-stream ones — a choice by structure, not yet measured on real weights.
+    ``up_blocks.1``. Mid-block sites are never chosen. A transformer has one resolution everywhere:
+    on SD3/Flux its double-stream blocks (every SD3 block; Flux's ``transformer_blocks``) are chosen,
+    not its single-stream ones; on a flat stack (PixArt, Sana) the middle third of its layers (block
+    ``"middle"``) — choices by structure, not yet measured on real weights (docs/regulation.md).
 
     >>> import attnscope as ats
     >>> default_regulation_sites(ats.discover_sites(ats.load_pipeline("shapes")), (16, 16))  # doctest: +NORMALIZE_WHITESPACE
@@ -30,8 +31,11 @@ def default_regulation_sites(sites: Sequence[Any], latent_shape: tuple[int, int]
      'up_blocks.1.attentions.1.transformer_blocks.0.attn2']
     """
     candidates = [s for s in sites if s.block in ("down", "up")]
-    if not candidates:  # a transformer (SD3, Flux): one resolution everywhere; its double-stream (joint) blocks
-        return [s.name for s in sites if s.block == "double"] or [s.name for s in sites]
+    if not candidates:  # a transformer: one resolution everywhere
+        for block in ("double", "middle"):  # joint families: the double-stream blocks; a flat stack: its middle third
+            if any(s.block == block for s in sites):
+                return [s.name for s in sites if s.block == block]
+        return [s.name for s in sites]
     big = [s for s in candidates if min(s.spatial_shape(latent_shape)) >= min_side]
     if not big:  # tiny latents: the finest level there is
         big = candidates
@@ -127,22 +131,23 @@ class InterventionScope:
                 return [sorted({int(t) for t in items})] * ctx.rows.samples
             raise AttnscopeError("targets given as words need the prompt's tokens, but the pipeline got embeddings; "
                                  "give token positions instead")
-        key = texts
+        roles = ctx.step_context.token_roles or [None] * len(texts)
+        key = (texts, ctx.step_context.token_roles)
         if key not in self._columns:
-            self._columns[key] = [self._prompt_columns(list(tokens)) for tokens in texts]
+            self._columns[key] = [self._prompt_columns(list(tokens), r) for tokens, r in zip(texts, roles)]
         per_prompt = self._columns[key]
         return [per_prompt[p] for p in ctx.rows.prompt_of_sample]
 
-    def _prompt_columns(self, tokens: list[str]) -> list[int]:
+    def _prompt_columns(self, tokens: list[str], roles: Any = None) -> list[int]:
         targets = self.targets
         if callable(targets):
-            targets = targets(prompt_text(tokens))
+            targets = targets(prompt_text(tokens, roles))
         if not self.first_occurrence:
-            return sorted({p for positions in resolve_targets(tokens, targets).values() for p in positions})
-        return sorted({p for positions in _nth_occurrences(tokens, targets) for p in positions})
+            return sorted({p for positions in resolve_targets(tokens, targets, roles).values() for p in positions})
+        return sorted({p for positions in _nth_occurrences(tokens, targets, roles) for p in positions})
 
 
-def _nth_occurrences(tokens: list[str], targets: Any) -> list[list[int]]:
+def _nth_occurrences(tokens: list[str], targets: Any, roles: Any = None) -> list[list[int]]:
     """Each target's positions: the first occurrence of a word or phrase, the second occurrence for
     its second mention in ``targets``, and so on (``["circle", "circle"]`` is both circles).
 
@@ -152,18 +157,18 @@ def _nth_occurrences(tokens: list[str], targets: Any) -> list[list[int]]:
     ([[3], [7]], [[6, 7], [2]])
     """
     items = [targets] if isinstance(targets, (str, int)) else list(targets)
-    resolve_targets(tokens, items)  # the checks and errors for unknown words and bad positions
+    resolve_targets(tokens, items, roles)  # the checks and errors for unknown words and bad positions
     mentions: dict[str, int] = {}
     out = []
     for target in items:
         if isinstance(target, int):
             out.append([target])
             continue
-        found = target_occurrences(tokens, target)
+        found = target_occurrences(tokens, target, roles)
         k = mentions[target.lower()] = mentions.get(target.lower(), -1) + 1
         if k >= len(found):
             raise AttnscopeError(f"target {target!r} is given {k + 1} times but occurs {len(found)} time(s) in the "
-                                 f"prompt {prompt_text(tokens)!r}")
+                                 f"prompt {prompt_text(tokens, roles)!r}")
         out.append(found[k])
     return out
 

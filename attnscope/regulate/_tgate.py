@@ -32,8 +32,15 @@ def _positive_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-#: the families TGATE is defined on: cross-attention whose output can be cached on its own
-_FAMILIES = ("unet",)
+#: the families TGATE is defined on: cross-attention whose output can be cached on its own (the
+#: official code covers SD-1.5/2.1/XL and PixArt-α/Σ)
+_FAMILIES = {"unet": "Stable Diffusion 1.x, 2.x, SDXL", "pixart": "PixArt-α, PixArt-Σ"}
+_REFUSED = {
+    "sd3": "joint attention, where text and image share one softmax",
+    "flux": "joint attention, where text and image share one softmax",
+    "flux2": "joint attention, where text and image share one softmax",
+    "sana": "a linear self-attention (no official TGATE rule for Sana's attn1 cache)",
+}
 
 
 class TGate:
@@ -144,10 +151,11 @@ class TGate:
     # -- hook client protocol ------------------------------------------------------------------
     def on_install(self, session: Any) -> None:
         if session.family not in _FAMILIES:
+            why = _REFUSED.get(session.family, "a model family TGATE was not defined on")
+            supported = "; ".join(f"{family} ({models})" for family, models in _FAMILIES.items())
             raise AttnscopeError(
-                f"TGate on a {session.family!r} pipeline: TGATE has no official rule for joint attention (SD3, Flux), "
-                f"where text and image share one softmax, and attnscope has not designed and measured one; "
-                f"supported families: {', '.join(_FAMILIES)} (Stable Diffusion 1.x, 2.x, SDXL)")
+                f"TGate on a {session.family!r} pipeline: TGATE has no official rule for {why}, and attnscope has not "
+                f"designed and measured one; supported families: {supported}")
 
     def branches(self, step_ctx: Any) -> tuple[str, ...] | None:
         return ("uncond",) if self.drop_guidance and self.gated(step_ctx.step) else None

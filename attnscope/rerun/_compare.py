@@ -141,7 +141,7 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
     ta, tb = as_trace(a, "a"), as_trace(b, "b")
     _same_generation(ta, tb)
     if targets is None:
-        targets = list(dict.fromkeys(w for w in token_words(ta.tokens) if w))
+        targets = list(dict.fromkeys(w for w in token_words(ta.tokens, ta.token_roles) if w))
     targets = [targets] if isinstance(targets, (str, int)) else list(targets)
     if sites is None:
         common = [s for s in ta.sites if s in set(tb.sites)]

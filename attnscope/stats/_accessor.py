@@ -35,11 +35,12 @@ def _require_dims(da: xr.DataArray, dims: Sequence[str], what: str) -> None:
         raise AttnscopeError(f"{what}: dims {missing} are not in this DataArray; its dims are {list(da.dims)}")
 
 
-def _token_texts(da: xr.DataArray, sample: Any) -> list[str]:
-    """Token strings along ``da``'s token axis, taken from the ``token_text`` coordinate of one sample."""
-    if "token_text" not in da.coords:
-        return [""] * da.sizes["token"]  # no text: resolve_targets then accepts positions only
-    text = da.coords["token_text"]
+def _token_texts(da: xr.DataArray, sample: Any, coord: str = "token_text") -> list[str] | None:
+    """Token strings along ``da``'s token axis, taken from the ``token_text`` coordinate of one sample
+    (``coord="token_role"``: their roles, None where the array has none)."""
+    if coord not in da.coords:  # no text: resolve_targets then accepts positions only
+        return [""] * da.sizes["token"] if coord == "token_text" else None
+    text = da.coords[coord]
     if "sample" in text.dims:
         if sample is not None:
             found = text["sample"].values.tolist()  # 0..n-1 when there is no sample coordinate
@@ -99,13 +100,16 @@ class AttentionAccessor:
         """
         da = self._da
         _require_dims(da, ["token"], f"words({targets!r})")
-        tokens = _token_texts(da, sample)
+        tokens, roles = _token_texts(da, sample), _token_texts(da, sample, "token_role")
         positions = da["token"].values.tolist() if "token" in da.coords else list(range(len(tokens)))
         # resolve on a list indexed by token position, so a token axis that was subset still aligns
         by_position = [""] * (max(positions) + 1 if positions else 0)
-        for pos, text in zip(positions, tokens):
+        roles_by_position = ["pad"] * len(by_position) if roles is not None else None
+        for i, (pos, text) in enumerate(zip(positions, tokens)):
             by_position[pos] = text
-        resolved = resolve_targets(by_position, targets)
+            if roles_by_position is not None:
+                roles_by_position[pos] = roles[i]
+        resolved = resolve_targets(by_position, targets, roles_by_position)
         index = {pos: i for i, pos in enumerate(positions)}
         for label, wanted in resolved.items():
             absent = [p for p in wanted if p not in index]

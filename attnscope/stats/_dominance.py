@@ -62,18 +62,27 @@ def _token_texts(da: Any, tokens: Sequence[str] | None) -> list[list[str]]:
     return [[str(t) for t in row] for row in text]
 
 
-def _targets(texts: list[list[str]], targets: Any) -> tuple[list[str], list[list[list[int]]]]:
+def _token_role_rows(da: Any, texts: list[list[str]], tokens: Sequence[str] | None) -> list[list[str]]:
+    """Per sample, each position's role: the stored ``token_role`` coordinate, else read from the strings."""
+    if tokens is None and "token_role" in da.coords:
+        roles = np.asarray(da["token_role"].values)
+        roles = np.broadcast_to(roles, (da.sizes["sample"], da.sizes["token"])) if roles.ndim == 1 else roles
+        return [[str(r) for r in row] for row in roles]
+    return [token_roles(t) for t in texts]
+
+
+def _targets(texts: list[list[str]], roles: list[list[str]], targets: Any) -> tuple[list[str], list[list[list[int]]]]:
     """Target labels and, per sample, each target's positions (empty where a sample's prompt lacks it)."""
     if targets is None:
-        targets = list(dict.fromkeys(w for w in token_words(texts[0]) if w))
+        targets = list(dict.fromkeys(w for w in token_words(texts[0], roles[0]) if w))
     items = [targets] if isinstance(targets, (str, int)) else list(targets)
     per_sample: list[list[list[int]]] = []
     errors: dict[int, AttnscopeError] = {}
-    for text in texts:
+    for text, text_roles in zip(texts, roles):
         row = []
         for k, t in enumerate(items):
             try:
-                row.append(next(iter(resolve_targets(text, [t]).values())))
+                row.append(next(iter(resolve_targets(text, [t], text_roles).values())))
             except AttnscopeError as exc:
                 errors.setdefault(k, exc)
                 row.append([])
@@ -159,10 +168,10 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
         raise AttnscopeError("no sites to analyse")
     first = next(iter(arrays.values()))
     texts = _token_texts(first, tokens)
-    roles = [token_roles(t) for t in texts]
+    roles = _token_role_rows(first, texts, tokens)
     words = np.array([[r == "word" for r in row] for row in roles])
     prompt = np.ones_like(words) if include_special else words
-    labels, positions = _targets(texts, targets)
+    labels, positions = _targets(texts, roles, targets)
 
     computed = dask.compute(*[_chunk_sums(da, prompt, words, cut) for da in arrays.values()])
 
@@ -191,7 +200,7 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     out = xr.concat(per_site, dim="site", join="outer", coords="minimal", compat="override")
     out = out.transpose("step", "site", "sample", "token", "target")
     tok_text = np.array(texts)[:, keep]
-    tok_word = np.array([token_words(t) for t in texts])[:, keep]
+    tok_word = np.array([token_words(t, r) for t, r in zip(texts, roles)])[:, keep]
     same = all(row == texts[0] for row in texts)
     token_coords = ({"token_text": ("token", tok_text[0]), "word": ("token", tok_word[0])} if same else
                     {"token_text": (("sample", "token"), tok_text), "word": (("sample", "token"), tok_word)})

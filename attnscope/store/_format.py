@@ -10,7 +10,7 @@ FORMAT_VERSION = 1
 SITE_DIMS = ("step", "sample", "head", "y", "x", "token")
 IMAGE_DIMS = ("sample", "height", "width", "channel")
 #: root arrays that are coordinates of every site array (declared to xarray via the root attribute)
-ROOT_COORDS = ("timestep", "prompt_index", "image_index", "token_text")
+ROOT_COORDS = ("timestep", "prompt_index", "image_index", "token_text", "token_role")
 BRANCH_ARRAYS = {"cond": "attention", "uncond": "attention_uncond"}
 #: joint sites (SD3, Flux) also store each pixel's total attention mass on the text keys
 TEXT_MASS_ARRAYS = {"cond": "text_mass", "uncond": "text_mass_uncond"}

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..tokens import word_alignment
+from ..tokens import token_roles, word_alignment
 from ._format import (
     BRANCH_ARRAYS,
     FORMAT_VERSION,
@@ -76,6 +76,17 @@ class Trace:
         return [str(t) for t in texts[0]] if len(texts) else []
 
     @property
+    def token_roles(self) -> list[str]:
+        """Role of each position of :attr:`tokens` (:data:`attnscope.tokens.ROLES`): ``"word"`` for the prompt's
+        words, ``"instruction"`` for text the pipeline added around them (Sana, Flux.2), ``"sot"``, ``"eot"``, ``"pad"``.
+
+        Stored by the capture (the ``token_role`` coordinate); read from the strings for traces that have none.
+        """
+        if "token_role" in self.tree.coords and len(self.tree["token_role"].values):
+            return [str(r) for r in self.tree["token_role"].values[0]]
+        return token_roles(self.tokens)
+
+    @property
     def words(self) -> dict[str, list[int]]:
         """Word → indices along the token axis of the first prompt (word pieces merged; SOT/EOT/padding left out).
 
@@ -83,7 +94,7 @@ class Trace:
         coordinate) unless the trace kept a subset of non-leading positions (SD3 with
         ``tokens="prompt"``: CLIP 0…k, then T5 77…m).
         """
-        return word_alignment(self.tokens)
+        return word_alignment(self.tokens, self.token_roles)
 
     @property
     def timesteps(self) -> np.ndarray:

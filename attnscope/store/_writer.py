@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import AttnscopeError
+from ..tokens import token_roles
 from ._format import (
     BRANCH_ARRAYS,
     FORMAT_VERSION,
@@ -97,6 +98,8 @@ class StoreLayout:
     attrs: dict[str, Any] = field(default_factory=dict)
     #: the planned timestep of each step (NaN where unknown); steps that deviate are corrected later
     timesteps: tuple[float, ...] | None = None
+    #: each position's role (attnscope.tokens.ROLES), one row per sample; None: read from the token text
+    token_roles: list[list[str]] | None = None
 
 
 class _ByteQueue:
@@ -272,6 +275,8 @@ class TraceWriter:
         coord("image_index", np.asarray(layout.image_of_sample, dtype=np.int64), ("sample",))
         coord("token", np.asarray(layout.token_positions, dtype=np.int64), ("token",))
         coord("token_text", np.asarray(layout.token_text, dtype=str).reshape(s, t), ("sample", "token"))
+        roles = layout.token_roles if layout.token_roles is not None else [token_roles(row) for row in layout.token_text]
+        coord("token_role", np.asarray(roles, dtype=str).reshape(s, t), ("sample", "token"))
         sites_group = root.create_group(SITES_GROUP)
         for site in layout.sites:
             group = sites_group.create_group(site.name, attributes={"site": site.description, "steps": list(site.steps)})

@@ -13,17 +13,23 @@ An adapter module has
   calls (replaced for the call when a client reads logits/probs), or None for cross-attention;
 - ``PROCESSORS`` (joint families): the processor class names known to make that one call;
 - ``STEPS_BY``: ``"call"`` (each denoiser call is a step) or ``"timestep"`` (a call with the same
-  timestep as the previous one is a second pass of the same step, e.g. Flux's true CFG).
+  timestep as the previous one is a second pass of the same step, e.g. Flux's true CFG);
+- optionally ``guidance(pipe)``: whether the running call stacks the CFG halves, for pipelines
+  without a ``do_classifier_free_guidance`` property (PixArt);
+- optionally ``spell(tokenizer, ids, text_length, pipe)``: for a single text segment that the sites
+  do not see as the encoder read it (Sana keeps ``[0] + the last 299`` positions after an
+  instruction; Flux.2 wraps the prompt in a chat template), the positions the sites see, their
+  strings and their roles (:data:`attnscope.tokens.ROLES`, ``"instruction"`` included).
 
 Add a family by adding a module and listing it in :data:`ADAPTERS`.
 
 >>> [adapter.FAMILY for adapter in ADAPTERS]
-['unet', 'sd3', 'flux']
+['unet', 'sd3', 'flux', 'flux2', 'pixart', 'sana']
 """
 
-from . import flux, sd3, unet
+from . import flux, flux2, pixart, sana, sd3, unet
 
 __all__ = ["ADAPTERS"]
 
 #: The adapters, tried in this order.
-ADAPTERS = (unet, sd3, flux)
+ADAPTERS = (unet, sd3, flux, flux2, pixart, sana)

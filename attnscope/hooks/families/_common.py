@@ -1,4 +1,4 @@
-"""What the family adapters share: reading a denoiser call's timestep, finding a pipeline's transformer."""
+"""What the family adapters share: a denoiser call's inputs, finding a pipeline's transformer, flat stacks of layers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["timestep_value", "transformer_of"]
+__all__ = ["call_local", "depth_band", "flat_stack_sites", "latent_step_inputs", "packed_latent_shape", "timestep_value",
+           "transformer_of"]
 
 
 def timestep_value(t: Any) -> float:
@@ -29,3 +30,89 @@ def transformer_of(pipe: Any, class_name: str) -> torch.nn.Module | None:
 
     model = getattr(pipe, "transformer", None)
     return model if isinstance(model, getattr(diffusers, class_name)) else None
+
+
+def packed_latent_shape(tokens: int, ids: torch.Tensor | None) -> tuple[int, int]:
+    """The VAE latent's (h, w) under a 2×2-packed sequence (Flux.1, Flux.2): twice the packed grid, read from the
+    rows and columns of ``img_ids`` (its columns 1 and 2), else a square grid of ``tokens`` positions.
+
+    >>> ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(6.0), indexing="ij"), -1)
+    >>> packed_latent_shape(24, ids.reshape(-1, 3)), packed_latent_shape(16, None)
+    ((8, 12), (8, 8))
+    """
+    if ids is None:
+        side = 2 * int(round(tokens**0.5))
+        return side, side
+    ids = ids[0] if ids.ndim == 3 else ids
+    return 2 * (int(ids[:, 1].max()) + 1), 2 * (int(ids[:, 2].max()) + 1)
+
+
+def depth_band(depth: int, layers: int) -> str:
+    """The third of a flat stack of ``layers`` layers that layer ``depth`` sits in.
+
+    >>> [depth_band(d, 28) for d in (0, 9, 10, 18, 19, 27)]
+    ['early', 'early', 'middle', 'middle', 'late', 'late']
+    """
+    return ("early", "middle", "late")[min(2, 3 * depth // max(1, layers))]
+
+
+def flat_stack_sites(model: torch.nn.Module, family: str, cross: bool) -> list[Any]:
+    """The ``transformer_blocks.N.attn2`` (``cross``) or ``attn1`` sites of a flat stack of transformer blocks.
+
+    Every layer has the same resolution (the patch grid, level 0); the block is the layer's
+    third of the stack (:func:`depth_band`) and the depth its index.
+
+    >>> from attnscope.testing import tiny_pixart_pipeline
+    >>> [(s.name, s.block, s.depth) for s in flat_stack_sites(tiny_pixart_pipeline().transformer, "pixart", True)]
+    [('transformer_blocks.0.attn2', 'early', 0), ('transformer_blocks.1.attn2', 'middle', 1)]
+    """
+    from .._sites import CrossAttentionSite
+
+    patch = int(model.config.patch_size)
+    blocks = model.transformer_blocks
+    found = []
+    for index, block in enumerate(blocks):
+        attn = getattr(block, "attn2" if cross else "attn1", None)
+        if attn is None:
+            continue
+        inner = attn.to_q.out_features
+        found.append(CrossAttentionSite(
+            name=f"transformer_blocks.{index}.{'attn2' if cross else 'attn1'}", family=family,
+            kind="cross" if cross else "self", block=depth_band(index, len(blocks)), level=0,
+            heads=attn.heads, head_dim=inner // attn.heads, token_dim=attn.to_k.in_features, module=attn,
+            patch=patch, depth=index,
+        ))
+    return found
+
+
+def latent_step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Batch, timestep, latent (h, w) and text length of a transformer called on an unpacked ``(B, C, H, W)`` latent.
+
+    >>> latent_step_inputs((torch.zeros(2, 4, 8, 6),), {"encoder_hidden_states": torch.zeros(2, 120, 32),
+    ...                                                 "timestep": torch.tensor([999, 999])})
+    {'batch': 2, 'timestep': 999.0, 'latent_shape': (8, 6), 'text_length': 120}
+    """
+    sample = args[0] if args else kwargs["hidden_states"]
+    text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
+    return {"batch": int(sample.shape[0]), "timestep": timestep_value(t),
+            "latent_shape": (int(sample.shape[-2]), int(sample.shape[-1])),
+            "text_length": None if text is None else int(text.shape[1])}
+
+
+def call_local(pipe: Any, name: str) -> Any:
+    """A local variable of the running pipeline call (``pipe.__call__``'s frame), or None outside one.
+
+    For pipelines that keep a per-call setting only as a local (PixArt's ``do_classifier_free_guidance``).
+
+    >>> call_local(object(), "do_classifier_free_guidance") is None
+    True
+    """
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_locals.get("self") is pipe and name in frame.f_locals:
+            return frame.f_locals[name]
+        frame = frame.f_back
+    return None

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .._sites import CrossAttentionSite
-from ._common import timestep_value, transformer_of
+from ._common import packed_latent_shape, timestep_value, transformer_of
 
 __all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "sites", "step_inputs"]
 
@@ -66,6 +66,7 @@ def sites(model: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite
                 name=f"{prefix}.{index}.attn", family=FAMILY, kind="joint", block=stream, level=0,
                 heads=attn.heads, head_dim=inner // attn.heads,
                 token_dim=int(model.config.joint_attention_dim), module=attn, text_layout="text_first", patch=2,
+                depth=len(found),
             ))
     return found
 
@@ -81,12 +82,6 @@ def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
     sample = args[0] if args else kwargs["hidden_states"]
     text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
     t = kwargs.get("timestep")
-    ids = kwargs.get("img_ids")
-    if ids is not None:
-        ids = ids[0] if ids.ndim == 3 else ids
-        shape = (2 * (int(ids[:, 1].max()) + 1), 2 * (int(ids[:, 2].max()) + 1))
-    else:  # no positions given: a square grid
-        side = 2 * int(round(sample.shape[1] ** 0.5))
-        shape = (side, side)
+    shape = packed_latent_shape(int(sample.shape[1]), kwargs.get("img_ids"))
     return {"batch": int(sample.shape[0]), "timestep": timestep_value(t),
             "latent_shape": shape, "text_length": None if text is None else int(text.shape[1])}

@@ -57,7 +57,7 @@ def sites(model: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite
         found.append(CrossAttentionSite(
             name=f"transformer_blocks.{index}.attn", family=FAMILY, kind="joint", block="double", level=0,
             heads=attn.heads, head_dim=inner // attn.heads, token_dim=attn.add_k_proj.in_features, module=attn,
-            text_layout="image_first", patch=patch,
+            text_layout="image_first", patch=patch, depth=index,
         ))
     return found
 

@@ -7,6 +7,7 @@ from the text encoder (``is_cross_attention``: the transformer blocks' ``attn2``
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -42,11 +43,12 @@ def denoiser(pipe: Any) -> torch.nn.Module | None:
 def sites(unet: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite]:
     """The cross-attention sites of ``unet`` in module order (``cross=False``: its self-attention modules).
 
-    Blocks are ``down``/``mid``/``up``; the level counts halvings of the latent resolution.
+    Blocks are ``down``/``mid``/``up``; the level counts halvings of the latent resolution; the depth
+    is the order the forward pass runs them in.
 
     >>> from attnscope.testing import tiny_sd_pipeline
-    >>> [(s.block, s.level) for s in sites(tiny_sd_pipeline().unet)]
-    [('down', 0), ('down', 1), ('up', 1), ('up', 1), ('up', 0), ('up', 0), ('mid', 1)]
+    >>> [(s.block, s.level, s.depth) for s in sites(tiny_sd_pipeline().unet)]
+    [('down', 0, 0), ('down', 1, 1), ('up', 1, 3), ('up', 1, 4), ('up', 0, 5), ('up', 0, 6), ('mid', 1, 2)]
     """
     from diffusers.models.attention_processor import Attention
 
@@ -71,7 +73,10 @@ def sites(unet: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite]
                 heads=module.heads, head_dim=inner // module.heads, token_dim=module.to_k.in_features, module=module,
             )
         )
-    return found
+    # depth: the forward pass runs the down blocks, the mid block, then the up blocks (module order within each)
+    forward = sorted(range(len(found)), key=lambda i: (("down", "mid", "up").index(found[i].block), i))
+    depth = {index: rank for rank, index in enumerate(forward)}
+    return [dataclasses.replace(site, depth=depth[i]) for i, site in enumerate(found)]
 
 
 def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -11,7 +11,7 @@ True
 
 from ..._lazy import lazy_exports
 from ._detector import DetectedObject, detect
-from ._tokenizer import make_clip_tokenizer
+from ._tokenizer import learn_bpe_merges, make_clip_tokenizer
 from ._world import (
     BACKGROUND,
     COLOURS,
@@ -32,7 +32,7 @@ from ._world import (
 __all__ = [
     "BACKGROUND", "COLOURS", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "DetectedObject", "IMAGE_SIZE", "KINDS", "RELATIONS",
     "SHAPES", "Scene", "ShapeObject", "ShapesPipeline", "TEXT_LENGTH", "TrainConfig", "VOCABULARY", "WEIGHTS_DIR",
-    "assemble", "build_components", "check_vocabulary", "detect", "load_shapes_pipeline", "make_clip_tokenizer",
+    "assemble", "build_components", "check_vocabulary", "learn_bpe_merges", "detect", "load_shapes_pipeline", "make_clip_tokenizer",
     "parse_prompt", "relation_holds", "render", "sample_scene", "sampling_scheduler", "train_shapes",
 ]
 

@@ -13,25 +13,14 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["make_clip_tokenizer"]
+from ...tokens import byte_to_unicode
+
+__all__ = ["learn_bpe_merges", "make_clip_tokenizer"]
 
 _BOS, _EOS, _EOW = "<|startoftext|>", "<|endoftext|>", "</w>"
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte -> printable unicode table used by byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def _learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
     """Run BPE training on ``words`` (each counted once) until every word is one symbol.
 
@@ -39,13 +28,25 @@ def _learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
     tokenizer applies merges by global rank: a chain for ``photo`` would otherwise be
     cut short by the ``t o</w>`` merge learnt for ``to``.
     """
-    table = _bytes_to_unicode()
+    table = byte_to_unicode()
     seqs = []
     for word in dict.fromkeys(w.lower() for w in words):
         if not word.isalpha():
             raise ValueError(f"tokenizer words must be letters only, got {word!r}")
         chars = [table[b] for b in word.encode("utf-8")]
         seqs.append(chars[:-1] + [chars[-1] + _EOW])
+    return learn_bpe_merges(seqs)
+
+
+def learn_bpe_merges(sequences: Iterable[Sequence[str]]) -> list[tuple[str, str]]:
+    """BPE training on symbol sequences (each counted once) until every sequence is one symbol.
+
+    Each round merges the most frequent adjacent pair (ties: the lexicographically first).
+
+    >>> learn_bpe_merges([["r", "e", "d"], ["r", "e", "s", "t"]])
+    [('r', 'e'), ('re', 'd'), ('re', 's'), ('res', 't')]
+    """
+    seqs = [list(s) for s in sequences]
     merges: list[tuple[str, str]] = []
     while True:
         pairs = Counter(p for s in seqs for p in zip(s, s[1:]))
@@ -99,7 +100,7 @@ def make_clip_tokenizer(directory: str | os.PathLike, words: Sequence[str], mode
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    base = list(_bytes_to_unicode().values())
+    base = list(byte_to_unicode().values())
     merges = _learn_merges(words)
     tokens = base + [b + _EOW for b in base] + [a + b for a, b in merges] + [_BOS, _EOS]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}

@@ -1,0 +1,173 @@
+"""The Flux.2 family: ``Flux2Transformer2DModel`` denoisers (FLUX.2 klein, ``Flux2KleinPipeline``).
+
+Joint sites of two streams, both with the text **first** in the joint sequence, as in Flux.1:
+
+- ``transformer_blocks.N.attn`` (block ``"double"``, ``Flux2Attention``): ``Flux2AttnProcessor``
+  concatenates the text and image projections, RMS-norms queries and keys, applies RoPE and calls
+  ``dispatch_attention_fn`` once over ``[text, image]``;
+- ``single_transformer_blocks.N.attn`` (block ``"single"``, ``Flux2ParallelSelfAttention``): the
+  block concatenates ``[text, image]`` itself; ``Flux2ParallelSelfAttnProcessor`` takes q, k, v
+  (and the MLP input) from one fused projection and calls ``dispatch_attention_fn`` once. Its
+  output (the ``output`` stage) is ``to_out`` of the attention **and** the parallel MLP together:
+  the block has no attention-only output. The text length comes from the transformer call.
+
+The pipeline patchifies the VAE latent 2×2 (``(C, H, W)`` → ``(4C, H/2, W/2)``) and packs it to
+``(batch, H/2·W/2, 4C)``; the transformer's own ``patch_size`` is 1. ``img_ids`` give each position's
+``(t, row, column, layer)``, so the sites' ``patch`` is 2 and ``latent_shape`` is the VAE latent's
+``(H, W)``, as in Flux.1. There is no attention mask: padding takes real attention mass.
+
+The text axis is the Qwen3 text encoder's view of the chat template,
+``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n``, then
+``<|endoftext|>`` padding to ``max_sequence_length``. :func:`spell` (called by the hook core) gives the
+template tokens their own role (``"instruction"``) so that statistics over the prompt's words mean
+the user's words; :mod:`attnscope.tokens` merges Qwen's byte-level BPE pieces into words.
+
+Classifier-free guidance (klein base models, ``guidance_scale > 1``) runs the transformer twice per
+step, the prompt first, then the empty negative prompt, with the same timestep: steps are counted by
+timestep, and the negative pass is not shown to clients (as Flux.1's true CFG). Its batch never
+stacks the two halves, although the pipeline's ``do_classifier_free_guidance`` is true
+(:func:`guidance`). Not covered: the KV-cache processors (``Flux2KVAttnProcessor``, reference
+images), refused when logits/probs are read, and reference-image conditioning (``image=``), whose
+extra image tokens have no place on the latent grid: refused with one error (:func:`step_inputs`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...errors import AttnscopeError
+from .._sites import CrossAttentionSite
+from ._common import packed_latent_shape, timestep_value, transformer_of
+
+__all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "guidance", "sites",
+           "spell", "step_inputs"]
+
+FAMILY = "flux2"
+SUPPORTS = "Flux2Transformer2DModel (FLUX.2 klein)"
+#: The text encoder whose token ids make the sites' text axis (Qwen3).
+TEXT_ENCODERS = (("text_encoder",),)
+#: (module, attribute, layout) of the attention kernel the processors call.
+KERNEL = ("diffusers.models.transformers.transformer_flux2", "dispatch_attention_fn", "bshd")
+#: Processors whose one kernel call is the joint attention over [text, image] (checked before logits/probs are read).
+PROCESSORS = ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")
+#: Steps are counted by the scheduler's timestep (with guidance the model runs twice per step).
+STEPS_BY = "timestep"
+
+#: The chat template's tokens around the user's prompt, as Qwen's tokenizer spells them.
+_IM_START, _IM_END, _PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+
+
+def denoiser(pipe: Any) -> torch.nn.Module | None:
+    """The pipeline's ``transformer`` when it is a ``Flux2Transformer2DModel``, else None.
+
+    >>> from attnscope.testing import tiny_flux2_pipeline
+    >>> type(denoiser(tiny_flux2_pipeline())).__name__
+    'Flux2Transformer2DModel'
+    """
+    return transformer_of(pipe, "Flux2Transformer2DModel")
+
+
+def guidance(pipe: Any) -> bool:
+    """Whether one transformer call stacks ``[uncond; cond]`` rows: never in Flux.2.
+
+    The klein pipeline's ``do_classifier_free_guidance`` is true with ``guidance_scale > 1``, but it
+    runs the negative prompt as a second call (same timestep), not as rows of the same batch.
+
+    >>> guidance(None)
+    False
+    """
+    return False
+
+
+def sites(model: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite]:
+    """The joint sites of ``model``: double-stream blocks, then single-stream blocks (``cross=False``: none).
+
+    >>> from attnscope.testing import tiny_flux2_pipeline
+    >>> [(s.name, s.block, s.heads, s.patch) for s in sites(tiny_flux2_pipeline().transformer)][::2]
+    [('transformer_blocks.0.attn', 'double', 2, 2), ('single_transformer_blocks.0.attn', 'single', 2, 2)]
+    """
+    if not cross:
+        return []
+    found = []
+    for stream, prefix in (("double", "transformer_blocks"), ("single", "single_transformer_blocks")):
+        for index, block in enumerate(getattr(model, prefix)):
+            attn = block.attn
+            found.append(CrossAttentionSite(
+                name=f"{prefix}.{index}.attn", family=FAMILY, kind="joint", block=stream, level=0,
+                heads=attn.heads, head_dim=attn.head_dim, token_dim=int(model.config.joint_attention_dim), module=attn,
+                text_layout="text_first", patch=2, depth=len(found),
+            ))
+    return found
+
+
+def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Batch size, timestep, latent (h, w) — twice the packed grid — and text length of one transformer call.
+
+    The grid is read from ``img_ids``. Reference images (the pipeline's ``image=``) add positions
+    with other time coordinates: refused with one error, their tokens have no place on the grid.
+
+    >>> t, h, w, layer = torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(6.0), torch.zeros(1),
+    ...                                 indexing="ij")
+    >>> ids = torch.stack([t, h, w, layer], -1).reshape(1, -1, 4)
+    >>> step_inputs((), {"hidden_states": torch.zeros(1, 24, 4), "timestep": torch.tensor([0.5]),
+    ...                  "img_ids": ids, "encoder_hidden_states": torch.zeros(1, 16, 48)})
+    {'batch': 1, 'timestep': 0.5, 'latent_shape': (8, 12), 'text_length': 16}
+    """
+    sample = args[0] if args else kwargs["hidden_states"]
+    text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
+    ids = kwargs.get("img_ids", args[3] if len(args) > 3 else None)
+    if ids is not None:
+        ids = ids[0] if ids.ndim == 3 else ids
+        latent = ids[:, 0] == ids[0, 0]
+        if not bool(latent.all()):
+            raise AttnscopeError(
+                f"Flux.2 with reference images (image=): {int((~latent).sum())} of the transformer's "
+                f"{len(latent)} image tokens are reference-image tokens; attnscope supports text-to-image only")
+    shape = packed_latent_shape(int(sample.shape[1]), ids)
+    return {"batch": int(sample.shape[0]), "timestep": timestep_value(t),
+            "latent_shape": shape, "text_length": None if text is None else int(text.shape[1])}
+
+
+def spell(tokenizer: Any, ids: list[int], text_length: int | None, pipe: Any = None
+          ) -> tuple[list[int], list[str], list[str]]:
+    """Positions, token strings and roles of one prompt's ids over the sites' text axis.
+
+    The hook core calls it with the prompt's padded ids as the text encoder saw them (one row);
+    the sites see every one of them (``text_length``, the transformer call's text length, equals
+    ``max_sequence_length``), so the positions are ``0 … len(ids) − 1``. The chat template's
+    tokens are ``"instruction"``: ``<|im_start|>``, ``user`` and the newline before the prompt, and
+    ``<|im_end|>`` and everything after it up to the first padding token. The user's prompt is
+    ``"word"``, the ``<|endoftext|>`` padding ``"pad"``. A prompt cut by ``max_sequence_length``
+    has no ``<|im_end|>``: its pieces up to the end are words. ``pipe`` is not needed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from attnscope.testing import make_qwen_tokenizer
+    >>> tok = make_qwen_tokenizer(tempfile.mkdtemp())
+    >>> text = tok.apply_chat_template([{"role": "user", "content": "a red elephant"}], tokenize=False,
+    ...                                add_generation_prompt=True, enable_thinking=False)
+    >>> positions, tokens, roles = spell(tok, tok(text, padding="max_length", max_length=20).input_ids, 20)
+    >>> positions == list(range(20))
+    True
+    >>> list(zip(tokens, roles))[:8]  # doctest: +NORMALIZE_WHITESPACE
+    [('<|im_start|>', 'instruction'), ('user', 'instruction'), ('Ċ', 'instruction'), ('a', 'word'),
+     ('Ġred', 'word'), ('Ġele', 'word'), ('phant', 'word'), ('<|im_end|>', 'instruction')]
+    >>> roles[8:]  # doctest: +NORMALIZE_WHITESPACE
+    ['instruction', 'instruction', 'instruction', 'instruction', 'instruction', 'instruction', 'instruction',
+     'instruction', 'pad', 'pad', 'pad', 'pad']
+    """
+    ids = list(ids)
+    if text_length is not None:
+        ids = ids[:text_length]
+    tokens = list(tokenizer.convert_ids_to_tokens(ids))
+    pad = getattr(tokenizer, "pad_token", None) or _PAD
+    stop = next((i for i, tok in enumerate(tokens) if tok == pad), len(tokens))
+    start = 3 if tokens[:2] == [_IM_START, "user"] and stop > 2 else 0  # <|im_start|>, user, newline
+    end = next((i for i in range(start, stop) if tokens[i] == _IM_END), stop)
+    roles = ["instruction"] * start + ["word"] * (end - start) + ["instruction"] * (stop - end)
+    roles += ["pad"] * (len(tokens) - stop)
+    return list(range(len(ids))), tokens, roles
