@@ -15,6 +15,8 @@ whole ``attnscope.capture`` call, including the writer thread's flush, consolida
     python benchmarks/capture_overhead.py --models sd15 --device cuda --resolution 512
     python benchmarks/capture_overhead.py --models tiny --profile # where the capture time goes
     python benchmarks/capture_overhead.py --models flux,sd3       # joint attention (transformers), CPU
+    python benchmarks/capture_overhead.py --models pixart,sana    # flat stacks of cross-attention, CPU
+    python benchmarks/capture_overhead.py --models flux2          # FLUX.2 klein structure (Qwen3 chat template)
 
 See benchmarks/README.md.
 """
@@ -40,7 +42,15 @@ import torch
 
 import attnscope
 from attnscope.store import weights_fingerprint
-from attnscope.testing import flux_structure_pipeline, sd3_structure_pipeline, sd15_structure_pipeline, tiny_sd_pipeline
+from attnscope.testing import (
+    flux2_structure_pipeline,
+    flux_structure_pipeline,
+    pixart_structure_pipeline,
+    sana_structure_pipeline,
+    sd3_structure_pipeline,
+    sd15_structure_pipeline,
+    tiny_sd_pipeline,
+)
 
 PROMPT = "a photo of a red cat and a blue dog"
 TOKENS = "auto"  # capture's default: every position on UNets, the prompt's positions on SD3/Flux
@@ -57,6 +67,18 @@ MODELS = {
     "sd3": {"build": sd3_structure_pipeline, "resolution": 128, "steps": 4, "repeats": 5,
             "label": "sd3-structure (6 joint blocks, 8x64 heads, random weights; "
                      "1024 image + 77 CLIP + 256 T5 tokens at 128 px, as SD3 at 512 px)"},
+    "flux2": {"build": flux2_structure_pipeline, "resolution": 128, "steps": 4, "repeats": 5,
+              "call": {"guidance_scale": 1.0},
+              "label": "flux2-structure (4 double + 8 single blocks, 8x64 heads, random weights, guidance 1; "
+                       "1024 image + 512 chat-template tokens at 128 px, as FLUX.2 klein at 512 px)"},
+    "pixart": {"build": pixart_structure_pipeline, "resolution": 128, "steps": 4, "repeats": 5,
+               "call": {"use_resolution_binning": False, "clean_caption": False},
+               "label": "pixart-structure (4 layers, 16x72 heads, random weights; "
+                        "1024 image + 120 T5 tokens at 128 px, as PixArt-alpha at 512 px)"},
+    "sana": {"build": sana_structure_pipeline, "resolution": 64, "steps": 4, "repeats": 5,
+             "call": {"use_resolution_binning": False},
+             "label": "sana-structure (4 layers, width 2240, cross 20x112, random weights; "
+                      "1024 image + 300 Gemma tokens at 64 px, as Sana at 1024 px)"},
 }
 
 
@@ -98,16 +120,18 @@ def store_size(path: Path) -> tuple[int, int, int]:
     return apparent, allocated, files
 
 
-def run_plain(pipe, steps: int, px: int, device: str):
+def run_plain(pipe, steps: int, px: int, device: str, call: dict | None = None):
     gc.collect()
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    out = pipe(PROMPT, generator=torch.Generator().manual_seed(SEED), num_inference_steps=steps, height=px, width=px)
+    out = pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(SEED), num_inference_steps=steps, height=px, width=px,
+               **(call or {}))
     sync(device)
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
-def run_capture(pipe, steps: int, px: int, device: str, keep: bool = False, profiler: cProfile.Profile | None = None):
+def run_capture(pipe, steps: int, px: int, device: str, keep: bool = False, profiler: cProfile.Profile | None = None,
+                call: dict | None = None):
     """Time one capture into a fresh temporary store; return (wall s, process CPU s, info about the store)."""
     tmp = Path(tempfile.mkdtemp(prefix="attnscope-bench-"))
     store = tmp / "trace.zarr"
@@ -118,7 +142,8 @@ def run_capture(pipe, steps: int, px: int, device: str, keep: bool = False, prof
             profiler.enable()
         t0, c0 = time.perf_counter(), time.process_time()
         trace = attnscope.capture(pipe, PROMPT, seed=SEED, store=store, sites=None, steps=None, heads="mean",
-                                  tokens=TOKENS, branch="cond", num_inference_steps=steps, height=px, width=px)
+                                  tokens=TOKENS, branch="cond", num_inference_steps=steps, height=px, width=px,
+                                  **(call or {}))
         sync(device)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         if profiler is not None:
@@ -164,8 +189,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     latent = (px // pipe.vae_scale_factor, px // pipe.vae_scale_factor)
     print(f"   built in {build_s:.1f} s; {len(sites)} cross-attention sites; latent {latent[0]}x{latent[1]}", flush=True)
 
-    warm_plain_s, _, plain_out = run_plain(pipe, steps, px, args.device)
-    warm_capture_s, _, warm_info = run_capture(pipe, steps, px, args.device, keep=True)
+    call = MODELS[name].get("call", {})  # pipeline arguments a tiny-VAE structure model needs (no resolution binning)
+    warm_plain_s, _, plain_out = run_plain(pipe, steps, px, args.device, call)
+    warm_capture_s, _, warm_info = run_capture(pipe, steps, px, args.device, keep=True, call=call)
     a, b = np.asarray(plain_out.images[0], dtype=np.int16), np.asarray(warm_info.pop("images")[0], dtype=np.int16)
     image_diff = int(np.abs(a - b).max())
     print(f"   warm-up (untimed): plain {warm_plain_s:.3f} s, capture {warm_capture_s:.3f} s "
@@ -179,8 +205,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
 
     plain, capture, plain_cpu, capture_cpu, info = [], [], [], [], warm_info
     for i in range(repeats):
-        p, pc, _ = run_plain(pipe, steps, px, args.device)
-        c, cc, info = run_capture(pipe, steps, px, args.device)
+        p, pc, _ = run_plain(pipe, steps, px, args.device, call)
+        c, cc, info = run_capture(pipe, steps, px, args.device, call=call)
         plain.append(p)
         capture.append(c)
         plain_cpu.append(pc)
@@ -205,16 +231,16 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         **{k: info[k] for k in ("maps_written", "store_bytes", "store_disk_bytes", "store_files")},
     }
     if args.profile:
-        result["profile"] = profile_capture(pipe, steps, px, args.device)
+        result["profile"] = profile_capture(pipe, steps, px, args.device, call=call)
     del pipe
     gc.collect()
     return result
 
 
-def profile_capture(pipe, steps: int, px: int, device: str, top: int = 25) -> str:
+def profile_capture(pipe, steps: int, px: int, device: str, top: int = 25, call: dict | None = None) -> str:
     """One capture under cProfile (main thread only: the writer thread's work is not in it)."""
     prof = cProfile.Profile()
-    run_capture(pipe, steps, px, device, profiler=prof)
+    run_capture(pipe, steps, px, device, profiler=prof, call=call)
     text = []
     for key, title in (("tottime", "own time"), ("cumulative", "cumulative time")):
         buf = io.StringIO()
