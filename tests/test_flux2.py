@@ -387,3 +387,9 @@ def test_branch_uncond_is_an_error_the_negative_pass_is_not_recorded(pipe, tmp_p
 
 def test_heatmaps_and_compare_of_a_regulated_rerun(pipe, tmp_path):
     check_heatmaps_and_compare(pipe, tmp_path, ["red", "circle"], **KW)
+
+
+def test_a_prompt_the_pipeline_would_cut_is_refused(pipe, tmp_path):
+    with pytest.raises(AttnscopeError, match="Qwen tokens with the chat template, more than the 16"):
+        ats.capture(pipe, "a red circle and a blue square", seed=0, store=tmp_path / "x.zarr", **{**KW, "max_sequence_length": 16})
+    assert not (tmp_path / "x.zarr").exists()

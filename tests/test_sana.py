@@ -135,3 +135,16 @@ def test_a_prompt_the_pipeline_would_cut_is_refused(sana, tmp_path):
     assert not (tmp_path / "x.zarr").exists()
     tr = ats.capture(sana, "a red circle", seed=0, store=tmp_path / "y.zarr", max_sequence_length=8, **KW)
     assert tr.tokens == ["<bos>", "\u2581a", "\u2581red", "\u2581circle"]
+
+
+def test_capture_command_on_a_saved_sana_pipeline(sana, tmp_path):
+    from .conftest import cli
+
+    sana.save_pretrained(tmp_path / "sana")
+    out = tmp_path / "run.zarr"
+    done = cli("capture", "--model", str(tmp_path / "sana"), "--prompt", "a red elephant", "--steps", "2", "--height",
+               "32", "--width", "64", "--set", "use_resolution_binning=false", "--out", str(out))
+    assert done.exit_code == 0, done.stderr
+    tr = ats.open_trace(out)
+    assert tr.words == {"a": [1], "red": [2], "elephant": [3, 4]} and tr.token_roles[0] == "sot"
+    assert tr.attention(tr.sites[0]).sizes["x"] == 32
