@@ -196,7 +196,8 @@ def stats(
                                                   "(default: every word of the prompt)."),
     sites: list[str] | None = typer.Option(None, help="Glob of site module paths; repeatable (default all)."),
     steps: str | None = typer.Option(None, help="Steps as START:STOP[:STEP] or a comma list (default all)."),
-    by: str = typer.Option("word", help="Table per 'word' (token), per 'step' or per 'site'."),
+    by: str = typer.Option("word", help="Table per 'word' (token), per 'step', per 'site' or per 'block' (down/mid/up; "
+                                        "double/single; a flat stack's early/middle/late third)."),
     convergence: bool = typer.Option(False, "--convergence", help="Print the step-to-step convergence curve and the "
                                                                   "suggested TGATE gate step instead."),
     tol: float = typer.Option(0.05, help="Tolerance of the convergence's stable step."),

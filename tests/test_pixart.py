@@ -208,3 +208,16 @@ def test_a_prompt_the_pipeline_would_cut_is_refused(alpha, tmp_path):
         ats.capture(alpha, "a red circle and a blue square and a green triangle", seed=0, store=tmp_path / "x.zarr",
                     **{**KW, "max_sequence_length": 8})
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_statistics_by_block_on_a_flat_stack(sigma, tmp_path):
+    from attnscope.stats import dominance_table
+
+    tr = ats.capture(sigma, "a red circle", seed=0, store=tmp_path / "b.zarr", **KW)
+    ds = ats.stats.dominance(tr, targets=["red", "circle"])
+    assert ds["block"].values.tolist() == ["early", "middle", "late"] and ds["depth"].values.tolist() == [0, 1, 2]
+    table = dominance_table(ds, by="block")
+    rows = [line.split()[0] for line in table.splitlines()[2:]]
+    assert rows == ["early", "middle", "late"]                                  # forward order, not alphabetical
+    middle = ds.sel(site="transformer_blocks.1.attn2").mean("step")
+    assert f"{float(middle.target_share.sel(target='circle')[0]) * 100:.1f}%" in table.splitlines()[3]

@@ -43,6 +43,20 @@ def test_step_and_site_tables(trace):
         ats.stats.dominance_table(ds, by="layer")
 
 
+def test_block_table_follows_the_forward_pass(trace):
+    ds = ats.stats.dominance(trace, targets=["circle", "square"])
+    assert ds["block"].values.tolist() == ["down", "down", "up", "up", "up", "up", "mid"]   # module order
+    by_block = ats.stats.dominance_table(ds, by="block").splitlines()
+    assert [line.split()[0] for line in by_block[2:]] == ["down", "mid", "up"]          # forward order
+    up = ds.where(ds.block == "up", drop=True).target_share.isel(sample=0).mean(["step", "site"])
+    assert by_block[4].split()[1] == f"{100 * float(up.sel(target='circle')):.1f}%"
+    one = trace.attention(trace.sites[0])
+    assert ats.stats.dominance(one, targets=["circle"])["block"].values.tolist() == ["down"]   # arrays carry it
+    bare = ats.stats.dominance(one.assign_attrs(site={}), targets=["circle"])      # an array without a description
+    with pytest.raises(AttnscopeError, match="no 'block' coordinate"):
+        ats.stats.dominance_table(bare, by="block")
+
+
 def test_json_holds_every_value(trace):
     ds = ats.stats.dominance(trace, targets=["circle", "square"])
     data = json.loads(json.dumps(ats.stats.dominance_json(ds)))

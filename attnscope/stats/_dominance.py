@@ -199,6 +199,10 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
         per_site.append(ds.expand_dims(site=[name]))
     out = xr.concat(per_site, dim="site", join="outer", coords="minimal", compat="override")
     out = out.transpose("step", "site", "sample", "token", "target")
+    described = [da.attrs.get("site", {}) for da in arrays.values()]
+    for key in ("block", "depth"):  # where each site sits: down/mid/up, double/single, or a flat stack's third
+        if all(key in d for d in described):
+            out = out.assign_coords({key: ("site", [d[key] for d in described])})
     tok_text = np.array(texts)[:, keep]
     tok_word = np.array([token_words(t, r) for t, r in zip(texts, roles)])[:, keep]
     same = all(row == texts[0] for row in texts)

@@ -14,7 +14,7 @@ __all__ = ["convergence_table", "dominance_json", "dominance_table"]
 
 _SUMMARY = ("dominance_ratio", "entropy", "gini", "sink_share")
 _SHORT = {"dominance_ratio": "top1/top2", "entropy": "entropy", "gini": "gini", "sink_share": "sink"}
-_BY = ("word", "step", "site")
+_BY = ("word", "step", "site", "block")
 
 
 def _num(x: float, pct: bool = False) -> str:
@@ -30,7 +30,9 @@ def dominance_table(ds: Any, by: str = "word") -> str:
 
     ``by="word"``: mass share and argmax coverage per prompt token (mean over steps and sites), then
     the summary statistics. ``by="step"`` / ``by="site"``: target shares and summary statistics per
-    step (mean over sites) or per site (mean over steps).
+    step (mean over sites) or per site (mean over steps). ``by="block"``: per block of sites (a
+    UNet's down/mid/up, a joint transformer's double/single stream, a flat stack's early/middle/late
+    third), in the order the forward pass reaches them, mean over steps and the block's sites.
 
     Examples
     --------
@@ -65,13 +67,20 @@ def dominance_table(ds: Any, by: str = "word") -> str:
             lines.append("; ".join(f"{v.replace('_', ' ')} {_num(float(mean[v]))}" for v in _SUMMARY)
                          + "  (mean over steps and sites)")
         else:
-            other = "site" if by == "step" else "step"
-            mean = one.mean(other)
+            if by == "block":
+                if "block" not in one.coords:
+                    raise AttnscopeError("by='block': this Dataset has no 'block' coordinate (sites given as arrays, "
+                                         "or a trace written before sites recorded their block); use by='site'")
+                order = list(dict.fromkeys(one.sortby("depth")["block"].values.tolist() if "depth" in one.coords
+                                           else one["block"].values.tolist()))
+                mean = one.mean("step").groupby("block").mean().sel(block=order)
+            else:
+                mean = one.mean("site" if by == "step" else "step")
             labels = [str(t) for t in one["target"].values]
-            head = f"{by:<52}" if by == "site" else f"{by:>4}"
+            head = f"{by:<52}" if by in ("site", "block") else f"{by:>4}"
             lines.append(head + "".join(f"{t[:12]:>13}" for t in labels) + "".join(f"{_SHORT[v]:>11}" for v in _SUMMARY))
             for k, key in enumerate(mean[by].values):
-                row = f"{str(key):<52}" if by == "site" else f"{int(key):>4}"
+                row = f"{str(key):<52}" if by in ("site", "block") else f"{int(key):>4}"
                 row += "".join(f"{_num(float(x), True):>13}" for x in mean.target_share.values[k])
                 row += "".join(f"{_num(float(mean[v].values[k])):>11}" for v in _SUMMARY)
                 lines.append(row)

@@ -208,6 +208,7 @@ class Trace:
         da = node[arrays[branch]]
         da = da.assign_coords({c: self.tree[c].variable for c in ROOT_COORDS
                                if c in self.tree.coords and set(self.tree[c].dims) <= set(da.dims)})
+        da.attrs["site"] = dict(node.attrs.get("site", {}))  # family, kind, block, level, depth, …
         return da.isel(step=steps)
 
 
