@@ -55,7 +55,7 @@ def capture(
     images_per_prompt: int = typer.Option(1, help="Images per prompt."),
     negative_prompt: str | None = typer.Option(None, help="Negative prompt."),
     max_sequence_length: int | None = typer.Option(
-        None, help="T5 tokens of the text (SD3, Flux; default: the pipeline's, 256 / 512). A longer prompt is an error."),
+        None, help="Text tokens of the prompt (SD3, Flux, PixArt, Sana; default: the pipeline's). A longer prompt is an error."),
     sites: list[str] | None = typer.Option(None, help="Glob of site module paths to record; repeatable (default all)."),
     capture_steps: str | None = typer.Option(None, help="Steps to record as START:STOP[:STEP] or a comma list (default all)."),
     heads: str = typer.Option("mean", help="'mean' (average heads on the device) or 'all'."),

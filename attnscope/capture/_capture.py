@@ -60,7 +60,8 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     ----------
     pipe : diffusers pipeline
         With a supported denoiser: UNet2DConditionModel (SD 1.x, 2.x, SDXL), SD3Transformer2DModel (SD3,
-        SD3.5) or FluxTransformer2DModel (FLUX.1); see docs/model-families.md.
+        SD3.5), FluxTransformer2DModel (FLUX.1), Flux2Transformer2DModel (FLUX.2), PixArtTransformer2DModel
+        (PixArt-α/Σ) or SanaTransformer2DModel (Sana); see docs/model-families.md.
     prompt : str or list of str
         One prompt, or several (each gets ``num_images_per_prompt`` samples).
     seed : int or list of int

@@ -272,7 +272,8 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
     ----------
     pipe : diffusers pipeline
         With a supported denoiser: UNet2DConditionModel (SD 1.x, 2.x, SDXL), SD3Transformer2DModel (SD3,
-        SD3.5) or FluxTransformer2DModel (FLUX.1); see docs/model-families.md.
+        SD3.5), FluxTransformer2DModel (FLUX.1), Flux2Transformer2DModel (FLUX.2), PixArtTransformer2DModel
+        (PixArt-α/Σ) or SanaTransformer2DModel (Sana); see docs/model-families.md.
     *clients
         Observers and interventions: objects following :class:`~attnscope.hooks.HookClient` (it
         documents the stages, the roles, the optional methods and the order they run in).

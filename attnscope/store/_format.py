@@ -12,7 +12,7 @@ IMAGE_DIMS = ("sample", "height", "width", "channel")
 #: root arrays that are coordinates of every site array (declared to xarray via the root attribute)
 ROOT_COORDS = ("timestep", "prompt_index", "image_index", "token_text", "token_role")
 BRANCH_ARRAYS = {"cond": "attention", "uncond": "attention_uncond"}
-#: joint sites (SD3, Flux) also store each pixel's total attention mass on the text keys
+#: joint sites (SD3, Flux, Flux.2) also store each pixel's total attention mass on the text keys
 TEXT_MASS_ARRAYS = {"cond": "text_mass", "uncond": "text_mass_uncond"}
 TEXT_MASS_DIMS = SITE_DIMS[:-1]
 #: a site's step chunk grows until a shard holds about this many raw bytes (tiny sites), capped below

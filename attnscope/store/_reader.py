@@ -199,7 +199,7 @@ class Trace:
         branches = [b for b, arr in arrays.items() if arr in node.data_vars]
         if not branches:
             kind = node.attrs.get("site", {}).get("kind", "cross")
-            raise AttnscopeError(f"site {name!r} is a {kind!r} site: only joint sites (SD3, Flux) store a text mass")
+            raise AttnscopeError(f"site {name!r} is a {kind!r} site: only joint sites (SD3, Flux, Flux.2) store a text mass")
         if branch is None:
             branch = "cond" if "cond" in branches else branches[0]
         if branch not in branches:
