@@ -37,6 +37,8 @@ make_qwen_tokenizer
     Tiny Qwen2/Qwen3 byte-level BPE tokenizer with Qwen3's chat template.
 tiny_flux2_pipeline
     Seconds-fast FLUX.2 klein pipeline (Qwen3 text encoder, double- and single-stream blocks).
+tiny_flux2_dev_pipeline
+    Seconds-fast FLUX.2 dev pipeline (Mistral 3 text encoder in a Pixtral-style processor, guidance-distilled).
 flux_structure_pipeline, flux2_structure_pipeline, sd3_structure_pipeline, pixart_structure_pipeline, sana_structure_pipeline
     Flux.1 / Flux.2 / SD3 / PixArt / Sana pipelines with benchmark-sized transformers (random weights) and the
     real models' token counts (FLUX.1, FLUX.2, SD3, PixArt at 512 px for ``height=width=128``; Sana at 1024 px
@@ -45,6 +47,7 @@ flux_structure_pipeline, flux2_structure_pipeline, sd3_structure_pipeline, pixar
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import string
@@ -72,6 +75,7 @@ __all__ = [
     "tiny_flux_pipeline",
     "make_qwen_tokenizer",
     "tiny_flux2_pipeline",
+    "tiny_flux2_dev_pipeline",
     "tiny_pixart_pipeline",
     "tiny_sana_pipeline",
     "make_gemma_tokenizer",
@@ -683,6 +687,33 @@ _QWEN_CHAT_TEMPLATE = (
 )
 
 
+def _byte_level_bpe(words: Sequence[str], texts: Sequence[str] = ()) -> tuple[list[tuple[str, str]], list[str]]:
+    """Merges and vocabulary (the 256 byte symbols, then each merge's result) of a tiny byte-level BPE in which each of
+    ``texts`` is one token, and each word one token bare and one after a space (``Ġ``), except "elephant" (two pieces,
+    ``ele``/``Ġele`` + ``phant``). Words must be non-empty without whitespace.
+
+    >>> merges, vocab = _byte_level_bpe(["red"])
+    >>> merges[-2:], vocab[-2:]
+    ([('r', 'ed'), ('Ġ', 'red')], ['red', 'Ġred'])
+    """
+    from tokenizers import pre_tokenizers
+
+    bad = [w for w in words if not w or w != "".join(w.split())]
+    if bad:
+        raise ValueError(f"words must be non-empty without whitespace, got {bad}")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+
+    def symbols(text: str) -> list[str]:  # byte-level BPE's printable symbol of each byte: " " -> "Ġ"
+        return list(byte_level.pre_tokenize_str(text)[0][0])
+
+    sequences = [symbols(text) for text in texts]
+    for word in dict.fromkeys(words):
+        first, *rest = ("ele", "phant") if word == "elephant" else (word,)
+        sequences += [symbols(first), symbols(" " + first)] + [symbols(piece) for piece in rest]
+    merges = learn_bpe_merges(sequences)
+    return merges, sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in merges]
+
+
 def make_qwen_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DEFAULT_WORDS):
     """Write a tiny Qwen2/Qwen3 byte-level BPE tokenizer with Qwen3's chat tokens into ``directory`` and load it.
 
@@ -722,24 +753,11 @@ def make_qwen_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DEF
         ``<think>\\n\\n</think>\\n\\n`` when ``enable_thinking=False``. Unknown words split into
         smaller pieces (single bytes, pieces learnt from the words), their space into a lone ``Ġ``.
     """
-    from tokenizers import AddedToken, pre_tokenizers
+    from tokenizers import AddedToken
     from transformers import Qwen2TokenizerFast
 
-    bad = [w for w in words if not w or w != "".join(w.split())]
-    if bad:
-        raise ValueError(f"words must be non-empty without whitespace, got {bad}")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-
-    def symbols(text: str) -> list[str]:  # byte-level BPE's printable symbol of each byte: " " -> "Ġ"
-        return list(byte_level.pre_tokenize_str(text)[0][0])
-
-    sequences = [symbols("\n\n")]
-    for word in dict.fromkeys([*words, "user", "assistant"]):
-        first, *rest = ("ele", "phant") if word == "elephant" else (word,)
-        sequences += [symbols(first), symbols(" " + first)] + [symbols(piece) for piece in rest]
-    merges = learn_bpe_merges(sequences)
-    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in merges] + list(_QWEN_SPECIALS + _QWEN_THINK)
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    merges, tokens = _byte_level_bpe([*words, "user", "assistant"], texts=["\n\n"])
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + list(_QWEN_SPECIALS + _QWEN_THINK)))}
     tok = Qwen2TokenizerFast(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
                              pad_token="<|endoftext|>", additional_special_tokens=list(_QWEN_SPECIALS[1:]),
                              chat_template=_QWEN_CHAT_TEMPLATE, model_max_length=32768)
@@ -756,6 +774,35 @@ _FLUX2 = MappingProxyType(dict(
     patch_size=1, in_channels=4, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
     timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
 ))
+
+
+def _flux2_pipeline(cls_name, text, seed, tokenizer_dir, num_layers, num_single_layers, guidance_embeds=False):
+    """A tiny Flux.2 pipeline ``cls_name``: the transformer (:data:`_FLUX2`), VAE (scale factor 2) and flow-matching
+    scheduler of both, each seeded, and the tokenizer and text encoder of ``text(root)`` — ``(tokenizer, a function
+    building the text encoder)``, the tokenizer files written under ``root`` (``tokenizer_dir`` or a temporary one)."""
+    import diffusers
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+
+    with torch.random.fork_rng(devices=[]), ExitStack() as stack:
+        root = tokenizer_dir if tokenizer_dir is not None else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="attnscope-tok-"))
+        tokenizer, text_encoder = text(root)
+        transformer = _dit("Flux2Transformer2DModel", seed, **{**_FLUX2, "guidance_embeds": guidance_embeds},
+                           num_layers=num_layers, num_single_layers=num_single_layers)
+        torch.manual_seed(seed)
+        vae = AutoencoderKLFlux2(
+            sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 4), layers_per_block=1,
+            latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        ).eval()
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096,
+        )
+        pipe = getattr(diffusers, cls_name)(scheduler=scheduler, vae=vae, text_encoder=text_encoder(),
+                                            tokenizer=tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _qwen3_encoder(tokenizer, seed, hidden_size=16, layers=28):
@@ -810,28 +857,11 @@ def tiny_flux2_pipeline(seed=0, tokenizer_dir=None, num_layers=2, num_single_lay
         transformer call per step. Every attention sees the ``max_sequence_length`` chat-template
         tokens first, then the image tokens.
     """
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
-
-    with torch.random.fork_rng(devices=[]), ExitStack() as stack:
-        root = tokenizer_dir if tokenizer_dir is not None else stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="attnscope-tok-"))
+    def qwen(root):
         tok = make_qwen_tokenizer(root)
-        transformer = _dit("Flux2Transformer2DModel", seed, **_FLUX2, num_layers=num_layers,
-                           num_single_layers=num_single_layers)
-        torch.manual_seed(seed)
-        vae = AutoencoderKLFlux2(
-            sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 4), layers_per_block=1,
-            latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-        ).eval()
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-            base_image_seq_len=256, max_image_seq_len=4096,
-        )
-        pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=_qwen3_encoder(tok, seed),
-                                  tokenizer=tok, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        return tok, lambda: _qwen3_encoder(tok, seed)
+
+    return _flux2_pipeline("Flux2KleinPipeline", qwen, seed, tokenizer_dir, num_layers, num_single_layers)
 
 
 def make_gemma_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DEFAULT_WORDS,
@@ -981,6 +1011,138 @@ def flux2_structure_pipeline(seed=0, num_layers=4, num_single_layers=8, heads=8,
             "axes_dims_rope": (head_dim // 4,) * 4, "num_layers": num_layers, "num_single_layers": num_single_layers})
     pipe.register_modules(transformer=transformer)
     return pipe
+
+
+# ----------------------------------------------------------------------------- Flux.2 dev
+#: Special tokens of Mistral 3's Tekken tokenizer that the dev pipeline and its processor use, in Tekken's order.
+_MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                     "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+#: Tekken's split before byte level, simplified: a letter run with at most one other character in front (a space),
+#: single digits, punctuation runs, line breaks, other whitespace.
+_MISTRAL_SPLIT = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+#: A chat template of Mistral Small 3's form, enough for the dev pipeline's messages (a system message, then the
+#: user's text; contents as strings or lists of text/image blocks): <s>[SYSTEM_PROMPT]…[/SYSTEM_PROMPT][INST]…[/INST].
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set text = namespace(value='') -%}"
+    "{%- for block in message['content'] -%}"
+    "{%- set text.value = text.value + (block['text'] if block['type'] == 'text' else '[IMG]') -%}"
+    "{%- endfor -%}{%- set text = text.value -%}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- '[INST]' + text + '[/INST]' -}}"
+    "{%- else -%}{{- text + eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+@functools.cache
+def _pixtral_text_processor():
+    """A ``ProcessorMixin`` with ``PixtralProcessor``'s parts (image processor, tokenizer, chat template).
+
+    transformers' own ``PixtralProcessor`` imports torchvision when its module loads, which attnscope does not need;
+    it defines neither ``__call__`` nor ``apply_chat_template``, so on text this class runs the same code.
+    """
+    from transformers.processing_utils import ProcessorMixin
+
+    class PixtralTextProcessor(ProcessorMixin):
+        """``PixtralProcessor`` on text (see :func:`tiny_flux2_dev_pipeline`)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
+            super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    return PixtralTextProcessor
+
+
+def _mistral_processor(directory, words: Sequence[str] = DEFAULT_WORDS):
+    """A tiny Tekken-style tokenizer (byte-level BPE over ``words`` and the dev pipeline's system message, Mistral's
+    special tokens, left padding with ``<pad>``), written into ``directory`` and loaded back, in a processor with a
+    Pixtral image processor (patches of 6) and :data:`_MISTRAL_CHAT_TEMPLATE`."""
+    import re
+
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, TokenizersBackend
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    merges, tokens = _byte_level_bpe([*words, *re.findall(r"\w+", SYSTEM_MESSAGE)])
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(dict.fromkeys([*_MISTRAL_SPECIALS, *tokens]))},
+                                   merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_MISTRAL_SPLIT), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _MISTRAL_SPECIALS])
+    tok = TokenizersBackend(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>", padding_side="left", model_max_length=131072)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(directory))
+    image_processor = PixtralImageProcessorPil(patch_size={"height": 6, "width": 6}, size={"longest_edge": 24})
+    return _pixtral_text_processor()(image_processor, AutoTokenizer.from_pretrained(str(directory)),
+                                     chat_template=_MISTRAL_CHAT_TEMPLATE)
+
+
+def _mistral3_encoder(tokenizer, seed, hidden_size=16, layers=30):
+    """Random ``Mistral3ForConditionalGeneration`` sized for ``tokenizer``: a Mistral text model with 30 layers, so the
+    dev pipeline's default ``text_encoder_out_layers=(10, 20, 30)`` applies, and a one-layer Pixtral vision tower."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id)
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2,
+                         num_key_value_heads=2, head_dim=hidden_size // 2, max_position_embeddings=1024,
+                         sliding_window=None, **special),
+        vision_config=dict(model_type="pixtral", hidden_size=hidden_size, intermediate_size=hidden_size,
+                           num_hidden_layers=1, num_attention_heads=2, head_dim=hidden_size // 2, image_size=24,
+                           patch_size=6, num_channels=3),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=1, **special,
+    )
+    torch.manual_seed(seed)
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def tiny_flux2_dev_pipeline(seed=0, tokenizer_dir=None, num_layers=2, num_single_layers=2):
+    """Build a tiny random-weight FLUX.2 dev pipeline (CPU, fp32): Mistral 3 text encoder, guidance-distilled.
+
+    Examples
+    --------
+    >>> import torch
+    >>> pipe = tiny_flux2_dev_pipeline()
+    >>> out = pipe(prompt="a red circle", num_inference_steps=2, height=32, width=48, max_sequence_length=48,
+    ...            generator=torch.Generator().manual_seed(0))  # the first positional parameter is `image`
+    >>> out.images[0].size, type(pipe).__name__, type(pipe.text_encoder).__name__
+    ((48, 32), 'Flux2Pipeline', 'Mistral3ForConditionalGeneration')
+
+    Parameters
+    ----------
+    seed, tokenizer_dir, num_layers, num_single_layers
+        As :func:`tiny_flux2_pipeline` (the tokenizer's files go to ``tokenizer_dir``).
+
+    Returns
+    -------
+    diffusers.Flux2Pipeline
+        The transformer, VAE and scheduler of :func:`tiny_flux2_pipeline`, the transformer with guidance
+        embeddings (dev is guidance-distilled: one transformer call per step, ``guidance_scale`` is an input);
+        a ``Mistral3ForConditionalGeneration`` of width 16 with 30 text layers (the pipeline's default hidden
+        states 10, 20 and 30, joined to the transformer's text width 48) and a one-layer Pixtral vision tower,
+        as diffusers' Flux2 test; as ``tokenizer`` a processor with ``PixtralProcessor``'s parts (nothing from a
+        hub): a Pixtral image processor and a Tekken-style byte-level BPE tokenizer (``TokenizersBackend``,
+        Mistral's special tokens, ``<pad>`` padding on the left as FLUX.2 dev's) in which each of
+        :data:`DEFAULT_WORDS` and of the system message's words is one piece (``Ġred``; "elephant" is
+        ``Ġele`` + ``phant``), with a chat template of Mistral Small 3's form. Every attention sees the
+        ``max_sequence_length`` positions of ``<pad>``…``<s>[SYSTEM_PROMPT]{system message}[/SYSTEM_PROMPT]
+        [INST]{prompt}[/INST]`` first (31 positions before the prompt), then the image tokens.
+    """
+    def mistral(root):
+        processor = _mistral_processor(root)
+        return processor, lambda: _mistral3_encoder(processor.tokenizer, seed)
+
+    return _flux2_pipeline("Flux2Pipeline", mistral, seed, tokenizer_dir, num_layers, num_single_layers,
+                           guidance_embeds=True)
 
 
 def pixart_structure_pipeline(seed=0, num_layers=4, heads=16, head_dim=72, sigma=False):

@@ -1,5 +1,5 @@
-"""The Flux.2 klein family: sites, stored maps against an independent float64 computation from each
-module's own projections, bit-identity, restoration, steps under guidance, the chat template's token
+"""The Flux.2 family, klein and dev: sites, stored maps against an independent float64 computation from each
+module's own projections, bit-identity, restoration, steps under guidance, the chat templates' token
 roles and words, interventions, refusals."""
 
 from __future__ import annotations
@@ -15,10 +15,17 @@ import attnscope as ats
 from attnscope.errors import AttnscopeError
 from attnscope.hooks import find_denoiser
 from attnscope.hooks.families import flux2
-from attnscope.testing import make_qwen_tokenizer, tiny_flux2_pipeline
+from attnscope.testing import make_qwen_tokenizer, tiny_flux2_dev_pipeline, tiny_flux2_pipeline
 from attnscope.tokens import word_alignment
 
-from .family_checks import LogitsSpy, ProbsRecorder, check_heatmaps_and_compare, check_hooks_are_transparent, edits
+from .family_checks import (
+    LogitsSpy,
+    ProbsRecorder,
+    check_heatmaps_and_compare,
+    check_hooks_are_transparent,
+    check_reweight,
+    edits,
+)
 
 KW = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=32)
 #: "a red circle" in the chat template: <|im_start|> user Ċ a Ġred Ġcircle <|im_end|> …
@@ -122,31 +129,41 @@ def _record_inputs(pipe):
     return found, handles
 
 
-def test_stored_maps_equal_a_float64_computation_from_the_module_projections(pipe, tmp_path):
+def _capture_with_inputs(pipe, tmp_path, **kw):
+    """A capture of "a red circle" (every head and token) and the recorded inputs of every site call."""
     inputs, handles = _record_inputs(pipe)
     try:
-        tr = ats.capture(pipe, "a red circle", seed=1, store=tmp_path / "t.zarr", heads="all", tokens="all",
-                         **{**KW, "width": 48})
+        tr = ats.capture(pipe, "a red circle", seed=1, store=tmp_path / "t.zarr", heads="all", tokens="all", **kw)
     finally:
         for h in handles:
             h.remove()
-    sites = ats.discover_sites(pipe)
-    assert tr.sites == [s.name for s in sites]
+    return tr, inputs
+
+
+def _assert_maps_match_reference(pipe, tr, inputs, passes):
+    """Every site and step of ``tr`` against :func:`_reference` on the recorded inputs of the step's first transformer
+    call (the prompt's pass) of ``passes`` per step; returns the largest error."""
     worst = 0.0
-    for site in sites:
+    for site in ats.discover_sites(pipe):
         calls = inputs[site.name]
-        assert len(calls) == 4                                                # prompt pass, negative pass, per step
+        assert len(calls) == 2 * passes
         for step in range(2):
-            entry = calls[2 * step]                                           # the prompt's pass comes first
+            entry = calls[passes * step]
             ref = _reference(site.module, entry, entry["text_length"])
             da = tr.attention(site.name)
-            h, w = da.sizes["y"], da.sizes["x"]
-            ref = ref.reshape(*ref.shape[:2], h, w, ref.shape[-1]).numpy()
+            ref = ref.reshape(*ref.shape[:2], da.sizes["y"], da.sizes["x"], ref.shape[-1]).numpy()
             stored = da.isel(step=step).values.astype(np.float64)
             np.testing.assert_allclose(stored, ref, atol=2e-4, err_msg=f"{site.name} step {step}")  # float16 storage
             mass = tr.text_mass(site.name).isel(step=step).values.astype(np.float64)
             np.testing.assert_allclose(mass, ref.sum(-1), atol=5e-4)
             worst = max(worst, float(np.abs(stored - ref).max()))
+    return worst
+
+
+def test_stored_maps_equal_a_float64_computation_from_the_module_projections(pipe, tmp_path):
+    tr, inputs = _capture_with_inputs(pipe, tmp_path, **{**KW, "width": 48})
+    assert tr.sites == [s.name for s in ats.discover_sites(pipe)]
+    worst = _assert_maps_match_reference(pipe, tr, inputs, passes=2)          # prompt pass, negative pass, per step
     sizes = tr.attention(tr.sites[0]).sizes
     assert (sizes["sample"], sizes["head"], sizes["y"], sizes["x"], sizes["token"]) == (1, 2, 8, 12, 32)
     assert tr.images[0].size == (48, 32)
@@ -215,8 +232,10 @@ def test_steps_are_counted_by_timestep_with_and_without_guidance(pipe, guidance_
     assert len(steps) == 2 * len(ats.discover_sites(pipe))
 
 
-def test_rerun_is_bit_exact(pipe, tmp_path):
-    tr = ats.capture(pipe, "a red circle", seed=4, store=tmp_path / "a.zarr", **KW)
+@pytest.mark.parametrize("which", ["pipe", "dev"], ids=["klein", "dev"])
+def test_rerun_is_bit_exact(which, request, tmp_path):
+    pipe = request.getfixturevalue(which)
+    tr = ats.capture(pipe, "a red circle", seed=4, store=tmp_path / "a.zarr", **(KW if which == "pipe" else DEV))
     again = ats.rerun(tr, pipe=pipe, store=tmp_path / "b.zarr")
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(tr.images[0]))
     for site in tr.sites:
@@ -393,3 +412,124 @@ def test_a_prompt_the_pipeline_would_cut_is_refused(pipe, tmp_path):
     with pytest.raises(AttnscopeError, match="Qwen tokens with the chat template, more than the 16"):
         ats.capture(pipe, "a red circle and a blue square", seed=0, store=tmp_path / "x.zarr", **{**KW, "max_sequence_length": 16})
     assert not (tmp_path / "x.zarr").exists()
+
+
+# ----------------------------------------------------------------------------- FLUX.2 dev (Flux2Pipeline, Mistral 3)
+DEV = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=48)
+#: Before the prompt: <s> [SYSTEM_PROMPT], the 27 pieces of the system message, [/SYSTEM_PROMPT] [INST]
+TEMPLATE = 31
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return tiny_flux2_dev_pipeline()
+
+
+def _run_dev(dev, prompt="a red circle", seed=5, **kw):
+    return dev(prompt=prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **{**DEV, **kw}).images
+
+
+def _dev_ids(dev, prompt, length=48, side="left"):
+    """The ids of ``prompt`` as the dev pipeline formats them (its system message, padding and truncation)."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    kwargs = dict(padding="max_length", truncation=True, max_length=length, padding_side=side)
+    return dev.tokenizer.apply_chat_template(format_input([prompt], dev.system_message), tokenize=True,
+                                             processor_kwargs=kwargs)[0]
+
+
+def _users(tokens, roles):
+    return [t for t, r in zip(tokens, roles) if r == "word"]
+
+
+def test_dev_sites_segment_and_one_transformer_call_per_step(dev):
+    from attnscope.hooks import segment_name, text_segments
+
+    sites = ats.discover_sites(dev)
+    assert [(s.name, s.block) for s in sites] == [(s.name, s.block) for s in ats.discover_sites(tiny_flux2_pipeline())]
+    assert {(s.family, s.kind, s.heads, s.head_dim, s.token_dim, s.patch) for s in sites} == {
+        ("flux2", "joint", 2, 16, 48, 2)}
+    assert [(name, segment_name(tok)) for name, tok in text_segments(dev)] == [("text_encoder", "mistral")]
+    calls = []
+    handle = dev.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(flux2.step_inputs(a, k)),
+                                                       with_kwargs=True)
+    try:
+        _run_dev(dev, width=48)
+    finally:
+        handle.remove()
+    assert [(c["batch"], c["latent_shape"], c["text_length"]) for c in calls] == [(1, (16, 24), 48)] * 2  # distilled
+
+
+def test_dev_stored_maps_equal_a_float64_computation_from_the_module_projections(dev, tmp_path):
+    tr, inputs = _capture_with_inputs(dev, tmp_path, **{**DEV, "width": 48})
+    assert _assert_maps_match_reference(dev, tr, inputs, passes=1) < 1e-4    # one transformer call per step
+    sizes = tr.attention(tr.sites[0]).sizes
+    assert (sizes["sample"], sizes["head"], sizes["y"], sizes["x"], sizes["token"]) == (1, 2, 8, 12, 48)
+    assert tr.manifest["run"]["segments"] == [["mistral", 48]]
+
+
+def test_dev_no_client_and_observers_are_bit_identical_and_processors_come_back(dev):
+    observer = check_hooks_are_transparent(dev, lambda: _run_dev(dev))
+    assert observer.calls == 2 * len(ats.discover_sites(dev))
+
+
+def test_dev_spell_matches_what_the_pipeline_feeds_the_text_encoder(dev):
+    seen = []
+    handle = dev.text_encoder.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"][0].tolist()),
+                                                        with_kwargs=True)
+    try:
+        _run_dev(dev, prompt="a red elephant")
+    finally:
+        handle.remove()
+    assert seen == [_dev_ids(dev, "a red elephant")]
+    positions, tokens, roles = flux2.spell(dev.tokenizer, seen[0], 48, dev)
+    assert positions == list(range(48))
+    pads = 48 - TEMPLATE - 5                                                  # left padding: 4 pieces and [/INST]
+    assert tokens[:pads] == ["<pad>"] * pads and tokens[pads:pads + 2] == ["<s>", "[SYSTEM_PROMPT]"]
+    assert tokens[pads + TEMPLATE - 2:] == ["[/SYSTEM_PROMPT]", "[INST]", "a", "Ġred", "Ġele", "phant", "[/INST]"]
+    assert roles == ["pad"] * pads + ["instruction"] * TEMPLATE + ["word"] * 4 + ["instruction"]
+    assert _words(tokens, roles) == [("a", [pads + 31]), ("red", [pads + 32]), ("elephant", [pads + 33, pads + 34])]
+
+
+def test_dev_spell_on_right_padding_cut_and_empty_prompts(dev):
+    _, tokens, roles = flux2.spell(dev.tokenizer, _dev_ids(dev, "a red circle", side="right"), 48)
+    assert roles == ["instruction"] * TEMPLATE + ["word"] * 3 + ["instruction"] + ["pad"] * 13
+    assert tokens[-13:] == ["<pad>"] * 13
+    _, tokens, roles = flux2.spell(dev.tokenizer, _dev_ids(dev, "a red circle and a blue square", length=34), 34)
+    assert _users(tokens, roles) == ["a", "Ġred", "Ġcircle"]                  # cut by max_sequence_length: no [/INST]
+    assert roles == ["instruction"] * TEMPLATE + ["word"] * 3
+    _, tokens, roles = flux2.spell(dev.tokenizer, _dev_ids(dev, ""), 48)
+    assert "word" not in roles and tokens[-2:] == ["[INST]", "[/INST]"] and roles.count("instruction") == 32
+
+
+def test_dev_trace_words_are_the_users_words_not_the_system_messages(dev, tmp_path):
+    tr = ats.capture(dev, "a red object", seed=0, store=tmp_path / "w.zarr", **DEV)    # tokens="prompt"
+    assert tr.tokens[0] == "<s>"                                                # the left padding is not kept
+    assert "<pad>" not in tr.tokens and tr.tokens[-1] == "[/INST]"
+    pads = 48 - len(tr.tokens)
+    assert tr.attention(tr.sites[0])["token"].values.tolist() == list(range(pads, 48))   # the text positions kept
+    start = tr.tokens.index("[INST]") + 1
+    assert tr.tokens.count("Ġobject") == 3                                    # twice in the system message
+    assert tr.words == {"a": [start], "red": [start + 1], "object": [start + 2]}
+    ds = ats.stats.dominance(tr, targets=["red", "object"])
+    assert ds.token.values.tolist() == [pads + start, pads + start + 1, pads + start + 2]  # the user's words only
+
+
+def test_dev_reweight_by_word_edits_only_the_users_word_column(dev):
+    _, tokens, roles = flux2.spell(dev.tokenizer, _dev_ids(dev, "a red object"), 48)
+    column = tokens.index("[INST]") + 3                                       # the user's "Ġobject"
+    assert tokens[column] == "Ġobject" and roles[column] == "word"
+    site = ats.discover_sites(dev)[-1].name                                   # a single-stream block
+    # only the user's column is scaled, not the system message's two "Ġobject"
+    check_reweight(dev, lambda: _run_dev(dev, prompt="a red object", seed=3), "object", column, site, slice(None))
+
+
+def test_dev_a_prompt_the_pipeline_would_cut_is_refused(dev, tmp_path):
+    from attnscope.capture._capture import _check_prompt_lengths
+
+    with pytest.raises(AttnscopeError, match="39 Mistral tokens with the system message and chat template, more than "
+                                             "the 34"):
+        ats.capture(dev, "a red circle and a blue square", seed=0, store=tmp_path / "x.zarr",
+                    **{**DEV, "max_sequence_length": 34})
+    assert not (tmp_path / "x.zarr").exists()
+    _check_prompt_lengths(dev, ["a red circle"], {"max_sequence_length": TEMPLATE + 4})  # fits exactly: no error

@@ -23,15 +23,15 @@ def _call_default(pipe: Any, name: str) -> Any:
 
 
 def _check_prompt_lengths(pipe: Any, prompts: list[str], pipeline_kwargs: dict) -> None:
-    """A prompt longer than ``max_sequence_length`` T5 (Gemma; Qwen with its chat template) tokens would be cut
-    silently: refuse it, naming the count. Sana's Gemma prompt has room for ``max_sequence_length − 2`` tokens after its instruction (the
+    """A prompt longer than ``max_sequence_length`` T5 (Gemma; Qwen or Mistral with its chat template) tokens would be
+    cut silently: refuse it, naming the count. Sana's Gemma prompt has room for ``max_sequence_length − 2`` tokens after its instruction (the
     pipeline keeps ``<bos>`` and the last ``max_sequence_length − 1`` positions), ``− 1`` without one."""
     limit = pipeline_kwargs.get("max_sequence_length", _call_default(pipe, "max_sequence_length"))
     if not isinstance(limit, int):
         return
     for _, tokenizer in text_segments(pipe):
         kind = segment_name(tokenizer) if tokenizer is not None else None
-        if kind not in ("t5", "gemma", "qwen2"):
+        if kind not in ("t5", "gemma", "qwen2", "mistral"):
             continue
         instruction = pipeline_kwargs.get("complex_human_instruction", _call_default(pipe, "complex_human_instruction"))
         room = limit - (2 if instruction else 1) if kind == "gemma" else limit
@@ -40,11 +40,16 @@ def _check_prompt_lengths(pipe: Any, prompts: list[str], pipeline_kwargs: dict) 
                 text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                      add_generation_prompt=True, enable_thinking=False)
                 count = len(tokenizer(text).input_ids)
+            elif kind == "mistral":  # Flux.2 dev: the system message and the prompt in Mistral 3's chat template
+                from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+                count = len(tokenizer.apply_chat_template(format_input([prompt], pipe.system_message), tokenize=True)[0])
             else:
                 count = len(tokenizer(prompt, add_special_tokens=kind == "t5").input_ids)
             if count > room:
                 what = {"t5": "T5 tokens (with </s>)", "gemma": "Gemma tokens",
-                        "qwen2": "Qwen tokens with the chat template"}[kind]
+                        "qwen2": "Qwen tokens with the chat template",
+                        "mistral": "Mistral tokens with the system message and chat template"}[kind]
                 raise AttnscopeError(f"prompt {prompt!r}: {count} {what}, more than the {room} that "
                                      f"max_sequence_length={limit} leaves; the pipeline would cut it. Shorten the "
                                      f"prompt or raise max_sequence_length")

@@ -301,17 +301,26 @@ class Recorder:
 
 
 def _kept_positions(prompt_tokens: list[list[str]], prompt_roles: list[list[str]], text_len: int) -> list[int]:
-    """``tokens="prompt"``: in each segment, its positions up to the longest prompt's end-of-text token."""
+    """``tokens="prompt"``: in each segment, its positions from the earliest prompt's first non-padding position (a
+    left-padded tokenizer, FLUX.2 dev's, puts padding first) to the longest prompt's end-of-text token.
+
+    >>> _kept_positions([["<pad>", "<pad>", "[INST]", "red", "[/INST]"], ["<pad>", "[INST]", "a", "red", "[/INST]"]],
+    ...                 [["pad", "pad", "instruction", "word", "instruction"],
+    ...                  ["pad", "instruction", "word", "word", "instruction"]], 5)
+    [1, 2, 3, 4]
+    """
     kept: list[int] = []
     bounds = segment_bounds(prompt_tokens[0][:text_len])
+    first = {b: b[1] for b in bounds}
     last = {b: -1 for b in bounds}
     for tokens, roles in zip(prompt_tokens, prompt_roles):
         for p in prompt_positions(tokens[:text_len], roles[:text_len]):
             for start, stop in bounds:
                 if start <= p < stop:
+                    first[(start, stop)] = min(first[(start, stop)], p)
                     last[(start, stop)] = max(last[(start, stop)], p)
-    for (start, _), end in last.items():
-        kept.extend(range(start, end + 1))
+    for bound, end in last.items():
+        kept.extend(range(first[bound], end + 1))
     return kept
 
 

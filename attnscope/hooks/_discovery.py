@@ -8,7 +8,7 @@ import torch
 
 from ..errors import AttnscopeError
 from ._sites import CrossAttentionSite
-from .families import ADAPTERS
+from .families import ADAPTERS, text_tokenizer
 
 __all__ = ["discover_self_sites", "discover_sites", "find_adapter", "find_denoiser", "segment_name", "text_segments"]
 
@@ -91,12 +91,20 @@ def text_segments(pipe: Any) -> list[tuple[str | None, Any]]:
 
 
 def segment_name(tokenizer: Any) -> str:
-    """Short name of a tokenizer's segment: ``"clip"``, ``"t5"``, or its class name without "Tokenizer(Fast)".
+    """Short name of a tokenizer's segment: ``"clip"``, ``"t5"``, ``"mistral"`` (a tokenizer with Mistral's ``[INST]``
+    token, whatever class transformers loads it as), or its class name without "Tokenizer(Fast)". A processor (FLUX.2
+    dev's ``PixtralProcessor``) is named by the tokenizer it holds.
 
-    >>> from attnscope.testing import make_clip_tokenizer
+    >>> from attnscope.testing import make_clip_tokenizer, tiny_flux2_dev_pipeline
     >>> import tempfile
     >>> segment_name(make_clip_tokenizer(tempfile.mkdtemp()))
     'clip'
+    >>> processor = tiny_flux2_dev_pipeline().tokenizer
+    >>> type(processor.tokenizer).__name__, segment_name(processor)
+    ('TokenizersBackend', 'mistral')
     """
+    tokenizer = text_tokenizer(tokenizer)
+    if "[INST]" in getattr(tokenizer, "added_tokens_encoder", {}):
+        return "mistral"
     name = type(tokenizer).__name__.lower()
     return "clip" if "clip" in name else "t5" if "t5" in name else name.removesuffix("fast").removesuffix("tokenizer")

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["call_local", "depth_band", "flat_stack_sites", "latent_step_inputs", "packed_latent_shape", "timestep_value",
-           "transformer_of"]
+__all__ = ["call_local", "depth_band", "flat_stack_sites", "latent_step_inputs", "packed_latent_shape", "text_tokenizer",
+           "timestep_value", "transformer_of"]
 
 
 def timestep_value(t: Any) -> float:
@@ -17,6 +17,21 @@ def timestep_value(t: Any) -> float:
     (981.0, 0.5)
     """
     return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+
+
+def text_tokenizer(tokenizer: Any) -> Any:
+    """The tokenizer itself, or the one a processor holds (FLUX.2 dev's ``tokenizer`` is a ``PixtralProcessor``).
+
+    A processor is what has no ``convert_ids_to_tokens`` (a tokenizer may keep something else as ``.tokenizer``).
+
+    >>> class Processor:
+    ...     tokenizer = "its tokenizer"
+    >>> text_tokenizer(Processor()), text_tokenizer(None)
+    ('its tokenizer', None)
+    """
+    if tokenizer is None or hasattr(tokenizer, "convert_ids_to_tokens"):
+        return tokenizer
+    return getattr(tokenizer, "tokenizer", tokenizer)
 
 
 def transformer_of(pipe: Any, class_name: str) -> torch.nn.Module | None:

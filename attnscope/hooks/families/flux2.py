@@ -1,4 +1,4 @@
-"""The Flux.2 family: ``Flux2Transformer2DModel`` denoisers (FLUX.2 klein, ``Flux2KleinPipeline``).
+"""The Flux.2 family: ``Flux2Transformer2DModel`` (FLUX.2 klein: ``Flux2KleinPipeline``; dev: ``Flux2Pipeline``).
 
 Joint sites of two streams, both with the text **first** in the joint sequence, as in Flux.1:
 
@@ -16,11 +16,14 @@ The pipeline patchifies the VAE latent 2×2 (``(C, H, W)`` → ``(4C, H/2, W/2)`
 ``(t, row, column, layer)``, so the sites' ``patch`` is 2 and ``latent_shape`` is the VAE latent's
 ``(H, W)``, as in Flux.1. There is no attention mask: padding takes real attention mass.
 
-The text axis is the Qwen3 text encoder's view of the chat template,
+The text axis is the text encoder's view of its chat template: klein's Qwen3 reads
 ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n``, then
-``<|endoftext|>`` padding to ``max_sequence_length``. :func:`spell` (called by the hook core) gives the
-template tokens their own role (``"instruction"``) so that statistics over the prompt's words mean
-the user's words; :mod:`attnscope.tokens` merges Qwen's byte-level BPE pieces into words.
+``<|endoftext|>`` padding to ``max_sequence_length``; dev's Mistral 3 (``Mistral3ForConditionalGeneration``; the
+pipeline's ``tokenizer`` is a ``PixtralProcessor`` holding the tokenizer) reads
+``<s>[SYSTEM_PROMPT]{system message}[/SYSTEM_PROMPT][INST]{prompt}[/INST]`` with ``<pad>`` padding on the left.
+:func:`spell` (called by the hook core) gives the template tokens their own role (``"instruction"``) so that
+statistics over the prompt's words mean the user's words; :mod:`attnscope.tokens` merges the byte-level BPE pieces
+(Qwen's, Mistral's Tekken) into words.
 
 Classifier-free guidance (klein base models, ``guidance_scale > 1``) runs the transformer twice per
 step, the prompt first, then the empty negative prompt, with the same timestep: steps are counted by
@@ -39,14 +42,14 @@ import torch
 
 from ...errors import AttnscopeError
 from .._sites import CrossAttentionSite
-from ._common import packed_latent_shape, timestep_value, transformer_of
+from ._common import packed_latent_shape, text_tokenizer, timestep_value, transformer_of
 
 __all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "guidance", "sites",
            "spell", "step_inputs"]
 
 FAMILY = "flux2"
-SUPPORTS = "Flux2Transformer2DModel (FLUX.2 klein)"
-#: The text encoder whose token ids make the sites' text axis (Qwen3).
+SUPPORTS = "Flux2Transformer2DModel (FLUX.2 klein, FLUX.2 dev)"
+#: The text encoder whose token ids make the sites' text axis (klein: Qwen3; dev: Mistral 3).
 TEXT_ENCODERS = (("text_encoder",),)
 #: (module, attribute, layout) of the attention kernel the processors call.
 KERNEL = ("diffusers.models.transformers.transformer_flux2", "dispatch_attention_fn", "bshd")
@@ -55,8 +58,11 @@ PROCESSORS = ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")
 #: Steps are counted by the scheduler's timestep (with guidance the model runs twice per step).
 STEPS_BY = "timestep"
 
-#: The chat template's tokens around the user's prompt, as Qwen's tokenizer spells them.
-_IM_START, _IM_END, _PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+#: Per chat template, the tokens that open the user's prompt (None: any token) and the token that closes it:
+#: Qwen3's (klein: ``<|im_start|>user\\n{prompt}<|im_end|>``) and Mistral 3's (dev: ``[INST]{prompt}[/INST]``).
+_PROMPT_BOUNDS = ((("<|im_start|>", "user", None), "<|im_end|>"), (("[INST]",), "[/INST]"))
+#: Qwen's padding token, for a tokenizer that names none.
+_PAD = "<|endoftext|>"
 
 
 def denoiser(pipe: Any) -> torch.nn.Module | None:
@@ -135,18 +141,19 @@ def spell(tokenizer: Any, ids: list[int], text_length: int | None, pipe: Any = N
           ) -> tuple[list[int], list[str], list[str]]:
     """Positions, token strings and roles of one prompt's ids over the sites' text axis.
 
-    The hook core calls it with the prompt's padded ids as the text encoder saw them (one row);
-    the sites see every one of them (``text_length``, the transformer call's text length, equals
-    ``max_sequence_length``), so the positions are ``0 … len(ids) − 1``. The chat template's
-    tokens are ``"instruction"``: ``<|im_start|>``, ``user`` and the newline before the prompt, and
-    ``<|im_end|>`` and everything after it up to the first padding token. The user's prompt is
-    ``"word"``, the ``<|endoftext|>`` padding ``"pad"``. A prompt cut by ``max_sequence_length``
-    has no ``<|im_end|>``: its pieces up to the end are words. ``pipe`` is not needed.
+    The hook core calls it with the prompt's padded ids as the text encoder saw them (one row) and the
+    pipeline's ``tokenizer`` (dev's is a processor: the tokenizer it holds spells the ids); the sites see
+    every one of them (``text_length``, the transformer call's text length, equals ``max_sequence_length``),
+    so the positions are ``0 … len(ids) − 1``. The chat template is told by its tokens: the user's prompt
+    (``"word"``) is what follows ``<|im_start|>``, ``user`` and a newline (klein) or ``[INST]`` (dev), up to
+    ``<|im_end|>`` or ``[/INST]``; every other token up to the padding is ``"instruction"`` (dev's ``<s>``
+    and system message included). The padding token (on either side) is ``"pad"``. A prompt cut by
+    ``max_sequence_length`` has no closing token: its pieces up to the end are words. ``pipe`` is not needed.
 
     Examples
     --------
     >>> import tempfile
-    >>> from attnscope.testing import make_qwen_tokenizer
+    >>> from attnscope.testing import make_qwen_tokenizer, tiny_flux2_dev_pipeline
     >>> tok = make_qwen_tokenizer(tempfile.mkdtemp())
     >>> text = tok.apply_chat_template([{"role": "user", "content": "a red elephant"}], tokenize=False,
     ...                                add_generation_prompt=True, enable_thinking=False)
@@ -159,15 +166,44 @@ def spell(tokenizer: Any, ids: list[int], text_length: int | None, pipe: Any = N
     >>> roles[8:]  # doctest: +NORMALIZE_WHITESPACE
     ['instruction', 'instruction', 'instruction', 'instruction', 'instruction', 'instruction', 'instruction',
      'instruction', 'pad', 'pad', 'pad', 'pad']
+
+    FLUX.2 dev: the system message and the template are instruction, the padding comes first.
+
+    >>> processor = tiny_flux2_dev_pipeline().tokenizer
+    >>> messages = [[{"role": "system", "content": [{"type": "text", "text": "You are an AI."}]},
+    ...              {"role": "user", "content": [{"type": "text", "text": "a red elephant"}]}]]
+    >>> ids = processor.apply_chat_template(messages, tokenize=True, processor_kwargs={"padding": "max_length",
+    ...                                     "max_length": 16})[0]
+    >>> list(zip(*spell(processor, ids, 16)[1:]))  # doctest: +NORMALIZE_WHITESPACE
+    [('<pad>', 'pad'), ('<pad>', 'pad'), ('<s>', 'instruction'), ('[SYSTEM_PROMPT]', 'instruction'),
+     ('You', 'instruction'), ('Ġare', 'instruction'), ('Ġan', 'instruction'), ('ĠAI', 'instruction'),
+     ('.', 'instruction'), ('[/SYSTEM_PROMPT]', 'instruction'), ('[INST]', 'instruction'), ('a', 'word'),
+     ('Ġred', 'word'), ('Ġele', 'word'), ('phant', 'word'), ('[/INST]', 'instruction')]
     """
+    tokenizer = text_tokenizer(tokenizer)
     ids = list(ids)
     if text_length is not None:
         ids = ids[:text_length]
     tokens = list(tokenizer.convert_ids_to_tokens(ids))
     pad = getattr(tokenizer, "pad_token", None) or _PAD
-    stop = next((i for i, tok in enumerate(tokens) if tok == pad), len(tokens))
-    start = 3 if tokens[:2] == [_IM_START, "user"] and stop > 2 else 0  # <|im_start|>, user, newline
-    end = next((i for i in range(start, stop) if tokens[i] == _IM_END), stop)
-    roles = ["instruction"] * start + ["word"] * (end - start) + ["instruction"] * (stop - end)
-    roles += ["pad"] * (len(tokens) - stop)
+    first = next((i for i, tok in enumerate(tokens) if tok != pad), len(tokens))  # after left padding
+    stop = next((i for i in range(first, len(tokens)) if tokens[i] == pad), len(tokens))  # right padding
+    start, end = _prompt_span(tokens, first, stop)
+    roles = ["pad"] * first + ["instruction"] * (start - first) + ["word"] * (end - start)
+    roles += ["instruction"] * (stop - end) + ["pad"] * (len(tokens) - stop)
     return list(range(len(ids))), tokens, roles
+
+
+def _prompt_span(tokens: list[str], first: int, stop: int) -> tuple[int, int]:
+    """``(start, end)`` of the user's prompt in ``tokens[first:stop]``: after the first opening of a known chat
+    template, up to its closing token or ``stop``; no template found: all of it.
+
+    >>> _prompt_span(["<s>", "[INST]", "a", "Ġcat", "[/INST]", "<pad>"], 0, 5)
+    (2, 4)
+    """
+    for opener, closer in _PROMPT_BOUNDS:
+        for i in range(first, stop - len(opener) + 1):
+            if all(want is None or tok == want for tok, want in zip(tokens[i:i + len(opener)], opener)):
+                start = i + len(opener)
+                return start, next((j for j in range(start, stop) if tokens[j] == closer), stop)
+    return first, stop
