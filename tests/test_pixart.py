@@ -53,8 +53,9 @@ def test_sites_are_a_flat_stack_named_by_depth(alpha, sigma):
     assert sites[0].spatial_shape((16, 24)) == (8, 12)                       # 32 x 48 px, VAE /2, patch 2
     assert [s.name for s in discover_self_sites(alpha)] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
     assert find_denoiser(alpha)[0] == "pixart"
-    # a flat stack's default regulation sites: its middle third
-    assert ats.regulate.default_regulation_sites(sites, (16, 16)) == ["transformer_blocks.1.attn2"]
+    # a flat stack's default regulation sites: its late third; a stack too short for one: its last layer
+    assert ats.regulate.default_regulation_sites(sites, (16, 16)) == ["transformer_blocks.2.attn2"]
+    assert ats.regulate.default_regulation_sites(ats.discover_sites(alpha), (16, 16)) == ["transformer_blocks.1.attn2"]
 
 
 # ----------------------------------------------------------------------------- stored maps
@@ -121,9 +122,9 @@ def test_dominance_counts_padding_as_padding_and_heatmaps_draw(alpha, tmp_path):
 
 
 # ----------------------------------------------------------------------------- interventions
-def test_regulation_edits_only_the_target_columns_of_the_middle_layers(sigma):
+def test_regulation_edits_only_the_target_columns_of_the_late_layers(sigma):
     check_regulation(sigma, lambda: sigma("a red circle", generator=_gen(3), output_type="np", **KW).images,
-                     ["circle"], column=2, expected_sites={"transformer_blocks.1.attn2"}, uncond=slice(0, 1))
+                     ["circle"], column=2, expected_sites={"transformer_blocks.2.attn2"}, uncond=slice(0, 1))
 
 
 def test_regulation_gives_back_only_the_end_of_text_column_on_t5(sigma):

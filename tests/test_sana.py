@@ -104,9 +104,9 @@ def test_no_client_and_observers_are_bit_identical_and_processors_come_back(sana
     assert observer.calls == 2 * len(ats.discover_sites(sana))
 
 
-def test_regulation_edits_only_the_target_columns_of_the_middle_layers(sana):
+def test_regulation_edits_only_the_target_columns_of_the_late_layers(sana):
     check_regulation(sana, lambda: sana("a red circle", generator=_gen(3), output_type="np", **KW).images,
-                     ["circle"], column=3, expected_sites={"transformer_blocks.1.attn2"}, uncond=slice(0, 1))
+                     ["circle"], column=3, expected_sites={"transformer_blocks.2.attn2"}, uncond=slice(0, 1))
 
 
 def test_heatmaps_and_compare_of_a_regulated_rerun(sana, tmp_path):

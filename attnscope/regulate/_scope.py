@@ -12,6 +12,8 @@ from ..tokens import prompt_text, resolve_targets, target_occurrences
 __all__ = ["InterventionScope", "default_regulation_sites", "targets_label"]
 
 TargetSpec = Sequence[str | int] | str | int | Callable[[str], Sequence[str | int]]
+#: the blocks of a flat stack of layers (PixArt, Sana): the third of the stack a layer sits in
+_THIRDS = ("early", "middle", "late")
 
 
 def default_regulation_sites(sites: Sequence[Any], latent_shape: tuple[int, int], min_side: int = 8) -> list[str]:
@@ -22,8 +24,9 @@ def default_regulation_sites(sites: Sequence[Any], latent_shape: tuple[int, int]
     (16×16 maps); on the shapes model (16×16 latent) the 8×8 sites of ``down_blocks.1`` and
     ``up_blocks.1``. Mid-block sites are never chosen. A transformer has one resolution everywhere:
     on SD3/Flux its double-stream blocks (every SD3 block; Flux's ``transformer_blocks``) are chosen,
-    not its single-stream ones; on a flat stack (PixArt, Sana) the middle third of its layers (block
-    ``"middle"``) — choices by structure, not yet measured on real weights (docs/regulation.md).
+    not its single-stream ones (by structure); on a flat stack (PixArt, Sana) the late third of its
+    layers (block ``"late"``; its last layer when it has fewer than three) — the third that helped on
+    the one model that can be evaluated here (``benchmarks/regulation_depth.py``, docs/regulation.md).
 
     >>> import attnscope as ats
     >>> default_regulation_sites(ats.discover_sites(ats.load_pipeline("shapes")), (16, 16))  # doctest: +NORMALIZE_WHITESPACE
@@ -32,9 +35,11 @@ def default_regulation_sites(sites: Sequence[Any], latent_shape: tuple[int, int]
     """
     candidates = [s for s in sites if s.block in ("down", "up")]
     if not candidates:  # a transformer: one resolution everywhere
-        for block in ("double", "middle"):  # joint families: the double-stream blocks; a flat stack: its middle third
-            if any(s.block == block for s in sites):
-                return [s.name for s in sites if s.block == block]
+        if any(s.block == "double" for s in sites):  # joint families: the double-stream blocks
+            return [s.name for s in sites if s.block == "double"]
+        if any(s.block in _THIRDS for s in sites):  # a flat stack: its late third (measured: docs/regulation.md)
+            late = [s.name for s in sites if s.block == "late"]
+            return late or [max(sites, key=lambda s: s.depth).name]  # too short for a late third: its last layer
         return [s.name for s in sites]
     big = [s for s in candidates if min(s.spatial_shape(latent_shape)) >= min_side]
     if not big:  # tiny latents: the finest level there is
