@@ -23,6 +23,7 @@ from .family_checks import (
     ProbsRecorder,
     check_heatmaps_and_compare,
     check_hooks_are_transparent,
+    check_regulation,
     check_reweight,
     edits,
 )
@@ -533,3 +534,14 @@ def test_dev_a_prompt_the_pipeline_would_cut_is_refused(dev, tmp_path):
                     **{**DEV, "max_sequence_length": 34})
     assert not (tmp_path / "x.zarr").exists()
     _check_prompt_lengths(dev, ["a red circle"], {"max_sequence_length": TEMPLATE + 4})  # fits exactly: no error
+
+
+def test_dev_regulation_heatmaps_compare_and_tgate(dev, tmp_path):
+    _, tokens, roles = flux2.spell(dev.tokenizer, _dev_ids(dev, "a red circle"), 48)
+    circle = tokens.index("[INST]") + 3                                        # the user's "Ġcircle"
+    assert tokens[circle] == "Ġcircle" and roles[circle] == "word"
+    check_regulation(dev, lambda: _run_dev(dev, prompt="a red circle", seed=3), ["circle"], circle,
+                     {s.name for s in ats.discover_sites(dev) if s.block == "double"}, uncond=None)
+    check_heatmaps_and_compare(dev, tmp_path, ["red", "circle"], **DEV)
+    with pytest.raises(AttnscopeError, match="TGate on a 'flux2' pipeline"), ats.hooks(dev, ats.regulate.TGate(1)):
+        pass
