@@ -117,7 +117,7 @@ def eval_(
     seed: int = typer.Option(0, help="Prompt i is generated with seed SEED+i; the named sets are drawn with SEED."),
     model: str = typer.Option("shapes", help=_MODEL_HELP),
     intervention: list[str] | None = typer.Option(None, help="Intervention to install while generating: regulation, "
-                                                             "reweight or tgate; repeatable."),
+                                                             "reweight, tgate or spatial (SpatialTemporal, layouts from the relation words); repeatable."),
     steps: int | None = typer.Option(None, help="Inference steps (default: the pipeline's)."),
     guidance: float | None = typer.Option(None, help="Guidance scale (default: the pipeline's)."),
     batch_size: int = typer.Option(16, help="Prompts per pipeline call (no intervention couples the samples; the "

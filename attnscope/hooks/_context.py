@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -111,6 +111,9 @@ class CallContext:
     step_context: StepContext
     spatial_shape: tuple[int, int]
     tokens: int
+    #: the site's query input ``(batch, h·w, channels)`` at a cross site (for output-stage clients that attend
+    #: again with other keys, e.g. SpatialTemporal's local prompts); None at joint and self sites
+    hidden_states: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def step(self) -> int:

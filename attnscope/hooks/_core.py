@@ -60,9 +60,27 @@ class HookSession:
         self._segment_ids: list[torch.Tensor | None] = [None] * len(self.text_encoders)
         self._text: tuple | None = None  # (token_ids, token_text, segments, token_roles) of the run
         self._last_timestep: float | None = None
+        self._aside = False
+
+    # -- for clients ----------------------------------------------------------------------------
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """The pipeline's own text embeddings of ``prompts`` (``pipe.encode_prompt``, no guidance), ``(len, tokens,
+        dim)`` — for clients that need extra prompts (SpatialTemporal's local prompts). The run's prompt is not
+        changed: the text-encoder hooks ignore these calls."""
+        device = getattr(self.pipe, "_execution_device", None) or next(self.denoiser.parameters()).device
+        self._aside = True
+        try:
+            with torch.no_grad():
+                out = self.pipe.encode_prompt(prompt=list(prompts), device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+        finally:
+            self._aside = False
+        return out[0]
 
     # -- events from the pipeline ---------------------------------------------------------------
     def _on_text_encoder(self, segment: int, module: Any, args: tuple, kwargs: dict) -> None:
+        if self._aside:  # a client's extra prompts (encode_text), not the run's
+            return
         if self._steps_in_run > 0:
             self._new_run, self._steps_in_run = True, 0
             self._segment_ids, self._text = [None] * len(self.text_encoders), None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from typing import Any
@@ -105,6 +106,8 @@ class CrossAttentionProcessor:
         if session.step_context is None or encoder_hidden_states is None:
             return self.original(attn, hidden_states, *args, **kwargs)
         ctx = session.call_context(self.site, _queries(hidden_states), int(encoder_hidden_states.shape[1]))
+        if hidden_states.ndim == 3:  # the queries' input, for output-stage clients that attend again
+            ctx = dataclasses.replace(ctx, hidden_states=hidden_states)
         plan = session.plan(ctx)
         output = session.bypass(ctx)
         if output is not None:

@@ -84,7 +84,14 @@ def _tgate() -> Any:
 
 
 #: ``attnscope eval --intervention NAME`` -> factory of a hook client (targets chosen per prompt).
-INTERVENTIONS: dict[str, Callable[[], Any]] = {"regulation": _regulation, "reweight": _reweight, "tgate": _tgate}
+def _spatial() -> Any:
+    from ..regulate import SpatialTemporal
+
+    return SpatialTemporal()  # each prompt's layout from its relation words (layout_from_prompt), λ = 1
+
+
+INTERVENTIONS: dict[str, Callable[[], Any]] = {"regulation": _regulation, "reweight": _reweight, "tgate": _tgate,
+                                               "spatial": _spatial}
 _METRICS = {
     "object_present": "objects present",
     "all_present": "all objects present",
@@ -270,7 +277,8 @@ def paired_differences(before: dict[str, Any], after: dict[str, Any], *, bootstr
                        seed: int = 0) -> dict[str, Any]:
     """Paired comparison of two :func:`evaluate` results on the same prompts and seeds.
 
-    For each per-prompt outcome (all objects present, exactly the objects asked, extra objects):
+    For each per-prompt outcome (all objects present, exactly the objects asked, extra objects; the
+    relation correct, when every prompt states one):
     the rates before and after, their difference with a percentile-bootstrap 95 % CI over prompts
     (resampling prompts, so each keeps its pair), and how many prompts changed each way. ``fixed``
     counts prompts that went from failing to succeeding, ``broken`` the reverse; for ``extra``,
@@ -296,7 +304,8 @@ def paired_differences(before: dict[str, Any], after: dict[str, Any], *, bootstr
     def compare(index: list[int]) -> dict[str, Any]:
         out = {}
         resamples = rng.integers(0, len(index), size=(bootstrap, len(index)))
-        for name in PAIRED:
+        relational = all(rows_before[i].get("relation_correct") is not None for i in index)
+        for name in PAIRED + (("relation_correct",) if relational and index else ()):
             a = np.array([rows_before[i][name] for i in index], float)
             b = np.array([rows_after[i][name] for i in index], float)
             good_a, good_b = (1 - a, 1 - b) if name == "extra" else (a, b)

@@ -1,20 +1,22 @@
 """Interventions on cross-attention, all clients of the one hook API (``ats.hooks``).
 
-Attention Regulation (seed 000), TGATE (seed 002) and the prompt-to-prompt reweighting baseline;
+Attention Regulation (seed 000), spatial-temporal control (seed 001), TGATE (seed 002) and the
+prompt-to-prompt reweighting baseline;
 :class:`InterventionScope` is where and when an intervention acts, shared by all of them. This
 package uses the hook core only through ``attnscope.hooks``' public names.
 
 >>> import attnscope as ats
 >>> sorted(ats.regulate.__all__)  # doctest: +NORMALIZE_WHITESPACE
-['AttentionRegulation', 'InterventionScope', 'Reweight', 'TGate', 'default_regulation_sites', 'gaussian_basis',
- 'regulation_loss']
+['AttentionRegulation', 'InterventionScope', 'Reweight', 'SpatialTemporal', 'TGate', 'default_regulation_sites',
+ 'gaussian_basis', 'layout_from_prompt', 'region_mask', 'regulation_loss']
 """
 
 from ._basis import gaussian_basis
 from ._regulation import AttentionRegulation, regulation_loss
 from ._reweight import Reweight
 from ._scope import InterventionScope, default_regulation_sites
+from ._spatial import SpatialTemporal, layout_from_prompt, region_mask
 from ._tgate import TGate
 
-__all__ = ["AttentionRegulation", "InterventionScope", "Reweight", "TGate", "default_regulation_sites", "gaussian_basis",
-           "regulation_loss"]
+__all__ = ["AttentionRegulation", "InterventionScope", "Reweight", "SpatialTemporal", "TGate", "default_regulation_sites",
+           "gaussian_basis", "layout_from_prompt", "region_mask", "regulation_loss"]
