@@ -229,7 +229,9 @@ def stats(
 
 
 @app.command(epilog="Example: attnscope rerun runs/demo.zarr --regulate 'circle,square' -o runs/demo-reg.zarr\n\n"
-                     "Example: attnscope rerun runs/demo.zarr --tgate 10 -o runs/demo-tgate.zarr")
+                     "Example: attnscope rerun runs/demo.zarr --tgate 10 -o runs/demo-tgate.zarr\n\n"
+                     "Example: attnscope rerun runs/demo.zarr --layout 'a red circle=0,0.2,0.45,0.8;"
+                     "a blue square=0.55,0.2,1,0.8' -o runs/demo-layout.zarr")
 def rerun(
     trace: Path = typer.Argument(..., help="Trace store to regenerate (a complete .zarr written by attnscope capture)."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Trace store to create "
@@ -242,6 +244,10 @@ def rerun(
                                                 "cross-attention without guidance; an integer (10), a share of "
                                                 "the steps (0.4), or 'auto' (the gate step TRACE's convergence "
                                                 "suggests)."),
+    layout: str | None = typer.Option(None, help="Spatial-temporal control: 'PHRASE=x0,y0,x1,y1;PHRASE=x,y' (boxes or "
+                                                 "centres in [0, 1], x right, y down), or 'auto' (from the prompt's "
+                                                 "relation words)."),
+    spatial_weight: float = typer.Option(1.0, help="With --layout: λ, the local prompts' weight at every step."),
     overwrite: bool = typer.Option(False, help="Replace an existing trace at --out."),
     device: str | None = typer.Option(None, help="Device to run on (default: the trace's)."),
 ) -> None:
@@ -252,6 +258,8 @@ def rerun(
         targets = _split_words(regulate)
         weights = [_parse_reweight(spec) for spec in reweight or []]
         clients = _rerun_interventions(targets, weights) + ([_parse_tgate(tgate, trace)] if tgate is not None else [])
+        if layout is not None:
+            clients.append(ats.regulate.SpatialTemporal(_parse_layout(layout), weights=spatial_weight))
         tr = ats.rerun(trace, clients, store=out, overwrite=overwrite, device=device)
         chosen = list(dict.fromkeys([*(targets or []), *(w for w, _ in weights)])) or None
         table = ats.compare(trace, tr, chosen).table()
@@ -261,6 +269,31 @@ def rerun(
                f"interventions: {', '.join(i['name'] for i in tr.manifest['interventions']) or 'none'})")
     typer.echo(f"mean target share, {trace} -> {tr.path}:")
     typer.echo(table)
+
+
+def _parse_layout(spec: str) -> dict | None:
+    """``--layout 'red circle=0.1,0.3,0.45,0.7;blue square=0.7,0.5'`` → {phrase: box or centre}; 'auto' → None.
+
+    >>> _parse_layout("red circle=0.1,0.3,0.45,0.7; blue square=0.7,0.5")
+    {'red circle': (0.1, 0.3, 0.45, 0.7), 'blue square': (0.7, 0.5)}
+    """
+    import attnscope as ats
+
+    if spec.strip() == "auto":
+        return None
+    layout = {}
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        phrase, sep, values = item.partition("=")
+        try:
+            numbers = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            numbers = ()
+        if not sep or not phrase.strip() or len(numbers) not in (2, 4):
+            raise ats.AttnscopeError(f"--layout {item!r}: expected PHRASE=x0,y0,x1,y1 (a box) or PHRASE=x,y (a centre)")
+        layout[phrase.strip()] = numbers
+    if not layout:
+        raise ats.AttnscopeError(f"--layout {spec!r}: expected 'PHRASE=x0,y0,x1,y1;…' or 'auto'")
+    return layout
 
 
 def _gate_step_line(conv, tol: float) -> str:

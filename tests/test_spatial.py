@@ -133,3 +133,18 @@ def test_recorded_in_the_manifest_and_rerun(shapes, tmp_path):
     described = again.manifest["interventions"][0]
     assert described["name"] == "SpatialTemporal" and described["params"]["layout"]["a blue square"] == [0.55, 0.2, 1.0, 0.8]
     assert not np.array_equal(np.asarray(again.images[0]), np.asarray(tr.images[0]))
+
+
+def test_rerun_command_with_a_layout(shapes, tmp_path):
+    from .conftest import cli
+
+    tr = ats.capture(shapes, "a red circle and a blue square", seed=1, store=tmp_path / "a.zarr", **RUN)
+    done = cli("rerun", str(tr.path), "--layout", "a red circle=0,0.2,0.45,0.8;a blue square=0.55,0.2,1,0.8",
+               "-o", str(tmp_path / "b.zarr"))
+    assert done.exit_code == 0, done.stderr
+    params = ats.open_trace(tmp_path / "b.zarr").manifest["interventions"][0]["params"]
+    assert params["layout"] == {"a red circle": [0.0, 0.2, 0.45, 0.8], "a blue square": [0.55, 0.2, 1.0, 0.8]}
+    bad = cli("rerun", str(tr.path), "--layout", "a red circle=0,0.2", "--layout", "x", "-o", str(tmp_path / "c.zarr"))
+    assert bad.exit_code != 0
+    bad = cli("rerun", str(tr.path), "--layout", "a red circle=left", "-o", str(tmp_path / "c.zarr"))
+    assert bad.exit_code == 2 and "PHRASE=x0,y0,x1,y1" in bad.stderr and not (tmp_path / "c.zarr").exists()
