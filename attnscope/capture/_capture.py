@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import AttnscopeError
-from ..hooks import find_denoiser, hooks, segment_name, text_segments
+from ..hooks import find_adapter, find_denoiser, hooks, segment_name, text_segments
 from ..selection import SiteSpec, StepSpec
 from ..store import Trace, jsonable, open_trace
 from ._recorder import Recorder
@@ -22,35 +22,34 @@ def _call_default(pipe: Any, name: str) -> Any:
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
+def _t5_prompt_tokens(tokenizer: Any, prompt: str, pipe: Any, setting: Any) -> tuple[int, int, str] | None:
+    """A T5 segment's count of ``prompt`` (with ``</s>``); other tokenizers: None (their family adapter counts)."""
+    if segment_name(tokenizer) != "t5":
+        return None
+    return len(tokenizer(prompt).input_ids), 0, "T5 tokens (with </s>)"
+
+
 def _check_prompt_lengths(pipe: Any, prompts: list[str], pipeline_kwargs: dict) -> None:
-    """A prompt longer than ``max_sequence_length`` T5 (Gemma; Qwen or Mistral with its chat template) tokens would be
-    cut silently: refuse it, naming the count. Sana's Gemma prompt has room for ``max_sequence_length − 2`` tokens after its instruction (the
-    pipeline keeps ``<bos>`` and the last ``max_sequence_length − 1`` positions), ``− 1`` without one."""
-    limit = pipeline_kwargs.get("max_sequence_length", _call_default(pipe, "max_sequence_length"))
+    """A prompt the pipeline would cut at ``max_sequence_length`` tokens: refuse it, naming the count.
+
+    The count and the room are the family adapter's ``prompt_tokens`` where it has one (a chat template or an
+    instruction around the prompt: Sana, Flux.2), else the T5 tokens of a T5 segment (SD3, Flux.1, PixArt)."""
+    def setting(name: str) -> Any:  # a pipeline argument as this call will see it
+        return pipeline_kwargs.get(name, _call_default(pipe, name))
+
+    limit = setting("max_sequence_length")
     if not isinstance(limit, int):
         return
+    adapter, _ = find_adapter(pipe)
+    count_tokens = getattr(adapter, "prompt_tokens", _t5_prompt_tokens)
     for _, tokenizer in text_segments(pipe):
-        kind = segment_name(tokenizer) if tokenizer is not None else None
-        if kind not in ("t5", "gemma", "qwen2", "mistral"):
+        if tokenizer is None:
             continue
-        instruction = pipeline_kwargs.get("complex_human_instruction", _call_default(pipe, "complex_human_instruction"))
-        room = limit - (2 if instruction else 1) if kind == "gemma" else limit
         for prompt in prompts:
-            if kind == "qwen2":  # Flux.2 klein: the prompt inside Qwen3's chat template
-                text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                     add_generation_prompt=True, enable_thinking=False)
-                count = len(tokenizer(text).input_ids)
-            elif kind == "mistral":  # Flux.2 dev: the system message and the prompt in Mistral 3's chat template
-                from diffusers.pipelines.flux2.pipeline_flux2 import format_input
-
-                count = len(tokenizer.apply_chat_template(format_input([prompt], pipe.system_message), tokenize=True)[0])
-            else:
-                count = len(tokenizer(prompt, add_special_tokens=kind == "t5").input_ids)
-            if count > room:
-                what = {"t5": "T5 tokens (with </s>)", "gemma": "Gemma tokens",
-                        "qwen2": "Qwen tokens with the chat template",
-                        "mistral": "Mistral tokens with the system message and chat template"}[kind]
-                raise AttnscopeError(f"prompt {prompt!r}: {count} {what}, more than the {room} that "
+            found = count_tokens(tokenizer, prompt, pipe, setting)
+            if found is not None and found[0] > limit - found[1]:
+                count, reserved, what = found
+                raise AttnscopeError(f"prompt {prompt!r}: {count} {what}, more than the {limit - reserved} that "
                                      f"max_sequence_length={limit} leaves; the pipeline would cut it. Shorten the "
                                      f"prompt or raise max_sequence_length")
 

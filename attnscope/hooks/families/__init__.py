@@ -20,6 +20,9 @@ An adapter module has
   do not see as the encoder read it (Sana keeps ``[0] + the last 299`` positions after an
   instruction; Flux.2 wraps the prompt in a chat template), the positions the sites see, their
   strings and their roles (:data:`attnscope.tokens.ROLES`, ``"instruction"`` included).
+- optionally ``prompt_tokens(tokenizer, prompt, pipe, setting)``: ``(count, reserved, what)``, the prompt's
+  tokens as the pipeline feeds them and the positions of ``max_sequence_length`` it cannot use, for
+  capture's check that the pipeline will not cut the prompt (without it: T5 segments are counted).
 
 Add a family by adding a module and listing it in :data:`ADAPTERS`.
 

@@ -44,8 +44,8 @@ from ...errors import AttnscopeError
 from .._sites import CrossAttentionSite
 from ._common import packed_latent_shape, text_tokenizer, timestep_value, transformer_of
 
-__all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "guidance", "sites",
-           "spell", "step_inputs"]
+__all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "guidance",
+           "prompt_tokens", "sites", "spell", "step_inputs"]
 
 FAMILY = "flux2"
 SUPPORTS = "Flux2Transformer2DModel (FLUX.2 klein, FLUX.2 dev)"
@@ -192,6 +192,25 @@ def spell(tokenizer: Any, ids: list[int], text_length: int | None, pipe: Any = N
     roles = ["pad"] * first + ["instruction"] * (start - first) + ["word"] * (end - start)
     roles += ["instruction"] * (stop - end) + ["pad"] * (len(tokens) - stop)
     return list(range(len(ids))), tokens, roles
+
+
+def prompt_tokens(tokenizer: Any, prompt: str, pipe: Any, setting: Any) -> tuple[int, int, str]:
+    """``(count, reserved, what)``: the tokens of ``prompt`` inside the chat template the pipeline wraps it in — klein's
+    Qwen3 template, or dev's system message and Mistral 3 template (a tokenizer with ``[INST]``); nothing reserved.
+
+    >>> import tempfile
+    >>> from attnscope.testing import make_qwen_tokenizer
+    >>> prompt_tokens(make_qwen_tokenizer(tempfile.mkdtemp()), "a red circle", None, None)  # 3 words + 12 template
+    (15, 0, 'Qwen tokens with the chat template')
+    """
+    if "[INST]" in getattr(text_tokenizer(tokenizer), "added_tokens_encoder", {}):  # dev: Mistral 3
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        ids = tokenizer.apply_chat_template(format_input([prompt], pipe.system_message), tokenize=True)[0]
+        return len(ids), 0, "Mistral tokens with the system message and chat template"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+    return len(tokenizer(text).input_ids), 0, "Qwen tokens with the chat template"
 
 
 def _prompt_span(tokens: list[str], first: int, stop: int) -> tuple[int, int]:

@@ -23,7 +23,8 @@ import torch
 from .._sites import CrossAttentionSite
 from ._common import call_local, flat_stack_sites, latent_step_inputs, transformer_of
 
-__all__ = ["FAMILY", "KERNEL", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "sites", "spell", "step_inputs"]
+__all__ = ["FAMILY", "KERNEL", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "prompt_tokens", "sites", "spell",
+           "step_inputs"]
 
 FAMILY = "sana"
 SUPPORTS = "SanaTransformer2DModel (Sana)"
@@ -63,6 +64,20 @@ def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
     {'batch': 2, 'timestep': 1000.0, 'latent_shape': (16, 32), 'text_length': 300}
     """
     return latent_step_inputs(args, kwargs)
+
+
+def prompt_tokens(tokenizer: Any, prompt: str, pipe: Any, setting: Any) -> tuple[int, int, str]:
+    """``(count, reserved, what)``: the prompt's Gemma tokens and the positions of ``max_sequence_length`` it cannot
+    use — 2 after an instruction (the pipeline keeps ``<bos>`` and the last ``max_sequence_length − 1`` positions of
+    instruction + prompt), 1 without one (``<bos>``). ``setting(name)`` is a pipeline argument of the call.
+
+    >>> import tempfile
+    >>> from attnscope.testing import make_gemma_tokenizer
+    >>> prompt_tokens(make_gemma_tokenizer(tempfile.mkdtemp()), "a red circle", None, lambda name: ["Say:"])
+    (3, 2, 'Gemma tokens')
+    """
+    reserved = 2 if setting("complex_human_instruction") else 1
+    return len(tokenizer(prompt, add_special_tokens=False).input_ids), reserved, "Gemma tokens"
 
 
 def spell(tokenizer: Any, ids: list[int], text_length: int | None, pipe: Any = None, *,
