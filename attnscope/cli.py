@@ -117,7 +117,9 @@ def eval_(
     seed: int = typer.Option(0, help="Prompt i is generated with seed SEED+i; the named sets are drawn with SEED."),
     model: str = typer.Option("shapes", help=_MODEL_HELP),
     intervention: list[str] | None = typer.Option(None, help="Intervention to install while generating: regulation, "
-                                                             "reweight, tgate or spatial (SpatialTemporal, layouts from the relation words); repeatable."),
+                                                             "reweight, tgate, spatial (SpatialTemporal, layouts from the relation words) or "
+                                                             "spatial-optimised (the same with λ optimised per image "
+                                                             "against the attention objective); repeatable."),
     steps: int | None = typer.Option(None, help="Inference steps (default: the pipeline's)."),
     guidance: float | None = typer.Option(None, help="Guidance scale (default: the pipeline's)."),
     batch_size: int = typer.Option(16, help="Prompts per pipeline call (no intervention couples the samples; the "
@@ -231,7 +233,9 @@ def stats(
 @app.command(epilog="Example: attnscope rerun runs/demo.zarr --regulate 'circle,square' -o runs/demo-reg.zarr\n\n"
                      "Example: attnscope rerun runs/demo.zarr --tgate 10 -o runs/demo-tgate.zarr\n\n"
                      "Example: attnscope rerun runs/demo.zarr --layout 'a red circle=0,0.2,0.45,0.8;"
-                     "a blue square=0.55,0.2,1,0.8' -o runs/demo-layout.zarr")
+                     "a blue square=0.55,0.2,1,0.8' -o runs/demo-layout.zarr\n\n"
+                     "Example: attnscope rerun runs/demo.zarr --layout auto --optimise -o runs/demo-opt.zarr\n\n"
+                     "Example: attnscope rerun runs/demo-opt.zarr --layout trace -o runs/demo-opt-again.zarr")
 def rerun(
     trace: Path = typer.Argument(..., help="Trace store to regenerate (a complete .zarr written by attnscope capture)."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Trace store to create "
@@ -245,9 +249,15 @@ def rerun(
                                                 "the steps (0.4), or 'auto' (the gate step TRACE's convergence "
                                                 "suggests)."),
     layout: str | None = typer.Option(None, help="Spatial-temporal control: 'PHRASE=x0,y0,x1,y1;PHRASE=x,y' (boxes or "
-                                                 "centres in [0, 1], x right, y down), or 'auto' (from the prompt's "
-                                                 "relation words)."),
-    spatial_weight: float = typer.Option(1.0, help="With --layout: λ, the local prompts' weight at every step."),
+                                                 "centres in [0, 1], x right, y down), 'auto' (from the prompt's "
+                                                 "relation words), or 'trace' (the layout and λ TRACE was made with)."),
+    spatial_weight: float = typer.Option(1.0, help="With --layout: λ, the local prompts' weight at every step (with "
+                                                   "--optimise: where the optimisation starts)."),
+    optimise: bool = typer.Option(False, "--optimise", help="With --layout: optimise λ over the trajectory first "
+                                                            "(attention objective, Adam, --epochs, --lr); the trace "
+                                                            "stores them."),
+    epochs: int = typer.Option(3, help="With --optimise: sampled trajectories, one Adam update each."),
+    lr: float = typer.Option(5e-3, help="With --optimise: Adam's learning rate."),
     overwrite: bool = typer.Option(False, help="Replace an existing trace at --out."),
     device: str | None = typer.Option(None, help="Device to run on (default: the trace's)."),
 ) -> None:
@@ -258,8 +268,13 @@ def rerun(
         targets = _split_words(regulate)
         weights = [_parse_reweight(spec) for spec in reweight or []]
         clients = _rerun_interventions(targets, weights) + ([_parse_tgate(tgate, trace)] if tgate is not None else [])
-        if layout is not None:
-            clients.append(ats.regulate.SpatialTemporal(_parse_layout(layout), weights=spatial_weight))
+        if layout is not None and layout.strip() == "trace":
+            clients.append(ats.regulate.SpatialTemporal.from_trace(ats.open_trace(trace)))
+        elif layout is not None:
+            clients.append(ats.regulate.SpatialTemporal(_parse_layout(layout), weights=spatial_weight, epochs=epochs,
+                                                        lr=lr, objective="attention" if optimise else None))
+        elif optimise:
+            raise ats.AttnscopeError("--optimise optimises SpatialTemporal's λ: give --layout too")
         tr = ats.rerun(trace, clients, store=out, overwrite=overwrite, device=device)
         chosen = list(dict.fromkeys([*(targets or []), *(w for w, _ in weights)])) or None
         table = ats.compare(trace, tr, chosen).table()

@@ -65,6 +65,7 @@ from .models.shapes import make_clip_tokenizer as build_clip_tokenizer
 __all__ = [
     "DEFAULT_WORDS",
     "make_clip_tokenizer",
+    "tiny_clip_model",
     "make_t5_tokenizer",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
@@ -1197,3 +1198,37 @@ if __name__ == "__main__":  # python -m attnscope.testing DIR: save the tiny ran
         sys.exit("usage: python -m attnscope.testing DIR   (saves a tiny random-weight SD pipeline to DIR)")
     tiny_sd_pipeline().save_pretrained(sys.argv[1])
     print(f"saved a tiny random-weight StableDiffusionPipeline to {sys.argv[1]}")
+
+
+def tiny_clip_model(tokenizer, seed: int = 0, image_size: int = 32, hidden_size: int = 32):
+    """A random ``transformers.CLIPModel`` built from config and its ``CLIPProcessor``, around ``tokenizer`` (a CLIP
+    tokenizer: ``make_clip_tokenizer`` or a pipeline's own): for testing CLIP-based objectives offline.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> model, processor = tiny_clip_model(make_clip_tokenizer(tempfile.mkdtemp()))
+    >>> model.config.vision_config.image_size, processor.image_processor.image_mean[0]
+    (32, 0.48145466)
+    """
+    import warnings
+
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4,
+                num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(image_size=image_size, patch_size=8, hidden_size=hidden_size, intermediate_size=37,
+                  num_attention_heads=4, num_hidden_layers=2)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden_size)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from transformers import CLIPImageProcessorPil as ImageProcessor  # without torchvision (transformers 5)
+        except ImportError:  # pragma: no cover - transformers 4
+            from transformers import CLIPImageProcessor as ImageProcessor
+        images = ImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+        processor = CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+    return model, processor

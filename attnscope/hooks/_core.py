@@ -27,6 +27,7 @@ import torch
 
 from ..errors import AttnscopeError
 from ._cfg_batch import duplicate_prediction, select_rows
+from ._checkpoint import checkpointed_denoiser
 from ._client import STAGES, client_role
 from ._context import CallContext, RowLayout, StepContext
 from ._discovery import discover_self_sites, discover_sites, find_adapter, segment_name, text_segments
@@ -61,6 +62,8 @@ class HookSession:
         self._text: tuple | None = None  # (token_ids, token_text, segments, token_roles) of the run
         self._last_timestep: float | None = None
         self._aside = False
+        #: True while backward recomputes a checkpointed denoiser call (:meth:`checkpointing`)
+        self.recomputing = False
 
     # -- for clients ----------------------------------------------------------------------------
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -76,6 +79,12 @@ class HookSession:
         finally:
             self._aside = False
         return out[0]
+
+    def checkpointing(self) -> contextlib.AbstractContextManager[None]:
+        """Activation checkpointing of every denoiser call in the block, for clients that backpropagate through a
+        whole sampling run: a call keeps only its inputs, backward recomputes it at the step it ran at, with
+        :attr:`recomputing` True (clients that accumulate must not count those calls twice)."""
+        return checkpointed_denoiser(self)
 
     # -- events from the pipeline ---------------------------------------------------------------
     def _on_text_encoder(self, segment: int, module: Any, args: tuple, kwargs: dict) -> None:

@@ -57,7 +57,9 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     True
 
     With interventions (hook clients of role ``"intervention"``, e.g. ``ats.regulate.Reweight``), pass
-    them as ``interventions=[...]``; each one's ``describe()`` is stored in the new manifest.
+    them as ``interventions=[...]``; each one's ``describe()`` is stored in the new manifest. An
+    intervention with a ``prepare(pipe, call)`` method is first handed the exact pipeline call
+    (``SpatialTemporal(objective=...)`` optimises its λ there; the manifest then holds them).
 
     Parameters
     ----------
@@ -111,7 +113,6 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         raise AttnscopeError(f"trace {where!r}: its manifest has no prompts/seed (prompts={prompts!r}, seed={seed!r}); "
                              "it was recorded with a bare Recorder rather than attnscope.capture and cannot be rerun")
     clients = _interventions(interventions)
-    described = [_describe(i, c) for i, c in enumerate(clients)]
     options = _capture_options(manifest, run, capture_options)
     out = check_store_path(_rerun_store(parent, store), overwrite)
     given = pipe is not None
@@ -129,12 +130,16 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         **{k: run.get(k) for k in _RUN_INPUTS}, "pipeline_kwargs": jsonable(kwargs), "unrecorded_kwargs": [],
         "reproducible": True, "exact": exact,
     }
-    extra = {"interventions": described,
-             "parent": {"path": where, "manifest_sha256": manifest_sha256(manifest)}}
-    recorder = Recorder(out, overwrite=overwrite, run_info=run_info, extra_manifest=extra, **options)
     saved = pipe.scheduler
     pipe.scheduler = scheduler
     try:
+        call = {"prompt": prompts if len(prompts) > 1 else prompts[0], "generator": generator, **kwargs}
+        for client in clients:  # e.g. SpatialTemporal optimises its λ for exactly this call
+            if callable(getattr(client, "prepare", None)):
+                client.prepare(pipe, call)
+        extra = {"interventions": [_describe(i, c) for i, c in enumerate(clients)],
+                 "parent": {"path": where, "manifest_sha256": manifest_sha256(manifest)}}
+        recorder = Recorder(out, overwrite=overwrite, run_info=run_info, extra_manifest=extra, **options)
         with hooks(pipe, *clients, recorder, exact=exact):
             result = pipe(prompt=prompts if len(prompts) > 1 else prompts[0], generator=generator, **kwargs)
             if kwargs.get("output_type", "pil") != "latent":
