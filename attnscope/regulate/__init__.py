@@ -14,11 +14,12 @@ package uses the hook core only through ``attnscope.hooks``' public names.
 """
 
 from ._basis import gaussian_basis
+from ._layout import layout_from_prompt, region_mask
 from ._objectives import AttentionObjective, ClipObjective, SampledRun
 from ._regulation import AttentionRegulation, regulation_loss
 from ._reweight import Reweight
 from ._scope import InterventionScope, default_regulation_sites
-from ._spatial import SpatialTemporal, layout_from_prompt, region_mask
+from ._spatial import SpatialTemporal
 from ._tgate import TGate
 
 __all__ = ["AttentionObjective", "AttentionRegulation", "ClipObjective", "InterventionScope", "Reweight", "SampledRun",

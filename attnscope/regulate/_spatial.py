@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,78 +24,15 @@ import torch.nn.functional as F
 from ..errors import AttnscopeError
 from ..hooks import hooks
 from ..tokens import prompt_text, target_occurrences
+from . import _layout
+from ._layout import layout_from_prompt, region_mask
 from ._objectives import AttentionObjective, SampledRun, phrase_positions
 from ._scope import InterventionScope
 from ._trajectory import frozen, replayable, sample_with_gradients
 
-__all__ = ["SpatialTemporal", "layout_from_prompt", "region_mask"]
+__all__ = ["Placement", "SpatialTemporal"]
 
-#: relation phrases a default layout understands: the first object's box, then the second's
-_RELATIONS = {
-    "to the left of": ((0.05, 0.25, 0.45, 0.75), (0.55, 0.25, 0.95, 0.75)),
-    "to the right of": ((0.55, 0.25, 0.95, 0.75), (0.05, 0.25, 0.45, 0.75)),
-    "left of": ((0.05, 0.25, 0.45, 0.75), (0.55, 0.25, 0.95, 0.75)),
-    "right of": ((0.55, 0.25, 0.95, 0.75), (0.05, 0.25, 0.45, 0.75)),
-    "above": ((0.25, 0.05, 0.75, 0.45), (0.25, 0.55, 0.75, 0.95)),
-    "below": ((0.25, 0.55, 0.75, 0.95), (0.25, 0.05, 0.75, 0.45)),
-}
 _FAMILIES = ("unet",)
-
-
-def layout_from_prompt(prompt: str) -> dict[str, tuple[float, ...]]:
-    """A deterministic default layout: object phrase → box ``(x0, y0, x1, y1)`` in [0, 1]².
-
-    ``"A <relation> B"`` (to the left of / to the right of / above / below) puts A and B in the two
-    halves the relation names; ``"A and B and C"`` (or a comma list) puts the objects side by side,
-    left to right, in equal strips; one object gets the middle.
-
-    >>> layout_from_prompt("a red circle to the left of a blue square")
-    {'a red circle': (0.05, 0.25, 0.45, 0.75), 'a blue square': (0.55, 0.25, 0.95, 0.75)}
-    >>> layout_from_prompt("a cat and a dog")
-    {'a cat': (0.05, 0.2, 0.475, 0.8), 'a dog': (0.525, 0.2, 0.95, 0.8)}
-    """
-    text = " ".join(prompt.split())
-    for relation in sorted(_RELATIONS, key=len, reverse=True):
-        parts = re.split(rf"\s+{re.escape(relation)}\s+", text, maxsplit=1)
-        if len(parts) == 2 and all(parts):
-            return dict(zip((parts[0], parts[1]), _RELATIONS[relation]))
-    phrases = [p for p in re.split(r"\s*,\s*|\s+and\s+", text) if p]
-    if not phrases:
-        raise AttnscopeError(f"prompt {prompt!r}: no object phrase to lay out")
-    n, gap = len(phrases), 0.05
-    width = (0.9 - gap * (n - 1)) / n
-    return {p: (round(0.05 + k * (width + gap), 4), 0.2, round(0.05 + k * (width + gap) + width, 4), 0.8)
-            for k, p in enumerate(phrases)}
-
-
-def _region(spec: Any, phrase: str) -> tuple[float, ...]:
-    values = tuple(spec) if isinstance(spec, (list, tuple)) else None
-    if values is None or len(values) not in (2, 4) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                                for v in values):
-        raise AttnscopeError(f"layout[{phrase!r}] = {spec!r}: expected a box (x0, y0, x1, y1) or a centre (x, y) "
-                             f"in [0, 1]")
-    if not all(0.0 <= v <= 1.0 for v in values):
-        raise AttnscopeError(f"layout[{phrase!r}] = {spec!r}: coordinates must lie in [0, 1]")
-    if len(values) == 4 and not (values[0] < values[2] and values[1] < values[3]):
-        raise AttnscopeError(f"layout[{phrase!r}] = {spec!r}: an empty box; expected x0 < x1 and y0 < y1")
-    return tuple(float(v) for v in values)
-
-
-def region_mask(region: tuple[float, ...], shape: tuple[int, int], radius: float = 0.2) -> torch.Tensor:
-    """``(h·w,)`` float mask of a box or of a disk of ``radius`` around a centre, on an ``(h, w)`` grid of pixel centres.
-
-    >>> region_mask((0.0, 0.0, 0.5, 1.0), (2, 4)).tolist()   # the left half of a 2×4 map
-    [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
-    """
-    h, w = shape
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    if len(region) == 4:
-        inside = (x >= region[0]) & (x <= region[2]) & (y >= region[1]) & (y <= region[3])
-    else:
-        inside = (x - region[0]) ** 2 + (y - region[1]) ** 2 <= radius**2
-    return inside.flatten().float()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +95,7 @@ class SpatialTemporal:
             if not isinstance(layout, Mapping) or not layout:
                 raise AttnscopeError(f"layout={layout!r}: expected a mapping of object phrase to a box or centre, "
                                      f"or None (a layout from the prompt's relation words)")
-            layout = {str(p): _region(v, p) for p, v in layout.items()}
+            layout = {str(p): _layout.region(v, p) for p, v in layout.items()}
         if "{}" not in local_prompt:
             raise AttnscopeError(f"local_prompt={local_prompt!r}: expected a template with '{{}}' for the phrase")
         if not 0 < radius <= 1:
