@@ -183,6 +183,11 @@ def test_optimisation_errors(shapes):
     with pytest.raises(AttnscopeError, match="λ are not optimised yet"):
         with ats.hooks(shapes, SpatialTemporal(objective="attention")):
             shapes(PROMPT, generator=_gen(), **RUN)
+    control = SpatialTemporal(objective="attention", epochs=1)
+    control.optimize(shapes, PROMPT, generator=_gen(), **RUN)
+    with pytest.raises(AttnscopeError, match="optimize\\(\\) inside an ats.hooks block"):
+        with ats.hooks(shapes, control):
+            control.optimize(shapes, PROMPT, generator=_gen(), **RUN)
     with pytest.raises(AttnscopeError, match="generator=None"):
         SpatialTemporal(objective="attention").optimize(shapes, PROMPT, **RUN)
     with pytest.raises(AttnscopeError, match="objective='clip'"):

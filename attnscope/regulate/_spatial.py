@@ -203,6 +203,9 @@ class SpatialTemporal:
         ...     image = pipe("a red circle to the left of a blue square", num_inference_steps=4,
         ...                  generator=torch.Generator().manual_seed(0)).images[0]
         """
+        if self._session is not None:
+            raise AttnscopeError("optimize() inside an ats.hooks block that holds this control: optimise first, then "
+                                 "install the control for the run")
         objective = self.objective or AttentionObjective()
         if generator is None and call.get("latents") is None:
             raise AttnscopeError("optimize(generator=None): every pass must start from the same noise; pass the "
@@ -262,6 +265,9 @@ class SpatialTemporal:
         self._session = session
         self.scope.install(session)
         self._kv.clear()
+
+    def on_remove(self, error: BaseException | None) -> None:
+        self._session = None
 
     def on_step(self, step_ctx: Any) -> None:
         if step_ctx.rows.uncond is None:
