@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from ..stats import image_size
+from ..errors import AttnscopeError
+from ..stats import image_size, layout_regions, layout_tokens
+from ..tokens import prompt_text, resolve_targets
 from ._layout import new_figure, short_site, step_label
-from ._select import sample_index, site_maps, site_names
+from ._select import sample_index, sample_roles, sample_tokens, site_maps, site_names
 
 __all__ = ["heatmaps", "site_step_grid"]
 
@@ -37,8 +39,9 @@ def mean_word_maps(trace: Any, words: Sequence[str | int] | str | int, sites: st
 
 
 def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Sequence[str] | None = None,
-             steps: Any = None, sample: int = 0, alpha: float = 0.55, cmap: str = "jet") -> Figure:
-    """Word heat maps overlaid on the generated image, DAAM-style.
+             steps: Any = None, sample: int = 0, alpha: float = 0.55, cmap: str = "jet", *,
+             layout: Mapping[str, Sequence[float]] | None = None, radius: float = 0.2) -> Figure:
+    """Word heat maps overlaid on the generated image, DAAM-style; optionally a layout's regions, dashed.
 
     >>> import tempfile, attnscope as ats, attnscope.plot
     >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
@@ -46,6 +49,10 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
     >>> fig = ats.plot.heatmaps(tr, ["circle", "blue square"])
     >>> [ax.get_title() for ax in fig.axes]
     ['a red circle and a blue square', 'circle', 'blue square']
+    >>> fig = ats.plot.heatmaps(tr, ["circle", "blue square"], layout={"a red circle": (0, 0, 0.5, 1),
+    ...                                                                "a blue square": (0.75, 0.5)})
+    >>> [[p.get_label() for p in ax.patches] for ax in fig.axes]   # each phrase on its words' panels
+    [[], ['a red circle'], ['a blue square']]
 
     For each chosen site the map is averaged over heads and the chosen steps and upsampled
     bilinearly to the image size; the sites are averaged; each word's pieces (all occurrences) are
@@ -67,14 +74,36 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
         Opacity of the heat map over the image.
     cmap : str
         Matplotlib colour map of the heat map.
+    layout : mapping of phrase → box or centre, optional
+        The regions of :class:`attnscope.regulate.SpatialTemporal` (and of
+        :func:`attnscope.stats.region_share`): ``{"a red circle": (x0, y0, x1, y1), "a blue square":
+        (x, y)}`` in [0, 1]², x to the right, y down. Each phrase's region is drawn as a dashed white
+        outline — a rectangle for a box, a circle of ``radius`` for a centre (an ellipse on a
+        non-square image, like the mask) — on the panels of the words that belong to the phrase: a
+        panel gets it when its tokens share one with the phrase's (its first occurrence, leading
+        articles dropped: :func:`attnscope.stats.layout_tokens`), so ``"circle"`` and ``"red circle"``
+        get ``"a red circle"``'s box and ``"a"`` gets none. When the trace has no token text (a
+        prompt given as embeddings) this cannot be told and every word panel gets every region. A
+        phrase that is not in the sample's prompt is an error. Each patch is labelled with its phrase.
+    radius : float
+        Radius of a centre's disk, as a fraction of the image's width and height (the control's 0.2).
 
     Returns
     -------
     matplotlib.figure.Figure
         One row of panels: the image, then one per word titled with the word; no colour bar.
-        Each word panel holds two images, the picture and the normalised map (``ax.images[-1]``).
+        Each word panel holds two images, the picture and the normalised map (``ax.images[-1]``),
+        and the layout's patches (``ax.patches``) in image pixel coordinates: pixel ``(row, col)``
+        is centred at ``(col, row)``, so a box spans ``x0 · W − ½`` to ``x1 · W − ½``.
     """
+    regions = layout_regions(layout) if layout is not None else None
+    if layout is not None and (isinstance(radius, bool) or not isinstance(radius, (int, float))
+                               or not 0 < radius <= 1):
+        raise AttnscopeError(f"radius={radius!r}: expected a number in (0, 1]")
     position = sample_index(trace, sample)
+    on_panels = None
+    if regions is not None:  # which phrase goes on which panel, checked before any map is read
+        on_panels = _layout_panels(words, regions, sample_tokens(trace, sample), sample_roles(trace, sample))
     images = trace.images
     maps = mean_word_maps(trace, words, sites, steps, sample).attn.normalize("minmax").transpose("word", "y", "x")
     size = maps.sizes["y"], maps.sizes["x"]
@@ -94,7 +123,45 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
                       vmin=0.0, vmax=1.0, extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5))
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
+    if regions is not None:
+        _draw_layout(list(axes[0][1:]), on_panels, regions, radius, size)
     return fig
+
+
+def _layout_panels(words: Any, regions: dict[str, tuple[float, ...]], tokens: list[str],
+                   roles: list[str] | None) -> list[list[str]]:
+    """Per word panel, the layout phrases drawn on it: those whose tokens it shares one of (see :func:`heatmaps`)."""
+    targets = [words] if isinstance(words, (str, int)) else list(words)
+    if not any(tokens):  # a prompt given as embeddings leaves no token text: which panel is whose cannot be told
+        return [list(regions)] * len(targets)
+    phrase_tokens = layout_tokens(tokens, list(regions), roles)
+    for phrase, found in phrase_tokens.items():
+        if not found:
+            raise AttnscopeError(f"layout phrase {phrase!r} is not in the prompt {prompt_text(tokens, roles)!r}; "
+                                 f"every phrase of the layout must be")
+    panels = [set(next(iter(resolve_targets(tokens, [t], roles).values()))) for t in targets]
+    return [[p for p, found in phrase_tokens.items() if panel & set(found)] for panel in panels]
+
+
+def _draw_layout(axes: list[Any], on_panels: list[list[str]], regions: dict[str, tuple[float, ...]], radius: float,
+                 size: tuple[int, int]) -> None:
+    """Each panel's regions as dashed outlines in image coordinates, the view left on the image."""
+    from matplotlib.patches import Ellipse, Rectangle
+
+    h, w = size
+    for ax, phrases in zip(axes, on_panels):
+        limits = ax.get_xlim(), ax.get_ylim()
+        for phrase in phrases:
+            region = regions[phrase]
+            style = dict(fill=False, edgecolor="white", linestyle="--", linewidth=1.5, label=phrase)
+            if len(region) == 4:
+                x0, y0, x1, y1 = region
+                patch = Rectangle((x0 * w - 0.5, y0 * h - 0.5), (x1 - x0) * w, (y1 - y0) * h, **style)
+            else:
+                patch = Ellipse((region[0] * w - 0.5, region[1] * h - 0.5), 2 * radius * w, 2 * radius * h, **style)
+            ax.add_patch(patch)
+        ax.set_xlim(limits[0])
+        ax.set_ylim(limits[1])
 
 
 def site_step_grid(trace: Any, word: str | int, sites: str | Sequence[str] | None = None, steps: Any = None,

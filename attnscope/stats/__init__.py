@@ -1,9 +1,10 @@
 """Numbers from traces: attention-dominance statistics, convergence, and the ``.attn`` xarray accessor.
 
 ``ats.stats.dominance`` (definitions in docs/analysis.md), ``ats.stats.convergence`` and
-``ats.stats.suggest_gate_step``, text/JSON reports, one formula function per statistic, and the
-upsampling that heat maps use. Importing this package registers ``DataArray.attn``. It reads traces
-through ``attnscope.store`` and never imports the hook core.
+``ats.stats.suggest_gate_step``, ``ats.stats.region_share`` (attention inside a layout's regions),
+text/JSON reports, one formula function per statistic, and the upsampling that heat maps use.
+Importing this package registers ``DataArray.attn``. It reads traces through ``attnscope.store``
+and never imports the hook core.
 
 >>> import attnscope as ats
 >>> ats.stats.dominance, ats.stats.convergence  # doctest: +ELLIPSIS
@@ -14,9 +15,11 @@ from . import _accessor  # noqa: F401  (registers the `.attn` xarray accessor)
 from ._convergence import convergence, stable_step, suggest_gate_step
 from ._dominance import dominance
 from ._formulas import argmax_coverage, dominance_ratio, entropy, gini, map_sums, mass_share, sink_share, target_share
+from ._regions import layout_regions, layout_tokens, region_mask, region_share
 from ._reports import convergence_table, dominance_json, dominance_table
 from ._upsample import image_size, upsample_maps
 
 __all__ = ["argmax_coverage", "convergence", "convergence_table", "dominance", "dominance_json", "dominance_ratio",
-           "dominance_table", "entropy", "gini", "image_size", "map_sums", "mass_share", "sink_share", "stable_step",
-           "suggest_gate_step", "target_share", "upsample_maps"]
+           "dominance_table", "entropy", "gini", "image_size", "layout_regions", "layout_tokens", "map_sums", "mass_share",
+           "region_mask", "region_share", "sink_share", "stable_step", "suggest_gate_step", "target_share",
+           "upsample_maps"]

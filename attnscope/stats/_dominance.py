@@ -12,7 +12,7 @@ from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import resolve_targets, token_roles, token_words
 from . import _formulas as f
 
-__all__ = ["dominance", "site_arrays"]
+__all__ = ["dominance", "site_arrays", "site_dataset", "sites_and_text", "stack_sites", "token_role_rows", "token_texts"]
 
 _MAP_DIMS = ("head", "y", "x", "token")
 
@@ -50,7 +50,8 @@ def site_arrays(source: Any, sites: Any = None, steps: Any = None) -> tuple[dict
     return arrays, cut
 
 
-def _token_texts(da: Any, tokens: Sequence[str] | None) -> list[list[str]]:
+def token_texts(da: Any, tokens: Sequence[str] | None) -> list[list[str]]:
+    """Per sample, the token strings of ``da``'s token axis: ``tokens`` if given, else its ``token_text`` coordinate."""
     if tokens is not None:
         if len(tokens) != da.sizes["token"]:
             raise AttnscopeError(f"tokens: {len(tokens)} strings for a token axis of {da.sizes['token']}")
@@ -62,7 +63,7 @@ def _token_texts(da: Any, tokens: Sequence[str] | None) -> list[list[str]]:
     return [[str(t) for t in row] for row in text]
 
 
-def _token_role_rows(da: Any, texts: list[list[str]], tokens: Sequence[str] | None) -> list[list[str]]:
+def token_role_rows(da: Any, texts: list[list[str]], tokens: Sequence[str] | None) -> list[list[str]]:
     """Per sample, each position's role: the stored ``token_role`` coordinate, else read from the strings."""
     if tokens is None and "token_role" in da.coords:
         roles = np.asarray(da["token_role"].values)
@@ -161,14 +162,9 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     1.0
     """
     import dask
-    import xarray as xr
 
-    arrays, cut = site_arrays(source, sites, steps)
-    if not arrays:
-        raise AttnscopeError("no sites to analyse")
+    arrays, cut, texts, roles = sites_and_text(source, sites, steps, tokens)
     first = next(iter(arrays.values()))
-    texts = _token_texts(first, tokens)
-    roles = _token_role_rows(first, texts, tokens)
     words = np.array([[r == "word" for r in row] for row in roles])
     prompt = np.ones_like(words) if include_special else words
     labels, positions = _targets(texts, roles, targets)
@@ -181,28 +177,16 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
         sums = np.asarray(sums)
         share = f.mass_share(sums, prompt[None])
         tshare = np.stack([f.target_share(share[:, s], positions[s]) for s in range(share.shape[1])], 1)
-        ds = xr.Dataset(
-            {
-                "mass_share": (("step", "sample", "token"), share[..., keep]),
-                "argmax_coverage": (("step", "sample", "token"), f.argmax_coverage(sums, prompt[None])[..., keep]),
-                "target_share": (("step", "sample", "target"), tshare),
-                "dominance_ratio": (("step", "sample"), f.dominance_ratio(tshare)),
-                "entropy": (("step", "sample"), f.entropy(sums)),
-                "gini": (("step", "sample"), f.gini(share, prompt[None])),
-                "sink_share": (("step", "sample"), f.sink_share(sums, words[None])),
-            },
-            coords={"step": da["step"].values, "sample": da["sample"].values if "sample" in da.coords
-                    else np.arange(da.sizes["sample"])},
-        )
-        if "timestep" in da.coords:
-            ds = ds.assign_coords(timestep=("step", np.asarray(da["timestep"].values, dtype=float)))
-        per_site.append(ds.expand_dims(site=[name]))
-    out = xr.concat(per_site, dim="site", join="outer", coords="minimal", compat="override")
-    out = out.transpose("step", "site", "sample", "token", "target")
-    described = [da.attrs.get("site", {}) for da in arrays.values()]
-    for key in ("block", "depth"):  # where each site sits: down/mid/up, double/single, or a flat stack's third
-        if all(key in d for d in described):
-            out = out.assign_coords({key: ("site", [d[key] for d in described])})
+        per_site.append(site_dataset(name, da, {
+            "mass_share": (("step", "sample", "token"), share[..., keep]),
+            "argmax_coverage": (("step", "sample", "token"), f.argmax_coverage(sums, prompt[None])[..., keep]),
+            "target_share": (("step", "sample", "target"), tshare),
+            "dominance_ratio": (("step", "sample"), f.dominance_ratio(tshare)),
+            "entropy": (("step", "sample"), f.entropy(sums)),
+            "gini": (("step", "sample"), f.gini(share, prompt[None])),
+            "sink_share": (("step", "sample"), f.sink_share(sums, words[None])),
+        }))
+    out = stack_sites(per_site, arrays).transpose("step", "site", "sample", "token", "target")
     tok_text = np.array(texts)[:, keep]
     tok_word = np.array([token_words(t, r) for t, r in zip(texts, roles)])[:, keep]
     same = all(row == texts[0] for row in texts)
@@ -219,3 +203,38 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
                       "prompt_tokens": "word pieces, SOT, EOT and padding" if include_special else "word pieces",
                       "definitions": "docs/analysis.md of attnscope; one function per formula in attnscope.stats"})
     return out
+
+
+def site_dataset(name: str, da: Any, variables: dict[str, Any]) -> Any:
+    """One site's statistics as a Dataset over its maps' ``step``/``sample`` (with ``timestep``), on a ``site`` axis."""
+    import xarray as xr
+
+    ds = xr.Dataset(variables, coords={"step": da["step"].values, "sample": da["sample"].values
+                                       if "sample" in da.coords else np.arange(da.sizes["sample"])})
+    if "timestep" in da.coords:
+        ds = ds.assign_coords(timestep=("step", np.asarray(da["timestep"].values, dtype=float)))
+    return ds.expand_dims(site=[name])
+
+
+def stack_sites(per_site: list[Any], arrays: dict[str, Any]) -> Any:
+    """:func:`site_dataset` results joined along ``site``, with where each site sits (``block``, ``depth``) where
+    every site says: down/mid/up, double/single, or a flat stack's third."""
+    import xarray as xr
+
+    out = xr.concat(per_site, dim="site", join="outer", coords="minimal", compat="override")
+    described = [da.attrs.get("site", {}) for da in arrays.values()]
+    for key in ("block", "depth"):
+        if all(key in d for d in described):
+            out = out.assign_coords({key: ("site", [d[key] for d in described])})
+    return out
+
+
+def sites_and_text(source: Any, sites: Any, steps: Any, tokens: Any) -> tuple[dict[str, Any], Any, list, list]:
+    """``(arrays, cut, texts, roles)``: the selected sites' maps (:func:`site_arrays`, at least one) and, per
+    sample, the token strings and roles of their text axis."""
+    arrays, cut = site_arrays(source, sites, steps)
+    if not arrays:
+        raise AttnscopeError("no sites to analyse")
+    first = next(iter(arrays.values()))
+    texts = token_texts(first, tokens)
+    return arrays, cut, texts, token_role_rows(first, texts, tokens)
