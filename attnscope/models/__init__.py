@@ -26,8 +26,10 @@ from ._evaluation import (
            prompt_kind,
            score_image,
 )
+from ._faithfulness import heatmap_iou
 from ._loading import load_pipeline
 
 __all__ = ["INTERVENTIONS", "PROMPT_KINDS", "PROMPT_SETS", "eval_prompts", "evaluate", "format_paired", "format_report",
+           "heatmap_iou",
            "load_pipeline", "named_interventions", "object_nouns", "object_phrases", "paired_differences",
            "prompt_kind", "run_demo", "score_image", "shapes"]

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from ._heatmaps import mean_word_maps
+from ._heatmaps import word_maps
 from ._select import sample_index
 
 __all__ = ["comparison"]
@@ -45,7 +45,7 @@ def comparison(result: Any, sample: int = 0, cmap: str = "viridis") -> Figure:
         Two rows (before, after) of ``1 + len(targets)`` panels, plus one bar-chart axes at the right.
     """
     spec = result.target_spec or result.targets
-    maps = [mean_word_maps(tr, spec, result.sites, result.steps, sample).transpose("word", "y", "x").values
+    maps = [word_maps(tr, spec, result.sites, result.steps, sample).transpose("word", "y", "x").values
             for tr in (result.a, result.b)]
     n = len(result.targets)
     fig = Figure(figsize=(2.2 * (n + 1) + 3.6, 4.8), layout="constrained")

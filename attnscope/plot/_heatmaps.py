@@ -15,19 +15,18 @@ from ..tokens import prompt_text, resolve_targets
 from ._layout import new_figure, short_site, step_label
 from ._select import sample_index, sample_roles, sample_tokens, site_maps, site_names
 
-__all__ = ["heatmaps", "site_step_grid"]
+__all__ = ["heatmaps", "site_step_grid", "word_maps"]
 
 
-def mean_word_maps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Sequence[str] | None = None,
+def word_maps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Sequence[str] | None = None,
                    steps: Any = None, sample: int = 0) -> xr.DataArray:
     """Each word's map at image size (dims ``word, y, x``), not normalised: per chosen site averaged over
     heads and the chosen steps and upsampled bilinearly, then averaged over the sites. Computed.
 
-    >>> import tempfile, attnscope as ats, attnscope.plot
-    >>> from attnscope.plot._heatmaps import mean_word_maps
+    >>> import tempfile, attnscope as ats
     >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
     ...                  num_inference_steps=2)
-    >>> dict(mean_word_maps(tr, ["circle"]).sizes)
+    >>> dict(ats.plot.word_maps(tr, ["circle"]).sizes)
     {'word': 1, 'y': 32, 'x': 32}
     """
     images = trace.images
@@ -105,7 +104,7 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
     if regions is not None:  # which phrase goes on which panel, checked before any map is read
         on_panels = _layout_panels(words, regions, sample_tokens(trace, sample), sample_roles(trace, sample))
     images = trace.images
-    maps = mean_word_maps(trace, words, sites, steps, sample).attn.normalize("minmax").transpose("word", "y", "x")
+    maps = word_maps(trace, words, sites, steps, sample).attn.normalize("minmax").transpose("word", "y", "x")
     size = maps.sizes["y"], maps.sizes["x"]
     labels = [str(w) for w in maps["word"].values.tolist()]
     fig, axes = new_figure(1, 1 + len(labels), (2.6, 2.8))

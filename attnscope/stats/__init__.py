@@ -1,7 +1,8 @@
 """Numbers from traces: attention-dominance statistics, convergence, and the ``.attn`` xarray accessor.
 
 ``ats.stats.dominance`` (definitions in docs/analysis.md), ``ats.stats.convergence`` and
-``ats.stats.suggest_gate_step``, ``ats.stats.region_share`` (attention inside a layout's regions),
+``ats.stats.suggest_gate_step``, ``ats.stats.region_share`` (attention inside a layout's regions), ``ats.stats.map_shape``
+(concentration, centre, spread and overlap of targets' maps),
 text/JSON reports, one formula function per statistic, and the upsampling that heat maps use.
 Importing this package registers ``DataArray.attn``. It reads traces through ``attnscope.store``
 and never imports the hook core.
@@ -17,9 +18,10 @@ from ._dominance import dominance
 from ._formulas import argmax_coverage, dominance_ratio, entropy, gini, map_sums, mass_share, sink_share, target_share
 from ._regions import layout_regions, layout_tokens, region_mask, region_share
 from ._reports import convergence_table, dominance_json, dominance_table
+from ._shape import box_iou, centre_of_mass, histogram_intersection, map_shape, peak_to_mean, spread, top_share
 from ._upsample import image_size, upsample_maps
 
-__all__ = ["argmax_coverage", "convergence", "convergence_table", "dominance", "dominance_json", "dominance_ratio",
-           "dominance_table", "entropy", "gini", "image_size", "layout_regions", "layout_tokens", "map_sums", "mass_share",
-           "region_mask", "region_share", "sink_share", "stable_step", "suggest_gate_step", "target_share",
-           "upsample_maps"]
+__all__ = ["argmax_coverage", "box_iou", "centre_of_mass", "convergence", "convergence_table", "dominance", "dominance_json",
+           "dominance_ratio", "dominance_table", "entropy", "gini", "histogram_intersection", "image_size", "layout_regions",
+           "layout_tokens", "map_shape", "map_sums", "mass_share", "peak_to_mean", "region_mask", "region_share",
+           "sink_share", "spread", "stable_step", "suggest_gate_step", "target_share", "top_share", "upsample_maps"]

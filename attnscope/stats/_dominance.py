@@ -12,7 +12,8 @@ from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import resolve_targets, token_roles, token_words
 from . import _formulas as f
 
-__all__ = ["dominance", "site_arrays", "site_dataset", "sites_and_text", "stack_sites", "token_role_rows", "token_texts"]
+__all__ = ["dominance", "site_arrays", "site_dataset", "sites_and_text", "stack_sites", "target_positions", "token_role_rows",
+           "token_texts"]
 
 _MAP_DIMS = ("head", "y", "x", "token")
 
@@ -72,7 +73,7 @@ def token_role_rows(da: Any, texts: list[list[str]], tokens: Sequence[str] | Non
     return [token_roles(t) for t in texts]
 
 
-def _targets(texts: list[list[str]], roles: list[list[str]], targets: Any) -> tuple[list[str], list[list[list[int]]]]:
+def target_positions(texts: list[list[str]], roles: list[list[str]], targets: Any) -> tuple[list[str], list[list[list[int]]]]:
     """Target labels and, per sample, each target's positions (empty where a sample's prompt lacks it)."""
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(texts[0], roles[0]) if w))
@@ -167,7 +168,7 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     first = next(iter(arrays.values()))
     words = np.array([[r == "word" for r in row] for row in roles])
     prompt = np.ones_like(words) if include_special else words
-    labels, positions = _targets(texts, roles, targets)
+    labels, positions = target_positions(texts, roles, targets)
 
     computed = dask.compute(*[_chunk_sums(da, prompt, words, cut) for da in arrays.values()])
 
