@@ -10,7 +10,7 @@ capture, store, stats, plot, regulate or rerun: they build on it.
 (True, ('logits', 'probs', 'output'))
 """
 
-from ._client import OPTIONAL_METHODS, ROLES, STAGES, HookClient, client_role
+from ._client import OPTIONAL_METHODS, ROLES, STAGES, HookClient, client_role, prepare_clients
 from ._context import CallContext, RowLayout, StepContext
 from ._core import HookSession, hooks
 from ._discovery import discover_self_sites, discover_sites, find_adapter, find_denoiser, segment_name, text_segments
@@ -18,4 +18,4 @@ from ._sites import CrossAttentionSite
 
 __all__ = ["CallContext", "CrossAttentionSite", "HookClient", "HookSession", "OPTIONAL_METHODS", "ROLES", "RowLayout", "STAGES",
            "StepContext", "client_role", "discover_self_sites", "discover_sites", "find_adapter", "find_denoiser", "hooks",
-           "segment_name", "text_segments"]
+           "prepare_clients", "segment_name", "text_segments"]

@@ -8,15 +8,16 @@ from typing import Any, Protocol, runtime_checkable
 from ..errors import AttnscopeError
 from ._context import CallContext
 
-__all__ = ["HookClient", "OPTIONAL_METHODS", "ROLES", "STAGES", "client_role"]
+__all__ = ["HookClient", "OPTIONAL_METHODS", "ROLES", "STAGES", "client_role", "prepare_clients"]
 
 #: The stages of one attention call a client can observe or replace, in the order they happen.
 STAGES = ("logits", "probs", "output")
 #: ``"intervention"``: may replace tensors, bypass calls and choose CFG branches; ``"observer"``: may only look.
 ROLES = ("intervention", "observer")
-#: Methods a client may define besides ``stages``; the core calls each only where it exists.
+#: Methods a client may define besides ``stages``; each is called only where it exists (``prepare`` by the runners
+#: that know the whole pipeline call, through :func:`prepare_clients`; the others by the core).
 OPTIONAL_METHODS = ("on_logits", "on_probs", "on_output", "bypass", "on_skipped", "branches", "on_install", "on_step",
-                    "on_remove")
+                    "on_remove", "prepare")
 
 
 @runtime_checkable
@@ -55,6 +56,11 @@ class HookClient(Protocol):
     on_install(session), on_step(step_ctx), on_remove(error)
         Installed (``session`` is the :class:`~attnscope.hooks.HookSession`), a denoising step
         starts, removed (``error`` is the exception that ended the block, or ``None``).
+    prepare(pipe, call)
+        Before the hooks are installed, the exact pipeline call about to run (``call``: the keyword
+        arguments, prompt and generator included), from the runners that know it —
+        :func:`attnscope.rerun` and ``attnscope eval`` (:func:`prepare_clients`). SpatialTemporal
+        optimises its λ there.
 
     Order: interventions first, in the order given, each seeing the previous one's result; then
     observers, in the order given, all seeing the final tensors.
@@ -94,3 +100,21 @@ def client_role(client: Any) -> str:
                              f"stages(ctx) method (a hook client: attnscope.hooks.HookClient), got role={role!r} and "
                              f"{has_stages}")
     return role
+
+
+def prepare_clients(clients: Any, pipe: Any, call: dict[str, Any]) -> None:
+    """Hand ``call`` (the keyword arguments of the pipeline call about to run) to every client with a ``prepare``.
+
+    >>> class Fit:
+    ...     def stages(self, ctx):
+    ...         return ()
+    ...     def prepare(self, pipe, call):
+    ...         self.seen = sorted(call)
+    >>> fit = Fit()
+    >>> prepare_clients([fit, object()], None, {"prompt": "a cat", "generator": None})
+    >>> fit.seen
+    ['generator', 'prompt']
+    """
+    for client in clients:
+        if callable(getattr(client, "prepare", None)):
+            client.prepare(pipe, call)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..hooks import hooks
+from ..hooks import hooks, prepare_clients
 from .shapes import KINDS, detect, parse_prompt, relation_holds, sample_scene
 
 __all__ = ["INTERVENTIONS", "PROMPT_KINDS", "PROMPT_SETS", "evaluate", "eval_prompts", "format_paired", "format_report",
@@ -254,11 +254,10 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
-            for client in interventions:  # e.g. SpatialTemporal(objective=...) optimises its λ for this call
-                if callable(getattr(client, "prepare", None)):
-                    client.prepare(pipe, {"prompt": batch, "generator": generators, **pipeline_kwargs})
+            call = {"prompt": batch, "generator": generators, **pipeline_kwargs}
+            prepare_clients(interventions, pipe, call)  # e.g. SpatialTemporal(objective=...) optimises its λ
             with hooks(pipe, *interventions):
-                images = pipe(batch, generator=generators, **pipeline_kwargs).images
+                images = pipe(**call).images
             for i, (prompt, image) in enumerate(zip(batch, images)):
                 rows.append({**score_image(prompt, image), "seed": seed + start + i})
             bar.update(len(batch))

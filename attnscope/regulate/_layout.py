@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import AttnscopeError
+from ..stats import region_mask as stats_region_mask
 
-__all__ = ["layout_from_prompt", "region", "region_mask"]
+__all__ = ["layout_from_prompt", "region_mask"]
 
 #: relation phrases a default layout understands: the first object's box, then the second's
 _RELATIONS = {
@@ -48,31 +49,11 @@ def layout_from_prompt(prompt: str) -> dict[str, tuple[float, ...]]:
             for k, p in enumerate(phrases)}
 
 
-def region(spec: Any, phrase: str) -> tuple[float, ...]:
-    values = tuple(spec) if isinstance(spec, (list, tuple)) else None
-    if values is None or len(values) not in (2, 4) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                                for v in values):
-        raise AttnscopeError(f"layout[{phrase!r}] = {spec!r}: expected a box (x0, y0, x1, y1) or a centre (x, y) "
-                             f"in [0, 1]")
-    if not all(0.0 <= v <= 1.0 for v in values):
-        raise AttnscopeError(f"layout[{phrase!r}] = {spec!r}: coordinates must lie in [0, 1]")
-    if len(values) == 4 and not (values[0] < values[2] and values[1] < values[3]):
-        raise AttnscopeError(f"layout[{phrase!r}] = {spec!r}: an empty box; expected x0 < x1 and y0 < y1")
-    return tuple(float(v) for v in values)
-
-
 def region_mask(region: tuple[float, ...], shape: tuple[int, int], radius: float = 0.2) -> torch.Tensor:
-    """``(h·w,)`` float mask of a box or of a disk of ``radius`` around a centre, on an ``(h, w)`` grid of pixel centres.
+    """``(h·w,)`` float mask of a box or of a disk of ``radius`` around a centre, on an ``(h, w)`` grid of pixel centres:
+    :func:`attnscope.stats.region_mask`, flattened, as the float tensor the control multiplies by.
 
     >>> region_mask((0.0, 0.0, 0.5, 1.0), (2, 4)).tolist()   # the left half of a 2×4 map
     [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
     """
-    h, w = shape
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    if len(region) == 4:
-        inside = (x >= region[0]) & (x <= region[2]) & (y >= region[1]) & (y <= region[3])
-    else:
-        inside = (x - region[0]) ** 2 + (y - region[1]) ** 2 <= radius**2
-    return inside.flatten().float()
+    return torch.from_numpy(stats_region_mask(region, shape, radius).reshape(-1).astype(np.float32))

@@ -25,9 +25,6 @@ from ..errors import AttnscopeError
 
 __all__ = ["AttentionObjective", "ClipObjective", "SampledRun"]
 
-_ARTICLES = {"a", "an", "the"}
-
-
 @dataclasses.dataclass(frozen=True)
 class SampledRun:
     """One run of the optimisation: what an objective's ``loss`` scores.
@@ -40,15 +37,6 @@ class SampledRun:
     latents: torch.Tensor
     prompts: tuple[str, ...]
     layouts: tuple[dict[str, tuple[float, ...]], ...]
-
-
-def phrase_positions(occurrence: list[int], tokens: Any) -> list[int]:
-    """The positions of a phrase occurrence without its leading article tokens (``a``, ``an``, ``the``)."""
-    words = [str(tokens[p]).lower().removesuffix("</w>").lstrip("▁Ġ") for p in occurrence]
-    start = 0
-    while start < len(occurrence) - 1 and words[start] in _ARTICLES:
-        start += 1
-    return occurrence[start:]
 
 
 class AttentionObjective:
@@ -106,9 +94,8 @@ class _InsideShare:
 
     def on_probs(self, ctx: Any, probs: torch.Tensor) -> None:
         rows = ctx.rows
-        placements = self.control.placements(ctx.step_context)
         for sample in range(rows.samples):
-            place = placements[rows.prompt_of_sample[sample]] if len(placements) > 1 else placements[0]
+            place = self.control.placement(ctx.step_context, sample)
             maps = probs[rows.cond.start + sample].mean(dim=0)  # (pixels, tokens), heads averaged
             for region, positions in zip(place.regions, place.positions):
                 mass = maps[:, positions].sum(dim=-1)

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from ..errors import AttnscopeError
 from ..hooks import hooks
-from ..tokens import prompt_text, target_occurrences
-from . import _layout
+from ..stats import layout_regions, layout_tokens
+from ..tokens import prompt_text
 from ._layout import layout_from_prompt, region_mask
-from ._objectives import AttentionObjective, SampledRun, phrase_positions
+from ._objectives import AttentionObjective, SampledRun
 from ._scope import InterventionScope
 from ._trajectory import frozen, replayable, sample_with_gradients
 
@@ -95,7 +95,7 @@ class SpatialTemporal:
             if not isinstance(layout, Mapping) or not layout:
                 raise AttnscopeError(f"layout={layout!r}: expected a mapping of object phrase to a box or centre, "
                                      f"or None (a layout from the prompt's relation words)")
-            layout = {str(p): _layout.region(v, p) for p, v in layout.items()}
+            layout = layout_regions({str(p): v for p, v in layout.items()})
         if "{}" not in local_prompt:
             raise AttnscopeError(f"local_prompt={local_prompt!r}: expected a template with '{{}}' for the phrase")
         if not 0 < radius <= 1:
@@ -273,13 +273,11 @@ class SpatialTemporal:
         if step_ctx.rows.uncond is None:
             raise AttnscopeError("SpatialTemporal needs classifier-free guidance (the rule subtracts the "
                                  "unconditional output): use a guidance_scale > 1")
-        plans = self.placements(step_ctx)
+        self.placements(step_ctx)
         if self._optimising and self._trainable is None:
-            samples = step_ctx.rows.samples
             self._trainable = [
-                self._initial(s, len((plans[step_ctx.rows.prompt_of_sample[s]] if len(plans) > 1 else plans[0]).phrases),
-                              step_ctx.num_steps).to(torch.float32).requires_grad_(True)
-                for s in range(samples)]
+                self._initial(s, len(self.placement(step_ctx, s).phrases), step_ctx.num_steps)
+                .to(torch.float32).requires_grad_(True) for s in range(step_ctx.rows.samples)]
 
     def placements(self, step_ctx: Any) -> list[Placement]:
         """Per prompt of the running call: its objects' phrases, regions and token positions (computed once per call)."""
@@ -297,13 +295,11 @@ class SpatialTemporal:
         for text, text_roles in zip(texts, roles):
             prompt = prompt_text(text, text_roles) if text is not None else ""
             layout = self.layout if self.layout is not None else layout_from_prompt(prompt)
-            positions = []
-            for phrase in layout:
-                found = target_occurrences(text, phrase, text_roles) if text is not None else [[]]
-                if not found:
+            positions = layout_tokens(text, list(layout), text_roles) if text is not None else {p: [] for p in layout}
+            for phrase, found in positions.items():
+                if text is not None and not found:
                     raise AttnscopeError(f"layout phrase {phrase!r} is not in the prompt {prompt!r}")
-                positions.append(phrase_positions(found[0], text) if text is not None else [])
-            plans.append(Placement(tuple(layout), tuple(layout.values()), tuple(positions)))
+            plans.append(Placement(tuple(layout), tuple(layout.values()), tuple(positions.values())))
         missing = sorted({p for plan in plans for p in plan.phrases} - set(self._local))
         if missing:
             encoded = self._session.encode_text([self.local_prompt.format(p) for p in missing])
@@ -311,6 +307,11 @@ class SpatialTemporal:
         self._plan[key] = plans
         self._kv.clear()
         return plans
+
+    def placement(self, step_ctx: Any, sample: int) -> Placement:
+        """The placement of ``sample`` (an image of the running call): its prompt's, from :meth:`placements`."""
+        plans = self.placements(step_ctx)
+        return plans[step_ctx.rows.prompt_of_sample[sample]] if len(plans) > 1 else plans[0]
 
     def stages(self, ctx: Any) -> tuple[str, ...]:
         return ("output",) if ctx.site.kind == "cross" and self.scope.active(ctx) else ()
@@ -320,11 +321,10 @@ class SpatialTemporal:
         if hidden is None:
             raise AttnscopeError(f"site {ctx.site.name}: SpatialTemporal needs the site's queries (a 3-D input)")
         rows, attn = ctx.rows, ctx.site.module
-        plans = self.placements(ctx.step_context)
         out = output.clone()
         query = attn.to_q(hidden[rows.cond])
         for sample in range(rows.samples):
-            place = plans[rows.prompt_of_sample[sample]] if len(plans) > 1 else plans[0]
+            place = self.placement(ctx.step_context, sample)
             weights = self._lambda(sample, rows.samples, len(place.phrases), ctx.step, ctx.step_context.num_steps)
             cond, uncond = rows.cond.start + sample, rows.uncond.start + sample
             for i, (phrase, region) in enumerate(zip(place.phrases, place.regions)):

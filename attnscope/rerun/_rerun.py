@@ -13,7 +13,7 @@ import torch
 
 from ..capture import Recorder
 from ..errors import AttnscopeError
-from ..hooks import client_role, find_denoiser, hooks
+from ..hooks import client_role, find_denoiser, hooks, prepare_clients
 from ..models import load_pipeline
 from ..store import Trace, as_trace, check_store_path, jsonable, open_trace, weights_fingerprint
 
@@ -134,14 +134,12 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     pipe.scheduler = scheduler
     try:
         call = {"prompt": prompts if len(prompts) > 1 else prompts[0], "generator": generator, **kwargs}
-        for client in clients:  # e.g. SpatialTemporal optimises its λ for exactly this call
-            if callable(getattr(client, "prepare", None)):
-                client.prepare(pipe, call)
+        prepare_clients(clients, pipe, call)  # e.g. SpatialTemporal optimises its λ for exactly this call
         extra = {"interventions": [_describe(i, c) for i, c in enumerate(clients)],
                  "parent": {"path": where, "manifest_sha256": manifest_sha256(manifest)}}
         recorder = Recorder(out, overwrite=overwrite, run_info=run_info, extra_manifest=extra, **options)
         with hooks(pipe, *clients, recorder, exact=exact):
-            result = pipe(prompt=prompts if len(prompts) > 1 else prompts[0], generator=generator, **kwargs)
+            result = pipe(**call)
             if kwargs.get("output_type", "pil") != "latent":
                 recorder.add_images(result.images)
     finally:
