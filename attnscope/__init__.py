@@ -2,7 +2,8 @@
 
 The public API (see docs/index.md). The packages follow the data flow: ``models`` (what gets
 hooked) → ``hooks`` (interception) → ``capture`` → ``store`` → ``stats`` → ``plot``, and
-``hooks`` → ``regulate`` (interventions) → ``rerun`` (reproduce and compare).
+``hooks`` → ``regulate`` (interventions) → ``rerun`` (reproduce and compare); ``sweep`` runs many
+captures and analyses them together.
 
 >>> import attnscope as ats
 >>> ats.capture, ats.open_trace, ats.hooks  # doctest: +ELLIPSIS
@@ -28,10 +29,11 @@ from .hooks import (
 from .models import load_pipeline, shapes
 from .rerun import Comparison, compare, rerun
 from .store import Trace, open_trace
+from .sweep import Catalog, open_catalog, sweep
 
 __all__ = [
-    "AttnscopeError", "CallContext", "Comparison", "CrossAttentionSite", "HookClient", "HookSession", "Recorder",
+    "AttnscopeError", "CallContext", "Catalog", "Comparison", "CrossAttentionSite", "HookClient", "HookSession", "Recorder",
     "RowLayout", "STAGES", "StepContext", "Trace", "capture", "compare", "discover_sites", "hooks", "load_pipeline",
-    "open_trace", "plot", "regulate", "rerun", "shapes", "stats",
+    "open_catalog", "open_trace", "plot", "regulate", "rerun", "shapes", "stats", "sweep",
 ]
 __version__ = "0.1.0"

@@ -416,3 +416,117 @@ def _prompt_words(tr) -> list[str]:
 
 if __name__ == "__main__":
     app()
+
+
+def _storage_options(items: list[str]) -> dict | None:
+    """``--storage-option NAME=VALUE`` items as fsspec options (``endpoint_url`` goes into ``client_kwargs``)."""
+    if not items:
+        return None
+    options = _pipeline_args(items)
+    endpoint = options.pop("endpoint_url", None)
+    if endpoint is not None:
+        options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+    return options
+
+
+_STORAGE_HELP = ("fsspec option for a URL as NAME=VALUE (key, secret, endpoint_url, anon…); repeatable. Without it "
+                 "the backend's environment applies (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, …).")
+
+
+@app.command("sweep", epilog="Example: attnscope sweep prompts.txt --seeds 0-99 --out runs/sweep1 --workers 2 --steps 20\n\n"
+                             "Rerun the same command to resume: complete runs are skipped, the others redone.")
+def sweep_(
+    prompts: Path = typer.Argument(..., help="Text file with one prompt per line ('#' lines and blank lines skipped)."),
+    seeds: str = typer.Option(..., help="Seeds as '0-99', '0,3,7' or '0-9,20-24': every prompt runs with every seed."),
+    out: str = typer.Option(..., help="The sweep's folder: a directory or a URL (s3://bucket/runs/s1, file://…)."),
+    model: str = typer.Option("shapes", help=_MODEL_HELP),
+    workers: int = typer.Option(1, help="Worker processes on the CPU, each loading the model once (1: this process)."),
+    devices: str | None = typer.Option(None, help="One worker process per device, comma-separated: cuda:0,cuda:1."),
+    threads: int | None = typer.Option(None, help="Torch threads per worker (default: the cores divided among workers)."),
+    steps: int = typer.Option(20, help="Number of inference steps."),
+    guidance: float | None = typer.Option(None, help="Guidance scale (default: the pipeline's)."),
+    height: int | None = typer.Option(None, help="Image height in pixels."),
+    width: int | None = typer.Option(None, help="Image width in pixels."),
+    sites: list[str] | None = typer.Option(None, help="Glob of site module paths to record; repeatable (default all)."),
+    capture_steps: str | None = typer.Option(None, help="Steps to record as START:STOP[:STEP] or a comma list (default all)."),
+    heads: str = typer.Option("mean", help="'mean' (average heads on the device) or 'all'."),
+    tokens: str = typer.Option("auto", help="'all' text positions, 'prompt' or 'auto'."),
+    branch: str = typer.Option("cond", help="'cond', 'uncond' or 'both' classifier-free-guidance halves."),
+    dtype: str | None = typer.Option(None, help="float32, float16 or bfloat16."),
+    pipeline_arg: list[str] | None = typer.Option(None, "--set", help="Another pipeline argument as NAME=VALUE "
+                                                                       "(VALUE in JSON or a bare string); repeatable."),
+    storage_option: list[str] | None = typer.Option(None, help=_STORAGE_HELP),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with the ETA."),
+) -> None:
+    """Capture one trace per prompt × seed into a folder with a Parquet catalog; resumable, on several workers."""
+    import attnscope as ats
+    from attnscope.selection import parse_step_text
+    from attnscope.sweep import read_prompts
+
+    try:
+        prompt_list = read_prompts(prompts)
+        kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width).items() if v is not None}
+        kwargs.update(_pipeline_args(pipeline_arg or []))
+        cat = ats.sweep(model, prompt_list, seeds, out, workers=workers, threads=threads, dtype=dtype,
+                        devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
+                        progress=progress, storage_options=_storage_options(storage_option or []),
+                        num_inference_steps=steps, sites=sites or None,
+                        steps=parse_step_text(capture_steps, "--capture-steps"), heads=heads, tokens=tokens, branch=branch,
+                        **kwargs)
+    except ats.AttnscopeError as exc:
+        raise _fail(exc) from None
+    typer.echo(_catalog_summary(cat))
+
+
+def _catalog_summary(cat) -> str:
+    df = cat.df
+    counts = df["status"].value_counts()
+    lines = [f"sweep {cat.location}: {len(df)} runs, {int(counts.get('complete', 0))} complete, "
+             f"{int(counts.get('failed', 0))} failed; catalog: {cat._folder.url('catalog.parquet')}"]
+    for row in df[df["status"] != "complete"].head(5).itertuples():
+        lines.append(f"  failed {row.run}: {row.error}")
+    if "all_present" in df:
+        done = df[df["status"] == "complete"]
+        lines.append(f"shapes detector: all objects present {100 * done['all_present'].astype(float).mean():.1f} %, "
+                     f"exactly the objects asked {100 * done['exact'].astype(float).mean():.1f} % of {len(done)} images")
+    return "\n".join(lines)
+
+
+@app.command("sweep-stats", epilog="Example: attnscope sweep-stats runs/sweep1 --targets objects --steps 0:5 "
+                                   "-o runs/sweep1-dominance.parquet")
+def sweep_stats(
+    sweep: str = typer.Argument(..., help="A sweep's folder (or its catalog.parquet), local or a URL."),
+    targets: str = typer.Option("objects", help="Comma-separated words or phrases for every trace, or 'objects' "
+                                                "(each shapes prompt's own object phrases)."),
+    steps: str | None = typer.Option(None, help="Steps as START:STOP[:STEP] or a comma list (default all)."),
+    sites: list[str] | None = typer.Option(None, help="Glob of site module paths; repeatable (default all)."),
+    scheduler: str | None = typer.Option(None, help="Address of a running dask scheduler, tcp://host:8786 "
+                                                    "(default: a LocalCluster on this machine)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write the table here (.parquet or .csv)."),
+    storage_option: list[str] | None = typer.Option(None, help=_STORAGE_HELP),
+) -> None:
+    """Dominance statistics of every trace of a sweep, one row per run, computed on dask.distributed."""
+    import warnings
+
+    import attnscope as ats
+    from attnscope.selection import parse_step_text
+    from attnscope.sweep import DominanceRow
+
+    try:
+        cat = ats.open_catalog(sweep, storage_options=_storage_options(storage_option or []))
+        spec = targets if targets == "objects" else tuple(_split_words(targets) or ())
+        fn = DominanceRow(spec, steps=parse_step_text(steps, "--steps"), sites=tuple(sites) if sites else None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            table = cat.map_stats(fn, client=scheduler)
+    except ats.AttnscopeError as exc:
+        raise _fail(exc) from None
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
+    table = cat.df.set_index("run")[["prompt", "seed"]].join(table, how="inner")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(output) if output.suffix == ".csv" else table.to_parquet(output)
+        typer.echo(f"table: {output} ({len(table)} runs)")
+    else:
+        typer.echo(table.to_string(max_rows=20))

@@ -113,3 +113,27 @@ def reference_probs(module, hidden, text):
         logits = q @ k.transpose(-1, -2) / np.sqrt(d)
         e = torch.exp(logits - logits.amax(-1, keepdim=True))
         return (e / e.sum(-1, keepdim=True)).numpy()
+
+
+BUCKET = "traces"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on a free localhost port, with one bucket; ``s3.options`` are the storage_options."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket=BUCKET)
+        options = {"key": "testing", "secret": "testing",
+                   "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        yield type("S3", (), {"endpoint": endpoint, "client": client, "options": options})
+    finally:
+        server.stop()

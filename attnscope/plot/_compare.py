@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -58,7 +59,7 @@ def comparison(result: Any, sample: int = 0, cmap: str = "viridis") -> Figure:
             ax.imshow(picture)
         else:
             ax.text(0.5, 0.5, "no image stored", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(f"{label}: {tr.path.name}", fontsize=8)
+        ax.set_title(f"{label}: {PurePosixPath(str(tr.path)).name}", fontsize=8)  # a Path or a URL
         ax.set_axis_off()
         for k, target in enumerate(result.targets):
             ax = fig.add_subplot(grid[row, k + 1])

@@ -191,6 +191,11 @@ def _capture_options(manifest: dict[str, Any], run: dict[str, Any], given: dict[
 
 
 def _rerun_store(parent: Trace, store: str | Path | None) -> Path:
+    if not isinstance(parent.path, Path):  # a trace read from a URL: the rerun is written locally, where asked
+        if store is None:
+            raise AttnscopeError(f"trace {str(parent.path)!r} is read from a URL: pass store= (a local path) for "
+                                 "the rerun's trace")
+        return Path(store)
     out = Path(store) if store is not None else parent.path.with_name(parent.path.stem + "-rerun.zarr")
     here, there = out.resolve(), parent.path.resolve()
     if here == there or there in here.parents:

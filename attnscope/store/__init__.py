@@ -1,7 +1,8 @@
 """The Zarr trace store: its format, the manifest, the background writer and the lazy reader.
 
 One place for the on-disk format (docs/store-format.md): :func:`open_trace` and :class:`Trace` read
-it, :class:`TraceWriter` writes it, :func:`build_manifest` says how a run is reproduced. This
+it (from a local directory or a URL such as ``s3://bucket/run.zarr``), :class:`TraceWriter` writes it,
+:func:`upload_trace` copies a local trace to a URL, :func:`build_manifest` says how a run is reproduced. This
 package never imports the hook core; capture feeds the writer, stats and plots read traces.
 
 >>> import attnscope as ats
@@ -24,11 +25,13 @@ from ._format import (
     chunk_steps,
     site_group,
 )
+from ._location import access_error, filesystem, is_url, locate
 from ._manifest import build_manifest, jsonable, weights_fingerprint
 from ._reader import Trace, as_trace, open_trace
+from ._upload import upload_trace
 from ._writer import SiteLayout, StoreLayout, TraceWriter, check_store_path
 
 __all__ = ["BRANCH_ARRAYS", "FORMAT_VERSION", "GATED_STEPS_ATTR", "IMAGE_DIMS", "OUTPUT_CHANGE", "OUTPUT_NORM",
            "ROOT_COORDS", "SITES_GROUP", "SITE_DIMS", "SUMMARIES_GROUP", "SUMMARY_DIMS", "SiteLayout", "StoreLayout",
-           "Trace", "TraceWriter", "as_trace", "build_manifest", "check_store_path", "chunk_steps", "jsonable",
-           "open_trace", "site_group", "weights_fingerprint"]
+           "Trace", "TraceWriter", "access_error", "as_trace", "build_manifest", "check_store_path", "chunk_steps", "filesystem", "is_url", "jsonable", "locate",
+           "open_trace", "site_group", "upload_trace", "weights_fingerprint"]

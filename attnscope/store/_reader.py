@@ -24,6 +24,7 @@ from ._format import (
     quiet_consolidated,
     site_group,
 )
+from ._location import access_error, locate, read_root, zarr_store
 
 __all__ = ["Trace", "as_trace", "open_trace"]
 
@@ -33,7 +34,11 @@ class Trace:
 
     Attributes
     ----------
-    path : Path
+    path : Path or str
+        The store's directory; for a trace opened from a URL other than ``file://``, the URL string
+        (``"s3://bucket/run.zarr"``). ``str(tr.path)`` reopens it either way.
+    storage_options : dict or None
+        The fsspec options it was opened with (URL traces), reused to read its arrays.
     manifest : dict
         Model, scheduler, prompts, seeds, sizes, versions and the capture spec (docs/store-format.md).
     complete : bool
@@ -42,8 +47,9 @@ class Trace:
         Every step before this index is on disk for every captured site.
     """
 
-    def __init__(self, path: Path, attrs: dict[str, Any]):
+    def __init__(self, path: Path | str, attrs: dict[str, Any], *, storage_options: dict[str, Any] | None = None):
         self.path = path
+        self.storage_options = storage_options
         self._attrs = attrs
         self.manifest: dict[str, Any] = attrs["manifest"]
         self.complete: bool = bool(attrs.get("complete", False))
@@ -58,8 +64,14 @@ class Trace:
         """The whole store as an ``xarray.DataTree`` (lazy, dask-backed)."""
         import xarray as xr
 
-        with quiet_consolidated():
-            return xr.open_datatree(str(self.path), engine="zarr", chunks={}, consolidated=self.complete)
+        store = zarr_store(self.path, self.storage_options)
+        try:
+            with quiet_consolidated():
+                return xr.open_datatree(store, engine="zarr", chunks={}, consolidated=self.complete, zarr_format=3)
+        except Exception as exc:
+            if isinstance(self.path, Path):
+                raise
+            raise access_error(self.path, exc, self.storage_options) from exc
 
     @property
     def sites(self) -> list[str]:
@@ -212,10 +224,26 @@ class Trace:
         return da.isel(step=steps)
 
 
-def open_trace(path: str | Path) -> Trace:
+def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = None) -> Trace:
     """Open a trace store lazily; no attention map is read until asked for.
 
-    Raises AttnscopeError when ``path`` is not a trace or was written by a newer format.
+    Parameters
+    ----------
+    path : str or Path
+        A local directory, a ``file://`` URL, or any fsspec URL (``s3://bucket/run.zarr``; S3 needs
+        ``pip install 'attnscope[s3]'``). Remote stores are read through zarr's ``FsspecStore``.
+    storage_options : dict, optional
+        Passed to fsspec for a URL: credentials, ``{"client_kwargs": {"endpoint_url": …}}``, … Without
+        them the backend's own environment configuration applies (``AWS_ENDPOINT_URL``,
+        ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``~/.aws``).
+
+    Returns
+    -------
+    Trace
+        ``Trace.path`` is a ``Path`` for a local trace (``file://`` included), the URL string otherwise.
+
+    Raises AttnscopeError when ``path`` is not a trace or was written by a newer format, when a URL's
+    scheme is unknown or its fsspec backend is not installed, and when its endpoint cannot be reached.
 
     Examples
     --------
@@ -226,37 +254,41 @@ def open_trace(path: str | Path) -> Trace:
     >>> tr = ats.open_trace(d)
     >>> tr.tokens[:4], tr.words["circle"]
     (['<|startoftext|>', 'a</w>', 'red</w>', 'circle</w>'], [3])
+    >>> ats.open_trace("file://" + d).path == tr.path
+    True
     """
-    p = Path(path)
-    meta = p / "zarr.json"
-    if not meta.is_file():
-        raise AttnscopeError(f"{str(p)!r} is not an attnscope trace: no Zarr group there (expected {meta})")
+    p = locate(path)
+    where = str(p)
+    raw = read_root(p, storage_options)
+    if raw is None:
+        meta = p / "zarr.json" if isinstance(p, Path) else f"{p}/zarr.json"
+        raise AttnscopeError(f"{where!r} is not an attnscope trace: no Zarr group there (expected {meta})")
     try:
-        doc = json.loads(meta.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AttnscopeError(f"{str(p)!r} is not an attnscope trace: unreadable zarr.json ({exc})") from exc
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AttnscopeError(f"{where!r} is not an attnscope trace: unreadable zarr.json ({exc})") from exc
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     fmt = attrs.get("attnscope_format") if isinstance(attrs, dict) else None
     if not isinstance(fmt, int) or isinstance(fmt, bool):
-        raise AttnscopeError(f"{str(p)!r} is not an attnscope trace: no integer 'attnscope_format' attribute")
+        raise AttnscopeError(f"{where!r} is not an attnscope trace: no integer 'attnscope_format' attribute")
     if fmt > FORMAT_VERSION:
         raise AttnscopeError(
-            f"{str(p)!r} has trace format {fmt}; this attnscope reads formats up to {FORMAT_VERSION} — upgrade attnscope"
+            f"{where!r} has trace format {fmt}; this attnscope reads formats up to {FORMAT_VERSION} — upgrade attnscope"
         )
     if not isinstance(attrs.get("manifest"), dict) or not isinstance(attrs.get("sites"), list):
-        raise AttnscopeError(f"{str(p)!r}: trace attributes 'manifest' (object) and 'sites' (list) are missing or malformed")
-    return Trace(p, attrs)
+        raise AttnscopeError(f"{where!r}: trace attributes 'manifest' (object) and 'sites' (list) are missing or malformed")
+    return Trace(p, attrs, storage_options=storage_options)
 
 
 def as_trace(trace: Trace | str | Path, what: str = "trace") -> Trace:
-    """``trace`` itself, or the trace at that path (:func:`open_trace`); ``what`` names the argument in errors.
+    """``trace`` itself, or the trace at that path or URL (:func:`open_trace`); ``what`` names the argument in errors.
 
     >>> as_trace(42, "a")
     Traceback (most recent call last):
-    attnscope.errors.AttnscopeError: a=42: expected an attnscope Trace or the path of a trace store
+    attnscope.errors.AttnscopeError: a=42: expected an attnscope Trace or the path or URL of a trace store
     """
     if isinstance(trace, Trace):
         return trace
     if isinstance(trace, (str, Path)):
         return open_trace(trace)
-    raise AttnscopeError(f"{what}={trace!r}: expected an attnscope Trace or the path of a trace store")
+    raise AttnscopeError(f"{what}={trace!r}: expected an attnscope Trace or the path or URL of a trace store")

@@ -1,0 +1,171 @@
+"""The catalog of a sweep: one Parquet row per run, readable with pandas alone, and :class:`Catalog` over it."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import AttnscopeError
+from ..store import is_url
+from ._folder import SweepFolder
+from ._runs import RESERVED_COLUMNS
+
+__all__ = ["CATALOG_FILE", "Catalog", "open_catalog", "write_catalog"]
+
+CATALOG_FILE = "catalog.parquet"
+
+
+def write_catalog(folder: SweepFolder) -> Any:
+    """Gather every run's row file under ``folder/rows`` into ``folder/catalog.parquet``; return the DataFrame.
+
+    The row files are the durable record (each written once its run finished), so the catalog can
+    always be rebuilt from them: an interrupted sweep's catalog is rewritten when it resumes.
+    """
+    import pandas as pd
+
+    rows = []
+    for name in folder.list("rows"):
+        if name.endswith(".json") and not name.startswith("."):
+            row = folder.read_json(f"rows/{name}")
+            if isinstance(row, dict) and "run" in row:
+                rows.append(row)
+    df = pd.DataFrame(rows)
+    own = [c for c in RESERVED_COLUMNS if c in df.columns]
+    df = df[own + sorted(c for c in df.columns if c not in own)]  # the catalog's columns first, then extras
+    if len(df):
+        df = df.sort_values(["prompt", "seed"], kind="stable").reset_index(drop=True)
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    folder.write_bytes(CATALOG_FILE, buf.getvalue())
+    return df
+
+
+class Catalog:
+    """A sweep's runs: :attr:`df` (pandas, one row per run) and lazy access to each run's trace.
+
+    Create it with :func:`open_catalog` (or get it from :func:`attnscope.sweep`). In :attr:`df` the
+    ``trace`` and ``image`` columns are full paths or URLs; in the Parquet file they are relative
+    to the sweep's folder, so the folder can be moved or uploaded whole.
+
+    Attributes
+    ----------
+    location : str or Path
+        The sweep's folder (local path or URL).
+    df : pandas.DataFrame
+        Columns: ``run``, ``prompt``, ``seed``, ``trace``, ``image``, ``status`` (``"complete"`` or
+        ``"failed"``), ``error``, ``model``, ``model_hash``, ``steps``, ``seconds``, ``worker``; on the
+        shapes model the detector's ``kind``, ``expected``, ``detected``, ``present``,
+        ``all_present``, ``exact``, ``extra``, ``n_detected``; then any ``extra=`` columns.
+    """
+
+    def __init__(self, folder: SweepFolder, df: Any):
+        self._folder = folder
+        self.location = folder.location
+        self.df = df
+
+    def __repr__(self) -> str:
+        counts = self.df["status"].value_counts().to_dict() if "status" in self.df else {}
+        return f"<Catalog {str(self.location)!r}: {len(self.df)} runs {counts}>"
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def _row(self, run: str | int) -> Any:
+        if isinstance(run, int) and not isinstance(run, bool):
+            if not -len(self.df) <= run < len(self.df):
+                raise AttnscopeError(f"run={run}: the catalog has {len(self.df)} rows")
+            return self.df.iloc[run]
+        hits = self.df[self.df["run"] == run] if "run" in self.df else self.df.iloc[:0]
+        if not len(hits):
+            raise AttnscopeError(f"run={run!r}: not in the catalog of {str(self.location)!r}")
+        return hits.iloc[0]
+
+    def trace(self, run: str | int) -> Any:
+        """The trace of ``run`` (its id, or a row number of :attr:`df`), opened lazily.
+
+        Examples
+        --------
+        >>> import tempfile, attnscope as ats
+        >>> from attnscope.testing import tiny_sd_pipeline
+        >>> cat = ats.sweep(tiny_sd_pipeline(), ["a red circle"], seeds=[0, 1], out=tempfile.mkdtemp() + "/s",
+        ...                 progress=False, num_inference_steps=2, height=32, width=32)
+        >>> cat.trace(0).manifest["run"]["seed"], cat.trace(cat.df.run[1]).manifest["run"]["seed"]
+        (0, 1)
+        """
+        from ..store import open_trace
+
+        row = self._row(run)
+        if row.get("status") != "complete":
+            raise AttnscopeError(f"run {row['run']!r} has status {row.get('status')!r} ({row.get('error')}); "
+                                 f"rerun the sweep to redo it")
+        return open_trace(row["trace"], **self._open_options())
+
+    def traces(self) -> Iterator[tuple[str, Any]]:
+        """``(run, trace)`` for every complete run, opened one at a time."""
+        for run in self.df.loc[self.df["status"] == "complete", "run"]:
+            yield run, self.trace(run)
+
+    def _open_options(self) -> dict:
+        return {"storage_options": self._folder.storage_options} if self._folder.remote else {}
+
+    def map_stats(self, fn: Callable[[Any], Any], client: Any = None, *, progress: bool = True) -> Any:
+        """Apply ``fn(trace)`` to every complete run on dask.distributed; one tidy result with a ``run`` axis.
+
+        See :func:`attnscope.sweep.map_stats`, which this calls with this catalog.
+        """
+        from ._distributed import map_stats
+
+        return map_stats(self, fn, client=client, progress=progress)
+
+
+def _resolve(folder: SweepFolder, df: Any) -> Any:
+    df = df.copy()
+    for column in ("trace", "image"):
+        if column in df:
+            df[column] = [folder.url(v) if isinstance(v, str) else None for v in df[column]]
+    return df
+
+
+def open_catalog(location: str | Path, *, storage_options: dict | None = None) -> Catalog:
+    """Open a sweep's catalog: the sweep's folder (or its ``catalog.parquet``), a local path or a URL.
+
+    Parameters
+    ----------
+    location : str or Path
+        ``runs/sweep1``, ``runs/sweep1/catalog.parquet``, ``s3://bucket/runs/sweep1``, ``file://…``.
+    storage_options : dict, optional
+        For URLs: passed to fsspec (``key``, ``secret``, ``client_kwargs={"endpoint_url": …}``);
+        without them the backend's own environment settings apply (``AWS_ENDPOINT_URL``, …).
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> out = tempfile.mkdtemp() + "/s"
+    >>> _ = ats.sweep(tiny_sd_pipeline(), ["a red circle", "a blue square"], seeds="0-1", out=out, progress=False,
+    ...               num_inference_steps=2, height=32, width=32)
+    >>> cat = ats.open_catalog(out)
+    >>> len(cat), sorted(cat.df.status.unique()), list(cat.df.seed)
+    (4, ['complete'], [0, 1, 0, 1])
+    """
+    import pandas as pd
+
+    text = str(location)
+    if text.rstrip("/").endswith(".parquet"):
+        text = text.rstrip("/").rsplit("/", 1)[0] if is_url(text) else str(Path(text).parent)
+    folder = SweepFolder(text, storage_options)
+    try:
+        data = folder.read_bytes(CATALOG_FILE)
+    except FileNotFoundError:
+        raise AttnscopeError(f"{folder.url(CATALOG_FILE)!r}: no sweep catalog there (expected the folder that "
+                             f"ats.sweep / attnscope sweep wrote)") from None
+    try:
+        df = pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # pyarrow's errors for a damaged file: one message naming it
+        raise AttnscopeError(f"{folder.url(CATALOG_FILE)!r}: not a readable Parquet catalog ({exc})") from exc
+    missing = [c for c in ("run", "prompt", "seed", "trace", "status") if c not in df.columns] if len(df) else []
+    if missing:
+        raise AttnscopeError(f"{folder.url(CATALOG_FILE)!r}: catalog lacks columns {missing}")
+    return Catalog(folder, _resolve(folder, df))

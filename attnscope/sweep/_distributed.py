@@ -1,0 +1,172 @@
+"""``map_stats``: a per-trace reduction over every run of a catalog, on dask.distributed.
+
+Each task opens one trace, applies the user's function with dask's synchronous scheduler inside
+the task (so a worker holds one trace's working set at a time, and nothing is concatenated lazily
+across traces), loads the small result and sends it back. The results are then joined along a
+``run`` axis in catalog order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..errors import AttnscopeError
+
+__all__ = ["map_stats"]
+
+
+def _apply(fn: Callable[[Any], Any], run: str, location: str, storage_options: dict | None) -> tuple[str, str, Any]:
+    """One task: ``("ok", value)`` or ``("skipped", reason)`` for a missing, unreadable or incomplete trace."""
+    import dask
+
+    from ..store import open_trace
+
+    try:
+        tr = open_trace(location, **({"storage_options": storage_options} if storage_options else {}))
+    except AttnscopeError as exc:
+        return run, "skipped", f"trace unreadable: {exc}"
+    if not tr.complete:
+        planned = tr.manifest.get("run", {}).get("num_inference_steps")
+        return run, "skipped", f"trace incomplete: {tr.steps_written} of {planned} steps written"
+    with dask.config.set(scheduler="synchronous"):
+        try:
+            value = fn(tr)
+        except AttnscopeError as exc:  # this trace cannot give the statistic (a target word its prompt lacks, …)
+            return run, "skipped", f"{type(exc).__name__}: {exc}"
+        if hasattr(value, "load") and callable(value.load):  # xarray: compute here, send numbers back
+            value = value.load()
+    return run, "ok", value
+
+
+@contextlib.contextmanager
+def _client(client: Any) -> Iterator[Any]:
+    from distributed import Client, LocalCluster
+
+    if client is None:
+        workers = max(1, min(4, os.cpu_count() or 1))
+        with warnings.catch_warnings():  # another cluster's HTTP port in use: it takes a free one, nothing to tell
+            warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                   silence_logs=logging.ERROR)
+        with cluster, Client(cluster) as c:
+            yield c
+    elif isinstance(client, str):
+        try:
+            c = Client(client, timeout="5s")
+        except (OSError, TimeoutError) as exc:
+            raise AttnscopeError(f"scheduler {client!r}: cannot connect ({exc}); expected the address of a running "
+                                 f"dask scheduler, e.g. tcp://host:8786") from exc
+        with c:
+            yield c
+    elif isinstance(client, Client):
+        yield client
+    else:
+        raise AttnscopeError(f"client={client!r}: expected None (a LocalCluster), a distributed.Client or a "
+                             f"scheduler address like 'tcp://host:8786'")
+
+
+def _combine(runs: list[str], values: list[Any]) -> Any:
+    """Join per-run results along ``run``: xarray objects with ``xr.concat``, anything else as DataFrame rows."""
+    import pandas as pd
+    import xarray as xr
+
+    index = pd.Index(runs, name="run")
+    if values and all(isinstance(v, (xr.Dataset, xr.DataArray)) for v in values):
+        return xr.concat(values, dim=index, join="outer", coords="different", compat="equals",
+                         combine_attrs="drop_conflicts")
+    if values and all(isinstance(v, pd.DataFrame) for v in values):
+        return pd.concat(values, keys=runs, names=["run"]).reset_index(level=0).reset_index(drop=True)
+    records = []
+    for v in values:
+        if isinstance(v, pd.Series):
+            v = v.to_dict()
+        if not isinstance(v, dict):
+            v = {"value": v}
+        records.append(v)
+    return pd.DataFrame.from_records(records, index=index)
+
+
+def map_stats(catalog: Any, fn: Callable[[Any], Any], client: Any = None, *, progress: bool = True) -> Any:
+    """Apply ``fn(trace)`` to every complete run of ``catalog`` on dask.distributed and join the results by run.
+
+    Parameters
+    ----------
+    catalog : Catalog
+        From :func:`attnscope.open_catalog` or :func:`attnscope.sweep`.
+    fn : callable
+        ``fn(trace)`` → a small result: an xarray Dataset/DataArray (e.g. ``ats.stats.dominance(tr,
+        targets=[…]).mean("step")``), a pandas DataFrame or Series, a dict of scalars, or a scalar.
+        It runs in the workers (dask serialises it with cloudpickle); an AttnscopeError it raises for
+        a trace skips that run.
+    client : None, distributed.Client or str
+        None: a ``LocalCluster`` (one single-threaded worker process per core, at most 4) started
+        and closed here; a Client; or a scheduler address (``"tcp://host:8786"``).
+    progress : bool
+        A progress bar over the runs.
+
+    Returns
+    -------
+    xarray.Dataset / DataArray with a ``run`` dimension, or pandas.DataFrame
+        A DataFrame result has a ``run`` column (DataFrames) or index (dicts, Series, scalars), in
+        catalog order. Runs that were skipped — failed runs, missing, unreadable or incomplete
+        traces — are left out, listed with the reason in ``result.attrs["skipped"]``, and a warning
+        says how many.
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> cat = ats.sweep(tiny_sd_pipeline(), ["a red circle", "a blue square"], seeds=[0, 1],
+    ...                 out=tempfile.mkdtemp() + "/s", progress=False, num_inference_steps=2, height=32, width=32)
+    >>> from distributed import Client
+    >>> with Client(processes=False, n_workers=1, dashboard_address=None) as client:
+    ...     df = cat.map_stats(lambda tr: {"sites": len(tr.sites), "seed": tr.manifest["run"]["seed"]},
+    ...                        client=client, progress=False)
+    >>> df.reset_index().values.tolist()[:2]  # doctest: +ELLIPSIS
+    [['a-blue-square-...-s0', 7, 0], ['a-blue-square-...-s1', 7, 1]]
+    """
+    from tqdm.auto import tqdm
+
+    if not callable(fn):
+        raise AttnscopeError(f"fn={fn!r}: expected a function trace -> result")
+    df = catalog.df
+    if not len(df):
+        raise AttnscopeError(f"catalog {str(catalog.location)!r} has no runs")
+    skipped: dict[str, str] = {}
+    todo = []
+    for row in df.itertuples(index=False):
+        if row.status == "complete":
+            todo.append((row.run, row.trace))
+        else:
+            skipped[row.run] = f"run {row.status}: {getattr(row, 'error', None)}"
+    options = catalog._open_options().get("storage_options")
+    results: dict[str, Any] = {}
+    if todo:
+        from distributed import as_completed
+
+        with _client(client) as c:
+            futures = [c.submit(_apply, fn, run, location, options, pure=False, key=f"attnscope-map-{run}-{os.urandom(4).hex()}")
+                       for run, location in todo]
+            with tqdm(total=len(futures), unit="trace", desc="map_stats", disable=not progress) as bar:
+                for future in as_completed(futures):
+                    run, status, value = future.result()
+                    if status == "ok":
+                        results[run] = value
+                    else:
+                        skipped[run] = value
+                    bar.update(1)
+    runs = [run for run in df["run"] if run in results]
+    if not runs:
+        raise AttnscopeError(f"map_stats: no run of {str(catalog.location)!r} could be analysed; "
+                             + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]))
+    out = _combine(runs, [results[r] for r in runs])
+    out.attrs["skipped"] = skipped
+    if skipped:
+        warnings.warn(f"map_stats: skipped {len(skipped)} of {len(df)} runs (see .attrs['skipped']), e.g. "
+                      + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:2]), stacklevel=2)
+    return out

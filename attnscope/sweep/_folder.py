@@ -1,0 +1,152 @@
+"""A sweep's folder: a local directory or a URL (``s3://…``, ``file://…``), read and written through fsspec.
+
+Traces are always written to local disk first (the capture writer needs a file system): straight
+into the folder when it is local, into a staging directory and then uploaded (root ``zarr.json``
+last) when it is a URL. Small files (rows, images, the catalog) are written whole, atomically on
+local disk.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import AttnscopeError
+from ..store import access_error, filesystem, locate
+
+__all__ = ["SweepFolder"]
+
+
+class SweepFolder:
+    """Where a sweep's traces, images, rows and catalog live.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = SweepFolder(tempfile.mkdtemp() + "/s1")
+    >>> folder.write_json("rows/a.json", {"run": "a"}); folder.read_json("rows/a.json"), folder.list("rows")
+    ({'run': 'a'}, ['a.json'])
+    """
+
+    def __init__(self, location: str | Path, storage_options: dict | None = None):
+        where = locate(location)  # a Path for local folders and file:// URLs; refuses unknown schemes
+        self.location = where
+        self.storage_options = storage_options
+        self.remote = not isinstance(where, Path)
+        if self.remote:
+            self.fs, self._root = filesystem(str(where), storage_options)
+            self._staging = Path(tempfile.mkdtemp(prefix="attnscope-sweep-"))
+        else:
+            self._root = str(where)
+
+    def url(self, rel: str) -> str:
+        """The full path or URL of ``rel`` inside the folder."""
+        if self.remote:
+            return str(self.location).rstrip("/") + "/" + rel
+        return str(Path(self._root) / rel)
+
+    def _remote_path(self, rel: str) -> str:
+        return self._root.rstrip("/") + "/" + rel
+
+    def _wrap(self, what: str, exc: Exception) -> AttnscopeError:
+        return access_error(self.url(what), exc, self.storage_options)
+
+    def exists(self, rel: str) -> bool:
+        if not self.remote:
+            return (Path(self._root) / rel).exists()
+        try:
+            return bool(self.fs.exists(self._remote_path(rel)))
+        except Exception as exc:  # connection errors of any backend: one message naming the URL
+            raise self._wrap(rel, exc) from exc
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            if not self.remote:
+                return (Path(self._root) / rel).read_bytes()
+            return self.fs.cat_file(self._remote_path(rel))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise self._wrap(rel, exc) from exc
+
+    def read_json(self, rel: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(rel))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AttnscopeError(f"{self.url(rel)!r}: not valid JSON ({exc})") from exc
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if not self.remote:
+            target = Path(self._root) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)  # readers see the old file or the new one, never half of one
+            return
+        try:
+            self.fs.pipe_file(self._remote_path(rel), data)
+        except Exception as exc:
+            raise self._wrap(rel, exc) from exc
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def write_png(self, rel: str, image: Any) -> None:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        self.write_bytes(rel, buf.getvalue())
+
+    def list(self, rel: str) -> list[str]:
+        """Names of the entries directly under ``rel`` (empty when it does not exist)."""
+        if not self.remote:
+            d = Path(self._root) / rel
+            return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+        try:
+            if not self.fs.exists(self._remote_path(rel)):
+                return []
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._remote_path(rel), detail=False))
+        except Exception as exc:
+            raise self._wrap(rel, exc) from exc
+
+    def trace_complete(self, rel: str) -> bool:
+        """Whether the trace at ``rel`` exists and says ``complete: true`` in its root attributes."""
+        try:
+            doc = json.loads(self.read_bytes(rel + "/zarr.json"))
+        except (FileNotFoundError, ValueError):
+            return False
+        attrs = doc.get("attributes") if isinstance(doc, dict) else None
+        return isinstance(attrs, dict) and attrs.get("complete") is True
+
+    def staging_path(self, rel: str) -> Path:
+        """Where the capture writes the trace ``rel``: in the folder itself, or a local staging copy of a URL's."""
+        if not self.remote:
+            return Path(self._root) / rel
+        return self._staging / rel
+
+    def publish_trace(self, rel: str) -> None:
+        """Make the staged trace ``rel`` visible in the folder (upload it when the folder is a URL)."""
+        if not self.remote:
+            return
+        from ..store import upload_trace
+
+        local = self._staging / rel
+        upload_trace(local, self.url(rel), storage_options=self.storage_options)
+        shutil.rmtree(local, ignore_errors=True)
+
+    def remove(self, rel: str) -> None:
+        """Delete the file or directory ``rel`` when it exists."""
+        if not self.remote:
+            p = Path(self._root) / rel
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            return
+        if self.exists(rel):
+            self.fs.rm(self._remote_path(rel), recursive=True)
+
+    def close(self) -> None:
+        if self.remote:
+            shutil.rmtree(self._staging, ignore_errors=True)

@@ -1,0 +1,125 @@
+"""What a sweep runs: one :class:`Run` per (prompt, seed), named so that a rerun finds it again."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import AttnscopeError
+
+__all__ = ["Run", "parse_seeds", "plan_runs", "read_prompts", "run_id"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One generation of a sweep: a prompt, a seed and the name its files get under the sweep's folder."""
+
+    run: str
+    prompt: str
+    seed: int
+
+    @property
+    def trace(self) -> str:
+        """The trace's path relative to the sweep's folder."""
+        return f"traces/{self.run}.zarr"
+
+    @property
+    def image(self) -> str:
+        """The image's path relative to the sweep's folder."""
+        return f"images/{self.run}.png"
+
+    @property
+    def row(self) -> str:
+        """The run's catalog row (JSON, written once its trace is complete) relative to the sweep's folder."""
+        return f"rows/{self.run}.json"
+
+
+def run_id(prompt: str, seed: int) -> str:
+    """The stable name of a (prompt, seed) run: the prompt's words, a hash of the whole prompt, and the seed.
+
+    It depends on nothing else (not the prompt's place in the list), so a sweep extended with more
+    prompts or seeds finds the runs it already has.
+
+    >>> run_id("a red circle and a blue square", 7)
+    'a-red-circle-and-a-blue-square-04cc8f0c-s7'
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].rstrip("-") or "prompt"
+    digest = hashlib.sha256(prompt.encode()).hexdigest()[:8]
+    return f"{slug}-{digest}-s{seed}"
+
+
+def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
+    """Seeds from ``"0-99"``, ``"0,3,7"``, ``"0-9,20-24"``, an int or a list of ints (each ≥ 0, no repeats).
+
+    >>> parse_seeds("0-3,10"), parse_seeds(5), parse_seeds(range(2))
+    ([0, 1, 2, 3, 10], [5], [0, 1])
+    >>> parse_seeds("3-1")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: seeds='3-1': expected ints or ranges A-B with A <= B, e.g. '0-99' or '0,3,7'
+    """
+    if isinstance(spec, bool):
+        raise AttnscopeError(f"seeds={spec!r}: expected an int, a list of ints, or text like '0-99' or '0,3,7'")
+    if isinstance(spec, int):
+        seeds = [spec]
+    elif isinstance(spec, str):
+        seeds = []
+        for part in (p.strip() for p in spec.split(",")):
+            match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+            if not match or (match[2] is not None and int(match[2]) < int(match[1])):
+                raise AttnscopeError(f"seeds={spec!r}: expected ints or ranges A-B with A <= B, e.g. '0-99' or '0,3,7'")
+            seeds.extend(range(int(match[1]), int(match[2] or match[1]) + 1))
+    else:
+        try:
+            seeds = list(spec)
+        except TypeError:
+            raise AttnscopeError(f"seeds={spec!r}: expected an int, a list of ints, or text like '0-99'") from None
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise AttnscopeError(f"seeds={spec!r}: expected ints")
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise AttnscopeError(f"seeds={spec!r}: expected at least one seed, all >= 0 and none repeated")
+    return seeds
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a text file, one per line; blank lines and lines starting with ``#`` are skipped.
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "prompts.txt"
+    >>> _ = f.write_text("# two objects\\na red circle and a blue square\\n\\na green triangle\\n")
+    >>> read_prompts(f)
+    ['a red circle and a blue square', 'a green triangle']
+    """
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AttnscopeError(f"prompts file {str(p)!r}: cannot be read as UTF-8 text ({exc})") from exc
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise AttnscopeError(f"prompts file {str(p)!r}: no prompts (expected one prompt per line)")
+    return prompts
+
+
+def plan_runs(prompts: Sequence[str], seeds: str | int | Iterable[int]) -> list[Run]:
+    """Every (prompt, seed) pair, prompt-major: the runs of a sweep.
+
+    >>> [(r.prompt, r.seed) for r in plan_runs(["a red circle", "a blue square"], "0-1")]
+    [('a red circle', 0), ('a red circle', 1), ('a blue square', 0), ('a blue square', 1)]
+    >>> plan_runs(["a red circle", "a red circle"], 0)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: prompts: 'a red circle' is listed twice; each prompt once (seeds give the repeats)
+    """
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise AttnscopeError(f"prompts={prompts!r}: expected a non-empty list of strings")
+    seen: set[str] = set()
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise AttnscopeError(f"prompts: {p!r} is not a non-empty string")
+        if p in seen:
+            raise AttnscopeError(f"prompts: {p!r} is listed twice; each prompt once (seeds give the repeats)")
+        seen.add(p)
+    seed_list = parse_seeds(seeds)
+    return [Run(run_id(p, s), p, s) for p in prompts for s in seed_list]

@@ -1,0 +1,146 @@
+"""Worker processes of a sweep: each loads the model once and runs one run at a time, as the parent hands them out.
+
+Each worker talks to the parent over its own pipe (no shared queue whose lock a killed worker
+could hold). The parent watches every worker's process sentinel: a worker that dies mid-run
+costs only that run, which gets a ``failed`` row and is redone on resume; the others go on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import AttnscopeError
+from ._folder import SweepFolder
+from ._plan import Run
+from ._runs import execute_run, failed_row
+
+__all__ = ["WorkerSpec", "load_for_worker", "run_in_workers"]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs to load the model and run its share (sent to it once, at start)."""
+
+    model: str
+    device: str | None
+    dtype: str | None
+    scheduler: tuple[str, dict] | None
+    threads: int
+    location: str
+    storage_options: dict | None
+    capture_kwargs: dict
+    extra: Callable[[Any], Any] | None
+    detector: bool
+
+
+def load_for_worker(spec: WorkerSpec) -> Any:
+    """The pipeline a worker runs: ``spec.model`` loaded locally, with the parent's scheduler when it had another."""
+    import diffusers
+
+    from ..models import load_pipeline
+
+    pipe = load_pipeline(spec.model, device=spec.device, dtype=spec.dtype)
+    if spec.scheduler is not None:
+        name, config = spec.scheduler
+        pipe.scheduler = getattr(diffusers, name).from_config(config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _worker_main(spec: WorkerSpec, conn: Any, name: str) -> None:
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    torch.set_num_threads(spec.threads)
+    diffusers_logging.disable_progress_bar()  # the parent's bar over runs is the one progress display
+    transformers_logging.disable_progress_bar()
+    try:
+        pipe = load_for_worker(spec)
+    except Exception as exc:  # reported to the parent, which stops the sweep with this message
+        conn.send(("error", f"worker {name} could not load model {spec.model!r}: {type(exc).__name__}: {exc}"))
+        return
+    folder = SweepFolder(spec.location, spec.storage_options)
+    conn.send(("ready", None))
+    try:
+        while (run := conn.recv()) is not None:
+            conn.send(("done", execute_run(pipe, run, folder, spec.capture_kwargs, spec.extra, name, spec.detector)))
+    except (EOFError, KeyboardInterrupt):  # the parent went away or was interrupted: stop quietly
+        pass
+    finally:
+        folder.close()
+
+
+@dataclass
+class _Worker:
+    name: str
+    process: Any
+    conn: Any
+    run: Run | None = None
+
+
+def run_in_workers(runs: Sequence[Run], spec: WorkerSpec, devices: Sequence[str | None], folder: SweepFolder,
+                   on_row: Callable[[dict], None]) -> None:
+    """Run ``runs`` on one worker process per entry of ``devices``; ``on_row`` gets each finished run's row."""
+    ctx = multiprocessing.get_context("spawn")  # fork and torch/OpenMP threads do not mix
+    workers: list[_Worker] = []
+    pending = deque(runs)
+    try:
+        for i, device in enumerate(devices):
+            parent_conn, child_conn = ctx.Pipe()
+            name = f"worker-{i}" + (f"@{device}" if device else "")
+            process = ctx.Process(target=_worker_main, args=(replace(spec, device=device), child_conn, name),
+                                  name=f"attnscope-sweep-{name}", daemon=True)
+            process.start()
+            child_conn.close()
+            workers.append(_Worker(name, process, parent_conn))
+        alive = list(workers)
+        while alive and (pending or any(w.run is not None for w in alive)):
+            ready = multiprocessing.connection.wait([w.conn for w in alive] + [w.process.sentinel for w in alive])
+            for w in list(alive):
+                message = None
+                if w.conn in ready:
+                    try:
+                        message = w.conn.recv()
+                    except (EOFError, OSError):
+                        message = None
+                if message is None:
+                    if w.process.sentinel in ready or not w.process.is_alive():
+                        w.process.join(timeout=5)
+                        alive.remove(w)
+                        if w.run is not None:  # the run it was doing: failed, redone on resume
+                            row = failed_row(w.run, w.name, f"worker {w.name} exited with code {w.process.exitcode} "
+                                                            f"while running it")
+                            folder.write_json(w.run.row, row)
+                            on_row(row)
+                            w.run = None
+                    continue
+                kind, payload = message
+                if kind == "error":
+                    raise AttnscopeError(payload)
+                if kind == "done":
+                    on_row(payload)
+                    w.run = None
+                if pending:
+                    w.run = pending.popleft()
+                    w.conn.send(w.run)
+        if pending:
+            raise AttnscopeError(f"every worker process died; {len(pending)} runs were not started. Rerun the same "
+                                 f"sweep to resume: complete runs are skipped")
+    finally:
+        for w in workers:
+            try:
+                w.conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        for w in workers:
+            w.process.join(timeout=10)
+            if w.process.is_alive():  # interrupted mid-run: its run has no row and is redone on resume
+                w.process.terminate()
+                w.process.join(timeout=5)
+            w.conn.close()

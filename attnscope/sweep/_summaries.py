@@ -1,0 +1,60 @@
+"""Ready-made per-trace reductions for :func:`map_stats` (picklable, so they run on any dask worker)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DominanceRow"]
+
+_SCALARS = ("dominance_ratio", "entropy", "gini", "sink_share")
+
+
+@dataclass(frozen=True)
+class DominanceRow:
+    """``ats.stats.dominance`` of one trace reduced to one row: the means over the chosen steps, sites and samples.
+
+    Parameters
+    ----------
+    targets : list of str, or "objects"
+        The same words or phrases for every trace, or ``"objects"``: each shapes-world prompt's own
+        object phrases (``"red circle"``, ``"blue square"``).
+    steps, sites
+        As for :func:`attnscope.stats.dominance` (default: all captured).
+
+    The row holds ``target_<i>`` (the i-th target) and ``share_<i>`` (its mean mass share) for each
+    target, then ``dominance_ratio``, ``entropy``, ``gini`` and ``sink_share``.
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> tr = ats.capture(tiny_sd_pipeline(), "a red circle and a blue square", seed=0,
+    ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=2, height=32, width=32)
+    >>> row = DominanceRow(["circle", "square"], steps=[0])(tr)
+    >>> list(row)[:4], round(row["share_0"] + row["share_1"], 6) <= 1
+    (['target_0', 'share_0', 'target_1', 'share_1'], True)
+    """
+
+    targets: Sequence[str] | str
+    steps: Any = None
+    sites: Any = None
+
+    def __call__(self, trace: Any) -> dict[str, Any]:
+        from .. import stats
+
+        targets = self.targets
+        if targets == "objects":
+            from ..models import object_phrases
+
+            targets = object_phrases(trace.manifest["run"]["prompts"][0])
+        ds = stats.dominance(trace, targets=list(targets), steps=self.steps, sites=self.sites)
+        row: dict[str, Any] = {}
+        shares = ds["target_share"].mean(["step", "site", "sample"]).values
+        for i, (target, share) in enumerate(zip(targets, shares)):
+            row[f"target_{i}"] = target
+            row[f"share_{i}"] = float(share)
+        for name in _SCALARS:
+            row[name] = float(ds[name].mean().values)
+        return row

@@ -1,0 +1,235 @@
+"""``ats.sweep``: one trace per (prompt, seed) under a folder, a catalog beside them, resumable, on N workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import AttnscopeError
+from ._catalog import Catalog, open_catalog, write_catalog
+from ._folder import SweepFolder
+from ._plan import plan_runs, read_prompts
+from ._pool import WorkerSpec, load_for_worker, run_in_workers
+from ._runs import execute_run
+
+__all__ = ["sweep"]
+
+SETTINGS_FILE = "sweep.json"
+#: seconds between rewrites of the catalog while a sweep runs (the row files are always current)
+CATALOG_INTERVAL = 30.0
+_NOT_CAPTURE_KWARGS = ("prompt", "seed", "store", "overwrite", "generator")
+
+
+def _reference(pipe: Any) -> str | None:
+    return pipe.config.get("_name_or_path") or getattr(pipe, "name_or_path", None)
+
+
+def _model_source(pipe: Any, workers_needed: bool, scratch: list[str]) -> str:
+    """What worker processes load: the pipeline's own reference when it is loadable, else a saved copy."""
+    ref = _reference(pipe)
+    if ref == "shapes" or (ref and (Path(ref) / "model_index.json").is_file()):
+        return str(ref)
+    if not workers_needed:
+        return str(ref)
+    saved = tempfile.mkdtemp(prefix="attnscope-sweep-model-")
+    scratch.append(saved)
+    pipe.save_pretrained(saved, safe_serialization=True)  # safetensors: what workers load is never a pickle
+    return saved
+
+
+def _check_settings(folder: SweepFolder, settings: dict) -> None:
+    """A sweep folder holds one model and one capture setting: refuse to mix in another."""
+    from ..store import jsonable
+
+    def recordable(value: Any) -> Any:
+        try:
+            return jsonable(value)
+        except TypeError:  # a site predicate, a function: compared by its repr
+            return repr(value)
+
+    settings = {k: ({kk: recordable(vv) for kk, vv in v.items()} if isinstance(v, dict) else recordable(v))
+                for k, v in settings.items()}
+    if folder.exists(SETTINGS_FILE):
+        before = folder.read_json(SETTINGS_FILE)
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            detail = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
+            raise AttnscopeError(f"out={folder.url('')!r} holds a sweep with other settings ({detail}); resume it "
+                                 f"with the same settings or choose another folder")
+    else:
+        folder.write_json(SETTINGS_FILE, settings)
+
+
+def _is_shapes(model: Any) -> bool:
+    return (model if isinstance(model, str) else _reference(model)) == "shapes"
+
+
+def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, out: str | Path, *,
+          workers: int = 1, devices: Sequence[str] | None = None, threads: int | None = None,
+          dtype: str | None = None, extra: Callable[[Any], dict] | None = None, progress: bool = True,
+          storage_options: dict | None = None, **capture_kwargs: Any) -> Catalog:
+    """Capture one trace per (prompt, seed) under ``out``, with a Parquet catalog of the runs; resumable.
+
+    Rerunning the same call skips every run whose trace is complete and redoes the others (an
+    interrupted sweep loses at most the runs in flight). Runs can be spread over worker processes,
+    each loading the model once.
+
+    Parameters
+    ----------
+    pipe_or_model : diffusers pipeline or str
+        A pipeline, or what :func:`attnscope.load_pipeline` loads (``"shapes"``, a local directory).
+        Worker processes load the pipeline's own reference when it is loadable, else a copy saved
+        with ``save_pretrained`` (safetensors) in a temporary folder; its scheduler is carried over.
+    prompts : list of str, or the path of a text file (one prompt per line)
+    seeds : int, list of int, or text like ``"0-99"`` / ``"0,3,7"``
+    out : str or Path
+        The sweep's folder: a local directory or a URL (``s3://bucket/runs/s1``, ``file://…``). It
+        gets ``traces/<run>.zarr``, ``images/<run>.png``, ``rows/<run>.json``, ``sweep.json`` (the
+        settings, checked on resume) and ``catalog.parquet``. Traces for a URL are captured into a
+        local staging folder and uploaded when complete.
+    workers : int
+        Worker processes on the CPU (1: run in this process, with ``pipe_or_model`` itself).
+    devices : list of str, optional
+        One worker process per device (``["cuda:0", "cuda:1"]``); overrides ``workers``.
+    threads : int, optional
+        Torch threads per worker process (default: the CPU cores divided among the workers; in this
+        process, left as they are).
+    dtype : str, optional
+        For a model loaded here or in workers: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+    extra : callable, optional
+        ``extra(trace) -> dict`` of scalars, added as catalog columns (runs in the worker; with
+        worker processes it must be a module-level function).
+    progress : bool
+        A progress bar over the runs (tqdm), with the rate and ETA.
+    storage_options : dict, optional
+        fsspec options for a URL ``out`` (credentials, ``client_kwargs={"endpoint_url": …}``).
+    **capture_kwargs
+        Passed to :func:`attnscope.capture` for every run (``num_inference_steps``, ``sites``,
+        ``steps``, ``heads``, ``height``, …).
+
+    Returns
+    -------
+    Catalog
+        :func:`open_catalog` of ``out``.
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> out = tempfile.mkdtemp() + "/s1"
+    >>> cat = ats.sweep(tiny_sd_pipeline(), ["a red circle", "a blue square"], seeds="0-2", out=out,
+    ...                 progress=False, num_inference_steps=2, height=32, width=32)
+    >>> len(cat), list(cat.df.status.unique())
+    (6, ['complete'])
+    >>> ats.sweep(tiny_sd_pipeline(), ["a red circle", "a blue square"], seeds="0-2", out=out, progress=False,
+    ...           num_inference_steps=2, height=32, width=32).df.seconds.equals(cat.df.seconds)  # all skipped
+    True
+    """
+    bad = sorted(set(capture_kwargs) & set(_NOT_CAPTURE_KWARGS))
+    if bad:
+        raise AttnscopeError(f"sweep(): {', '.join(bad)} are set per run by the sweep; pass prompts, seeds and out")
+    if isinstance(prompts, Path):
+        prompts = read_prompts(prompts)
+    elif isinstance(prompts, str):
+        raise AttnscopeError(f"prompts={prompts!r}: expected a list of prompts, or a pathlib.Path of a prompts file")
+    runs = plan_runs(prompts, seeds)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise AttnscopeError(f"workers={workers!r}: expected an int >= 1")
+    if devices is not None and (isinstance(devices, str) or not devices or not all(isinstance(d, str) for d in devices)):
+        raise AttnscopeError(f"devices={devices!r}: expected a non-empty list of device names, e.g. ['cuda:0', 'cuda:1']")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise AttnscopeError(f"threads={threads!r}: expected an int >= 1")
+    if extra is not None and not callable(extra):
+        raise AttnscopeError(f"extra={extra!r}: expected a function trace -> dict of scalars")
+    if not isinstance(pipe_or_model, (str, Path)) and not hasattr(pipe_or_model, "components"):
+        raise AttnscopeError(f"pipe_or_model={pipe_or_model!r}: expected a diffusers pipeline or a model name/directory")
+    use_workers = devices is not None or workers > 1
+    folder = SweepFolder(out, storage_options)
+    scratch: list[str] = []
+    try:
+        model = str(pipe_or_model) if isinstance(pipe_or_model, (str, Path)) else None
+        _check_settings(folder, {"model": model or _reference(pipe_or_model), "capture": capture_kwargs})
+        todo = [r for r in runs if not _done(folder, r)]
+        detector = _is_shapes(model or pipe_or_model)
+        bar = _progress_bar(len(runs), len(runs) - len(todo), progress)
+        rows_since = [time.monotonic()]
+
+        def on_row(row: dict) -> None:
+            bar.update(1)
+            if row["status"] != "complete":
+                bar.write(f"run {row['run']} failed: {row['error']}")
+            if time.monotonic() - rows_since[0] > CATALOG_INTERVAL:
+                write_catalog(folder)
+                rows_since[0] = time.monotonic()
+
+        try:
+            if todo and use_workers:
+                worker_devices = list(devices) if devices is not None else [None] * workers
+                pipe = None if model else pipe_or_model
+                scheduler = None if pipe is None else (type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
+                spec = WorkerSpec(model=model or _model_source(pipe, True, scratch), device=None, dtype=dtype,
+                                  scheduler=scheduler, threads=threads or max(1, (os.cpu_count() or 1) // len(worker_devices)),
+                                  location=str(folder.location), storage_options=storage_options,
+                                  capture_kwargs=capture_kwargs, extra=extra, detector=detector)
+                run_in_workers(todo, spec, worker_devices, folder, on_row)
+            elif todo:
+                pipe = pipe_or_model
+                if model:
+                    spec = WorkerSpec(model, None, dtype, None, 1, str(folder.location), storage_options, {}, None, detector)
+                    pipe = load_for_worker(spec)
+                with _torch_threads(threads):
+                    for run in todo:
+                        on_row(execute_run(pipe, run, folder, capture_kwargs, extra, "main", detector))
+        finally:
+            bar.close()
+            write_catalog(folder)
+    finally:
+        folder.close()
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
+    catalog = open_catalog(out, storage_options=storage_options)
+    failed = int((catalog.df["status"] != "complete").sum()) if len(catalog.df) else 0
+    if failed and failed == len(catalog.df):
+        raise AttnscopeError(f"sweep {str(out)!r}: every run failed; the first error: {catalog.df['error'].iloc[0]}")
+    return catalog
+
+
+def _done(folder: SweepFolder, run: Any) -> bool:
+    """A run is done when its row says complete and its trace is complete (a deleted trace is redone)."""
+    if not folder.exists(run.row):
+        return False
+    try:
+        row = folder.read_json(run.row)
+    except AttnscopeError:
+        return False  # a damaged row file: redo the run
+    return isinstance(row, dict) and row.get("status") == "complete" and folder.trace_complete(run.trace)
+
+
+def _progress_bar(total: int, done: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, unit="run", desc="sweep", disable=not enabled, smoothing=0.1)
+
+
+class _torch_threads:
+    """Set torch's thread count for a block (nothing when ``threads`` is None)."""
+
+    def __init__(self, threads: int | None):
+        self.threads = threads
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        torch.set_num_threads(self.before)

@@ -1,0 +1,156 @@
+"""Throughput of ``ats.sweep`` and ``catalog.map_stats`` on the shapes model, locally and on a local S3 server.
+
+Measured in one run, on the same prompts and seeds (shapes model, 20 steps, one torch thread per
+process):
+
+* **plain**: a loop of ``pipe(prompt, generator=…)`` calls, no capture — generations/s;
+* **capture loop**: a loop of ``ats.capture`` calls into a folder (what a sweep does per run, without
+  the sweep's machinery);
+* **sweep, 1 worker** (in this process) and **sweep, 2 workers** (processes, one thread each; their
+  start-up, loading the model, is included);
+* **sweep to S3**: 1 worker, ``out=s3://…`` on a moto server on localhost (traces staged locally and uploaded).
+
+Ratios printed: capture loop / sweep(1 worker) (the cost of the sweep machinery, target ≤ 1.15 in
+time, i.e. throughput ratio ≥ 0.87), plain / sweep for 1 and 2 workers (what capturing a sweep costs
+against generating without it), and for ``map_stats`` (a ``DominanceRow`` over every trace, on a
+LocalCluster of 2 single-threaded workers): its time against reading the same bytes (every site
+array of every trace read and decompressed, on the same cluster): target ≥ 0.7.
+
+    python benchmarks/sweep_throughput.py --runs 24          # ~5 min on 2 cores
+    python benchmarks/sweep_throughput.py --runs 8 --no-s3   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+import attnscope as ats  # noqa: E402
+from attnscope.sweep import DominanceRow, plan_runs  # noqa: E402
+
+PROMPTS = ["a red circle and a blue square", "a green triangle and a green square", "a yellow circle and a red circle",
+           "a blue triangle and a yellow square"]
+STEPS = 20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=24, help="generations per measurement (prompts × seeds; default 24)")
+    p.add_argument("--no-s3", action="store_true", help="skip the S3 measurements")
+    p.add_argument("--json", type=Path, help="also write the numbers here")
+    return p.parse_args(argv)
+
+
+def _seeds(runs: int) -> list[int]:
+    return list(range(-(-runs // len(PROMPTS))))
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _read_all(trace) -> int:
+    """Every site array of a trace read and decompressed (the bytes map_stats reads, no statistics)."""
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        return sum(int(trace.attention(site).values.nbytes) for site in trace.sites)
+
+
+def measure_map(cat, client) -> dict[str, float]:
+    fn = DominanceRow("objects")
+    cat.map_stats(_read_all, client=client, progress=False)  # warm the workers' imports and the page cache
+    t_read = _timed(lambda: cat.map_stats(_read_all, client=client, progress=False))
+    t_map = _timed(lambda: cat.map_stats(fn, client=client, progress=False))
+    return {"read_s": t_read, "map_stats_s": t_map, "ratio_read_over_map": t_read / t_map}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    seeds = _seeds(args.runs)
+    runs = plan_runs(PROMPTS, seeds)
+    n = len(runs)
+    pipe = ats.load_pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    root = Path(tempfile.mkdtemp(prefix="attnscope-sweep-bench-"))
+    result: dict = {"runs": n, "steps": STEPS, "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+                    "torch": torch.__version__}
+    try:
+        pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0))  # warm-up
+        result["plain_s"] = _timed(lambda: [pipe(r.prompt, num_inference_steps=STEPS,
+                                                 generator=torch.Generator().manual_seed(r.seed)) for r in runs])
+        result["capture_loop_s"] = _timed(lambda: [ats.capture(pipe, r.prompt, seed=r.seed, store=root / "loop" / f"{r.run}.zarr",
+                                                               num_inference_steps=STEPS) for r in runs])
+        result["sweep1_s"] = _timed(lambda: ats.sweep(pipe, PROMPTS, seeds, out=root / "s1", progress=False,
+                                                      num_inference_steps=STEPS))
+        result["sweep2_s"] = _timed(lambda: ats.sweep("shapes", PROMPTS, seeds, out=root / "s2", workers=2, threads=1,
+                                                      progress=False, num_inference_steps=STEPS))
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            result["map_local"] = measure_map(ats.open_catalog(root / "s1"), client)
+            if not args.no_s3:
+                result.update(_s3(pipe, seeds, client))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    for key in ("plain", "capture_loop", "sweep1", "sweep2", "sweep_s3"):
+        if f"{key}_s" in result:
+            result[f"{key}_per_s"] = n / result[f"{key}_s"]
+    result["machinery_ratio"] = result["sweep1_s"] / result["capture_loop_s"]
+    result["plain_over_sweep1"] = result["sweep1_s"] / result["plain_s"]
+    result["plain_over_sweep2"] = result["sweep2_s"] / result["plain_s"]
+    print(f"{n} generations of {STEPS} steps, shapes model, 1 thread per process")
+    for key, label in (("plain", "plain pipe() loop"), ("capture_loop", "ats.capture loop"), ("sweep1", "sweep, 1 worker"),
+                       ("sweep2", "sweep, 2 workers"), ("sweep_s3", "sweep to S3, 1 worker")):
+        if f"{key}_s" in result:
+            print(f"  {label:24s} {result[f'{key}_s']:7.1f} s  {result[f'{key}_per_s']:.2f} generations/s")
+    print(f"  sweep(1) time / capture loop time: {result['machinery_ratio']:.3f} (target <= 1.15)")
+    print(f"  sweep time / plain time: 1 worker {result['plain_over_sweep1']:.2f}, 2 workers {result['plain_over_sweep2']:.2f}")
+    for key in ("map_local", "map_s3"):
+        if key in result:
+            m = result[key]
+            print(f"  map_stats {key[4:]:5s}: read {m['read_s']:.1f} s, DominanceRow {m['map_stats_s']:.1f} s, "
+                  f"read / map = {m['ratio_read_over_map']:.2f} (target >= 0.7)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _s3(pipe, seeds, client) -> dict:
+    """The sweep written to, and map_stats read from, a moto S3 server on localhost."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket="bench")
+        options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        url = "s3://bench/s1"
+        out = {"sweep_s3_s": _timed(lambda: ats.sweep(pipe, PROMPTS, seeds, out=url, storage_options=options,
+                                                      progress=False, num_inference_steps=STEPS))}
+        out["map_s3"] = measure_map(ats.open_catalog(url, storage_options=options), client)
+        return out
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
