@@ -12,6 +12,7 @@ EXPECTED = {  # a line each notebook must print, so a silently empty run cannot 
     "02_programmatic_capture.ipynb": "generations lost an object",
     "03_regulated_rerun.ipynb": "fixed by regulation",
     "04_spatial_control.ipynb": "relation fixed by the layout:",
+    "05_sweep_and_predict.ipynb": "fixed by selective regulation:",
 }
 
 

@@ -20,6 +20,7 @@ from ..errors import AttnscopeError
 from ..tokens import token_roles
 from ._basis import basis_centres, gaussian_basis
 from ._descent import RegulationDescent, one_thread
+from ._gate import RiskGate
 from ._scope import InterventionScope, default_regulation_sites, targets_label
 
 _roles = functools.lru_cache(maxsize=64)(token_roles)  # per prompt (a tuple of token strings), not per call
@@ -89,6 +90,10 @@ class AttentionRegulation:
         Seed of the random initial weights ``W ~ U[0, 1)``: one draw of shape (heads, K, n) per site and
         step, on the device, used by every sample, so a sample's result does not depend on its batch
         (the official code draws (batch·heads, K, n) at once).
+    when : RiskGate, optional
+        :func:`attnscope.regulate.risk_above`: regulate only the samples whose early-warning risk at a
+        decision step is above a threshold, from the step after it (before it, nothing is edited).
+        ``reg.when.risk`` and ``reg.when.at_risk`` say what was decided for each sample of the last run.
 
     Examples
     --------
@@ -111,7 +116,9 @@ class AttentionRegulation:
     def __init__(self, targets: Any, *, sites: Any = None, steps: Any = "first_half", lr: float = 100.0,
                  iterations: int = 20, quantile: float = 0.9, quantile_target: float = 0.9, mass_weight: float = 80.0,
                  weight_decay: float = 0.09, tau: float | None = None, smoothing: float = 0.25, decay: float = 0.99,
-                 scale_lr: bool = True, seed: int = 0):
+                 scale_lr: bool = True, seed: int = 0, when: RiskGate | None = None):
+        if when is not None and not isinstance(when, RiskGate):
+            raise AttnscopeError(f"when={when!r}: expected a gate such as ats.regulate.risk_above(0.3)")
         if not isinstance(iterations, int) or iterations < 1:
             raise AttnscopeError(f"iterations={iterations!r}: expected a positive integer")
         for name, value in (("lr", lr), ("decay", decay)):
@@ -126,6 +133,7 @@ class AttentionRegulation:
         self.loss_terms = {"quantile": quantile, "quantile_target": quantile_target, "mass_weight": mass_weight,
                            "weight_decay": weight_decay}
         self.tau, self.smoothing, self.decay = tau, smoothing, decay
+        self.when = when
         self._previous: dict[tuple[str, int], torch.Tensor] = {}
         self._restore: tuple[str, int, list[tuple[list[int], torch.Tensor, torch.Tensor]]] | None = None
         self._eos: int | None = None
@@ -144,7 +152,13 @@ class AttentionRegulation:
         return {"name": "AttentionRegulation", "params": {
             "targets": targets_label(self.targets), **self.scope.describe(),
             "lr": self.lr, "iterations": self.iterations, **self.loss_terms, "tau": self.tau,
-            "smoothing": self.smoothing, "decay": self.decay, "scale_lr": self.scale_lr, "seed": self.seed}}
+            "smoothing": self.smoothing, "decay": self.decay, "scale_lr": self.scale_lr, "seed": self.seed,
+            **({"when": self.when.describe()} if self.when is not None else {})}}
+
+    def decide_from_trace(self, trace: Any) -> None:
+        """With ``when=risk_above(…)``: decide which samples to regulate from a stored run (``ats.rerun`` calls it)."""
+        if self.when is not None:
+            self.when.decide_from(trace)
 
     # -- hook client protocol ------------------------------------------------------------------
     def on_install(self, session: Any) -> None:
@@ -159,9 +173,14 @@ class AttentionRegulation:
         if step_ctx.step == 0:  # a new run: no temporal smoothing across generations
             self._previous = {}
             self.history = {}
+            if self.when is not None:
+                self.when.new_run()
 
     def stages(self, ctx: Any) -> tuple[str, ...]:
-        return ("logits", "probs") if self.scope.active(ctx) else ()
+        acting = self.scope.active(ctx) and (self.when is None or self.when.any_at_risk(ctx))
+        if acting:
+            return ("logits", "probs")
+        return ("probs",) if self.when is not None and self.when.observing(ctx) else ()
 
     def on_logits(self, ctx: Any, logits: torch.Tensor) -> torch.Tensor:
         columns = self.scope.columns(ctx)
@@ -181,7 +200,9 @@ class AttentionRegulation:
         cond = ctx.rows.cond
         for group in _groups(columns):
             cols = columns[group[0]]
-            if not cols:
+            if self.when is not None:  # only the samples judged at risk
+                group = [s for s in group if self.when.acts_on(ctx, s)]
+            if not cols or not group:
                 continue
             rows = [cond.start + s for s in group]
             index = _index(rows)
@@ -204,6 +225,8 @@ class AttentionRegulation:
         return out, restore
 
     def on_probs(self, ctx: Any, probs: torch.Tensor) -> torch.Tensor | None:
+        if self.when is not None and self.when.observing(ctx):
+            self.when.observe(ctx, probs)  # the decision step: nothing is edited yet
         if self._restore is None or self._restore[:2] != (ctx.site.name, ctx.step):
             return None
         out = probs.clone()

@@ -134,6 +134,10 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     pipe.scheduler = scheduler
     try:
         call = {"prompt": prompts if len(prompts) > 1 else prompts[0], "generator": generator, **kwargs}
+        for client in clients:  # e.g. AttentionRegulation(when=risk_above(θ)): the parent's maps say which samples
+            decide = getattr(client, "decide_from_trace", None)
+            if callable(decide):
+                decide(parent)
         prepare_clients(clients, pipe, call)  # e.g. SpatialTemporal optimises its λ for exactly this call
         extra = {"interventions": [_describe(i, c) for i, c in enumerate(clients)],
                  "parent": {"path": where, "manifest_sha256": manifest_sha256(manifest)}}

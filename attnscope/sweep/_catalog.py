@@ -55,7 +55,8 @@ class Catalog:
         The sweep's folder (local path or URL).
     df : pandas.DataFrame
         Columns: ``run``, ``prompt``, ``seed``, ``trace``, ``image``, ``status`` (``"complete"`` or
-        ``"failed"``), ``error``, ``model``, ``model_hash``, ``steps``, ``seconds``, ``worker``; on the
+        ``"failed"``), ``error``, ``model``, ``model_hash``, ``steps``, ``seconds``, ``worker``,
+        ``finished`` (Unix time); on the
         shapes model the detector's ``kind``, ``expected``, ``detected``, ``present``,
         ``all_present``, ``exact``, ``extra``, ``n_detected``; then any ``extra=`` columns.
     """

@@ -19,7 +19,7 @@ __all__ = ["RESERVED_COLUMNS", "STATUSES", "execute_run", "failed_row", "model_h
 STATUSES = ("complete", "failed")
 #: columns every row has; a user's ``extra`` scalars may not reuse these names
 RESERVED_COLUMNS = ("run", "prompt", "seed", "trace", "image", "status", "error", "model", "model_hash", "steps",
-                    "seconds", "worker", "kind", "expected", "detected", "present", "all_present", "exact", "extra",
+                    "seconds", "worker", "finished", "kind", "expected", "detected", "present", "all_present", "exact", "extra",
                     "n_detected")
 
 
@@ -36,7 +36,7 @@ def model_hash(fingerprint: dict[str, str]) -> str:
 def _base_row(run: Run, worker: str) -> dict[str, Any]:
     return {"run": run.run, "prompt": run.prompt, "seed": run.seed, "trace": run.trace, "image": None,
             "status": "failed", "error": None, "model": None, "model_hash": None, "steps": None, "seconds": None,
-            "worker": worker}
+            "worker": worker, "finished": None}
 
 
 def failed_row(run: Run, worker: str, error: str) -> dict[str, Any]:
@@ -104,5 +104,6 @@ def execute_run(pipe: Any, run: Run, folder: SweepFolder, capture_kwargs: dict[s
     except (AttnscopeError, RuntimeError, ValueError, TypeError, OSError) as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"
     row["seconds"] = round(time.perf_counter() - start, 4)
+    row["finished"] = round(time.time(), 3)  # Unix time: with ``seconds``, when the run ran
     folder.write_json(run.row, row)
     return row

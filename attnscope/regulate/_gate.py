@@ -1,0 +1,201 @@
+"""``risk_above``: intervene only in the generations at risk of losing an object, deciding at one step.
+
+Two ways to decide. **From a stored run** (``ats.rerun`` of a trace, or :meth:`RiskGate.decide_from`):
+the trace's maps at the decision step give each sample's risk, and the rerun gets the intervention
+from step 0 on the samples at risk only — the way to regulate the failures-to-be of a sweep.
+**Live**: a :class:`RiskGate` watches every site's conditional attention at its decision step, computes each
+sample's :func:`attnscope.stats.neglect_risk` from those maps (the same function that reads a stored
+trace), and from the next step on lets its intervention act on the samples whose risk is above the
+threshold only. Before the decision the intervention does nothing, and it never edits a sample judged
+safe: that sample is the plain generation up to float rounding (bit for bit under
+``ats.hooks(..., exact=True)`` when no sample of its batch is at risk). Each sample is judged on its own maps: the decision does not depend on the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import AttnscopeError
+
+__all__ = ["RiskGate", "risk_above"]
+
+_DIMS = ("step", "sample", "head", "y", "x", "token")
+
+
+class RiskGate:
+    """Decides per sample at step ``step`` whether an intervention acts from the next step on.
+
+    Create it with :func:`risk_above`. After a run, :attr:`risk` holds each sample's risk and
+    :attr:`at_risk` the samples the intervention acted on.
+    """
+
+    def __init__(self, threshold: float, step: int, targets: Any = None, model: dict | None = None):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise AttnscopeError(f"threshold={threshold!r}: expected a probability in [0, 1]")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise AttnscopeError(f"step={step!r}: expected the decision step, an int >= 0")
+        self.threshold, self.step, self.targets, self.model = float(threshold), step, targets, model
+        self._maps: dict[str, torch.Tensor] = {}
+        self._texts: Any = None
+        self._roles: Any = None
+        self._prompt_of_sample: tuple[int, ...] = ()
+        #: per sample of the last run: its risk at the decision step (None until decided)
+        self.risk: list[float] | None = None
+        #: per sample of the last run: whether the intervention acts on it after the decision step
+        self.at_risk: list[bool] | None = None
+        self._preset = False  # decided from a stored run (decide_from): act from step 0, observe nothing
+
+    def __repr__(self) -> str:
+        return f"risk_above({self.threshold}, step={self.step})"
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description, stored in the intervention's ``describe()``."""
+        label = getattr(self.targets, "__name__", self.targets) if callable(self.targets) else self.targets
+        out = {"risk_above": self.threshold, "step": self.step, "targets": label,
+               "model": "given" if self.model is not None else "shipped"}
+        if self._preset:  # decided from the parent trace: the risks and decisions are part of the record
+            out.update(decided_from_trace=True, risk=list(self.risk), at_risk=list(self.at_risk))
+        return out
+
+    # -- driven by the intervention that holds the gate -------------------------------------------
+    def new_run(self) -> None:
+        self._maps = {}
+        if not self._preset:
+            self.risk, self.at_risk = None, None
+
+    def decide_from(self, trace: Any) -> list[bool]:
+        """Decide from a stored run: each sample's risk from the trace's maps at the decision step.
+
+        The intervention then acts on the samples at risk **from step 0** of the next run (a rerun
+        of that trace: ``ats.rerun`` calls this itself), so a generation judged at risk gets the whole
+        intervention and one judged safe is left alone. Returns :attr:`at_risk`.
+        """
+        from ..stats import neglect_risk
+
+        run = trace.manifest.get("run", {})
+        prompts, per_prompt = run.get("prompts") or [], int(run.get("num_images_per_prompt") or 1)
+        risks = []
+        for sample in range(len(prompts) * per_prompt):
+            prompt = prompts[sample // per_prompt]
+            targets = self.targets(prompt) if callable(self.targets) else self.targets
+            if targets is None:
+                raise AttnscopeError("risk_above: give targets= (two or more object phrases, or a function of the prompt)")
+            arrays = {site: trace.attention(site).isel(sample=[sample]) for site in trace.sites}
+            risks.append(float(neglect_risk(arrays, targets, step=self.step, model=self.model).values[0]))
+        self.risk, self.at_risk, self._preset = risks, [r > self.threshold for r in risks], True
+        return list(self.at_risk)
+
+    def observing(self, ctx: Any) -> bool:
+        """Whether this call's probabilities are needed (every site at the decision step)."""
+        return not self._preset and ctx.step == self.step
+
+    def observe(self, ctx: Any, probs: torch.Tensor) -> None:
+        """Keep the conditional rows' head-mean map of this site at the decision step (CPU, float32)."""
+        cond = probs[ctx.rows.cond]  # (samples, heads, pixels, tokens)
+        h, w = ctx.spatial_shape
+        maps = cond.float().mean(1).reshape(cond.shape[0], h, w, cond.shape[-1])
+        self._maps[ctx.site.name] = maps.detach().cpu()  # a site called twice in a step: its last call
+        self._texts, self._roles = ctx.step_context.token_text, ctx.step_context.token_roles
+        self._prompt_of_sample = tuple(ctx.rows.prompt_of_sample)
+
+    def any_at_risk(self, ctx: Any) -> bool:
+        """Whether the intervention acts on any sample at this call (False up to the decision step)."""
+        if self._preset:
+            return any(self.at_risk)
+        if ctx.step <= self.step:
+            return False
+        if self.at_risk is None:
+            self._decide(ctx)
+        return any(self.at_risk)
+
+    def acts_on(self, ctx: Any, sample: int) -> bool:
+        """Whether the intervention may act on cond sample ``sample`` at this call."""
+        if self._preset:
+            return bool(self.at_risk[sample])
+        if ctx.step <= self.step:
+            return False
+        if self.at_risk is None:
+            self._decide(ctx)
+        return bool(self.at_risk[sample])
+
+    def _decide(self, ctx: Any) -> None:
+        import xarray as xr
+
+        from ..stats import neglect_risk
+
+        if not self._maps or self._texts is None:
+            raise AttnscopeError(f"risk_above(step={self.step}): the run never reached step {self.step} with "
+                                 f"cross-attention maps to judge (a run of fewer steps?)")
+        risks = []
+        for sample, prompt in enumerate(self._prompt_of_sample):
+            tokens = list(self._texts[prompt])
+            roles = list(self._roles[prompt]) if self._roles is not None else None
+            arrays = {}
+            for site, maps in self._maps.items():
+                m = maps[sample].numpy()[None, None, None]  # (1, 1, 1, h, w, tokens)
+                coords = {"token_text": ("token", tokens)}
+                if roles is not None:
+                    coords["token_role"] = ("token", roles)
+                arrays[site] = xr.DataArray(m, dims=_DIMS, coords=coords)
+            targets = self.targets(_prompt(tokens, roles)) if callable(self.targets) else self.targets
+            if targets is None:
+                raise AttnscopeError("risk_above: give targets= (two or more object phrases, or a function of the prompt)")
+            risks.append(float(neglect_risk(arrays, targets, step=0, model=self._model_at_step()).values[0]))
+        self.risk = risks
+        self.at_risk = [r > self.threshold for r in risks]
+        self._maps = {}
+
+    def _model_at_step(self) -> dict:
+        """The risk model with the decision step's weights filed under step 0 (the maps hold that one step)."""
+        from ..stats import neglect_model
+
+        model = self.model if self.model is not None else neglect_model()
+        steps = model.get("steps", {})
+        if str(self.step) not in steps:
+            raise AttnscopeError(f"risk_above(step={self.step}): the risk model has weights for steps "
+                                 f"{sorted(steps, key=int)}")
+        return {**model, "steps": {"0": steps[str(self.step)]}}
+
+
+def _prompt(tokens: Sequence[str], roles: Sequence[str] | None) -> str:
+    from ..tokens import prompt_text
+
+    return prompt_text(list(tokens), list(roles) if roles is not None else None)
+
+
+def risk_above(threshold: float, *, step: int = 5, targets: Sequence[str] | Callable[[str], Sequence[str]] | None = None,
+               model: dict | None = None) -> RiskGate:
+    """A gate for ``AttentionRegulation(..., when=risk_above(θ))``: act only on samples whose risk exceeds θ.
+
+    At step ``step`` every site's conditional maps are reduced to :func:`attnscope.stats.neglect_risk`
+    per sample; from step ``step + 1`` on, the intervention acts only on the samples whose risk is
+    above ``threshold``. Until then it does nothing, and it never edits a sample judged safe (that
+    sample is the plain generation up to float rounding).
+
+    Parameters
+    ----------
+    threshold : float
+        Risk in [0, 1] (the shipped model's risk is a probability of a missing object on the shapes model).
+    step : int
+        The decision step (default 5 of 20).
+    targets : list of str, or a function prompt -> list of str, optional
+        The objects the risk is about, one phrase each (``["red circle", "blue circle"]``);
+        default: the intervention's targets.
+    model : dict, optional
+        Another risk model (see :func:`attnscope.stats.neglect_risk`).
+
+    Examples
+    --------
+    >>> import attnscope as ats
+    >>> from attnscope.models import object_nouns, object_phrases
+    >>> pipe = ats.load_pipeline("shapes")
+    >>> reg = ats.regulate.AttentionRegulation(object_nouns, when=ats.regulate.risk_above(0.3, targets=object_phrases))
+    >>> with ats.hooks(pipe, reg):
+    ...     _ = pipe(["a red circle and a blue circle", "a green square and a red triangle"], num_inference_steps=20)
+    >>> len(reg.when.risk), reg.when.at_risk == [r > 0.3 for r in reg.when.risk]
+    (2, True)
+    """
+    return RiskGate(threshold, step, targets, model)

@@ -1,0 +1,177 @@
+"""An early warning of a missing object: features of one step's maps and a logistic risk over them.
+
+:func:`neglect_features` reduces one denoising step's cross-attention maps to eleven numbers per
+sample (each statistic averaged over the sites first); :func:`neglect_risk` turns them into the
+probability that an object will be missing, with a logistic model fitted on the embedded shapes
+model (studies/early_warning.py: fitted on its tuning split, scored on a held-out split; the
+numbers are in docs/sweep.md). The same functions serve a stored trace and the live maps of a
+running generation (``ats.regulate.risk_above``), so a decision taken during a run can be
+recomputed from its trace.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from ..errors import AttnscopeError
+from ._dominance import dominance
+from ._shape import map_shape
+
+__all__ = ["NEGLECT_FEATURES", "neglect_features", "neglect_model", "neglect_risk"]
+
+#: the features of :func:`neglect_features`, in the order of the risk model's weights
+NEGLECT_FEATURES = ("share_min", "share_ratio", "dominance_ratio", "entropy", "gini", "sink_share", "p2m_min",
+                    "top_min", "spread_min", "overlap", "centre_dist")
+
+
+def neglect_features(source: Any, targets: Sequence[str | int], *, step: int, sites: Any = None,
+                     tokens: Sequence[str] | None = None) -> Any:
+    """The early-warning features of step ``step``, per sample: each statistic averaged over the sites.
+
+    With the targets' mass shares ``s`` (:func:`dominance`'s ``target_share``) and map statistics
+    (:func:`map_shape`), all means over the chosen sites at that step:
+
+    * ``share_min`` = min s; ``share_ratio`` = min s / max s;
+    * ``dominance_ratio``, ``entropy``, ``gini``, ``sink_share``: :func:`dominance`'s;
+    * ``p2m_min``, ``top_min``, ``spread_min``: the smallest target's peak-to-mean, top-10 % share, spread;
+    * ``overlap``: the largest histogram intersection of two targets' maps;
+    * ``centre_dist``: the smallest distance between two targets' centres of mass (map widths).
+
+    Parameters
+    ----------
+    source : Trace, xarray.DataArray or mapping of site name → DataArray
+        As for :func:`dominance`.
+    targets : two or more words, phrases or token positions
+        One per object. Two objects named by the same word need phrases (``["red circle", "blue
+        circle"]``): a repeated word names all its occurrences.
+    step : int
+        The step (an index into the run's steps).
+
+    Returns
+    -------
+    xarray.Dataset
+        One variable per feature of :data:`NEGLECT_FEATURES`, dims ``(sample,)``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> maps = np.zeros((1, 1, 1, 2, 2, 4))            # step, sample, head, y, x, token
+    >>> maps[..., 0] = 0.5                            # SOT
+    >>> maps[..., 0, 0, 1], maps[..., 1, 1, 2] = 0.5, 0.5    # "circle" top-left, "square" bottom-right
+    >>> maps[..., 0, 1, 3] = maps[..., 1, 0, 3] = 0.5        # "and" elsewhere
+    >>> da = xr.DataArray(maps, dims=("step", "sample", "head", "y", "x", "token"),
+    ...                   coords={"token_text": ("token", ["<|startoftext|>", "circle</w>", "square</w>", "and</w>"])})
+    >>> f = neglect_features({"site": da}, ["circle", "square"], step=0)
+    >>> [round(float(f[name][0]), 4) for name in ("share_min", "share_ratio", "top_min", "overlap", "centre_dist")]
+    [0.25, 1.0, 1.0, 0.0, 0.7071]
+    """
+    import xarray as xr
+
+    items = [targets] if isinstance(targets, (str, int)) else list(targets)
+    if len(items) < 2:
+        raise AttnscopeError(f"targets={targets!r}: the early warning compares objects; expected two or more")
+    dom = dominance(source, targets=items, sites=sites, steps=[step], tokens=tokens).isel(step=0).mean("site")
+    shape = map_shape(source, items, sites=sites, steps=[step], tokens=tokens).isel(step=0).mean("site")
+    shares = dom["target_share"].transpose("sample", "target").values
+    cx = shape["centre_x"].transpose("sample", "target").values
+    cy = shape["centre_y"].transpose("sample", "target").values
+    pairs = list(itertools.combinations(range(len(items)), 2))
+    dist = np.stack([np.hypot(cx[:, a] - cx[:, b], cy[:, a] - cy[:, b]) for a, b in pairs], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = {
+            "share_min": shares.min(1), "share_ratio": shares.min(1) / shares.max(1),
+            "dominance_ratio": dom["dominance_ratio"].values, "entropy": dom["entropy"].values,
+            "gini": dom["gini"].values, "sink_share": dom["sink_share"].values,
+            "p2m_min": shape["peak_to_mean"].transpose("sample", "target").values.min(1),
+            "top_min": shape["top_share"].transpose("sample", "target").values.min(1),
+            "spread_min": shape["spread"].transpose("sample", "target").values.min(1),
+            "overlap": shape["overlap"].transpose("sample", "pair").values.max(1), "centre_dist": dist.min(1),
+        }
+    ds = xr.Dataset({k: ("sample", np.asarray(v, dtype=np.float64)) for k, v in values.items()},
+                    coords={"sample": dom["sample"].values})
+    ds.attrs.update(step=int(step), targets=[str(t) for t in items])
+    return ds
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_model() -> dict[str, Any]:
+    return json.loads(resources.files(__package__).joinpath("neglect_risk.json").read_text())
+
+
+def neglect_model() -> dict[str, Any]:
+    """The shipped risk model: per step, the standardisation and logistic weights over :data:`NEGLECT_FEATURES`,
+    and where it was fitted and how it scored.
+
+    >>> m = neglect_model()
+    >>> m["features"] == list(NEGLECT_FEATURES), sorted(m["steps"], key=int)[:3]
+    (True, ['0', '1', '2'])
+    """
+    return json.loads(json.dumps(_shipped_model()))  # a copy: the cached one stays as shipped
+
+
+def _check_model(model: Mapping[str, Any], step: int) -> dict[str, np.ndarray]:
+    steps = model.get("steps") if isinstance(model, Mapping) else None
+    if not isinstance(steps, Mapping) or str(step) not in steps:
+        have = sorted(steps, key=int) if isinstance(steps, Mapping) else []
+        raise AttnscopeError(f"step={step!r}: the risk model has weights for steps {have}")
+    if list(model.get("features", [])) != list(NEGLECT_FEATURES):
+        raise AttnscopeError(f"model['features'] = {model.get('features')!r}: expected {list(NEGLECT_FEATURES)}")
+    entry = steps[str(step)]
+    out = {k: np.asarray(entry[k], dtype=np.float64) for k in ("mean", "std", "weights")}
+    n = len(NEGLECT_FEATURES)
+    if out["mean"].shape != (n,) or out["std"].shape != (n,) or out["weights"].shape != (n + 1,):
+        raise AttnscopeError(f"risk model step {step}: expected mean and std of {n} values and {n + 1} weights")
+    return out
+
+
+def neglect_risk(source: Any, targets: Sequence[str | int], *, step: int = 5, sites: Any = None,
+                 tokens: Sequence[str] | None = None, model: Mapping[str, Any] | None = None) -> Any:
+    """Probability, per sample, that an object of ``targets`` will be missing, from the maps of step ``step``.
+
+    ``risk = σ(w₀ + Σᵢ wᵢ (xᵢ − μᵢ) / σᵢ)`` over the :func:`neglect_features` ``x`` of that step. The
+    shipped weights (:func:`neglect_model`, one set per step 0-9 of a 20-step run) were fitted on the
+    embedded shapes model's two-object prompts (tuning split of studies/early_warning.py); on the
+    held-out split the risk at step 5 ranks generations with a missing object with the ROC AUC in
+    docs/sweep.md. On another model the weights are not calibrated; fit your own with the study's
+    script and pass them as ``model``.
+
+    Parameters
+    ----------
+    source, targets, sites, tokens
+        As for :func:`neglect_features`.
+    step : int
+        The step whose maps decide (default 5, the sixth of 20).
+    model : dict, optional
+        ``{"features": [...], "steps": {"5": {"mean": [...], "std": [...], "weights": [w0, w1, ...]}}}``.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``neglect_risk``, dims ``(sample,)``, in [0, 1].
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue circle", seed=0,
+    ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=20)
+    >>> risk = ats.stats.neglect_risk(tr, ["red circle", "blue circle"], step=5)
+    >>> risk.dims, 0 <= float(risk[0]) <= 1
+    (('sample',), True)
+    """
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise AttnscopeError(f"step={step!r}: expected an int")
+    params = _check_model(_shipped_model() if model is None else model, step)
+    feats = neglect_features(source, targets, sites=sites, step=step, tokens=tokens)
+    x = np.stack([feats[name].values for name in NEGLECT_FEATURES], axis=1)
+    z = params["weights"][0] + ((x - params["mean"]) / params["std"]) @ params["weights"][1:]
+    risk = feats["share_min"].copy(data=1 / (1 + np.exp(-z))).rename("neglect_risk")
+    risk.attrs = {"step": int(step), "targets": feats.attrs["targets"],
+                  "model": (model or _shipped_model()).get("fitted_on", "given")}
+    return risk
