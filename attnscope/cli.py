@@ -193,7 +193,8 @@ def _split_words(spec: str | None) -> list[str] | None:
 @app.command(epilog="Example: attnscope stats runs/demo.zarr --targets 'circle,square' --by step  "
                     "(or: attnscope stats runs/demo.zarr --convergence --tol 0.05)")
 def stats(
-    trace: Path = typer.Argument(..., help="Trace store (a .zarr directory written by attnscope capture)."),
+    trace: str = typer.Argument(..., help="Trace store (a .zarr directory written by attnscope capture), or its URL "
+                                          "(s3://…, file://…; S3 settings from the environment, e.g. AWS_ENDPOINT_URL)."),
     targets: str | None = typer.Option(None, help="Comma-separated words or phrases, e.g. 'red circle,square' "
                                                   "(default: every word of the prompt)."),
     sites: list[str] | None = typer.Option(None, help="Glob of site module paths; repeatable (default all)."),
@@ -237,7 +238,8 @@ def stats(
                      "Example: attnscope rerun runs/demo.zarr --layout auto --optimise -o runs/demo-opt.zarr\n\n"
                      "Example: attnscope rerun runs/demo-opt.zarr --layout trace -o runs/demo-opt-again.zarr")
 def rerun(
-    trace: Path = typer.Argument(..., help="Trace store to regenerate (a complete .zarr written by attnscope capture)."),
+    trace: str = typer.Argument(..., help="Trace store to regenerate (a complete .zarr written by attnscope capture), "
+                                          "or its URL (then give -o)."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Trace store to create "
                                                               "(default: <trace stem>-rerun.zarr beside TRACE)."),
     regulate: str | None = typer.Option(None, help="Attention Regulation of these comma-separated targets, "
@@ -321,7 +323,7 @@ def _gate_step_line(conv, tol: float) -> str:
         return f"suggested gate step: none — {exc}"
 
 
-def _parse_tgate(spec: str, trace: Path) -> object:
+def _parse_tgate(spec: str, trace: str) -> object:
     from attnscope import AttnscopeError
     from attnscope.regulate import TGate
 
@@ -362,7 +364,8 @@ _PLOT_KINDS = ("heatmaps", "grid", "violins", "dominance", "convergence")
 
 @app.command(epilog="Example: attnscope plot runs/demo.zarr --words 'circle,blue square' -o runs/heatmaps.png")
 def plot(
-    trace: Path = typer.Argument(..., help="Trace store (a .zarr directory written by attnscope capture)."),
+    trace: str = typer.Argument(..., help="Trace store (a .zarr directory written by attnscope capture), or its URL "
+                                          "(s3://…, file://…; S3 settings from the environment, e.g. AWS_ENDPOINT_URL)."),
     out: Path = typer.Option(..., "-o", "--out", help="Figure file to write (.png, .pdf, .svg)."),
     words: str | None = typer.Option(None, help="Comma-separated words or phrases (default: every word of the prompt)."),
     kind: str = typer.Option("heatmaps", help="heatmaps (over the image), grid (step x site, first word), "

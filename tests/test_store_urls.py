@@ -90,6 +90,11 @@ def test_aws_environment_variables_configure_s3_when_no_storage_options(s3, loca
     xr.testing.assert_allclose(ats.stats.dominance(tr, targets=["circle"]).compute(),
                                ats.stats.dominance(local, targets=["circle"]).compute())
     xr.testing.assert_allclose(ats.stats.convergence(remote), ats.stats.convergence(local))  # a URL as the source
+    from .conftest import cli  # the command line takes the URL as it is (not mangled into a path)
+
+    by_url, by_path = cli("stats", remote, "--targets", "circle"), cli("stats", local.path, "--targets", "circle")
+    assert by_url.exit_code == 0, by_url.output
+    assert by_url.stdout == by_path.stdout
 
 
 def test_file_urls_open_as_local_paths_and_take_uploads(local, tmp_path):
