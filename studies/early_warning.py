@@ -192,6 +192,11 @@ def logistic_score(model, x):
 
 def grouped_cv_auc(df, columns, folds: int = 5, seed: int = 0, l2: float = 1.0) -> float:
     """AUC of the logistic model on ``columns`` by cross-validation over prompts (within one split)."""
+    return auc(out_of_fold_scores(df, columns, folds, seed, l2), df.missing.to_numpy(bool))
+
+
+def out_of_fold_scores(df, columns, folds: int = 5, seed: int = 0, l2: float = 1.0):
+    """Each run's logistic score from a model fitted on the other folds' prompts."""
     import numpy as np
 
     prompts = np.array(sorted(df.prompt.unique()))
@@ -203,7 +208,7 @@ def grouped_cv_auc(df, columns, folds: int = 5, seed: int = 0, l2: float = 1.0) 
     for f in range(folds):
         model = fit_logistic(x[fold != f], y[fold != f], l2)
         score[fold == f] = logistic_score(model, x[fold == f])
-    return auc(score, y.astype(bool))
+    return score
 
 
 def analyse(root: Path, max_step: int = 5) -> dict:
@@ -360,6 +365,82 @@ def policy(root: Path, step: int = 5, flagged: float = 0.4, batch: int = 16, lim
     return summarise_policy(root, step)
 
 
+def regulated_outcomes(root: Path, split: str, batch: int = 16) -> pd.DataFrame:
+    """Plain and always-on regulated outcomes of every run of ``split``, in batches of ``batch`` (cached)."""
+    import pandas as pd
+    import torch
+
+    import attnscope as ats
+    from attnscope.models import object_nouns, score_image
+
+    path = root / f"regulated-{split}.parquet"
+    if path.exists():
+        return pd.read_parquet(path)
+    runs = ats.open_catalog(root / split).df.sort_values(["prompt", "seed"])
+    pipe = ats.load_pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for start in range(0, len(runs), batch):
+        part = runs.iloc[start:start + batch]
+        out = {}
+        for name, clients in (("plain", []), ("always", [ats.regulate.AttentionRegulation(object_nouns)])):
+            generators = [torch.Generator().manual_seed(int(s)) for s in part.seed]
+            with ats.hooks(pipe, *clients):
+                images = pipe(part.prompt.tolist(), generator=generators, num_inference_steps=STEPS).images
+            out[name] = [score_image(p, im)["all_present"] for p, im in zip(part.prompt, images)]
+        rows += [{"run": r, "plain": a, "always": b} for r, a, b in zip(part.run, out["plain"], out["always"])]
+        print(f"{split}: {len(rows)}/{len(runs)}", flush=True)
+    df = pd.DataFrame(rows)
+    df.to_parquet(path)
+    return df
+
+
+def tune_threshold(root: Path, step: int = 5, keep: float = 0.85) -> dict:
+    """Choose θ on the tuning half: the largest risk threshold whose rerun policy keeps ``keep`` of the
+    always-on gain there (regulating the tuning runs once, plain and always on); then score it on the
+    report half's policy runs (the ``policy`` stage's). The tuning runs' risks are out-of-fold (5 folds
+    over prompts): the shipped model was fitted on them, and its in-sample risks are too confident."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    tune = wide(pd.read_parquet(root / "features-tune.parquet"), False)
+    columns = [f"{f}[mean]@{step}" for f in FEATURES]
+    tune["risk"] = 1 / (1 + np.exp(-out_of_fold_scores(tune, columns)))
+    outcomes = regulated_outcomes(root, "tune").set_index("run").join(tune["risk"])
+    gain = outcomes.always.mean() - outcomes.plain.mean()
+
+    def kept(df, theta):
+        chosen = np.where(df.risk > theta, df.always, df.plain)
+        return (chosen.mean() - df.plain.mean()) / (df.always.mean() - df.plain.mean())
+
+    candidates = np.unique(outcomes.risk.round(4))
+    theta = float(max(t for t in candidates if kept(outcomes, t) >= keep))
+    report = pd.read_parquet(root / f"policy-step{step}.parquet")
+    report = report.rename(columns={"plain_all_present": "plain", "always_all_present": "always"})
+    at = report.risk > theta
+    chosen = np.where(at, report.always, report.plain)
+    summary = {"keep_on_tune": keep, "threshold": theta, "tune_gain": float(gain),
+               "tune_flagged": float((outcomes.risk > theta).mean()),
+               "report_flagged": float(at.mean()), "report_kept": float(kept(report, theta)),
+               "report_gain": float(chosen.mean() - report.plain.mean()),
+               "report_fixed": int((~report.plain & chosen).sum()), "report_broken": int((report.plain & ~chosen).sum()),
+               "report_exact": float(np.where(at, report.always_exact, report.plain_exact).mean())}
+    (root / f"threshold-step{step}.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+def _model_at(step: int):
+    import numpy as np
+
+    import attnscope as ats
+
+    m = ats.stats.neglect_model()["steps"][str(step)]
+    return np.asarray(m["mean"]), np.asarray(m["std"]), np.asarray(m["weights"])
+
+
 def summarise_policy(root: Path, step: int = 5) -> dict:
     """Rates, gains (bootstrap CI over prompts), fixed/broken counts and cost of each policy.
 
@@ -413,7 +494,8 @@ def summarise_policy(root: Path, step: int = 5) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["capture", "features", "analyse", "fit", "policy", "policy-summary"])
+    parser.add_argument("stage", choices=["capture", "features", "analyse", "fit", "policy", "policy-summary",
+                                          "threshold"])
     parser.add_argument("--root", type=Path, default=Path("runs/early-warning"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--n-prompts", type=int, default=None, help="only the first N prompts of each half")
@@ -431,6 +513,8 @@ def main() -> None:
         fit(args.root)
     elif args.stage == "policy":
         policy(args.root, step=args.step, flagged=args.flagged, limit=args.limit)
+    elif args.stage == "threshold":
+        tune_threshold(args.root, step=args.step)
     else:
         summarise_policy(args.root, step=args.step)
 
