@@ -417,9 +417,6 @@ def _prompt_words(tr) -> list[str]:
     return list(dict.fromkeys(w for w in token_words(tr.tokens, tr.token_roles) if w))
 
 
-if __name__ == "__main__":
-    app()
-
 
 def _storage_options(items: list[str]) -> dict | None:
     """``--storage-option NAME=VALUE`` items as fsspec options (``endpoint_url`` goes into ``client_kwargs``)."""
@@ -485,7 +482,7 @@ def _catalog_summary(cat) -> str:
     df = cat.df
     counts = df["status"].value_counts()
     lines = [f"sweep {cat.location}: {len(df)} runs, {int(counts.get('complete', 0))} complete, "
-             f"{int(counts.get('failed', 0))} failed; catalog: {cat._folder.url('catalog.parquet')}"]
+             f"{int(counts.get('failed', 0))} failed; catalog: {cat.file}"]
     for row in df[df["status"] != "complete"].head(5).itertuples():
         lines.append(f"  failed {row.run}: {row.error}")
     if "all_present" in df:
@@ -533,3 +530,7 @@ def sweep_stats(
         typer.echo(f"table: {output} ({len(table)} runs)")
     else:
         typer.echo(table.to_string(max_rows=20))
+
+
+if __name__ == "__main__":
+    app()

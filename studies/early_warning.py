@@ -319,10 +319,9 @@ def policy(root: Path, step: int = 5, flagged: float = 0.4, batch: int = 16, lim
     import attnscope as ats
     from attnscope.models import object_nouns, object_phrases, score_image
 
-    model = ats.stats.neglect_model()["steps"][str(step)]
     tune = wide(pd.read_parquet(root / "features-tune.parquet"), False)
     x = tune[[f"{f}[mean]@{step}" for f in FEATURES]].to_numpy(float)
-    z = logistic_score((np.asarray(model["mean"]), np.asarray(model["std"]), np.asarray(model["weights"])), x)
+    z = logistic_score(_model_at(step), x)
     threshold = float(np.quantile(1 / (1 + np.exp(-z)), 1 - flagged))
     runs = ats.open_catalog(root / "report").df.sort_values(["prompt", "seed"])
     runs = runs.head(limit) if limit else runs
@@ -433,6 +432,7 @@ def tune_threshold(root: Path, step: int = 5, keep: float = 0.85) -> dict:
 
 
 def _model_at(step: int):
+    """The shipped risk model's (mean, std, weights) at ``step``, as :func:`logistic_score` takes them."""
     import numpy as np
 
     import attnscope as ats

@@ -73,18 +73,10 @@ class RiskGate:
         of that trace: ``ats.rerun`` calls this itself), so a generation judged at risk gets the whole
         intervention and one judged safe is left alone. Returns :attr:`at_risk`.
         """
-        from ..stats import neglect_risk
-
         run = trace.manifest.get("run", {})
         prompts, per_prompt = run.get("prompts") or [], int(run.get("num_images_per_prompt") or 1)
-        risks = []
-        for sample in range(len(prompts) * per_prompt):
-            prompt = prompts[sample // per_prompt]
-            targets = self.targets(prompt) if callable(self.targets) else self.targets
-            if targets is None:
-                raise AttnscopeError("risk_above: give targets= (two or more object phrases, or a function of the prompt)")
-            arrays = {site: trace.attention(site).isel(sample=[sample]) for site in trace.sites}
-            risks.append(float(neglect_risk(arrays, targets, step=self.step, model=self.model).values[0]))
+        risks = [self._risk({site: trace.attention(site).isel(sample=[sample]) for site in trace.sites},
+                            prompts[sample // per_prompt]) for sample in range(len(prompts) * per_prompt)]
         self.risk, self.at_risk, self._preset = risks, [r > self.threshold for r in risks], True
         return list(self.at_risk)
 
@@ -103,28 +95,25 @@ class RiskGate:
 
     def any_at_risk(self, ctx: Any) -> bool:
         """Whether the intervention acts on any sample at this call (False up to the decision step)."""
-        if self._preset:
-            return any(self.at_risk)
-        if ctx.step <= self.step:
-            return False
-        if self.at_risk is None:
-            self._decide(ctx)
-        return any(self.at_risk)
+        decided = self._decisions(ctx)
+        return decided is not None and any(decided)
 
     def acts_on(self, ctx: Any, sample: int) -> bool:
         """Whether the intervention may act on cond sample ``sample`` at this call."""
-        if self._preset:
-            return bool(self.at_risk[sample])
-        if ctx.step <= self.step:
-            return False
+        decided = self._decisions(ctx)
+        return decided is not None and bool(decided[sample])
+
+    def _decisions(self, ctx: Any) -> list[bool] | None:
+        """Per sample, whether it is at risk; None before the decision step's maps have been judged."""
+        if not self._preset and ctx.step <= self.step:
+            return None
         if self.at_risk is None:
-            self._decide(ctx)
-        return bool(self.at_risk[sample])
+            self._decide()
+        return self.at_risk
 
-    def _decide(self, ctx: Any) -> None:
+    def _decide(self) -> None:
+        """Judge each sample on the maps :meth:`observe` kept at the decision step."""
         import xarray as xr
-
-        from ..stats import neglect_risk
 
         if not self._maps or self._texts is None:
             raise AttnscopeError(f"risk_above(step={self.step}): the run never reached step {self.step} with "
@@ -133,31 +122,24 @@ class RiskGate:
         for sample, prompt in enumerate(self._prompt_of_sample):
             tokens = list(self._texts[prompt])
             roles = list(self._roles[prompt]) if self._roles is not None else None
-            arrays = {}
-            for site, maps in self._maps.items():
-                m = maps[sample].numpy()[None, None, None]  # (1, 1, 1, h, w, tokens)
-                coords = {"token_text": ("token", tokens)}
-                if roles is not None:
-                    coords["token_role"] = ("token", roles)
-                arrays[site] = xr.DataArray(m, dims=_DIMS, coords=coords)
-            targets = self.targets(_prompt(tokens, roles)) if callable(self.targets) else self.targets
-            if targets is None:
-                raise AttnscopeError("risk_above: give targets= (two or more object phrases, or a function of the prompt)")
-            risks.append(float(neglect_risk(arrays, targets, step=0, model=self._model_at_step()).values[0]))
+            coords = {"step": [self.step], "token_text": ("token", tokens)}
+            if roles is not None:
+                coords["token_role"] = ("token", roles)
+            arrays = {site: xr.DataArray(maps[sample].numpy()[None, None, None], dims=_DIMS, coords=coords)
+                      for site, maps in self._maps.items()}  # (1 step, 1 sample, 1 head, h, w, tokens)
+            risks.append(self._risk(arrays, _prompt(tokens, roles)))
         self.risk = risks
         self.at_risk = [r > self.threshold for r in risks]
         self._maps = {}
 
-    def _model_at_step(self) -> dict:
-        """The risk model with the decision step's weights filed under step 0 (the maps hold that one step)."""
-        from ..stats import neglect_model
+    def _risk(self, arrays: dict[str, Any], prompt: str) -> float:
+        """One sample's risk at the decision step from its maps (site name → DataArray)."""
+        from ..stats import neglect_risk
 
-        model = self.model if self.model is not None else neglect_model()
-        steps = model.get("steps", {})
-        if str(self.step) not in steps:
-            raise AttnscopeError(f"risk_above(step={self.step}): the risk model has weights for steps "
-                                 f"{sorted(steps, key=int)}")
-        return {**model, "steps": {"0": steps[str(self.step)]}}
+        targets = self.targets(prompt) if callable(self.targets) else self.targets
+        if targets is None:
+            raise AttnscopeError("risk_above: give targets= (two or more object phrases, or a function of the prompt)")
+        return float(neglect_risk(arrays, targets, step=self.step, model=self.model).values[0])
 
 
 def _prompt(tokens: Sequence[str], roles: Sequence[str] | None) -> str:

@@ -73,6 +73,11 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.df)
 
+    @property
+    def file(self) -> str:
+        """The path or URL of the catalog's Parquet file."""
+        return self._folder.url(CATALOG_FILE)
+
     def _row(self, run: str | int) -> Any:
         if isinstance(run, int) and not isinstance(run, bool):
             if not -len(self.df) <= run < len(self.df):
@@ -101,15 +106,17 @@ class Catalog:
         if row.get("status") != "complete":
             raise AttnscopeError(f"run {row['run']!r} has status {row.get('status')!r} ({row.get('error')}); "
                                  f"rerun the sweep to redo it")
-        return open_trace(row["trace"], **self._open_options())
+        return open_trace(row["trace"], storage_options=self.storage_options)
 
     def traces(self) -> Iterator[tuple[str, Any]]:
         """``(run, trace)`` for every complete run, opened one at a time."""
         for run in self.df.loc[self.df["status"] == "complete", "run"]:
             yield run, self.trace(run)
 
-    def _open_options(self) -> dict:
-        return {"storage_options": self._folder.storage_options} if self._folder.remote else {}
+    @property
+    def storage_options(self) -> dict | None:
+        """The fsspec options the catalog's traces are read with (None for a local folder)."""
+        return self._folder.storage_options if self._folder.remote else None
 
     def map_stats(self, fn: Callable[[Any], Any], client: Any = None, *, progress: bool = True) -> Any:
         """Apply ``fn(trace)`` to every complete run on dask.distributed; one tidy result with a ``run`` axis.

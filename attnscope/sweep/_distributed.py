@@ -27,7 +27,7 @@ def _apply(fn: Callable[[Any], Any], run: str, location: str, storage_options: d
     from ..store import open_trace
 
     try:
-        tr = open_trace(location, **({"storage_options": storage_options} if storage_options else {}))
+        tr = open_trace(location, storage_options=storage_options)
     except AttnscopeError as exc:
         return run, "skipped", f"trace unreadable: {exc}"
     if not tr.complete:
@@ -144,14 +144,13 @@ def map_stats(catalog: Any, fn: Callable[[Any], Any], client: Any = None, *, pro
             todo.append((row.run, row.trace))
         else:
             skipped[row.run] = f"run {row.status}: {getattr(row, 'error', None)}"
-    options = catalog._open_options().get("storage_options")
+    options = catalog.storage_options
     results: dict[str, Any] = {}
     if todo:
         from distributed import as_completed
 
         with _client(client) as c:
-            futures = [c.submit(_apply, fn, run, location, options, pure=False, key=f"attnscope-map-{run}-{os.urandom(4).hex()}")
-                       for run, location in todo]
+            futures = [c.submit(_apply, fn, run, location, options, pure=False) for run, location in todo]
             with tqdm(total=len(futures), unit="trace", desc="map_stats", disable=not progress) as bar:
                 for future in as_completed(futures):
                     run, status, value = future.result()

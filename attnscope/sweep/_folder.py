@@ -138,15 +138,6 @@ class SweepFolder:
         upload_trace(local, self.url(rel), storage_options=self.storage_options)
         shutil.rmtree(local, ignore_errors=True)
 
-    def remove(self, rel: str) -> None:
-        """Delete the file or directory ``rel`` when it exists."""
-        if not self.remote:
-            p = Path(self._root) / rel
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            return
-        if self.exists(rel):
-            self.fs.rm(self._remote_path(rel), recursive=True)
-
     def close(self) -> None:
         if self.remote:
             shutil.rmtree(self._staging, ignore_errors=True)

@@ -19,7 +19,7 @@ from ._folder import SweepFolder
 from ._plan import Run
 from ._runs import execute_run, failed_row
 
-__all__ = ["WorkerSpec", "load_for_worker", "run_in_workers"]
+__all__ = ["WorkerSpec", "load_sweep_pipeline", "run_in_workers"]
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,16 @@ class WorkerSpec:
     detector: bool
 
 
-def load_for_worker(spec: WorkerSpec) -> Any:
-    """The pipeline a worker runs: ``spec.model`` loaded locally, with the parent's scheduler when it had another."""
+def load_sweep_pipeline(model: str, *, device: str | None = None, dtype: str | None = None,
+                        scheduler: tuple[str, dict] | None = None) -> Any:
+    """The pipeline a sweep runs: ``model`` loaded locally, with ``scheduler`` (class name, config) when given."""
     import diffusers
 
     from ..models import load_pipeline
 
-    pipe = load_pipeline(spec.model, device=spec.device, dtype=spec.dtype)
-    if spec.scheduler is not None:
-        name, config = spec.scheduler
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    if scheduler is not None:
+        name, config = scheduler
         pipe.scheduler = getattr(diffusers, name).from_config(config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -61,7 +62,7 @@ def _worker_main(spec: WorkerSpec, conn: Any, name: str) -> None:
     diffusers_logging.disable_progress_bar()  # the parent's bar over runs is the one progress display
     transformers_logging.disable_progress_bar()
     try:
-        pipe = load_for_worker(spec)
+        pipe = load_sweep_pipeline(spec.model, device=spec.device, dtype=spec.dtype, scheduler=spec.scheduler)
     except Exception as exc:  # reported to the parent, which stops the sweep with this message
         conn.send(("error", f"worker {name} could not load model {spec.model!r}: {type(exc).__name__}: {exc}"))
         return

@@ -13,10 +13,8 @@ from ..errors import AttnscopeError
 from ._folder import SweepFolder
 from ._plan import Run
 
-__all__ = ["RESERVED_COLUMNS", "STATUSES", "execute_run", "failed_row", "model_hash"]
+__all__ = ["RESERVED_COLUMNS", "execute_run", "failed_row", "model_hash"]
 
-#: a row's ``status``: its trace is complete, or the run raised / its worker died (redone on resume)
-STATUSES = ("complete", "failed")
 #: columns every row has; a user's ``extra`` scalars may not reuse these names
 RESERVED_COLUMNS = ("run", "prompt", "seed", "trace", "image", "status", "error", "model", "model_hash", "steps",
                     "seconds", "worker", "finished", "kind", "expected", "detected", "present", "all_present", "exact", "extra",

@@ -14,7 +14,7 @@ from ..errors import AttnscopeError
 from ._catalog import Catalog, open_catalog, write_catalog
 from ._folder import SweepFolder
 from ._plan import plan_runs, read_prompts
-from ._pool import WorkerSpec, load_for_worker, run_in_workers
+from ._pool import WorkerSpec, load_sweep_pipeline, run_in_workers
 from ._runs import execute_run
 
 __all__ = ["sweep"]
@@ -29,12 +29,10 @@ def _reference(pipe: Any) -> str | None:
     return pipe.config.get("_name_or_path") or getattr(pipe, "name_or_path", None)
 
 
-def _model_source(pipe: Any, workers_needed: bool, scratch: list[str]) -> str:
+def _model_source(pipe: Any, scratch: list[str]) -> str:
     """What worker processes load: the pipeline's own reference when it is loadable, else a saved copy."""
     ref = _reference(pipe)
     if ref == "shapes" or (ref and (Path(ref) / "model_index.json").is_file()):
-        return str(ref)
-    if not workers_needed:
         return str(ref)
     saved = tempfile.mkdtemp(prefix="attnscope-sweep-model-")
     scratch.append(saved)
@@ -172,16 +170,13 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
                 worker_devices = list(devices) if devices is not None else [None] * workers
                 pipe = None if model else pipe_or_model
                 scheduler = None if pipe is None else (type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
-                spec = WorkerSpec(model=model or _model_source(pipe, True, scratch), device=None, dtype=dtype,
+                spec = WorkerSpec(model=model or _model_source(pipe, scratch), device=None, dtype=dtype,
                                   scheduler=scheduler, threads=threads or max(1, (os.cpu_count() or 1) // len(worker_devices)),
                                   location=str(folder.location), storage_options=storage_options,
                                   capture_kwargs=capture_kwargs, extra=extra, detector=detector)
                 run_in_workers(todo, spec, worker_devices, folder, on_row)
             elif todo:
-                pipe = pipe_or_model
-                if model:
-                    spec = WorkerSpec(model, None, dtype, None, 1, str(folder.location), storage_options, {}, None, detector)
-                    pipe = load_for_worker(spec)
+                pipe = load_sweep_pipeline(model, dtype=dtype) if model else pipe_or_model
                 with _torch_threads(threads):
                     for run in todo:
                         on_row(execute_run(pipe, run, folder, capture_kwargs, extra, "main", detector))
@@ -201,10 +196,10 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
 
 def _done(folder: SweepFolder, run: Any) -> bool:
     """A run is done when its row says complete and its trace is complete (a deleted trace is redone)."""
-    if not folder.exists(run.row):
-        return False
     try:
         row = folder.read_json(run.row)
+    except FileNotFoundError:
+        return False
     except AttnscopeError:
         return False  # a damaged row file: redo the run
     return isinstance(row, dict) and row.get("status") == "complete" and folder.trace_complete(run.trace)
