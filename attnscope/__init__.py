@@ -14,7 +14,7 @@ captures and analyses them together.
 
 from . import plot, regulate, stats
 from .capture import Recorder, capture
-from .errors import AttnscopeError
+from .errors import AttnscopeError, AttnscopeWarning
 from .hooks import (
     STAGES,
     CallContext,
@@ -32,7 +32,7 @@ from .store import Trace, open_trace
 from .sweep import Catalog, open_catalog, sweep
 
 __all__ = [
-    "AttnscopeError", "CallContext", "Catalog", "Comparison", "CrossAttentionSite", "HookClient", "HookSession", "Recorder",
+    "AttnscopeError", "AttnscopeWarning", "CallContext", "Catalog", "Comparison", "CrossAttentionSite", "HookClient", "HookSession", "Recorder",
     "RowLayout", "STAGES", "StepContext", "Trace", "capture", "compare", "discover_sites", "hooks", "load_pipeline",
     "open_catalog", "open_trace", "plot", "regulate", "rerun", "shapes", "stats", "sweep",
 ]

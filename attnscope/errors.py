@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AttnscopeError"]
+__all__ = ["AttnscopeError", "AttnscopeWarning"]
 
 
 class AttnscopeError(ValueError):
@@ -16,4 +16,15 @@ class AttnscopeError(ValueError):
     ... except ats.AttnscopeError as e:
     ...     print("no trace")
     no trace
+    """
+
+
+class AttnscopeWarning(UserWarning):
+    """Warned when a result can be used but is not what it seems: an incomplete trace, NaN maps, steps left out.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> issubclass(AttnscopeWarning, UserWarning)
+    True
     """

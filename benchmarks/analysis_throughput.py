@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved read/stats rounds (default 3)")
     p.add_argument("--dir", type=Path, help="where to write the store (kept); default a temporary directory")
     p.add_argument("--json", type=Path, help="also write the numbers here")
+    p.add_argument("--no-checksum", action="store_true",
+                   help="write the store without the chunks' crc32c (the format before it existed), to measure its cost")
     return p.parse_args(argv)
 
 
@@ -64,7 +66,7 @@ def synthetic_maps(side: int, rng: np.random.Generator, variants: int = 8) -> np
     return (p / p.sum(-1, keepdims=True)).astype(np.float16)
 
 
-def write_trace(path: Path, steps: int, samples: int) -> None:
+def write_trace(path: Path, steps: int, samples: int, checksum: bool = True) -> None:
     rng = np.random.default_rng(0)
     pools = {side: synthetic_maps(side, rng) for side in {s for _, s in SITES}}
     layout = StoreLayout(
@@ -76,7 +78,7 @@ def write_trace(path: Path, steps: int, samples: int) -> None:
                "sites": [name for name, _ in SITES]},
         timesteps=tuple(float(999 - i * (1000 // steps)) for i in range(steps)),
     )
-    writer = TraceWriter(path)
+    writer = TraceWriter(path, checksum=checksum)
     writer.init(layout)
     for step in range(steps):
         for k, (name, side) in enumerate(SITES):
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         if path.exists():
             shutil.rmtree(path)
         t0 = time.perf_counter()
-        write_trace(path, args.steps, args.samples)
+        write_trace(path, args.steps, args.samples, checksum=not args.no_checksum)
         stored = disk_bytes(path)
         raw = sum(args.steps * args.samples * side * side * 77 * 2 for _, side in SITES)
         print(f"trace: {path}  {stored / 1e9:.2f} GB on disk ({raw / 1e9:.2f} GB raw float16), "
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = {
             "stored_bytes": stored, "raw_bytes": raw, "sites": len(SITES), "steps": args.steps,
             "samples": args.samples, "rounds": args.rounds, "read_s": times["read"], "stats_s": times["stats"],
-            "read_MBps": stored / read_s / 1e6, "stats_MBps": stored / stats_s / 1e6, "ratio": ratio,
+            "checksum": not args.no_checksum, "read_MBps": stored / read_s / 1e6, "stats_MBps": stored / stats_s / 1e6, "ratio": ratio,
             "target": TARGET, "cpus": os.cpu_count(), "machine": platform.machine(),
             "dominance_ratio_mean": float(ds.dominance_ratio.mean()),
         }

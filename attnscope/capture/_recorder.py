@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import AttnscopeError
+from ..errors import AttnscopeError, AttnscopeWarning
 from ..hooks import CallContext, HookSession, StepContext
 from ..selection import BRANCHES, HEADS, TOKENS, SiteSpec, StepSpec, check_choice, select_sites, select_steps
 from ..store import (
@@ -172,10 +173,10 @@ class Recorder:
         heads = 1 if self.heads == "mean" else ctx.site.heads
         assert self.writer is not None
         self.writer.put(ctx.site.name, branch, ctx.step,
-                        np.full((self._samples, heads, *ctx.spatial_shape, self._kept), np.nan, np.float16))
+                        np.full((self._samples, heads, *ctx.spatial_shape, self._kept), np.nan, np.float16), gated=True)
         if ctx.site.kind == "joint":
             self.writer.put(ctx.site.name, branch, ctx.step, np.full((self._samples, heads, *ctx.spatial_shape), np.nan,
-                                                                     np.float16), quantity="text_mass")
+                                                                     np.float16), quantity="text_mass", gated=True)
 
     def on_probs(self, ctx: CallContext, probs: torch.Tensor) -> None:
         h, w = ctx.spatial_shape
@@ -220,6 +221,12 @@ class Recorder:
             self.writer.close(complete=complete, images=self._images,
                               attrs={"images": 0 if self._images is None else len(self._images),
                                      GATED_STEPS_ATTR: sorted(self._gated)})
+        if self.writer.nan_maps:
+            first = min(min(steps) for steps in self.writer.nan_maps.values())
+            warnings.warn(f"{str(self.path)!r}: the model produced NaN attention at {len(self.writer.nan_maps)} of "
+                          f"{len(self._sites)} sites, from step {first} (NaN weights or a float16 overflow): the image "
+                          f"is likely blank and statistics over those steps are NaN; recorded in the trace's 'nan_maps'",
+                          AttnscopeWarning, stacklevel=2)
 
     # -- helpers --------------------------------------------------------------------------------------
     def add_images(self, images: Any) -> None:

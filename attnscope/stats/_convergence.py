@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
-from ..store import GATED_STEPS_ATTR, OUTPUT_CHANGE, OUTPUT_NORM, open_trace
+from ..store import GATED_STEPS_ATTR, OUTPUT_CHANGE, OUTPUT_NORM, Trace, open_trace
 from ._dominance import site_arrays
 
 __all__ = ["convergence", "stable_step", "suggest_gate_step"]
@@ -152,8 +152,9 @@ def convergence(source: Any, *, sites: Any = None, steps: Any = None, tol: float
     xarray.Dataset
         ``convergence`` (step, site, sample), NaN at the first step and at gated steps;
         ``mean_convergence`` (step, sample), the mean over sites; ``stable_step`` (sample), −1 if the
-        mean never settles; attrs ``tol``, ``of`` (``"maps"`` or ``"outputs"``, what was used) and
-        ``gated_steps``.
+        mean never settles or the trace is incomplete (its run went on past the last written step, so
+        whether the change stayed low is unknown); attrs ``tol``, ``of`` (``"maps"`` or ``"outputs"``, what
+        was used), ``gated_steps``, and for an incomplete trace ``incomplete`` ("8 of 20 steps written").
 
     Examples
     --------
@@ -181,10 +182,22 @@ def convergence(source: Any, *, sites: Any = None, steps: Any = None, tol: float
     per_site = per_site.where(~per_site["step"].isin(gated))
     mean = per_site.mean("site")
     stable = [stable_step(mean.isel(sample=s).values, mean["step"].values, tol) for s in range(mean.sizes["sample"])]
+    cut = _interrupted(source)
+    if cut:  # the run went on after the last written step: whether the curve stayed low is unknown
+        stable = [-1] * len(stable)
     out = xr.Dataset({"convergence": per_site, "mean_convergence": mean,
                       "stable_step": ("sample", np.array(stable, dtype=np.int64))}, coords={"sample": per_site["sample"]})
     out.attrs.update({"tol": tol, "of": used, GATED_STEPS_ATTR: [int(s) for s in gated]})
+    if cut:
+        out.attrs["incomplete"] = cut
     return out
+
+
+def _interrupted(source: Any) -> str | None:
+    """"176 of 400 steps written" for a trace whose capture was interrupted, else None."""
+    if isinstance(source, Trace) and not source.complete:
+        return f"{source.steps_written} of {source.num_steps} steps written"
+    return None
 
 
 def _is_convergence(source: Any) -> bool:
@@ -254,6 +267,10 @@ def suggest_gate_step(source: Any, tol: float = 0.05, of: str = "auto", *, sites
     else:
         conv = convergence(source, sites=sites, tol=tol, of=of)
         mean, used = conv["mean_convergence"], conv.attrs["of"]
+    cut = source.attrs.get("incomplete") if _is_convergence(source) else _interrupted(source)
+    if cut:
+        raise AttnscopeError(f"no gate step: the trace is incomplete ({cut}); the change after the last written step "
+                             f"is unknown, so it cannot show that the attention settled")
     if "sample" not in mean.dims:
         mean = mean.expand_dims(sample=[0])
     steps = mean["step"].values

@@ -26,6 +26,9 @@ SITES_GROUP = "sites"
 #: root attribute: sorted steps at which an intervention bypassed the recorded sites' attention
 #: (their maps are NaN); absent in traces written before it existed (read as [])
 GATED_STEPS_ATTR = "gated_steps"
+#: root attribute: {site: sorted steps} where the model itself produced NaN attention (not gated), recorded
+#: by the writer; absent in traces written before it existed
+NAN_MAPS_ATTR = "nan_maps"
 #: optional group of small per-step summaries (``capture(..., output_change=True)``)
 SUMMARIES_GROUP = "summaries"
 SUMMARY_DIMS = ("step", "site", "sample")
@@ -46,6 +49,17 @@ def chunk_steps(step_bytes: int, steps: int) -> int:
     (1, 4, 3)
     """
     return max(1, min(steps, MAX_CHUNK_STEPS, math.ceil(MIN_SHARD_BYTES / max(step_bytes, 1))))
+
+
+def checksum_codec():
+    """crc32c over each compressed chunk, checked on every read: a flipped byte is an error, not other values.
+
+    Costs one pass over the compressed bytes (google-crc32c, hardware-accelerated where available);
+    measured in benchmarks/capture_overhead.py and benchmarks/sweep_throughput.py (docs/benchmarks.md).
+    """
+    from zarr.codecs import Crc32cCodec
+
+    return Crc32cCodec()
 
 
 def default_compressor():

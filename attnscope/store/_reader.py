@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import AttnscopeError
+from ..errors import AttnscopeError, AttnscopeWarning
 from ..tokens import token_roles, word_alignment
 from ._format import (
     BRANCH_ARRAYS,
     FORMAT_VERSION,
     GATED_STEPS_ATTR,
+    NAN_MAPS_ATTR,
     OUTPUT_CHANGE,
     OUTPUT_NORM,
     ROOT_COORDS,
@@ -23,6 +25,16 @@ from ._format import (
     TEXT_MASS_ARRAYS,
     quiet_consolidated,
     site_group,
+)
+from ._integrity import (
+    GuardedArray,
+    check_layout,
+    missing_shards,
+    read_key,
+    shard_keys,
+    shard_problem,
+    shard_spec,
+    stored_keys,
 )
 from ._location import access_error, locate, read_root, zarr_store
 
@@ -45,15 +57,24 @@ class Trace:
         False while the capture runs, or if it was interrupted.
     steps_written : int
         Every step before this index is on disk for every captured site.
+    missing : str
+        What reading a site does when a shard of a step on disk is missing or damaged: ``"raise"`` an
+        AttnscopeError naming the site and steps, or ``"skip"`` those steps with a warning.
     """
 
-    def __init__(self, path: Path | str, attrs: dict[str, Any], *, storage_options: dict[str, Any] | None = None):
+    def __init__(self, path: Path | str, attrs: dict[str, Any], *, storage_options: dict[str, Any] | None = None,
+                 missing: str = "raise", nodes: dict[str, dict] | None = None, consolidated: bool = True):
         self.path = path
         self.storage_options = storage_options
         self._attrs = attrs
+        self._nodes = nodes or {}
+        self.missing = missing
         self.manifest: dict[str, Any] = attrs["manifest"]
         self.complete: bool = bool(attrs.get("complete", False))
         self.steps_written: int = int(attrs.get("steps_written", 0))
+        self._lost: dict[str, list[int]] = {}  # array path -> steps whose shards are missing
+        self._warned: set[str] = set()
+        self._consolidated = consolidated
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"incomplete, {self.steps_written} steps written"
@@ -67,11 +88,34 @@ class Trace:
         store = zarr_store(self.path, self.storage_options)
         try:
             with quiet_consolidated():
-                return xr.open_datatree(store, engine="zarr", chunks={}, consolidated=self.complete, zarr_format=3)
+                return xr.open_datatree(store, engine="zarr", chunks={}, consolidated=self.complete and self._consolidated, zarr_format=3)
         except Exception as exc:
             if isinstance(self.path, Path):
-                raise
+                raise AttnscopeError(f"{str(self.path)!r}: cannot be read as a trace ({type(exc).__name__}: {exc}); "
+                                     f"the store is damaged") from exc
             raise access_error(self.path, exc, self.storage_options) from exc
+
+    @property
+    def num_steps(self) -> int:
+        """Denoising steps of the run (the length of the ``step`` axis); ``steps_written`` of them are on disk."""
+        return int(self._nodes["step"]["shape"][0])
+
+    @property
+    def nan_maps(self) -> dict[str, list[int]]:
+        """Site → steps where the model itself produced NaN attention (NaN weights or an overflow), as recorded
+        by the capture; gated steps (:attr:`gated_steps`) are not among them. ``{}`` when none, and for traces
+        written before this was recorded."""
+        found = self._attrs.get(NAN_MAPS_ATTR, {})
+        if not (isinstance(found, dict) and all(isinstance(v, list) and all(isinstance(s, int) for s in v)
+                                                for v in found.values())):
+            raise AttnscopeError(f"{str(self.path)!r}: root attribute {NAN_MAPS_ATTR!r} is {str(found)[:80]}, "
+                                 f"expected an object of site -> list of steps")
+        return {str(k): list(v) for k, v in found.items()}
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, AttnscopeWarning, stacklevel=4)
 
     @property
     def sites(self) -> list[str]:
@@ -173,7 +217,12 @@ class Trace:
 
         if "images" not in self.tree.data_vars:
             return []
-        return [Image.fromarray(np.asarray(a)) for a in self.tree["images"].values]
+        try:
+            pixels = self.tree["images"].values
+        except Exception as exc:
+            raise AttnscopeError(f"{str(self.path)!r}: the stored images cannot be decoded ({type(exc).__name__}: "
+                                 f"{exc}); the trace is damaged") from exc
+        return [Image.fromarray(np.asarray(a)) for a in pixels]
 
     def attention(self, site: str | Any, branch: str | None = None) -> Any:
         """Cross-attention probabilities of ``site`` as a lazy ``xarray.DataArray``.
@@ -217,14 +266,72 @@ class Trace:
         if branch not in branches:
             raise AttnscopeError(f"branch={branch!r}: this trace recorded {branches} at {name}")
         steps = [int(s) for s in node.attrs.get("steps", []) if self.complete or int(s) < self.steps_written]
+        if not steps:
+            raise AttnscopeError(f"{str(self.path)!r}: no step of site {name!r} is written yet (the trace is "
+                                 f"incomplete: {self.steps_written} of {self.num_steps} steps written)"
+                                 if not self.complete else f"{str(self.path)!r}: site {name!r} captured no step")
+        path = f"{site_group(name)}/{arrays[branch]}"
+        lost = self._lost_steps(path, steps)
+        if lost:
+            message = (f"{str(self.path)!r}: site {name!r} ({arrays[branch]}): the shards of steps {lost} are missing "
+                       f"from the store although {'the trace is complete' if self.complete else 'they were written'}")
+            if self.missing != "skip":
+                raise AttnscopeError(message + "; open_trace(..., missing='skip') reads the other steps")
+            self._warn_once(path, message + "; those steps are left out")
+            steps = [s for s in steps if s not in lost]
+        nan = [s for s in self.nan_maps.get(name, []) if s in steps]
+        if nan:
+            self._warn_once(f"nan:{name}", f"{str(self.path)!r}: the model produced NaN attention at site {name!r}, "
+                                           f"steps {nan} (recorded at capture; NaN weights or an overflow): statistics "
+                                           f"over these steps are NaN and the image is likely blank")
         da = node[arrays[branch]]
+        da = da.copy(data=self._guarded(path, da, name))
         da = da.assign_coords({c: self.tree[c].variable for c in ROOT_COORDS
                                if c in self.tree.coords and set(self.tree[c].dims) <= set(da.dims)})
         da.attrs["site"] = dict(node.attrs.get("site", {}))  # family, kind, block, level, depth, …
         return da.isel(step=steps)
 
+    def _lost_steps(self, path: str, steps: list[int]) -> list[int]:
+        """Steps among ``steps`` whose shard of array ``path`` is not in the store (listed once per array)."""
+        if path not in self._lost:
+            meta = self._nodes.get(path)
+            stored = stored_keys(self.path, path, self.storage_options) if meta else set()
+            self._lost[path] = missing_shards(meta, steps, stored) if meta else []
+        return self._lost[path]
 
-def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = None) -> Trace:
+    @functools.cached_property
+    def _group(self) -> Any:
+        """The root Zarr group, opened from the metadata the layout check read (consolidated when complete)."""
+        import zarr
+
+        with quiet_consolidated():
+            return zarr.open_group(zarr_store(self.path, self.storage_options), mode="r", zarr_format=3,
+                                   use_consolidated=self.complete and self._consolidated)
+
+    def _guarded(self, path: str, da: Any, site: str) -> Any:
+        """``da``'s data as a dask array read through :class:`GuardedArray` (errors name the site and steps)."""
+        import dask.array
+
+        meta = self._nodes[path]
+        shard, chunks, checksum = shard_spec(meta)
+
+        def inspect(step: int) -> str | None:
+            for key in shard_keys(meta, step // shard[0]):
+                problem = shard_problem(read_key(self.path, f"{path}/{key}", self.storage_options), chunks, checksum)
+                if problem:
+                    return problem
+            return None
+
+        array = self._group[path]
+        captured = self._nodes[site_group(site)].get("attributes", {}).get("steps", [])
+        uncaptured = set(range(self.num_steps)) - set(captured)  # never written: NaN (the fill value) by design
+        expected = set(self.gated_steps) | set(self.nan_maps.get(site, [])) | uncaptured
+        guard = GuardedArray(array, f"{str(self.path)!r}: site {site!r} ({path.rsplit('/', 1)[1]})", inspect, expected)
+        return dask.array.from_array(guard, chunks=da.chunks, asarray=False, fancy=False, lock=False,
+                                     name=f"attnscope-{abs(hash((str(self.path), path, self.steps_written)))}")
+
+
+def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = None, missing: str = "raise") -> Trace:
     """Open a trace store lazily; no attention map is read until asked for.
 
     Parameters
@@ -242,8 +349,15 @@ def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = Non
     Trace
         ``Trace.path`` is a ``Path`` for a local trace (``file://`` included), the URL string otherwise.
 
-    Raises AttnscopeError when ``path`` is not a trace or was written by a newer format, when a URL's
-    scheme is unknown or its fsspec backend is not installed, and when its endpoint cannot be reached.
+    A trace is untrusted input: every array's shape, dtype, dimensions and chunking are checked against
+    the sizes its manifest declares before anything is read, and each block of maps is read through a
+    guard, so a crafted or damaged store is one AttnscopeError (docs/store-format.md, "Integrity").
+    An incomplete trace (the capture was interrupted) opens with an :class:`AttnscopeWarning` saying how
+    many steps were written.
+
+    Raises AttnscopeError when ``path`` is not a trace, was written by a newer format or claims a format
+    below 1, does not match its manifest, when a URL's scheme is unknown or its fsspec backend is not
+    installed, and when its endpoint cannot be reached.
 
     Examples
     --------
@@ -271,13 +385,51 @@ def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = Non
     fmt = attrs.get("attnscope_format") if isinstance(attrs, dict) else None
     if not isinstance(fmt, int) or isinstance(fmt, bool):
         raise AttnscopeError(f"{where!r} is not an attnscope trace: no integer 'attnscope_format' attribute")
-    if fmt > FORMAT_VERSION:
+    if fmt < 1:
+        raise AttnscopeError(f"{where!r} claims trace format {fmt}; formats start at 1 (this attnscope reads 1 to "
+                             f"{FORMAT_VERSION}): the store is damaged or was not written by attnscope")
+    needed = attrs.get("format_min_reader", fmt)
+    if fmt > FORMAT_VERSION or (isinstance(needed, int) and needed > FORMAT_VERSION):
         raise AttnscopeError(
             f"{where!r} has trace format {fmt}; this attnscope reads formats up to {FORMAT_VERSION} — upgrade attnscope"
         )
+    if missing not in ("raise", "skip"):
+        raise AttnscopeError(f"missing={missing!r}: expected 'raise' or 'skip'")
     if not isinstance(attrs.get("manifest"), dict) or not isinstance(attrs.get("sites"), list):
         raise AttnscopeError(f"{where!r}: trace attributes 'manifest' (object) and 'sites' (list) are missing or malformed")
-    return Trace(p, attrs, storage_options=storage_options)
+    consolidated = (doc.get("consolidated_metadata") or {}).get("metadata")
+    use_consolidated = bool(attrs.get("complete")) and isinstance(consolidated, dict)
+    nodes = consolidated if use_consolidated else _node_metadata(p, storage_options)
+    check_layout(where, attrs, nodes)
+    trace = Trace(p, attrs, storage_options=storage_options, missing=missing, nodes=nodes, consolidated=use_consolidated)
+    if not trace.complete:
+        warnings.warn(f"trace {where!r} is incomplete: {trace.steps_written} of {trace.num_steps} steps written (the "
+                      f"capture was interrupted or is still running); maps, statistics and plots cover only those steps",
+                      AttnscopeWarning, stacklevel=2)
+    return trace
+
+
+def _lists(value: Any) -> Any:
+    """Metadata as ``zarr.json`` holds it: tuples as lists, recursively."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
+
+
+def _node_metadata(where: Path | str, storage_options: dict[str, Any] | None) -> dict[str, dict]:
+    """Path -> ``zarr.json`` metadata of every node below the root, read node by node (no consolidated metadata)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(zarr_store(where, storage_options), mode="r", zarr_format=3, use_consolidated=False)
+        return {path: _lists(node.metadata.to_dict()) for path, node in group.members(max_depth=None)}
+    except Exception as exc:
+        if isinstance(where, Path):
+            raise AttnscopeError(f"{str(where)!r}: its Zarr metadata cannot be read ({type(exc).__name__}: {exc}); "
+                                 f"the store is damaged") from exc
+        raise access_error(where, exc, storage_options) from exc
 
 
 def as_trace(trace: Trace | str | Path, what: str = "trace") -> Trace:

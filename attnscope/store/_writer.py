@@ -9,6 +9,8 @@ the data but never leads it). A kill loses at most the steps not yet written.
 from __future__ import annotations
 
 import collections
+import fcntl
+import os
 import shutil
 import threading
 import time
@@ -25,6 +27,7 @@ from ._format import (
     BRANCH_ARRAYS,
     FORMAT_VERSION,
     IMAGE_DIMS,
+    NAN_MAPS_ATTR,
     ROOT_COORDS,
     SITE_DIMS,
     SITES_GROUP,
@@ -32,10 +35,12 @@ from ._format import (
     SUMMARY_DIMS,
     TEXT_MASS_ARRAYS,
     TEXT_MASS_DIMS,
+    checksum_codec,
     chunk_steps,
     default_compressor,
     quiet_consolidated,
 )
+from ._integrity import check_site_name
 
 __all__ = ["SiteLayout", "StoreLayout", "TraceWriter", "check_store_path"]
 
@@ -66,6 +71,44 @@ def check_store_path(store: str | Path, overwrite: bool) -> Path:
             f"overwrite=True only replaces traces"
         )
     return path
+
+
+def _flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _claim(path: Path, overwrite: bool) -> int:
+    """Create the store's directory and hold an exclusive lock on it while the writer lives; the open descriptor.
+
+    Claims are serialised by a short lock on the parent directory, so of two processes writing to one
+    path at once the second fails (the path exists, or with ``overwrite`` the first still holds its lock):
+    their writes never interleave. The kernel drops the lock when the process ends, even when killed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parent = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(parent, fcntl.LOCK_EX)
+        if path.exists():
+            if not overwrite:
+                raise AttnscopeError(f"store {str(path)!r} exists; pass overwrite=True to replace it")
+            old = os.open(path, os.O_RDONLY)
+            try:
+                if not _flock(old):
+                    raise AttnscopeError(f"store {str(path)!r} is being written by another process; wait for it to "
+                                         f"finish, or write to another path")
+                shutil.rmtree(path)
+            finally:
+                os.close(old)
+        path.mkdir()
+        fd = os.open(path, os.O_RDONLY)
+        _flock(fd)  # nobody else can hold it: the directory is new and claims are serialised
+        return fd
+    finally:
+        os.close(parent)  # releases the parent's lock
 
 
 #: seconds between rewrites of the root attribute ``steps_written`` (it only ever lags the data)
@@ -183,10 +226,16 @@ class TraceWriter:
     """
 
     def __init__(self, path: str | Path, *, max_queue_bytes: int = 256 << 20, compressor: Any = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, checksum: bool = True):
         self.path = Path(path)
         self.overwrite = overwrite
         self.compressor = compressor if compressor is not None else default_compressor()
+        # every chunk compressed, then checksummed (checksum=False: only to measure its cost, benchmarks/)
+        self._codecs = (self.compressor, checksum_codec()) if checksum else (self.compressor,)
+        self._lock: int | None = None
+        self._nan: dict[str, set[int]] = {}  # site -> steps whose maps came out of the model with NaN
+        #: after close: site -> steps where the model produced NaN maps (also the root attribute ``nan_maps``)
+        self.nan_maps: dict[str, list[int]] = {}
         self.queue = _ByteQueue(max_queue_bytes)
         self.error: BaseException | None = None
         self.steps_written = 0
@@ -210,15 +259,18 @@ class TraceWriter:
     def timestep(self, step: int, value: float) -> None:
         self._send(("timestep", step, value))
 
-    def put(self, site: str, branch: str, step: int, data: Any, ready: Any = None, quantity: str = "attention") -> None:
+    def put(self, site: str, branch: str, step: int, data: Any, ready: Any = None, quantity: str = "attention",
+            gated: bool = False) -> None:
         """Queue one step of one site: ``data`` (sample, head, y, x, token), float16, on the CPU.
 
         ``ready`` is an optional CUDA event the writer waits on before reading ``data``.
         ``quantity="text_mass"``: a joint site's per-pixel text mass, (sample, head, y, x).
+        ``gated``: the maps are NaN on purpose (an intervention bypassed the attention); any other NaN is
+        recorded in the root attribute ``nan_maps`` (the model produced it).
         """
         nbytes = data.numel() * 2 if isinstance(data, torch.Tensor) else data.nbytes
         array = (BRANCH_ARRAYS if quantity == "attention" else TEXT_MASS_ARRAYS)[branch]
-        self._send(("data", site, array, step, data, ready), nbytes)
+        self._send(("data", site, array, step, data, ready, gated), nbytes)
 
     def summaries(self, sites: list[str], arrays: dict[str, np.ndarray]) -> None:
         """Queue the per-step summaries: ``arrays`` maps a name to a float32 (step, site, sample) array.
@@ -246,15 +298,15 @@ class TraceWriter:
             except BaseException as exc:  # noqa: BLE001 - reported to the producer
                 self.error = self.error or exc
             if message[0] == "close":
+                self._release()
                 return
 
     def _do_init(self, layout: StoreLayout) -> None:
         import zarr
 
-        if self.path.exists():
-            if not self.overwrite:
-                raise AttnscopeError(f"store {self.path} exists; pass overwrite=True to replace it")
-            shutil.rmtree(self.path)
+        for site in layout.sites:
+            check_site_name(site.name, str(self.path))
+        self._lock = _claim(self.path, self.overwrite)
         root = zarr.open_group(str(self.path), mode="w-", zarr_format=3)
         self._num_steps = n = layout.num_steps
         s, t = layout.samples, len(layout.token_positions)
@@ -287,7 +339,7 @@ class TraceWriter:
                 arr = group.create_array(
                     BRANCH_ARRAYS[branch], shape=(n, s, site.heads, y, x, t), dtype="float16",
                     shards=(c, s, site.heads, y, x, t), chunks=(c, 1, site.heads, y, x, t),
-                    compressors=self.compressor, fill_value=np.nan, dimension_names=SITE_DIMS,
+                    compressors=self._codecs, fill_value=np.nan, dimension_names=SITE_DIMS,
                     attributes={"branch": branch},
                     # every shard written holds captured maps: skip zarr's all-NaN test (~1 ms per write)
                     config={"write_empty_chunks": True},
@@ -296,7 +348,7 @@ class TraceWriter:
                 if site.description.get("kind") == "joint":
                     mass = group.create_array(
                         TEXT_MASS_ARRAYS[branch], shape=(n, s, site.heads, y, x), dtype="float16",
-                        shards=(c, s, site.heads, y, x), chunks=(c, 1, site.heads, y, x), compressors=self.compressor,
+                        shards=(c, s, site.heads, y, x), chunks=(c, 1, site.heads, y, x), compressors=self._codecs,
                         fill_value=np.nan, dimension_names=TEXT_MASS_DIMS, attributes={"branch": branch},
                         config={"write_empty_chunks": True},
                     )
@@ -311,10 +363,12 @@ class TraceWriter:
             self._timesteps_done = step + 1
         self._advance()
 
-    def _do_data(self, site: str, array_name: str, step: int, data: Any, ready: Any) -> None:
+    def _do_data(self, site: str, array_name: str, step: int, data: Any, ready: Any, gated: bool) -> None:
         if ready is not None:
             ready.synchronize()
         array = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+        if not gated and np.isnan(array).any():
+            self._nan.setdefault(site, set()).add(step)
         self._buffers[(site, array_name)].add(step, array)
         self._advance()
 
@@ -346,11 +400,18 @@ class TraceWriter:
         self._advance(force=True)
         if images is not None:
             arr = self._root.create_array("images", shape=images.shape, dtype="uint8", dimension_names=IMAGE_DIMS,
-                                          chunks=(1, *images.shape[1:]), compressors=self.compressor)
+                                          chunks=(1, *images.shape[1:]), compressors=self._codecs)
             arr[...] = images
-        self._root.update_attributes({**attrs, "complete": complete})  # complete is set last, in one write
+        self.nan_maps = nan = {site: sorted(steps) for site, steps in self._nan.items()}
+        self._root.update_attributes({**attrs, NAN_MAPS_ATTR: nan, "complete": complete})  # complete last, one write
         if complete:
             import zarr
 
             with quiet_consolidated():
                 zarr.consolidate_metadata(str(self.path))
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
