@@ -33,6 +33,12 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     'StableDiffusionPipeline'
     >>> ats.load_pipeline("shapes").unet.config.sample_size
     16
+
+    A saved copy of the embedded model loads back as the shapes pipeline:
+
+    >>> ats.load_pipeline("shapes").save_pretrained(d + "/copy")
+    >>> type(ats.load_pipeline(d + "/copy")).__name__
+    'ShapesPipeline'
     """
     import torch
     from diffusers import DiffusionPipeline
@@ -56,10 +62,11 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
         )
     if path.exists() and not (path / "model_index.json").is_file():
         raise AttnscopeError(f"model={str(model)!r}: directory has no model_index.json (expected a diffusers pipeline saved with save_pretrained)")
+    cls = _own_pipeline_class(path) if path.exists() else DiffusionPipeline
     try:
         # some models draw their init from torch's global RNG while loading (PixArt, Sana): the caller's stays as it was
         with quiet_dtype_deprecation(), torch.random.fork_rng(devices=[]):
-            pipe = DiffusionPipeline.from_pretrained(str(model), **kwargs)
+            pipe = cls.from_pretrained(str(model), **kwargs)
     except (OSError, ValueError) as exc:
         raise AttnscopeError(
             f"model={str(model)!r}: not a local diffusers directory and not in the local Hugging Face cache "
@@ -69,3 +76,23 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=None)
     return pipe
+
+
+def _own_pipeline_class(path: Path) -> Any:
+    """The class to load a saved directory with: attnscope's own pipeline class when ``model_index.json`` names
+    one (a saved copy of the shapes model), else diffusers' ``DiffusionPipeline`` (which reads the class itself)."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AttnscopeError(f"model={str(path)!r}: cannot read its model_index.json ({exc}); expected the JSON "
+                             "that save_pretrained writes") from exc
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if name == "ShapesPipeline":
+        from .shapes import ShapesPipeline
+
+        return ShapesPipeline
+    return DiffusionPipeline

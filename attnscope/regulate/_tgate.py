@@ -49,9 +49,12 @@ class TGate:
     Parameters
     ----------
     gate_step : int, float or "auto"
-        Number of steps computed in full (official: 10 of 25 for SD-1.5/2.1/XL, 8 for PixArt). A
-        float in (0, 1) is a fraction of each run's steps (``0.4``: 10 of 25, 8 of 20), rounded, at
-        least 1. ``"auto"``: :func:`attnscope.stats.suggest_gate_step` of ``reference`` at ``tol``.
+        Number of steps computed in full, which is also the index of the first gated step (official:
+        10 of 25 for SD-1.5/2.1/XL, 8 for PixArt). A float in (0, 1) is a fraction of each run's
+        steps (``0.4``: 10 of 25, 8 of 20), rounded, at least 1; :meth:`resolve` turns it into the
+        step index when a run starts. ``"auto"``: :func:`attnscope.stats.suggest_gate_step` of
+        ``reference`` at ``tol``. A gate beyond a run's steps (``50`` on a 20-step run) is refused
+        before the run's first step; a gate equal to its steps runs it in full (nothing gated).
     reference : Trace, optional
         The trace whose convergence sets ``gate_step="auto"``.
     tol : float
@@ -71,6 +74,9 @@ class TGate:
     computed : dict
         Site name → the steps at which it attended during the last run (cross and self sites);
         ``gated_steps``: the steps served from the cross-attention cache.
+    fraction : float or None
+        ``gate_step`` as given, when it was a fraction; ``gate_step`` is then the step it resolved to
+        for the last (or prepared) run, ``None`` before any.
 
     Examples
     --------
@@ -89,7 +95,8 @@ class TGate:
     def __init__(self, gate_step: int | str = 10, *, reference: Any = None, tol: float = 0.05,
                  drop_guidance: bool = True, sp_interval: int | None = None, warm_up: int = 2,
                  fi_interval: int = 1):
-        if gate_step == "auto":
+        self.auto = gate_step == "auto"
+        if self.auto:
             if reference is None:
                 raise AttnscopeError("gate_step='auto': pass reference=<a Trace> whose convergence sets the gate step")
             from ..stats import suggest_gate_step
@@ -101,10 +108,13 @@ class TGate:
             if not 0 < gate_step < 1:
                 raise AttnscopeError(f"gate_step={gate_step!r}: expected an integer >= 1 or a fraction in (0, 1)")
             self.fraction: float | None = gate_step
-            self.gate_step = 1  # resolved at the start of each run
+            self.gate_step: int | None = None  # resolved for each run: resolve(num_steps)
         else:
             self.fraction = None
-            self.gate_step = _positive_int("gate_step", gate_step, 1)
+            if isinstance(gate_step, bool) or not isinstance(gate_step, int) or gate_step < 1:
+                raise AttnscopeError(f"gate_step={gate_step!r}: expected the number of steps to run in full (an "
+                                     f"integer >= 1), a fraction of the steps in (0, 1), or 'auto'")
+            self.gate_step = gate_step
         self.tol, self.drop_guidance = tol, bool(drop_guidance)
         self.sp_interval = None if sp_interval is None else _positive_int("sp_interval", sp_interval, 1)
         self.warm_up = _positive_int("warm_up", warm_up, 0)
@@ -114,16 +124,26 @@ class TGate:
         self.cache: dict[str, torch.Tensor] = {}
         self.computed: dict[str, list[int]] = {}
         self.gated_steps: list[int] = []
+        self._prepared: int | None = None  # the gate step prepare() resolved (and a manifest may describe)
 
     def __repr__(self) -> str:
         return f"TGate({self.fraction if self.fraction is not None else self.gate_step})"
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able description for manifests (``gate_step`` as resolved for the last run)."""
+        """JSON-able description for manifests: ``gate_step`` is the step index the run used (the first gated
+        step), ``fraction`` the value given when it was a fraction (``gate_step`` is ``None`` until resolved).
+
+        >>> gate = TGate(0.4)
+        >>> _ = gate.resolve(20)
+        >>> gate.describe()["params"]["gate_step"], gate.describe()["params"]["fraction"]
+        (8, 0.4)
+        """
         params = {"gate_step": self.gate_step, "drop_guidance": self.drop_guidance, "sp_interval": self.sp_interval,
                   "warm_up": self.warm_up, "fi_interval": self.fi_interval}
         if self.fraction is not None:
             params["fraction"] = self.fraction
+        if self.auto:
+            params["auto_tol"] = self.tol
         return {"name": "TGate", "params": params}
 
     # -- the schedule ----------------------------------------------------------------------------
@@ -133,7 +153,33 @@ class TGate:
         >>> [TGate(2).gated(s) for s in range(4)]
         [False, False, True, True]
         """
-        return step >= self.gate_step
+        return step >= self._gate()
+
+    def resolve(self, num_steps: int) -> int:
+        """The gate step (index of the first gated step) for a run of ``num_steps`` steps; sets ``gate_step``.
+
+        Refuses a gate beyond the run, which would gate nothing; a gate equal to ``num_steps`` runs every
+        step in full.
+
+        >>> TGate(0.4).resolve(20), TGate(10).resolve(25)
+        (8, 10)
+        >>> TGate(50).resolve(20)
+        Traceback (most recent call last):
+        attnscope.errors.AttnscopeError: TGate(gate_step=50) on a run of 20 steps: the gate is beyond the run and would gate no step; expected a gate step from 1 to 20 (or a fraction in (0, 1))
+        """
+        steps = _positive_int("num_steps", num_steps, 1)
+        gate = self.gate_step if self.fraction is None else max(1, round(self.fraction * steps))
+        if gate > steps:
+            raise AttnscopeError(f"TGate(gate_step={gate}) on a run of {steps} steps: the gate is beyond the run and "
+                                 f"would gate no step; expected a gate step from 1 to {steps} (or a fraction in (0, 1))")
+        self.gate_step = gate
+        return gate
+
+    def _gate(self) -> int:
+        if self.gate_step is None:
+            raise AttnscopeError(f"TGate(gate_step={self.fraction}): a fraction of the run's steps, not resolved yet; "
+                                 f"it is resolved when a run starts, or call resolve(num_steps)")
+        return self.gate_step
 
     def self_attention_computed(self, step: int) -> bool:
         """Whether (V2) self-attention attends at ``step``; otherwise it reuses its cache.
@@ -142,9 +188,10 @@ class TGate:
         >>> [s for s in range(14) if not gate.self_attention_computed(s)]
         [3, 4, 6, 7, 8, 11, 13]
         """
-        if self.sp_interval is None or step < self.warm_up or step == self.gate_step - 1:
+        gate = self._gate()
+        if self.sp_interval is None or step < self.warm_up or step == gate - 1:
             return True
-        if step < self.gate_step - 1:
+        if step < gate - 1:
             return step == self.warm_up or step % self.sp_interval == 0
         return step % self.fi_interval == 0
 
@@ -157,17 +204,33 @@ class TGate:
                 f"TGate on a {session.family!r} pipeline: TGATE has no official rule for {why}, and attnscope has not "
                 f"designed and measured one; supported families: {supported}")
 
+    def prepare(self, pipe: Any, call: dict[str, Any]) -> None:
+        """Resolve and check the gate for the pipeline call about to run (before anything is written).
+
+        Called by :func:`attnscope.rerun` and ``attnscope eval`` with the call's keyword arguments, so
+        the manifest's description holds the gate step the run uses.
+        """
+        num_steps = _planned_steps(pipe, call)
+        self._prepared = self.resolve(num_steps) if num_steps is not None else None
+
     def branches(self, step_ctx: Any) -> tuple[str, ...] | None:
-        return ("uncond",) if self.drop_guidance and self.gated(step_ctx.step) else None
+        # step 0 is never gated (the gate is at least 1); it comes before on_step, which resolves the gate
+        return ("uncond",) if self.drop_guidance and step_ctx.step > 0 and self.gated(step_ctx.step) else None
 
     def on_step(self, step_ctx: Any) -> None:
         if step_ctx.step == 0:  # a new run
             self.cache, self.computed, self.gated_steps = {}, {}, []
-            if self.fraction is not None:
-                if not step_ctx.num_steps:
-                    raise AttnscopeError(f"gate_step={self.fraction}: the pipeline does not say how many steps it "
-                                         f"runs; give an integer gate step")
-                self.gate_step = max(1, round(self.fraction * step_ctx.num_steps))
+            prepared, self._prepared = self._prepared, None
+            if step_ctx.num_steps:
+                self.resolve(step_ctx.num_steps)
+            elif self.fraction is not None:
+                raise AttnscopeError(f"gate_step={self.fraction}: the pipeline does not say how many steps it "
+                                     f"runs; give an integer gate step")
+            if prepared is not None and prepared != self.gate_step:
+                raise AttnscopeError(f"TGate(gate_step={self.fraction}) was prepared as gate step {prepared}, but this "
+                                     f"run of {step_ctx.num_steps} steps resolves it to {self.gate_step}: the "
+                                     f"manifest would describe another gate than the one used; give an integer "
+                                     f"gate step")
         if self.gated(step_ctx.step):
             self.gated_steps.append(step_ctx.step)
 
@@ -189,7 +252,7 @@ class TGate:
         rows = ctx.rows
         # the official cache at the last full step is the mean of the two CFG halves (self-attention's
         # too, since the batch shrinks to one half after the gate)
-        average = ctx.step == self.gate_step - 1 and rows.uncond is not None and (
+        average = ctx.step == self._gate() - 1 and rows.uncond is not None and (
             ctx.site.kind != "self" or self.drop_guidance)
         if average:
             output = (output[rows.uncond] + output[rows.cond]) / 2
@@ -198,5 +261,24 @@ class TGate:
     def _caches(self, ctx: Any) -> bool:
         """Whether this call's output is kept: cross sites at the last full step, V2 self sites whenever they attend."""
         if ctx.site.kind != "self":
-            return ctx.step == self.gate_step - 1
+            return ctx.step == self._gate() - 1
         return self.self_attention_computed(ctx.step)
+
+
+def _planned_steps(pipe: Any, call: dict[str, Any]) -> int | None:
+    """The number of steps a pipeline call will run: its ``timesteps``/``sigmas``, else ``num_inference_steps``
+    (given, or the pipeline's default), else None.
+
+    >>> _planned_steps(None, {"num_inference_steps": 20}), _planned_steps(None, {"timesteps": [999, 500, 1]})
+    (20, 3)
+    """
+    for key in ("timesteps", "sigmas"):
+        if call.get(key) is not None:
+            return len(call[key])
+    steps = call.get("num_inference_steps")
+    if steps is None and pipe is not None:
+        import inspect
+
+        default = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+        steps = None if default is None else default.default
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None

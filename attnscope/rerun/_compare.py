@@ -33,7 +33,9 @@ class Comparison:
     before, after : xarray.Dataset
         ``ats.stats.dominance`` of ``a`` and of ``b``.
     stats : xarray.Dataset
-        ``after - before``, aligned on the common steps and sites; same dims and variables.
+        ``after - before``, aligned on the common steps and sites; same dims and variables. Its attrs
+        ``compared_steps`` and ``gated_steps`` say which steps the statistics cover and which steps
+        either run gated (TGATE: attention reused from the cache, no maps, so left out).
     """
 
     a: Trace
@@ -57,13 +59,43 @@ class Comparison:
         return pd.DataFrame({"before": before, "after": after, "change": after - before})
 
     def table(self) -> str:
-        """The targets' mean shares before and after as a text table."""
+        """The targets' mean shares before and after as a text table; when a run gated steps (TGATE), a last
+        line says which steps were compared and which were gated (see :meth:`steps_note`)."""
         df = self.shares()
         width = max([6, *(len(t) for t in df.index)])
         lines = [f"{'target':<{width}}  {'before':>7}  {'after':>7}  {'change':>7}"]
         for target, row in df.iterrows():
             lines.append(f"{target:<{width}}  {row.before:7.3f}  {row.after:7.3f}  {row.change:+7.3f}")
+        if self.stats.attrs.get("gated_steps"):
+            lines.append(self.steps_note())
         return "\n".join(lines)
+
+    def steps_note(self) -> str:
+        """Which steps the statistics compare, and which were left out because a run gated them (TGATE).
+
+        >>> import tempfile, attnscope as ats
+        >>> d = tempfile.mkdtemp()
+        >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle", seed=0, store=d + "/a.zarr",
+        ...                  num_inference_steps=4)
+        >>> ats.compare(tr, ats.rerun(tr, [ats.regulate.TGate(2)]), ["circle"]).steps_note()
+        'compared steps 0–1 (steps 2–3 gated: attention reused from the cache, no maps to compare)'
+        """
+        compared, gated = self.stats.attrs.get("compared_steps", []), self.stats.attrs.get("gated_steps", [])
+        note = f"compared {_plural('step', compared)} {_step_ranges(compared)}"
+        if gated:
+            note += (f" ({_plural('step', gated)} {_step_ranges(gated)} gated: attention reused from the cache, "
+                     f"no maps to compare)")
+        return note
+
+    def image_change(self) -> float | None:
+        """Mean absolute difference of the two runs' images, per pixel and channel in [0, 1] (None when a trace
+        has no images). The change a TGATE rerun makes shows here rather than in the shares of the steps
+        before its gate, which are the parent's."""
+        a, b = self.a.images, self.b.images
+        if not a or not b or len(a) != len(b):
+            return None
+        diffs = [np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).mean() / 255 for x, y in zip(a, b)]
+        return float(np.mean(diffs))
 
     def figure(self, sample: int = 0, cmap: str = "viridis") -> Any:
         """The two images side by side with each target's heat map, and the mean target shares before/after.
@@ -73,6 +105,25 @@ class Comparison:
         from ..plot import comparison
 
         return comparison(self, sample=sample, cmap=cmap)
+
+
+def _step_ranges(steps: Sequence[int]) -> str:
+    """Steps as compact ranges.
+
+    >>> _step_ranges([0, 1, 2, 3, 5, 8, 9]), _step_ranges([]), _step_ranges([4])
+    ('0–3, 5, 8–9', 'none', '4')
+    """
+    runs: list[list[int]] = []
+    for s in sorted(steps):
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return ", ".join(f"{lo}–{hi}" if hi > lo else f"{lo}" for lo, hi in runs) or "none"
+
+
+def _plural(word: str, items: Sequence[Any]) -> str:
+    return word if len(items) == 1 else word + "s"
 
 
 def _same_generation(a: Trace, b: Trace) -> None:
@@ -136,7 +187,8 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
     -------
     Comparison
         ``.before``/``.after`` (:func:`attnscope.stats.dominance` of ``a``/``b``), ``.stats`` (their
-        difference, aligned on the common steps and sites), ``.table()`` and ``.figure()``.
+        difference, aligned on the common steps and sites; attrs ``compared_steps`` and ``gated_steps``),
+        ``.table()``, ``.steps_note()``, ``.image_change()`` and ``.figure()``.
     """
     ta, tb = as_trace(a, "a"), as_trace(b, "b")
     _same_generation(ta, tb)
@@ -158,6 +210,8 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
     if any(stats.sizes[d] == 0 for d in ("step", "site")):
         raise AttnscopeError(f"cannot compare {str(ta.path)!r} and {str(tb.path)!r}: no captured step in common "
                              f"({before['step'].values.tolist()} vs {after['step'].values.tolist()})")
-    stats.attrs.update({**before.attrs, "difference": "after - before (b - a)"})
+    gated = sorted(set(ta.gated_steps) | set(tb.gated_steps))
+    stats.attrs.update({**before.attrs, "difference": "after - before (b - a)",
+                        "compared_steps": [int(s) for s in stats["step"].values], "gated_steps": gated})
     return Comparison(ta, tb, [str(t) for t in before["target"].values.tolist()], before, after, stats,
                       sites=sites, steps=steps, target_spec=targets)

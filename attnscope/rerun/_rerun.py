@@ -15,6 +15,7 @@ from ..capture import Recorder
 from ..errors import AttnscopeError
 from ..hooks import client_role, find_denoiser, hooks, prepare_clients
 from ..models import load_pipeline
+from ..selection import SEEDS
 from ..store import Trace, as_trace, check_store_path, jsonable, open_trace, weights_fingerprint
 
 __all__ = ["manifest_sha256", "rerun"]
@@ -274,10 +275,11 @@ def _generator(run: dict[str, Any], where: str) -> Any:
     seed, device = run.get("seed"), run.get("generator_device") or "cpu"
 
     def ok(s: Any) -> bool:
-        return isinstance(s, int) and not isinstance(s, bool)
+        return isinstance(s, int) and not isinstance(s, bool) and s in SEEDS
 
     if not (ok(seed) or (isinstance(seed, list) and seed and all(ok(s) for s in seed))):
-        raise AttnscopeError(f"trace {where!r}: seed={seed!r} in its manifest; expected an int or a list of ints")
+        raise AttnscopeError(f"trace {where!r}: seed={seed!r} in its manifest; expected an int or a list of ints, each "
+                             f"from 0 to {SEEDS.stop - 1} (2**64 - 1)")
     try:
         if ok(seed):
             return torch.Generator(device).manual_seed(seed)
