@@ -1,5 +1,7 @@
-"""The notebooks run top to bottom in a real Jupyter kernel (nbclient), offline, on the CPU."""
+"""The notebooks run top to bottom in a real Jupyter kernel (nbclient), offline, on the CPU, on one torch thread,
+and write nothing beside themselves."""
 
+import os
 from pathlib import Path
 
 import nbformat
@@ -14,14 +16,36 @@ EXPECTED = {  # a line each notebook must print, so a silently empty run cannot 
     "04_spatial_control.ipynb": "relation fixed by the layout:",
     "05_sweep_and_predict.ipynb": "fixed by selective regulation:",
 }
+# The kernel is a process of its own: it gets one torch (OpenMP/MKL) thread explicitly, as the test processes do
+# (conftest.py). With torch's default pool a notebook that takes 30 s idle can pass the 600 s cell timeout on a
+# machine where another process holds a core: the pool's threads spin at every barrier waiting for that core.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def _listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_notebook_executes(name, tmp_path):
+    """The kernel's working directory stands in for notebooks/ (where Jupyter starts a notebook's kernel): it must
+    stay empty — no runs/, no stores, no PNGs. TMPDIR points into tmp_path, so the notebook's default output folder
+    (tempfile.mkdtemp()) lands there, is checked to be used, and is cleaned up with tmp_path."""
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    before = _listing(NOTEBOOKS)
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nb.cells.append(nbformat.v4.new_code_cell("import torch; print('torch threads:', torch.get_num_threads())"))
+    NotebookClient(nb, timeout=600, kernel_name="python3").execute(cwd=str(cwd),
+                                                                   env={**os.environ, **ONE_THREAD, "TMPDIR": str(tmp)})
     printed = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
     assert EXPECTED[name] in printed
+    assert "torch threads: 1\n" in printed
+    assert not any(cwd.iterdir()), f"{name} wrote into its working directory: {sorted(_listing(cwd))[:10]}"
+    assert _listing(NOTEBOOKS) == before, f"{name} wrote into notebooks/: {sorted(_listing(NOTEBOOKS) - before)}"
+    assert any(p.name.startswith(f"attnscope-nb{name[:2]}-") for p in tmp.iterdir()), \
+        f"{name} did not write into its temporary output folder (OUT)"
 
 
 def test_every_notebook_is_tested():
