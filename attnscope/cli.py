@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
@@ -10,8 +11,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="See and stee
 
 
 @app.callback()
-def main() -> None:
+def main(ctx: typer.Context) -> None:
     """attnscope: capture, analyse and steer cross-attention of diffusers models."""
+    import warnings
+
+    previous = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        typer.echo(f"warning: {message}", err=True)
+
+    warnings.showwarning = one_line  # "warning: …" lines, as errors are "error: …"
+    ctx.call_on_close(lambda: setattr(warnings, "showwarning", previous))
 
 
 _MODEL_HELP = "'shapes' (the embedded model), a local diffusers directory, or a hub id in the local cache."
@@ -36,8 +46,58 @@ def _pipeline_args(items: list[str]) -> dict:
     return found
 
 
+def _flags(*same: str, **renamed: str) -> dict[str, str]:
+    """Python keyword → CLI flag: ``same`` keywords are spelled as flags (``max_sequence_length`` →
+    ``--max-sequence-length``), ``renamed`` ones are given."""
+    return {**{name: "--" + name.replace("_", "-") for name in same}, **renamed}
+
+
+#: per command (by the name of its function here), the library's keyword arguments that its flags set: library
+#: messages name keywords (``seed=…``, ``pass overwrite=True``), the command line's name its flags
+_CLI_FLAGS = {
+    "capture": _flags("prompt", "overwrite", "seed", "device", "dtype", "sites", "heads", "tokens", "branch", "height",
+                      "width", "negative_prompt", "max_sequence_length", "output_change", num_inference_steps="--steps",
+                      steps="--capture-steps", guidance_scale="--guidance", num_images_per_prompt="--images-per-prompt",
+                      store="--out"),
+    "demo": _flags("overwrite", "seed", "device", "prompt", "out", store="--out"),
+    "rerun": _flags("overwrite", "device", store="--out", gate_step="--tgate"),
+    "eval_": _flags("seed", "device", "n", "batch_size", num_inference_steps="--steps", guidance_scale="--guidance",
+                   json_path="--json"),
+    "sweep_": _flags("seeds", "out", "workers", "devices", "threads", "dtype", "sites", "heads", "tokens", "branch",
+                    "height", "width", num_inference_steps="--steps", steps="--capture-steps",
+                    guidance_scale="--guidance"),
+    "stats": _flags("steps", "sites", "targets", "by", "tol", "of"),
+    "plot": _flags("steps", "sites", "words", "kind", "sample", "tol", "of", targets="--words"),
+    "sweep_stats": _flags("steps", "sites", "targets"),
+}
+
+
+def _cli_words(message: str, flags: dict[str, str]) -> str:
+    """A library message in the command line's words: ``overwrite=True`` → ``--overwrite``, ``seed=…`` → ``--seed …``.
+
+    >>> _cli_words("store 'a.zarr' exists; pass overwrite=True to replace it", _CLI_FLAGS["capture"])
+    "store 'a.zarr' exists; pass --overwrite to replace it"
+    >>> _cli_words("num_inference_steps=0: expected an int >= 1; TGate(steps=2)", _CLI_FLAGS["capture"])
+    '--steps 0: expected an int >= 1; TGate(steps=2)'
+    """
+    if not flags:
+        return message
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+    before = r"(?<![\w.(\[-])"  # a keyword on its own, not an attribute, a call's argument or a longer name
+    message = re.sub(rf"{before}({names})=True\b", lambda m: flags[m[1]], message)
+    message = re.sub(rf"{before}({names})=", lambda m: flags[m[1]] + " ", message)
+    return re.sub(rf"^({names}):", lambda m: flags[m[1]] + ":", message)
+
+
 def _fail(exc: Exception) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
+    """Print a library error as one ``error: …`` line in the calling command's own flags; exit status 2."""
+    import inspect
+
+    frame = inspect.currentframe()
+    caller = frame.f_back if frame is not None else None  # the command's function: its name picks the flags
+    flags = _CLI_FLAGS.get(caller.f_code.co_name, {}) if caller is not None else {}
+    message = " ".join(str(exc).split())  # one line, whatever the message holds
+    typer.echo(f"error: {_cli_words(message, flags)}", err=True)
     return typer.Exit(2)
 
 
@@ -96,7 +156,9 @@ def capture(
 def demo(
     prompt: str = typer.Option("a red circle and a blue square", help="A shapes-world prompt."),
     seed: int = typer.Option(0, help="Seed of the generation."),
-    out: Path = typer.Option(Path("runs/demo.zarr"), help="Trace store to write (replaced if it is a trace)."),
+    out: Path = typer.Option(Path("runs/demo.zarr"), help="Trace store to create; the image (<stem>.png) and the heat "
+                                                          "maps (<stem>-heatmaps.png) are written beside it."),
+    overwrite: bool = typer.Option(False, help="Replace an existing trace at --out and the images beside it."),
     device: str | None = typer.Option(None, help="Device to run on (cpu, cuda, …)."),
 ) -> None:
     """Generate with the embedded shapes model, capture every cross-attention map, and summarise."""
@@ -104,7 +166,7 @@ def demo(
     from attnscope.models import run_demo
 
     try:
-        typer.echo(run_demo(prompt, seed=seed, out=out, device=device))
+        typer.echo(run_demo(prompt, seed=seed, out=out, device=device, overwrite=overwrite))
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
 
@@ -139,6 +201,8 @@ def eval_(
     from attnscope.models import evaluate, format_paired, format_report, named_interventions, paired_differences
 
     try:
+        if json_out is not None:
+            _output_file(json_out, "--json")
         clients = named_interventions(intervention or [])
         if paired and not clients:
             raise ats.AttnscopeError("--paired compares against a run without interventions: give --intervention")
@@ -215,7 +279,7 @@ def stats(
     from attnscope.selection import parse_step_text
 
     try:
-        tr = ats.open_trace(trace)
+        tr = _open_trace(trace)
         if convergence:
             ds = ats.stats.convergence(tr, sites=sites or None, steps=parse_step_text(steps, "--steps"), tol=tol, of=of)
             if as_json:
@@ -224,8 +288,10 @@ def stats(
             typer.echo(ats.stats.convergence_table(ds))
             typer.echo(_gate_step_line(ds, tol))
             return
-        ds = ats.stats.dominance(tr, targets=_split_words(targets), sites=sites or None,
-                                 steps=parse_step_text(steps, "--steps"))
+        chosen = _split_words(targets)
+        if chosen is None:
+            _prompt_words(tr)  # the default targets: every word of the prompt; an empty prompt has none
+        ds = ats.stats.dominance(tr, targets=chosen, sites=sites or None, steps=parse_step_text(steps, "--steps"))
         typer.echo(json.dumps(ats.stats.dominance_json(ds)) if as_json else ats.stats.dominance_table(ds, by=by))
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
@@ -279,11 +345,14 @@ def rerun(
             raise ats.AttnscopeError("--optimise optimises SpatialTemporal's λ: give --layout too")
         tr = ats.rerun(trace, clients, store=out, overwrite=overwrite, device=device)
         chosen = list(dict.fromkeys([*(targets or []), *(w for w, _ in weights)])) or None
-        table = ats.compare(trace, tr, chosen).table()
+        comparison = ats.compare(trace, tr, chosen)
+        table, image_change = comparison.table(), comparison.image_change()  # table(): + the steps note when gated
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
     typer.echo(f"trace: {tr.path}  ({len(tr.sites)} sites, {len(tr.timesteps)} steps, {len(tr.images)} images; "
                f"interventions: {', '.join(i['name'] for i in tr.manifest['interventions']) or 'none'})")
+    if image_change is not None:
+        typer.echo(f"image change: {image_change:.4f} mean absolute difference per pixel and channel (0-1)")
     typer.echo(f"mean target share, {trace} -> {tr.path}:")
     typer.echo(table)
 
@@ -386,7 +455,8 @@ def plot(
     try:
         if kind not in _PLOT_KINDS:
             raise ats.AttnscopeError(f"--kind {kind!r}: expected one of {', '.join(_PLOT_KINDS)}")
-        tr = ats.open_trace(trace)
+        _output_file(out, "-o", _figure_formats())
+        tr = _open_trace(trace)
         targets, chosen = _split_words(words), parse_step_text(steps, "--steps")
         if kind == "heatmaps":
             fig = ats.plot.heatmaps(tr, targets or _prompt_words(tr), sites=sites or None, steps=chosen, sample=sample)
@@ -412,9 +482,53 @@ def plot(
 
 
 def _prompt_words(tr) -> list[str]:
+    """Every word of the trace's prompt (the default targets); a prompt without words is an error."""
+    import attnscope as ats
     from attnscope.tokens import token_words
 
-    return list(dict.fromkeys(w for w in token_words(tr.tokens, tr.token_roles) if w))
+    words = list(dict.fromkeys(w for w in token_words(tr.tokens, tr.token_roles) if w))
+    if not words:
+        raise ats.AttnscopeError(f"trace {str(tr.path)!r}: its prompt has no words (an empty prompt, or one given as "
+                                 f"embeddings), so there is no word to measure or draw")
+    return words
+
+
+def _open_trace(trace: str):
+    """``ats.open_trace(trace)``, refusing a trace with no step written: there are no maps to read."""
+    import attnscope as ats
+
+    tr = ats.open_trace(trace)
+    if not tr.complete and tr.steps_written == 0:
+        raise ats.AttnscopeError(f"trace {trace!r} has no step written (incomplete: its capture stopped before its "
+                                 f"first step was stored), so there are no maps to read; capture it again")
+    return tr
+
+
+def _figure_formats() -> tuple[str, ...]:
+    """The file suffixes matplotlib writes figures as (``.png``, ``.pdf``, ``.svg``, …)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return tuple(sorted("." + f for f in FigureCanvasBase.get_supported_filetypes()))
+
+
+def _output_file(path: Path, flag: str, suffixes: tuple[str, ...] | None = None) -> Path:
+    """Check an output file's path before any work: not a directory, and with one of ``suffixes`` when given.
+
+    >>> _output_file(Path("runs/table.zarr"), "-o", (".parquet", ".csv"))
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: -o 'runs/table.zarr': expected a file name ending in .parquet or .csv
+    """
+    import attnscope as ats
+
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ats.AttnscopeError(f"{flag} {str(path)!r}: expected a file name ending in "
+                                 f"{', '.join(suffixes[:-1])} or {suffixes[-1]}")
+    if path.is_dir():
+        raise ats.AttnscopeError(f"{flag} {str(path)!r} is a directory; expected the path of a file to write")
+    above = next(p for p in path.absolute().parents if p.exists())  # the folder it goes in, or the first that exists
+    if not above.is_dir():
+        raise ats.AttnscopeError(f"{flag} {str(path)!r}: {str(above)!r} is a file, not a directory to write into")
+    return path
 
 
 
@@ -513,6 +627,8 @@ def sweep_stats(
     from attnscope.sweep import DominanceRow
 
     try:
+        if output is not None:
+            _output_file(output, "-o", (".parquet", ".csv"))
         cat = ats.open_catalog(sweep, storage_options=_storage_options(storage_option or []))
         spec = targets if targets == "objects" else tuple(_split_words(targets) or ())
         fn = DominanceRow(spec, steps=parse_step_text(steps, "--steps"), sites=tuple(sites) if sites else None)
@@ -526,7 +642,7 @@ def sweep_stats(
     table = cat.df.set_index("run")[["prompt", "seed"]].join(table, how="inner")
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(output) if output.suffix == ".csv" else table.to_parquet(output)
+        table.to_csv(output) if output.suffix.lower() == ".csv" else table.to_parquet(output)
         typer.echo(f"table: {output} ({len(table)} runs)")
     else:
         typer.echo(table.to_string(max_rows=20))

@@ -14,13 +14,15 @@ from typing import Any, NamedTuple
 
 from .errors import AttnscopeError
 
-__all__ = ["SiteSpec", "StepSpec", "check_choice", "parse_step_text", "run_steps", "select_captured_steps", "select_site_names",
-           "select_sites", "select_steps"]
+__all__ = ["SEEDS", "SiteSpec", "StepSpec", "check_choice", "check_seed", "parse_step_text", "run_steps",
+           "select_captured_steps", "select_site_names", "select_sites", "select_steps"]
 
 SiteSpec = None | str | Sequence[str] | Callable[[Any], bool]
 StepSpec = None | int | range | slice | Iterable[int]
 
 HEADS = ("mean", "all")
+#: the seeds ``torch.Generator.manual_seed`` takes (a 64-bit seed, or a negative one down to -2**63)
+SEEDS = range(-(2**63), 2**64)
 TOKENS = ("auto", "all", "prompt")
 BRANCHES = ("cond", "uncond", "both")
 
@@ -29,6 +31,21 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
     """Return ``value`` if it is one of ``allowed``, else raise naming the argument."""
     if not isinstance(value, str) or value not in allowed:
         raise AttnscopeError(f"{name}={value!r}: expected one of {', '.join(repr(a) for a in allowed)}")
+    return value
+
+
+def check_seed(name: str, value: Any) -> int:
+    """Return ``value`` if it is an int a ``torch.Generator`` can be seeded with, else raise naming the argument.
+
+    >>> check_seed("seed", 7)
+    7
+    >>> check_seed("seed", 99999999999999999999)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: seed=99999999999999999999: expected an int from -2**63 to 2**64 - 1 (18446744073709551615), the seeds a torch.Generator takes
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value not in SEEDS:
+        raise AttnscopeError(f"{name}={value!r}: expected an int from -2**63 to 2**64 - 1 ({SEEDS.stop - 1}), the "
+                             f"seeds a torch.Generator takes")
     return value
 
 
@@ -93,7 +110,7 @@ def select_steps(spec: StepSpec, num_steps: int) -> tuple[int, ...]:
     if spec is None:
         return tuple(range(num_steps))
     if isinstance(spec, slice):
-        return tuple(range(num_steps)[spec])
+        return _slice_steps(spec, num_steps)
     if isinstance(spec, bool) or not isinstance(spec, (int, range, Iterable)) or isinstance(spec, str):
         raise AttnscopeError(f"steps={spec!r}: expected an int, range, slice or list of ints")
     values = [spec] if isinstance(spec, int) else list(spec)
@@ -106,6 +123,24 @@ def select_steps(spec: StepSpec, num_steps: int) -> tuple[int, ...]:
     if not resolved:
         raise AttnscopeError(f"steps={spec!r}: selects no step")
     return tuple(sorted(resolved))
+
+
+def _slice_steps(spec: slice, num_steps: int) -> tuple[int, ...]:
+    """The steps of a slice; a slice that selects none of the run's steps is an error (30:40 of 20 steps, 5:2).
+
+    >>> _slice_steps(slice(-3, None), 20)
+    (17, 18, 19)
+    >>> _slice_steps(slice(5, 2), 20)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: steps=5:2: selects no step of this run's 20 steps (0..19): START 5 is not before STOP 2
+    """
+    chosen = tuple(range(num_steps)[spec])
+    if chosen:
+        return chosen
+    text = ":".join("" if v is None else str(v) for v in (spec.start, spec.stop, spec.step)).removesuffix(":")
+    why = (f": START {spec.start} is not before STOP {spec.stop}" if (spec.step or 1) > 0 and None not in
+           (spec.start, spec.stop) and spec.start >= spec.stop else "")
+    raise AttnscopeError(f"steps={text}: selects no step of this run's {num_steps} steps (0..{num_steps - 1}){why}")
 
 
 def parse_step_text(text: str | None, option: str = "--steps") -> StepSpec:

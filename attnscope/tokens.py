@@ -301,7 +301,9 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
         found = _matches(occurrences, target)
         if not found:
             words = [w for w, _ in occurrences]
-            listed = ", ".join(dict.fromkeys(words)) or "none: the trace has no token text (prompt given as embeddings); use positions"
+            listed = ", ".join(dict.fromkeys(words)) or (
+                "none: the prompt is empty; use token positions" if any(tokens) else
+                "none: the trace has no token text (prompt given as embeddings); use positions")
             raise AttnscopeError(f"target {target!r} is not in the prompt; its words are: {listed}")
         resolved[target] = sorted({p for positions in found for p in positions})
     return resolved

@@ -30,9 +30,9 @@ ALLOWED = {
     "plot": {"errors", "tokens", "selection", "store", "stats", "_lazy"},
     "capture": {"errors", "tokens", "selection", "hooks", "store"},
     "regulate": {"errors", "tokens", "selection", "hooks", "stats"},
-    "models": {"errors", "tokens", "hooks", "capture", "stats", "plot", "regulate", "_lazy"},
+    "models": {"errors", "tokens", "selection", "hooks", "store", "capture", "stats", "plot", "regulate", "_lazy"},
     "rerun": {"errors", "tokens", "selection", "hooks", "capture", "store", "stats", "plot", "models"},
-    "sweep": {"errors", "store", "capture", "stats", "models"},
+    "sweep": {"errors", "selection", "store", "capture", "stats", "models"},
     "testing": {"models"},
 }
 #: Units on top: they may use any public name of the package.

@@ -225,7 +225,7 @@ def test_cli_sweep_resumes_and_sweep_stats_writes_a_table(tmp_path):
     table = pd.read_csv(table_path)
     assert table.target_0.tolist() == ["red circle"] * 2 and table.seed.tolist() == [0, 1]
     bad = cli("sweep", prompts, "--seeds", "x", "--out", out)
-    assert bad.exit_code == 2 and "seeds='x'" in bad.stderr
+    assert bad.exit_code == 2 and "--seeds 'x'" in bad.stderr  # the CLI's flag, not the keyword
 
 
 def test_a_sweep_written_to_s3_reads_back_like_a_local_one(sd_pipe, s3, dask_client, tmp_path):

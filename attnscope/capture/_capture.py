@@ -10,11 +10,11 @@ import torch
 
 from ..errors import AttnscopeError
 from ..hooks import find_adapter, find_denoiser, hooks, segment_name, text_segments
-from ..selection import SiteSpec, StepSpec
+from ..selection import SiteSpec, StepSpec, check_seed
 from ..store import Trace, jsonable, open_trace
 from ._recorder import Recorder
 
-__all__ = ["capture"]
+__all__ = ["capture", "check_num_steps"]
 
 
 def _call_default(pipe: Any, name: str) -> Any:
@@ -52,6 +52,33 @@ def _check_prompt_lengths(pipe: Any, prompts: list[str], pipeline_kwargs: dict) 
                 raise AttnscopeError(f"prompt {prompt!r}: {count} {what}, more than the {limit - reserved} that "
                                      f"max_sequence_length={limit} leaves; the pipeline would cut it. Shorten the "
                                      f"prompt or raise max_sequence_length")
+
+
+def _check_clip_lengths(pipe: Any, prompts: list[str]) -> None:
+    """On a pipeline whose text is CLIP's alone (SD 1.x/2.x, SDXL, the shapes model): a prompt longer than the
+    tokenizer keeps (``model_max_length``, 77 for CLIP) is refused, naming the count and what would be cut.
+
+    Pipelines with a T5 segment beside CLIP (SD3, Flux) give the T5 encoder the whole prompt; there
+    :func:`_check_prompt_lengths` checks the T5 count against ``max_sequence_length``.
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> _check_clip_lengths(tiny_sd_pipeline(), ["a red circle " * 30])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: prompt 'a red circle ...': 92 CLIP tokens (with the start and end tokens), more than the 77 the tokenizer keeps; the pipeline would cut the last 15. Shorten the prompt
+    """
+    tokenizers = [tokenizer for _, tokenizer in text_segments(pipe) if tokenizer is not None]
+    if not tokenizers or any(segment_name(t) != "clip" for t in tokenizers):
+        return
+    for tokenizer in tokenizers:
+        keep = getattr(tokenizer, "model_max_length", None)
+        if not isinstance(keep, int):
+            continue
+        for prompt in prompts:
+            count = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+            if count > keep:
+                raise AttnscopeError(f"prompt {prompt!r}: {count} CLIP tokens (with the start and end tokens), more "
+                                     f"than the {keep} the tokenizer keeps; the pipeline would cut the last "
+                                     f"{count - keep}. Shorten the prompt")
 
 
 def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store: str | Path, sites: SiteSpec = None,
@@ -96,22 +123,17 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     ('step', 'sample', 'head', 'y', 'x', 'token')
     """
     find_denoiser(pipe)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise AttnscopeError(f"prompt={prompt!r}: expected a string or a non-empty list of strings")
+    prompts = _prompts(prompt)
     if "generator" in pipeline_kwargs or "prompt" in pipeline_kwargs:
         raise AttnscopeError("pipeline_kwargs: pass `prompt` and `seed` to capture() instead of `prompt`/`generator`")
+    check_num_steps(pipeline_kwargs.get("num_inference_steps"))
     _check_prompt_lengths(pipe, prompts, pipeline_kwargs)
+    _check_clip_lengths(pipe, prompts)
     output_type = pipeline_kwargs.get("output_type", "pil")
     if output_type not in ("pil", "np", "pt", "latent"):
         raise AttnscopeError(f"output_type={output_type!r}: expected 'pil', 'np', 'pt' or 'latent'")
     per_prompt = pipeline_kwargs.get("num_images_per_prompt") or 1
-    batch = len(prompts) * per_prompt
-    if isinstance(seed, bool) or not (isinstance(seed, int) or (isinstance(seed, (list, tuple)) and len(seed) == batch
-                                                                and all(isinstance(s, int) for s in seed))):
-        raise AttnscopeError(f"seed={seed!r}: expected an int or a list of {batch} ints (one per image)")
-    generator: Any = (torch.Generator("cpu").manual_seed(seed) if isinstance(seed, int)
-                      else [torch.Generator("cpu").manual_seed(s) for s in seed])
+    generator = _generator(seed, len(prompts) * per_prompt)
     recorded, unrecorded = {}, []
     for key, value in pipeline_kwargs.items():
         try:
@@ -133,4 +155,50 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         out = pipe(prompt=prompts if len(prompts) > 1 else prompts[0], generator=generator, **pipeline_kwargs)
         if output_type != "latent":
             recorder.add_images(out.images)
+    if recorder.writer is None:  # the denoiser never ran: there is no store to open
+        raise AttnscopeError(f"store={str(store)!r}: nothing was written, the pipeline ran no denoising step "
+                             f"(num_inference_steps={run_info['num_inference_steps']!r})")
     return open_trace(recorder.path)
+
+
+def _prompts(prompt: Any) -> list[str]:
+    """``prompt`` as a list of non-empty strings, else AttnscopeError naming the one at fault.
+
+    >>> _prompts("a red circle"), _prompts(["a", "b"])
+    (['a red circle'], ['a', 'b'])
+    >>> _prompts(["a red circle", " "])
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: prompt[1]=' ': the prompt is empty; expected some text (an empty prompt has no words to measure attention on)
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise AttnscopeError(f"prompt={prompt!r}: expected a string or a non-empty list of strings")
+    for i, text in enumerate(prompts):
+        if not text.strip():
+            name = "prompt" if isinstance(prompt, str) else f"prompt[{i}]"
+            raise AttnscopeError(f"{name}={text!r}: the prompt is empty; expected some text (an empty prompt has no "
+                                 f"words to measure attention on)")
+    return prompts
+
+
+def check_num_steps(value: Any) -> None:
+    """A ``num_inference_steps`` given to a pipeline must be an int >= 1 (0 divides by zero in the scheduler, a
+    negative count runs nothing).
+
+    >>> check_num_steps(20), check_num_steps(None)
+    (None, None)
+    >>> check_num_steps(0)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: num_inference_steps=0: expected an int >= 1 (the number of denoising steps)
+    """
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise AttnscopeError(f"num_inference_steps={value!r}: expected an int >= 1 (the number of denoising steps)")
+
+
+def _generator(seed: Any, batch: int) -> Any:
+    """A CPU ``torch.Generator`` for one seed, or one per image for a list of ``batch`` seeds."""
+    if isinstance(seed, (list, tuple)) and len(seed) == batch:
+        return [torch.Generator("cpu").manual_seed(check_seed(f"seed[{i}]", s)) for i, s in enumerate(seed)]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise AttnscopeError(f"seed={seed!r}: expected an int or a list of {batch} ints (one per image)")
+    return torch.Generator("cpu").manual_seed(check_seed("seed", seed))

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from .. import plot
 from ..capture import capture
+from ..errors import AttnscopeError
 from ..stats import dominance, dominance_table
+from ..store import check_store_path
 from ._loading import load_pipeline
 from .shapes import detect, parse_prompt
 
@@ -17,23 +19,53 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def demo_outputs(out: str | Path, overwrite: bool = False) -> tuple[Path, Path, Path]:
+    """The files ``attnscope demo`` writes for ``out``: the trace, the image and the heat maps beside it.
+
+    Without ``overwrite`` none of them may exist; with it, ``out`` must be a trace (or an empty directory),
+    never another kind of directory.
+
+    >>> import tempfile
+    >>> [p.name for p in demo_outputs(tempfile.mkdtemp() + "/demo.zarr")]
+    ['demo.zarr', 'demo.png', 'demo-heatmaps.png']
+    """
+    store = Path(out)
+    files = (store.with_suffix(".png"), store.with_name(store.stem + "-heatmaps.png"))
+    if store in files:
+        raise AttnscopeError(f"out={str(out)!r}: expected the path of a trace store (a .zarr directory); the image "
+                             f"and heat maps are written beside it as {files[0].name} and {files[1].name}")
+    check_store_path(store, overwrite)
+    found = [str(f) for f in files if f.exists()]
+    if found and not overwrite:
+        raise AttnscopeError(f"out={str(out)!r}: the demo's images beside it are already there ({', '.join(found)}); "
+                             f"pass overwrite=True to replace them")
+    return (store, *files)
+
+
 def run_demo(prompt: str = "a red circle and a blue square", *, seed: int = 0, out: str | Path = "runs/demo.zarr",
-             device: str | None = None) -> str:
+             device: str | None = None, overwrite: bool = False) -> str:
     """Capture ``prompt`` on the shapes model into ``out``, save the image and the word heat maps beside
     it, and return a summary: the trace, the sites, the detected objects and the dominance table of the
     requested objects (definitions in docs/analysis.md).
 
+    An existing trace at ``out``, or an image beside it (``<stem>.png``, ``<stem>-heatmaps.png``), is
+    an error unless ``overwrite=True`` (which replaces only a trace, never another directory).
+
     >>> import tempfile
     >>> from attnscope.models import run_demo
-    >>> print(run_demo(out=tempfile.mkdtemp() + "/demo.zarr"))  # doctest: +ELLIPSIS
+    >>> out = tempfile.mkdtemp() + "/demo.zarr"
+    >>> print(run_demo(out=out))  # doctest: +ELLIPSIS
     trace: .../demo.zarr (... MB)
     ...
+    >>> run_demo(out=out)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: store '.../demo.zarr' exists; pass overwrite=True to replace it
     """
     expected, _ = parse_prompt(prompt)
+    _, image_path, figure_path = demo_outputs(out, overwrite)
     pipe = load_pipeline("shapes", device=device)
-    trace = capture(pipe, prompt, seed=seed, store=out, overwrite=True)
+    trace = capture(pipe, prompt, seed=seed, store=out, overwrite=overwrite)
     image = trace.images[0]
-    image_path = Path(out).with_suffix(".png")
     image.resize((image.width * 8, image.height * 8), resample=0).save(image_path)
     found = [(o.colour, o.shape) for o in detect(image)]
     site_maps = {}
@@ -56,7 +88,6 @@ def run_demo(prompt: str = "a red circle and a blue square", *, seed: int = 0, o
         lines.append(f"  also found: {', '.join(extra)}")
     objects = [f"{c} {s}" for c, s in expected]
     stats = dominance(trace, targets=objects)
-    figure_path = Path(out).with_name(Path(out).stem + "-heatmaps.png")
     plot.heatmaps(trace, objects).savefig(figure_path, dpi=150, bbox_inches="tight")
     lines += ["", "attention dominance (mean over steps and sites; attnscope stats for more):",
               dominance_table(stats), f"heat maps: {figure_path}"]

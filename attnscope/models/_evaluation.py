@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ..capture import check_num_steps
 from ..errors import AttnscopeError
 from ..hooks import hooks, prepare_clients
+from ..selection import SEEDS
 from .shapes import KINDS, detect, parse_prompt, relation_holds, sample_scene
 
 __all__ = ["INTERVENTIONS", "PROMPT_KINDS", "PROMPT_SETS", "evaluate", "eval_prompts", "format_paired", "format_report",
@@ -244,7 +246,12 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
     import torch
     from tqdm.auto import tqdm
 
+    check_num_steps(pipeline_kwargs.get("num_inference_steps"))
+    if json_path is not None and Path(json_path).is_dir():
+        raise AttnscopeError(f"json_path={str(json_path)!r} is a directory; expected the path of a JSON file to write")
+    _check_seed(seed, 1)
     items = eval_prompts(prompts, n, seed)
+    _check_seed(seed, len(items))
     if batch_size < 1:
         raise AttnscopeError(f"batch_size={batch_size!r}: expected a positive integer")
     rows: list[dict[str, Any]] = []
@@ -284,6 +291,19 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=1))
     return result
+
+
+def _check_seed(seed: Any, count: int) -> None:
+    """Prompt ``i`` of ``count`` is generated with seed ``seed + i``: every one must seed a ``torch.Generator``.
+
+    >>> _check_seed(0, 100)
+    >>> _check_seed(2**64 - 2, 3)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: seed=18446744073709551614: expected an int from 0 to 18446744073709551613: prompt i of 3 is generated with seed SEED+i, and a torch.Generator takes seeds up to 2**64 - 1
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEEDS.stop - count:
+        raise AttnscopeError(f"seed={seed!r}: expected an int from 0 to {SEEDS.stop - count}: prompt i of {count} is "
+                             f"generated with seed SEED+i, and a torch.Generator takes seeds up to 2**64 - 1")
 
 
 def _metrics(rows: list[dict[str, Any]], rng: np.random.Generator, bootstrap: int) -> dict[str, Any]:

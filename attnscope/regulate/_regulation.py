@@ -171,6 +171,7 @@ class AttentionRegulation:
 
     def on_step(self, step_ctx: Any) -> None:
         if step_ctx.step == 0:  # a new run: no temporal smoothing across generations
+            self.scope.check(step_ctx)  # unknown targets fail here, before a recorder beside it writes
             self._previous = {}
             self.history = {}
             if self.when is not None:

@@ -61,6 +61,10 @@ class Reweight:
     def on_install(self, session: Any) -> None:
         self.scope.install(session)
 
+    def on_step(self, step_ctx: Any) -> None:
+        if step_ctx.step == 0:  # unknown words fail here, before a recorder beside it writes
+            self.scope.check(step_ctx)
+
     def stages(self, ctx: Any) -> tuple[str, ...]:
         return ("probs",) if self.scope.active(ctx) else ()
 

@@ -136,12 +136,26 @@ class InterventionScope:
                 return [sorted({int(t) for t in items})] * ctx.rows.samples
             raise AttnscopeError("targets given as words need the prompt's tokens, but the pipeline got embeddings; "
                                  "give token positions instead")
-        roles = ctx.step_context.token_roles or [None] * len(texts)
-        key = (texts, ctx.step_context.token_roles)
+        per_prompt = self._run_columns(ctx.step_context)
+        return [per_prompt[p] for p in ctx.rows.prompt_of_sample]
+
+    def check(self, step_ctx: Any) -> None:
+        """Resolve the targets on every prompt of the run, and the steps, at its first step: a target that is not in
+        a prompt or a step outside the run is an error before any attention call (and so before an observer
+        installed beside the intervention, a :class:`~attnscope.Recorder`, creates its store)."""
+        if step_ctx.token_text is not None:
+            self._run_columns(step_ctx)
+        if self.steps is not None and step_ctx.num_steps:
+            self.steps_of_run(step_ctx.num_steps)
+
+    def _run_columns(self, step_ctx: Any) -> list[list[int]]:
+        """Per prompt of the run: the token columns of every target (computed once per run's token text)."""
+        texts = step_ctx.token_text
+        roles = step_ctx.token_roles or [None] * len(texts)
+        key = (texts, step_ctx.token_roles)
         if key not in self._columns:
             self._columns[key] = [self._prompt_columns(list(tokens), r) for tokens, r in zip(texts, roles)]
-        per_prompt = self._columns[key]
-        return [per_prompt[p] for p in ctx.rows.prompt_of_sample]
+        return self._columns[key]
 
     def _prompt_columns(self, tokens: list[str], roles: Any = None) -> list[int]:
         targets = self.targets

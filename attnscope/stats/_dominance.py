@@ -78,6 +78,9 @@ def target_positions(texts: list[list[str]], roles: list[list[str]], targets: An
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(texts[0], roles[0]) if w))
     items = [targets] if isinstance(targets, (str, int)) else list(targets)
+    if not items:
+        raise AttnscopeError(f"targets={targets!r}: no word to measure (by default every word of the prompt: an empty "
+                             "prompt has none); give words, phrases or token positions")
     per_sample: list[list[list[int]]] = []
     errors: dict[int, AttnscopeError] = {}
     for text, text_roles in zip(texts, roles):

@@ -9,8 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AttnscopeError
+from ..selection import SEEDS, check_seed
 
-__all__ = ["Run", "parse_seeds", "plan_runs", "read_prompts", "run_id"]
+__all__ = ["MAX_SEEDS", "Run", "parse_seeds", "plan_runs", "read_prompts", "run_id"]
+
+#: the most seeds a sweep's seed text may list (a range beyond it is refused before it is listed)
+MAX_SEEDS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
     >>> parse_seeds("3-1")
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: seeds='3-1': expected ints or ranges A-B with A <= B, e.g. '0-99' or '0,3,7'
+    >>> parse_seeds("0-99999999999999999999")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: seeds='0-99999999999999999999': expected at most 1000000 seeds, each from 0 to 2**64 - 1 (18446744073709551615), the seeds a torch.Generator takes
     """
     if isinstance(spec, bool):
         raise AttnscopeError(f"seeds={spec!r}: expected an int, a list of ints, or text like '0-99' or '0,3,7'")
@@ -70,7 +77,11 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
             match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
             if not match or (match[2] is not None and int(match[2]) < int(match[1])):
                 raise AttnscopeError(f"seeds={spec!r}: expected ints or ranges A-B with A <= B, e.g. '0-99' or '0,3,7'")
-            seeds.extend(range(int(match[1]), int(match[2] or match[1]) + 1))
+            low, high = int(match[1]), int(match[2] or match[1])
+            if high not in SEEDS or len(seeds) + high - low >= MAX_SEEDS:  # before a range too large to list
+                raise AttnscopeError(f"seeds={spec!r}: expected at most {MAX_SEEDS} seeds, each from 0 to "
+                                     f"2**64 - 1 ({SEEDS.stop - 1}), the seeds a torch.Generator takes")
+            seeds.extend(range(low, high + 1))
     else:
         try:
             seeds = list(spec)
@@ -80,6 +91,8 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
             raise AttnscopeError(f"seeds={spec!r}: expected ints")
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise AttnscopeError(f"seeds={spec!r}: expected at least one seed, all >= 0 and none repeated")
+    for s in seeds:
+        check_seed("seeds", s)
     return seeds
 
 

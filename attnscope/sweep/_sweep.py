@@ -95,8 +95,9 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
     devices : list of str, optional
         One worker process per device (``["cuda:0", "cuda:1"]``); overrides ``workers``.
     threads : int, optional
-        Torch threads per worker process (default: the CPU cores divided among the workers; in this
-        process, left as they are).
+        Torch threads per worker process (default: the CPU cores divided among the workers, at most
+        this process's own ``torch.get_num_threads()``, so ``OMP_NUM_THREADS=1`` holds in workers too;
+        in this process, left as they are).
     dtype : str, optional
         For a model loaded here or in workers: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
     extra : callable, optional
@@ -136,6 +137,7 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
     elif isinstance(prompts, str):
         raise AttnscopeError(f"prompts={prompts!r}: expected a list of prompts, or a pathlib.Path of a prompts file")
     runs = plan_runs(prompts, seeds)
+    _check_capture_kwargs(capture_kwargs)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise AttnscopeError(f"workers={workers!r}: expected an int >= 1")
     if devices is not None and (isinstance(devices, str) or not devices or not all(isinstance(d, str) for d in devices)):
@@ -171,7 +173,7 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
                 pipe = None if model else pipe_or_model
                 scheduler = None if pipe is None else (type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
                 spec = WorkerSpec(model=model or _model_source(pipe, scratch), device=None, dtype=dtype,
-                                  scheduler=scheduler, threads=threads or max(1, (os.cpu_count() or 1) // len(worker_devices)),
+                                  scheduler=scheduler, threads=threads or _worker_threads(len(worker_devices)),
                                   location=str(folder.location), storage_options=storage_options,
                                   capture_kwargs=capture_kwargs, extra=extra, detector=detector)
                 run_in_workers(todo, spec, worker_devices, folder, on_row)
@@ -194,6 +196,27 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
     return catalog
 
 
+def _check_capture_kwargs(kwargs: dict[str, Any]) -> None:
+    """What can be checked of every run's capture arguments before the sweep's folder is created (a bad one
+    would otherwise fail every run, leaving a folder of failed runs).
+
+    >>> _check_capture_kwargs({"num_inference_steps": 4, "steps": -1, "heads": "all"})
+    >>> _check_capture_kwargs({"num_inference_steps": 0})
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: num_inference_steps=0: expected an int >= 1 (the number of denoising steps)
+    """
+    from ..capture import check_num_steps
+    from ..selection import BRANCHES, HEADS, TOKENS, check_choice, select_steps
+
+    steps = kwargs.get("num_inference_steps")
+    check_num_steps(steps)
+    for name, allowed in (("heads", HEADS), ("tokens", TOKENS), ("branch", BRANCHES)):
+        if name in kwargs:
+            check_choice(name, kwargs[name], allowed)
+    if steps is not None:
+        select_steps(kwargs.get("steps"), steps)
+
+
 def _done(folder: SweepFolder, run: Any) -> bool:
     """A run is done when its row says complete and its trace is complete (a deleted trace is redone)."""
     try:
@@ -209,6 +232,13 @@ def _progress_bar(total: int, done: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=done, unit="run", desc="sweep", disable=not enabled, smoothing=0.1)
+
+
+def _worker_threads(workers: int) -> int:
+    """Threads per worker: the cores shared among ``workers``, no more than this process runs itself."""
+    import torch
+
+    return max(1, min((os.cpu_count() or 1) // workers, torch.get_num_threads()))
 
 
 class _torch_threads:

@@ -1,0 +1,280 @@
+"""Bad input on the command line (issue 17): one ``error:`` line in the CLI's own flags, exit status 2, no
+traceback, and nothing written (no store, no image, no table) when the input is rejected; the same
+inputs in Python raise ``ats.AttnscopeError``. Each test runs the commands as a user would (``cli``)."""
+
+import json
+
+import pytest
+import torch
+
+import attnscope as ats
+
+from .conftest import RUN, cli
+
+PROMPT = "a red circle and a blue square"
+STEPS = 20  # the trace of the stats/plot tests: a 20-step run, as in the issue
+BIG_SEED = "99999999999999999999"  # > 2**64 - 1: torch.Generator.manual_seed overflows
+
+
+def error_line(done) -> str:
+    """The command's one error line (asserting exit status 2, no traceback, and that it is the last line)."""
+    assert done.exit_code == 2, (done.exit_code, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, done.stderr
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def parent(shapes, tmp_path_factory):
+    """A complete 20-step trace of the shapes model."""
+    return ats.capture(shapes, PROMPT, seed=0, store=tmp_path_factory.mktemp("parent") / "a.zarr",
+                       num_inference_steps=STEPS)
+
+
+# -- losing nothing -----------------------------------------------------------------------------------------
+def test_demo_refuses_to_replace_a_trace_and_its_images_without_overwrite(shapes, tmp_path):
+    """`demo --out runs/a.zarr` over an earlier trace (and its PNGs) replaced them; now it refuses, as capture does."""
+    store = tmp_path / "a.zarr"
+    ats.capture(shapes, "a green triangle", seed=5, store=store, num_inference_steps=3)
+    image, figure = tmp_path / "a.png", tmp_path / "a-heatmaps.png"
+    image.write_bytes(b"my image")
+    figure.write_bytes(b"my figure")
+    line = error_line(cli("demo", "--out", store))
+    assert f"store '{store}' exists; pass --overwrite to replace it" in line
+    assert ats.open_trace(store).manifest["run"]["prompts"] == ["a green triangle"]
+    assert image.read_bytes() == b"my image" and figure.read_bytes() == b"my figure"
+
+
+def test_demo_refuses_to_replace_images_beside_a_new_trace(tmp_path):
+    (tmp_path / "b-heatmaps.png").write_bytes(b"keep")
+    line = error_line(cli("demo", "--out", tmp_path / "b.zarr"))
+    assert "b-heatmaps.png" in line and "pass --overwrite to replace them" in line
+    assert not (tmp_path / "b.zarr").exists() and not (tmp_path / "b.png").exists()
+
+
+def test_demo_overwrite_replaces_the_trace_and_its_images(shapes, tmp_path):
+    store = tmp_path / "a.zarr"
+    ats.capture(shapes, "a green triangle", seed=5, store=store, num_inference_steps=3)
+    (tmp_path / "a.png").write_bytes(b"old")
+    done = cli("demo", "--out", store, "--overwrite")
+    assert done.exit_code == 0, done.stderr
+    assert ats.open_trace(store).manifest["run"]["prompts"] == [PROMPT]
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--regulate", "hexagon"], "target 'hexagon' is not in the prompt"),
+    (["--reweight", "hexagon=2"], "target 'hexagon' is not in the prompt"),
+    (["--layout", "hexagon=0.2,0.5"], "layout phrase 'hexagon' is not in the prompt"),
+    (["--tgate", "50"], "TGate(gate_step=50) on a run of 20 steps"),
+])
+def test_a_rerun_whose_interventions_fail_leaves_no_store(parent, tmp_path, option, message):
+    """It left an empty incomplete store, and the retry then failed with 'store exists'."""
+    out = tmp_path / "x.zarr"
+    assert message in error_line(cli("rerun", parent.path, *option, "-o", out))
+    assert not out.exists()
+
+
+def test_the_retry_of_a_rejected_rerun_runs(parent, tmp_path):
+    out = tmp_path / "x.zarr"
+    error_line(cli("rerun", parent.path, "--regulate", "hexagon", "-o", out))
+    done = cli("rerun", parent.path, "--reweight", "square=2", "-o", out)
+    assert done.exit_code == 0, done.stderr
+    assert ats.open_trace(out).complete
+
+
+def test_python_rerun_and_hooks_reject_unknown_targets_before_the_store(shapes, parent, tmp_path):
+    reg = ats.regulate.AttentionRegulation(targets=["hexagon"])
+    with pytest.raises(ats.AttnscopeError, match="'hexagon' is not in the prompt"):
+        ats.rerun(parent, [reg], store=tmp_path / "r.zarr", pipe=shapes)
+    assert not (tmp_path / "r.zarr").exists()
+    # the same with the hook API: the intervention checks its words at the first step, before the recorder writes
+    recorder = ats.Recorder(tmp_path / "h.zarr")
+    with pytest.raises(ats.AttnscopeError, match="'hexagon' is not in the prompt"):
+        with ats.hooks(shapes, ats.regulate.Reweight("hexagon", 2.0), recorder):
+            shapes(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=3)
+    assert not (tmp_path / "h.zarr").exists()
+
+
+# -- capture --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "error: --steps 0: expected an int >= 1"),  # was a ZeroDivisionError
+    (["--steps", "-3"], "error: --steps -3: expected an int >= 1"),  # was "the *output* is not an attnscope trace"
+    (["--seed", BIG_SEED], f"error: --seed {BIG_SEED}: expected an int from -2**63 to 2**64 - 1"),
+    (["--capture-steps", "30:40"], "error: --capture-steps 30:40: selects no step of this run's 3 steps"),
+])
+def test_capture_rejects_bad_numbers_before_writing(tmp_path, args, message):
+    out = tmp_path / "c.zarr"
+    base = {"--steps": "3"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    flat = [x for kv in base.items() for x in kv]
+    assert error_line(cli("capture", "--prompt", "a red circle", *flat, "--out", out)).startswith(message)
+    assert not out.exists()
+
+
+def test_capture_refuses_an_empty_prompt(shapes, tmp_path):
+    """It captured a trace whose words were 'none: … prompt given as embeddings' for every later question."""
+    out = tmp_path / "e.zarr"
+    line = error_line(cli("capture", "--prompt", "", "--steps", "2", "--out", out))
+    assert line.startswith("error: --prompt '': the prompt is empty") and not out.exists()
+    with pytest.raises(ats.AttnscopeError, match=r"prompt\[1\]='  ': the prompt is empty"):
+        ats.capture(shapes, ["a red circle", "  "], seed=0, store=out, num_inference_steps=2)
+    assert not out.exists()
+
+
+def test_a_prompt_longer_than_clip_keeps_is_refused(sd_pipe, shapes, tmp_path):
+    """The pipeline would cut it silently (a transformers warning): say how many tokens it has and what goes."""
+    prompt = "a red circle " * 30  # 90 words: 92 CLIP tokens with the start and end tokens
+    with pytest.raises(ats.AttnscopeError, match=r"92 CLIP tokens .*more than the 77 the tokenizer keeps; the "
+                                                 r"pipeline would cut the last 15"):
+        ats.capture(sd_pipe, prompt, seed=0, store=tmp_path / "l.zarr", **RUN)
+    assert not (tmp_path / "l.zarr").exists()
+    ats.capture(sd_pipe, "a red circle " * 25, seed=0, store=tmp_path / "ok.zarr", **RUN)  # 77 tokens: kept whole
+    # the shapes model's tokenizer keeps 16
+    line = error_line(cli("capture", "--prompt", "a red circle and a blue square " * 3, "--out", tmp_path / "s.zarr"))
+    assert "23 CLIP tokens" in line and "the 16 the tokenizer keeps" in line and "cut the last 7" in line
+
+
+def test_messages_name_the_cli_flags_not_the_python_keywords(parent, tmp_path):
+    line = error_line(cli("capture", "--prompt", "a red circle", "--steps", "2", "--out", parent.path))
+    assert "pass --overwrite to replace it" in line and "overwrite=True" not in line
+    out = tmp_path / "r.zarr"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    line = error_line(cli("rerun", parent.path, "-o", out, "--overwrite"))
+    assert "--overwrite only replaces traces" in line and (out / "notes.txt").read_text() == "mine"
+
+
+# -- seeds everywhere -----------------------------------------------------------------------------------------
+def test_a_seed_beyond_64_bits_is_one_error_everywhere(parent, tmp_path):
+    expected = f"{BIG_SEED}: expected an int from "
+    assert expected in error_line(cli("demo", "--seed", BIG_SEED, "--out", tmp_path / "d.zarr"))
+    assert not (tmp_path / "d.zarr").exists() and not (tmp_path / "d.png").exists()
+    line = error_line(cli("eval", "--prompts", "two", "--n", "2", "--seed", BIG_SEED, "--json", tmp_path / "e.json"))
+    assert line.startswith(f"error: --seed {BIG_SEED}: expected an int from") and not (tmp_path / "e.json").exists()
+    last = str(2**64 - 1)  # prompt i runs with SEED + i: the second prompt's seed would overflow
+    assert f"--seed {last}: expected an int from 0 to {2**64 - 2}" in error_line(
+        cli("eval", "--prompts", "two", "--n", "2", "--seed", last))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    for seeds in (BIG_SEED, "0-" + BIG_SEED):  # the range is refused before it is listed
+        assert f"--seeds '{seeds}': expected at most" in error_line(
+            cli("sweep", prompts, "--seeds", seeds, "--out", tmp_path / "s1", "--no-progress"))
+    assert not (tmp_path / "s1").exists()
+    # rerun takes the seed from the manifest: a crafted one is refused, not an overflow traceback
+    crafted = tmp_path / "crafted.zarr"
+    ats.rerun(parent, store=crafted)
+    meta = json.loads((crafted / "zarr.json").read_text())
+    meta["attributes"]["manifest"]["run"]["seed"] = int(BIG_SEED)
+    (crafted / "zarr.json").write_text(json.dumps(meta))
+    line = error_line(cli("rerun", crafted, "-o", tmp_path / "again.zarr"))
+    assert f"seed={BIG_SEED} in its manifest" in line and not (tmp_path / "again.zarr").exists()
+
+
+def test_python_seeds_are_checked(shapes, tmp_path):
+    with pytest.raises(ats.AttnscopeError, match=rf"seed={BIG_SEED}: expected an int from -2\*\*63 to 2\*\*64 - 1"):
+        ats.capture(shapes, "a red circle", seed=int(BIG_SEED), store=tmp_path / "a.zarr", num_inference_steps=2)
+    with pytest.raises(ats.AttnscopeError, match=r"seed\[1\]=-1\.5: expected an int"):
+        ats.capture(shapes, "a red circle", seed=[0, -1.5], store=tmp_path / "a.zarr", num_inference_steps=2,
+                    num_images_per_prompt=2)
+    assert not (tmp_path / "a.zarr").exists()
+
+
+def test_sweep_rejects_bad_capture_arguments_before_creating_its_folder(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    line = error_line(cli("sweep", prompts, "--seeds", "0", "--out", tmp_path / "s1", "--steps", "0", "--no-progress"))
+    assert "--steps 0: expected an int >= 1" in line
+    line = error_line(cli("sweep", prompts, "--seeds", "0", "--out", tmp_path / "s1", "--steps", "3",
+                          "--capture-steps", "5:9", "--no-progress"))
+    assert "--capture-steps 5:9: selects no step of this run's 3 steps" in line
+    assert not (tmp_path / "s1").exists()
+
+
+# -- stats and plot -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("steps, message", [
+    ("30:40", "error: --steps 30:40: selects no step of this run's 20 steps (0..19)"),
+    ("5:2", "error: --steps 5:2: selects no step of this run's 20 steps (0..19): START 5 is not before STOP 2"),
+])
+def test_stats_steps_that_select_nothing(parent, steps, message):
+    """They gave IndexError: argmax(): Expected reduction dim 3 to have non-zero size."""
+    assert error_line(cli("stats", parent.path, "--steps", steps)) == message
+    assert error_line(cli("stats", parent.path, "--steps", steps, "--convergence")) == message
+    with pytest.raises(ats.AttnscopeError, match="selects no step"):
+        ats.stats.dominance(parent, steps=slice(*map(int, steps.split(":"))))
+
+
+@pytest.fixture(scope="module")
+def empty_prompt_trace(shapes, tmp_path_factory):
+    """A trace of an empty prompt, recorded with the hook API (capture refuses one now, older ones exist)."""
+    recorder = ats.Recorder(tmp_path_factory.mktemp("empty") / "e.zarr")
+    with ats.hooks(shapes, recorder):
+        out = shapes("", generator=torch.Generator().manual_seed(0), num_inference_steps=3)
+        recorder.add_images(out.images)
+    return ats.open_trace(recorder.path)
+
+
+def test_stats_and_plot_on_an_empty_prompt_trace(empty_prompt_trace, tmp_path):
+    tr = empty_prompt_trace
+    assert "its prompt has no words (an empty prompt" in error_line(cli("stats", tr.path))
+    assert "its prompt has no words" in error_line(cli("plot", tr.path, "-o", tmp_path / "h.png"))
+    assert not (tmp_path / "h.png").exists()
+    with pytest.raises(ats.AttnscopeError, match="no word to measure"):
+        ats.stats.dominance(tr)
+    with pytest.raises(ats.AttnscopeError, match="its words are: none: the prompt is empty"):  # not "embeddings"
+        ats.stats.dominance(tr, targets=["circle"])
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore::attnscope.AttnscopeWarning")  # "trace … is incomplete": said by the reader
+def test_a_trace_with_no_step_written(shapes, tmp_path):
+    """A capture stopped after its store was created and before its first step was stored (as a kill would)."""
+    store = tmp_path / "k.zarr"
+
+    class Kill:  # stops the run at its first attention call: the recorder has created the store, written no step
+        role = "observer"
+
+        def stages(self, ctx):
+            raise Killed
+
+    with pytest.raises(Killed), ats.hooks(shapes, ats.Recorder(store), Kill()):
+        shapes(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=3)
+    tr = ats.open_trace(store)
+    assert not tr.complete and tr.steps_written == 0
+    assert "has no step written" in error_line(cli("stats", store))
+    assert "has no step written" in error_line(cli("plot", store, "-o", tmp_path / "k.png"))
+    assert not (tmp_path / "k.png").exists()
+
+
+def test_plot_checks_the_figure_format_first(parent, tmp_path):
+    """matplotlib's 'Format 'zarr' is not supported' came after the figure was drawn, as a traceback."""
+    line = error_line(cli("plot", parent.path, "-o", tmp_path / "out.zarr"))
+    assert line.startswith(f"error: -o '{tmp_path / 'out.zarr'}': expected a file name ending in ") and ".png" in line
+    assert not (tmp_path / "out.zarr").exists()
+    (tmp_path / "fig.png").mkdir()
+    assert "is a directory" in error_line(cli("plot", parent.path, "-o", tmp_path / "fig.png"))
+    (tmp_path / "notes").write_text("mine")
+    assert "is a file, not a directory" in error_line(cli("plot", parent.path, "-o", tmp_path / "notes" / "h.png"))
+
+
+def test_outputs_of_eval_and_sweep_stats_are_checked_first(tmp_path):
+    (tmp_path / "e.json").mkdir()
+    line = error_line(cli("eval", "--prompts", "two", "--n", "1", "--steps", "2", "--json", tmp_path / "e.json"))
+    assert "--json" in line and "is a directory" in line
+    line = error_line(cli("sweep-stats", tmp_path / "no-sweep", "-o", tmp_path / "t.xlsx"))
+    assert "expected a file name ending in .parquet or .csv" in line
+
+
+def test_eval_rejects_zero_steps_before_generating(tmp_path):
+    line = error_line(cli("eval", "--prompts", "two", "--n", "1", "--steps", "0", "--json", tmp_path / "e.json"))
+    assert "--steps 0: expected an int >= 1" in line and not (tmp_path / "e.json").exists()
+
+
+def test_an_intervention_acting_at_no_step_is_refused(shapes):
+    with pytest.raises(ats.AttnscopeError, match="steps=30:40: selects no step of this run's 3 steps"):
+        with ats.hooks(shapes, ats.regulate.Reweight("square", 2.0, steps=slice(30, 40))):
+            shapes(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=3)
