@@ -7,6 +7,8 @@ Stages (each resumable; run them in order):
     python studies/early_warning.py analyse  --root runs/early-warning   # ROC AUC per candidate × step -> auc.csv
     python studies/early_warning.py fit      --root runs/early-warning   # writes attnscope/stats/neglect_risk.json
     python studies/early_warning.py policy   --root runs/early-warning   # selective vs always-on regulation (~12 min)
+    python studies/early_warning.py rank     --root runs/early-warning --seeds 200-207 --flagged 0.4  # rank rule, fresh seeds
+    python studies/early_warning.py rank     --root runs/early-warning --seeds 300-307 --flagged 0.5  # (~12 min each)
 
 Numbers and what they mean: docs/sweep.md, "The early warning". Measured on 2026-12-03 on a 2-core CPU.
 
@@ -118,14 +120,10 @@ FEATURES = ("share_min", "share_ratio", "dominance_ratio", "entropy", "gini", "s
 
 
 def auc(score, missing) -> float:
-    """ROC AUC of ``score`` for ``missing`` (Mann-Whitney, ties counted half)."""
-    import numpy as np
-    import pandas as pd
+    """ROC AUC of ``score`` for ``missing`` (ats.stats.roc_auc: Mann-Whitney, ties counted half)."""
+    import attnscope as ats
 
-    score, missing = np.asarray(score, float), np.asarray(missing, bool)
-    ranks = pd.Series(score).rank().to_numpy()
-    pos, neg = missing.sum(), (~missing).sum()
-    return float((ranks[missing].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    return ats.stats.roc_auc(score, missing)
 
 
 def prompt_bootstrap(df, column: str, rounds: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -167,27 +165,17 @@ def wide(table, through: bool):
     return out
 
 
-def fit_logistic(x, y, l2: float = 1.0, iterations: int = 50):
-    """L2-regularised logistic regression by Newton steps on standardised columns: (mean, std, weights)."""
-    import numpy as np
+def fit_logistic(x, y, l2: float = 1.0):
+    """L2-regularised logistic regression on standardised columns: (mean, std, weights) (the library's fitter)."""
+    from attnscope.stats._risk_fit import fit_logistic as fit
 
-    mean, std = x.mean(0), x.std(0) + 1e-12
-    z = np.c_[np.ones(len(x)), (x - mean) / std]
-    w = np.zeros(z.shape[1])
-    penalty = np.r_[0.0, np.full(z.shape[1] - 1, l2)]
-    for _ in range(iterations):
-        p = 1 / (1 + np.exp(-z @ w))
-        grad = z.T @ (p - y) + penalty * w
-        hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(penalty)
-        w -= np.linalg.solve(hess, grad)
-    return mean, std, w
+    return fit(x, y, l2)
 
 
 def logistic_score(model, x):
-    import numpy as np
+    from attnscope.stats._risk_fit import logistic_score as score
 
-    mean, std, w = model
-    return np.c_[np.ones(len(x)), (x - mean) / std] @ w
+    return score(model, x)
 
 
 def grouped_cv_auc(df, columns, folds: int = 5, seed: int = 0, l2: float = 1.0) -> float:
@@ -197,18 +185,9 @@ def grouped_cv_auc(df, columns, folds: int = 5, seed: int = 0, l2: float = 1.0) 
 
 def out_of_fold_scores(df, columns, folds: int = 5, seed: int = 0, l2: float = 1.0):
     """Each run's logistic score from a model fitted on the other folds' prompts."""
-    import numpy as np
+    from attnscope.stats._risk_fit import out_of_fold_scores as scores
 
-    prompts = np.array(sorted(df.prompt.unique()))
-    order = np.random.default_rng(seed).permutation(len(prompts))
-    fold_of = {prompts[i]: j % folds for j, i in enumerate(order)}
-    fold = df.prompt.map(fold_of).to_numpy()
-    x, y = df[columns].to_numpy(float), df.missing.to_numpy(float)
-    score = np.empty(len(df))
-    for f in range(folds):
-        model = fit_logistic(x[fold != f], y[fold != f], l2)
-        score[fold == f] = logistic_score(model, x[fold == f])
-    return score
+    return scores(df[columns].to_numpy(float), df.missing.to_numpy(float), df.prompt.to_numpy(), folds, seed, l2)
 
 
 def analyse(root: Path, max_step: int = 5) -> dict:
@@ -431,6 +410,123 @@ def tune_threshold(root: Path, step: int = 5, keep: float = 0.85) -> dict:
     return summary
 
 
+FRESH_SEEDS = "200-207"  # image seeds no stage before ``rank`` generated: the rank rule is scored on these only
+OLD_THRESHOLD = 0.19275  # the absolute θ the ``policy`` stage fixed on the tuning half (40 % of its runs above)
+
+
+def rank_policy(root: Path, flag: float = 0.4, step: int = 5, batch: int = 16, limit: int | None = None,
+                seeds: str = FRESH_SEEDS) -> dict:
+    """The rank rule, scored on fresh generations: rerun the riskiest ``flag`` of a sweep with regulation.
+
+    The absolute threshold of ``policy`` did not transfer between prompt halves (the risk's level
+    shifts), so this rule ranks the runs of the sweep at hand instead: ``θ = ats.stats.risk_threshold
+    (risks, flag)``. ``flag`` = 0.4 is the share the ``policy`` stage fixed on the tuning half before
+    anything was regulated; it is not re-tuned here. Because the report half's policy runs (seeds
+    100-107) have been looked at, the rule is scored on new generations: the report half's prompts
+    (never used for fitting) with image seeds 200-207, never generated before.
+
+    Three passes per batch of ``batch``: plain (timed), the risk at ``step`` computed live by a gate
+    that acts on no sample (``risk_above(1.0)`` under ``exact=True``: its images are checked
+    bit-identical to plain), and regulation always on (timed). A rerun of a flagged run is its
+    always-on image (a sample's regulated image does not depend on its batch).
+
+    Which seeds answer what (2026-12-04): seeds 200-207 scored ``flag`` = 0.4 (71.6 % of the gain kept)
+    and were then used to choose ``flag`` = 0.5, the smallest share in steps of 0.05 keeping ≥ 85 % of
+    the gain there; seeds 300-307 (``--seeds 300-307 --flagged 0.5``) only score that choice."""
+    import json
+    import time
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    import attnscope as ats
+    from attnscope.models import object_nouns, object_phrases, prompt_kind, score_image
+    from attnscope.sweep import parse_seeds
+
+    runs = [(p, s) for p in sorted(split_prompts()["report"]) for s in parse_seeds(seeds)]
+    runs = runs[:limit] if limit else runs
+    pipe = ats.load_pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    rows, seconds = [], {"plain": 0.0, "always": 0.0}
+    for start in range(0, len(runs), batch):
+        part = runs[start:start + batch]
+        prompts, part_seeds = [p for p, _ in part], [s for _, s in part]
+
+        def generate(clients, exact=False, prompts=prompts, part_seeds=part_seeds):
+            generators = [torch.Generator().manual_seed(int(s)) for s in part_seeds]
+            t = time.perf_counter()
+            with ats.hooks(pipe, *clients, exact=exact):
+                images = pipe(prompts, generator=generators, num_inference_steps=STEPS).images
+            return images, time.perf_counter() - t
+
+        plain, dt = generate([], exact=True)
+        seconds["plain"] += dt
+        watch = ats.regulate.AttentionRegulation(object_nouns, when=ats.regulate.risk_above(1.0, step=step,
+                                                                                             targets=object_phrases))
+        watched, _ = generate([watch], exact=True)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(watched, plain)), \
+            "the watching gate changed a plain image"
+        always, dt = generate([ats.regulate.AttentionRegulation(object_nouns)])
+        seconds["always"] += dt
+        for i, (prompt, seed) in enumerate(part):
+            row = {"prompt": prompt, "seed": seed, "kind": prompt_kind(prompt), "risk": watch.when.risk[i]}
+            for name, images in (("plain", plain), ("always", always)):
+                scored = score_image(prompt, images[i])
+                for metric in ("all_present", "exact", "extra"):
+                    row[f"{name}_{metric}"] = scored[metric]
+            rows.append(row)
+        print(f"{len(rows)}/{len(runs)} runs", flush=True)
+    df = pd.DataFrame(rows)
+    df.to_parquet(root / f"rank-policy-{seeds}.parquet")
+    theta = ats.stats.risk_threshold(df.risk, flag)
+    summary = {"runs": len(df), "seeds": seeds, "flag": flag, "prompts": "report half", "decision_step": step,
+               "seconds": seconds, "time_always_vs_plain": seconds["always"] / seconds["plain"],
+               "plain": _rates(df, "plain"), "always": _rates(df, "always"),
+               "always_vs_plain": _versus(df, "always")}
+    gain = summary["always_vs_plain"]["all_present_gain"]
+    for label, threshold in ((f"rank top {flag:.0%}", theta), (f"absolute theta {OLD_THRESHOLD}", OLD_THRESHOLD)):
+        at = df.risk > threshold
+        for metric in ("all_present", "exact", "extra"):
+            df[f"rerun_{metric}"] = np.where(at, df[f"always_{metric}"], df[f"plain_{metric}"])
+        versus = _versus(df, "rerun")
+        summary[label] = {"threshold": float(threshold), "flagged": float(at.mean()),
+                          "recall_of_missing": float(at[~df.plain_all_present].mean()),
+                          **_rates(df, "rerun"), **versus, "kept_share_of_gain": versus["all_present_gain"] / gain,
+                          "compute_extra_vs_plain_sweep": float(at.mean()) * summary["time_always_vs_plain"]}
+    summary["auc_on_fresh"] = ats.stats.roc_auc(df.risk, ~df.plain_all_present.astype(bool))
+    (root / f"rank-policy-{seeds}.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+def _rates(df, name: str) -> dict:
+    out = {m: float(df[f"{name}_{m}"].mean()) for m in ("all_present", "exact", "extra")}
+    out["per_kind"] = {k: {m: round(float(g[f"{name}_{m}"].mean()), 4) for m in ("all_present", "exact")}
+                       for k, g in df.groupby("kind")}
+    return out
+
+
+def _versus(df, name: str) -> dict:
+    """Gains of ``name`` over plain (95 % CI: bootstrap over prompts), fixed and broken counts."""
+    import numpy as np
+    import pandas as pd
+
+    groups = [g for _, g in df.groupby("prompt")]
+    rng = np.random.default_rng(0)
+    diffs = {"all_present": [], "exact": []}
+    for _ in range(1000):
+        sample = pd.concat([groups[i] for i in rng.integers(len(groups), size=len(groups))])
+        for m in diffs:
+            diffs[m].append(sample[f"{name}_{m}"].mean() - sample[f"plain_{m}"].mean())
+    plain, other = df.plain_all_present.astype(bool), df[f"{name}_all_present"].astype(bool)
+    return {"all_present_gain": float(other.mean() - plain.mean()),
+            "all_present_gain_ci95": [float(np.percentile(diffs["all_present"], q)) for q in (2.5, 97.5)],
+            "exact_gain": float(df[f"{name}_exact"].mean() - df.plain_exact.mean()),
+            "exact_gain_ci95": [float(np.percentile(diffs["exact"], q)) for q in (2.5, 97.5)],
+            "fixed": int((~plain & other).sum()), "broken": int((plain & ~other).sum())}
+
+
 def _model_at(step: int):
     """The shipped risk model's (mean, std, weights) at ``step``, as :func:`logistic_score` takes them."""
     import numpy as np
@@ -495,13 +591,14 @@ def summarise_policy(root: Path, step: int = 5) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["capture", "features", "analyse", "fit", "policy", "policy-summary",
-                                          "threshold"])
+                                          "threshold", "rank"])
     parser.add_argument("--root", type=Path, default=Path("runs/early-warning"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--n-prompts", type=int, default=None, help="only the first N prompts of each half")
     parser.add_argument("--step", type=int, default=5, help="policy: the decision step")
     parser.add_argument("--flagged", type=float, default=0.4, help="policy: share of tuning runs above the threshold")
     parser.add_argument("--limit", type=int, default=None, help="policy: only the first N report runs")
+    parser.add_argument("--seeds", default=FRESH_SEEDS, help="rank: the image seeds of the report prompts")
     args = parser.parse_args()
     if args.stage == "capture":
         capture(args.root, args.workers, args.n_prompts)
@@ -513,6 +610,8 @@ def main() -> None:
         fit(args.root)
     elif args.stage == "policy":
         policy(args.root, step=args.step, flagged=args.flagged, limit=args.limit)
+    elif args.stage == "rank":
+        rank_policy(args.root, flag=args.flagged, step=args.step, limit=args.limit, seeds=args.seeds)
     elif args.stage == "threshold":
         tune_threshold(args.root, step=args.step)
     else:

@@ -129,6 +129,21 @@ def test_risk_above_decides_per_sample_from_the_maps_a_trace_would_store(shapes,
     assert described == {"risk_above": threshold, "step": 2, "targets": "object_phrases", "model": "shipped"}
 
 
+def test_live_risk_of_samples_sharing_a_prompt_is_each_sample_alone(shapes):
+    # two images per prompt: the gate judges each prompt's samples in one call; a sample's risk is its own
+    gate = ats.regulate.risk_above(0.5, step=2, targets=object_phrases)
+    probe = ats.regulate.AttentionRegulation(object_nouns, when=gate)
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1, 2, 3)]
+    with ats.hooks(shapes, probe):
+        shapes(PROMPTS, generator=generators, num_images_per_prompt=2, output_type="np", **RUN)
+    assert len(gate.risk) == 4 and len(set(gate.risk)) == 4
+    for i, seed in enumerate((0, 1, 2, 3)):
+        alone = ats.regulate.AttentionRegulation(object_nouns, when=ats.regulate.risk_above(0.5, step=2,
+                                                                                            targets=object_phrases))
+        _run(shapes, [PROMPTS[i // 2]], [seed], alone)
+        assert alone.when.risk[0] == pytest.approx(gate.risk[i], abs=1e-5)
+
+
 def test_risk_above_bad_input():
     with pytest.raises(ats.AttnscopeError, match=r"threshold=1.5: expected a probability"):
         ats.regulate.risk_above(1.5)

@@ -110,7 +110,7 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
     fig, axes = new_figure(1, 1 + len(labels), (2.6, 2.8))
     picture = np.asarray(images[position]) if images else None
     prompts = trace.manifest.get("run", {}).get("prompts") or []
-    prompt_of = int(trace.tree["prompt_index"].values[position])
+    prompt_of = int(trace.coords["prompt_index"].values[position])
     titles = [prompts[prompt_of] if prompt_of < len(prompts) else f"sample {sample}", *labels]
     for i, (ax, title) in enumerate(zip(axes[0], titles)):
         if picture is not None:

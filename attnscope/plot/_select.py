@@ -25,7 +25,7 @@ def site_names(trace: Any, sites: str | Sequence[str] | None) -> list[str]:
 
 def sample_index(trace: Any, sample: Any) -> int:
     """Position of ``sample`` on the trace's sample axis (an error listing the samples if absent)."""
-    samples = trace.tree["sample"].values.tolist()
+    samples = trace.coords["sample"].values.tolist()
     if isinstance(sample, bool) or sample not in samples:
         raise AttnscopeError(f"sample={sample!r} is not in this trace; its samples are {samples}")
     return samples.index(sample)
@@ -33,14 +33,14 @@ def sample_index(trace: Any, sample: Any) -> int:
 
 def sample_tokens(trace: Any, sample: Any) -> list[str]:
     """Token strings of ``sample``'s prompt."""
-    return [str(t) for t in trace.tree["token_text"].values[sample_index(trace, sample)].tolist()]
+    return [str(t) for t in trace.coords["token_text"].values[sample_index(trace, sample)].tolist()]
 
 
 def sample_roles(trace: Any, sample: Any) -> list[str] | None:
     """Roles of ``sample``'s tokens as stored (None for traces without the ``token_role`` coordinate)."""
-    if "token_role" not in trace.tree.coords:
+    if "token_role" not in trace.coords:
         return None
-    return [str(t) for t in trace.tree["token_role"].values[sample_index(trace, sample)].tolist()]
+    return [str(t) for t in trace.coords["token_role"].values[sample_index(trace, sample)].tolist()]
 
 
 def site_maps(trace: Any, site: str, steps: Any, sample: Any) -> xr.DataArray:

@@ -118,28 +118,36 @@ class RiskGate:
         if not self._maps or self._texts is None:
             raise AttnscopeError(f"risk_above(step={self.step}): the run never reached step {self.step} with "
                                  f"cross-attention maps to judge (a run of fewer steps?)")
-        risks = []
+        by_prompt: dict[int, list[int]] = {}
         for sample, prompt in enumerate(self._prompt_of_sample):
+            by_prompt.setdefault(prompt, []).append(sample)
+        risks = [0.0] * len(self._prompt_of_sample)
+        for prompt, samples in by_prompt.items():  # one call per prompt: the statistics are per sample
             tokens = list(self._texts[prompt])
             roles = list(self._roles[prompt]) if self._roles is not None else None
             coords = {"step": [self.step], "token_text": ("token", tokens)}
             if roles is not None:
                 coords["token_role"] = ("token", roles)
-            arrays = {site: xr.DataArray(maps[sample].numpy()[None, None, None], dims=_DIMS, coords=coords)
-                      for site, maps in self._maps.items()}  # (1 step, 1 sample, 1 head, h, w, tokens)
-            risks.append(self._risk(arrays, _prompt(tokens, roles)))
+            arrays = {site: xr.DataArray(maps[samples].numpy()[None, :, None], dims=_DIMS, coords=coords)
+                      for site, maps in self._maps.items()}  # (1 step, samples, 1 head, h, w, tokens)
+            for sample, risk in zip(samples, self._risks(arrays, _prompt(tokens, roles))):
+                risks[sample] = risk
         self.risk = risks
         self.at_risk = [r > self.threshold for r in risks]
         self._maps = {}
 
     def _risk(self, arrays: dict[str, Any], prompt: str) -> float:
         """One sample's risk at the decision step from its maps (site name → DataArray)."""
+        return self._risks(arrays, prompt)[0]
+
+    def _risks(self, arrays: dict[str, Any], prompt: str) -> list[float]:
+        """The risk of each sample of ``arrays`` (site name → DataArray; samples of one prompt)."""
         from ..stats import neglect_risk
 
         targets = self.targets(prompt) if callable(self.targets) else self.targets
         if targets is None:
             raise AttnscopeError("risk_above: give targets= (two or more object phrases, or a function of the prompt)")
-        return float(neglect_risk(arrays, targets, step=self.step, model=self.model).values[0])
+        return [float(r) for r in neglect_risk(arrays, targets, step=self.step, model=self.model).values]
 
 
 def _prompt(tokens: Sequence[str], roles: Sequence[str] | None) -> str:

@@ -31,7 +31,7 @@ NEGLECT_FEATURES = ("share_min", "share_ratio", "dominance_ratio", "entropy", "g
                     "top_min", "spread_min", "overlap", "centre_dist")
 
 
-def neglect_features(source: Any, targets: Sequence[str | int], *, step: int, sites: Any = None,
+def neglect_features(source: Any, targets: Sequence[str | int], *, step: int | Sequence[int], sites: Any = None,
                      tokens: Sequence[str] | None = None) -> Any:
     """The early-warning features of step ``step``, per sample: each statistic averaged over the sites.
 
@@ -51,13 +51,14 @@ def neglect_features(source: Any, targets: Sequence[str | int], *, step: int, si
     targets : two or more words, phrases or token positions
         One per object. Two objects named by the same word need phrases (``["red circle", "blue
         circle"]``): a repeated word names all its occurrences.
-    step : int
-        The step (an index into the run's steps).
+    step : int or list of int
+        The step (an index into the run's steps), or several: one pass over the trace for all of them.
 
     Returns
     -------
     xarray.Dataset
-        One variable per feature of :data:`NEGLECT_FEATURES`, dims ``(sample,)``.
+        One variable per feature of :data:`NEGLECT_FEATURES`, dims ``(sample,)`` — ``(step, sample)``
+        when ``step`` is a list.
 
     Examples
     --------
@@ -77,26 +78,34 @@ def neglect_features(source: Any, targets: Sequence[str | int], *, step: int, si
     items = [targets] if isinstance(targets, (str, int)) else list(targets)
     if len(items) < 2:
         raise AttnscopeError(f"targets={targets!r}: the early warning compares objects; expected two or more")
-    dom = dominance(source, targets=items, sites=sites, steps=[step], tokens=tokens).isel(step=0).mean("site")
-    shape = map_shape(source, items, sites=sites, steps=[step], tokens=tokens).isel(step=0).mean("site")
-    shares = dom["target_share"].transpose("sample", "target").values
-    cx = shape["centre_x"].transpose("sample", "target").values
-    cy = shape["centre_y"].transpose("sample", "target").values
+    several = not isinstance(step, (int, np.integer)) or isinstance(step, bool)
+    steps = [int(s) for s in step] if several else [int(step)]
+    dom = dominance(source, targets=items, sites=sites, steps=steps, tokens=tokens).mean("site")
+    shape = map_shape(source, items, sites=sites, steps=steps, tokens=tokens).mean("site")
+    order = ("step", "sample")
+    shares = dom["target_share"].transpose(*order, "target").values
+    cx = shape["centre_x"].transpose(*order, "target").values
+    cy = shape["centre_y"].transpose(*order, "target").values
     pairs = list(itertools.combinations(range(len(items)), 2))
-    dist = np.stack([np.hypot(cx[:, a] - cx[:, b], cy[:, a] - cy[:, b]) for a, b in pairs], axis=1)
+    dist = np.stack([np.hypot(cx[..., a] - cx[..., b], cy[..., a] - cy[..., b]) for a, b in pairs], axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         values = {
-            "share_min": shares.min(1), "share_ratio": shares.min(1) / shares.max(1),
-            "dominance_ratio": dom["dominance_ratio"].values, "entropy": dom["entropy"].values,
-            "gini": dom["gini"].values, "sink_share": dom["sink_share"].values,
-            "p2m_min": shape["peak_to_mean"].transpose("sample", "target").values.min(1),
-            "top_min": shape["top_share"].transpose("sample", "target").values.min(1),
-            "spread_min": shape["spread"].transpose("sample", "target").values.min(1),
-            "overlap": shape["overlap"].transpose("sample", "pair").values.max(1), "centre_dist": dist.min(1),
+            "share_min": shares.min(-1), "share_ratio": shares.min(-1) / shares.max(-1),
+            "dominance_ratio": dom["dominance_ratio"].transpose(*order).values,
+            "entropy": dom["entropy"].transpose(*order).values,
+            "gini": dom["gini"].transpose(*order).values, "sink_share": dom["sink_share"].transpose(*order).values,
+            "p2m_min": shape["peak_to_mean"].transpose(*order, "target").values.min(-1),
+            "top_min": shape["top_share"].transpose(*order, "target").values.min(-1),
+            "spread_min": shape["spread"].transpose(*order, "target").values.min(-1),
+            "overlap": shape["overlap"].transpose(*order, "pair").values.max(-1), "centre_dist": dist.min(-1),
         }
-    ds = xr.Dataset({k: ("sample", np.asarray(v, dtype=np.float64)) for k, v in values.items()},
-                    coords={"sample": dom["sample"].values})
-    ds.attrs.update(step=int(step), targets=[str(t) for t in items])
+    ds = xr.Dataset({k: (order, np.asarray(v, dtype=np.float64)) for k, v in values.items()},
+                    coords={"step": steps, "sample": dom["sample"].values})
+    ds.attrs.update(targets=[str(t) for t in items])
+    if several:
+        return ds
+    ds = ds.isel(step=0, drop=True)
+    ds.attrs.update(step=int(step))
     return ds
 
 
@@ -139,8 +148,8 @@ def neglect_risk(source: Any, targets: Sequence[str | int], *, step: int = 5, si
     shipped weights (:func:`neglect_model`, one set per step 0-9 of a 20-step run) were fitted on the
     embedded shapes model's two-object prompts (tuning split of studies/early_warning.py); on the
     held-out split the risk at step 5 ranks generations with a missing object with the ROC AUC in
-    docs/sweep.md. On another model the weights are not calibrated; fit your own with the study's
-    script and pass them as ``model``.
+    docs/sweep.md. On another model the weights are not calibrated; fit your own on a sweep with
+    :func:`attnscope.sweep.fit_neglect_risk` (or :func:`fit_neglect_model`) and pass it as ``model``.
 
     Parameters
     ----------

@@ -117,6 +117,37 @@ class Trace:
             self._warned.add(key)
             warnings.warn(message, AttnscopeWarning, stacklevel=4)
 
+    @functools.cached_property
+    def coords(self) -> dict[str, Any]:
+        """The trace's coordinates — ``step``, ``sample``, ``token``, ``timestep``, ``prompt_index``,
+        ``image_index``, ``token_text``, ``token_role`` — as in-memory DataArrays, read once straight from Zarr.
+
+        >>> import tempfile, attnscope as ats
+        >>> from attnscope.testing import tiny_sd_pipeline
+        >>> tr = ats.capture(tiny_sd_pipeline(), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
+        ...                  num_inference_steps=2, height=32, width=32)
+        >>> tr.coords["step"].values.tolist(), tr.coords["token_text"].dims
+        ([0, 1], ('sample', 'token'))
+        """
+        import xarray as xr
+
+        out = {}
+        for name in ("step", "sample", "token", *ROOT_COORDS):
+            meta = self._nodes.get(name)
+            if not meta or meta.get("node_type") != "array":
+                continue
+            try:
+                values = np.asarray(self._group[name][...])
+            except Exception as exc:
+                raise AttnscopeError(f"{str(self.path)!r}: coordinate {name!r} cannot be read ({type(exc).__name__}: "
+                                     f"{exc}); the trace is damaged") from exc
+            dims = tuple(meta.get("dimension_names") or ())
+            out[name] = xr.DataArray(values, dims=dims, name=name)
+        for name in ("step", "sample", "token"):  # index coordinates carry themselves, as xarray's own
+            if name in out:
+                out[name] = out[name].assign_coords({name: out[name].variable})
+        return out
+
     @property
     def sites(self) -> list[str]:
         """Module paths of the recorded sites, in model order."""
@@ -128,7 +159,7 @@ class Trace:
 
         For several prompts see ``manifest["run"]["tokens"]`` or the ``token_text`` coordinate.
         """
-        texts = self.tree["token_text"].values
+        texts = self.coords["token_text"].values
         return [str(t) for t in texts[0]] if len(texts) else []
 
     @property
@@ -138,8 +169,8 @@ class Trace:
 
         Stored by the capture (the ``token_role`` coordinate); read from the strings for traces that have none.
         """
-        if "token_role" in self.tree.coords and len(self.tree["token_role"].values):
-            return [str(r) for r in self.tree["token_role"].values[0]]
+        if "token_role" in self.coords and len(self.coords["token_role"].values):
+            return [str(r) for r in self.coords["token_role"].values[0]]
         return token_roles(self.tokens)
 
     @property
@@ -155,7 +186,7 @@ class Trace:
     @property
     def timesteps(self) -> np.ndarray:
         """Timestep of every denoising step of the run (NaN for steps not reached)."""
-        return self.tree["timestep"].values
+        return self.coords["timestep"].values
 
     @property
     def gated_steps(self) -> list[int]:
@@ -215,10 +246,10 @@ class Trace:
         """The generated images as PIL images (empty if the capture did not finish)."""
         from PIL import Image
 
-        if "images" not in self.tree.data_vars:
+        if "images" not in self._nodes:
             return []
         try:
-            pixels = self.tree["images"].values
+            pixels = np.asarray(self._group["images"][...])
         except Exception as exc:
             raise AttnscopeError(f"{str(self.path)!r}: the stored images cannot be decoded ({type(exc).__name__}: "
                                  f"{exc}); the trace is damaged") from exc
@@ -256,21 +287,22 @@ class Trace:
         name = getattr(site, "name", site)
         if name not in self.sites:
             raise AttnscopeError(f"site {name!r} is not in this trace; recorded sites:\n  " + "\n  ".join(self.sites))
-        node = self.tree[site_group(name)]
-        branches = [b for b, arr in arrays.items() if arr in node.data_vars]
+        group = site_group(name)
+        node_attrs = self._nodes.get(group, {}).get("attributes", {})
+        branches = [b for b, arr in arrays.items() if f"{group}/{arr}" in self._nodes]
         if not branches:
-            kind = node.attrs.get("site", {}).get("kind", "cross")
+            kind = node_attrs.get("site", {}).get("kind", "cross")
             raise AttnscopeError(f"site {name!r} is a {kind!r} site: only joint sites (SD3, Flux, Flux.2) store a text mass")
         if branch is None:
             branch = "cond" if "cond" in branches else branches[0]
         if branch not in branches:
             raise AttnscopeError(f"branch={branch!r}: this trace recorded {branches} at {name}")
-        steps = [int(s) for s in node.attrs.get("steps", []) if self.complete or int(s) < self.steps_written]
+        steps = [int(s) for s in node_attrs.get("steps", []) if self.complete or int(s) < self.steps_written]
         if not steps:
             raise AttnscopeError(f"{str(self.path)!r}: no step of site {name!r} is written yet (the trace is "
                                  f"incomplete: {self.steps_written} of {self.num_steps} steps written)"
                                  if not self.complete else f"{str(self.path)!r}: site {name!r} captured no step")
-        path = f"{site_group(name)}/{arrays[branch]}"
+        path = f"{group}/{arrays[branch]}"
         lost = self._lost_steps(path, steps)
         if lost:
             message = (f"{str(self.path)!r}: site {name!r} ({arrays[branch]}): the shards of steps {lost} are missing "
@@ -284,11 +316,13 @@ class Trace:
             self._warn_once(f"nan:{name}", f"{str(self.path)!r}: the model produced NaN attention at site {name!r}, "
                                            f"steps {nan} (recorded at capture; NaN weights or an overflow): statistics "
                                            f"over these steps are NaN and the image is likely blank")
-        da = node[arrays[branch]]
-        da = da.copy(data=self._guarded(path, da, name))
-        da = da.assign_coords({c: self.tree[c].variable for c in ROOT_COORDS
-                               if c in self.tree.coords and set(self.tree[c].dims) <= set(da.dims)})
-        da.attrs["site"] = dict(node.attrs.get("site", {}))  # family, kind, block, level, depth, …
+        import xarray as xr
+
+        meta = self._nodes[path]
+        dims = tuple(meta["dimension_names"])
+        coords = {c: v for c, v in self.coords.items() if set(v.dims) <= set(dims)}
+        attrs = {**meta.get("attributes", {}), "site": dict(node_attrs.get("site", {}))}  # branch; family, kind, …
+        da = xr.DataArray(self._guarded(path, name), dims=dims, coords=coords, name=arrays[branch], attrs=attrs)
         return da.isel(step=steps)
 
     def _lost_steps(self, path: str, steps: list[int]) -> list[int]:
@@ -308,7 +342,7 @@ class Trace:
             return zarr.open_group(zarr_store(self.path, self.storage_options), mode="r", zarr_format=3,
                                    use_consolidated=self.complete and self._consolidated)
 
-    def _guarded(self, path: str, da: Any, site: str) -> Any:
+    def _guarded(self, path: str, site: str) -> Any:
         """``da``'s data as a dask array read through :class:`GuardedArray` (errors name the site and steps)."""
         import dask.array
 
@@ -327,7 +361,8 @@ class Trace:
         uncaptured = set(range(self.num_steps)) - set(captured)  # never written: NaN (the fill value) by design
         expected = set(self.gated_steps) | set(self.nan_maps.get(site, [])) | uncaptured
         guard = GuardedArray(array, f"{str(self.path)!r}: site {site!r} ({path.rsplit('/', 1)[1]})", inspect, expected)
-        return dask.array.from_array(guard, chunks=da.chunks, asarray=False, fancy=False, lock=False,
+        return dask.array.from_array(guard, chunks=shard, asarray=False, fancy=False, lock=False,
+                                     meta=np.empty((0,) * guard.ndim, dtype=guard.dtype),  # else dask reads a block for it
                                      name=f"attnscope-{abs(hash((str(self.path), path, self.steps_written)))}")
 
 

@@ -1,0 +1,184 @@
+"""The early warning over a sweep: each run's risk features and risk, and a risk model fitted to a sweep.
+
+:class:`NeglectFeatureRows` and :class:`NeglectRiskRow` are per-trace reductions for ``map_stats``;
+:func:`fit_neglect_risk` fits a risk model for your own model and prompts from a sweep whose runs
+carry their outcome (on the shapes model, the detector's ``all_present``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import AttnscopeError
+
+__all__ = ["NeglectFeatureRows", "NeglectRiskRow", "fit_neglect_risk"]
+
+Targets = Sequence[str] | str | Callable[[str], Sequence[str]]
+
+
+def _targets_of(targets: Targets, trace: Any) -> list[str]:
+    """The targets for one trace: a fixed list, ``"objects"`` (the shapes prompt's object phrases) or ``fn(prompt)``."""
+    prompt = (trace.manifest.get("run", {}).get("prompts") or [""])[0]
+    if isinstance(targets, str) and targets == "objects":
+        from ..models import object_phrases
+
+        return list(object_phrases(prompt))
+    if callable(targets):
+        return list(targets(prompt))
+    return [targets] if isinstance(targets, str) else list(targets)
+
+
+@dataclass(frozen=True)
+class NeglectFeatureRows:
+    """``ats.stats.neglect_features`` of one trace at several steps: one row per step and sample.
+
+    Parameters
+    ----------
+    targets : list of str, "objects", or a function prompt -> list of str
+        One phrase per object; ``"objects"``: each shapes-world prompt's object phrases.
+    steps : list of int
+        The steps (default 0-9).
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
+    ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=4)
+    >>> rows = NeglectFeatureRows("objects", steps=[0, 1])(tr)
+    >>> list(rows.step), list(rows.columns[:4])
+    ([0, 1], ['step', 'sample', 'share_min', 'share_ratio'])
+    """
+
+    targets: Targets = "objects"
+    steps: Sequence[int] = tuple(range(10))
+
+    def __call__(self, trace: Any) -> Any:
+        from ..stats import NEGLECT_FEATURES, neglect_features
+
+        ds = neglect_features(trace, _targets_of(self.targets, trace), step=list(self.steps))
+        df = ds[list(NEGLECT_FEATURES)].to_dataframe().reset_index()
+        return df[["step", "sample", *NEGLECT_FEATURES]]
+
+
+@dataclass(frozen=True)
+class NeglectRiskRow:
+    """``ats.stats.neglect_risk`` of one trace at one step, as a row ``{"neglect_risk": r}`` (sample 0).
+
+    Parameters
+    ----------
+    targets : list of str, "objects", or a function prompt -> list of str
+        As for :class:`NeglectFeatureRows`.
+    step : int
+        The decision step (default 5).
+    model : dict, optional
+        A risk model (:func:`fit_neglect_risk`); default the shipped one.
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
+    ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=20)
+    >>> row = NeglectRiskRow("objects", step=5)(tr)
+    >>> list(row), 0 <= row["neglect_risk"] <= 1
+    (['neglect_risk'], True)
+    """
+
+    targets: Targets = "objects"
+    step: int = 5
+    model: Any = None
+
+    def __call__(self, trace: Any) -> dict[str, float]:
+        from ..stats import neglect_risk
+
+        risk = neglect_risk(trace, _targets_of(self.targets, trace), step=self.step, model=self.model)
+        return {"neglect_risk": float(risk.values[0])}
+
+
+def _outcomes(df: Any, missing: Any) -> Any:
+    """Each run's outcome (True: an object lost) from a catalog column, a mapping or a Series."""
+    import pandas as pd
+
+    if missing is None:
+        if "all_present" not in df.columns:
+            raise AttnscopeError("missing=None: the catalog has no 'all_present' column (only sweeps of the shapes "
+                                 "model have one); expected missing= a column name, or a bool per run")
+        present = df.set_index("run")["all_present"]
+        return ~present.dropna().astype(bool)
+    if isinstance(missing, str):
+        if missing not in df.columns:
+            raise AttnscopeError(f"missing={missing!r}: the catalog has no such column; it has {list(df.columns)}")
+        return df.set_index("run")[missing].dropna().astype(bool)
+    return pd.Series(missing).astype(bool)
+
+
+def fit_neglect_risk(catalog: Any, missing: Any = None, *, targets: Targets = "objects", steps: Sequence[int] = range(10),
+                     l2: float = 1.0, folds: int = 5, client: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Fit an early-warning risk model to a sweep: ``neglect_risk(..., model=fit_neglect_risk(cat))``.
+
+    Computes every complete run's :func:`attnscope.stats.neglect_features` at ``steps`` with
+    ``catalog.map_stats`` and fits, per step, the logistic model of
+    :func:`attnscope.stats.fit_neglect_model` to each run's outcome. Each step's ``auc_cv`` is its
+    ROC AUC by cross-validation over prompts (a prompt's seeds stay in one fold): what to expect on
+    prompts the model has not seen. The shipped model was fitted this way on the shapes model
+    (studies/early_warning.py).
+
+    Parameters
+    ----------
+    catalog : Catalog
+        A sweep's catalog (:func:`attnscope.open_catalog`), one sample per trace.
+    missing : str, mapping run -> bool, pandas.Series, optional
+        Whether each run lost an object: a catalog column holding that, or the values. Default:
+        ``not all_present`` (the shapes model's detector column).
+    targets : list of str, "objects", or a function prompt -> list of str
+        One phrase per object (``"objects"``: the shapes prompts' object phrases).
+    steps : list of int
+        The steps to fit a model for (default 0-9).
+    l2, folds
+        As for :func:`attnscope.stats.fit_neglect_model`.
+    client, progress
+        As for :meth:`Catalog.map_stats`.
+
+    Returns
+    -------
+    dict
+        The model (JSON-able), with ``auc_cv`` per step.
+
+    Examples
+    --------
+    >>> import tempfile, attnscope as ats
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> prompts = ["a red circle and a blue square", "a green square and a red triangle",
+    ...            "a blue circle and a blue square", "a yellow triangle and a green circle"]
+    >>> cat = ats.sweep(tiny_sd_pipeline(), prompts, seeds="0-2", out=tempfile.mkdtemp() + "/s", progress=False,
+    ...                 num_inference_steps=2, height=32, width=32)
+    >>> lost = {run: i % 3 == 0 for i, run in enumerate(cat.df.run)}    # your outcomes: True = an object lost
+    >>> from distributed import Client
+    >>> with Client(processes=False, n_workers=1, dashboard_address=None) as client:
+    ...     model = fit_neglect_risk(cat, lost, steps=[0, 1], client=client, progress=False)
+    >>> sorted(model["steps"]), model["runs"], 0 <= model["steps"]["1"]["auc_cv"] <= 1
+    (['0', '1'], 12, True)
+    >>> row = NeglectRiskRow("objects", step=1, model=model)(cat.trace(0))   # a trace's risk under this model
+    >>> 0 <= row["neglect_risk"] <= 1
+    True
+    """
+    import pandas as pd
+
+    from ..stats import fit_neglect_model
+
+    df = catalog.df
+    outcome = _outcomes(df, missing)
+    rows = catalog.map_stats(NeglectFeatureRows(targets, tuple(int(s) for s in steps)), client=client,
+                             progress=progress)
+    if not isinstance(rows, pd.DataFrame) or not len(rows):
+        raise AttnscopeError(f"catalog {str(catalog.location)!r}: no complete run gave features "
+                             f"({len(getattr(rows, 'attrs', {}).get('skipped', {}))} skipped)")
+    if (rows["sample"] != rows["sample"].iloc[0]).any():
+        raise AttnscopeError("fit_neglect_risk: a trace holds several samples; expected one sample per run "
+                             "(a sweep's traces) so each run has one outcome")
+    rows = rows[rows["run"].isin(outcome.index)]
+    prompts = df.set_index("run")["prompt"]
+    where = f"sweep {str(catalog.location)!r}"
+    return fit_neglect_model(rows, outcome, groups=prompts, l2=l2, folds=folds,
+                             fitted_on=f"{where}: {rows['run'].nunique()} runs, targets {targets!r}")
