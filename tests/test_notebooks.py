@@ -14,7 +14,7 @@ EXPECTED = {  # a line each notebook must print, so a silently empty run cannot 
     "02_programmatic_capture.ipynb": "generations lost an object",
     "03_regulated_rerun.ipynb": "fixed by regulation",
     "04_spatial_control.ipynb": "relation fixed by the layout:",
-    "05_sweep_and_predict.ipynb": "fixed by selective regulation:",
+    "05_sweep_and_predict.ipynb": "with regulation (risk >",
 }
 # The kernel is a process of its own: it gets one torch (OpenMP/MKL) thread explicitly, as the test processes do
 # (conftest.py). With torch's default pool a notebook that takes 30 s idle can pass the 600 s cell timeout on a
