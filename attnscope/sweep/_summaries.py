@@ -23,8 +23,11 @@ class DominanceRow:
     steps, sites
         As for :func:`attnscope.stats.dominance` (default: all captured).
 
-    The row holds ``target_<i>`` (the i-th target) and ``share_<i>`` (its mean mass share) for each
-    target, then ``dominance_ratio``, ``entropy``, ``gini`` and ``sink_share``.
+    Returns
+    -------
+    dict
+        Called on a trace: ``target_<i>`` (the i-th target) and ``share_<i>`` (its mean mass share)
+        for each target, then ``dominance_ratio``, ``entropy``, ``gini`` and ``sink_share``.
 
     Examples
     --------
