@@ -27,13 +27,13 @@ from .hooks import (
     hooks,
 )
 from .models import load_pipeline, shapes
-from .rerun import Comparison, compare, rerun
+from .rerun import Comparison, compare, report, rerun
 from .store import Trace, open_trace
 from .sweep import Catalog, open_catalog, sweep
 
 __all__ = [
     "AttnscopeError", "AttnscopeWarning", "CallContext", "Catalog", "Comparison", "CrossAttentionSite", "HookClient", "HookSession", "Recorder",
     "RowLayout", "STAGES", "StepContext", "Trace", "capture", "compare", "discover_sites", "hooks", "load_pipeline",
-    "open_catalog", "open_trace", "plot", "regulate", "rerun", "shapes", "stats", "sweep",
+    "open_catalog", "open_trace", "plot", "regulate", "report", "rerun", "shapes", "stats", "sweep",
 ]
 __version__ = "0.1.0"

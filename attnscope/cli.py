@@ -69,6 +69,7 @@ _CLI_FLAGS = {
     "stats": _flags("steps", "sites", "targets", "by", "tol", "of"),
     "plot": _flags("steps", "sites", "words", "kind", "sample", "tol", "of", targets="--words"),
     "sweep_stats": _flags("steps", "sites", "targets"),
+    "report": _flags("overwrite", "compare", "words", "sites", "sample", "tol", path="-o", targets="--words"),
 }
 
 
@@ -479,6 +480,34 @@ def plot(
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
     typer.echo(f"figure: {out}")
+
+
+@app.command(epilog="Example: attnscope report runs/demo.zarr --compare runs/demo-reg.zarr "
+                    "--words 'red circle,blue square' -o runs/demo-report.html")
+def report(
+    trace: str = typer.Argument(..., help="Trace store (a .zarr directory written by attnscope capture), or its URL "
+                                          "(s3://…, file://…; S3 settings from the environment, e.g. AWS_ENDPOINT_URL)."),
+    out: Path = typer.Option(..., "-o", "--out", help="HTML file to write: one self-contained file, every image "
+                                                      "inline, nothing loaded from the network."),
+    compare: str | None = typer.Option(None, help="Another run of the same generation (e.g. from attnscope rerun): "
+                                                  "adds a before/after section."),
+    words: str | None = typer.Option(None, help="Comma-separated words or phrases (default: the prompt's phrases "
+                                                "between stop-words, e.g. 'red circle,blue square')."),
+    sites: list[str] | None = typer.Option(None, help="Glob of site module paths; repeatable (default all)."),
+    sample: int = typer.Option(0, help="Which generated image of the trace."),
+    tol: float = typer.Option(0.05, help="Tolerance of the convergence's suggested gate step."),
+    overwrite: bool = typer.Option(False, help="Replace an existing file at -o."),
+) -> None:
+    """Write a self-contained HTML report of a trace: run, image, heat maps with a step slider, the step x site
+    grid, dominance, convergence, and a before/after section with --compare."""
+    import attnscope as ats
+
+    try:
+        path = ats.report(trace, out, compare=compare, words=_split_words(words), sites=sites or None, sample=sample,
+                          tol=tol, overwrite=overwrite)
+    except ats.AttnscopeError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"report: {path}  ({path.stat().st_size / 1e3:.0f} kB)")
 
 
 def _prompt_words(tr) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from .errors import AttnscopeError
 
 __all__ = ["SEEDS", "SiteSpec", "StepSpec", "check_choice", "check_seed", "parse_step_text", "run_steps",
-           "select_captured_steps", "select_site_names", "select_sites", "select_steps"]
+           "select_captured_steps", "select_site_names", "select_sites", "select_steps", "step_ranges"]
 
 SiteSpec = None | str | Sequence[str] | Callable[[Any], bool]
 StepSpec = None | int | range | slice | Iterable[int]
@@ -194,3 +194,18 @@ def run_steps(source: Any, arrays: Iterable[Any]) -> int:
     if recorded:
         return int(recorded)
     return max((int(da["step"].max()) + 1 for da in arrays if da.sizes.get("step")), default=0)
+
+
+def step_ranges(steps: Sequence[int]) -> str:
+    """Steps as compact ranges, for messages and reports.
+
+    >>> step_ranges([0, 1, 2, 3, 5, 8, 9]), step_ranges([]), step_ranges([4])
+    ('0–3, 5, 8–9', 'none', '4')
+    """
+    runs: list[list[int]] = []
+    for s in sorted(steps):
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return ", ".join(f"{lo}–{hi}" if hi > lo else f"{lo}" for lo, hi in runs) or "none"

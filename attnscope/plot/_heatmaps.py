@@ -15,26 +15,32 @@ from ..tokens import prompt_text, resolve_targets
 from ._layout import new_figure, short_site, step_label
 from ._select import sample_index, sample_roles, sample_tokens, site_maps, site_names
 
-__all__ = ["heatmaps", "site_step_grid", "word_maps"]
+__all__ = ["heatmaps", "site_step_grid", "word_maps", "word_panels"]
 
 
 def word_maps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Sequence[str] | None = None,
-                   steps: Any = None, sample: int = 0) -> xr.DataArray:
+              steps: Any = None, sample: int = 0, *, per_step: bool = False) -> xr.DataArray:
     """Each word's map at image size (dims ``word, y, x``), not normalised: per chosen site averaged over
     heads and the chosen steps and upsampled bilinearly, then averaged over the sites. Computed.
+
+    ``per_step=True`` keeps the steps apart (dims ``step, word, y, x``): step ``s`` holds what
+    ``word_maps(..., steps=[s])`` gives, read with one pass over each site instead of one per step.
 
     >>> import tempfile, attnscope as ats
     >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
     ...                  num_inference_steps=2)
     >>> dict(ats.plot.word_maps(tr, ["circle"]).sizes)
     {'word': 1, 'y': 32, 'x': 32}
+    >>> dict(ats.plot.word_maps(tr, ["circle"], per_step=True).sizes)
+    {'step': 2, 'word': 1, 'y': 32, 'x': 32}
     """
     images = trace.images
     size = image_size(images[sample_index(trace, sample)] if images else trace)
-    per_site = [site_maps(trace, site, steps, sample).attn.words(words).attn.aggregate(["step", "head"])
+    over = ["head"] if per_step else ["step", "head"]
+    per_site = [site_maps(trace, site, steps, sample).attn.words(words).attn.aggregate(over)
                 .attn.upsample(size) for site in site_names(trace, sites)]
     maps = xr.concat(per_site, dim="site", coords="minimal", compat="override", join="override").mean("site")
-    return maps.transpose("word", "y", "x").compute()
+    return maps.transpose(*(["step"] if per_step else []), "word", "y", "x").compute()
 
 
 def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Sequence[str] | None = None,
@@ -99,12 +105,24 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
     if layout is not None and (isinstance(radius, bool) or not isinstance(radius, (int, float))
                                or not 0 < radius <= 1):
         raise AttnscopeError(f"radius={radius!r}: expected a number in (0, 1]")
-    position = sample_index(trace, sample)
+    sample_index(trace, sample)  # a missing sample is an error before any map is read
     on_panels = None
     if regions is not None:  # which phrase goes on which panel, checked before any map is read
         on_panels = _layout_panels(words, regions, sample_tokens(trace, sample), sample_roles(trace, sample))
+    maps = word_maps(trace, words, sites, steps, sample).attn.normalize("minmax")
+    fig, axes = word_panels(trace, maps, sample, alpha, cmap)
+    if regions is not None:
+        _draw_layout(axes[1:], on_panels, regions, radius, (maps.sizes["y"], maps.sizes["x"]))
+    return fig
+
+
+def word_panels(trace: Any, maps: xr.DataArray, sample: int = 0, alpha: float = 0.55, cmap: str = "jet"
+                ) -> tuple[Figure, list[Any]]:
+    """The figure of :func:`heatmaps` for maps already computed (dims ``word, y, x``, values in ``[0, 1]``): the
+    sample's image titled with its prompt, then each word's map over it; the figure and its axes, in that order."""
+    maps = maps.transpose("word", "y", "x")
+    position = sample_index(trace, sample)
     images = trace.images
-    maps = word_maps(trace, words, sites, steps, sample).attn.normalize("minmax").transpose("word", "y", "x")
     size = maps.sizes["y"], maps.sizes["x"]
     labels = [str(w) for w in maps["word"].values.tolist()]
     fig, axes = new_figure(1, 1 + len(labels), (2.6, 2.8))
@@ -122,9 +140,7 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
                       vmin=0.0, vmax=1.0, extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5))
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
-    if regions is not None:
-        _draw_layout(list(axes[0][1:]), on_panels, regions, radius, size)
-    return fig
+    return fig, list(axes[0])
 
 
 def _layout_panels(words: Any, regions: dict[str, tuple[float, ...]], tokens: list[str],

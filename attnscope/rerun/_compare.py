@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..selection import select_site_names
+from ..selection import select_site_names, step_ranges
 from ..stats import dominance
 from ..store import Trace, as_trace
 from ..tokens import token_words
@@ -81,9 +81,9 @@ class Comparison:
         'compared steps 0–1 (steps 2–3 gated: attention reused from the cache, no maps to compare)'
         """
         compared, gated = self.stats.attrs.get("compared_steps", []), self.stats.attrs.get("gated_steps", [])
-        note = f"compared {_plural('step', compared)} {_step_ranges(compared)}"
+        note = f"compared {_plural('step', compared)} {step_ranges(compared)}"
         if gated:
-            note += (f" ({_plural('step', gated)} {_step_ranges(gated)} gated: attention reused from the cache, "
+            note += (f" ({_plural('step', gated)} {step_ranges(gated)} gated: attention reused from the cache, "
                      f"no maps to compare)")
         return note
 
@@ -105,21 +105,6 @@ class Comparison:
         from ..plot import comparison
 
         return comparison(self, sample=sample, cmap=cmap)
-
-
-def _step_ranges(steps: Sequence[int]) -> str:
-    """Steps as compact ranges.
-
-    >>> _step_ranges([0, 1, 2, 3, 5, 8, 9]), _step_ranges([]), _step_ranges([4])
-    ('0–3, 5, 8–9', 'none', '4')
-    """
-    runs: list[list[int]] = []
-    for s in sorted(steps):
-        if runs and s == runs[-1][1] + 1:
-            runs[-1][1] = s
-        else:
-            runs.append([s, s])
-    return ", ".join(f"{lo}–{hi}" if hi > lo else f"{lo}" for lo, hi in runs) or "none"
 
 
 def _plural(word: str, items: Sequence[Any]) -> str:
