@@ -13,6 +13,7 @@ captures and analyses them together.
 """
 
 from . import plot, regulate, stats
+from ._lazy import lazy_exports
 from .capture import Recorder, capture
 from .errors import AttnscopeError, AttnscopeWarning
 from .hooks import (
@@ -34,6 +35,13 @@ from .sweep import Catalog, open_catalog, sweep
 __all__ = [
     "AttnscopeError", "AttnscopeWarning", "CallContext", "Catalog", "Comparison", "CrossAttentionSite", "HookClient", "HookSession", "Recorder",
     "RowLayout", "STAGES", "StepContext", "Trace", "capture", "compare", "discover_sites", "hooks", "load_pipeline",
-    "open_catalog", "open_trace", "plot", "regulate", "report", "rerun", "shapes", "stats", "sweep",
+    "open_catalog", "open_trace", "plot", "regulate", "report", "rerun", "shapes", "stats", "sweep", "view",
 ]
 __version__ = "0.1.0"
+
+# ats.view: the Jupyter viewer (anywidget, matplotlib) is imported on first use
+__getattr__, _dir = lazy_exports(__name__, {"view": ".plot._view"}, globals())
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_dir()})

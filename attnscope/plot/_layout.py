@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["new_figure", "short_site", "step_label"]
+from ..errors import AttnscopeError
+
+__all__ = ["colour_map", "new_figure", "short_site", "step_label"]
 
 _PARTS = {"down_blocks": "down", "up_blocks": "up", "mid_block": "mid", "attentions": "a",
           "transformer_blocks": "t", "single_transformer_blocks": "st"}
@@ -43,3 +46,23 @@ def step_label(da: Any, step: int) -> str:
         if t == t:  # not NaN
             return f"step {step} (t={t:g})"
     return f"step {step}"
+
+
+def colour_map(values: Any, vmin: float, vmax: float, cmap: str = "viridis") -> np.ndarray:
+    """``values`` as RGBA bytes (shape ``(..., 4)``, uint8) on the matplotlib colour map ``cmap`` from ``vmin`` to
+    ``vmax`` (clipped); NaN is transparent.
+
+    >>> colour_map([0.0, 1.0, float("nan")], 0.0, 1.0).tolist()
+    [[68, 1, 84, 255], [253, 231, 36, 255], [0, 0, 0, 0]]
+    """
+    import matplotlib
+
+    if cmap not in matplotlib.colormaps:
+        raise AttnscopeError(f"cmap={cmap!r}: not a matplotlib colour map; e.g. 'viridis', 'magma', 'cividis'")
+    values = np.asarray(values, dtype=np.float64)
+    span = vmax - vmin if vmax > vmin else 1.0
+    with np.errstate(invalid="ignore"):
+        scaled = np.clip((values - vmin) / span, 0.0, 1.0)
+    rgba = matplotlib.colormaps[cmap](np.nan_to_num(scaled), bytes=True)
+    rgba[np.isnan(values)] = 0
+    return rgba
