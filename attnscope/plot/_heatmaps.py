@@ -44,7 +44,7 @@ def word_maps(trace: Any, words: Sequence[str | int] | str | int, sites: str | S
 
 
 def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Sequence[str] | None = None,
-             steps: Any = None, sample: int = 0, alpha: float = 0.55, cmap: str = "jet", *,
+             steps: Any = None, sample: int = 0, alpha: float = 0.55, cmap: str = "viridis", *,
              layout: Mapping[str, Sequence[float]] | None = None, radius: float = 0.2) -> Figure:
     """Word heat maps overlaid on the generated image, DAAM-style; optionally a layout's regions, dashed.
 
@@ -116,7 +116,7 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
     return fig
 
 
-def word_panels(trace: Any, maps: xr.DataArray, sample: int = 0, alpha: float = 0.55, cmap: str = "jet"
+def word_panels(trace: Any, maps: xr.DataArray, sample: int = 0, alpha: float = 0.55, cmap: str = "viridis"
                 ) -> tuple[Figure, list[Any]]:
     """The figure of :func:`heatmaps` for maps already computed (dims ``word, y, x``, values in ``[0, 1]``): the
     sample's image titled with its prompt, then each word's map over it; the figure and its axes, in that order."""

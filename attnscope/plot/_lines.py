@@ -83,8 +83,18 @@ def dominance_lines(stats: xr.Dataset, variable: str = "target_share", sample: i
     where = "mean over sites" if isinstance(sites, str) and sites == "mean" else (
         short_site(sites) if isinstance(sites, str) else f"mean over {len(sites)} sites")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="step", ylabel=variable, title=f"{variable} — sample {sample}, {where}")
+    label = _STAT_LABEL.get(variable, variable)
+    ax.set(xlabel="denoising step", ylabel=label, title=f"{label.split(' (')[0]} — sample {sample}, {where}")
     return fig
+
+
+#: axis labels of dominance's statistics, with their units
+_STAT_LABEL = {
+    "target_share": "share of the prompt's attention (0–1)", "mass_share": "share of the prompt's attention (0–1)",
+    "argmax_coverage": "share of pixels where it is the argmax (0–1)", "dominance_ratio": "dominance ratio (top-1 / top-2)",
+    "entropy": "entropy of the shares (nats)", "gini": "Gini of the shares (0–1)",
+    "sink_share": "attention on SOT, EOT and padding (0–1)",
+}
 
 
 _YLABEL = {"maps": "‖Cₜ − Cₜ₋₁‖ / ‖Cₜ‖ of the maps", "outputs": "‖Oₜ − Oₜ₋₁‖ / ‖Oₜ‖ of the outputs"}
