@@ -75,8 +75,10 @@ class RiskGate:
         """
         run = trace.manifest.get("run", {})
         prompts, per_prompt = run.get("prompts") or [], int(run.get("num_images_per_prompt") or 1)
-        risks = [self._risk({site: trace.attention(site).isel(sample=[sample]) for site in trace.sites},
-                            prompts[sample // per_prompt]) for sample in range(len(prompts) * per_prompt)]
+        risks: list[float] = []
+        for p, prompt in enumerate(prompts):  # a prompt's images are consecutive samples: one read of each site
+            samples = list(range(p * per_prompt, (p + 1) * per_prompt))
+            risks += self._risks({site: trace.attention(site).isel(sample=samples) for site in trace.sites}, prompt)
         self.risk, self.at_risk, self._preset = risks, [r > self.threshold for r in risks], True
         return list(self.at_risk)
 
@@ -135,10 +137,6 @@ class RiskGate:
         self.risk = risks
         self.at_risk = [r > self.threshold for r in risks]
         self._maps = {}
-
-    def _risk(self, arrays: dict[str, Any], prompt: str) -> float:
-        """One sample's risk at the decision step from its maps (site name → DataArray)."""
-        return self._risks(arrays, prompt)[0]
 
     def _risks(self, arrays: dict[str, Any], prompt: str) -> list[float]:
         """The risk of each sample of ``arrays`` (site name → DataArray; samples of one prompt)."""

@@ -225,16 +225,16 @@ class Trace:
         >>> dict(ds.output_change.sizes), bool(ds.output_change.isel(step=0).isnull().all())
         ({'step': 3, 'site': 7, 'sample': 1}, True)
         """
-        if SUMMARIES_GROUP not in self.tree.children:
+        if SUMMARIES_GROUP not in self._nodes:  # most traces: no need to open the DataTree
             return None
         node = self.tree[SUMMARIES_GROUP]
         missing = [v for v in (OUTPUT_NORM, OUTPUT_CHANGE) if v not in node.data_vars]
         if missing:
             raise AttnscopeError(f"{str(self.path)!r}: group {SUMMARIES_GROUP!r} lacks {missing}")
         ds = node.to_dataset(inherit=False)[[OUTPUT_NORM, OUTPUT_CHANGE]]
-        ds = ds.assign_coords(step=self.tree["step"].values, sample=self.tree["sample"].values,
+        ds = ds.assign_coords(step=self.coords["step"].values, sample=self.coords["sample"].values,
                               site=[str(s) for s in ds["site"].values],
-                              timestep=("step", np.asarray(self.tree["timestep"].values, dtype=float)))
+                              timestep=("step", np.asarray(self.coords["timestep"].values, dtype=float)))
         captured = self.manifest.get("capture", {}).get("steps")
         if isinstance(captured, list):
             ds = ds.sel(step=[int(s) for s in captured if self.complete or int(s) < self.steps_written])
@@ -343,7 +343,8 @@ class Trace:
                                    use_consolidated=self.complete and self._consolidated)
 
     def _guarded(self, path: str, site: str) -> Any:
-        """``da``'s data as a dask array read through :class:`GuardedArray` (errors name the site and steps)."""
+        """Array ``path``'s data as a dask array (one block per shard) read through :class:`GuardedArray` (errors
+        name the site and steps)."""
         import dask.array
 
         meta = self._nodes[path]

@@ -7,27 +7,14 @@ carry their outcome (on the shapes model, the detector's ``all_present``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AttnscopeError
+from ._summaries import Targets, targets_of
 
 __all__ = ["NeglectFeatureRows", "NeglectRiskRow", "fit_neglect_risk"]
-
-Targets = Sequence[str] | str | Callable[[str], Sequence[str]]
-
-
-def _targets_of(targets: Targets, trace: Any) -> list[str]:
-    """The targets for one trace: a fixed list, ``"objects"`` (the shapes prompt's object phrases) or ``fn(prompt)``."""
-    prompt = (trace.manifest.get("run", {}).get("prompts") or [""])[0]
-    if isinstance(targets, str) and targets == "objects":
-        from ..models import object_phrases
-
-        return list(object_phrases(prompt))
-    if callable(targets):
-        return list(targets(prompt))
-    return [targets] if isinstance(targets, str) else list(targets)
 
 
 @dataclass(frozen=True)
@@ -57,7 +44,7 @@ class NeglectFeatureRows:
     def __call__(self, trace: Any) -> Any:
         from ..stats import NEGLECT_FEATURES, neglect_features
 
-        ds = neglect_features(trace, _targets_of(self.targets, trace), step=list(self.steps))
+        ds = neglect_features(trace, targets_of(self.targets, trace), step=list(self.steps))
         df = ds[list(NEGLECT_FEATURES)].to_dataframe().reset_index()
         return df[["step", "sample", *NEGLECT_FEATURES]]
 
@@ -92,7 +79,7 @@ class NeglectRiskRow:
     def __call__(self, trace: Any) -> dict[str, float]:
         from ..stats import neglect_risk
 
-        risk = neglect_risk(trace, _targets_of(self.targets, trace), step=self.step, model=self.model)
+        risk = neglect_risk(trace, targets_of(self.targets, trace), step=self.step, model=self.model)
         return {"neglect_risk": float(risk.values[0])}
 
 

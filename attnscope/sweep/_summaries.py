@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DominanceRow"]
+__all__ = ["DominanceRow", "Targets", "targets_of"]
 
 _SCALARS = ("dominance_ratio", "entropy", "gini", "sink_share")
+
+Targets = Sequence[str] | str | Callable[[str], Sequence[str]]
+
+
+def targets_of(targets: Targets, trace: Any) -> list[str]:
+    """The targets for one trace: a fixed list, ``"objects"`` (the shapes prompt's object phrases) or ``fn(prompt)``."""
+    prompt = (trace.manifest.get("run", {}).get("prompts") or [""])[0]
+    if isinstance(targets, str) and targets == "objects":
+        from ..models import object_phrases
+
+        return list(object_phrases(prompt))
+    if callable(targets):
+        return list(targets(prompt))
+    return [targets] if isinstance(targets, str) else list(targets)
 
 
 @dataclass(frozen=True)
@@ -47,12 +61,8 @@ class DominanceRow:
     def __call__(self, trace: Any) -> dict[str, Any]:
         from .. import stats
 
-        targets = self.targets
-        if targets == "objects":
-            from ..models import object_phrases
-
-            targets = object_phrases(trace.manifest["run"]["prompts"][0])
-        ds = stats.dominance(trace, targets=list(targets), steps=self.steps, sites=self.sites)
+        targets = targets_of(self.targets, trace)
+        ds = stats.dominance(trace, targets=targets, steps=self.steps, sites=self.sites)
         row: dict[str, Any] = {}
         shares = ds["target_share"].mean(["step", "site", "sample"]).values
         for i, (target, share) in enumerate(zip(targets, shares)):
