@@ -72,6 +72,32 @@ def test_on_page_markdown_rewrites_only_relative_links():
         "[a](benchmarks/README.md#x) [b](hooks.md) [c](https://x.org/../benchmarks/README.md) [d](#top)")
 
 
+def test_a_notebooks_links_to_guide_pages_point_at_the_site_pages(tmp_path):
+    from mkdocs.structure.files import File, Files
+    from mkdocs_jupyter.plugin import NotebookFile  # how mkdocs-jupyter makes a notebook a page, as in the build
+
+    site = _load("site")
+    out = str(tmp_path / "site")
+    files = Files([NotebookFile(File("notebooks/01_a.ipynb", str(tmp_path), out, True), True, out),
+                   *(File(p, str(tmp_path), out, True) for p in ("analysis.md", "index.md"))])
+
+    class Page:
+        file = files.get_file_from_path("notebooks/01_a.ipynb")
+
+    html = ('<a href="../docs/analysis.md#the-statistics">s</a> <a href="https://x.org/a.md">x</a> '
+            '<a href="#top">t</a> <a href="data.csv">d</a>')
+    assert site.on_page_content(html, Page(), None, files) == (
+        '<a href="../../analysis/#the-statistics">s</a> <a href="https://x.org/a.md">x</a> '
+        '<a href="#top">t</a> <a href="data.csv">d</a>')
+    with pytest.raises(ValueError, match=r"notebooks/01_a.ipynb: the link '../docs/gone.md' names no page"):
+        site.on_page_content('<a href="../docs/gone.md">g</a>', Page(), None, files)
+
+    class Guide:  # a guide page's links were fixed in its markdown already
+        file = files.get_file_from_path("analysis.md")
+
+    assert site.on_page_content('<a href="../docs/gone.md">g</a>', Guide(), None, files) == '<a href="../docs/gone.md">g</a>'
+
+
 def test_doctests_are_fenced():
     fence = _load("doctests").fence_doctests
     text = "Summary.\n\n    >>> f([1, 2])\n    [1, 2]\n\nMore text.\n\n```pycon\n>>> g()\n```\n"

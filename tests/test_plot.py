@@ -64,7 +64,9 @@ def test_heatmaps_panels_are_the_image_then_one_per_word(trace, tmp_path):
     fig = plot.heatmaps(trace, ["circle", "blue square", "a"])
     assert_png(fig, tmp_path / "h.png")
     assert [ax.get_title() for ax in panels(fig)] == [PROMPT, "circle", "blue square", "a"]
-    assert colorbars(fig) == []
+    (bar,) = colorbars(fig)  # one bar for the word panels, at full strength although the maps are faded
+    assert bar.get_ylim() == (0.0, 1.0) and bar.get_ylabel() == "attention, scaled per word"
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["0 (least)", "0.5", "1 (most)"]
     np.testing.assert_array_equal(panels(fig)[0].images[0].get_array(), np.asarray(trace.images[0]))
 
 
@@ -125,6 +127,13 @@ def test_site_step_grid_is_steps_by_sites_at_native_resolution(trace, sites, tmp
             assert shown.shape == ((8, 8) if j == 0 else (4, 4))
             np.testing.assert_allclose(shown, word_map(trace, site, BLUE_SQUARE, [step]), atol=1e-6)
     assert grid[0].get_ylabel() == "step 0 (t=999)"
+
+
+def test_site_step_grid_columns_run_in_forward_order(trace):
+    fig = plot.site_step_grid(trace, "circle", steps=[0])
+    titles = [ax.get_title().split("\n")[0] for ax in panels(fig)]
+    assert titles == ["down1.a0.t0", "down2.a0.t0", "mid.a0.t0", "up0.a0.t0", "up0.a1.t0", "up1.a0.t0", "up1.a1.t0"]
+    assert trace.sites[-1].startswith("mid_block")  # registered last by diffusers, drawn between down and up
 
 
 def test_site_step_grid_bad_word(trace):

@@ -223,7 +223,7 @@ def assert_encloses_the_mask(patch, region, shape, radius=0.2):
 def test_heatmaps_draws_each_phrase_on_its_words_panels(trace, tmp_path):
     layout = {"a red circle": (0.05, 0.25, 0.45, 0.75), "a blue square": (0.75, 0.5)}
     fig = plot.heatmaps(trace, ["circle", "blue square", "a", "red circle", "left"], layout=layout)
-    axes = fig.axes
+    axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert [[p.get_label() for p in ax.patches] for ax in axes] == [
         [], ["a red circle"], ["a blue square"], [], ["a red circle"], []]
     box, disk = axes[1].patches[0], axes[2].patches[0]
@@ -266,7 +266,7 @@ def test_heatmaps_without_token_text_draws_every_region_on_every_panel(trace, mo
 
     monkeypatch.setattr(heat, "sample_tokens", lambda tr, sample: [""] * len(tr.tokens))
     fig = plot.heatmaps(trace, ["circle", "square"], layout=ats.regulate.layout_from_prompt(PROMPT))
-    assert [[p.get_label() for p in ax.patches] for ax in fig.axes] == [
+    assert [[p.get_label() for p in ax.patches] for ax in fig.axes if ax.get_label() != "<colorbar>"] == [
         [], ["a red circle", "a blue square"], ["a red circle", "a blue square"]]
 
 

@@ -279,14 +279,22 @@ def test_compare_is_after_minus_before(parent, steered):
 def test_compare_figure_renders(parent, steered):
     c = compare(parent, steered, ["circle", "square"])
     fig = c.figure()
-    assert len(fig.axes) == 2 * 3 + 1
+    assert len(fig.axes) == 2 * 3 + 1 + 2  # two rows of image and two maps, the bars, a colour bar per target
     assert [ax.get_title() for ax in fig.axes[:3]] == ["before: a.zarr", "circle (before)", "square (before)"]
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert [b.get_xlabel() for b in bars] == ["attention on circle", "attention on square"]
+    maps = [ax for ax in fig.axes if ax.get_title().startswith(("circle (", "square ("))]
+    for word, bar in zip(["circle", "square"], bars):  # a target's before and after share its bar's scale, from 0
+        before, after = (ax.images[0] for ax in maps if ax.get_title().startswith(word))
+        top = max(float(np.max(before.get_array())), float(np.max(after.get_array())))
+        assert before.get_clim() == after.get_clim() == (0.0, pytest.approx(top))
+        assert bar.get_xlim() == pytest.approx((0.0, top))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
     square = parent.words["square"][0]  # a token position as target
     by_position = compare(parent, steered, [square], sites="mid_block.*")
-    assert by_position.targets == [str(square)] and len(by_position.figure().axes) == 2 * 2 + 1
+    assert by_position.targets == [str(square)] and len(by_position.figure().axes) == 2 * 2 + 1 + 1
 
 
 def test_compare_refuses_different_generations(parent, shapes, tmp_path):

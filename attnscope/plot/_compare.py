@@ -20,7 +20,8 @@ def comparison(result: Any, sample: int = 0, cmap: str = "viridis") -> Figure:
 
     Heat maps: for each trace, each site's map of a target (its pieces summed) averaged over heads
     and the compared steps, upsampled to the image size and averaged over the compared sites; the
-    before and after maps of one target share a colour scale from 0 (so a change of strength shows).
+    before and after maps of one target share a colour scale from 0 (so a change of strength shows),
+    drawn as one colour bar under the target's two maps.
 
     Examples
     --------
@@ -28,8 +29,8 @@ def comparison(result: Any, sample: int = 0, cmap: str = "viridis") -> Figure:
     >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
     ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=2)
     >>> fig = ats.plot.comparison(ats.compare(tr, tr, ["circle", "square"]))
-    >>> len(fig.axes)  # two images, two heat maps per row, the bars
-    7
+    >>> len(fig.axes)  # two images, two heat maps per row, the bars, a colour bar per target
+    9
 
     Parameters
     ----------
@@ -43,7 +44,8 @@ def comparison(result: Any, sample: int = 0, cmap: str = "viridis") -> Figure:
     Returns
     -------
     matplotlib.figure.Figure
-        Two rows (before, after) of ``1 + len(targets)`` panels, plus one bar-chart axes at the right.
+        Two rows (before, after) of ``1 + len(targets)`` panels, a colour bar under each target's
+        column (axes labelled ``"<colorbar>"``), and one bar-chart axes at the right.
     """
     spec = result.target_spec or result.targets
     maps = [word_maps(tr, spec, result.sites, result.steps, sample).transpose("word", "y", "x").values
@@ -51,6 +53,7 @@ def comparison(result: Any, sample: int = 0, cmap: str = "viridis") -> Figure:
     n = len(result.targets)
     fig = Figure(figsize=(2.2 * (n + 1) + 3.6, 4.8), layout="constrained")
     grid = fig.add_gridspec(2, n + 2, width_ratios=[1.0] * (n + 1) + [1.8])
+    columns: list[list[Any]] = [[] for _ in range(n)]
     for row, (tr, label, m) in enumerate(zip((result.a, result.b), ("before", "after"), maps)):
         images = tr.images
         picture = np.asarray(images[sample_index(tr, sample)]) if images else None
@@ -64,17 +67,24 @@ def comparison(result: Any, sample: int = 0, cmap: str = "viridis") -> Figure:
         for k, target in enumerate(result.targets):
             ax = fig.add_subplot(grid[row, k + 1])
             top = max(float(np.nanmax(mm[k])) for mm in maps) or 1.0
-            ax.imshow(m[k], cmap=cmap, vmin=0.0, vmax=top)
+            columns[k].append(ax.imshow(m[k], cmap=cmap, vmin=0.0, vmax=top))
             ax.set_title(f"{target} ({label})", fontsize=8)
             ax.set_axis_off()
+    for target, shown in zip(result.targets, columns):
+        bar = fig.colorbar(shown[0], ax=[im.axes for im in shown], location="bottom", shrink=0.9, aspect=12)
+        bar.set_label(f"attention on {target}", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     bars = fig.add_subplot(grid[:, -1])
     pick = {"sample": result.before["sample"].values[sample_index(result.a, sample)]}
     x = np.arange(n)
     for offset, (label, ds) in zip((-0.2, 0.2), (("before", result.before), ("after", result.after))):
         values = ds.target_share.sel(pick).mean(["step", "site"]).sel(target=result.targets).values
         bars.bar(x + offset, values, width=0.4, label=label)
-    bars.set_xticks(x, result.targets, rotation=45, ha="right", fontsize=8)
-    bars.set_ylabel("mean target share")
+    slot = fig.get_figwidth() * 1.8 / (n + 2.8) / n  # inches of bar chart per target
+    crowded = max(len(str(t)) for t in result.targets) * 0.07 > 0.9 * slot  # an 8-pt label is wider than its slot
+    bars.set_xticks(x, result.targets, rotation=45 if crowded else 0, ha="right" if crowded else "center", fontsize=8)
+    bars.set_ylabel("mean target share (0–1)")
+    bars.set_title("share of the prompt's attention, mean over steps and sites", fontsize=8)
     bars.legend(fontsize=8)
     return fig
 

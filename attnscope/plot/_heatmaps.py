@@ -13,7 +13,7 @@ from ..errors import AttnscopeError
 from ..stats import image_size, layout_regions, layout_tokens
 from ..tokens import prompt_text, resolve_targets
 from ._layout import new_figure, short_site, step_label
-from ._select import sample_index, sample_roles, sample_tokens, site_maps, site_names
+from ._select import forward_order, sample_index, sample_roles, sample_tokens, site_maps, site_names
 
 __all__ = ["heatmaps", "site_step_grid", "word_maps", "word_panels"]
 
@@ -52,11 +52,11 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
     >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle and a blue square", seed=0,
     ...                  store=tempfile.mkdtemp() + "/a.zarr", num_inference_steps=2)
     >>> fig = ats.plot.heatmaps(tr, ["circle", "blue square"])
-    >>> [ax.get_title() for ax in fig.axes]
+    >>> [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"]
     ['a red circle and a blue square', 'circle', 'blue square']
     >>> fig = ats.plot.heatmaps(tr, ["circle", "blue square"], layout={"a red circle": (0, 0, 0.5, 1),
     ...                                                                "a blue square": (0.75, 0.5)})
-    >>> [[p.get_label() for p in ax.patches] for ax in fig.axes]   # each phrase on its words' panels
+    >>> [[p.get_label() for p in ax.patches] for ax in fig.axes[:3]]   # each phrase on its words' panels
     [[], ['a red circle'], ['a blue square']]
 
     For each chosen site the map is averaged over heads and the chosen steps and upsampled
@@ -96,8 +96,9 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
     Returns
     -------
     matplotlib.figure.Figure
-        One row of panels: the image, then one per word titled with the word; no colour bar.
-        Each word panel holds two images, the picture and the normalised map (``ax.images[-1]``),
+        One row of panels: the image, then one per word titled with the word, and one colour bar for
+        all the word panels (its axes labelled ``"<colorbar>"``, from 0, the word's least attended
+        pixel, to 1, its most attended). Each word panel holds two images, the picture and the normalised map (``ax.images[-1]``),
         and the layout's patches (``ax.patches``) in image pixel coordinates: pixel ``(row, col)``
         is centred at ``(col, row)``, so a box spans ``x0 · W − ½`` to ``x1 · W − ½``.
     """
@@ -119,7 +120,8 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
 def word_panels(trace: Any, maps: xr.DataArray, sample: int = 0, alpha: float = 0.55, cmap: str = "viridis"
                 ) -> tuple[Figure, list[Any]]:
     """The figure of :func:`heatmaps` for maps already computed (dims ``word, y, x``, values in ``[0, 1]``): the
-    sample's image titled with its prompt, then each word's map over it; the figure and its axes, in that order."""
+    sample's image titled with its prompt, then each word's map over it, and one colour bar for the word panels;
+    the figure and its panels' axes (not the colour bar's), in that order."""
     maps = maps.transpose("word", "y", "x")
     position = sample_index(trace, sample)
     images = trace.images
@@ -130,17 +132,30 @@ def word_panels(trace: Any, maps: xr.DataArray, sample: int = 0, alpha: float = 
     prompts = trace.manifest.get("run", {}).get("prompts") or []
     prompt_of = int(trace.coords["prompt_index"].values[position])
     titles = [prompts[prompt_of] if prompt_of < len(prompts) else f"sample {sample}", *labels]
+    shown = None
     for i, (ax, title) in enumerate(zip(axes[0], titles)):
         if picture is not None:
             ax.imshow(picture)
         else:
             ax.text(0.5, 0.5, "no image stored", ha="center", va="center", transform=ax.transAxes)
         if i:
-            ax.imshow(maps.isel(word=i - 1).values, cmap=cmap, alpha=alpha if picture is not None else 1.0,
-                      vmin=0.0, vmax=1.0, extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5))
+            shown = ax.imshow(maps.isel(word=i - 1).values, cmap=cmap, alpha=alpha if picture is not None else 1.0,
+                              vmin=0.0, vmax=1.0, extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5))
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
+    if shown is not None:  # the bar shows the colours at full strength, as the map's scale (not its opacity)
+        bar = fig.colorbar(_opaque(shown), ax=list(axes[0][1:]), shrink=0.85, pad=0.02, aspect=15)
+        bar.set_ticks([0.0, 0.5, 1.0], labels=["0 (least)", "0.5", "1 (most)"])
+        bar.set_label("attention, scaled per word", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     return fig, list(axes[0])
+
+
+def _opaque(image: Any) -> Any:
+    """A mappable with ``image``'s colour map and limits, for a colour bar that is not faded by its alpha."""
+    from matplotlib.cm import ScalarMappable
+
+    return ScalarMappable(norm=image.norm, cmap=image.get_cmap())
 
 
 def _layout_panels(words: Any, regions: dict[str, tuple[float, ...]], tokens: list[str],
@@ -191,7 +206,8 @@ def site_step_grid(trace: Any, word: str | int, sites: str | Sequence[str] | Non
     4
 
     Heads are averaged; the word's pieces are summed. All panels share one colour scale (from 0 to
-    the largest value shown), drawn as a single colour bar.
+    the largest value shown), drawn as a single colour bar. Columns run in the order the forward pass
+    runs the sites (a UNet's down, mid, then up blocks; each site's stored ``depth``).
 
     Parameters
     ----------
@@ -210,7 +226,7 @@ def site_step_grid(trace: Any, word: str | int, sites: str | Sequence[str] | Non
     matplotlib.figure.Figure
         ``len(steps) × len(sites)`` panels plus one colour-bar axes (label ``"<colorbar>"``).
     """
-    names = site_names(trace, sites)
+    names = forward_order(trace, site_names(trace, sites))
     lazy = [site_maps(trace, site, steps, sample).attn.words([word]).isel(word=0).attn.aggregate("head")
             for site in names]
     grids = [m.transpose("step", "y", "x").compute() for m in lazy]

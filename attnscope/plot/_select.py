@@ -12,7 +12,7 @@ from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import token_roles, word_alignment
 
-__all__ = ["dataset_variable", "default_targets", "sample_index", "sample_roles", "sample_tokens", "select_label", "site_maps",
+__all__ = ["dataset_variable", "default_targets", "forward_order", "sample_index", "sample_roles", "sample_tokens", "select_label", "site_maps",
            "site_names"]
 
 
@@ -21,6 +21,15 @@ def site_names(trace: Any, sites: str | Sequence[str] | None) -> list[str]:
     if callable(sites):
         raise AttnscopeError(f"sites={sites!r}: expected a site name, a glob or a list of them")
     return select_site_names(sites, trace.sites)
+
+
+def forward_order(trace: Any, names: Sequence[str]) -> list[str]:
+    """``names`` in the order the forward pass runs them (a UNet's down, mid, up), by each site's stored ``depth``;
+    as given when a site does not say (traces written before sites carried it)."""
+    depths = [trace.attention(name).attrs.get("site", {}).get("depth") for name in names]
+    if any(not isinstance(d, int) for d in depths):
+        return list(names)
+    return [name for _, name in sorted(zip(depths, names), key=lambda pair: pair[0])]
 
 
 def sample_index(trace: Any, sample: Any) -> int:

@@ -73,6 +73,12 @@ def violins(trace: Any, steps: Any, sites: str | Sequence[str] | None = None, sa
                        ax=ax)
         ax.set_title(step_label(values, step), fontsize=9)
         ax.set_xlabel("")
-        ax.tick_params(axis="x", labelrotation=60, labelsize=8)
+        if max(map(len, map(str, order))) > 7:  # wider than a violin's slot at this size: slant, anchored at the tick
+            ax.tick_params(axis="x", labelrotation=40, labelsize=8)
+            for tick in ax.get_xticklabels():
+                tick.set_horizontalalignment("right")
+                tick.set_rotation_mode("anchor")
+        else:
+            ax.tick_params(axis="x", labelsize=8)
     axes[0, 0].set_ylabel("attention per pixel")
     return fig

@@ -4,7 +4,8 @@
   public name gets a mkdocstrings entry, so a name added to ``__all__`` is documented without touching
   the docs, and a public name whose docstring does not render fails the strict build.
 * **Notebooks.** ``notebooks/*.ipynb`` become pages (mkdocs-jupyter). Where the tests saved executed copies
-  (``ATTNSCOPE_EXECUTED_NOTEBOOKS``, set by ``.ci/run``), those are shown, with their output.
+  (``ATTNSCOPE_EXECUTED_NOTEBOOKS``, set by ``.ci/run``), those are shown, with their output. Their links to
+  guide pages (``../docs/analysis.md#...``, right on the repository) are pointed at the site's pages.
 * **Files outside docs/.** Links from the guide to ``../benchmarks/README.md`` and the model card are
   served as pages of the site.
 """
@@ -139,6 +140,34 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         return match.group(0) if new is None else f"]({new}{match.group(2) or ''})"
 
     return _LINK.sub(fix, markdown)
+
+
+_HREF = re.compile(r'href="(?![a-z]+:|#|/)([^"#]+)(#[^"]*)?"')
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    """A notebook's links written for the repository (``../docs/x.md``) made into links to the site's pages.
+
+    mkdocs-jupyter renders notebooks to HTML itself, so :func:`on_page_markdown` never sees them; the strict
+    build does not check these links, so one that names no page is an error here.
+    """
+    src = page.file.src_uri
+    if not src.endswith(".ipynb"):
+        return html
+
+    def fix(match: re.Match) -> str:
+        target = match.group(1)
+        new = site_link(src, target)
+        if new is None:
+            if target.endswith((".md", ".ipynb")):
+                raise ValueError(f"{src}: the link {target!r} names no page of the site")
+            return match.group(0)
+        found = files.get_file_from_path(posixpath.normpath(posixpath.join(posixpath.dirname(src), new)))
+        if found is None:
+            raise ValueError(f"{src}: the link {target!r} names no page of the site")
+        return f'href="{found.url_relative_to(page.file)}{match.group(2) or ""}"'
+
+    return _HREF.sub(fix, html)
 
 
 @event_priority(100)  # before mkdocs-jupyter's on_files, which turns .ipynb files into pages
