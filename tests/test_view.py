@@ -78,6 +78,14 @@ def test_maps_equal_the_hand_computed_mean(family, site, step, sd_trace, sd3_tra
         assert v.word_means[word] == pytest.approx(float(want[k].mean()), rel=1e-5)
 
 
+def test_the_site_slider_runs_in_forward_order(sd_trace):
+    v = view(sd_trace, words=["circle"])
+    depths = [sd_trace.attention(s).attrs["site"]["depth"] for s in v.site_options]
+    assert depths == sorted(depths) and sorted(v.site_options) == sorted(sd_trace.sites)
+    assert v.site_options != sd_trace.sites  # diffusers registers the mid block last; the slider puts it between
+    assert [label.split(".")[0] for label in v.site_labels][:3] == ["down0", "down1", "mid"]
+
+
 def test_one_head_and_the_head_selector(heads_trace, sd_trace):
     site = heads_trace.sites[2]
     v = view(heads_trace, words=["circle"], site=site, step=1, head=3)

@@ -33,7 +33,7 @@ from ..store import as_trace
 from ..tokens import prompt_text, resolve_targets, word_alignment
 from ._layout import colour_map, short_site, step_label
 from ._report import report_words
-from ._select import sample_index, sample_roles, sample_tokens
+from ._select import forward_order, sample_index, sample_roles, sample_tokens
 
 __all__ = ["ALL", "TraceViewer", "view"]
 
@@ -284,7 +284,7 @@ class TraceViewer(anywidget.AnyWidget):
             self._runs.append(_Run(as_trace(compare, "compare"), "after"))
         self._cmap = cmap
         colour_map([0.0], 0.0, 1.0, cmap)  # an unknown colour map is an error now
-        sites = [s for s in first.sites if all(s in run.trace.sites for run in self._runs[1:])]
+        sites = forward_order(first, [s for s in first.sites if all(s in run.trace.sites for run in self._runs[1:])])
         if not sites:
             raise AttnscopeError(f"compare={str(self._runs[1].trace.path)!r}: it recorded none of the sites of "
                                  f"{str(first.path)!r} ({first.sites}); the before/after needs common sites")
