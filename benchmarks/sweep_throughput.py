@@ -21,6 +21,11 @@ array of every trace read and decompressed, on the same cluster): target ≥ 0.7
 
     python benchmarks/sweep_throughput.py --runs 24          # ~5 min on 2 cores
     python benchmarks/sweep_throughput.py --runs 8 --no-s3   # a quick look
+    python benchmarks/sweep_throughput.py --map-only runs/bench1000 --runs 1000 --rounds 3   # map_stats alone
+
+``--map-only DIR`` measures only ``map_stats`` against reading, on the sweep in DIR (swept there first, with
+2 workers, when DIR holds none), in ``--rounds`` interleaved read/map rounds; it prints each round's ratio
+and the median.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=24, help="generations per measurement (prompts × seeds; default 24)")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 measurements")
     p.add_argument("--json", type=Path, help="also write the numbers here")
+    p.add_argument("--map-only", type=Path, metavar="DIR", help="only map_stats vs reading, on the sweep in DIR (kept)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved read/map rounds (default 1)")
     return p.parse_args(argv)
 
 
@@ -65,24 +72,57 @@ def _timed(fn) -> float:
 
 
 def _read_all(trace) -> int:
-    """Every site array of a trace read and decompressed (the bytes map_stats reads, no statistics)."""
+    """Every site array of a trace read and decompressed in one ``dask.compute`` (the bytes map_stats reads, no
+    statistics)."""
     import dask
 
     with dask.config.set(scheduler="synchronous"):
-        return sum(int(trace.attention(site).values.nbytes) for site in trace.sites)
+        return sum(int(a.nbytes) for a in dask.compute(*[trace.attention(site).data for site in trace.sites]))
 
 
-def measure_map(cat, client) -> dict[str, float]:
+def measure_map(cat, client, rounds: int = 1) -> dict:
+    """Reading every trace, then ``map_stats(DominanceRow)``, ``rounds`` times interleaved; the median round's ratio."""
+    import statistics
+
     fn = DominanceRow("objects")
     cat.map_stats(_read_all, client=client, progress=False)  # warm the workers' imports and the page cache
-    t_read = _timed(lambda: cat.map_stats(_read_all, client=client, progress=False))
-    t_map = _timed(lambda: cat.map_stats(fn, client=client, progress=False))
-    return {"read_s": t_read, "map_stats_s": t_map, "ratio_read_over_map": t_read / t_map}
+    reads, maps = [], []
+    for _ in range(rounds):
+        reads.append(_timed(lambda: cat.map_stats(_read_all, client=client, progress=False)))
+        maps.append(_timed(lambda: cat.map_stats(fn, client=client, progress=False)))
+    ratios = [r / m for r, m in zip(reads, maps)]
+    return {"read_s": statistics.median(reads), "map_stats_s": statistics.median(maps),
+            "ratio_read_over_map": statistics.median(ratios), "rounds": [{"read_s": r, "map_stats_s": m}
+                                                                          for r, m in zip(reads, maps)]}
+
+
+def map_only(args: argparse.Namespace) -> dict:
+    """``--map-only``: map_stats against reading on one sweep folder, swept first if it holds none."""
+    from distributed import Client, LocalCluster
+
+    if not (args.map_only / "catalog.parquet").exists():
+        ats.sweep("shapes", PROMPTS, _seeds(args.runs), out=args.map_only, workers=2, threads=1, progress=True,
+                  num_inference_steps=STEPS)
+    cat = ats.open_catalog(args.map_only)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        m = measure_map(cat, client, args.rounds)
+    n = int((cat.df["status"] == "complete").sum())
+    for i, r in enumerate(m["rounds"]):
+        print(f"  round {i + 1}: read {r['read_s']:.1f} s, DominanceRow {r['map_stats_s']:.1f} s, "
+              f"read / map = {r['read_s'] / r['map_stats_s']:.2f}")
+    print(f"map_stats over {n} traces ({STEPS} steps, shapes model), LocalCluster of 2 single-threaded workers: "
+          f"median read / map = {m['ratio_read_over_map']:.2f} (target >= 0.7); {n / m['map_stats_s']:.1f} traces/s")
+    if args.json:
+        args.json.write_text(json.dumps({"traces": n, **m}, indent=1))
+    return m
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
+    if args.map_only:
+        return map_only(args)
     seeds = _seeds(args.runs)
     runs = plan_runs(PROMPTS, seeds)
     n = len(runs)
@@ -108,9 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
                 Client(cluster) as client:
-            result["map_local"] = measure_map(ats.open_catalog(root / "s1"), client)
+            result["map_local"] = measure_map(ats.open_catalog(root / "s1"), client, args.rounds)
             if not args.no_s3:
-                result.update(_s3(pipe, seeds, client))
+                result.update(_s3(pipe, seeds, client, args.rounds))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     for key in ("plain", "capture_loop", "sweep1", "sweep2", "sweep_s3"):
@@ -138,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _s3(pipe, seeds, client) -> dict:
+def _s3(pipe, seeds, client, rounds: int = 1) -> dict:
     """The sweep written to, and map_stats read from, a moto S3 server on localhost."""
     import boto3
     from moto.server import ThreadedMotoServer
@@ -154,7 +194,7 @@ def _s3(pipe, seeds, client) -> dict:
         url = "s3://bench/s1"
         out = {"sweep_s3_s": _timed(lambda: ats.sweep(pipe, PROMPTS, seeds, out=url, storage_options=options,
                                                       progress=False, num_inference_steps=STEPS))}
-        out["map_s3"] = measure_map(ats.open_catalog(url, storage_options=options), client)
+        out["map_s3"] = measure_map(ats.open_catalog(url, storage_options=options), client, rounds)
         return out
     finally:
         server.stop()

@@ -108,6 +108,46 @@ def test_prompts_that_differ_per_sample():
     assert math.isnan(share.values[1][0]) and share.values[1][1] == pytest.approx(0.5 / 1.3)
 
 
+def _sums_by_loops(maps, prompt, words):
+    """map_sums of one (head, y, x, token) block, pixel by pixel in float64: the reference."""
+    heads, tokens = maps.shape[0], maps.shape[-1]
+    a = maps.astype(np.float64).reshape(heads, -1, tokens)
+    sums, counts, ent, hit = a.sum((0, 1)) / heads, np.zeros(tokens), 0.0, 0
+    for px in a.mean(0):
+        on = px[prompt]
+        if not on.sum() > 0:
+            continue
+        hit += 1
+        counts[np.flatnonzero(prompt)[np.argmax(on)]] += 1  # np.argmax: the first maximum
+        q = on / on.sum()
+        ent -= sum(v * math.log(v) for v in q if v > 0)
+    return np.concatenate([sums, counts, [ent, hit, a.shape[1], sums.sum()]])
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_map_sums_equal_a_pixel_by_pixel_loop(heads, dtype):
+    from attnscope.stats._formulas import map_sums
+
+    rng = np.random.default_rng(heads)
+    maps = rng.random((2, 3, heads, 4, 5, 7))  # step, sample, head, y, x, token
+    maps[0, 1] = np.round(maps[0, 1] * 2) / 2  # argmax ties
+    maps[1, 0, ..., 2:5] = 0  # pixels with no mass on a sample's words
+    maps = maps.astype(dtype)
+    prompt = np.array([[0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0]], bool)  # per sample
+    words = prompt | np.eye(7, dtype=bool)[5]
+    got = map_sums(maps, prompt[None], words[None])
+    for step in range(2):
+        for sample in range(3):
+            want = _sums_by_loops(maps[step, sample], prompt[sample], words[sample])
+            np.testing.assert_allclose(got[step, sample], want, rtol=2e-3 if dtype == np.float16 else 1e-5,
+                                       err_msg=f"step {step}, sample {sample}")
+    nan = maps.astype(np.float64)
+    nan[1] = np.nan  # a gated step stored as NaN: its sums stay NaN, it counts no pixel
+    out = map_sums(nan, prompt[None], words[None])
+    assert np.isnan(out[1, :, -4]).all() and (out[1, :, 7:14] == 0).all() and (out[1, :, -3] == 0).all()
+
+
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory):
     pipe = ats.load_pipeline("shapes")
@@ -132,6 +172,36 @@ def test_store_in_many_chunks_equals_the_same_data_in_memory(traces):
     a = loaded[site].values.astype(np.float64).mean(2).sum((2, 3))  # step, sample, token
     words = a[..., 1:8]
     np.testing.assert_allclose(lazy.mass_share.sel(site=site).values, words / words.sum(-1, keepdims=True), rtol=1e-5)
+
+
+@pytest.mark.parametrize("statistic", ["dominance", "region_share"])
+def test_sites_read_whole_or_chunk_by_chunk_give_the_same_numbers(traces, statistic, monkeypatch):
+    import attnscope.stats._sites as sites_module
+
+    tr, _ = traces
+    run = {"dominance": lambda: ats.stats.dominance(tr, targets=["circle", "square"]),
+           "region_share": lambda: ats.stats.region_share(tr, {"a red circle": (0, 0, 0.5, 1), "a blue square": (0.7, 0.5)})}
+    chunked = []
+    original = sites_module._by_chunk
+    monkeypatch.setattr(sites_module, "_by_chunk", lambda *a: chunked.append(1) or original(*a))
+    whole = run[statistic]()  # the shapes model's sites are a few kB: read whole
+    assert chunked == []
+    monkeypatch.setattr(sites_module, "SMALL_SITE_BYTES", 0)
+    by_chunk = run[statistic]()
+    assert len(chunked) == len(tr.sites)
+    xr.testing.assert_allclose(whole, by_chunk, rtol=1e-12, atol=0)
+    assert whole.attrs == by_chunk.attrs and list(whole.coords) == list(by_chunk.coords)
+
+
+def test_sites_with_different_steps_are_joined_on_the_union_of_steps(traces):
+    tr, _ = traces
+    a, b = tr.sites[:2]
+    arrays = {a: tr.attention(a).isel(step=[0, 1, 2]), b: tr.attention(b).isel(step=[1, 2, 3])}
+    ds = ats.stats.dominance(arrays, targets=["circle", "square"])
+    assert ds.step.values.tolist() == [0, 1, 2, 3]
+    assert np.isnan(ds.target_share.sel(site=a, step=3)).all() and np.isnan(ds.target_share.sel(site=b, step=0)).all()
+    alone = ats.stats.dominance({b: arrays[b]}, targets=["circle", "square"])
+    np.testing.assert_array_equal(ds.target_share.sel(site=b, step=[1, 2, 3]), alone.target_share.sel(site=b))
 
 
 def test_sites_steps_selection_and_errors(traces):

@@ -11,9 +11,9 @@ from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import resolve_targets, token_roles, token_words
 from . import _formulas as f
+from ._sites import reduce_sites, sites_dataset
 
-__all__ = ["dominance", "site_arrays", "site_dataset", "sites_and_text", "stack_sites", "target_positions", "token_role_rows",
-           "token_texts"]
+__all__ = ["dominance", "site_arrays", "sites_and_text", "target_positions", "token_role_rows", "token_texts"]
 
 _MAP_DIMS = ("head", "y", "x", "token")
 
@@ -98,34 +98,12 @@ def target_positions(texts: list[list[str]], roles: list[list[str]], targets: An
     return [str(t) for t in items], per_sample
 
 
-def _chunk_sums(da: Any, prompt: np.ndarray, words: np.ndarray, cut: bool) -> Any:
-    """``map_sums`` of every stored chunk, lazily: a dask array (step, sample, sums), one task per chunk.
-
-    Each task holds whole maps (head, y, x, token) of some steps and all samples (one stored shard);
-    it picks its samples' rows of the token masks from ``block_info``, so the graph has no other
-    input than the store.
-    """
-    data = da.transpose("step", "sample", *_MAP_DIMS).data
-    width = 2 * da.sizes["token"] + 4
-    if not hasattr(data, "map_blocks"):  # in memory
-        return f.map_sums(np.asarray(data), prompt[None], words[None], total_is_one=cut)
-    # one task per step-chunk with every sample: the writer's shard layout, and far fewer kernel calls
-    data = data.rechunk({1: -1, **{i: -1 for i in range(2, 6)}})
-
-    def block(chunk: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-        lo, hi = block_info[0]["array-location"][1]
-        return f.map_sums(chunk, prompt[None, lo:hi], words[None, lo:hi], total_is_one=cut)
-
-    return data.map_blocks(block, drop_axis=[2, 3, 4, 5], new_axis=[2], chunks=(*data.chunks[:2], (width,)),
-                           dtype=np.float64, meta=np.empty((0, 0, 0)))
-
-
 def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, sites: Any = None,
               steps: Any = None, include_special: bool = False, tokens: Sequence[str] | None = None) -> Any:
     """Attention-dominance statistics per step, site and sample (definitions in docs/analysis.md), as an ``xarray.Dataset``.
 
-    Heads are averaged first. Every statistic comes from one pass over each stored chunk (dask, lazily:
-    stores larger than memory are fine); one function per formula in :mod:`attnscope.stats` (``mass_share``, ``entropy``, …).
+    Heads are averaged first. Every statistic comes from one pass over the maps (a small site read
+    whole, a large one chunk by chunk with dask: stores larger than memory are fine); one function per formula in :mod:`attnscope.stats` (``mass_share``, ``entropy``, …).
 
     Parameters
     ----------
@@ -165,23 +143,23 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     >>> float(ds.mass_share.sum("token").max().round(6))   # shares over the prompt's words sum to 1
     1.0
     """
-    import dask
-
     arrays, cut, texts, roles = sites_and_text(source, sites, steps, tokens)
     first = next(iter(arrays.values()))
     words = np.array([[r == "word" for r in row] for row in roles])
     prompt = np.ones_like(words) if include_special else words
     labels, positions = target_positions(texts, roles, targets)
 
-    computed = dask.compute(*[_chunk_sums(da, prompt, words, cut) for da in arrays.values()])
+    def sums_of(maps: np.ndarray, samples: slice) -> np.ndarray:
+        return f.map_sums(maps, prompt[None, samples], words[None, samples], total_is_one=cut)
+
+    computed = reduce_sites(arrays, sums_of, 2 * first.sizes["token"] + 4)
 
     keep = np.flatnonzero(prompt.any(0))
     per_site = []
-    for (name, da), sums in zip(arrays.items(), computed):
-        sums = np.asarray(sums)
+    for sums in computed:
         share = f.mass_share(sums, prompt[None])
         tshare = np.stack([f.target_share(share[:, s], positions[s]) for s in range(share.shape[1])], 1)
-        per_site.append(site_dataset(name, da, {
+        per_site.append({
             "mass_share": (("step", "sample", "token"), share[..., keep]),
             "argmax_coverage": (("step", "sample", "token"), f.argmax_coverage(sums, prompt[None])[..., keep]),
             "target_share": (("step", "sample", "target"), tshare),
@@ -189,8 +167,8 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
             "entropy": (("step", "sample"), f.entropy(sums)),
             "gini": (("step", "sample"), f.gini(share, prompt[None])),
             "sink_share": (("step", "sample"), f.sink_share(sums, words[None])),
-        }))
-    out = stack_sites(per_site, arrays).transpose("step", "site", "sample", "token", "target")
+        })
+    out = sites_dataset(arrays, per_site).transpose("step", "site", "sample", "token", "target")
     tok_text = np.array(texts)[:, keep]
     tok_word = np.array([token_words(t, r) for t, r in zip(texts, roles)])[:, keep]
     same = all(row == texts[0] for row in texts)
@@ -206,30 +184,6 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     out.attrs.update({"targets": labels, "heads": "averaged before the statistics",
                       "prompt_tokens": "word pieces, SOT, EOT and padding" if include_special else "word pieces",
                       "definitions": "docs/analysis.md of attnscope; one function per formula in attnscope.stats"})
-    return out
-
-
-def site_dataset(name: str, da: Any, variables: dict[str, Any]) -> Any:
-    """One site's statistics as a Dataset over its maps' ``step``/``sample`` (with ``timestep``), on a ``site`` axis."""
-    import xarray as xr
-
-    ds = xr.Dataset(variables, coords={"step": da["step"].values, "sample": da["sample"].values
-                                       if "sample" in da.coords else np.arange(da.sizes["sample"])})
-    if "timestep" in da.coords:
-        ds = ds.assign_coords(timestep=("step", np.asarray(da["timestep"].values, dtype=float)))
-    return ds.expand_dims(site=[name])
-
-
-def stack_sites(per_site: list[Any], arrays: dict[str, Any]) -> Any:
-    """:func:`site_dataset` results joined along ``site``, with where each site sits (``block``, ``depth``) where
-    every site says: down/mid/up, double/single, or a flat stack's third."""
-    import xarray as xr
-
-    out = xr.concat(per_site, dim="site", join="outer", coords="minimal", compat="override")
-    described = [da.attrs.get("site", {}) for da in arrays.values()]
-    for key in ("block", "depth"):
-        if all(key in d for d in described):
-            out = out.assign_coords({key: ("site", [d[key] for d in described])})
     return out
 
 

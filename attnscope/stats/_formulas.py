@@ -75,17 +75,23 @@ def map_sums(maps: Any, prompt: Any, words: Any, *, total_is_one: bool = False) 
 
     # entropy and argmax only need the prompt's columns: gather them (a few of 77 for CLIP), average heads
     cols = np.flatnonzero(prompt.reshape(-1, tokens).any(0))
+    every = bool(prompt[..., cols].all())  # each sample's P is the same columns (the usual case): no masking
     keep = torch.from_numpy(np.ascontiguousarray(prompt[..., cols]))[..., None, :]  # (..., 1, C)
-    sub = t.index_select(-1, torch.from_numpy(cols)).to(work).mean(-3) * keep  # (..., pixels, C)
+    sub = t.index_select(-1, torch.from_numpy(cols)).to(work)
+    sub = sub[..., 0, :, :] if heads == 1 else sub.mean(-3)  # (..., pixels, C)
+    if not every:
+        sub = sub * keep
     row = sub.sum(-1)
     has_mass = row > 0
     q = sub / torch.where(has_mass, row, torch.ones_like(row))[..., None]
-    ent = -torch.special.xlogy(q, q).sum(-1)  # 0·log 0 = 0
+    ent = -(q * torch.log(q)).masked_fill_(q == 0, 0.0).sum(-1)  # 0·log 0 = 0; a NaN map stays NaN
     ent_sum = (ent * has_mass).sum(-1).double().numpy()
-    best = torch.where(keep, sub, torch.full_like(sub, -1.0)).argmax(-1)  # first maximum: the lower position
+    # the first maximum (the lower position) among P's columns; pixels without mass on P count nowhere
+    best = (sub if every else torch.where(keep, sub, torch.full_like(sub, -1.0))).max(-1).indices
+    best = torch.where(has_mass, best, len(cols))
+    hits = torch.zeros((*lead, len(cols) + 1), dtype=work).scatter_add_(-1, best, torch.ones(best.shape, dtype=work))
     counts = np.zeros((*lead, tokens))
-    hits = torch.nn.functional.one_hot(best, len(cols)) * has_mass[..., None]
-    counts[..., cols] = hits.sum(-2).double().numpy()
+    counts[..., cols] = hits[..., :-1].double().numpy()
     extra = np.stack([ent_sum, has_mass.sum(-1).double().numpy(), np.full(ent_sum.shape, float(pixels)), total], -1)
     return np.concatenate([sums, counts, extra], -1)
 

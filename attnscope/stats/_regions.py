@@ -24,12 +24,12 @@ import numpy as np
 
 from ..errors import AttnscopeError
 from ..tokens import prompt_text, target_occurrences
-from ._dominance import site_dataset, sites_and_text, stack_sites
+from ._dominance import sites_and_text
+from ._sites import reduce_sites, sites_dataset
 
 __all__ = ["layout_regions", "layout_tokens", "region_mask", "region_share"]
 
 _ARTICLES = {"a", "an", "the"}
-_MAP_DIMS = ("head", "y", "x", "token")
 
 
 def _region(spec: Any, name: str) -> tuple[float, ...]:
@@ -159,22 +159,6 @@ def _inside_sums(chunk: np.ndarray, cols: np.ndarray, weights: np.ndarray, masks
     return np.concatenate([inside, mass.sum((2, 3))], axis=-1)
 
 
-def _site_sums(da: Any, cols: np.ndarray, weights: np.ndarray, masks: np.ndarray) -> Any:
-    """:func:`_inside_sums` of every stored chunk, lazily (one dask task per chunk, as ``dominance``)."""
-    data = da.transpose("step", "sample", *_MAP_DIMS).data
-    width = 2 * masks.shape[-1]
-    if not hasattr(data, "map_blocks"):  # in memory
-        return _inside_sums(data, cols, weights, masks)
-    data = data.rechunk({1: -1, **{i: -1 for i in range(2, 6)}})  # whole maps, every sample: the writer's shards
-
-    def block(chunk: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-        lo, hi = block_info[0]["array-location"][1]
-        return _inside_sums(chunk, cols, weights[lo:hi], masks)
-
-    return data.map_blocks(block, drop_axis=[2, 3, 4, 5], new_axis=[2], chunks=(*data.chunks[:2], (width,)),
-                           dtype=np.float64, meta=np.empty((0, 0, 0)))
-
-
 def region_share(source: Any, layout: Mapping[str, Sequence[float]], *, sites: Any = None, steps: Any = None,
                  radius: float = 0.2, tokens: Sequence[str] | None = None) -> Any:
     """The share of each layout phrase's attention mass inside its region, per step, site and sample.
@@ -184,7 +168,8 @@ def region_share(source: Any, layout: Mapping[str, Sequence[float]], *, sites: A
     articles dropped: :func:`layout_tokens`) and ``M_i`` its region on the site's grid of pixel centres
     (:func:`region_mask`; a centre means a disk of ``radius``). 1: all of the phrase's attention is in its
     region; a map spread evenly over the image gives ``region_area``. Non-square maps are fine. Read
-    like :func:`dominance`: one dask task per stored chunk, each reduced to two sums per phrase.
+    like :func:`dominance`: one pass over each site's maps (a small site whole, a large one chunk by chunk),
+    reduced to two sums per phrase.
 
     To average: ``ds.region_share.mean(["step", "site"])`` per sample and phrase (NaN steps, such as
     those TGATE gated, are skipped); adding ``"phrase"`` gives, for a trace of a
@@ -234,8 +219,6 @@ def region_share(source: Any, layout: Mapping[str, Sequence[float]], *, sites: A
     >>> bool(((share > 0) & (share < 1)).all())
     True
     """
-    import dask
-
     regions = layout_regions(layout)
     radius = _radius(radius)
     arrays, _, texts, roles = sites_and_text(source, sites, steps, tokens)
@@ -253,17 +236,15 @@ def region_share(source: Any, layout: Mapping[str, Sequence[float]], *, sites: A
     masks = {name: np.stack([region_mask(regions[p], (da.sizes["y"], da.sizes["x"]), radius) for p in phrases],
                             axis=-1).astype(np.float64) for name, da in arrays.items()}
 
-    computed = dask.compute(*[_site_sums(da, cols, weights, masks[name]) for name, da in arrays.items()])
-
-    per_site = []
     n = len(phrases)
-    for (name, da), sums in zip(arrays.items(), computed):
-        sums = np.asarray(sums)
+    kernels = {name: (lambda maps, samples, m=masks[name]: _inside_sums(maps, cols, weights[samples], m)) for name in arrays}
+    per_site = []
+    for name, sums in zip(arrays, reduce_sites(arrays, kernels, 2 * n)):
         with np.errstate(invalid="ignore", divide="ignore"):
             share = sums[..., :n] / sums[..., n:]
-        per_site.append(site_dataset(name, da, {"region_share": (("step", "sample", "phrase"), share),
-                                                "region_area": (("phrase",), masks[name].mean(axis=(0, 1)))}))
-    out = stack_sites(per_site, arrays)
+        per_site.append({"region_share": (("step", "sample", "phrase"), share),
+                         "region_area": (("phrase",), masks[name].mean(axis=(0, 1)))})
+    out = sites_dataset(arrays, per_site)
     out["region_share"] = out.region_share.transpose("step", "site", "sample", "phrase")
     out["region_area"] = out.region_area.transpose("site", "phrase")
     summed = [[" ".join(text[p] for p in f[phrase]) for phrase in phrases] for text, f in zip(texts, found)]

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ._dominance import site_dataset, sites_and_text, stack_sites, target_positions
+from ._dominance import sites_and_text, target_positions
+from ._sites import sites_dataset
 
 __all__ = ["box_iou", "centre_of_mass", "histogram_intersection", "map_shape", "peak_to_mean", "spread", "top_share"]
 
@@ -182,21 +183,21 @@ def map_shape(source: Any, targets: Sequence[str | int] | str, *, sites: Any = N
             weights[sample, np.isin(stored, cols), k] = 1.0
     pairs = [(i, j) for i in range(len(labels)) for j in range(i + 1, len(labels))]
     per_site = []
-    for name, da in arrays.items():
+    for da in arrays.values():
         maps = np.asarray(da.transpose("step", "sample", "head", "y", "x", "token").values, dtype=np.float64)
         per_target = np.einsum("nshyxt,stk->nskyx", maps, weights) / maps.shape[2]  # heads averaged
         cx, cy = centre_of_mass(per_target)
         overlap = np.stack([histogram_intersection(per_target[:, :, i], per_target[:, :, j]) for i, j in pairs], -1) \
             if pairs else np.zeros(per_target.shape[:2] + (0,))
-        per_site.append(site_dataset(name, da, {
+        per_site.append({
             "peak_to_mean": (("step", "sample", "target"), peak_to_mean(per_target)),
             "top_share": (("step", "sample", "target"), top_share(per_target, fraction)),
             "centre_x": (("step", "sample", "target"), cx),
             "centre_y": (("step", "sample", "target"), cy),
             "spread": (("step", "sample", "target"), spread(per_target)),
             "overlap": (("step", "sample", "pair"), overlap),
-        }))
-    out = stack_sites(per_site, arrays).transpose("step", "site", "sample", "target", "pair")
+        })
+    out = sites_dataset(arrays, per_site).transpose("step", "site", "sample", "target", "pair")
     out = out.assign_coords(target=labels, pair=[f"{labels[i]}|{labels[j]}" for i, j in pairs])
     out.attrs.update({"targets": labels, "heads": "averaged before the statistics", "top_fraction": fraction,
                       "definitions": "docs/analysis.md of attnscope (map shape)"})
