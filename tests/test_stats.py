@@ -174,13 +174,14 @@ def test_store_in_many_chunks_equals_the_same_data_in_memory(traces):
     np.testing.assert_allclose(lazy.mass_share.sel(site=site).values, words / words.sum(-1, keepdims=True), rtol=1e-5)
 
 
-@pytest.mark.parametrize("statistic", ["dominance", "region_share"])
+@pytest.mark.parametrize("statistic", ["dominance", "region_share", "map_shape"])
 def test_sites_read_whole_or_chunk_by_chunk_give_the_same_numbers(traces, statistic, monkeypatch):
     import attnscope.stats._sites as sites_module
 
     tr, _ = traces
     run = {"dominance": lambda: ats.stats.dominance(tr, targets=["circle", "square"]),
-           "region_share": lambda: ats.stats.region_share(tr, {"a red circle": (0, 0, 0.5, 1), "a blue square": (0.7, 0.5)})}
+           "region_share": lambda: ats.stats.region_share(tr, {"a red circle": (0, 0, 0.5, 1), "a blue square": (0.7, 0.5)}),
+           "map_shape": lambda: ats.stats.map_shape(tr, ["circle", "square"])}
     chunked = []
     original = sites_module._by_chunk
     monkeypatch.setattr(sites_module, "_by_chunk", lambda *a: chunked.append(1) or original(*a))

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import AttnscopeError
 from ._dominance import sites_and_text, target_positions
-from ._sites import sites_dataset
+from ._sites import reduce_sites, sites_dataset
 
 __all__ = ["box_iou", "centre_of_mass", "histogram_intersection", "map_shape", "peak_to_mean", "spread", "top_share"]
 
@@ -141,8 +141,8 @@ def map_shape(source: Any, targets: Sequence[str | int] | str, *, sites: Any = N
 
     Each target's map is the sum of its tokens' maps (heads averaged first; targets resolved on each
     sample's prompt as in :func:`dominance`); the formulas are in this module's functions and
-    docs/analysis.md. Read per site; the maps of one site (steps × samples × targets × h × w) are
-    held at once.
+    docs/analysis.md. The store is read as by :func:`dominance`: small sites whole, larger ones one
+    stored shard of steps at a time, so memory stays one shard's maps however long the run.
 
     Parameters
     ----------
@@ -182,21 +182,20 @@ def map_shape(source: Any, targets: Sequence[str | int] | str, *, sites: Any = N
         for k, cols in enumerate(row):
             weights[sample, np.isin(stored, cols), k] = 1.0
     pairs = [(i, j) for i in range(len(labels)) for j in range(i + 1, len(labels))]
-    per_site = []
-    for da in arrays.values():
-        maps = np.asarray(da.transpose("step", "sample", "head", "y", "x", "token").values, dtype=np.float64)
-        per_target = np.einsum("nshyxt,stk->nskyx", maps, weights) / maps.shape[2]  # heads averaged
+    k, names = len(labels), ("peak_to_mean", "top_share", "centre_x", "centre_y", "spread")
+
+    def shape_of(maps: np.ndarray, samples: slice) -> np.ndarray:  # → (step, sample, 5 K + pairs)
+        per_target = np.einsum("nshyxt,stk->nskyx", maps.astype(np.float64), weights[samples]) / maps.shape[2]
         cx, cy = centre_of_mass(per_target)
-        overlap = np.stack([histogram_intersection(per_target[:, :, i], per_target[:, :, j]) for i, j in pairs], -1) \
-            if pairs else np.zeros(per_target.shape[:2] + (0,))
-        per_site.append({
-            "peak_to_mean": (("step", "sample", "target"), peak_to_mean(per_target)),
-            "top_share": (("step", "sample", "target"), top_share(per_target, fraction)),
-            "centre_x": (("step", "sample", "target"), cx),
-            "centre_y": (("step", "sample", "target"), cy),
-            "spread": (("step", "sample", "target"), spread(per_target)),
-            "overlap": (("step", "sample", "pair"), overlap),
-        })
+        overlap = [histogram_intersection(per_target[:, :, i], per_target[:, :, j]) for i, j in pairs]
+        return np.concatenate([peak_to_mean(per_target), top_share(per_target, fraction), cx, cy,
+                               spread(per_target), *[o[..., None] for o in overlap]], -1)
+
+    per_site = []
+    for packed in reduce_sites(arrays, shape_of, len(names) * k + len(pairs)):
+        site = {name: (("step", "sample", "target"), packed[..., i * k:(i + 1) * k]) for i, name in enumerate(names)}
+        site["overlap"] = (("step", "sample", "pair"), packed[..., len(names) * k:])
+        per_site.append(site)
     out = sites_dataset(arrays, per_site).transpose("step", "site", "sample", "target", "pair")
     out = out.assign_coords(target=labels, pair=[f"{labels[i]}|{labels[j]}" for i, j in pairs])
     out.attrs.update({"targets": labels, "heads": "averaged before the statistics", "top_fraction": fraction,
