@@ -129,6 +129,14 @@ def _incomplete(path, written):
     w.close(complete=False)
 
 
+def test_a_run_with_every_step_written_but_not_finished_says_so(tmp_path):
+    _incomplete(tmp_path / "last.zarr", written=5)  # every step on disk, no images, no completion mark
+    with pytest.warns(ats.AttnscopeWarning, match=r"incomplete: all 5 steps written, the run did not finish"):
+        tr = ats.open_trace(tmp_path / "last.zarr")
+    assert tr.written == "all 5 steps written, the run did not finish" and "5 of 5" not in repr(tr)
+    assert ats.stats.convergence(tr, of="maps").attrs["incomplete"] == tr.written
+
+
 def test_incomplete_trace_says_so_once_and_suggests_no_gate(tmp_path):
     _incomplete(tmp_path / "cut.zarr", written=3)
     with warnings.catch_warnings(record=True) as caught:

@@ -281,7 +281,7 @@ def _summary_rows(tr: Any) -> list[tuple[str, Any]]:
     versions = m.get("versions") if isinstance(m.get("versions"), dict) else {}
     captured = capture.get("steps")
     parent = m.get("parent") if isinstance(m.get("parent"), dict) else None
-    state = "complete" if tr.complete else f"incomplete: {tr.steps_written} of {tr.num_steps} steps written"
+    state = "complete" if tr.complete else f"incomplete: {tr.written}"
     return [
         ("trace", str(tr.path)),
         ("model", f"{model.get('reference')} ({model.get('pipeline_class')}, {model.get('denoiser_class')})"),

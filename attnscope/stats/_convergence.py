@@ -196,7 +196,7 @@ def convergence(source: Any, *, sites: Any = None, steps: Any = None, tol: float
 def _interrupted(source: Any) -> str | None:
     """"176 of 400 steps written" for a trace whose capture was interrupted, else None."""
     if isinstance(source, Trace) and not source.complete:
-        return f"{source.steps_written} of {source.num_steps} steps written"
+        return source.written
     return None
 
 

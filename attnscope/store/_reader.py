@@ -77,7 +77,7 @@ class Trace:
         self._consolidated = consolidated
 
     def __repr__(self) -> str:
-        state = "complete" if self.complete else f"incomplete, {self.steps_written} steps written"
+        state = "complete" if self.complete else f"incomplete, {self.written}"
         return f"<Trace {str(self.path)!r}: {len(self.sites)} sites, {state}>"
 
     @functools.cached_property
@@ -99,6 +99,23 @@ class Trace:
     def num_steps(self) -> int:
         """Denoising steps of the run (the length of the ``step`` axis); ``steps_written`` of them are on disk."""
         return int(self._nodes["step"]["shape"][0])
+
+    @property
+    def written(self) -> str:
+        """How much of the run is on disk, in words: ``"3 of 5 steps written"``, or for a run whose every step is
+        written but which did not finish (its images and the completion mark are missing) ``"all 5 steps written,
+        the run did not finish"``.
+
+        >>> import tempfile, attnscope as ats
+        >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
+        ...                  num_inference_steps=2)
+        >>> tr.written
+        'all 2 steps written'
+        """
+        n = self.num_steps
+        if self.steps_written < n:
+            return f"{self.steps_written} of {n} steps written"
+        return f"all {n} steps written" + ("" if self.complete else ", the run did not finish")
 
     @property
     def nan_maps(self) -> dict[str, list[int]]:
@@ -300,7 +317,7 @@ class Trace:
         steps = [int(s) for s in node_attrs.get("steps", []) if self.complete or int(s) < self.steps_written]
         if not steps:
             raise AttnscopeError(f"{str(self.path)!r}: no step of site {name!r} is written yet (the trace is "
-                                 f"incomplete: {self.steps_written} of {self.num_steps} steps written)"
+                                 f"incomplete: {self.written})"
                                  if not self.complete else f"{str(self.path)!r}: site {name!r} captured no step")
         path = f"{group}/{arrays[branch]}"
         lost = self._lost_steps(path, steps)
@@ -439,7 +456,7 @@ def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = Non
     check_layout(where, attrs, nodes)
     trace = Trace(p, attrs, storage_options=storage_options, missing=missing, nodes=nodes, consolidated=use_consolidated)
     if not trace.complete:
-        warnings.warn(f"trace {where!r} is incomplete: {trace.steps_written} of {trace.num_steps} steps written (the "
+        warnings.warn(f"trace {where!r} is incomplete: {trace.written} (the "
                       f"capture was interrupted or is still running); maps, statistics and plots cover only those steps",
                       AttnscopeWarning, stacklevel=2)
     return trace

@@ -31,8 +31,7 @@ def _apply(fn: Callable[[Any], Any], run: str, location: str, storage_options: d
     except AttnscopeError as exc:
         return run, "skipped", f"trace unreadable: {exc}"
     if not tr.complete:
-        planned = tr.manifest.get("run", {}).get("num_inference_steps")
-        return run, "skipped", f"trace incomplete: {tr.steps_written} of {planned} steps written"
+        return run, "skipped", f"trace incomplete: {tr.written}"
     with dask.config.set(scheduler="synchronous"):
         try:
             value = fn(tr)
