@@ -22,10 +22,13 @@ array of every trace read and decompressed, on the same cluster): target ≥ 0.7
     python benchmarks/sweep_throughput.py --runs 24          # ~5 min on 2 cores
     python benchmarks/sweep_throughput.py --runs 8 --no-s3   # a quick look
     python benchmarks/sweep_throughput.py --map-only runs/bench1000 --runs 1000 --rounds 3   # map_stats alone
+    python benchmarks/sweep_throughput.py --map-only runs/bench1000 --s3 --runs 200 --rounds 3   # local vs S3
 
 ``--map-only DIR`` measures only ``map_stats`` against reading, on the sweep in DIR (swept there first, with
 2 workers, when DIR holds none), in ``--rounds`` interleaved read/map rounds; it prints each round's ratio
-and the median.
+and the median. With ``--s3`` the first ``--runs`` complete runs of DIR are also uploaded to a moto S3 server
+started as a separate process on localhost (so it does not share this process's GIL), and the same rounds
+run on both copies, local and S3 alternating, over the same runs.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write the numbers here")
     p.add_argument("--map-only", type=Path, metavar="DIR", help="only map_stats vs reading, on the sweep in DIR (kept)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved read/map rounds (default 1)")
+    p.add_argument("--s3", action="store_true", help="with --map-only: also on an S3 copy of the first --runs runs")
     return p.parse_args(argv)
 
 
@@ -104,6 +108,8 @@ def map_only(args: argparse.Namespace) -> dict:
         ats.sweep("shapes", PROMPTS, _seeds(args.runs), out=args.map_only, workers=2, threads=1, progress=True,
                   num_inference_steps=STEPS)
     cat = ats.open_catalog(args.map_only)
+    if args.s3:
+        return map_local_and_s3(cat, args)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         m = measure_map(cat, client, args.rounds)
@@ -116,6 +122,83 @@ def map_only(args: argparse.Namespace) -> dict:
     if args.json:
         args.json.write_text(json.dumps({"traces": n, **m}, indent=1))
     return m
+
+
+def _moto_process():
+    """A moto S3 server in its own process on a free localhost port: (process, endpoint URL)."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            return proc, endpoint
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"moto_server did not answer on {endpoint}")
+
+
+def map_local_and_s3(cat, args: argparse.Namespace) -> dict:
+    """``--map-only DIR --s3``: the first ``--runs`` complete runs, read and mapped locally and from S3, alternating."""
+    import statistics
+
+    import boto3
+    from distributed import Client, LocalCluster
+
+    from attnscope.sweep._catalog import Catalog
+
+    df = cat.df[cat.df["status"] == "complete"].iloc[:args.runs]
+    proc, endpoint = _moto_process()
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+        s3.create_bucket(Bucket="bench")
+        start = time.perf_counter()
+        root = Path(args.map_only)
+        files = [root / "catalog.parquet", root / "sweep.json"]
+        for trace in df["trace"]:
+            files += [f for f in Path(trace).rglob("*") if f.is_file()]
+        for f in files:
+            s3.upload_file(str(f), "bench", "s/" + f.relative_to(root).as_posix())
+        upload_s = time.perf_counter() - start
+        print(f"uploaded {len(files)} files of {len(df)} traces to {endpoint} in {upload_s:.0f} s")
+        options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        remote = ats.open_catalog("s3://bench/s", storage_options=options)
+        runs = set(df["run"])
+        cats = {"local": Catalog(cat._folder, df), "s3": Catalog(remote._folder, remote.df[remote.df["run"].isin(runs)])}
+        out: dict = {"traces": len(df), "upload_s": upload_s, "files": len(files)}
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            rounds: dict[str, list] = {"local": [], "s3": []}
+            for _ in range(args.rounds):
+                for key, c in cats.items():
+                    rounds[key] += measure_map(c, client, 1)["rounds"]
+        for key, rs in rounds.items():
+            ratios = [r["read_s"] / r["map_stats_s"] for r in rs]
+            out[key] = {"rounds": rs, "ratio_read_over_map": statistics.median(ratios),
+                        "map_stats_s": statistics.median(r["map_stats_s"] for r in rs),
+                        "read_s": statistics.median(r["read_s"] for r in rs)}
+            print(f"  {key:5s}: rounds read / map = {', '.join(f'{x:.2f}' for x in ratios)}; median read "
+                  f"{out[key]['read_s']:.1f} s, DominanceRow {out[key]['map_stats_s']:.1f} s "
+                  f"({len(df) / out[key]['map_stats_s']:.1f} traces/s), read / map = {out[key]['ratio_read_over_map']:.2f} "
+                  f"(target >= 0.7)")
+        print(f"S3 / local DominanceRow time: {out['s3']['map_stats_s'] / out['local']['map_stats_s']:.2f}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
