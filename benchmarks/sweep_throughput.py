@@ -84,20 +84,31 @@ def _read_all(trace) -> int:
         return sum(int(a.nbytes) for a in dask.compute(*[trace.attention(site).data for site in trace.sites]))
 
 
-def measure_map(cat, client, rounds: int = 1) -> dict:
-    """Reading every trace, then ``map_stats(DominanceRow)``, ``rounds`` times interleaved; the median round's ratio."""
+def _warm(cat, client) -> None:
+    """One untimed read of every trace: the workers' imports and the page cache (or the server's) warmed."""
+    cat.map_stats(_read_all, client=client, progress=False)
+
+
+def _round(cat, client) -> dict:
+    """One timed read of every trace, then one timed ``map_stats(DominanceRow)``."""
+    fn = DominanceRow("objects")
+    return {"read_s": _timed(lambda: cat.map_stats(_read_all, client=client, progress=False)),
+            "map_stats_s": _timed(lambda: cat.map_stats(fn, client=client, progress=False))}
+
+
+def _summary(rounds: list[dict]) -> dict:
+    """Medians of the rounds' read and map times and of their ratios."""
     import statistics
 
-    fn = DominanceRow("objects")
-    cat.map_stats(_read_all, client=client, progress=False)  # warm the workers' imports and the page cache
-    reads, maps = [], []
-    for _ in range(rounds):
-        reads.append(_timed(lambda: cat.map_stats(_read_all, client=client, progress=False)))
-        maps.append(_timed(lambda: cat.map_stats(fn, client=client, progress=False)))
-    ratios = [r / m for r, m in zip(reads, maps)]
-    return {"read_s": statistics.median(reads), "map_stats_s": statistics.median(maps),
-            "ratio_read_over_map": statistics.median(ratios), "rounds": [{"read_s": r, "map_stats_s": m}
-                                                                          for r, m in zip(reads, maps)]}
+    return {"read_s": statistics.median(r["read_s"] for r in rounds),
+            "map_stats_s": statistics.median(r["map_stats_s"] for r in rounds),
+            "ratio_read_over_map": statistics.median(r["read_s"] / r["map_stats_s"] for r in rounds), "rounds": rounds}
+
+
+def measure_map(cat, client, rounds: int = 1) -> dict:
+    """Reading every trace, then ``map_stats(DominanceRow)``, ``rounds`` times interleaved; the median round's ratio."""
+    _warm(cat, client)
+    return _summary([_round(cat, client) for _ in range(rounds)])
 
 
 def map_only(args: argparse.Namespace) -> dict:
@@ -150,52 +161,49 @@ def _moto_process():
 
 def map_local_and_s3(cat, args: argparse.Namespace) -> dict:
     """``--map-only DIR --s3``: the first ``--runs`` complete runs, read and mapped locally and from S3, alternating."""
-    import statistics
-
     import boto3
+    import fsspec
     from distributed import Client, LocalCluster
 
+    from attnscope.store import upload_trace
     from attnscope.sweep._catalog import Catalog
 
     df = cat.df[cat.df["status"] == "complete"].iloc[:args.runs]
+    root = Path(args.map_only)
     proc, endpoint = _moto_process()
     try:
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                          aws_secret_access_key="testing")
-        s3.create_bucket(Bucket="bench")
-        start = time.perf_counter()
-        root = Path(args.map_only)
-        files = [root / "catalog.parquet", root / "sweep.json"]
-        for trace in df["trace"]:
-            files += [f for f in Path(trace).rglob("*") if f.is_file()]
-        for f in files:
-            s3.upload_file(str(f), "bench", "s/" + f.relative_to(root).as_posix())
-        upload_s = time.perf_counter() - start
-        print(f"uploaded {len(files)} files of {len(df)} traces to {endpoint} in {upload_s:.0f} s")
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket="bench")
         options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        start = time.perf_counter()
+        fs = fsspec.filesystem("s3", **options)
+        for name in ("catalog.parquet", "sweep.json"):
+            fs.put_file(str(root / name), f"bench/s/{name}")
+        for trace in df["trace"]:   # the sweep's own upload of a finished trace
+            upload_trace(trace, f"s3://bench/s/{Path(trace).relative_to(root).as_posix()}", storage_options=options)
+        upload_s = time.perf_counter() - start
+        print(f"uploaded {len(df)} traces to {endpoint} in {upload_s:.0f} s")
         remote = ats.open_catalog("s3://bench/s", storage_options=options)
-        runs = set(df["run"])
-        cats = {"local": Catalog(cat._folder, df), "s3": Catalog(remote._folder, remote.df[remote.df["run"].isin(runs)])}
-        out: dict = {"traces": len(df), "upload_s": upload_s, "files": len(files)}
+        cats = {"local": Catalog(cat._folder, df), "s3": Catalog(remote._folder, remote.df[remote.df["run"].isin(set(df["run"]))])}
+        rounds: dict[str, list] = {key: [] for key in cats}
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
                 Client(cluster) as client:
-            rounds: dict[str, list] = {"local": [], "s3": []}
+            for c in cats.values():
+                _warm(c, client)
             for _ in range(args.rounds):
                 for key, c in cats.items():
-                    rounds[key] += measure_map(c, client, 1)["rounds"]
-        for key, rs in rounds.items():
-            ratios = [r["read_s"] / r["map_stats_s"] for r in rs]
-            out[key] = {"rounds": rs, "ratio_read_over_map": statistics.median(ratios),
-                        "map_stats_s": statistics.median(r["map_stats_s"] for r in rs),
-                        "read_s": statistics.median(r["read_s"] for r in rs)}
-            print(f"  {key:5s}: rounds read / map = {', '.join(f'{x:.2f}' for x in ratios)}; median read "
-                  f"{out[key]['read_s']:.1f} s, DominanceRow {out[key]['map_stats_s']:.1f} s "
-                  f"({len(df) / out[key]['map_stats_s']:.1f} traces/s), read / map = {out[key]['ratio_read_over_map']:.2f} "
-                  f"(target >= 0.7)")
-        print(f"S3 / local DominanceRow time: {out['s3']['map_stats_s'] / out['local']['map_stats_s']:.2f}")
+                    rounds[key].append(_round(c, client))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    out: dict = {"traces": len(df), "upload_s": upload_s}
+    for key, rs in rounds.items():
+        out[key] = m = _summary(rs)
+        ratios = ", ".join(f"{r['read_s'] / r['map_stats_s']:.2f}" for r in rs)
+        print(f"  {key:5s}: rounds read / map = {ratios}; "
+              f"median read {m['read_s']:.1f} s, DominanceRow {m['map_stats_s']:.1f} s "
+              f"({len(df) / m['map_stats_s']:.1f} traces/s), read / map = {m['ratio_read_over_map']:.2f} (target >= 0.7)")
+    print(f"S3 / local DominanceRow time: {out['s3']['map_stats_s'] / out['local']['map_stats_s']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return out
