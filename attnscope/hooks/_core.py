@@ -62,6 +62,7 @@ class HookSession:
         self._text: tuple | None = None  # (token_ids, token_text, segments, token_roles) of the run
         self._last_timestep: float | None = None
         self._aside = False
+        self._probing: Any = None  # the client whose own denoiser calls are running (:meth:`probe`)
         #: True while backward recomputes a checkpointed denoiser call (:meth:`checkpointing`)
         self.recomputing = False
 
@@ -79,6 +80,21 @@ class HookSession:
         finally:
             self._aside = False
         return out[0]
+
+    @contextlib.contextmanager
+    def probe(self, client: Any) -> Iterator[None]:
+        """Denoiser calls a client makes itself inside the block (Attend-and-Excite's look at the step about to
+        run): only ``client`` sees their attention calls, no step is counted, no ``on_step`` is called, and their
+        step context has the step about to run, every row conditional and no token text."""
+        if self._probing is not None:
+            raise AttnscopeError(f"client {client!r}: probe() inside another client's probe ({self._probing!r})")
+        saved = self.step_context, self._duplicate
+        self._probing = client
+        try:
+            yield
+        finally:
+            self._probing = None
+            self.step_context, self._duplicate = saved
 
     def checkpointing(self) -> contextlib.AbstractContextManager[None]:
         """Activation checkpointing of every denoiser call in the block, for clients that backpropagate through a
@@ -108,6 +124,13 @@ class HookSession:
         inputs = self.adapter.step_inputs(args, kwargs)
         timestep = inputs["timestep"]
         num_steps = self._num_steps()
+        if self._probing is not None:  # a client's own call: the step about to run, shown to that client only
+            self.step_context, self._duplicate = StepContext(
+                run=max(self._run, 0), step=0 if self._new_run else self._steps_in_run, timestep=timestep,
+                num_steps=num_steps, latent_shape=inputs["latent_shape"],
+                rows=RowLayout.for_batch(inputs["batch"], False, None), token_ids=None,
+                text_length=inputs["text_length"]), False
+            return None
         if not self._new_run and self.adapter.STEPS_BY == "timestep" and timestep == self._last_timestep:
             # a second pass of the same step (Flux's true CFG: the negative prompt): not shown to clients
             self.step_context, self._duplicate = None, False
@@ -193,7 +216,7 @@ class HookSession:
 
     def plan(self, ctx: CallContext, clients: list[Any] | None = None) -> dict[str, list[Any]]:
         plan: dict[str, list[Any]] = {}
-        for client in self.clients if clients is None else clients:
+        for client in self._visible(self.clients if clients is None else clients):
             for stage in client.stages(ctx):
                 if stage not in STAGES:
                     raise AttnscopeError(f"client {client!r}: unknown stage {stage!r}, expected one of {STAGES}")
@@ -201,12 +224,16 @@ class HookSession:
         return plan
 
     def bypass(self, ctx: CallContext, clients: list[Any] | None = None) -> torch.Tensor | None:
-        for client in self.interventions if clients is None else clients:
+        for client in self._visible(self.interventions if clients is None else clients):
             if id(client) in self._intervening and hasattr(client, "bypass"):
                 out = client.bypass(ctx)
                 if out is not None:
                     return out
         return None
+
+    def _visible(self, clients: list[Any]) -> list[Any]:
+        """The clients shown an attention call: all of them, or during a :meth:`probe` only the probing one."""
+        return clients if self._probing is None else [c for c in clients if c is self._probing]
 
     def skipped(self, plan: dict, ctx: CallContext) -> None:
         """Tell the clients that asked for logits/probs at a bypassed call that those stages did not run."""
