@@ -180,7 +180,8 @@ def eval_(
     seed: int = typer.Option(0, help="Prompt i is generated with seed SEED+i; the named sets are drawn with SEED."),
     model: str = typer.Option("shapes", help=_MODEL_HELP),
     intervention: list[str] | None = typer.Option(None, help="Intervention to install while generating: regulation, "
-                                                             "reweight, tgate, spatial (SpatialTemporal, layouts from the relation words) or "
+                                                             "reweight, attend-excite (Attend-and-Excite: moves the latent), tgate, "
+                                                             "spatial (SpatialTemporal, layouts from the relation words) or "
                                                              "spatial-optimised (the same with λ optimised per image "
                                                              "against the attention objective); repeatable."),
     steps: int | None = typer.Option(None, help="Inference steps (default: the pipeline's)."),

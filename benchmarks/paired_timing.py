@@ -55,19 +55,22 @@ def pipeline(name: str, device: str):
 
 
 def generation(pipe, client, *, steps: int, side: int, batch: int = 1) -> Callable[[bool], None]:
-    """``run(with_client)``: the same generation (prompts, seeds 0…, steps, size), with or without ``client``."""
+    """``run(with_client)``: the same generation (prompts, seeds 0…, steps, size), with or without ``client``
+    (handed the call first, as the runners do)."""
+    from attnscope.hooks import prepare_clients
     from attnscope.models import eval_prompts
 
     prompts = [PROMPT] if batch == 1 else eval_prompts("two", n=batch, seed=0)
 
     def run(with_client: bool) -> None:
-        kwargs = dict(num_inference_steps=steps, height=side, width=side,
-                      generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))])
+        call = dict(prompt=prompts, num_inference_steps=steps, height=side, width=side,
+                    generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))])
         if with_client:
+            prepare_clients([client], pipe, call)  # timed too: Attend-and-Excite moves the start noise there
             with ats.hooks(pipe, client):
-                pipe(prompts, **kwargs)
+                pipe(**call)
         else:
-            pipe(prompts, **kwargs)
+            pipe(**call)
     return run
 
 

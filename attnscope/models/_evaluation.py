@@ -73,6 +73,12 @@ def _regulation() -> Any:
     return AttentionRegulation(object_nouns)
 
 
+def _attend_excite() -> Any:
+    from ..regulate import AttendAndExcite
+
+    return AttendAndExcite(object_nouns)  # the latent-moving baseline, official settings, the nouns as subjects
+
+
 def _reweight() -> Any:
     from ..regulate import Reweight
 
@@ -98,7 +104,8 @@ def _spatial_optimised() -> Any:
     return SpatialTemporal(objective="attention")  # λ from 1, optimised per image: Adam lr 5e-3, 3 epochs
 
 
-INTERVENTIONS: dict[str, Callable[[], Any]] = {"regulation": _regulation, "reweight": _reweight, "tgate": _tgate,
+INTERVENTIONS: dict[str, Callable[[], Any]] = {"regulation": _regulation, "reweight": _reweight,
+                                               "attend-excite": _attend_excite, "tgate": _tgate,
                                                "spatial": _spatial, "spatial-optimised": _spatial_optimised}
 _METRICS = {
     "object_present": "objects present",

@@ -9,7 +9,7 @@ from ..errors import AttnscopeError
 from ..selection import select_sites, select_steps
 from ..tokens import prompt_text, resolve_targets, target_occurrences
 
-__all__ = ["InterventionScope", "default_regulation_sites", "targets_label"]
+__all__ = ["InterventionScope", "default_regulation_sites", "nth_occurrences", "targets_label"]
 
 TargetSpec = Sequence[str | int] | str | int | Callable[[str], Sequence[str | int]]
 #: the blocks of a flat stack of layers (PixArt, Sana): the third of the stack a layer sits in
@@ -163,16 +163,16 @@ class InterventionScope:
             targets = targets(prompt_text(tokens, roles))
         if not self.first_occurrence:
             return sorted({p for positions in resolve_targets(tokens, targets, roles).values() for p in positions})
-        return sorted({p for positions in _nth_occurrences(tokens, targets, roles) for p in positions})
+        return sorted({p for positions in nth_occurrences(tokens, targets, roles) for p in positions})
 
 
-def _nth_occurrences(tokens: list[str], targets: Any, roles: Any = None) -> list[list[int]]:
+def nth_occurrences(tokens: list[str], targets: Any, roles: Any = None) -> list[list[int]]:
     """Each target's positions: the first occurrence of a word or phrase, the second occurrence for
     its second mention in ``targets``, and so on (``["circle", "circle"]`` is both circles).
 
     >>> toks = ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "and</w>", "a</w>", "blue</w>",
     ...         "circle</w>", "<|endoftext|>"]
-    >>> _nth_occurrences(toks, ["circle", "circle"]), _nth_occurrences(toks, ["blue circle", 2])
+    >>> nth_occurrences(toks, ["circle", "circle"]), nth_occurrences(toks, ["blue circle", 2])
     ([[3], [7]], [[6, 7], [2]])
     """
     items = [targets] if isinstance(targets, (str, int)) else list(targets)
