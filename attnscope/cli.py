@@ -300,6 +300,7 @@ def stats(
 
 
 @app.command(epilog="Example: attnscope rerun runs/demo.zarr --regulate 'circle,square' -o runs/demo-reg.zarr\n\n"
+                     "Example: attnscope rerun runs/demo.zarr --excite 'circle,square' -o runs/demo-excite.zarr\n\n"
                      "Example: attnscope rerun runs/demo.zarr --tgate 10 -o runs/demo-tgate.zarr\n\n"
                      "Example: attnscope rerun runs/demo.zarr --layout 'a red circle=0,0.2,0.45,0.8;"
                      "a blue square=0.55,0.2,1,0.8' -o runs/demo-layout.zarr\n\n"
@@ -314,6 +315,8 @@ def rerun(
                                                    "e.g. 'circle,square' or 'red circle,blue square'."),
     reweight: list[str] | None = typer.Option(None, help="WORD=FACTOR: scale the attention on WORD by FACTOR, "
                                                          "e.g. square=2.0; repeatable."),
+    excite: str | None = typer.Option(None, help="Attend-and-Excite (the baseline that moves the latent) of these "
+                                                 "comma-separated subjects, e.g. 'circle,square'."),
     tgate: str | None = typer.Option(None, help="TGATE: run this many steps in full, then reuse the cached "
                                                 "cross-attention without guidance; an integer (10), a share of "
                                                 "the steps (0.4), or 'auto' (the gate step TRACE's convergence "
@@ -335,9 +338,11 @@ def rerun(
     import attnscope as ats
 
     try:
-        targets = _split_words(regulate)
+        targets, subjects = _split_words(regulate), _split_words(excite)
         weights = [_parse_reweight(spec) for spec in reweight or []]
         clients = _rerun_interventions(targets, weights) + ([_parse_tgate(tgate, trace)] if tgate is not None else [])
+        if subjects:
+            clients.append(ats.regulate.AttendAndExcite(subjects))
         if layout is not None and layout.strip() == "trace":
             clients.append(ats.regulate.SpatialTemporal.from_trace(ats.open_trace(trace)))
         elif layout is not None:
@@ -346,7 +351,7 @@ def rerun(
         elif optimise:
             raise ats.AttnscopeError("--optimise optimises SpatialTemporal's λ: give --layout too")
         tr = ats.rerun(trace, clients, store=out, overwrite=overwrite, device=device)
-        chosen = list(dict.fromkeys([*(targets or []), *(w for w, _ in weights)])) or None
+        chosen = list(dict.fromkeys([*(targets or []), *(w for w, _ in weights), *(subjects or [])])) or None
         comparison = ats.compare(trace, tr, chosen)
         table, image_change = comparison.table(), comparison.image_change()  # table(): + the steps note when gated
     except ats.AttnscopeError as exc:

@@ -66,6 +66,7 @@ def test_demo_overwrite_replaces_the_trace_and_its_images(shapes, tmp_path):
 @pytest.mark.parametrize("option, message", [
     (["--regulate", "hexagon"], "target 'hexagon' is not in the prompt"),
     (["--reweight", "hexagon=2"], "target 'hexagon' is not in the prompt"),
+    (["--excite", "hexagon"], "target 'hexagon' is not in the prompt"),
     (["--layout", "hexagon=0.2,0.5"], "layout phrase 'hexagon' is not in the prompt"),
     (["--tgate", "50"], "TGate(gate_step=50) on a run of 20 steps"),
 ])

@@ -337,6 +337,17 @@ def test_rerun_command_with_interventions(parent, tmp_path):
     assert described[1:] == [Reweight("red", 2.0).describe(), Reweight("blue square", 0.5).describe()]
 
 
+def test_rerun_command_with_attend_and_excite(parent, tmp_path):
+    out = tmp_path / "excite.zarr"
+    done = cli("rerun", str(parent.path), "-o", str(out), "--excite", "circle,square")
+    assert done.exit_code == 0, done.stderr
+    assert "interventions: AttendAndExcite" in done.stdout and "image change" in done.stdout
+    assert [line.rsplit(None, 3)[0] for line in done.stdout.splitlines()[-2:]] == ["circle", "square"]
+    again = ats.open_trace(out)
+    assert again.manifest["interventions"][0]["params"]["targets"] == ["circle", "square"]
+    assert not np.array_equal(images(again), images(parent))
+
+
 def test_rerun_command_errors(parent, tmp_path):
     done = cli("rerun", str(parent.path), "--reweight", "circle", "--reweight", "square=x")
     assert done.exit_code == 2 and "error: --reweight 'circle': expected WORD=FACTOR" in done.stderr
