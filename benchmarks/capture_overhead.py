@@ -15,6 +15,8 @@ whole ``attnscope.capture`` call, including the writer thread's flush, consolida
     python benchmarks/capture_overhead.py --models sd15 --device cuda --resolution 512
     python benchmarks/capture_overhead.py --models tiny --profile # where the capture time goes
     python benchmarks/capture_overhead.py --models flux,sd3       # joint attention (transformers), CPU
+    python benchmarks/capture_overhead.py --models flux,sd3 --device cuda --resolution 256 [--backend _native_flash]
+                                                                  # 4096 image tokens (1024 px); peak GPU memory
     python benchmarks/capture_overhead.py --models pixart,sana    # flat stacks of cross-attention, CPU
     python benchmarks/capture_overhead.py --models flux2          # FLUX.2 klein structure (Qwen3 chat template)
 
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 
 import attnscope
+from attnscope.hooks import find_denoiser
 from attnscope.store import weights_fingerprint
 from attnscope.testing import (
     flux2_structure_pipeline,
@@ -57,6 +60,9 @@ TOKENS = "auto"  # capture's default: every position on UNets, the prompt's posi
 SEED = 0
 CPU_TARGET = 1.10
 GPU_TARGET = 1.03  # SD-1.5 at 512 px
+JOINT_GPU_TARGET = 1.05  # Flux/SD3 structure at 4096 image tokens (FLUX.1 / SD3 at 1024 px)
+#: on CUDA: the peak memory allocated during the last plain call and the last capture (bytes above the start)
+PEAK: dict[str, int] = {}
 MODELS = {
     "tiny": {"build": tiny_sd_pipeline, "label": "tiny-sd (random weights)", "resolution": 64, "steps": 20, "repeats": 5},
     "sd15": {"build": sd15_structure_pipeline, "label": "sd15-structure (860M, random weights)", "resolution": 256,
@@ -90,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, help="image height = width in px (default: tiny 64, sd15 256)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: float16 pipeline on the GPU")
+    p.add_argument("--backend", help="diffusers attention backend of the denoiser (set_attention_backend), e.g. "
+                                     "_native_flash or flash; transformers only (default: the model's own)")
     p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     p.add_argument("--profile", action="store_true",
                    help="after timing, run one extra capture per model under cProfile and print the top functions")
@@ -120,13 +128,27 @@ def store_size(path: Path) -> tuple[int, int, int]:
     return apparent, allocated, files
 
 
+def _start_peak(device: str) -> int:
+    if device != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _end_peak(device: str, kind: str, start: int) -> None:
+    if device == "cuda":
+        PEAK[kind] = torch.cuda.max_memory_allocated() - start
+
+
 def run_plain(pipe, steps: int, px: int, device: str, call: dict | None = None):
     gc.collect()
     sync(device)
+    start = _start_peak(device)
     t0, c0 = time.perf_counter(), time.process_time()
     out = pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(SEED), num_inference_steps=steps, height=px, width=px,
                **(call or {}))
     sync(device)
+    _end_peak(device, "plain", start)
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
@@ -140,12 +162,14 @@ def run_capture(pipe, steps: int, px: int, device: str, keep: bool = False, prof
         sync(device)
         if profiler is not None:
             profiler.enable()
+        start = _start_peak(device)
         t0, c0 = time.perf_counter(), time.process_time()
         trace = attnscope.capture(pipe, PROMPT, seed=SEED, store=store, sites=None, steps=None, heads="mean",
                                   tokens=TOKENS, branch="cond", num_inference_steps=steps, height=px, width=px,
                                   **(call or {}))
         sync(device)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        _end_peak(device, "capture", start)
         if profiler is not None:
             profiler.disable()
         spec = trace.manifest["capture"]
@@ -169,6 +193,9 @@ def target_for(model: str, device: str, px: int) -> tuple[float | None, str]:
     if model == "sd15":
         note = "" if px == 512 else f" (defined at 512 px, run at {px})"
         return GPU_TARGET, f"GPU SD-1.5 @ 512 px <= {GPU_TARGET:.2f}{note}"
+    if model in ("flux", "sd3"):
+        note = "" if px == 256 else f" (defined at 256 px, run at {px})"
+        return JOINT_GPU_TARGET, f"GPU {model} structure @ 4096 image tokens (256 px) <= {JOINT_GPU_TARGET:.2f}{note}"
     return None, "no GPU target for this model"
 
 
@@ -183,6 +210,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     pipe = cfg["build"]()
     if args.device == "cuda":
         pipe = pipe.to("cuda", torch.float16)
+    if args.backend:
+        denoiser = find_denoiser(pipe)[1]
+        if not hasattr(denoiser, "set_attention_backend"):
+            raise SystemExit(f"--backend {args.backend}: {type(denoiser).__name__} has no set_attention_backend")
+        denoiser.set_attention_backend(args.backend)
     pipe.set_progress_bar_config(disable=True)
     build_s = time.perf_counter() - t0
     sites = attnscope.discover_sites(pipe)
@@ -215,6 +247,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         print(f"   run {i + 1}/{repeats}: plain {p:.3f} s, capture {c:.3f} s ({c / p:.3f}x); "
               f"process CPU {pc:.2f} / {cc:.2f} s; load average {load:.2f}", flush=True)
     assert info["complete"] and info["steps_written"] == steps, info
+    if PEAK:
+        print(f"   peak GPU memory above the start, last pair: plain {PEAK['plain'] / 2**20:.1f} MiB, capture "
+              f"{PEAK['capture'] / 2**20:.1f} MiB (+{(PEAK['capture'] - PEAK['plain']) / 2**20:.1f} MiB)", flush=True)
 
     med_p, med_c = statistics.median(plain), statistics.median(capture)
     target, target_text = target_for(name, args.device, px)
@@ -229,6 +264,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         "cpu_ratio": statistics.median(capture_cpu) / statistics.median(plain_cpu), "overhead_per_step_ms": (med_c - med_p) / steps * 1e3,
         "target": target, "target_text": target_text, "meets_target": None if target is None else ratio <= target,
         **{k: info[k] for k in ("maps_written", "store_bytes", "store_disk_bytes", "store_files")},
+        "backend": args.backend, **({"peak_plain_bytes": PEAK["plain"], "peak_capture_bytes": PEAK["capture"]}
+                                    if PEAK else {}),
     }
     if args.profile:
         result["profile"] = profile_capture(pipe, steps, px, args.device, call=call)
