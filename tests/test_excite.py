@@ -231,3 +231,58 @@ def test_errors_name_the_input(pipe, sdxl_pipe):
     for bad in ({"step_size": 0}, {"max_refinement": -1}, {"thresholds": {10: 0.5}}, {"sigma": 0}):
         with pytest.raises(AttnscopeError, match=next(iter(bad))):
             AttendAndExcite(["circle"], **bad)
+
+
+def test_on_euler_the_probe_input_is_scaled_as_the_pipeline_scales_it():
+    """Euler-type schedulers scale the model input by 1/sqrt(sigma^2 + 1): the first update is the gradient
+    through that scaling (the official code feeds the latent unscaled, right only for DDIM/PNDM)."""
+    from attnscope.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(scheduler="euler")
+    pipe.set_progress_bar_config(disable=True)
+    excite = AttendAndExcite(["circle", "square"], steps=[0], thresholds={})
+    call = {"prompt": PROMPT, "generator": torch.Generator().manual_seed(1), "num_inference_steps": 3,
+            "height": 32, "width": 32}
+    excite.prepare(pipe, call)
+    start = pipe.prepare_latents(1, 4, 32, 32, torch.float32, "cpu", torch.Generator().manual_seed(1))
+    pipe.scheduler.set_timesteps(3)
+    sigma = float(pipe.scheduler.sigmas[0])
+    assert sigma > 2 and float(pipe.scheduler.init_noise_sigma) > 2           # a real scaling, not 1
+    sites = default_regulation_sites(ats.discover_sites(pipe), (4, 4))
+    observer = _Maps(sites)
+    cond = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    z = start.clone().requires_grad_(True)
+    with ats.hooks(pipe, observer), torch.enable_grad():
+        pipe.unet(z / math.sqrt(sigma**2 + 1), pipe.scheduler.timesteps[0], encoder_hidden_states=cond)
+        maps = torch.stack(observer.maps).mean(0)[0]
+        tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(PROMPT).input_ids)
+        words = list(range(1, len(tokens) - 1))
+        loss = excite_loss(maps, words, [[tokens.index("circle</w>")], [tokens.index("square</w>")]])
+        grad, = torch.autograd.grad(loss, z)
+    moved = call["latents"] * pipe.scheduler.init_noise_sigma                 # the pipeline multiplies it back
+    torch.testing.assert_close(moved, start - 20.0 * grad, atol=1e-4, rtol=1e-5)
+    with ats.hooks(pipe, excite):                                             # and the prepared call runs
+        pipe(**call)
+    assert sorted(excite.history) == [0]
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "euler"])
+def test_it_runs_on_multistep_and_euler_schedulers(scheduler):
+    from attnscope.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate(client=None):
+        call = {"prompt": PROMPT, "generator": torch.Generator().manual_seed(2), "num_inference_steps": 4,
+                "height": 32, "width": 32, "output_type": "latent"}
+        if client is None:
+            return pipe(**call).images[0]
+        client.prepare(pipe, call)
+        with ats.hooks(pipe, client):
+            return pipe(**call).images[0]
+
+    excite = AttendAndExcite(["circle", "square"], max_refinement=2)
+    moved, plain = generate(excite), generate()
+    assert sorted(excite.history) == [0, 1] and torch.isfinite(moved).all()
+    assert (moved - plain).abs().max() > 1e-3                                 # the final latents moved (noise: 1e-6)
