@@ -1,11 +1,12 @@
 """Interventions on cross-attention, all clients of the one hook API (``ats.hooks``).
 
 Attention Regulation (seed 000), spatial-temporal control (seed 001), TGATE (seed 002), the
-prompt-to-prompt reweighting baseline and the Attend-and-Excite baseline (which moves the latent); the objectives SpatialTemporal's λ optimisation minimises
-(:class:`AttentionObjective`, :class:`ClipObjective`, or yours: see :mod:`._objectives`' docstring);
-:func:`risk_above` gates an intervention to the generations an early-warning risk flags;
-:class:`InterventionScope` is where and when an intervention acts, shared by all of them. This
-package uses the hook core only through ``attnscope.hooks``' public names.
+prompt-to-prompt reweighting baseline and the Attend-and-Excite baseline (which moves the latent);
+the objectives SpatialTemporal's λ optimisation minimises (:class:`AttentionObjective`,
+:class:`ClipObjective`, or yours: see :mod:`._objectives`' docstring); :func:`risk_above` gates an
+intervention to the generations an early-warning risk flags; :class:`InterventionScope` is where
+and when an intervention acts, shared by all of them. This package uses the hook core only through
+``attnscope.hooks``' public names.
 
 >>> import attnscope as ats
 >>> sorted(ats.regulate.__all__)  # doctest: +NORMALIZE_WHITESPACE
