@@ -286,3 +286,36 @@ def test_it_runs_on_multistep_and_euler_schedulers(scheduler):
     moved, plain = generate(excite), generate()
     assert sorted(excite.history) == [0, 1] and torch.isfinite(moved).all()
     assert (moved - plain).abs().max() > 1e-3                                 # the final latents moved (noise: 1e-6)
+
+
+def test_matches_the_diffusers_reference_pipeline():
+    """diffusers' own port of the authors' code (StableDiffusionAttendAndExcitePipeline, deprecated but shipped)
+    on the same weights and seed gives the same image. Its softmax runs over positions 1..75 of the 77 (the
+    end-of-text and padding included), ours over the prompt's words: a 75-word prompt makes the two the same.
+    Its maps are every 8x8 site (down, mid, up): ours are given those sites. Its refinement steps are indices
+    of this 10-step run: ours are the default shares 0, 0.2 and 0.4 of it."""
+    try:
+        from diffusers import StableDiffusionAttendAndExcitePipeline as reference
+    except ImportError:
+        pytest.skip("this diffusers no longer ships StableDiffusionAttendAndExcitePipeline")
+    from attnscope.testing import tiny_sd_pipeline
+
+    ours, theirs = tiny_sd_pipeline(), tiny_sd_pipeline()                  # the same weights (seed 0), two copies
+    theirs = reference(**{k: v for k, v in theirs.components.items() if k != "image_encoder"})
+    for p in (ours, theirs):
+        p.set_progress_bar_config(disable=True)
+    prompt = " ".join(("a red circle and a blue square " * 11).split()[:75])
+    assert len(ours.tokenizer(prompt).input_ids) == 77
+    sites = [s.name for s in ats.discover_sites(ours) if s.spatial_shape((16, 16)) == (8, 8)]
+    assert len(sites) == 4
+    run = dict(num_inference_steps=10, height=32, width=32, output_type="np")
+    expected = theirs(prompt, token_indices=[3, 7], attn_res=(8, 8), max_iter_to_alter=5,
+                      thresholds={0: 0.05, 2: 0.5, 4: 0.8}, generator=torch.Generator().manual_seed(1), **run).images[0]
+    excite = AttendAndExcite(["circle", "square"], sites=sites)
+    call = {"prompt": prompt, "generator": torch.Generator().manual_seed(1), **run}
+    excite.prepare(ours, call)
+    with ats.hooks(ours, excite):
+        got = ours(**call).images[0]
+    plain = ours(prompt, generator=torch.Generator().manual_seed(1), **run).images[0]
+    assert np.abs(got - expected).max() < 1e-4
+    assert np.abs(plain - expected).max() > 5e-3                              # and it is not the plain image
