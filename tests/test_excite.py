@@ -174,8 +174,8 @@ def test_probe_context_and_nesting(pipe):
 def test_a_sample_does_not_depend_on_its_batch(pipe):
     prompts = [PROMPT, "a green triangle and a green square", "a blue circle and a red circle"]
 
-    def run(prompt, seeds, **kw):
-        excite = AttendAndExcite(object_nouns, max_refinement=4)
+    def run(prompt, seeds, probe_batch=None, **kw):
+        excite = AttendAndExcite(object_nouns, max_refinement=4, probe_batch=probe_batch)
         call = _call(prompt, seeds, **kw)
         excite.prepare(pipe, call)
         with ats.hooks(pipe, excite):
@@ -186,6 +186,9 @@ def test_a_sample_does_not_depend_on_its_batch(pipe):
     np.testing.assert_allclose(batch[2], alone[0], atol=1e-4)
     for step in alone_history:
         assert batch_history[step][1][2] == pytest.approx(alone_history[step][1][0], abs=1e-4)
+    one_by_one, one_history = run(prompts, (10, 11, 12), probe_batch=2)      # looks of 2 and 1 images
+    np.testing.assert_allclose(one_by_one[2], alone[0], atol=1e-4)
+    assert one_history[0][1][2] == pytest.approx(alone_history[0][1][0], abs=1e-4)
     twice, _ = run(prompts[2], (12, 13), num_images_per_prompt=2)
     np.testing.assert_allclose(twice[0], alone[0], atol=1e-4)
     assert np.abs(twice[1] - twice[0]).max() > 0.01                # the second image has its own noise
@@ -228,7 +231,8 @@ def test_errors_name_the_input(pipe, sdxl_pipe):
         AttendAndExcite(["triangle"]).prepare(pipe, _call())
     with pytest.raises(AttnscopeError, match="Stable Diffusion 1.x/2.x"):
         excite.prepare(sdxl_pipe, {"prompt": "a red circle"})
-    for bad in ({"step_size": 0}, {"max_refinement": -1}, {"thresholds": {10: 0.5}}, {"sigma": 0}):
+    for bad in ({"step_size": 0}, {"max_refinement": -1}, {"thresholds": {10: 0.5}}, {"sigma": 0},
+                {"probe_batch": 0}):
         with pytest.raises(AttnscopeError, match=next(iter(bad))):
             AttendAndExcite(["circle"], **bad)
 

@@ -117,6 +117,10 @@ class AttendAndExcite:
     temperature, sigma : float
         The softmax over the prompt's words is taken of ``temperature`` × the attention (official 100);
         the smoothing kernel is :func:`smoothing_kernel` ``(3, sigma)`` (official 0.5).
+    probe_batch : int, optional
+        At most this many images per look with gradients (default: the whole batch at once; the
+        official code looks at one at a time). A look keeps the denoiser's activations for the
+        backward pass, so on a GPU a large batch at 512 px and more may need a small ``probe_batch``.
 
     Examples
     --------
@@ -138,7 +142,7 @@ class AttendAndExcite:
 
     def __init__(self, targets: Any, *, sites: Any = None, steps: Any = "first_half", step_size: float = 20.0,
                  thresholds: Mapping[float, float] | None = None, max_refinement: int = 20,
-                 temperature: float = 100.0, sigma: float = 0.5):
+                 temperature: float = 100.0, sigma: float = 0.5, probe_batch: int | None = None):
         thresholds = dict(_THRESHOLDS if thresholds is None else thresholds)
         if not (isinstance(step_size, (int, float)) and step_size > 0):
             raise AttnscopeError(f"step_size={step_size!r}: expected a positive number")
@@ -148,6 +152,9 @@ class AttendAndExcite:
         if bad:
             raise AttnscopeError(f"thresholds={thresholds!r}: expected {{share of the run in [0, 1): threshold in "
                                  f"[0, 1]}}, e.g. the official {_THRESHOLDS}")
+        if probe_batch is not None and (not isinstance(probe_batch, int) or isinstance(probe_batch, bool)
+                                        or probe_batch < 1):
+            raise AttnscopeError(f"probe_batch={probe_batch!r}: expected a positive integer or None")
         for name, value in (("temperature", temperature), ("sigma", sigma)):
             if not (isinstance(value, (int, float)) and value > 0):
                 raise AttnscopeError(f"{name}={value!r}: expected a positive number")
@@ -155,7 +162,7 @@ class AttendAndExcite:
         self.scope = InterventionScope(targets, sites, steps, first_occurrence=True,
                                        default_sites=default_regulation_sites)
         self.step_size, self.thresholds, self.max_refinement = float(step_size), thresholds, max_refinement
-        self.temperature, self.sigma = float(temperature), float(sigma)
+        self.temperature, self.sigma, self.probe_batch = float(temperature), float(sigma), probe_batch
         self._kernel = smoothing_kernel(3, self.sigma)
         self._run: dict[str, Any] | None = None  # what prepare() worked out for the call about to run
         self._session: Any = None
@@ -172,7 +179,7 @@ class AttendAndExcite:
         return {"name": "AttendAndExcite", "params": {
             "targets": targets_label(self.targets), **self.scope.describe(), "step_size": self.step_size,
             "thresholds": {str(k): v for k, v in self.thresholds.items()}, "max_refinement": self.max_refinement,
-            "temperature": self.temperature, "sigma": self.sigma}}
+            "temperature": self.temperature, "sigma": self.sigma, "probe_batch": self.probe_batch}}
 
     # -- the call ----------------------------------------------------------------------------------
     def prepare(self, pipe: Any, call: dict[str, Any]) -> None:
@@ -269,7 +276,14 @@ class AttendAndExcite:
 
     def _look(self, session: Any, z: torch.Tensor, rows: list[int], t: Any, cond: torch.Tensor,
               step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss per image of ``rows`` and its gradient with respect to their latents (a probe of the denoiser)."""
+        """Loss per image of ``rows`` and its gradient with respect to their latents: probes of the denoiser, at
+        most ``probe_batch`` images each."""
+        size = self.probe_batch or len(rows)
+        parts = [self._look_at(session, z, rows[i:i + size], t, cond, step) for i in range(0, len(rows), size)]
+        return torch.cat([loss for loss, _ in parts]), torch.cat([grad for _, grad in parts])
+
+    def _look_at(self, session: Any, z: torch.Tensor, rows: list[int], t: Any, cond: torch.Tensor,
+                 step: int) -> tuple[torch.Tensor, torch.Tensor]:
         run = self._run
         assert run is not None
         sample = z[rows].detach().requires_grad_(True)
