@@ -211,7 +211,7 @@ def test_eval_names_it(pipe):
     assert result["interventions"] == ["AttendAndExcite('object_nouns')"] and result["n"] == 2
 
 
-def test_errors_name_the_input(pipe, sdxl_pipe):
+def test_errors_name_the_input(pipe):
     excite = AttendAndExcite(["circle", "square"])
     with pytest.raises(AttnscopeError, match="needs the pipeline call"), ats.hooks(pipe, excite):
         pass
@@ -229,8 +229,10 @@ def test_errors_name_the_input(pipe, sdxl_pipe):
         excite.prepare(pipe, {**_call(), "callback_on_step_end": print})
     with pytest.raises(AttnscopeError, match="'triangle'"):
         AttendAndExcite(["triangle"]).prepare(pipe, _call())
-    with pytest.raises(AttnscopeError, match="Stable Diffusion 1.x/2.x"):
-        excite.prepare(sdxl_pipe, {"prompt": "a red circle"})
+    from attnscope.testing import tiny_flux_pipeline
+
+    with pytest.raises(AttnscopeError, match="expected a UNet pipeline"):
+        AttendAndExcite(["circle"]).prepare(tiny_flux_pipeline(), {"prompt": "a red circle"})
     for bad in ({"step_size": 0}, {"max_refinement": -1}, {"thresholds": {10: 0.5}}, {"sigma": 0},
                 {"probe_batch": 0}):
         with pytest.raises(AttnscopeError, match=next(iter(bad))):
@@ -323,3 +325,47 @@ def test_matches_the_diffusers_reference_pipeline():
     plain = ours(prompt, generator=torch.Generator().manual_seed(1), **run).images[0]
     assert np.abs(got - expected).max() < 1e-4
     assert np.abs(plain - expected).max() > 5e-3                              # and it is not the plain image
+
+
+def test_on_sdxl_the_looks_get_the_pipelines_own_conditioning(sdxl_pipe):
+    """SDXL's UNet also needs the pooled text embeddings and the size ids: the first update equals the gradient
+    of a UNet call given exactly what the pipeline's first denoiser call got (read here by a plain torch hook)."""
+    pipe = sdxl_pipe
+    pipe.set_progress_bar_config(disable=True)
+    run = {"num_inference_steps": 3, "height": 32, "width": 32}
+    seen = {}
+
+    def keep(module, args, kwargs):
+        if not seen:
+            seen.update(kwargs, sample=args[0], timestep=args[1])
+
+    handle = pipe.unet.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        pipe(PROMPT, generator=torch.Generator().manual_seed(4), output_type="latent", **run)
+    finally:
+        handle.remove()
+    assert set(seen["added_cond_kwargs"]) == {"text_embeds", "time_ids"}
+    cond = {"encoder_hidden_states": seen["encoder_hidden_states"][1:],
+            "added_cond_kwargs": {k: v[1:] for k, v in seen["added_cond_kwargs"].items()}}
+    start = pipe.prepare_latents(1, 4, 32, 32, torch.float32, "cpu", torch.Generator().manual_seed(4))
+    sigma = float(pipe.scheduler.sigmas[0])                                 # Euler: the input is scaled
+    torch.testing.assert_close(seen["sample"][1:], start / math.sqrt(sigma**2 + 1))  # the same noise
+    excite = AttendAndExcite(["circle", "square"], steps=[0], thresholds={}, step_size=2000.0)  # a visible move
+    call = {"prompt": PROMPT, "generator": torch.Generator().manual_seed(4), **run}
+    excite.prepare(pipe, call)
+    sites = default_regulation_sites(ats.discover_sites(pipe), tuple(start.shape[-2:]))
+    observer = _Maps(sites)
+    z = start.clone().requires_grad_(True)
+    with ats.hooks(pipe, observer), torch.enable_grad():
+        pipe.unet(z / math.sqrt(sigma**2 + 1), seen["timestep"], **cond)
+        maps = torch.stack(observer.maps).mean(0)[0]
+        tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(PROMPT).input_ids)
+        loss = excite_loss(maps, list(range(1, len(tokens) - 1)),
+                           [[tokens.index("circle</w>")], [tokens.index("square</w>")]])
+        grad, = torch.autograd.grad(loss, z)
+    moved = call["latents"] * pipe.scheduler.init_noise_sigma                 # the pipeline multiplies it back
+    torch.testing.assert_close(moved, start - 2000.0 * grad, atol=1e-4, rtol=1e-5)
+    assert (moved - start).abs().max() > 0.02
+    with ats.hooks(pipe, excite):
+        pipe(**call)
+    assert sorted(excite.history) == [0]

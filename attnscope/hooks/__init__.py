@@ -10,6 +10,7 @@ capture, store, stats, plot, regulate or rerun: they build on it.
 (True, ('logits', 'probs', 'output'))
 """
 
+from ._cfg_batch import select_rows
 from ._client import OPTIONAL_METHODS, ROLES, STAGES, HookClient, client_role, prepare_clients
 from ._context import CallContext, RowLayout, StepContext
 from ._core import HookSession, hooks
@@ -18,4 +19,4 @@ from ._sites import CrossAttentionSite
 
 __all__ = ["CallContext", "CrossAttentionSite", "HookClient", "HookSession", "OPTIONAL_METHODS", "ROLES", "RowLayout", "STAGES",
            "StepContext", "client_role", "discover_self_sites", "discover_sites", "find_adapter", "find_denoiser", "hooks",
-           "prepare_clients", "segment_name", "text_segments"]
+           "prepare_clients", "segment_name", "select_rows", "text_segments"]

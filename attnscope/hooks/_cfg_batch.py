@@ -15,7 +15,7 @@ import torch
 __all__ = ["select_rows", "duplicate_prediction"]
 
 
-def select_rows(value: Any, batch: int, rows: slice) -> Any:
+def select_rows(value: Any, batch: int, rows: slice | list[int]) -> Any:
     """``value`` with every tensor whose first axis is the batch cut to ``rows`` (nested dicts/lists/tuples too).
 
     >>> out = select_rows({"sample": torch.zeros(4, 3), "ids": [torch.ones(4)], "t": torch.tensor(5)}, 4, slice(0, 2))

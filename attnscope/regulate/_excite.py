@@ -12,7 +12,6 @@ latent of every later step; its looks at the attention are the hook session's
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnscopeError
-from ..hooks import hooks
+from ..hooks import find_adapter, hooks, select_rows
 from ..tokens import prompt_text, token_roles
 from ._scope import InterventionScope, default_regulation_sites, nth_occurrences, targets_label
+from ._trajectory import replayable
 
 __all__ = ["AttendAndExcite", "excite_loss", "smoothing_kernel"]
 
@@ -97,8 +97,10 @@ class AttendAndExcite:
 
     Because it moves the latent, it needs the pipeline call: the runners call :meth:`prepare`
     (``ats.rerun``, ``attnscope eval --intervention attend-excite``); by hand, call it yourself
-    before installing the hooks, as below. Stable Diffusion 1.x/2.x pipelines (a UNet without
-    added conditions, prompts as text); it uses ``latents=`` and ``callback_on_step_end`` of the call.
+    before installing the hooks, as below. UNet pipelines (Stable Diffusion 1.x/2.x, SDXL), prompts
+    as text; it uses ``latents=`` and ``callback_on_step_end`` of the call, and its looks get the
+    denoiser's conditioning (text embeddings, SDXL's pooled embeddings and size ids) exactly as the
+    pipeline's first denoiser call gets it.
 
     Parameters
     ----------
@@ -185,40 +187,39 @@ class AttendAndExcite:
     def prepare(self, pipe: Any, call: dict[str, Any]) -> None:
         """Make ``call`` (the keyword arguments of the pipeline call about to run) an Attend-and-Excite call.
 
-        Draws the start noise from the call's generator exactly as the pipeline would, moves it for
-        step 0, and puts it in ``call["latents"]``; adds ``callback_on_step_end``, which moves the
-        latent of every later chosen step. Install this object with :func:`attnscope.hooks` for the
+        Runs the call up to its first denoiser call and stops it there, keeping the denoiser's
+        conditioning and giving the generators' draws back; draws the start noise from the call's
+        generator exactly as the pipeline would, moves it for step 0, and puts it in
+        ``call["latents"]``; adds ``callback_on_step_end``, which moves the latent of every later
+        chosen step. Install this object with :func:`attnscope.hooks` for the
         call (it reads the attention through the hooks); a second call needs a second ``prepare``.
         """
         _check_pipeline(pipe, call)
         prompts = [call["prompt"]] if isinstance(call["prompt"], str) else list(call["prompt"])
         per_prompt = int(call.get("num_images_per_prompt") or 1)
-        steps = call.get("num_inference_steps") or inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
-        device = pipe._execution_device
-        tokenizer = pipe.tokenizer
-        columns = [self._columns(tokenizer, p) for p in prompts for _ in range(per_prompt)]
-        with torch.no_grad():
-            cond = pipe.encode_prompt(prompts, device, per_prompt, False, clip_skip=call.get("clip_skip"))[0]
-        pipe.scheduler.set_timesteps(steps, device=device)
-        moved = self.scope.steps_of_run(len(pipe.scheduler.timesteps))
+        columns = [self._columns(pipe.tokenizer, p) for p in prompts for _ in range(per_prompt)]
+        t0, sample, inputs = _first_denoiser_call(pipe, call)  # the conditioning exactly as the pipeline builds it
+        batch, samples = sample.shape[0], len(columns)
+        conditioning = select_rows(inputs, batch, slice(batch - samples, batch))  # [uncond; cond] rows: the cond
+        num_steps = len(pipe.scheduler.timesteps)  # set by the pipeline's own call
+        moved = self.scope.steps_of_run(num_steps)
         sigma0 = pipe.scheduler.init_noise_sigma
         if call.get("latents") is not None:
-            latents = call["latents"].to(device=device, dtype=cond.dtype) * sigma0
-        else:
-            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-            latents = pipe.prepare_latents(len(columns), pipe.unet.config.in_channels, call.get("height") or size,
-                                           call.get("width") or size, cond.dtype, device, call.get("generator"))
-        self._run = {"columns": columns, "moved": set(moved), "num_steps": len(pipe.scheduler.timesteps),
-                     "refine": {round(share * len(pipe.scheduler.timesteps)): t for share, t in self.thresholds.items()},
-                     "sizes": (self.step_size * torch.linspace(1.0, 0.5, len(pipe.scheduler.timesteps),
-                                                                 dtype=torch.float64).sqrt()).tolist()}
+            latents = call["latents"].to(device=sample.device, dtype=sample.dtype) * sigma0
+        else:  # the pipeline's own draw, from the call's generator (the cut-short call gave its draws back)
+            scale = pipe.vae_scale_factor
+            latents = pipe.prepare_latents(samples, sample.shape[1], sample.shape[-2] * scale, sample.shape[-1] * scale,
+                                           sample.dtype, sample.device, call.get("generator"))
+        self._run = {"columns": columns, "conditioning": conditioning, "moved": set(moved), "num_steps": num_steps,
+                     "refine": {round(share * num_steps): t for share, t in self.thresholds.items()},
+                     "sizes": (self.step_size * torch.linspace(1.0, 0.5, num_steps, dtype=torch.float64).sqrt()).tolist()}
         self.history = {}
         if 0 in moved:
             with hooks(pipe, self) as session:
-                latents = self._excite(session, latents, pipe.scheduler.timesteps[0], cond, 0)
+                latents = self._excite(session, latents, t0, 0)
         call["latents"] = latents / sigma0
         call["callback_on_step_end"] = self._on_step_end
-        call["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds"]
+        call["callback_on_step_end_tensor_inputs"] = ["latents"]
         self._run["ready"] = True
 
     def _columns(self, tokenizer: Any, prompt: str) -> tuple[list[int], list[list[int]]]:
@@ -243,18 +244,17 @@ class AttendAndExcite:
             raise AttnscopeError("AttendAndExcite: the prepared call ran without the hooks; run it as "
                                  "`with ats.hooks(pipe, excite): pipe(**call)` (its looks at the attention go "
                                  "through them)")
-        cond = tensors["prompt_embeds"][-len(run["columns"]):]  # with guidance the pipeline stacks [uncond; cond]
-        return {"latents": self._excite(self._session, tensors["latents"], pipe.scheduler.timesteps[step], cond, step)}
+        return {"latents": self._excite(self._session, tensors["latents"], pipe.scheduler.timesteps[step], step)}
 
     # -- the optimisation --------------------------------------------------------------------------
-    def _excite(self, session: Any, latents: torch.Tensor, t: Any, cond: torch.Tensor, step: int) -> torch.Tensor:
+    def _excite(self, session: Any, latents: torch.Tensor, t: Any, step: int) -> torch.Tensor:
         """The latents of ``step`` after refinement (at a threshold step) and one update, per image."""
         run = self._run
         assert run is not None
         size, threshold = run["sizes"][step], run["refine"].get(step)
         z = latents.detach().clone()
         everyone = list(range(z.shape[0]))
-        loss, grad = self._look(session, z, everyone, t, cond, step)
+        loss, grad = self._look(session, z, everyone, t, step)
         first = loss.clone()
         if threshold is not None and self.max_refinement:
             target = max(0.0, 1.0 - threshold)
@@ -266,24 +266,24 @@ class AttendAndExcite:
                 updates += 1
                 refining = [b for b in refining if loss[b] > target] if updates < self.max_refinement else []
                 if refining:
-                    loss[refining], grad[refining] = self._look(session, z, refining, t, cond, step)
+                    loss[refining], grad[refining] = self._look(session, z, refining, t, step)
             moved = [b for b in everyone if first[b] > target]
             if moved:  # the official code looks once more after refining; the update below uses that look
-                loss[moved], grad[moved] = self._look(session, z, moved, t, cond, step)
+                loss[moved], grad[moved] = self._look(session, z, moved, t, step)
         z -= size * grad * (loss != 0)[:, None, None, None]
         self.history[step] = (first.tolist(), loss.tolist())
         return z.to(latents.dtype)
 
-    def _look(self, session: Any, z: torch.Tensor, rows: list[int], t: Any, cond: torch.Tensor,
-              step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _look(self, session: Any, z: torch.Tensor, rows: list[int], t: Any, step: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss per image of ``rows`` and its gradient with respect to their latents: probes of the denoiser, at
         most ``probe_batch`` images each."""
         size = self.probe_batch or len(rows)
-        parts = [self._look_at(session, z, rows[i:i + size], t, cond, step) for i in range(0, len(rows), size)]
+        parts = [self._look_at(session, z, rows[i:i + size], t, step) for i in range(0, len(rows), size)]
         return torch.cat([loss for loss, _ in parts]), torch.cat([grad for _, grad in parts])
 
-    def _look_at(self, session: Any, z: torch.Tensor, rows: list[int], t: Any, cond: torch.Tensor,
-                 step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _look_at(self, session: Any, z: torch.Tensor, rows: list[int], t: Any, step: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         run = self._run
         assert run is not None
         sample = z[rows].detach().requires_grad_(True)
@@ -292,7 +292,8 @@ class AttendAndExcite:
             self._looking = True
             try:
                 pipe = session.pipe
-                pipe.unet(pipe.scheduler.scale_model_input(sample, t), t, encoder_hidden_states=cond[rows])
+                pipe.unet(pipe.scheduler.scale_model_input(sample, t), t,
+                          **select_rows(run["conditioning"], len(run["columns"]), rows))
             finally:
                 self._looking = False
             if not self._maps:
@@ -331,13 +332,41 @@ class AttendAndExcite:
         self._maps.append(probs.mean(1).view(probs.shape[0], h, w, probs.shape[-1]))
 
 
+class _FirstCall(Exception):
+    """Stops a pipeline call at its first denoiser call (raised by the pre-hook of :func:`_first_denoiser_call`)."""
+
+
+def _first_denoiser_call(pipe: Any, call: Mapping[str, Any]) -> tuple[Any, torch.Tensor, dict[str, Any]]:
+    """``(timestep, sample, the other inputs)`` of the pipeline's first denoiser call for ``call``: the call is run
+    and stopped there, and the generators it drew from are put back."""
+    seen: dict[str, Any] = {}
+
+    def stop(module: Any, args: tuple, kwargs: dict) -> None:
+        named = dict(zip(("sample", "timestep", "encoder_hidden_states"), args))
+        seen.update({**kwargs, **named})
+        raise _FirstCall
+
+    handle = pipe.unet.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with replayable(call.get("generator")):
+            pipe(**{**call, "output_type": "latent"})
+    except _FirstCall:
+        pass
+    finally:
+        handle.remove()
+    if "sample" not in seen:
+        raise AttnscopeError(f"AttendAndExcite: {type(pipe).__name__} returned without calling its denoiser")
+    inputs = {k: v for k, v in seen.items() if k not in ("sample", "timestep", "return_dict")}
+    return seen["timestep"], seen["sample"], inputs
+
+
 def _check_pipeline(pipe: Any, call: Mapping[str, Any]) -> None:
-    """Attend-and-Excite here needs a Stable Diffusion 1.x/2.x pipeline called with text and a step callback free."""
-    unet = getattr(pipe, "unet", None)
-    inputs = getattr(pipe, "_callback_tensor_inputs", ())
-    if unet is None or getattr(unet.config, "addition_embed_type", None) is not None or "prompt_embeds" not in inputs:
-        raise AttnscopeError(f"AttendAndExcite on {type(pipe).__name__}: expected a Stable Diffusion 1.x/2.x pipeline "
-                             "(a UNet without added conditions, whose step callback gets prompt_embeds)")
+    """Attend-and-Excite here needs a UNet pipeline (SD 1.x/2.x, SDXL) called with text and a step callback free."""
+    family = find_adapter(pipe)[0].FAMILY
+    if family != "unet" or "latents" not in getattr(pipe, "_callback_tensor_inputs", ()):  # no step callback
+        raise AttnscopeError(f"AttendAndExcite on {type(pipe).__name__}: expected a UNet pipeline (Stable Diffusion "
+                             "1.x/2.x, SDXL) that takes latents= and callback_on_step_end=; Attend-and-Excite is not "
+                             "defined on joint attention or flat stacks here")
     if not isinstance(call.get("prompt"), (str, list)) or call.get("prompt_embeds") is not None:
         raise AttnscopeError("AttendAndExcite: expected the call's prompt as text (prompt=...), not prompt_embeds: the "
                              "targets are found in its words")
