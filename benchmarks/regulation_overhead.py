@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from paired_timing import MODELS, generation, interleaved, parser, pipeline, run_models
 
-import attnscope as ats
-from attnscope.models import object_nouns
+from attnscope.models import named_interventions
 
 TARGET = 1.25
 #: default steps per model
@@ -32,11 +31,10 @@ STEPS = {"shapes": 20, "sd15": 10}
 def measure(name: str, args) -> dict:
     model = MODELS[name]
     side, steps = args.resolution or model["resolution"], args.steps or STEPS[name]
-    regulation = (ats.regulate.AttendAndExcite(object_nouns) if args.method == "attend-excite"
-                  else ats.regulate.AttentionRegulation(object_nouns))
-    run = generation(pipeline(name, args.device), regulation, steps=steps, side=side, batch=args.batch)
+    client = named_interventions([args.method])[0]  # what `attnscope eval --intervention METHOD` installs
+    run = generation(pipeline(name, args.device), client, steps=steps, side=side, batch=args.batch)
     timing = interleaved(run, args.repeats or model["repeats"], args.device)
-    calls = len(regulation.history)
+    calls = len(client.history)
     what = "site x step optimisations" if args.method == "regulation" else "steps whose latent was moved"
     print(f"{model['label']}, {side} px, {steps} steps, batch {args.batch}, {args.device}, {args.method}: plain "
           f"{timing['plain_median_s']:.3f} s, with it {timing['with_median_s']:.3f} s ({calls} {what}) -> ratio "

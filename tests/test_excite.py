@@ -87,6 +87,24 @@ class _Maps:
         self.maps.append(probs.mean(1).view(probs.shape[0], h, w, probs.shape[-1]))
 
 
+def _gradient_by_hand(pipe, start, scale, timestep, words, targets, **conditioning):
+    """Loss and gradient at ``start`` of one UNet call (input ``start * scale``), from an observer's maps of the
+    default sites, independently of AttendAndExcite; also how many site maps were averaged."""
+    observer = _Maps(default_regulation_sites(ats.discover_sites(pipe), tuple(start.shape[-2:])))
+    z = start.clone().requires_grad_(True)
+    with ats.hooks(pipe, observer), torch.enable_grad():
+        pipe.unet(z * scale, timestep, **conditioning)
+        loss = excite_loss(torch.stack(observer.maps).mean(0)[0], words, targets)
+        grad, = torch.autograd.grad(loss, z)
+    return loss.detach(), grad, len(observer.maps)
+
+
+def _words_and_nouns(pipe):
+    """The word positions of PROMPT and the positions of its circle and square, read from the tokenizer."""
+    tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(PROMPT).input_ids)
+    return list(range(1, len(tokens) - 1)), [[tokens.index("circle</w>")], [tokens.index("square</w>")]]
+
+
 def test_the_first_update_is_minus_step_size_times_the_gradient(pipe):
     """Step 0 without refinement: z' = z - 20 * grad L(z), the gradient computed here on its own."""
     excite = AttendAndExcite(["circle", "square"], steps=[0], thresholds={})
@@ -95,19 +113,12 @@ def test_the_first_update_is_minus_step_size_times_the_gradient(pipe):
     moved = call["latents"]
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     start = pipe.prepare_latents(1, 4, side, side, torch.float32, "cpu", [torch.Generator().manual_seed(0)])
-    sites = default_regulation_sites(ats.discover_sites(pipe), (16, 16))
-    observer = _Maps(sites)
     cond = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
     pipe.scheduler.set_timesteps(4)
-    z = start.clone().requires_grad_(True)
-    with ats.hooks(pipe, observer), torch.enable_grad():
-        pipe.unet(z, pipe.scheduler.timesteps[0], encoder_hidden_states=cond)
-        maps = torch.stack(observer.maps).mean(0)[0]
-        # tokens: <sot> a red circle and a blue square <eot>: the words are 1..7, circle 3, square 7
-        loss = excite_loss(maps, list(range(1, 8)), [[3], [7]])
-        grad, = torch.autograd.grad(loss, z)
-        loss = loss.detach()
-    assert len(observer.maps) == 3
+    # tokens: <sot> a red circle and a blue square <eot>: the words are 1..7, circle 3, square 7
+    loss, grad, maps = _gradient_by_hand(pipe, start, 1.0, pipe.scheduler.timesteps[0], list(range(1, 8)), [[3], [7]],
+                                         encoder_hidden_states=cond)
+    assert maps == 3
     assert excite.history[0][0][0] == pytest.approx(loss.item(), abs=1e-6)
     torch.testing.assert_close(moved, start - 20.0 * grad, atol=1e-5, rtol=0)
     assert (moved - start).abs().max() > 1e-3
@@ -254,17 +265,9 @@ def test_on_euler_the_probe_input_is_scaled_as_the_pipeline_scales_it():
     pipe.scheduler.set_timesteps(3)
     sigma = float(pipe.scheduler.sigmas[0])
     assert sigma > 2 and float(pipe.scheduler.init_noise_sigma) > 2           # a real scaling, not 1
-    sites = default_regulation_sites(ats.discover_sites(pipe), (4, 4))
-    observer = _Maps(sites)
     cond = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
-    z = start.clone().requires_grad_(True)
-    with ats.hooks(pipe, observer), torch.enable_grad():
-        pipe.unet(z / math.sqrt(sigma**2 + 1), pipe.scheduler.timesteps[0], encoder_hidden_states=cond)
-        maps = torch.stack(observer.maps).mean(0)[0]
-        tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(PROMPT).input_ids)
-        words = list(range(1, len(tokens) - 1))
-        loss = excite_loss(maps, words, [[tokens.index("circle</w>")], [tokens.index("square</w>")]])
-        grad, = torch.autograd.grad(loss, z)
+    _, grad, _ = _gradient_by_hand(pipe, start, 1 / math.sqrt(sigma**2 + 1), pipe.scheduler.timesteps[0],
+                                   *_words_and_nouns(pipe), encoder_hidden_states=cond)
     moved = call["latents"] * pipe.scheduler.init_noise_sigma                 # the pipeline multiplies it back
     torch.testing.assert_close(moved, start - 20.0 * grad, atol=1e-4, rtol=1e-5)
     with ats.hooks(pipe, excite):                                             # and the prepared call runs
@@ -353,16 +356,8 @@ def test_on_sdxl_the_looks_get_the_pipelines_own_conditioning(sdxl_pipe):
     excite = AttendAndExcite(["circle", "square"], steps=[0], thresholds={}, step_size=2000.0)  # a visible move
     call = {"prompt": PROMPT, "generator": torch.Generator().manual_seed(4), **run}
     excite.prepare(pipe, call)
-    sites = default_regulation_sites(ats.discover_sites(pipe), tuple(start.shape[-2:]))
-    observer = _Maps(sites)
-    z = start.clone().requires_grad_(True)
-    with ats.hooks(pipe, observer), torch.enable_grad():
-        pipe.unet(z / math.sqrt(sigma**2 + 1), seen["timestep"], **cond)
-        maps = torch.stack(observer.maps).mean(0)[0]
-        tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(PROMPT).input_ids)
-        loss = excite_loss(maps, list(range(1, len(tokens) - 1)),
-                           [[tokens.index("circle</w>")], [tokens.index("square</w>")]])
-        grad, = torch.autograd.grad(loss, z)
+    _, grad, _ = _gradient_by_hand(pipe, start, 1 / math.sqrt(sigma**2 + 1), seen["timestep"], *_words_and_nouns(pipe),
+                                   **cond)
     moved = call["latents"] * pipe.scheduler.init_noise_sigma                 # the pipeline multiplies it back
     torch.testing.assert_close(moved, start - 2000.0 * grad, atol=1e-4, rtol=1e-5)
     assert (moved - start).abs().max() > 0.02

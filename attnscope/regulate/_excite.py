@@ -210,7 +210,7 @@ class AttendAndExcite:
             scale = pipe.vae_scale_factor
             latents = pipe.prepare_latents(samples, sample.shape[1], sample.shape[-2] * scale, sample.shape[-1] * scale,
                                            sample.dtype, sample.device, call.get("generator"))
-        self._run = {"columns": columns, "conditioning": conditioning, "moved": set(moved), "num_steps": num_steps,
+        self._run = {"columns": columns, "conditioning": conditioning, "moved": set(moved),
                      "refine": {round(share * num_steps): t for share, t in self.thresholds.items()},
                      "sizes": (self.step_size * torch.linspace(1.0, 0.5, num_steps, dtype=torch.float64).sqrt()).tolist()}
         self.history = {}
@@ -238,7 +238,7 @@ class AttendAndExcite:
     def _on_step_end(self, pipe: Any, i: int, t: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         step = i + 1
         run = self._run
-        if run is None or step not in run["moved"] or step >= run["num_steps"]:
+        if run is None or step not in run["moved"]:  # the moved steps all lie within the run
             return {}
         if self._session is None:
             raise AttnscopeError("AttendAndExcite: the prepared call ran without the hooks; run it as "
@@ -272,7 +272,7 @@ class AttendAndExcite:
                 loss[moved], grad[moved] = self._look(session, z, moved, t, step)
         z -= size * grad * (loss != 0)[:, None, None, None]
         self.history[step] = (first.tolist(), loss.tolist())
-        return z.to(latents.dtype)
+        return z
 
     def _look(self, session: Any, z: torch.Tensor, rows: list[int], t: Any, step: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
