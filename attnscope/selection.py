@@ -21,8 +21,9 @@ SiteSpec = None | str | Sequence[str] | Callable[[Any], bool]
 StepSpec = None | int | range | slice | Iterable[int]
 
 HEADS = ("mean", "all")
-#: the seeds ``torch.Generator.manual_seed`` takes (a 64-bit seed, or a negative one down to -2**63)
-SEEDS = range(-(2**63), 2**64)
+#: the seeds attnscope takes: ``torch.Generator.manual_seed``'s 64-bit range. Negative seeds, which torch also
+#: takes, are refused: torch maps -1 to 2**64 - 1, so one image would carry two seeds.
+SEEDS = range(2**64)
 TOKENS = ("auto", "all", "prompt")
 BRANCHES = ("cond", "uncond", "both")
 
@@ -39,12 +40,15 @@ def check_seed(name: str, value: Any) -> int:
 
     >>> check_seed("seed", 7)
     7
+    >>> check_seed("seed", -1)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: seed=-1: expected an int from 0 to 2**64 - 1 (18446744073709551615), the seeds a torch.Generator takes
     >>> check_seed("seed", 99999999999999999999)
     Traceback (most recent call last):
-    attnscope.errors.AttnscopeError: seed=99999999999999999999: expected an int from -2**63 to 2**64 - 1 (18446744073709551615), the seeds a torch.Generator takes
+    attnscope.errors.AttnscopeError: seed=99999999999999999999: expected an int from 0 to 2**64 - 1 (18446744073709551615), the seeds a torch.Generator takes
     """
     if isinstance(value, bool) or not isinstance(value, int) or value not in SEEDS:
-        raise AttnscopeError(f"{name}={value!r}: expected an int from -2**63 to 2**64 - 1 ({SEEDS.stop - 1}), the "
+        raise AttnscopeError(f"{name}={value!r}: expected an int from 0 to 2**64 - 1 ({SEEDS.stop - 1}), the "
                              f"seeds a torch.Generator takes")
     return value
 
@@ -133,11 +137,18 @@ def _slice_steps(spec: slice, num_steps: int) -> tuple[int, ...]:
     >>> _slice_steps(slice(5, 2), 20)
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: steps=5:2: selects no step of this run's 20 steps (0..19): START 5 is not before STOP 2
+    >>> _slice_steps(slice(None, None, 0), 20)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: steps=::0: expected a slice whose STEP is not 0
     """
+    text = ":".join("" if v is None else str(v) for v in (spec.start, spec.stop, spec.step)).removesuffix(":")
+    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (spec.start, spec.stop, spec.step)):
+        raise AttnscopeError(f"steps={text}: expected a slice of ints")
+    if spec.step == 0:
+        raise AttnscopeError(f"steps={text}: expected a slice whose STEP is not 0")
     chosen = tuple(range(num_steps)[spec])
     if chosen:
         return chosen
-    text = ":".join("" if v is None else str(v) for v in (spec.start, spec.stop, spec.step)).removesuffix(":")
     why = (f": START {spec.start} is not before STOP {spec.stop}" if (spec.step or 1) > 0 and None not in
            (spec.start, spec.stop) and spec.start >= spec.stop else "")
     raise AttnscopeError(f"steps={text}: selects no step of this run's {num_steps} steps (0..{num_steps - 1}){why}")

@@ -102,7 +102,7 @@ def test_python_rerun_and_hooks_reject_unknown_targets_before_the_store(shapes, 
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "error: --steps 0: expected an int >= 1"),  # was a ZeroDivisionError
     (["--steps", "-3"], "error: --steps -3: expected an int >= 1"),  # was "the *output* is not an attnscope trace"
-    (["--seed", BIG_SEED], f"error: --seed {BIG_SEED}: expected an int from -2**63 to 2**64 - 1"),
+    (["--seed", BIG_SEED], f"error: --seed {BIG_SEED}: expected an int from 0 to 2**64 - 1"),
     (["--capture-steps", "30:40"], "error: --capture-steps 30:40: selects no step of this run's 3 steps"),
 ])
 def test_capture_rejects_bad_numbers_before_writing(tmp_path, args, message):
@@ -174,8 +174,12 @@ def test_a_seed_beyond_64_bits_is_one_error_everywhere(parent, tmp_path):
 
 
 def test_python_seeds_are_checked(shapes, tmp_path):
-    with pytest.raises(ats.AttnscopeError, match=rf"seed={BIG_SEED}: expected an int from -2\*\*63 to 2\*\*64 - 1"):
+    with pytest.raises(ats.AttnscopeError, match=rf"seed={BIG_SEED}: expected an int from 0 to 2\*\*64 - 1"):
         ats.capture(shapes, "a red circle", seed=int(BIG_SEED), store=tmp_path / "a.zarr", num_inference_steps=2)
+    # torch takes -1 as 2**64 - 1: a negative seed would give one image two seeds, so it is refused
+    with pytest.raises(ats.AttnscopeError, match=r"seed\[1\]=-1: expected an int from 0 to 2\*\*64 - 1"):
+        ats.capture(shapes, "a red circle", seed=[0, -1], store=tmp_path / "a.zarr", num_inference_steps=2,
+                    num_images_per_prompt=2)
     with pytest.raises(ats.AttnscopeError, match=r"seed\[1\]=-1\.5: expected an int"):
         ats.capture(shapes, "a red circle", seed=[0, -1.5], store=tmp_path / "a.zarr", num_inference_steps=2,
                     num_images_per_prompt=2)
@@ -279,3 +283,17 @@ def test_an_intervention_acting_at_no_step_is_refused(shapes):
     with pytest.raises(ats.AttnscopeError, match="steps=30:40: selects no step of this run's 3 steps"):
         with ats.hooks(shapes, ats.regulate.Reweight("square", 2.0, steps=slice(30, 40))):
             shapes(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=3)
+
+
+def test_a_target_missing_from_one_of_several_prompts_names_that_prompt(shapes):
+    prompts = [PROMPT, "a green triangle"]
+    for client in (ats.regulate.Reweight("square", 2.0), ats.regulate.AttentionRegulation(["circle", "square"])):
+        with pytest.raises(ats.AttnscopeError, match=r"^prompt 1 of 2 \('a green triangle'\): target '(square|circle)' "
+                                                     r"is not in the prompt; its words are: a, green, triangle; to target "
+                                                     r"other words per prompt, give targets as a function of the prompt$"):
+            with ats.hooks(shapes, client):
+                shapes(prompts, generator=torch.Generator().manual_seed(0), num_inference_steps=2)
+    # a function of the prompt is the way: each prompt gets its own words
+    per_prompt = ats.regulate.Reweight(lambda p: "square" if "square" in p else "triangle", 2.0)
+    with ats.hooks(shapes, per_prompt):
+        shapes(prompts, generator=torch.Generator().manual_seed(0), num_inference_steps=2)

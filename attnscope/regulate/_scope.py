@@ -154,8 +154,19 @@ class InterventionScope:
         roles = step_ctx.token_roles or [None] * len(texts)
         key = (texts, step_ctx.token_roles)
         if key not in self._columns:
-            self._columns[key] = [self._prompt_columns(list(tokens), r) for tokens, r in zip(texts, roles)]
+            self._columns[key] = [self._columns_of_prompt(i, len(texts), list(tokens), r)
+                                  for i, (tokens, r) in enumerate(zip(texts, roles))]
         return self._columns[key]
+
+    def _columns_of_prompt(self, index: int, count: int, tokens: list[str], roles: Any) -> list[int]:
+        """:meth:`_prompt_columns`; with several prompts, an error names the prompt it is about."""
+        try:
+            return self._prompt_columns(tokens, roles)
+        except AttnscopeError as exc:
+            if count == 1:
+                raise
+            hint = "" if callable(self.targets) else "; to target other words per prompt, give targets as a function of the prompt"
+            raise AttnscopeError(f"prompt {index} of {count} ({prompt_text(tokens, roles)!r}): {exc}{hint}") from None
 
     def _prompt_columns(self, tokens: list[str], roles: Any = None) -> list[int]:
         targets = self.targets
