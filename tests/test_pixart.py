@@ -121,6 +121,15 @@ def test_dominance_counts_padding_as_padding_and_heatmaps_draw(alpha, tmp_path):
     assert len(fig.axes) >= 2
 
 
+def test_images_of_prompts_of_different_lengths_keep_their_own_padding(alpha, tmp_path):
+    # PixArt repeats mask and embeddings in the same order (Sana does not: tests/test_sana.py); the mask check passes
+    tr = ats.capture(alpha, ["a red circle", "a blue square and a dog"], seed=5, num_images_per_prompt=2,
+                     store=tmp_path / "m.zarr", tokens="all", **KW)
+    m = tr.attention(tr.sites[0]).isel(step=-1).sum(["head", "y", "x"]).compute()
+    pad = m.token_role.values == "pad"
+    assert pad[0].sum() > pad[2].sum() and float(m.values[pad].max()) == 0.0 and (m.values[~pad] > 0).all()
+
+
 # ----------------------------------------------------------------------------- interventions
 def test_regulation_edits_only_the_target_columns_of_the_late_layers(sigma):
     check_regulation(sigma, lambda: sigma("a red circle", generator=_gen(3), output_type="np", **KW).images,

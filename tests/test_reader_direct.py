@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 
 import attnscope as ats
-from attnscope.store._format import ROOT_COORDS, site_group
+from attnscope.store._format import ROOT_COORDS, UNCOND_TOKEN_COORDS, site_group
 from attnscope.testing import tiny_sd3_pipeline
 
 
@@ -19,8 +19,10 @@ def _through_tree(tr, site, array):
     """The site's array as xarray's DataTree reader gives it, with the trace's coordinates and attributes."""
     node = tr.tree[site_group(site)]
     da = node[array]
-    da = da.assign_coords({c: tr.tree[c].variable for c in ROOT_COORDS
-                           if c in tr.tree.coords and set(tr.tree[c].dims) <= set(da.dims)})
+    uncond = array.endswith("_uncond")  # the uncond rows' tokens are the negative prompt's, stored apart
+    source = {c: UNCOND_TOKEN_COORDS.get(c, c) if uncond else c for c in ROOT_COORDS}
+    da = da.assign_coords({c: tr.tree[source[c]].variable for c in ROOT_COORDS
+                           if source[c] in tr.tree.coords and set(tr.tree[source[c]].dims) <= set(da.dims)})
     da.attrs["site"] = dict(node.attrs.get("site", {}))
     steps = [int(s) for s in node.attrs["steps"] if tr.complete or int(s) < tr.steps_written]
     return da.isel(step=steps)
@@ -42,7 +44,9 @@ def test_cross_attention_traces(tmp_path, sd_pipe):
         _same(tr, site, "uncond", "attention_uncond")
     assert tr.tokens == [str(t) for t in tr.tree["token_text"].values[0]]
     assert np.array_equal(tr.timesteps, tr.tree["timestep"].values, equal_nan=True)
-    assert sorted(tr.coords) == sorted(["step", "sample", "token", *ROOT_COORDS])
+    assert sorted(tr.coords) == sorted(["step", "sample", "token", *ROOT_COORDS, *UNCOND_TOKEN_COORDS.values()])
+    uncond = tr.attention(tr.sites[0], "uncond")
+    assert uncond.token_text.values[0, :3].tolist() == ["<|startoftext|>", "<|endoftext|>", "<|endoftext|>"]
     for name, da in tr.coords.items():
         assert da.variable.identical(tr.tree[name].variable.load()), name
     assert [np.asarray(a).tolist() for a in tr.images] == tr.tree["images"].values.tolist()

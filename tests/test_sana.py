@@ -137,6 +137,27 @@ def test_a_prompt_the_pipeline_would_cut_is_refused(sana, tmp_path):
     assert tr.tokens == ["<bos>", "\u2581a", "\u2581red", "\u2581circle"]
 
 
+def test_a_text_mask_that_does_not_fit_the_prompts_is_refused_and_repeating_the_prompts_works(sana, tmp_path):
+    # diffusers' SanaPipeline repeats the mask per image as [p0, p1, p0, p1] and the embeddings as [p0, p0, p1, p1]:
+    # with prompts of different lengths, sample 1 would read padding and sample 2 lose "and a dog"
+    prompts, kw = ["a red circle", "a blue square and a dog"], dict(KW, guidance_scale=1.0, max_sequence_length=16)
+    with pytest.raises(AttnscopeError, match=r"text mask \(encoder_attention_mask\) does not fit the prompts: sample 1 "
+                                             r"\(prompt 0\) reads position 4 \('<pad>'\), which is padding; sample 2 "
+                                             r"\(prompt 1\) masks position 4 \('\u2581and'\) of its prompt.*repeat each "
+                                             r"prompt in the prompt list instead, with num_images_per_prompt=1"):
+        ats.capture(sana, prompts, seed=5, num_images_per_prompt=2, store=tmp_path / "x.zarr", **kw)
+    assert not (tmp_path / "x.zarr").exists()
+    # the way out the message gives: the same latents (one generator, four samples), each sample its own mask
+    tr = ats.capture(sana, [prompts[0]] * 2 + [prompts[1]] * 2, seed=5, store=tmp_path / "y.zarr", **kw)
+    shares = ats.stats.dominance(tr, targets=["dog"]).target_share.sel(target="dog").mean(["step", "site"]).values
+    assert np.isnan(shares[:2]).all() and (shares[2:] > 0.05).all()
+    m = tr.attention(tr.sites[0]).isel(step=-1).sum(["head", "y", "x"]).compute()
+    pad = m.token_role.values == "pad"
+    assert float(m.values[pad].max()) == 0.0 and (m.values[~pad] > 0).all()   # padding read by no sample, words by all
+    # two images of one prompt (same length everywhere) fit: no error
+    ats.capture(sana, prompts[1], seed=5, num_images_per_prompt=2, store=tmp_path / "z.zarr", **kw)
+
+
 def test_capture_command_on_a_saved_sana_pipeline(sana, tmp_path):
     from .conftest import cli
 

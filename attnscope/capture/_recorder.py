@@ -256,8 +256,12 @@ class Recorder:
             long_text = any(name not in ("clip", "missing") for name, _ in step.segments)
             self.tokens = "prompt" if (joint or long_text) and prompt_tokens is not None else "all"
         text_len = self._text_length(session, step)
-        positions = (_kept_positions(prompt_tokens, prompt_roles, text_len) if self.tokens == "prompt" and prompt_tokens
-                     else list(range(text_len)))
+        negative = step.uncond_token_text if self.branch != "cond" else None  # the uncond rows' own text
+        negative_tokens = [list(t) for t in negative] if negative is not None else []
+        negative_roles = ([list(r) for r in step.uncond_token_roles] if step.uncond_token_roles is not None else
+                          [token_roles(t) for t in negative_tokens]) if negative is not None else []
+        positions = (_kept_positions(prompt_tokens + negative_tokens, prompt_roles + negative_roles, text_len)
+                     if self.tokens == "prompt" and prompt_tokens else list(range(text_len)))
         contiguous = positions == list(range(len(positions)))
         self._token_index = slice(0, len(positions)) if contiguous else torch.tensor(positions)
         self._kept = len(positions)
@@ -265,10 +269,16 @@ class Recorder:
         token_text = [[row[i] if i < len(row) else "" for i in positions] for row in spelled]
         role_rows = [prompt_roles[p] if prompt_roles else [] for p in rows.prompt_of_sample]
         roles = [[row[i] if i < len(row) else "pad" for i in positions] for row in role_rows]
+        uncond_text = uncond_roles = None
+        if self.branch != "cond":  # unknown (no text encoder ran for the negative): no text, all padding
+            uncond_text = [[negative_tokens[p][i] if negative_tokens and i < len(negative_tokens[p]) else ""
+                            for i in positions] for p in rows.prompt_of_sample]
+            uncond_roles = [[negative_roles[p][i] if negative_roles and i < len(negative_roles[p]) else "pad"
+                             for i in positions] for p in rows.prompt_of_sample]
         layout = StoreLayout(
             num_steps=num_steps, samples=rows.samples, prompt_of_sample=rows.prompt_of_sample,
             image_of_sample=rows.image_of_sample, token_positions=tuple(positions), token_text=token_text,
-            token_roles=roles,
+            token_roles=roles, uncond_token_text=uncond_text, uncond_token_roles=uncond_roles,
             sites=[
                 SiteLayout(name, s.describe(), 1 if self.heads == "mean" else s.heads, s.spatial_shape(step.latent_shape),
                            self.branches, steps)

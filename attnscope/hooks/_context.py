@@ -74,6 +74,10 @@ class StepContext:
     ``token_roles`` gives each position's role (:data:`attnscope.tokens.ROLES`) where the strings
     cannot tell it — an instruction the pipeline added around the prompt (Sana, Flux.2) — and is
     None where :func:`attnscope.tokens.token_roles` reads them from ``token_text``.
+    ``uncond_token_text`` and ``uncond_token_roles`` are the same for the negative prompts that the
+    unconditional rows read (one per prompt), or None when no text encoder ran for them (the
+    pipeline was given negative embeddings, or zeros them: SDXL with no negative prompt) or the
+    batch has no unconditional rows.
     ``single_branch`` is ``"uncond"`` or ``"cond"`` when a client asked the core to run only that
     half of a classifier-free-guidance batch at this step (TGATE after its gate): the denoiser then
     sees one row per image, ``rows`` describes that batch (no ``uncond`` slice; ``rows.cond`` covers
@@ -93,6 +97,8 @@ class StepContext:
     token_text: tuple[tuple[str, ...], ...] | None = None
     segments: tuple[tuple[str, int], ...] = ()
     token_roles: tuple[tuple[str, ...], ...] | None = None
+    uncond_token_text: tuple[tuple[str, ...], ...] | None = None
+    uncond_token_roles: tuple[tuple[str, ...], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from ._discovery import discover_self_sites, discover_sites, find_adapter, segme
 from ._joint import JointAttentionProcessor
 from ._processors import CrossAttentionProcessor, ScratchBuffers, SelfAttentionProcessor
 from ._sites import CrossAttentionSite
+from ._text_mask import check_text_mask
 
 __all__ = ["HookSession", "hooks"]
 
@@ -59,7 +60,11 @@ class HookSession:
         self._duplicate = False
         self._run, self._steps_in_run, self._new_run = -1, 0, True
         self._segment_ids: list[torch.Tensor | None] = [None] * len(self.text_encoders)
+        self._negative_ids: list[torch.Tensor | None] = [None] * len(self.text_encoders)  # the uncond rows' text
         self._text: tuple | None = None  # (token_ids, token_text, segments, token_roles) of the run
+        self._uncond_text: tuple | None = None  # (token_text, token_roles) of the negative prompts, or (None, None)
+        #: the padding token of a one-tokenizer text axis (the text mask's check), else None
+        self._pad_id = getattr(self.text_encoders[0][1], "pad_token_id", None) if len(self.text_encoders) == 1 else None
         self._last_timestep: float | None = None
         self._aside = False
         self._probing: Any = None  # the client whose own denoiser calls are running (:meth:`probe`)
@@ -109,9 +114,12 @@ class HookSession:
         if self._steps_in_run > 0:
             self._new_run, self._steps_in_run = True, 0
             self._segment_ids, self._text = [None] * len(self.text_encoders), None
+            self._negative_ids, self._uncond_text = [None] * len(self.text_encoders), None
         ids = args[0] if args else kwargs.get("input_ids")
-        if self._segment_ids[segment] is None and isinstance(ids, torch.Tensor):  # the prompt's, not the negative's
-            self._segment_ids[segment] = ids.detach().cpu()
+        if isinstance(ids, torch.Tensor):  # the pipelines encode the prompt first, then the negative prompt
+            seen = self._segment_ids if self._segment_ids[segment] is None else self._negative_ids
+            if seen[segment] is None:
+                seen[segment] = ids.detach().cpu()
 
     def _text_of_run(self, text_length: int | None) -> tuple:
         """``(token_ids, token_text, segments, token_roles)`` of this run's prompts, computed once per run."""
@@ -119,6 +127,15 @@ class HookSession:
             self._text = _prompt_text(self.text_encoders, self._segment_ids, text_length,
                                       getattr(self.adapter, "spell", None), self.pipe)
         return self._text
+
+    def _uncond_text_of_run(self, text_length: int | None) -> tuple:
+        """``(token_text, token_roles)`` of the negative prompts the unconditional rows read, ``(None, None)`` when
+        no text encoder ran for them (embeddings given, or zeros: SDXL's ``force_zeros_for_empty_prompt``)."""
+        if self._uncond_text is None:
+            _, text, _, roles = _prompt_text(self.text_encoders, self._negative_ids, text_length,
+                                             getattr(self.adapter, "spell", None), self.pipe)
+            self._uncond_text = (text, roles)
+        return self._uncond_text
 
     def _on_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
         inputs = self.adapter.step_inputs(args, kwargs)
@@ -142,11 +159,17 @@ class HookSession:
         ids, token_text, segments, token_roles = self._text_of_run(inputs["text_length"])
         prompts = len(token_text) if token_text is not None else None
         rows = RowLayout.for_batch(inputs["batch"], guidance, prompts)
+        uncond_text, uncond_roles = self._uncond_text_of_run(inputs["text_length"]) if rows.uncond else (None, None)
+        if uncond_text is not None and len(uncond_text) != prompts:
+            uncond_text = uncond_roles = None
         step = StepContext(
             run=self._run, step=self._steps_in_run, timestep=timestep, num_steps=num_steps,
             latent_shape=inputs["latent_shape"], rows=rows, token_ids=ids, text_length=inputs["text_length"],
             token_text=token_text, segments=segments, token_roles=token_roles,
+            uncond_token_text=uncond_text, uncond_token_roles=uncond_roles,
         )
+        if step.step == 0:
+            check_text_mask(kwargs.get("encoder_attention_mask"), step, self._pad_id)
         branch = self._single_branch(step)
         self._duplicate = branch is not None
         if branch is not None:  # run one half of the CFG batch; the post-hook duplicates the prediction

@@ -11,6 +11,9 @@ SITE_DIMS = ("step", "sample", "head", "y", "x", "token")
 IMAGE_DIMS = ("sample", "height", "width", "channel")
 #: root arrays that are coordinates of every site array (declared to xarray via the root attribute)
 ROOT_COORDS = ("timestep", "prompt_index", "image_index", "token_text", "token_role")
+#: the unconditional rows' token coordinates (their negative prompt's text), stored when the uncond branch is
+#: recorded and its text is known; the reader gives them to ``attention_uncond`` under the names of the keys
+UNCOND_TOKEN_COORDS = {"token_text": "token_text_uncond", "token_role": "token_role_uncond"}
 BRANCH_ARRAYS = {"cond": "attention", "uncond": "attention_uncond"}
 #: joint sites (SD3, Flux, Flux.2) also store each pixel's total attention mass on the text keys
 TEXT_MASS_ARRAYS = {"cond": "text_mass", "uncond": "text_mass_uncond"}

@@ -51,6 +51,7 @@ _ROOT_ARRAYS = {
     "step": ("int64", ("step",)), "timestep": ("float64", ("step",)), "sample": ("int64", ("sample",)),
     "prompt_index": ("int64", ("sample",)), "image_index": ("int64", ("sample",)), "token": ("int64", ("token",)),
     "token_text": ("string", ("sample", "token")), "token_role": ("string", ("sample", "token")),
+    "token_text_uncond": ("string", ("sample", "token")), "token_role_uncond": ("string", ("sample", "token")),
     "images": ("uint8", IMAGE_DIMS),
 }
 _EMPTY = 2**64 - 1  # offset and length of a chunk a shard does not hold

@@ -23,6 +23,7 @@ from ._format import (
     SUMMARIES_GROUP,
     SUMMARY_DIMS,
     TEXT_MASS_ARRAYS,
+    UNCOND_TOKEN_COORDS,
     quiet_consolidated,
     site_group,
 )
@@ -137,7 +138,9 @@ class Trace:
     @functools.cached_property
     def coords(self) -> dict[str, Any]:
         """The trace's coordinates — ``step``, ``sample``, ``token``, ``timestep``, ``prompt_index``,
-        ``image_index``, ``token_text``, ``token_role`` — as in-memory DataArrays, read once straight from Zarr.
+        ``image_index``, ``token_text``, ``token_role`` (and ``token_text_uncond``, ``token_role_uncond``: the
+        negative prompts' text, when the uncond branch was recorded) — as in-memory DataArrays, read once straight
+        from Zarr.
 
         >>> import tempfile, attnscope as ats
         >>> from attnscope.testing import tiny_sd_pipeline
@@ -149,7 +152,7 @@ class Trace:
         import xarray as xr
 
         out = {}
-        for name in ("step", "sample", "token", *ROOT_COORDS):
+        for name in ("step", "sample", "token", *ROOT_COORDS, *UNCOND_TOKEN_COORDS.values()):
             meta = self._nodes.get(name)
             if not meta or meta.get("node_type") != "array":
                 continue
@@ -276,7 +279,10 @@ class Trace:
         """Cross-attention probabilities of ``site`` as a lazy ``xarray.DataArray``.
 
         Dims ``(step, sample, head, y, x, token)``; only captured steps that are on disk are
-        included. ``branch`` is ``"cond"`` or ``"uncond"`` (default: cond when captured).
+        included. ``branch`` is ``"cond"`` or ``"uncond"`` (default: cond when captured). The uncond array's
+        ``token_text`` and ``token_role`` are its negative prompt's (``""`` and ``"pad"`` where no text encoder
+        ran for it: negative embeddings given, or SDXL's zeros); traces written before 2026-12-05 label it
+        with the prompt's.
 
         Examples
         --------
@@ -337,7 +343,11 @@ class Trace:
 
         meta = self._nodes[path]
         dims = tuple(meta["dimension_names"])
-        coords = {c: v for c, v in self.coords.items() if set(v.dims) <= set(dims)}
+        uncond_names = set(UNCOND_TOKEN_COORDS.values())
+        coords = {c: v for c, v in self.coords.items() if set(v.dims) <= set(dims) and c not in uncond_names}
+        if branch == "uncond":  # the uncond rows read the negative prompt: its text, where the trace stored it
+            coords.update({key: self.coords[stored].rename(key) for key, stored in UNCOND_TOKEN_COORDS.items()
+                           if key in coords and stored in self.coords})
         attrs = {**meta.get("attributes", {}), "site": dict(node_attrs.get("site", {}))}  # branch; family, kind, …
         da = xr.DataArray(self._guarded(path, name), dims=dims, coords=coords, name=arrays[branch], attrs=attrs)
         return da.isel(step=steps)

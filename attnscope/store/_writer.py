@@ -35,6 +35,7 @@ from ._format import (
     SUMMARY_DIMS,
     TEXT_MASS_ARRAYS,
     TEXT_MASS_DIMS,
+    UNCOND_TOKEN_COORDS,
     checksum_codec,
     chunk_steps,
     default_compressor,
@@ -143,6 +144,9 @@ class StoreLayout:
     timesteps: tuple[float, ...] | None = None
     #: each position's role (attnscope.tokens.ROLES), one row per sample; None: read from the token text
     token_roles: list[list[str]] | None = None
+    #: the same two for the unconditional rows (their negative prompt), when that branch is recorded; None: not stored
+    uncond_token_text: list[list[str]] | None = None
+    uncond_token_roles: list[list[str]] | None = None
 
 
 class _ByteQueue:
@@ -329,6 +333,11 @@ class TraceWriter:
         coord("token_text", np.asarray(layout.token_text, dtype=str).reshape(s, t), ("sample", "token"))
         roles = layout.token_roles if layout.token_roles is not None else [token_roles(row) for row in layout.token_text]
         coord("token_role", np.asarray(roles, dtype=str).reshape(s, t), ("sample", "token"))
+        if layout.uncond_token_text is not None:
+            coord(UNCOND_TOKEN_COORDS["token_text"], np.asarray(layout.uncond_token_text, dtype=str).reshape(s, t),
+                  ("sample", "token"))
+            roles = layout.uncond_token_roles or [token_roles(row) for row in layout.uncond_token_text]
+            coord(UNCOND_TOKEN_COORDS["token_role"], np.asarray(roles, dtype=str).reshape(s, t), ("sample", "token"))
         sites_group = root.create_group(SITES_GROUP)
         for site in layout.sites:
             group = sites_group.create_group(site.name, attributes={"site": site.description, "steps": list(site.steps)})
@@ -353,8 +362,9 @@ class TraceWriter:
                         config={"write_empty_chunks": True},
                     )
                     self._buffers[(site.name, TEXT_MASS_ARRAYS[branch])] = _SiteBuffer(mass, site.steps, c)
+        coordinates = [*ROOT_COORDS, *(UNCOND_TOKEN_COORDS.values() if layout.uncond_token_text is not None else ())]
         root.update_attributes({**layout.attrs, "attnscope_format": FORMAT_VERSION, "complete": False,
-                                "steps_written": 0, "coordinates": " ".join(ROOT_COORDS)})  # one metadata write
+                                "steps_written": 0, "coordinates": " ".join(coordinates)})  # one metadata write
         self._root = root
 
     def _do_timestep(self, step: int, value: float) -> None:
