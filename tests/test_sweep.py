@@ -91,6 +91,23 @@ def test_a_folder_holds_one_setting(shapes_sweep, shapes):
         ats.sweep(shapes, PROMPTS, 0, out=out, progress=False, num_inference_steps=5)
 
 
+def test_the_command_resumes_a_python_sweep_with_the_same_settings(shapes_sweep, tmp_path):
+    import shutil
+
+    out = tmp_path / "s1"
+    shutil.copytree(shapes_sweep[0], out)   # written by ats.sweep(shapes, ..., num_inference_steps=4)
+    before = _mtimes(out)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    # the command passes every capture option at its default (sites, heads, tokens, branch): the same sweep
+    done = cli("sweep", prompts, "--seeds", "0-1", "--out", out, "--steps", "4", "--no-progress")
+    assert done.exit_code == 0, done.stderr
+    assert _mtimes(out) == before                                     # every run was complete: none redone
+    other = cli("sweep", prompts, "--seeds", "0-1", "--out", out, "--steps", "4", "--heads", "all", "--no-progress")
+    assert other.exit_code == 2 and "holds a sweep with other settings (capture: {'num_inference_steps': 4} then, " \
+        "{'num_inference_steps': 4, 'heads': 'all'} now)" in other.stderr
+
+
 def _kill_on_blue(tr):
     """``extra`` for the worker test: SIGKILLs its own worker process once, on the first prompt's seed 1."""
     marker = Path(os.environ["ATTNSCOPE_TEST_KILL_MARKER"])

@@ -52,8 +52,11 @@ def _check_settings(folder: SweepFolder, settings: dict) -> None:
 
     settings = {k: ({kk: recordable(vv) for kk, vv in v.items()} if isinstance(v, dict) else recordable(v))
                 for k, v in settings.items()}
+    settings["capture"] = _explicit(settings["capture"])
     if folder.exists(SETTINGS_FILE):
         before = folder.read_json(SETTINGS_FILE)
+        if isinstance(before.get("capture"), dict):
+            before["capture"] = _explicit(before["capture"])
         changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
         if changed:
             detail = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
@@ -61,6 +64,22 @@ def _check_settings(folder: SweepFolder, settings: dict) -> None:
                                  f"with the same settings or choose another folder")
     else:
         folder.write_json(SETTINGS_FILE, settings)
+
+
+def _explicit(capture_settings: dict) -> dict:
+    """The capture settings that differ from :func:`attnscope.capture`'s defaults: a setting given at its default
+    value is the same sweep as one left out (``attnscope sweep`` passes every option, ``ats.sweep`` only those given).
+
+    >>> _explicit({"num_inference_steps": 20, "sites": None, "heads": "mean", "tokens": "prompt"})
+    {'num_inference_steps': 20, 'tokens': 'prompt'}
+    """
+    import inspect
+
+    from ..capture import capture
+
+    defaults = {name: p.default for name, p in inspect.signature(capture).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {k: v for k, v in capture_settings.items() if not (k in defaults and v == defaults[k])}
 
 
 def _is_shapes(model: Any) -> bool:
