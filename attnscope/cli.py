@@ -70,6 +70,7 @@ _CLI_FLAGS = {
     "plot": _flags("steps", "sites", "words", "kind", "sample", "tol", "of", targets="--words"),
     "sweep_stats": _flags("steps", "sites", "targets"),
     "report": _flags("overwrite", "compare", "words", "sites", "sample", "tol", path="-o", targets="--words"),
+    "train_shapes": _flags("out", "steps", "batch", "vae_steps", "checkpoint_every", "threads", "resume"),
 }
 
 
@@ -324,8 +325,9 @@ def rerun(
     layout: str | None = typer.Option(None, help="Spatial-temporal control: 'PHRASE=x0,y0,x1,y1;PHRASE=x,y' (boxes or "
                                                  "centres in [0, 1], x right, y down), 'auto' (from the prompt's "
                                                  "relation words), or 'trace' (the layout and λ TRACE was made with)."),
-    spatial_weight: float = typer.Option(1.0, help="With --layout: λ, the local prompts' weight at every step (with "
-                                                   "--optimise: where the optimisation starts)."),
+    spatial_weight: float | None = typer.Option(None, help="With --layout: λ, the local prompts' weight at every "
+                                                          "step (with --optimise: where the optimisation starts; "
+                                                          "default 1.0)."),
     optimise: bool = typer.Option(False, "--optimise", help="With --layout: optimise λ over the trajectory first "
                                                             "(attention objective, Adam, --epochs, --lr); the trace "
                                                             "stores them."),
@@ -339,6 +341,11 @@ def rerun(
 
     try:
         targets, subjects = _split_words(regulate), _split_words(excite)
+        for flag, given, words in (("--regulate", regulate, targets), ("--excite", excite, subjects)):
+            if given is not None and not words:
+                raise ats.AttnscopeError(f"{flag} {given!r}: expected comma-separated words, e.g. 'circle,square'")
+        if spatial_weight is not None and (layout is None or layout.strip() == "trace"):
+            raise ats.AttnscopeError("--spatial-weight sets SpatialTemporal's λ: give --layout PHRASE=BOX;… or auto too")
         weights = [_parse_reweight(spec) for spec in reweight or []]
         clients = _rerun_interventions(targets, weights) + ([_parse_tgate(tgate, trace)] if tgate is not None else [])
         if subjects:
@@ -346,7 +353,8 @@ def rerun(
         if layout is not None and layout.strip() == "trace":
             clients.append(ats.regulate.SpatialTemporal.from_trace(ats.open_trace(trace)))
         elif layout is not None:
-            clients.append(ats.regulate.SpatialTemporal(_parse_layout(layout), weights=spatial_weight, epochs=epochs,
+            clients.append(ats.regulate.SpatialTemporal(_parse_layout(layout), weights=1.0 if spatial_weight is None
+                                                        else spatial_weight, epochs=epochs,
                                                         lr=lr, objective="attention" if optimise else None))
         elif optimise:
             raise ats.AttnscopeError("--optimise optimises SpatialTemporal's λ: give --layout too")
@@ -462,6 +470,8 @@ def plot(
     try:
         if kind not in _PLOT_KINDS:
             raise ats.AttnscopeError(f"--kind {kind!r}: expected one of {', '.join(_PLOT_KINDS)}")
+        if dpi < 1:
+            raise ats.AttnscopeError(f"--dpi {dpi}: expected an int >= 1 (dots per inch)")
         _output_file(out, "-o", _figure_formats())
         tr = _open_trace(trace)
         targets, chosen = _split_words(words), parse_step_text(steps, "--steps")

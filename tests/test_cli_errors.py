@@ -104,6 +104,10 @@ def test_python_rerun_and_hooks_reject_unknown_targets_before_the_store(shapes, 
     (["--steps", "-3"], "error: --steps -3: expected an int >= 1"),  # was "the *output* is not an attnscope trace"
     (["--seed", BIG_SEED], f"error: --seed {BIG_SEED}: expected an int from 0 to 2**64 - 1"),
     (["--capture-steps", "30:40"], "error: --capture-steps 30:40: selects no step of this run's 3 steps"),
+    (["--capture-steps", "0:3:0"], "error: --capture-steps 0:3:0: expected a slice whose STEP is not 0"),
+    (["--seed", "-1"], "error: --seed -1: expected an int from 0 to 2**64 - 1"),         # was taken as 2**64 - 1
+    (["--images-per-prompt", "0"], "error: --images-per-prompt 0: expected an int >= 1"),   # was a reshape error
+    (["--device", "nonsense"], "error: --device 'nonsense': not a device this torch can use"),
 ])
 def test_capture_rejects_bad_numbers_before_writing(tmp_path, args, message):
     out = tmp_path / "c.zarr"
@@ -297,3 +301,72 @@ def test_a_target_missing_from_one_of_several_prompts_names_that_prompt(shapes):
     per_prompt = ats.regulate.Reweight(lambda p: "square" if "square" in p else "triangle", 2.0)
     with ats.hooks(shapes, per_prompt):
         shapes(prompts, generator=torch.Generator().manual_seed(0), num_inference_steps=2)
+
+
+# -- found by a new user's audit (2026-12-05): each was a traceback, a silent other run, or a folder that blocked
+# the corrected command
+def test_rerun_refuses_empty_targets_and_a_spatial_weight_without_a_layout(parent, tmp_path):
+    out = tmp_path / "r.zarr"
+    assert "--regulate ',': expected comma-separated words" in error_line(
+        cli("rerun", parent.path, "--regulate", ",", "-o", out))                   # was a plain rerun
+    assert "--excite '': expected comma-separated words" in error_line(cli("rerun", parent.path, "--excite", "", "-o", out))
+    assert "--spatial-weight sets SpatialTemporal's λ: give --layout" in error_line(
+        cli("rerun", parent.path, "--spatial-weight", "3", "-o", out))             # was ignored
+    assert not out.exists()
+
+
+def test_plot_dpi_and_report_tolerance_are_checked(parent, tmp_path):
+    assert error_line(cli("plot", parent.path, "-o", tmp_path / "f.png", "--dpi", "0")) == \
+        "error: --dpi 0: expected an int >= 1 (dots per inch)"
+    assert error_line(cli("report", parent.path, "-o", tmp_path / "r.html", "--tol", "-1")) == \
+        "error: --tol -1.0: expected a positive tolerance"                          # was a report saying so inside
+    assert not (tmp_path / "f.png").exists() and not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "error: --steps 0: expected an int >= 1"),                  # started 600 autoencoder steps
+    (["--vae-steps", "-1"], "error: --vae-steps -1: expected an int >= 1"),
+    (["--threads", "0"], "error: --threads 0: expected an int >= 1"),
+    (["--checkpoint-every", "0"], "error: --checkpoint-every 0: expected an int >= 1"),   # was a ZeroDivisionError
+    (["--resume"], "no run to resume there (the directory does not exist)"),
+])
+def test_train_shapes_checks_its_numbers_before_making_its_folder(tmp_path, args, message):
+    out = tmp_path / "run"
+    assert message in error_line(cli("train-shapes", "--out", out, *args))
+    assert not out.exists()
+
+
+def test_a_sweep_that_made_nothing_leaves_its_folder_to_the_corrected_command(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two objects\na red circle and a blue square\n")
+    out = tmp_path / "s1"
+    line = error_line(cli("sweep", prompts, "--seeds", "0", "--out", out, "--steps", "2", "--height", "20",
+                          "--no-progress"))
+    assert "every run failed" in line and "--height 20" in line
+    done = cli("sweep", prompts, "--seeds", "0", "--out", out, "--steps", "2", "--no-progress")   # was "other settings"
+    assert done.exit_code == 0, done.stderr
+    assert ats.open_catalog(out).df.status.tolist() == ["complete"]
+    assert "--dtype 'float64': expected one of float32" in error_line(
+        cli("sweep", prompts, "--seeds", "0", "--out", tmp_path / "s2", "--dtype", "float64"))
+    assert not (tmp_path / "s2").exists()
+
+
+def test_a_sweep_refuses_a_trace_or_a_folder_of_other_files(parent, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    before = sorted(p.name for p in parent.path.iterdir())
+    line = error_line(cli("sweep", prompts, "--seeds", "0", "--out", parent.path, "--steps", "2"))
+    assert line.endswith("is an attnscope trace; give a new or empty folder for the sweep")
+    assert sorted(p.name for p in parent.path.iterdir()) == before                  # nothing written into it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert "is a folder that is not a sweep (no sweep.json)" in error_line(
+        cli("sweep", prompts, "--seeds", "0", "--out", mine, "--steps", "2"))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_eval_skips_comment_lines_of_a_prompts_file(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n# a note\n\na blue square\n")
+    assert ats.models.eval_prompts(prompts) == ["a red circle", "a blue square"]   # '#' was a prompt

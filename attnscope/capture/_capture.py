@@ -132,7 +132,11 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     output_type = pipeline_kwargs.get("output_type", "pil")
     if output_type not in ("pil", "np", "pt", "latent"):
         raise AttnscopeError(f"output_type={output_type!r}: expected 'pil', 'np', 'pt' or 'latent'")
-    per_prompt = pipeline_kwargs.get("num_images_per_prompt") or 1
+    per_prompt = pipeline_kwargs.get("num_images_per_prompt", 1)
+    if per_prompt is None:
+        per_prompt = 1
+    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+        raise AttnscopeError(f"num_images_per_prompt={per_prompt!r}: expected an int >= 1")
     generator = _generator(seed, len(prompts) * per_prompt)
     recorded, unrecorded = {}, []
     for key, value in pipeline_kwargs.items():

@@ -120,7 +120,8 @@ PAIRED = ("all_present", "exact", "extra")
 
 def eval_prompts(prompts: str | Path | Sequence[str], n: int | None = None, seed: int = 0) -> list[str]:
     """The prompt list for an evaluation: a named set (``"single"``, ``"two"``, ``"relation"``,
-    ``"three"``; ``n`` prompts drawn with ``seed``), a text file with one prompt per line, or a list.
+    ``"three"``; ``n`` prompts drawn with ``seed``), a text file with one prompt per line (blank lines and lines
+    starting with ``#`` skipped), or a list.
 
     >>> from attnscope.models import eval_prompts
     >>> eval_prompts("two", n=4)[2:]
@@ -135,7 +136,8 @@ def eval_prompts(prompts: str | Path | Sequence[str], n: int | None = None, seed
         path = Path(prompts)
         if not path.is_file():
             raise AttnscopeError(f"prompts={str(prompts)!r}: expected one of {', '.join(PROMPT_SETS)} or a text file")
-        items = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        lines = (line.strip() for line in path.read_text().splitlines())
+        items = [line for line in lines if line and not line.startswith("#")]  # as sweep's prompt files
     else:
         items = list(prompts)
     if not items:

@@ -52,8 +52,7 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     if str(model) == "shapes":
         from .shapes import load_shapes_pipeline
 
-        pipe = load_shapes_pipeline(dtype=kwargs.get("torch_dtype"))
-        return pipe.to(device) if device is not None else pipe
+        return _to_device(load_shapes_pipeline(dtype=kwargs.get("torch_dtype")), device)
     path = Path(model)
     if not path.exists() and str(model).count("/") != 1:
         raise AttnscopeError(
@@ -72,10 +71,29 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
             f"model={str(model)!r}: not a local diffusers directory and not in the local Hugging Face cache "
             f"(this machine cannot download models): {exc}"
         ) from exc
-    if device is not None:
-        pipe = pipe.to(device)
+    pipe = _to_device(pipe, device)
     pipe.set_progress_bar_config(disable=None)
     return pipe
+
+
+def _to_device(pipe: Any, device: str | None) -> Any:
+    """``pipe`` moved to ``device``; a device this torch cannot use is one error naming it.
+
+    >>> _to_device(object(), "nonsense")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: device='nonsense': not a device this torch can use (Expected one of cpu, cuda, ...
+    """
+    if device is None:
+        return pipe
+    import torch
+
+    try:
+        target = torch.device(device)
+        torch.empty(0, device=target)  # a CUDA device on a CPU-only build, or one that is not there, fails here
+    except (RuntimeError, AssertionError) as exc:
+        raise AttnscopeError(f"device={device!r}: not a device this torch can use ({str(exc).splitlines()[0]}); "
+                             f"torch {torch.__version__} sees {torch.cuda.device_count()} CUDA device(s)") from None
+    return pipe.to(target)
 
 
 def _own_pipeline_class(path: Path) -> Any:

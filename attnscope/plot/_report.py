@@ -108,6 +108,8 @@ def report(trace: Any, path: str | os.PathLike = "report.html", *, compare: Any 
         ``grid``, ``dominance``, ``convergence``, and ``compare`` when given.
     """
     out = _output_path(path, overwrite)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise AttnscopeError(f"tol={tol!r}: expected a positive tolerance")
     tr = as_trace(trace, "trace")
     if not tr.complete and tr.steps_written == 0:
         raise AttnscopeError(f"trace {str(tr.path)!r} has no step written (its capture stopped before the first step "
@@ -162,7 +164,7 @@ def _output_path(path: Any, overwrite: bool) -> Path:
     if out.is_dir():
         raise AttnscopeError(f"path={str(out)!r} is a directory; expected the path of an .html file to write")
     if out.suffix.lower() not in SUFFIXES:
-        raise AttnscopeError(f"path={str(out)!r}: expected a file name ending in .html")
+        raise AttnscopeError(f"path={str(out)!r}: expected a file name ending in .html (or .htm)")
     if out.exists() and not overwrite:
         raise AttnscopeError(f"path={str(out)!r} exists; pass overwrite=True to replace it")
     above = next(p for p in out.absolute().parents if p.exists())

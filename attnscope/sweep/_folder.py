@@ -93,6 +93,16 @@ class SweepFolder:
         except Exception as exc:
             raise self._wrap(rel, exc) from exc
 
+    def remove(self, rel: str) -> None:
+        """Delete the file ``rel`` (nothing when it is not there)."""
+        try:
+            if not self.remote:
+                (Path(self._root) / rel).unlink(missing_ok=True)
+            elif self.fs.exists(self._remote_path(rel)):
+                self.fs.rm(self._remote_path(rel))
+        except Exception as exc:
+            raise self._wrap(rel, exc) from exc
+
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
 

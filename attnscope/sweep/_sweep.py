@@ -20,6 +20,7 @@ from ._runs import execute_run
 __all__ = ["sweep"]
 
 SETTINGS_FILE = "sweep.json"
+_DTYPES = ("float32", "float16", "bfloat16")
 #: seconds between rewrites of the catalog while a sweep runs (the row files are always current)
 CATALOG_INTERVAL = 30.0
 _NOT_CAPTURE_KWARGS = ("prompt", "seed", "store", "overwrite", "generator")
@@ -53,6 +54,9 @@ def _check_settings(folder: SweepFolder, settings: dict) -> None:
     settings = {k: ({kk: recordable(vv) for kk, vv in v.items()} if isinstance(v, dict) else recordable(v))
                 for k, v in settings.items()}
     settings["capture"] = _explicit(settings["capture"])
+    if not any(folder.exists(mark) for mark in (SETTINGS_FILE, "catalog.parquet", "rows")) and folder.list(""):
+        what = "an attnscope trace" if folder.exists("zarr.json") else "a folder that is not a sweep (no sweep.json)"
+        raise AttnscopeError(f"out={folder.url('')!r} is {what}; give a new or empty folder for the sweep")
     if folder.exists(SETTINGS_FILE):
         before = folder.read_json(SETTINGS_FILE)
         if isinstance(before.get("capture"), dict):
@@ -165,6 +169,8 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
         raise AttnscopeError(f"threads={threads!r}: expected an int >= 1")
     if extra is not None and not callable(extra):
         raise AttnscopeError(f"extra={extra!r}: expected a function trace -> dict of scalars")
+    if dtype is not None and dtype not in _DTYPES:
+        raise AttnscopeError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
     if not isinstance(pipe_or_model, (str, Path)) and not hasattr(pipe_or_model, "components"):
         raise AttnscopeError(f"pipe_or_model={pipe_or_model!r}: expected a diffusers pipeline or a model name/directory")
     use_workers = devices is not None or workers > 1
@@ -211,6 +217,8 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
     catalog = open_catalog(out, storage_options=storage_options)
     failed = int((catalog.df["status"] != "complete").sum()) if len(catalog.df) else 0
     if failed and failed == len(catalog.df):
+        # no run came out: the settings are not fixed yet, so the corrected command can use the same folder
+        SweepFolder(out, storage_options).remove(SETTINGS_FILE)
         raise AttnscopeError(f"sweep {str(out)!r}: every run failed; the first error: {catalog.df['error'].iloc[0]}")
     return catalog
 

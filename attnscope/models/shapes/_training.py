@@ -51,6 +51,21 @@ class TrainConfig:
     mixture: tuple[float, float, float, float] = (0.7, 0.1, 0.1, 0.1)
 
 
+def _check_run(config: TrainConfig, threads: int | None) -> None:
+    """Counts that must be positive ints, checked before the run's folder is made.
+
+    >>> _check_run(TrainConfig(checkpoint_every=0), None)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: checkpoint_every=0: expected an int >= 1
+    """
+    counts = {name: getattr(config, name) for name in ("vae_steps", "vae_batch", "steps", "batch", "checkpoint_every")}
+    if threads is not None:
+        counts["threads"] = threads
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AttnscopeError(f"{name}={value!r}: expected an int >= 1")
+
+
 def _generator(config: TrainConfig, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((config.seed * 1_000_003 + _STAGES.index(stage)) * 10_000_019 + step)
 
@@ -140,6 +155,11 @@ def train_shapes(out: str | Path, config: TrainConfig = TrainConfig(), *, resume
     from tqdm.auto import tqdm
 
     out = Path(out)
+    _check_run(config, threads)
+    if out.exists() and not out.is_dir():
+        raise AttnscopeError(f"out={str(out)!r} is a file; expected a directory for the run")
+    if resume and not out.exists():
+        raise AttnscopeError(f"out={str(out)!r}: no run to resume there (the directory does not exist)")
     if out.exists() and not resume and any(out.iterdir()):
         raise AttnscopeError(f"out={str(out)!r}: directory is not empty; pass resume=True (--resume) to continue it")
     out.mkdir(parents=True, exist_ok=True)
