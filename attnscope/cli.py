@@ -60,7 +60,7 @@ _CLI_FLAGS = {
                       steps="--capture-steps", guidance_scale="--guidance", num_images_per_prompt="--images-per-prompt",
                       store="--out"),
     "demo": _flags("overwrite", "seed", "device", "prompt", "out", store="--out"),
-    "rerun": _flags("overwrite", "device", store="--out", gate_step="--tgate"),
+    "rerun": _flags("overwrite", "device", store="--out", gate_step="--tgate", factor="--reweight factor"),
     "eval_": _flags("seed", "device", "n", "batch_size", num_inference_steps="--steps", guidance_scale="--guidance",
                    json_path="--json"),
     "sweep_": _flags("seeds", "out", "workers", "devices", "threads", "dtype", "sites", "heads", "tokens", "branch",
