@@ -12,9 +12,12 @@ import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from .errors import AttnscopeError
 
-__all__ = ["SEEDS", "SiteSpec", "StepSpec", "check_choice", "check_seed", "parse_step_text", "run_steps",
+__all__ = ["DTYPES", "SEEDS", "SiteSpec", "StepSpec", "check_choice", "check_seed", "check_tol", "parse_step_text",
+           "run_steps",
            "select_captured_steps", "select_site_names", "select_sites", "select_steps", "step_ranges"]
 
 SiteSpec = None | str | Sequence[str] | Callable[[Any], bool]
@@ -26,6 +29,8 @@ HEADS = ("mean", "all")
 SEEDS = range(2**64)
 TOKENS = ("auto", "all", "prompt")
 BRANCHES = ("cond", "uncond", "both")
+#: the dtypes a pipeline is loaded in (``torch.<name>``)
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
@@ -51,6 +56,18 @@ def check_seed(name: str, value: Any) -> int:
         raise AttnscopeError(f"{name}={value!r}: expected an int from 0 to 2**64 - 1 ({SEEDS.stop - 1}), the "
                              f"seeds a torch.Generator takes")
     return value
+
+
+def check_tol(tol: Any) -> None:
+    """Raise unless ``tol`` (a convergence tolerance) is a positive number.
+
+    >>> check_tol(0.05)
+    >>> check_tol(-1)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: tol=-1: expected a positive tolerance
+    """
+    if not (isinstance(tol, (int, float, np.floating)) and not isinstance(tol, bool) and tol > 0):
+        raise AttnscopeError(f"tol={tol!r}: expected a positive tolerance")
 
 
 def _listing(sites: Sequence[Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,9 +247,7 @@ class Recorder:
         if self.branch != "cond" and rows.uncond is None:
             raise AttnscopeError(f"branch={self.branch!r}: this run has no unconditional rows (guidance is off)")
         ids = step.token_ids
-        prompt_tokens = [list(t) for t in step.token_text] if step.token_text is not None else None
-        prompt_roles = ([list(r) for r in step.token_roles] if step.token_roles is not None else
-                        [token_roles(t) for t in prompt_tokens] if prompt_tokens is not None else None)
+        prompt_tokens, prompt_roles = _text_and_roles(step.token_text, step.token_roles)
         if prompt_tokens is None and self.tokens == "prompt":
             raise AttnscopeError("tokens='prompt' needs the prompt's token ids, but the pipeline got embeddings, not text")
         if self.tokens == "auto":  # the long padded text axes of T5/Gemma/Qwen prompts and of joint sites: the prompt
@@ -256,25 +255,19 @@ class Recorder:
             long_text = any(name not in ("clip", "missing") for name, _ in step.segments)
             self.tokens = "prompt" if (joint or long_text) and prompt_tokens is not None else "all"
         text_len = self._text_length(session, step)
-        negative = step.uncond_token_text if self.branch != "cond" else None  # the uncond rows' own text
-        negative_tokens = [list(t) for t in negative] if negative is not None else []
-        negative_roles = ([list(r) for r in step.uncond_token_roles] if step.uncond_token_roles is not None else
-                          [token_roles(t) for t in negative_tokens]) if negative is not None else []
-        positions = (_kept_positions(prompt_tokens + negative_tokens, prompt_roles + negative_roles, text_len)
-                     if self.tokens == "prompt" and prompt_tokens else list(range(text_len)))
+        uncond = self.branch != "cond"  # the uncond rows read their own (negative) text
+        negative_tokens, negative_roles = (_text_and_roles(step.uncond_token_text, step.uncond_token_roles) if uncond
+                                           else (None, None))
+        positions = (_kept_positions(prompt_tokens + (negative_tokens or []), prompt_roles + (negative_roles or []),
+                                     text_len) if self.tokens == "prompt" and prompt_tokens else list(range(text_len)))
         contiguous = positions == list(range(len(positions)))
         self._token_index = slice(0, len(positions)) if contiguous else torch.tensor(positions)
         self._kept = len(positions)
-        spelled = [prompt_tokens[p] if prompt_tokens else [] for p in rows.prompt_of_sample]
-        token_text = [[row[i] if i < len(row) else "" for i in positions] for row in spelled]
-        role_rows = [prompt_roles[p] if prompt_roles else [] for p in rows.prompt_of_sample]
-        roles = [[row[i] if i < len(row) else "pad" for i in positions] for row in role_rows]
-        uncond_text = uncond_roles = None
-        if self.branch != "cond":  # unknown (no text encoder ran for the negative): no text, all padding
-            uncond_text = [[negative_tokens[p][i] if negative_tokens and i < len(negative_tokens[p]) else ""
-                            for i in positions] for p in rows.prompt_of_sample]
-            uncond_roles = [[negative_roles[p][i] if negative_roles and i < len(negative_roles[p]) else "pad"
-                             for i in positions] for p in rows.prompt_of_sample]
+        token_text = _sample_rows(prompt_tokens, rows.prompt_of_sample, positions, "")
+        roles = _sample_rows(prompt_roles, rows.prompt_of_sample, positions, "pad")
+        # a negative no text encoder ran for (SDXL's zeros): no text, all padding
+        uncond_text = _sample_rows(negative_tokens, rows.prompt_of_sample, positions, "") if uncond else None
+        uncond_roles = _sample_rows(negative_roles, rows.prompt_of_sample, positions, "pad") if uncond else None
         layout = StoreLayout(
             num_steps=num_steps, samples=rows.samples, prompt_of_sample=rows.prompt_of_sample,
             image_of_sample=rows.image_of_sample, token_positions=tuple(positions), token_text=token_text,
@@ -315,6 +308,30 @@ class Recorder:
             return int(step.token_ids.shape[-1])
         tokenizer = getattr(session.pipe, "tokenizer", None)
         return int(getattr(tokenizer, "model_max_length", 77))
+
+
+def _text_and_roles(text: Any, roles: Any) -> tuple[list[list[str]] | None, list[list[str]] | None]:
+    """Per prompt, its strings and roles (read from the strings where the adapter gave none); ``(None, None)`` when
+    the text is unknown.
+
+    >>> _text_and_roles((("<|startoftext|>", "a</w>", "<|endoftext|>"),), None)
+    ([['<|startoftext|>', 'a</w>', '<|endoftext|>']], [['sot', 'word', 'eot']])
+    """
+    if text is None:
+        return None, None
+    tokens = [list(t) for t in text]
+    return tokens, [list(r) for r in roles] if roles is not None else [token_roles(t) for t in tokens]
+
+
+def _sample_rows(per_prompt: list[list[str]] | None, prompt_of_sample: Sequence[int], positions: Sequence[int],
+                 fill: str) -> list[list[str]]:
+    """Per sample, its prompt's row at ``positions``; ``fill`` past the row's end and where the text is unknown.
+
+    >>> _sample_rows([["a", "b"], ["c"]], (0, 1, 1), [0, 1], "-"), _sample_rows(None, (0,), [0, 1], "")
+    ([['a', 'b'], ['c', '-'], ['c', '-']], [['', '']])
+    """
+    rows = [per_prompt[p] if per_prompt else [] for p in prompt_of_sample]
+    return [[row[i] if i < len(row) else fill for i in positions] for row in rows]
 
 
 def _kept_positions(prompt_tokens: list[list[str]], prompt_roles: list[list[str]], text_len: int) -> list[int]:

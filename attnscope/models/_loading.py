@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnscopeError
+from ..selection import DTYPES
 from ._compat import quiet_dtype_deprecation
 
 __all__ = ["load_pipeline"]
@@ -43,7 +44,7 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     import torch
     from diffusers import DiffusionPipeline
 
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    dtypes = {name: getattr(torch, name) for name in DTYPES}
     if dtype is not None and dtype not in dtypes:
         raise AttnscopeError(f"dtype={dtype!r}: expected one of {', '.join(dtypes)}")
     kwargs: dict[str, Any] = {"local_files_only": True}

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import AttnscopeError
-from ..selection import step_ranges
+from ..selection import check_tol, step_ranges
 from ..stats import convergence, dominance, dominance_table, suggest_gate_step
 from ..store import as_trace
 from ..tokens import prompt_text, resolve_targets
@@ -108,8 +108,7 @@ def report(trace: Any, path: str | os.PathLike = "report.html", *, compare: Any 
         ``grid``, ``dominance``, ``convergence``, and ``compare`` when given.
     """
     out = _output_path(path, overwrite)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-        raise AttnscopeError(f"tol={tol!r}: expected a positive tolerance")
+    check_tol(tol)
     tr = as_trace(trace, "trace")
     if not tr.complete and tr.steps_written == 0:
         raise AttnscopeError(f"trace {str(tr.path)!r} has no step written (its capture stopped before the first step "

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..selection import run_steps, select_captured_steps, select_site_names
+from ..selection import check_tol, run_steps, select_captured_steps, select_site_names
 from ..store import GATED_STEPS_ATTR, OUTPUT_CHANGE, OUTPUT_NORM, Trace, open_trace
 from ._dominance import site_arrays
 
@@ -39,11 +39,6 @@ def stable_step(curve: Any, steps: Any, tol: float) -> int:
     above = defined[c[defined] >= tol]
     below = defined[defined > above[-1]] if len(above) else defined
     return int(s[below[0]]) if len(below) else -1
-
-
-def _check_tol(tol: Any) -> None:
-    if not (isinstance(tol, (int, float, np.floating)) and not isinstance(tol, bool) and tol > 0):
-        raise AttnscopeError(f"tol={tol!r}: expected a positive tolerance")
 
 
 def _is_summaries(source: Any) -> bool:
@@ -169,7 +164,7 @@ def convergence(source: Any, *, sites: Any = None, steps: Any = None, tol: float
     """
     import xarray as xr
 
-    _check_tol(tol)
+    check_tol(tol)
     if of not in OF:
         raise AttnscopeError(f"of={of!r}: expected one of {', '.join(repr(o) for o in OF)}")
     if isinstance(source, (str, os.PathLike)):
@@ -258,7 +253,7 @@ def suggest_gate_step(source: Any, tol: float = 0.05, of: str = "auto", *, sites
         used = source.attrs.get("of")
         if of != "auto" and used is not None and of != used:
             raise AttnscopeError(f"of={of!r}: this convergence Dataset was computed with of={used!r}")
-        _check_tol(tol)
+        check_tol(tol)
         mean = source["mean_convergence"]
         if sites is not None:
             mean = source["convergence"].sel(site=select_site_names(sites, [str(s) for s in source["site"].values]))

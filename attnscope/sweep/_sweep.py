@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnscopeError
+from ..selection import DTYPES
 from ._catalog import Catalog, open_catalog, write_catalog
 from ._folder import SweepFolder
 from ._plan import plan_runs, read_prompts
@@ -20,7 +21,6 @@ from ._runs import execute_run
 __all__ = ["sweep"]
 
 SETTINGS_FILE = "sweep.json"
-_DTYPES = ("float32", "float16", "bfloat16")
 #: seconds between rewrites of the catalog while a sweep runs (the row files are always current)
 CATALOG_INTERVAL = 30.0
 _NOT_CAPTURE_KWARGS = ("prompt", "seed", "store", "overwrite", "generator")
@@ -169,8 +169,8 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
         raise AttnscopeError(f"threads={threads!r}: expected an int >= 1")
     if extra is not None and not callable(extra):
         raise AttnscopeError(f"extra={extra!r}: expected a function trace -> dict of scalars")
-    if dtype is not None and dtype not in _DTYPES:
-        raise AttnscopeError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise AttnscopeError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     if not isinstance(pipe_or_model, (str, Path)) and not hasattr(pipe_or_model, "components"):
         raise AttnscopeError(f"pipe_or_model={pipe_or_model!r}: expected a diffusers pipeline or a model name/directory")
     use_workers = devices is not None or workers > 1
