@@ -273,6 +273,18 @@ def test_tokens_words_and_segments(flux, sd3, tmp_path):
     roles = ats.tokens.token_roles(tr3.tokens)
     pad_cols = [i for i, r in enumerate(roles) if r == "pad"]
     np.testing.assert_allclose(padding.values, full.isel(token=pad_cols).sum("token").values, atol=5e-3)
+    # every statistic is the same on the kept positions as on all of them (sink share over the text mass, the
+    # T5 pieces of a word in its map, an int target as the token coordinate's position 78)
+    a, b = ats.stats.dominance(small, targets=["red", 78]), ats.stats.dominance(tr3, targets=["red", 78])
+    np.testing.assert_allclose(a.target_share, b.target_share, atol=1e-6)
+    np.testing.assert_allclose(a.sink_share, b.sink_share, atol=2e-3)
+    word_cols = [i for i, r in enumerate(roles) if r == "word"]
+    by_hand = 1 - full.isel(token=word_cols).astype(float).sum(("head", "y", "x", "token")) / \
+        full.astype(float).sum(("head", "y", "x", "token"))
+    np.testing.assert_allclose(b.sink_share.sel(site=site).values, by_hand.values, rtol=1e-5)
+    shape_small, shape_full = ats.stats.map_shape(small, ["red", "elephant"]), ats.stats.map_shape(tr3, ["red", "elephant"])
+    for var in ("peak_to_mean", "top_share", "centre_x", "spread", "overlap"):
+        np.testing.assert_allclose(shape_small[var], shape_full[var], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])

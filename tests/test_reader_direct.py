@@ -24,6 +24,7 @@ def _through_tree(tr, site, array):
     da = da.assign_coords({c: tr.tree[source[c]].variable for c in ROOT_COORDS
                            if source[c] in tr.tree.coords and set(tr.tree[source[c]].dims) <= set(da.dims)})
     da.attrs["site"] = dict(node.attrs.get("site", {}))
+    da.attrs["tokens"] = tr.manifest["capture"]["tokens"]  # whether the token axis was cut to the prompt
     steps = [int(s) for s in node.attrs["steps"] if tr.complete or int(s) < tr.steps_written]
     return da.isel(step=steps)
 

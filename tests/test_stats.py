@@ -280,3 +280,88 @@ def test_target_tokens_mark_each_targets_positions():
     mask = ds.target_tokens.isel(sample=0)
     assert ds.token.values[mask.sel(target="blue square").values].tolist() == [6, 7, 8]
     assert ds.token.values[mask.sel(target="a").values].tolist() == [1, 5]
+
+
+# -- defects found by an audit (2026-12-06), each on a hand-made tensor ---------------------------------------
+def _stored(a, texts, positions, **attrs):
+    """A DataArray whose token coordinate holds the kept positions (a ``tokens="prompt"`` trace)."""
+    return xr.DataArray(np.asarray(a, float), dims=SITE_DIMS, name="site", attrs=attrs,
+                        coords={"step": np.arange(len(a)), "token": positions,
+                                "token_text": (("sample", "token"), [texts])})
+
+
+def test_int_targets_are_token_positions_of_the_token_coordinate():
+    """On SD3's kept positions 0, 1, 2, 77, 78 the target 78 is the T5 "red"; it was read as an index (78 was out
+    of range, 4 was accepted as "4")."""
+    toks = [SOT, "red</w>", EOT, "▁red", "</s>"]
+    a = np.zeros((1, 1, 1, 1, 2, 5))
+    a[..., 0, :] = [0.1, 0.2, 0.1, 0.5, 0.1]  # pixel 0: T5 red has 0.5
+    a[..., 1, :] = [0.3, 0.4, 0.1, 0.1, 0.1]
+    da = _stored(a, toks, [0, 1, 2, 77, 78])
+    ds = ats.stats.dominance(da, targets=["red", 77, 1])
+    # mass shares over the words (positions 1 and 77): S = 0.6, 0.6
+    assert ds.target.values.tolist() == ["red", "77", "1"]
+    np.testing.assert_allclose(ds.target_share.isel(step=0, site=0, sample=0), [1.0, 0.5, 0.5])
+    with pytest.raises(AttnscopeError, match=r"target 3: token position not on this trace's token axis; its "
+                                             r"positions are 0–2, 77–78"):
+        ats.stats.dominance(da, targets=[3])
+
+
+def test_map_shape_reads_the_targets_columns_by_index_whatever_the_positions():
+    """map_shape matched the resolved indices against the stored positions: on a cut token axis it dropped the
+    T5 pieces (or read nothing: NaN)."""
+    toks = [SOT, "red</w>", EOT, "▁red", "</s>"]
+    a = np.zeros((1, 1, 1, 1, 2, 5))
+    a[..., 0, 1] = 1.0   # CLIP red on pixel 0
+    a[..., 1, 3] = 3.0   # T5 red on pixel 1
+    shape = ats.stats.map_shape(_stored(a, toks, [0, 1, 2, 77, 78]), ["red"])
+    # the map of "red" is [1, 3] over x centres 1/4, 3/4: centre (1/4 + 9/4) / 4 = 0.625; peak-to-mean 3 / 2
+    assert float(shape.centre_x.squeeze()) == pytest.approx(0.625)
+    assert float(shape.peak_to_mean.squeeze()) == pytest.approx(1.5)
+    same = ats.stats.map_shape(_stored(a, toks, [0, 1, 2, 3, 4]), ["red"])
+    assert float(same.centre_x.squeeze()) == pytest.approx(0.625)
+
+
+def test_sink_share_of_a_cut_token_axis_counts_the_rows_total():
+    """A cross site's row sums to 1; with the token axis cut to the prompt (the array's ``tokens`` attribute,
+    as Trace.attention sets it) the sink share is over the pixel count, whether given as a trace or an array."""
+    toks = [SOT, "red</w>", EOT]
+    a = np.zeros((1, 1, 1, 1, 2, 3))
+    a[..., 0, :] = [0.2, 0.3, 0.1]   # 0.4 of this row went to padding that was not kept
+    a[..., 1, :] = [0.1, 0.5, 0.4]
+    cut = ats.stats.dominance(_stored(a, toks, [0, 1, 2], tokens="prompt"))
+    assert one(cut, "sink_share") == pytest.approx(1 - 0.8 / 2)
+    kept = ats.stats.dominance(_stored(a, toks, [0, 1, 2]))      # no attribute: the stored columns are the total
+    assert one(kept, "sink_share") == pytest.approx(1 - 0.8 / 1.6)
+
+
+def test_argmax_coverage_is_nan_at_a_nan_map_like_every_other_statistic():
+    a = np.zeros((2, 1, 1, 1, 2, 4))
+    a[0, ..., 0, :] = [0.5, 0.3, 0.2, 0.0]
+    a[0, ..., 1, :] = [0.5, 0.1, 0.4, 0.0]
+    a[1] = np.nan                                                 # a gated step
+    ds = ats.stats.dominance(maps_da_steps(a))
+    assert ds.argmax_coverage.isel(step=0, site=0, sample=0).values.tolist() == [0.5, 0.5]
+    assert np.isnan(ds.argmax_coverage.isel(step=1)).all() and np.isnan(ds.mass_share.isel(step=1)).all()
+    np.testing.assert_allclose(ds.argmax_coverage.mean("step").squeeze(), [0.5, 0.5])  # not diluted to 0.25
+
+
+def maps_da_steps(a):
+    return xr.DataArray(a, dims=SITE_DIMS, coords={"step": np.arange(len(a)),
+                                                    "token_text": (("sample", "token"), [[SOT, "red</w>", "circle</w>", EOT]])})
+
+
+def test_convergence_of_chosen_steps_compares_with_the_previous_captured_step():
+    x = np.random.default_rng(2).random((1, 1, 1, 2, 2, 3))
+    seq = np.concatenate([x, 2 * x, 3 * x, 3.3 * x, 3.3 * x])   # changes 1/2, 1/3, 0.3/3.3, 0
+    moving = xr.DataArray(seq, dims=SITE_DIMS, coords={"step": np.arange(5)})
+    ds = ats.stats.convergence({"m": moving}, steps=[0, 2, 4])
+    assert ds.step.values.tolist() == [0, 2, 4]
+    np.testing.assert_allclose(ds.convergence.sel(site="m", sample=0), [np.nan, 1 / 3, 0.0], rtol=1e-6, atol=1e-7)
+
+
+def test_top_share_takes_the_ceiling_of_the_exact_count():
+    from attnscope.stats import top_share
+
+    m = np.arange(100.0).reshape(10, 10)
+    assert top_share(m, 0.07) == pytest.approx(sum(range(93, 100)) / m.sum())   # 7 pixels, not 8

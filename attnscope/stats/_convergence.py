@@ -87,10 +87,11 @@ def _map_curves(source: Any, sites: Any, steps: Any) -> Any:
     import dask
     import xarray as xr
 
-    arrays, _ = site_arrays(source, sites, steps)
+    arrays, _ = site_arrays(source, sites)  # every captured step: each is compared with the previous captured one
     if not arrays:
         raise AttnscopeError("no sites to analyse")
     curves = []
+    total = run_steps(source, arrays.values()) if steps is not None else None
     for name, da in arrays.items():
         if "step" not in da.coords:
             da = arrays[name] = da.assign_coords(step=np.arange(da.sizes["step"]))
@@ -98,7 +99,11 @@ def _map_curves(source: Any, sites: Any, steps: Any) -> Any:
         # skipna=False: a NaN (gated) map makes its step and the next one NaN, never a zero change
         change = np.sqrt((c.diff("step", label="upper") ** 2).sum(["y", "x", "token"], skipna=False))
         norm = np.sqrt((c ** 2).sum(["y", "x", "token"], skipna=False))
-        curves.append((change / norm).reindex(step=da["step"].values))
+        curve = (change / norm).reindex(step=da["step"].values)
+        if total is not None:  # then the chosen steps (dask reads only them and the steps before them)
+            chosen = select_captured_steps(steps, da["step"].values.tolist(), total, name)
+            curve, arrays[name] = curve.sel(step=chosen), da.sel(step=chosen)
+        curves.append(curve)
     values = dask.compute(*[c.data for c in curves])
     first = next(iter(arrays.values()))
     per_site = xr.DataArray(np.stack([np.asarray(v, float) for v in values], 1), dims=("step", "site", "sample"),
@@ -135,8 +140,9 @@ def convergence(source: Any, *, sites: Any = None, steps: Any = None, tol: float
         Maps as in :func:`attnscope.stats.dominance`; or a Dataset of output summaries with
         ``output_norm`` and ``output_change`` (step, site, sample), as from :meth:`Trace.output_change`.
     sites, steps : optional
-        As in :func:`attnscope.stats.dominance`. For outputs, ``steps`` selects steps of the curve;
-        each value still compares with the previous step that was recorded.
+        As in :func:`attnscope.stats.dominance`. ``steps`` selects steps of the curve: for maps and
+        outputs alike, each value still compares with the previous step that was captured (not the
+        previous selected one).
     tol : float
         Tolerance of the relative change for ``stable_step``.
     of : {"auto", "maps", "outputs"}
@@ -291,4 +297,18 @@ def _never_settles(mean: Any, failing: list[int], steps: Any, tol: float, of: st
             needed, where = tails[best], (s, int(steps[defined[best]]))
     return (f"no gate step at tol={tol:g}: the mean step-to-step change of the {of} never stays below it "
             f"(sample {where[0]}); the smallest tail maximum is {needed:.4g} (from step {where[1]} on), so "
-            f"tol > {needed:.4g} would be needed — or capture more steps, or choose gate_step by hand")
+            f"tol={_just_above(needed):g} would settle it — or capture more steps, or give the gate step by hand")
+
+
+def _just_above(value: float) -> float:
+    """The smallest number of three significant digits above ``value`` (a tolerance that settles a curve whose
+    tail maximum is ``value``: settled means below the tolerance).
+
+    >>> _just_above(0.33333), _just_above(0.0099), _just_above(0.125)
+    (0.334, 0.00991, 0.126)
+    """
+    digits = 2 - int(np.floor(np.log10(value))) if value > 0 else 3
+    above = np.ceil(value * 10**digits) / 10**digits
+    if above <= value:
+        above += 10.0**-digits
+    return float(np.round(above, digits))

@@ -18,8 +18,9 @@ __all__ = ["dominance", "site_arrays", "sites_and_text", "target_positions", "to
 _MAP_DIMS = ("head", "y", "x", "token")
 
 
-def site_arrays(source: Any, sites: Any = None, steps: Any = None) -> tuple[dict[str, Any], bool]:
-    """The attention arrays to analyse, by site name, and whether their token axis was cut to the prompt.
+def site_arrays(source: Any, sites: Any = None, steps: Any = None) -> tuple[dict[str, Any], dict[str, bool]]:
+    """The attention arrays to analyse, by site name, and per site whether its token axis was cut to the prompt
+    (the array's ``tokens`` attribute, which :meth:`Trace.attention` sets: ``"prompt"``).
 
     ``source`` is a :class:`~attnscope.Trace`, one ``xarray.DataArray`` (dims ``step, sample, head, y, x,
     token``; its ``name`` names the site) or a mapping of site name → DataArray.
@@ -27,12 +28,11 @@ def site_arrays(source: Any, sites: Any = None, steps: Any = None) -> tuple[dict
     import xarray as xr
 
     if isinstance(source, xr.DataArray):
-        arrays, cut = {str(source.name or "site"): source}, False
+        arrays = {str(source.name or "site"): source}
     elif isinstance(source, Mapping):
-        arrays, cut = dict(source), False
+        arrays = dict(source)
     elif hasattr(source, "attention") and hasattr(source, "sites"):
         arrays = {n: source.attention(n) for n in select_site_names(sites, source.sites)}
-        cut = source.manifest.get("capture", {}).get("tokens") == "prompt"
         sites = None
     else:
         raise AttnscopeError(f"source of type {type(source).__name__}: expected a Trace, an xarray.DataArray "
@@ -48,7 +48,20 @@ def site_arrays(source: Any, sites: Any = None, steps: Any = None) -> tuple[dict
         total = run_steps(source, arrays.values())
         arrays = {n: da.sel(step=select_captured_steps(steps, da["step"].values.tolist(), total, n))
                   for n, da in arrays.items()}
-    return arrays, cut
+    return arrays, {n: getattr(da, "attrs", {}).get("tokens") == "prompt" for n, da in arrays.items()}
+
+
+def _is_joint(da: Any) -> bool:
+    return da.attrs.get("site", {}).get("kind") == "joint"
+
+
+def _text_mass_total(source: Any, name: str, da: Any) -> np.ndarray:
+    """A joint site's total text mass per (step, sample), heads averaged (its rows sum to it, not to 1); NaN where
+    ``source`` is not a trace that stores it."""
+    if not hasattr(source, "text_mass"):
+        return np.full((da.sizes["step"], da.sizes["sample"]), np.nan)
+    mass = source.text_mass(name).sel(step=da["step"].values)
+    return np.asarray(mass.astype("float64").mean("head").sum(("y", "x")).transpose("step", "sample").values)
 
 
 def token_texts(da: Any, tokens: Sequence[str] | None) -> list[list[str]]:
@@ -73,19 +86,35 @@ def token_role_rows(da: Any, texts: list[list[str]], tokens: Sequence[str] | Non
     return [token_roles(t) for t in texts]
 
 
-def target_positions(texts: list[list[str]], roles: list[list[str]], targets: Any) -> tuple[list[str], list[list[list[int]]]]:
-    """Target labels and, per sample, each target's positions (empty where a sample's prompt lacks it)."""
+def target_positions(texts: list[list[str]], roles: list[list[str]], targets: Any,
+                     stored: Sequence[int] | None = None) -> tuple[list[str], list[list[list[int]]]]:
+    """Target labels and, per sample, each target's indices along the token axis (empty where a sample's prompt
+    lacks it). An int target is a token position, a value of the ``token`` coordinate (``stored``: the positions
+    the trace kept, ``0…k, 77…m`` on SD3 with ``tokens="prompt"``), as the statistics report it.
+
+    >>> texts = [["<|startoftext|>", "red</w>", "<|endoftext|>", "▁red", "</s>"]]   # CLIP, then T5 from 77
+    >>> target_positions(texts, [["sot", "word", "eot", "word", "eot"]], ["red", 78], stored=[0, 1, 2, 77, 78])
+    (['red', '78'], [[[1, 3], [4]]])
+    """
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(texts[0], roles[0]) if w))
     items = [targets] if isinstance(targets, (str, int)) else list(targets)
     if not items:
         raise AttnscopeError(f"targets={targets!r}: no word to measure (by default every word of the prompt: an empty "
                              "prompt has none); give words, phrases or token positions")
+    index = {int(p): i for i, p in enumerate(stored)} if stored is not None else None
+    for t in items:
+        if index is not None and isinstance(t, int) and not isinstance(t, bool) and t not in index:
+            raise AttnscopeError(f"target {t}: token position not on this trace's token axis; its positions are "
+                                 f"{_ranges(list(index))}")
     per_sample: list[list[list[int]]] = []
     errors: dict[int, AttnscopeError] = {}
     for text, text_roles in zip(texts, roles):
         row = []
         for k, t in enumerate(items):
+            if index is not None and isinstance(t, int) and not isinstance(t, bool):
+                row.append([index[t]])
+                continue
             try:
                 row.append(next(iter(resolve_targets(text, [t], text_roles).values())))
             except AttnscopeError as exc:
@@ -96,6 +125,17 @@ def target_positions(texts: list[list[str]], roles: list[list[str]], targets: An
         if all(not row[k] for row in per_sample):
             raise errors[k]
     return [str(t) for t in items], per_sample
+
+
+def _ranges(positions: list[int]) -> str:
+    """``[0, 1, 2, 77, 78]`` → ``"0–2, 77–78"``."""
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and p == runs[-1][-1] + 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, sites: Any = None,
@@ -147,12 +187,18 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     first = next(iter(arrays.values()))
     words = np.array([[r == "word" for r in row] for row in roles])
     prompt = np.ones_like(words) if include_special else words
-    labels, positions = target_positions(texts, roles, targets)
+    stored = first["token"].values if "token" in first.coords else np.arange(first.sizes["token"])
+    labels, positions = target_positions(texts, roles, targets, stored)
 
-    def sums_of(maps: np.ndarray, samples: slice) -> np.ndarray:
-        return f.map_sums(maps, prompt[None, samples], words[None, samples], total_is_one=cut)
+    def sums_of(one: bool) -> Any:
+        return lambda maps, samples: f.map_sums(maps, prompt[None, samples], words[None, samples], total_is_one=one)
 
-    computed = reduce_sites(arrays, sums_of, 2 * first.sizes["token"] + 4)
+    # a cut token axis: the total is each pixel's row sum, 1 at cross sites and the text mass at joint ones
+    kernels = {name: sums_of(cut[name] and not _is_joint(da)) for name, da in arrays.items()}
+    computed = reduce_sites(arrays, kernels, 2 * first.sizes["token"] + 4)
+    for sums, (name, da) in zip(computed, arrays.items()):
+        if cut[name] and _is_joint(da):
+            sums[..., -1] = _text_mass_total(source, name, da)
 
     keep = np.flatnonzero(prompt.any(0))
     per_site = []
@@ -174,7 +220,6 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     same = all(row == texts[0] for row in texts)
     token_coords = ({"token_text": ("token", tok_text[0]), "word": ("token", tok_word[0])} if same else
                     {"token_text": (("sample", "token"), tok_text), "word": (("sample", "token"), tok_word)})
-    stored = first["token"].values if "token" in first.coords else np.arange(first.sizes["token"])
     out = out.assign_coords(token=stored[keep], target=labels, **token_coords)  # the stored positions
     member = np.zeros((len(texts), len(labels), len(keep)), bool)
     for sample, row in enumerate(positions):

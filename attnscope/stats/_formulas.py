@@ -14,10 +14,11 @@ SOT/EOT/padding excluded unless asked):
   (nats); averaged over the pixels with non-zero mass on ``P``.
 * **Gini** of the mass shares over ``P``: ``Σ_i Σ_j |m_i − m_j| / (2 |P| Σ_i m_i)``.
 * **sink share**: mass on SOT, EOT and padding out of the total, ``1 − Σ_{i∈words} S_i / Σ_all S``;
-  when the trace kept only the prompt's tokens the total is the pixel count (each row of
-  probabilities sums to 1).
+  when the trace kept only the prompt's tokens the total is what each row sums to: the pixel count at
+  cross-attention sites (each row of probabilities sums to 1), the total text mass at joint ones.
 * **argmax coverage** of token ``i``: the fraction of pixels whose argmax over ``P`` is ``i``
-  (ties go to the lower position; pixels with no mass on ``P`` count for no token).
+  (ties go to the lower position; pixels with no mass on ``P`` count for no token; NaN for a map with
+  a NaN on ``P``).
 """
 
 from __future__ import annotations
@@ -120,14 +121,17 @@ def mass_share(sums: np.ndarray, prompt: Any) -> np.ndarray:
 
 
 def target_share(shares: np.ndarray, positions: Sequence[Sequence[int]]) -> np.ndarray:
-    """Summed mass share of each target's token positions (a target's last axis entry), NaN if it has none.
+    """Summed mass share of each target's token positions (a target's last axis entry), NaN if it has none or
+    none of them is in ``P`` (the start of text, position 0 below, without ``include_special``).
 
     >>> import numpy as np
-    >>> target_share(np.array([np.nan, 0.2, 0.3, 0.5]), [[1], [2, 3], []]).tolist()
-    [0.2, 0.8, nan]
+    >>> target_share(np.array([np.nan, 0.2, 0.3, 0.5]), [[1], [2, 3], [], [0]]).tolist()
+    [0.2, 0.8, nan, nan]
     """
     out = [np.where(np.isnan(shares[..., list(p)]), 0.0, shares[..., list(p)]).sum(-1) if len(p)
            else np.full(shares.shape[:-1], np.nan) for p in positions]
+    off = [len(p) > 0 and bool(np.isnan(shares[..., list(p)]).all()) for p in positions]  # off P everywhere
+    out = [np.full(shares.shape[:-1], np.nan) if o else v for o, v in zip(off, out)]
     stacked = np.stack(out, -1) if out else np.zeros((*shares.shape[:-1], 0))
     no_mass = np.all(np.isnan(shares), -1)[..., None]
     return np.where(no_mass, np.nan, stacked)
@@ -201,14 +205,19 @@ def sink_share(sums: np.ndarray, words: Any) -> np.ndarray:
 
 
 def argmax_coverage(sums: np.ndarray, prompt: Any) -> np.ndarray:
-    """Fraction of pixels whose argmax over ``P`` is each token (NaN off ``P``).
+    """Fraction of pixels whose argmax over ``P`` is each token (NaN off ``P``, and everywhere for a map with a
+    NaN on ``P``: a gated or overflowed step, as every other statistic).
 
     >>> import numpy as np
     >>> a = np.array([[0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.0, 0.0, 0.0]])   # the last pixel has no mass
     >>> p = np.array([False, True, True])
     >>> argmax_coverage(map_sums(a.reshape(1, 1, 3, 3), p, p), p).round(4).tolist()
     [nan, 0.3333, 0.3333]
+    >>> a[0, 1] = np.nan
+    >>> argmax_coverage(map_sums(a.reshape(1, 1, 3, 3), p, p), p).tolist()
+    [nan, nan, nan]
     """
-    _, counts, _, _, pixels, _ = _split(sums)
+    s, counts, _, _, pixels, _ = _split(sums)
     prompt = np.broadcast_to(np.asarray(prompt, bool), counts.shape)
-    return np.where(prompt, counts / pixels[..., None], np.nan)
+    unknown = np.isnan(np.where(prompt, s, 0.0)).any(-1, keepdims=True)
+    return np.where(prompt & ~unknown, counts / pixels[..., None], np.nan)

@@ -66,7 +66,10 @@ def fit_logistic(x: Any, y: Any, l2: float = 1.0, iterations: int = 50) -> tuple
         p = 1 / (1 + np.exp(-z @ w))
         grad = z.T @ (p - y) + penalty * w
         hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(penalty)
-        step = np.linalg.solve(hess, grad)
+        try:
+            step = np.linalg.solve(hess, grad)
+        except np.linalg.LinAlgError:  # separable labels drive the unpenalised intercept's curvature to 0
+            step = np.linalg.lstsq(hess, grad, rcond=None)[0]
         w -= step
         if np.abs(step).max() < 1e-10:
             break

@@ -60,7 +60,7 @@ def top_share(maps: Any, fraction: float = 0.1) -> np.ndarray:
         raise AttnscopeError(f"fraction={fraction!r}: expected a number in (0, 1]")
     maps = np.asarray(maps, dtype=np.float64)
     flat = maps.reshape(*maps.shape[:-2], -1)
-    k = math.ceil(fraction * flat.shape[-1])
+    k = math.ceil(round(fraction * flat.shape[-1], 9))  # 0.07 · 100 is 7.000000000000001 in floats: 7 pixels
     top = -np.sort(-flat, axis=-1)[..., :k].sum(axis=-1)
     total = flat.sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -174,13 +174,13 @@ def map_shape(source: Any, targets: Sequence[str | int] | str, *, sites: Any = N
     if not 0 < fraction <= 1:
         raise AttnscopeError(f"fraction={fraction!r}: expected a number in (0, 1]")
     arrays, _, texts, roles = sites_and_text(source, sites, steps, tokens)
-    labels, positions = target_positions(texts, roles, targets)
     first = next(iter(arrays.values()))
     stored = first["token"].values if "token" in first.coords else np.arange(first.sizes["token"])
-    weights = np.zeros((len(texts), len(stored), len(labels)))  # sample, token, target
+    labels, positions = target_positions(texts, roles, targets, stored)
+    weights = np.zeros((len(texts), len(stored), len(labels)))  # sample, token (index on the axis), target
     for sample, row in enumerate(positions):
         for k, cols in enumerate(row):
-            weights[sample, np.isin(stored, cols), k] = 1.0
+            weights[sample, cols, k] = 1.0
     pairs = [(i, j) for i in range(len(labels)) for j in range(i + 1, len(labels))]
     k, names = len(labels), ("peak_to_mean", "top_share", "centre_x", "centre_y", "spread")
 

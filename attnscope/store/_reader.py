@@ -348,7 +348,8 @@ class Trace:
         if branch == "uncond":  # the uncond rows read the negative prompt: its text, where the trace stored it
             coords.update({key: self.coords[stored].rename(key) for key, stored in UNCOND_TOKEN_COORDS.items()
                            if key in coords and stored in self.coords})
-        attrs = {**meta.get("attributes", {}), "site": dict(node_attrs.get("site", {}))}  # branch; family, kind, …
+        attrs = {**meta.get("attributes", {}), "site": dict(node_attrs.get("site", {})),  # branch; family, kind, …
+                 "tokens": self.manifest.get("capture", {}).get("tokens", "all")}  # "prompt": the token axis was cut
         da = xr.DataArray(self._guarded(path, name), dims=dims, coords=coords, name=arrays[branch], attrs=attrs)
         return da.isel(step=steps)
 
