@@ -303,3 +303,44 @@ def test_only_interventions_may_bypass_or_choose_branches(sd_pipe):
     with ats.hooks(sd_pipe, Pretender()) as session:
         generate(sd_pipe)
     assert calls == [] and session.interventions == [] and len(session.clients) == 1
+
+
+def test_a_second_hooks_block_on_the_same_pipeline_is_refused_before_anything_is_written(sd_pipe, tmp_path):
+    """Nested blocks were accepted, then failed at the first attention call with advice (set the default
+    processor) that would have torn down the outer hooks, leaving two empty stores."""
+    outer = ats.Recorder(tmp_path / "n1.zarr")
+    with ats.hooks(sd_pipe, outer):
+        with pytest.raises(ats.AttnscopeError, match="already has attnscope hooks installed.*in one block"):
+            with ats.hooks(sd_pipe, ats.Recorder(tmp_path / "n2.zarr")):
+                pass
+        sd_pipe("a red circle", **RUN)       # the outer block still works
+    assert ats.open_trace(tmp_path / "n1.zarr").complete and not (tmp_path / "n2.zarr").exists()
+
+
+@pytest.mark.parametrize("after", ["second call", "error after the run"])
+def test_a_recording_whose_run_finished_is_complete_whatever_ends_the_block(sd_pipe, tmp_path, after):
+    """Any exception at the end of the block marked a fully written store incomplete."""
+    store = tmp_path / "r.zarr"
+    rec = ats.Recorder(store, run_info={"num_inference_steps": RUN["num_inference_steps"]})
+    with pytest.raises((ats.AttnscopeError, ValueError)), ats.hooks(sd_pipe, rec):
+        if after == "second call":
+            sd_pipe("a red circle", **RUN)     # no images added: the second run's start says the first finished
+            sd_pipe("a blue square", **RUN)    # "Recorder records one pipeline call"
+        else:
+            rec.add_images(sd_pipe("a red circle", **RUN).images)
+            raise ValueError("the user's code after the run")
+    tr = ats.open_trace(store)
+    assert tr.complete and tr.steps_written == RUN["num_inference_steps"]
+    cut = tmp_path / "cut.zarr"                 # an error inside the run still leaves it incomplete
+
+    class Stop:  # fails inside the last step, after every client was told the step began
+        def stages(self, ctx):
+            return ("probs",) if ctx.step == RUN["num_inference_steps"] - 1 else ()
+
+        def on_probs(self, ctx, probs):
+            raise ValueError("stopped in the last step")
+
+    with pytest.raises(ValueError), ats.hooks(sd_pipe, ats.Recorder(cut), Stop()):
+        sd_pipe("a red circle", **RUN)
+    with pytest.warns(ats.AttnscopeWarning, match="incomplete"):
+        assert not ats.open_trace(cut).complete

@@ -176,6 +176,11 @@ def test_capture_stats_and_rerun_commands_on_a_saved_pixart_pipeline(alpha, tmp_
     bad = cli("capture", "--model", str(tmp_path / "pixart"), "--prompt", "a", "--set", "no-equals", "--out",
               str(tmp_path / "bad.zarr"))
     assert bad.exit_code == 2 and "NAME=VALUE" in bad.stderr and not (tmp_path / "bad.zarr").exists()
+    bad = cli("capture", "--model", str(tmp_path / "pixart"), "--prompt", "a", "--set", "clean_captoin=false", "--out",
+              str(tmp_path / "bad.zarr"))  # PixArt's __call__ swallows unknown keywords: it was run and recorded
+    assert bad.exit_code == 2 and not (tmp_path / "bad.zarr").exists()
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: pipeline argument 'clean_captoin': PixArtAlphaPipeline does not take "
+                                         "it (did you mean clean_caption?)")
     done = cli("stats", str(tr.path), "--targets", "red,circle", "--by", "site")
     assert done.exit_code == 0, done.stderr
     assert "transformer_blocks.1.attn2" in done.stdout

@@ -80,3 +80,93 @@ def test_sana_negative_prompt_is_encoded_without_the_instruction(tmp_path):
     uncond = tr.attention(tr.sites[0], "uncond")
     assert uncond.token_text.values[0].tolist() == ["<bos>", "a", "\u2581big", "\u2581dog"]
     assert uncond.token_role.values[0].tolist() == ["sot", "word", "word", "word"]
+
+
+def test_a_prompt_given_as_embeddings_is_not_labelled_with_its_negative_prompt(sd_pipe, tmp_path):
+    """With ``prompt_embeds`` and a text negative prompt the only text encoded is the negative's: the cond maps were
+    labelled with its words ("dog" measurable on the prompt's maps). Now they have no text, the uncond maps have
+    the negatives', and the next run of the same block is labelled with its own prompt."""
+    embeds, _ = sd_pipe.encode_prompt(["a red circle", "a blue square"], "cpu", 1, False)
+    store = tmp_path / "e.zarr"
+    with ats.hooks(sd_pipe, ats.Recorder(store, branch="both")):
+        sd_pipe(prompt_embeds=embeds, negative_prompt=["a big black dog", "a cat"], num_images_per_prompt=2, **RUN)
+    assert sd_pipe.encode_prompt.__func__ is type(sd_pipe).encode_prompt  # the method is the class's again
+    tr = ats.open_trace(store)
+    cond, uncond = tr.attention(tr.sites[0]), tr.attention(tr.sites[0], "uncond")
+    assert set(cond.token_text.values.ravel()) == {""}
+    for sample, negative in enumerate(["a big black dog"] * 2 + ["a cat"] * 2):
+        assert uncond.token_text.values[sample, :len(_clip(negative))].tolist() == _clip(negative)
+    with pytest.raises(ats.AttnscopeError, match="not in the prompt"):
+        ats.stats.dominance(tr, targets=["dog"])
+
+    class Texts:  # what each run's first step says of its text
+        seen: list = []
+
+        def stages(self, ctx):
+            return ()
+
+        def on_step(self, ctx):
+            if ctx.step == 0:
+                self.seen.append((ctx.token_text, ctx.uncond_token_text[0][:3]))
+
+    with ats.hooks(sd_pipe, Texts()):  # embeddings, then text, then embeddings again, in one block
+        sd_pipe(prompt_embeds=embeds[:1], negative_prompt="a cat", **RUN)
+        sd_pipe("a blue square", negative_prompt="a dog", **RUN)
+        sd_pipe(prompt_embeds=embeds[1:], negative_prompt="a red circle", **RUN)
+    assert Texts.seen == [(None, tuple(_clip("a cat")[:3])), (((*_clip("a blue square"),) + (EOT,) * 72,),
+                                                            tuple(_clip("a dog")[:3])),
+                          (None, tuple(_clip("a red circle")[:3]))]
+
+
+def test_the_watch_on_encode_prompt_goes_after_an_error(sd_pipe):
+    mine = sd_pipe.encode_prompt
+    with pytest.raises(ValueError), ats.hooks(sd_pipe):
+        assert sd_pipe.encode_prompt is not mine
+        raise ValueError("mid-run")
+    assert "encode_prompt" not in vars(sd_pipe) and sd_pipe.encode_prompt == mine
+
+
+def test_flux_true_cfg_with_prompt_embeddings_does_not_take_the_negative_as_the_prompt():
+    """Flux encodes a true-CFG negative prompt in a second ``encode_prompt`` call: with the prompt given as
+    embeddings, the negative's T5 ids were taken as the prompt's."""
+    from attnscope.testing import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    run = dict(negative_prompt="a big dog", true_cfg_scale=2.0, max_sequence_length=16, **RUN)
+    embeds, pooled, _ = pipe.encode_prompt("a red circle", "a red circle", device="cpu", max_sequence_length=16)
+
+    class Texts:
+        seen: list = []
+
+        def stages(self, ctx):
+            return ()
+
+        def on_step(self, ctx):
+            if ctx.step == 0:
+                self.seen.append(ctx.token_text and ctx.token_text[0][:4])
+
+    with ats.hooks(pipe, Texts()):
+        pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, **run)
+        pipe("a blue square", **run)
+    assert Texts.seen == [None, ("▁a", "▁blue", "▁square", "</s>")]
+
+
+def test_one_negative_prompt_serves_several_prompts(sd_pipe, tmp_path):
+    """diffusers raises a TypeError for a string negative with a list of prompts: `attnscope capture --prompt A
+    --prompt B --negative-prompt N` crashed with a traceback. Now the one negative serves every prompt."""
+    tr = ats.capture(sd_pipe, ["a red circle", "a blue square"], seed=0, store=tmp_path / "a.zarr", branch="both",
+                     negative_prompt="a dog", **RUN)
+    uncond = tr.attention(tr.sites[0], "uncond")
+    for sample in range(2):
+        assert uncond.token_text.values[sample, :4].tolist() == _clip("a dog")
+    assert tr.manifest["run"]["negative_prompt"] == ["a dog", "a dog"]
+    with pytest.raises(ats.AttnscopeError, match=r"negative_prompt=\['x'\]: 1 negative prompts for 2 prompts"):
+        ats.capture(sd_pipe, ["a red circle", "a blue square"], seed=0, store=tmp_path / "b.zarr",
+                    negative_prompt=["x"], **RUN)
+    assert not (tmp_path / "b.zarr").exists()
+    from .conftest import cli
+
+    done = cli("capture", "--prompt", "a red circle", "--prompt", "a green triangle", "--negative-prompt", "yellow",
+               "--seed", "0", "--steps", "2", "--branch", "both", "--out", tmp_path / "c.zarr")
+    assert done.exit_code == 0, done.stderr
+    assert ats.open_trace(tmp_path / "c.zarr").manifest["run"]["negative_prompt"] == ["yellow", "yellow"]

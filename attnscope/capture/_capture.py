@@ -22,6 +22,48 @@ def _call_default(pipe: Any, name: str) -> Any:
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
+#: names diffusers' pipelines read from ``**kwargs`` (SD 1.x/2.x, SDXL: the deprecated step callback)
+_KWARGS_READ = ("callback", "callback_steps")
+
+
+def check_call_kwargs(pipe: Any, pipeline_kwargs: dict) -> None:
+    """Refuse a keyword the pipeline's ``__call__`` does not take: diffusers' UNet pipelines swallow unknown
+    keywords in ``**kwargs`` (a typo such as ``guidence_scale=9`` would run at the default and be recorded as if it
+    had acted), the others raise a TypeError mid-call.
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> check_call_kwargs(tiny_sd_pipeline(), {"guidance_scale": 9.0, "callback_steps": 1})
+    >>> check_call_kwargs(tiny_sd_pipeline(), {"guidence_scale": 9.0})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: pipeline argument 'guidence_scale': StableDiffusionPipeline does not take it (did you mean guidance_scale?); it takes: ...
+    """
+    import difflib
+
+    named, takes_more = _call_parameters(type(pipe))
+    for key in pipeline_kwargs:
+        if key in named or (takes_more and key in _KWARGS_READ):
+            continue
+        close = difflib.get_close_matches(key, named, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise AttnscopeError(f"pipeline argument {key!r}: {type(pipe).__name__} does not take it{hint}; it takes: "
+                             f"{', '.join(n for n in named if n not in ('prompt', 'generator'))}")
+
+
+def _call_parameters(cls: type) -> tuple[list[str], bool]:
+    """The named parameters of ``cls.__call__`` and, while a ``__call__`` passes ``**kwargs`` on to its base's (the
+    shapes pipeline's to StableDiffusionPipeline's), of the bases'; and whether the last one still takes ``**kwargs``."""
+    named: list[str] = []
+    for base in cls.__mro__:
+        if "__call__" not in vars(base) or base is object:
+            continue
+        params = inspect.signature(vars(base)["__call__"]).parameters.values()
+        named += [p.name for p in params if p.name != "self" and p.name not in named
+                  and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return named, False
+    return named, True
+
+
 def _t5_prompt_tokens(tokenizer: Any, prompt: str, pipe: Any, setting: Any) -> tuple[int, int, str] | None:
     """A T5 segment's count of ``prompt`` (with ``</s>``); other tokenizers: None (their family adapter counts)."""
     if segment_name(tokenizer) != "t5":
@@ -126,6 +168,8 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     prompts = _prompts(prompt)
     if "generator" in pipeline_kwargs or "prompt" in pipeline_kwargs:
         raise AttnscopeError("pipeline_kwargs: pass `prompt` and `seed` to capture() instead of `prompt`/`generator`")
+    check_call_kwargs(pipe, pipeline_kwargs)
+    pipeline_kwargs = _negative_prompts(prompts, pipeline_kwargs)
     check_num_steps(pipeline_kwargs.get("num_inference_steps"))
     _check_prompt_lengths(pipe, prompts, pipeline_kwargs)
     _check_clip_lengths(pipe, prompts)
@@ -163,6 +207,29 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         raise AttnscopeError(f"store={str(store)!r}: nothing was written, the pipeline ran no denoising step "
                              f"(num_inference_steps={run_info['num_inference_steps']!r})")
     return open_trace(recorder.path)
+
+
+def _negative_prompts(prompts: list[str], pipeline_kwargs: dict) -> dict:
+    """One negative prompt for several prompts serves each of them (diffusers would raise a TypeError); a list
+    must have one per prompt.
+
+    >>> _negative_prompts(["a", "b"], {"negative_prompt": "blurry"})
+    {'negative_prompt': ['blurry', 'blurry']}
+    >>> _negative_prompts(["a", "b"], {"negative_prompt": ["x"]})
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: negative_prompt=['x']: 1 negative prompts for 2 prompts; expected one string or one per prompt
+    """
+    out = dict(pipeline_kwargs)
+    for key in ("negative_prompt", "negative_prompt_2", "negative_prompt_3"):
+        value = out.get(key)
+        if isinstance(value, str) and len(prompts) > 1:
+            out[key] = [value] * len(prompts)
+        elif isinstance(value, (list, tuple)) and len(value) != len(prompts):
+            raise AttnscopeError(f"{key}={list(value)!r}: {len(value)} negative prompts for {len(prompts)} prompts; "
+                                 f"expected one string or one per prompt")
+        elif isinstance(value, (list, tuple)) and len(prompts) == 1:
+            out[key] = value[0]  # the one prompt goes to the pipeline as a string: so does its negative
+    return out
 
 
 def _prompts(prompt: Any) -> list[str]:

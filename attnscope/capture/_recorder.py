@@ -116,6 +116,7 @@ class Recorder:
         self._steps: frozenset[int] = frozenset()
         self._run: int | None = None
         self._steps_seen = 0
+        self._finished = False
         self._num_steps = 0
         self._token_index: slice | torch.Tensor = slice(None)
         self._kept = 0
@@ -150,6 +151,7 @@ class Recorder:
             self._run = step.run
             self._start(step)
         elif step.run != self._run:
+            self._finished = True  # the denoiser went on to another run: the recorded one ran its last step through
             raise AttnscopeError("Recorder records one pipeline call; use a new Recorder (or capture()) per call")
         assert self.writer is not None
         if not self._planned or self._planned[step.step] != step.timestep:
@@ -213,7 +215,10 @@ class Recorder:
     def on_remove(self, error: BaseException | None) -> None:
         if self.writer is None:
             return
-        complete = error is None and self._steps_seen >= self._num_steps
+        # the last step began; it ran through unless the block ended with an error before the pipeline returned
+        # (it returned: its images were added, or the denoiser went on to another run)
+        finished = error is None or self._images is not None or self._finished
+        complete = finished and self._steps_seen >= self._num_steps
         try:
             if self.output_change and self.writer.error is None:
                 norm, change = self._outputs.arrays(self._num_steps, len(self._sites), self._samples)

@@ -3,7 +3,8 @@
 ``with hooks(pipe, *clients):`` swaps the processor of every site for a thin wrapper — a
 cross-attention site's (:mod:`._processors`) or a joint-attention site's (:mod:`._joint`) —, adds
 a pre-forward hook on the denoiser (step index, timestep, batch layout, text length) and one on
-each text encoder whose ids spell the sites' text axis, and puts everything back exactly on exit,
+each text encoder whose ids spell the sites' text axis (and watches ``pipe.encode_prompt`` for a prompt
+given as embeddings), and puts everything back exactly on exit,
 also on errors. What a client offers is declared once, in :class:`~attnscope.hooks.HookClient`;
 what differs between model families, in their adapters (:mod:`attnscope.hooks.families`).
 
@@ -20,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -61,6 +63,7 @@ class HookSession:
         self._run, self._steps_in_run, self._new_run = -1, 0, True
         self._segment_ids: list[torch.Tensor | None] = [None] * len(self.text_encoders)
         self._negative_ids: list[torch.Tensor | None] = [None] * len(self.text_encoders)  # the uncond rows' text
+        self._prompt_embedded = False  # the run's prompt came as prompt_embeds: every text encoded is a negative
         self._text: tuple | None = None  # (token_ids, token_text, segments, token_roles) of the run
         self._uncond_text: tuple | None = None  # (token_text, token_roles) of the negative prompts, or (None, None)
         #: the padding token of a one-tokenizer text axis (the text mask's check), else None
@@ -108,16 +111,32 @@ class HookSession:
         return checkpointed_denoiser(self)
 
     # -- events from the pipeline ---------------------------------------------------------------
-    def _on_text_encoder(self, segment: int, module: Any, args: tuple, kwargs: dict) -> None:
-        if self._aside:  # a client's extra prompts (encode_text), not the run's
-            return
+    def _start_text(self) -> None:
+        """The text of a new run is about to be encoded: forget the last run's."""
         if self._steps_in_run > 0:
             self._new_run, self._steps_in_run = True, 0
             self._segment_ids, self._text = [None] * len(self.text_encoders), None
             self._negative_ids, self._uncond_text = [None] * len(self.text_encoders), None
+            self._prompt_embedded = False
+
+    def _on_encode_prompt(self, embeds_given: bool) -> None:
+        """``pipe.encode_prompt`` is called; ``embeds_given``: with ``prompt_embeds``. In a run's first call that
+        means the prompt has no ids here, so the text the encoders see next is the negative prompt's (SD encodes
+        it in the same call, Flux's true CFG in a second one)."""
+        if self._aside:
+            return
+        self._start_text()
+        if embeds_given and all(ids is None for ids in self._segment_ids):
+            self._prompt_embedded = True
+
+    def _on_text_encoder(self, segment: int, module: Any, args: tuple, kwargs: dict) -> None:
+        if self._aside:  # a client's extra prompts (encode_text), not the run's
+            return
+        self._start_text()
         ids = args[0] if args else kwargs.get("input_ids")
         if isinstance(ids, torch.Tensor):  # the pipelines encode the prompt first, then the negative prompt
-            seen = self._segment_ids if self._segment_ids[segment] is None else self._negative_ids
+            first = self._segment_ids[segment] is None and not self._prompt_embedded
+            seen = self._segment_ids if first else self._negative_ids
             if seen[segment] is None:
                 seen[segment] = ids.detach().cpu()
 
@@ -158,9 +177,11 @@ class HookSession:
         guidance = self._guidance()
         ids, token_text, segments, token_roles = self._text_of_run(inputs["text_length"])
         prompts = len(token_text) if token_text is not None else None
+        uncond_text, uncond_roles = self._uncond_text_of_run(inputs["text_length"]) if guidance else (None, None)
+        if prompts is None and uncond_text is not None:  # a prompt given as embeddings: one negative per prompt
+            prompts = len(uncond_text)
         rows = RowLayout.for_batch(inputs["batch"], guidance, prompts)
-        uncond_text, uncond_roles = self._uncond_text_of_run(inputs["text_length"]) if rows.uncond else (None, None)
-        if uncond_text is not None and len(uncond_text) != prompts:
+        if not rows.uncond or (uncond_text is not None and len(uncond_text) != prompts):
             uncond_text = uncond_roles = None
         step = StepContext(
             run=self._run, step=self._steps_in_run, timestep=timestep, num_steps=num_steps,
@@ -332,6 +353,43 @@ def _swap_processor(module: torch.nn.Module, new: Any) -> Any:
     return saved
 
 
+def _refuse_nesting(session: HookSession) -> None:
+    """Hooks already installed on this pipeline (an outer ``with hooks(...)``): the inner block would wrap the
+    outer one's wrappers and fail at the first call that reads the attention, leaving empty stores behind."""
+    hooked = (CrossAttentionProcessor, JointAttentionProcessor, SelfAttentionProcessor)
+    if any(isinstance(site.module.processor, hooked) for site in session.sites):
+        raise AttnscopeError("this pipeline already has attnscope hooks installed (an outer `with ats.hooks(pipe, "
+                             "...)` block, or ats.capture/ats.rerun/eval running inside one): install every client "
+                             "in one block, `with ats.hooks(pipe, client_a, client_b): ...`")
+
+
+def _watch_encode_prompt(session: HookSession, pipe: Any) -> Callable[[], None]:
+    """Tell ``session`` of each ``pipe.encode_prompt`` call (an instance attribute over the class's method);
+    returns the function that takes it away again."""
+    original, had = pipe.__dict__.get("encode_prompt"), "encode_prompt" in pipe.__dict__
+    method = getattr(pipe, "encode_prompt", None)
+    if method is None:
+        return lambda: None
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+        try:
+            given = signature.bind_partial(*args, **kwargs).arguments.get("prompt_embeds") is not None
+        except TypeError:  # let the method itself report a bad call
+            given = False
+        session._on_encode_prompt(given)
+        return method(*args, **kwargs)
+
+    pipe.encode_prompt = encode_prompt
+
+    def restore() -> None:
+        pipe.__dict__.pop("encode_prompt", None)
+        if had:
+            pipe.__dict__["encode_prompt"] = original
+    return restore
+
+
 def _restore_processor(module: torch.nn.Module, saved: Any) -> None:
     value, in_dict, modules = saved
     module.__dict__.pop("processor", None)
@@ -381,8 +439,10 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
     4
     """
     session = HookSession(pipe, clients, exact=exact)
+    _refuse_nesting(session)
     saved: list[tuple[torch.nn.Module, Any]] = []
     handles = []
+    unwatch: Callable[[], None] | None = None
     error: BaseException | None = None
     try:
         kernel, buffers = session.adapter.KERNEL, ScratchBuffers()
@@ -399,6 +459,7 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
             if name is not None:
                 hook = functools.partial(session._on_text_encoder, segment)
                 handles.append(getattr(pipe, name).register_forward_pre_hook(hook, with_kwargs=True))
+        unwatch = _watch_encode_prompt(session, pipe)
         for client in session.clients:
             if hasattr(client, "on_install"):
                 client.on_install(session)
@@ -407,6 +468,8 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
         error = exc
         raise
     finally:
+        if unwatch is not None:
+            unwatch()
         for handle in handles:
             handle.remove()
         for module, token in reversed(saved):
