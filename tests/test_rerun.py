@@ -378,3 +378,30 @@ def test_another_cpu_thread_count_warns_and_names_the_fix(parent, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same count: no warning
         rerun(parent, store=tmp_path / "same.zarr")
+
+
+def test_a_plain_rerun_of_a_steered_trace_warns_that_its_interventions_are_not_reapplied(parent, steered, tmp_path):
+    with pytest.warns(UserWarning, match=r"was made with interventions \(ScaleWord; .* not a copy of this trace"):
+        again = rerun(steered, store=tmp_path / "again.zarr")
+    assert np.array_equal(images(again), images(parent)) and not np.array_equal(images(again), images(steered))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # given again, it reproduces the steered trace: no warning
+        same = rerun(steered, [ScaleWord(parent.words["circle"][0], 3.0)], store=tmp_path / "same.zarr")
+    assert np.array_equal(images(same), images(steered))
+
+
+def test_compare_takes_before_and_after_over_the_same_steps(parent, tmp_path):
+    """A rerun that captured fewer steps: before was the mean over all 8 steps, after over 2, so a plain rerun's
+    table showed changes of ±0.01 while its stats were 0."""
+    sub = rerun(parent, store=tmp_path / "sub.zarr", steps=[1, 5])
+    c = compare(parent, sub, ["circle", "square"])
+    assert c.before.step.values.tolist() == c.after.step.values.tolist() == [1, 5]
+    assert (c.shares()["change"].abs() == 0).all() and float(abs(c.stats.target_share).max()) == 0
+    by_hand = ats.stats.dominance(parent, ["circle"], steps=[1, 5]).target_share.mean().item()
+    assert c.shares().loc["circle", "before"] == pytest.approx(by_hand)
+
+
+def test_compare_refuses_runs_of_other_lengths(parent, shapes, tmp_path):
+    short = ats.capture(shapes, PROMPT, seed=3, store=tmp_path / "short.zarr", num_inference_steps=4)
+    with pytest.raises(ats.AttnscopeError, match=r"their num_steps differs \(8 vs 4\)"):
+        compare(parent, short)

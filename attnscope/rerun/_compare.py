@@ -119,23 +119,24 @@ def _same_generation(a: Trace, b: Trace) -> None:
     if pa != pb:
         raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: their prompts differ "
                              f"({pa!r} vs {pb!r})")
-    for key in ("height", "width", "samples"):
+    for key in ("height", "width", "samples", "num_steps"):
         if ra.get(key) != rb.get(key):
             raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: their {key} differs "
                                  f"({ra.get(key)!r} vs {rb.get(key)!r})")
 
 
-def _computed_in_both(a: Trace, b: Trace, sites: Any) -> list[int] | None:
-    """The steps both traces captured and computed (not gated by TGATE), or None when neither was gated."""
+def _computed_in_both(a: Trace, b: Trace, sites: Any) -> list[int]:
+    """The steps both traces captured and computed (not gated by TGATE): ``before`` and ``after`` are taken over
+    the same steps, so their means compare like ``stats`` does."""
     gated = set(a.gated_steps) | set(b.gated_steps)
-    if not gated:
-        return None
     site = select_site_names(sites, a.sites)[0]
     have = set(b.attention(site)["step"].values.tolist()) if site in b.sites else set()
-    steps = [s for s in a.attention(site)["step"].values.tolist() if s in have and s not in gated]
+    captured = a.attention(site)["step"].values.tolist()
+    steps = [s for s in captured if s in have and s not in gated]
     if not steps:
-        raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: no step was computed in both "
-                             f"(gated steps: {sorted(gated)})")
+        why = f" (gated steps: {sorted(gated)})" if gated else f" ({captured} vs {sorted(have)})"
+        raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: no step was captured and "
+                             f"computed in both{why}")
     return steps
 
 

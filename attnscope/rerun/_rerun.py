@@ -123,6 +123,7 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         _check_dtype(denoiser, manifest, where)
     _check_weights(pipe, manifest, where)
     _warn_on_other_threads(denoiser, manifest, where)
+    _warn_on_dropped_interventions(manifest, clients, where)
     scheduler = _scheduler(manifest, where)
     generator = _generator(run, where)
     kwargs = _pipeline_kwargs(pipe, run, where)
@@ -243,6 +244,17 @@ def _warn_on_other_threads(denoiser: Any, manifest: dict[str, Any], where: str) 
         warnings.warn(f"trace {where!r} was captured with {recorded} CPU threads, this rerun uses {now}: maps and "
                       f"images may differ by float rounding; torch.set_num_threads({recorded}) reproduces it "
                       f"bit for bit", stacklevel=3)
+
+
+def _warn_on_dropped_interventions(manifest: dict[str, Any], clients: list[Any], where: str) -> None:
+    """A parent made with interventions: a rerun installs only the ones given, so without them it is the plain
+    generation (the grandparent's image), not the parent's."""
+    made = manifest.get("interventions") if isinstance(manifest.get("interventions"), list) else []
+    names = [str(i.get("name", "?")) for i in made if isinstance(i, dict)]
+    if names and not clients:
+        warnings.warn(f"trace {where!r} was made with interventions ({', '.join(names)}; their settings are in its "
+                      f"manifest's 'interventions'), which a rerun does not reapply: this rerun is the generation "
+                      f"without them, not a copy of this trace; pass them again to reproduce it", stacklevel=3)
 
 
 def _check_weights(pipe: Any, manifest: dict[str, Any], where: str) -> None:
