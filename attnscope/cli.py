@@ -60,7 +60,8 @@ _CLI_FLAGS = {
                       steps="--capture-steps", guidance_scale="--guidance", num_images_per_prompt="--images-per-prompt",
                       store="--out"),
     "demo": _flags("overwrite", "seed", "device", "prompt", "out", store="--out"),
-    "rerun": _flags("overwrite", "device", store="--out", gate_step="--tgate", factor="--reweight factor"),
+    "rerun": _flags("overwrite", "device", store="--out", gate_step="--tgate", factor="--reweight factor",
+                    tol="--tgate-tol"),
     "eval_": _flags("seed", "device", "n", "batch_size", num_inference_steps="--steps", guidance_scale="--guidance",
                    json_path="--json"),
     "sweep_": _flags("seeds", "out", "workers", "devices", "threads", "dtype", "sites", "heads", "tokens", "branch",
@@ -196,6 +197,7 @@ def eval_(
     json_out: Path | None = typer.Option(None, "--json", help="Write the full result (rates, CIs, per prompt) here; "
                                                               "with --paired also the baseline and the differences."),
     device: str | None = typer.Option(None, help="Device to run on (cpu, cuda, …)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing file at --json."),
 ) -> None:
     """Generate with fixed seeds, detect the objects, and report presence rates with 95% bootstrap CIs."""
     import json
@@ -205,7 +207,7 @@ def eval_(
 
     try:
         if json_out is not None:
-            _output_file(json_out, "--json")
+            _output_file(json_out, "--json", overwrite=overwrite)
         clients = named_interventions(intervention or [])
         if paired and not clients:
             raise ats.AttnscopeError("--paired compares against a run without interventions: give --intervention")
@@ -322,6 +324,9 @@ def rerun(
                                                 "cross-attention without guidance; an integer (10), a share of "
                                                 "the steps (0.4), or 'auto' (the gate step TRACE's convergence "
                                                 "suggests)."),
+    tgate_tol: float | None = typer.Option(None, help="With --tgate auto: the tolerance of TRACE's convergence that "
+                                                      "sets the gate step (relative step-to-step change of the "
+                                                      "cross-attention; default 0.05)."),
     layout: str | None = typer.Option(None, help="Spatial-temporal control: 'PHRASE=x0,y0,x1,y1;PHRASE=x,y' (boxes or "
                                                  "centres in [0, 1], x right, y down), 'auto' (from the prompt's "
                                                  "relation words), or 'trace' (the layout and λ TRACE was made with)."),
@@ -347,7 +352,10 @@ def rerun(
         if spatial_weight is not None and (layout is None or layout.strip() == "trace"):
             raise ats.AttnscopeError("--spatial-weight sets SpatialTemporal's λ: give --layout PHRASE=BOX;… or auto too")
         weights = [_parse_reweight(spec) for spec in reweight or []]
-        clients = _rerun_interventions(targets, weights) + ([_parse_tgate(tgate, trace)] if tgate is not None else [])
+        if tgate_tol is not None and (tgate is None or tgate.strip() != "auto"):
+            raise ats.AttnscopeError(f"--tgate-tol {tgate_tol:g} sets the tolerance of --tgate auto: give --tgate auto too")
+        clients = _rerun_interventions(targets, weights)
+        clients += [_parse_tgate(tgate, trace, 0.05 if tgate_tol is None else tgate_tol)] if tgate is not None else []
         if subjects:
             clients.append(ats.regulate.AttendAndExcite(subjects))
         if layout is not None and layout.strip() == "trace":
@@ -407,12 +415,12 @@ def _gate_step_line(conv, tol: float) -> str:
         return f"suggested gate step: none — {exc}"
 
 
-def _parse_tgate(spec: str, trace: str) -> object:
+def _parse_tgate(spec: str, trace: str, tol: float) -> object:
     from attnscope import AttnscopeError
     from attnscope.regulate import TGate
 
     if spec.strip() == "auto":
-        return TGate("auto", reference=trace)
+        return TGate("auto", reference=trace, tol=tol)
     try:
         value: int | float = int(spec)
     except ValueError:
@@ -462,6 +470,7 @@ def plot(
     of: str = typer.Option("auto", help="convergence: of the 'maps', the 'outputs' or 'auto' (outputs when recorded)."),
     tol: float = typer.Option(0.05, help="convergence: tolerance that sets the suggested gate step."),
     dpi: int = typer.Option(150, help="Resolution of raster figures."),
+    overwrite: bool = typer.Option(False, help="Replace an existing file at -o."),
 ) -> None:
     """Draw a figure of a trace: word heat maps, the step x site grid, violins, dominance or convergence lines."""
     import attnscope as ats
@@ -472,7 +481,7 @@ def plot(
             raise ats.AttnscopeError(f"--kind {kind!r}: expected one of {', '.join(_PLOT_KINDS)}")
         if dpi < 1:
             raise ats.AttnscopeError(f"--dpi {dpi}: expected an int >= 1 (dots per inch)")
-        _output_file(out, "-o", _figure_formats())
+        _output_file(out, "-o", _figure_formats(), overwrite)
         tr = _open_trace(trace)
         targets, chosen = _split_words(words), parse_step_text(steps, "--steps")
         if kind == "heatmaps":
@@ -556,12 +565,16 @@ def _figure_formats() -> tuple[str, ...]:
     return tuple(sorted("." + f for f in FigureCanvasBase.get_supported_filetypes()))
 
 
-def _output_file(path: Path, flag: str, suffixes: tuple[str, ...] | None = None) -> Path:
-    """Check an output file's path before any work: not a directory, and with one of ``suffixes`` when given.
+def _output_file(path: Path, flag: str, suffixes: tuple[str, ...] | None = None, overwrite: bool = False) -> Path:
+    """Check an output file's path before any work: not a directory, with one of ``suffixes`` when given, and
+    not an existing file unless ``overwrite`` (the command's ``--overwrite``).
 
     >>> _output_file(Path("runs/table.zarr"), "-o", (".parquet", ".csv"))
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: -o 'runs/table.zarr': expected a file name ending in .parquet or .csv
+    >>> _output_file(Path(__file__), "--json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: --json '.../cli.py' exists; pass --overwrite to replace it
     """
     import attnscope as ats
 
@@ -570,6 +583,8 @@ def _output_file(path: Path, flag: str, suffixes: tuple[str, ...] | None = None)
                                  f"{', '.join(suffixes[:-1])} or {suffixes[-1]}")
     if path.is_dir():
         raise ats.AttnscopeError(f"{flag} {str(path)!r} is a directory; expected the path of a file to write")
+    if path.exists() and not overwrite:
+        raise ats.AttnscopeError(f"{flag} {str(path)!r} exists; pass --overwrite to replace it")
     above = next(p for p in path.absolute().parents if p.exists())  # the folder it goes in, or the first that exists
     if not above.is_dir():
         raise ats.AttnscopeError(f"{flag} {str(path)!r}: {str(above)!r} is a file, not a directory to write into")
@@ -663,6 +678,7 @@ def sweep_stats(
                                                     "(default: a LocalCluster on this machine)."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Write the table here (.parquet or .csv)."),
     storage_option: list[str] | None = typer.Option(None, help=_STORAGE_HELP),
+    overwrite: bool = typer.Option(False, help="Replace an existing file at -o."),
 ) -> None:
     """Dominance statistics of every trace of a sweep, one row per run, computed on dask.distributed."""
     import warnings
@@ -673,12 +689,13 @@ def sweep_stats(
 
     try:
         if output is not None:
-            _output_file(output, "-o", (".parquet", ".csv"))
+            _output_file(output, "-o", (".parquet", ".csv"), overwrite)
         cat = ats.open_catalog(sweep, storage_options=_storage_options(storage_option or []))
         spec = targets if targets == "objects" else tuple(_split_words(targets) or ())
         fn = DominanceRow(spec, steps=parse_step_text(steps, "--steps"), sites=tuple(sites) if sites else None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            warnings.simplefilter("ignore", ResourceWarning)  # dask's sockets closed by the GC: not the user's concern
             table = cat.map_stats(fn, client=scheduler)
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None

@@ -180,6 +180,9 @@ def parse_step_text(text: str | None, option: str = "--steps") -> StepSpec:
     --------
     >>> parse_step_text("-3:"), parse_step_text("0,5,-1"), parse_step_text(None)
     (slice(-3, None, None), [0, 5, -1], None)
+    >>> parse_step_text("1,,2")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: --steps '1,,2': expected START:STOP[:STEP] or a comma-separated list of ints
     >>> parse_step_text("a:b", "--capture-steps")
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: --capture-steps 'a:b': expected START:STOP[:STEP] or a comma-separated list of ints
@@ -189,7 +192,7 @@ def parse_step_text(text: str | None, option: str = "--steps") -> StepSpec:
     try:
         if ":" in text:
             return slice(*(int(p) if p.strip() else None for p in text.split(":")))
-        return [int(p) for p in text.split(",") if p.strip()]
+        return [int(p) for p in text.split(",")]  # an empty item ("1,,2", "") is an error, not skipped
     except (ValueError, TypeError) as exc:
         raise AttnscopeError(f"{option} {text!r}: expected START:STOP[:STEP] or a comma-separated list of ints") from exc
 

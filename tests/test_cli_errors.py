@@ -278,6 +278,23 @@ def test_outputs_of_eval_and_sweep_stats_are_checked_first(tmp_path):
     assert "expected a file name ending in .parquet or .csv" in line
 
 
+def test_figure_json_and_table_outputs_are_not_replaced_without_overwrite(parent, tmp_path):
+    """`plot -o`, `eval --json` and `sweep-stats -o` replaced an existing file silently; report and capture refused."""
+    figure, result, table = tmp_path / "h.png", tmp_path / "e.json", tmp_path / "t.csv"
+    for path in (figure, result, table):
+        path.write_text("mine")
+    assert error_line(cli("plot", parent.path, "-o", figure)) == f"error: -o '{figure}' exists; pass --overwrite to replace it"
+    assert error_line(cli("eval", "--prompts", "two", "--n", "1", "--steps", "2", "--json", result)) == \
+        f"error: --json '{result}' exists; pass --overwrite to replace it"
+    assert error_line(cli("sweep-stats", tmp_path / "no-sweep", "-o", table)) == \
+        f"error: -o '{table}' exists; pass --overwrite to replace it"
+    assert {p.read_text() for p in (figure, result, table)} == {"mine"}
+    done = cli("plot", parent.path, "-o", figure, "--overwrite")
+    assert done.exit_code == 0 and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    done = cli("eval", "--prompts", "two", "--n", "1", "--steps", "2", "--json", result, "--overwrite")
+    assert done.exit_code == 0 and json.loads(result.read_text())["n"] == 1
+
+
 def test_eval_rejects_zero_steps_before_generating(tmp_path):
     line = error_line(cli("eval", "--prompts", "two", "--n", "1", "--steps", "0", "--json", tmp_path / "e.json"))
     assert "--steps 0: expected an int >= 1" in line and not (tmp_path / "e.json").exists()

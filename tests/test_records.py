@@ -117,3 +117,22 @@ def test_a_saved_copy_of_the_shapes_model_loads_back_with_identical_outputs(pipe
 
     assert torch.get_num_threads() == 1
     assert np.array_equal(image(pipe), image(copy))
+
+
+def test_the_auto_gate_tolerance_is_a_flag_of_rerun_and_the_message_names_it(parent, tmp_path):
+    """`--tgate auto` on a curve that never settles said "tol > X would be needed", a flag rerun did not have."""
+    mean = ats.stats.convergence(parent, tol=0.05)["mean_convergence"].values[:, 0]
+    tail = min(np.nanmax(mean[i:]) for i in range(1, STEPS))  # the smallest tail maximum, by hand
+    assert tail > 0.001  # so a tolerance of 0.001 cannot settle it
+    done = cli("rerun", parent.path, "--tgate", "auto", "--tgate-tol", "0.001", "-o", tmp_path / "a.zarr")
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.exit_code == 2 and last.startswith("error: no gate step at --tgate-tol 0.001: "), last
+    suggested = float(last.split("so --tgate-tol ")[1].split()[0])
+    assert tail < suggested <= tail * 1.01 + 1e-12 and not (tmp_path / "a.zarr").exists()
+    done = cli("rerun", parent.path, "--tgate", "auto", "--tgate-tol", str(suggested), "-o", tmp_path / "a.zarr")
+    assert done.exit_code == 0, done.stderr
+    expected = ats.stats.suggest_gate_step(parent, tol=suggested)
+    assert _gate_params(ats.open_trace(tmp_path / "a.zarr"))["gate_step"] == expected
+    done = cli("rerun", parent.path, "--tgate", "2", "--tgate-tol", "0.1", "-o", tmp_path / "b.zarr")
+    assert done.stderr.strip().splitlines()[-1] == "error: --tgate-tol 0.1 sets the tolerance of --tgate auto: give " \
+                                                   "--tgate auto too"

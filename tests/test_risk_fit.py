@@ -154,3 +154,15 @@ def test_fit_neglect_risk_on_a_real_sweep(tmp_path):
             fit_neglect_risk(cat, "lost", steps=[1], client=client, progress=False)
     risk = NeglectRiskRow("objects", step=2, model=model)(cat.trace(runs[0]))["neglect_risk"]
     assert 0 <= risk <= 1
+
+
+def test_labels_of_one_kind_fit_without_a_singular_matrix():
+    """Every label the same (a tiny sweep): the intercept runs off to infinity and the Newton step's matrix became
+    singular (numpy.linalg.LinAlgError); now the fit saturates at that label."""
+    from attnscope.stats._risk_fit import fit_logistic, logistic_score
+
+    x = np.zeros((3, 1))
+    for label in (0, 1):
+        model = fit_logistic(x, np.full(3, label), l2=1.0)
+        p = 1 / (1 + np.exp(-logistic_score(model, x)))
+        np.testing.assert_allclose(p, label, atol=1e-6)

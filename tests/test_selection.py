@@ -55,6 +55,12 @@ def test_command_line_text_errors_name_the_option():
         parse_step_text("1:2:3:4", "--capture-steps")
 
 
+@pytest.mark.parametrize("text", ["1,,2", "", "0,", " , "])
+def test_an_empty_list_item_is_an_error_not_skipped(text):
+    with pytest.raises(ats.AttnscopeError, match="--steps .*comma-separated list of ints"):
+        parse_step_text(text)
+
+
 def _latents(pipe, *clients):
     """The latents after every step of one seeded run, with ``clients`` installed."""
     seen = []

@@ -150,6 +150,14 @@ def test_extra_columns_and_a_bad_extra_fails_each_run_with_its_message(sd_pipe, 
         ats.sweep(sd_pipe, ["a red circle"], [0], out=tmp_path / "b", progress=False, extra=lambda tr: {"seed": 1},
                   num_inference_steps=2, height=32, width=32)
 
+    def lookup(tr):  # a KeyError for seed 1 only: it aborted the whole sweep; now it fails its run
+        return {"x": {0: 1.0}[tr.manifest["run"]["seed"]]}
+
+    cat = ats.sweep(sd_pipe, ["a red circle"], [0, 1], out=tmp_path / "c", progress=False, extra=lookup,
+                    num_inference_steps=2, height=32, width=32)
+    assert cat.df.status.tolist() == ["complete", "failed"]
+    assert cat.df.error.tolist()[1] == "AttnscopeError: extra='lookup' raised KeyError: 1"
+
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(seeds="3-1"), r"seeds='3-1': expected ints or ranges"),
@@ -159,13 +167,15 @@ def test_extra_columns_and_a_bad_extra_fails_each_run_with_its_message(sd_pipe, 
     (dict(store="x.zarr"), r"store are set per run by the sweep"),
     (dict(out="gs://bucket/s1"), r"'gs://bucket/s1': the fsspec backend for gs:// is not installed; pip install gcsfs"),
     (dict(out="nosuch://bucket/s1"), r"unknown URL scheme 'nosuch'"),
+    (dict(workers=2, extra=lambda tr: {}), r"extra=<function .*<lambda>.*: worker processes cannot receive it .* "
+                                           r"defined at the top level of a module"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_runs(sd_pipe, tmp_path, kwargs, message):
     args = dict(prompts=["a red circle"], seeds=0, out=tmp_path / "s")
     args.update(kwargs)
     with pytest.raises(ats.AttnscopeError, match=message):
         ats.sweep(sd_pipe, args.pop("prompts"), args.pop("seeds"), args.pop("out"), progress=False, **args)
-    assert not (tmp_path / "s" / "rows").exists()
+    assert not (tmp_path / "s" / "rows").exists() and not (tmp_path / "s").exists()
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,10 @@ def _detector_columns(prompt: str, image: Any) -> dict[str, Any]:
 
 
 def _extra_columns(extra: Callable[[Any], Any], trace: Any, run: Run) -> dict[str, Any]:
-    values = extra(trace)
+    try:
+        values = extra(trace)
+    except Exception as exc:  # noqa: BLE001 - the user's function: any error fails this run, not the sweep
+        raise AttnscopeError(f"extra={getattr(extra, '__name__', extra)!r} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(values, dict):
         raise AttnscopeError(f"extra={extra!r} returned {type(values).__name__} for run {run.run!r}: "
                              f"expected a dict of column name -> scalar")

@@ -41,6 +41,17 @@ def _model_source(pipe: Any, scratch: list[str]) -> str:
     return saved
 
 
+def _check_picklable(extra: Any) -> None:
+    """Worker processes receive ``extra`` pickled: a lambda or a function defined inside another one cannot be."""
+    import pickle
+
+    try:
+        pickle.dumps(extra)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise AttnscopeError(f"extra={extra!r}: worker processes cannot receive it ({exc}); with workers > 1 or "
+                             f"devices, give a function defined at the top level of a module") from None
+
+
 def _check_settings(folder: SweepFolder, settings: dict) -> None:
     """A sweep folder holds one model and one capture setting: refuse to mix in another."""
     from ..store import jsonable
@@ -174,6 +185,8 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
     if not isinstance(pipe_or_model, (str, Path)) and not hasattr(pipe_or_model, "components"):
         raise AttnscopeError(f"pipe_or_model={pipe_or_model!r}: expected a diffusers pipeline or a model name/directory")
     use_workers = devices is not None or workers > 1
+    if use_workers and extra is not None:
+        _check_picklable(extra)
     folder = SweepFolder(out, storage_options)
     scratch: list[str] = []
     try:
