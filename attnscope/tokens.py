@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from .errors import AttnscopeError
 
-__all__ = ["BYTE_SPACE", "EOT", "ROLES", "SOT", "byte_to_unicode", "prompt_length", "prompt_positions", "prompt_text", "resolve_targets",
+__all__ = ["BYTE_SPACE", "EOT", "ROLES", "SOT", "byte_to_unicode", "prompt_length", "prompt_positions", "prompt_text", "index_positions", "resolve_targets",
            "segment_bounds", "target_occurrences", "token_roles", "token_words", "word_alignment"]
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
@@ -141,16 +141,21 @@ def token_words(tokens: Sequence[str], roles: Sequence[str] | None = None) -> li
 
 def _occurrences(tokens: Sequence[str], roles: Sequence[str] | None = None) -> list[tuple[str, list[int]]]:
     """Every word of the prompt in order, segment after segment, with its piece positions."""
-    found: list[tuple[str, list[int]]] = []
+    return [found for segment in _segment_occurrences(tokens, roles) for found in segment]
+
+
+def _segment_occurrences(tokens: Sequence[str], roles: Sequence[str] | None = None) -> list[list[tuple[str, list[int]]]]:
+    """Per text segment (SD3: CLIP, then T5), its words in order with their piece positions."""
+    found: list[list[tuple[str, list[int]]]] = []
     roles = token_roles(tokens, roles)
     for start, stop in segment_bounds(tokens):
         words = [i for i in range(start, stop) if roles[i] == "word"]
         if any(t.startswith(BYTE_SPACE) or t == _BYTE_NEWLINE for t in tokens[start:stop]):
-            found.extend(_byte_level_words(tokens, words))
+            found.append(_byte_level_words(tokens, words))
         elif any(tokens[i].startswith(T5_SPACE) for i in words):
-            found.extend(_marked_words(tokens, words, T5_SPACE))
+            found.append(_marked_words(tokens, words, T5_SPACE))
         else:
-            found.extend(_bpe_words(tokens, words))
+            found.append(_bpe_words(tokens, words))
     return found
 
 
@@ -231,12 +236,17 @@ def _piece_bytes(piece: str) -> bytes:
 
 
 def prompt_text(tokens: Sequence[str], roles: Sequence[str] | None = None) -> str:
-    """The prompt's words joined by spaces (pieces merged, special tokens dropped).
+    """The prompt's words joined by spaces (pieces merged, special tokens dropped); with several text segments
+    spelling the prompt (SD3: CLIP, then T5), the one with the most words (T5 when CLIP cut a long prompt).
 
     >>> prompt_text(["<|startoftext|>", "a</w>", "ele", "phant</w>", "<|endoftext|>", "<|endoftext|>"])
     'a elephant'
+    >>> prompt_text(["<|startoftext|>", "a</w>", "cat</w>", "<|endoftext|>", "▁a", "▁cat", "</s>"])
+    'a cat'
     """
-    return " ".join(word for word, _ in _occurrences(tokens, roles))
+    segments = _segment_occurrences(tokens, roles)
+    longest = max(segments, key=len, default=[])
+    return " ".join(word for word, _ in longest)
 
 
 def word_alignment(tokens: Sequence[str], roles: Sequence[str] | None = None) -> dict[str, list[int]]:
@@ -288,7 +298,8 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
     items = [targets] if isinstance(targets, (str, int)) else list(targets)
     if not items:
         raise AttnscopeError("targets=[]: expected at least one word, phrase or token position")
-    occurrences = [(w.lower(), p) for w, p in _occurrences(tokens, roles)]
+    segments = _lower(_segment_occurrences(tokens, roles))
+    occurrences = [found for segment in segments for found in segment]
     resolved: dict[str, list[int]] = {}
     for target in items:
         if isinstance(target, bool) or not isinstance(target, (str, int)):
@@ -298,7 +309,7 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
                 raise AttnscopeError(f"target {target}: token position out of range 0..{len(tokens) - 1}")
             resolved[str(target)] = [target]
             continue
-        found = _matches(occurrences, target)
+        found = _matches(segments, target)
         if not found:
             words = [w for w, _ in occurrences]
             listed = ", ".join(dict.fromkeys(words)) or (
@@ -307,6 +318,40 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
             raise AttnscopeError(f"target {target!r} is not in the prompt; its words are: {listed}")
         resolved[target] = sorted({p for positions in found for p in positions})
     return resolved
+
+
+def index_positions(targets: Sequence[str | int], positions: Sequence[int]) -> list[str | int]:
+    """``targets`` with each int — a token position, a value of a trace's ``token`` coordinate — replaced by its index
+    along the stored token axis (``positions``: the kept positions, ``0…k, 77…m`` on SD3 with ``tokens="prompt"``);
+    words and phrases as they are. A position the axis does not hold is an error listing the ones it does.
+
+    >>> index_positions(["red", 78], [0, 1, 2, 77, 78])
+    ['red', 4]
+    >>> index_positions([3], [0, 1, 2, 77, 78])
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: target 3: token position not on this trace's token axis; its positions are 0–2, 77–78
+    """
+    index = {int(p): i for i, p in enumerate(positions)}
+    out: list[str | int] = []
+    for t in targets:
+        if isinstance(t, int) and not isinstance(t, bool):
+            if t not in index:
+                raise AttnscopeError(f"target {t}: token position not on this trace's token axis; its positions are "
+                                     f"{_ranges(list(index))}")
+            t = index[t]
+        out.append(t)
+    return out
+
+
+def _ranges(positions: list[int]) -> str:
+    """``[0, 1, 2, 77, 78]`` → ``"0–2, 77–78"``."""
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and p == runs[-1][-1] + 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def target_occurrences(tokens: Sequence[str], target: str, roles: Sequence[str] | None = None) -> list[list[int]]:
@@ -319,11 +364,20 @@ def target_occurrences(tokens: Sequence[str], target: str, roles: Sequence[str] 
     >>> target_occurrences(toks, "circle"), target_occurrences(toks, "blue circle"), target_occurrences(toks, "cat")
     ([[3], [7]], [[6, 7]], [])
     """
-    return _matches([(w.lower(), p) for w, p in _occurrences(tokens, roles)], target)
+    return _matches(_lower(_segment_occurrences(tokens, roles)), target)
 
 
-def _matches(occurrences: list[tuple[str, list[int]]], target: str) -> list[list[int]]:
-    """Positions of each match of the phrase ``target`` among the (lower-cased) words."""
-    phrase, words = target.lower().split(), [w for w, _ in occurrences]
-    return [[p for _, ps in occurrences[start:start + len(phrase)] for p in ps]
-            for start in range(len(words) - len(phrase) + 1) if phrase and words[start:start + len(phrase)] == phrase]
+def _lower(segments: list[list[tuple[str, list[int]]]]) -> list[list[tuple[str, list[int]]]]:
+    return [[(w.lower(), p) for w, p in segment] for segment in segments]
+
+
+def _matches(segments: list[list[tuple[str, list[int]]]], target: str) -> list[list[int]]:
+    """Positions of each match of the phrase ``target`` among the (lower-cased) words, within one text segment (a
+    phrase never runs from the end of SD3's CLIP prompt into the start of its T5 copy)."""
+    phrase = target.lower().split()
+    found = []
+    for occurrences in segments:
+        words = [w for w, _ in occurrences]
+        found += [[p for _, ps in occurrences[start:start + len(phrase)] for p in ps]
+                  for start in range(len(words) - len(phrase) + 1) if phrase and words[start:start + len(phrase)] == phrase]
+    return found

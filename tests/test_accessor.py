@@ -178,3 +178,22 @@ def test_results_round_trip_through_zarr(da, tmp_path):
         result.to_dataset(name="maps").to_zarr(tmp_path / f"{name}.zarr", consolidated=False)
         back = xr.open_zarr(tmp_path / f"{name}.zarr", consolidated=False)["maps"]
         xr.testing.assert_identical(back.compute(), result.rename("maps").compute())
+
+
+def test_a_nan_map_stays_nan_in_words_so_step_means_leave_it_out(da):
+    """A gated step's maps are NaN: words() summed them to 0 and a mean over steps halved the heat map."""
+    gated = da.sel(sample=1).copy(data=da.sel(sample=1).values.astype(np.float32))
+    gated[2] = np.nan                                              # the last of 3 steps, as TGATE stores it
+    w = gated.attn.words("triangle")
+    assert np.isnan(w.isel(step=2)).all() and not np.isnan(w.isel(step=[0, 1])).any()
+    v = gated.values[:2, ..., TRIANGLE[0]].mean(axis=(0, 1))     # mean over the computed steps and the heads
+    np.testing.assert_allclose(w.attn.aggregate(["step", "head"], "mean").values[..., 0], v, rtol=1e-6)
+
+
+def test_heatmap_takes_the_sample_whose_words_to_use(da, trace):
+    with pytest.raises(AttnscopeError, match="different prompts.*sample="):
+        da.attn.heatmap("triangle", size=(8, 8))
+    hm = da.attn.heatmap("triangle", size=(8, 8), sample=1)
+    by_hand = bilinear(da.values[:, 1, ..., TRIANGLE[0]].astype(np.float64).mean(axis=(0, 1)), (8, 8))
+    by_hand = (by_hand - by_hand.min()) / (by_hand.max() - by_hand.min())
+    np.testing.assert_allclose(hm.sel(sample=1).values[..., 0], by_hand, atol=1e-5)

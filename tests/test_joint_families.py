@@ -476,3 +476,26 @@ def test_an_unknown_joint_processor_is_refused_when_logits_are_read(sd3):
             sd3("a red circle", **SD3_KW)
     finally:
         site.module.set_processor(original)
+
+
+def test_sd3_prompt_once_phrases_within_a_segment_and_positions_in_plots(sd3, tmp_path):
+    """On SD3 the prompt is spelled twice (CLIP, then T5): the report and viewer showed it twice, a phrase matched
+    from the end of the CLIP copy into the T5 copy ("square red"), and int positions were checked as indices."""
+    from attnscope.plot import report_words
+    from attnscope.tokens import prompt_text, resolve_targets
+
+    tr = ats.capture(sd3, "red circle and blue square", seed=0, store=tmp_path / "p.zarr", tokens="prompt", **SD3_KW)
+    assert prompt_text(tr.tokens) == "red circle and blue square"
+    assert report_words(tr) == ["red circle", "blue square"]
+    with pytest.raises(AttnscopeError, match="'square red' is not in the prompt"):
+        resolve_targets(tr.tokens, ["square red"])
+    assert ats.view(tr).panels[0]["prompt"] == "red circle and blue square"
+    kept = tr.attention(tr.sites[0]).token.values.tolist()
+    t5_red = kept[tr.words["red"][-1]]                                  # a position past 77: the T5 "red"
+    assert t5_red >= 77
+    fig = ats.plot.heatmaps(tr, [t5_red], layout={"red circle": (0, 0, 0.5, 1)})   # was "out of range 0..16"
+    assert fig.axes[1].get_title() == str(t5_red)
+    page = ats.report(tr, tmp_path / "r.html", words=[t5_red]).read_text()
+    assert "<title>attnscope report — red circle and blue square</title>" in page
+    with pytest.raises(AttnscopeError, match="target 20: token position not on this trace's token axis"):
+        ats.report(tr, tmp_path / "s.html", words=[20])

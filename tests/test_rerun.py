@@ -405,3 +405,18 @@ def test_compare_refuses_runs_of_other_lengths(parent, shapes, tmp_path):
     short = ats.capture(shapes, PROMPT, seed=3, store=tmp_path / "short.zarr", num_inference_steps=4)
     with pytest.raises(ats.AttnscopeError, match=r"their num_steps differs \(8 vs 4\)"):
         compare(parent, short)
+
+
+def test_shares_of_one_sample_and_the_reports_table_follow_sample(shapes, tmp_path):
+    """The report's before/after table averaged every sample although sample= picked one image."""
+    two = ats.capture(shapes, [PROMPT, "a green triangle and a yellow circle"], seed=[0, 1], store=tmp_path / "m.zarr",
+                      num_inference_steps=3)
+    steered = rerun(two, [ScaleWord(3, 3.0)], store=tmp_path / "s.zarr")  # position 3: "circle" in the first prompt
+    c = compare(two, steered, ["circle"])
+    for sample in (0, 1):
+        by_hand = ats.stats.dominance(two, ["circle"]).target_share.sel(sample=sample).mean().item()
+        assert c.shares(sample).loc["circle", "before"] == pytest.approx(by_hand)
+    assert c.shares(0).loc["circle", "before"] != pytest.approx(c.shares().loc["circle", "before"])
+    page = ats.report(two, tmp_path / "r.html", compare=steered, sample=1, words=["circle"]).read_text()
+    row = c.shares(1).loc["circle"]
+    assert f"{100 * row.before:.1f} %" in page and f"{100 * row.change:+.1f} pt" in page

@@ -11,9 +11,9 @@ from matplotlib.figure import Figure
 
 from ..errors import AttnscopeError
 from ..stats import image_size, layout_regions, layout_tokens
-from ..tokens import prompt_text, resolve_targets
+from ..tokens import index_positions, prompt_text, resolve_targets
 from ._layout import new_figure, short_site, step_label
-from ._select import forward_order, sample_index, sample_roles, sample_tokens, site_maps, site_names
+from ._select import forward_order, sample_index, sample_roles, sample_tokens, site_maps, site_names, token_positions
 
 __all__ = ["heatmaps", "site_step_grid", "word_maps", "word_panels"]
 
@@ -109,7 +109,9 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
     sample_index(trace, sample)  # a missing sample is an error before any map is read
     on_panels = None
     if regions is not None:  # which phrase goes on which panel, checked before any map is read
-        on_panels = _layout_panels(words, regions, sample_tokens(trace, sample), sample_roles(trace, sample))
+        listed = [words] if isinstance(words, (str, int)) else list(words)
+        on_panels = _layout_panels(index_positions(listed, token_positions(trace)), regions, sample_tokens(trace, sample),
+                                   sample_roles(trace, sample))
     maps = word_maps(trace, words, sites, steps, sample).attn.normalize("minmax")
     fig, axes = word_panels(trace, maps, sample, alpha, cmap)
     if regions is not None:

@@ -25,12 +25,12 @@ from ..errors import AttnscopeError
 from ..selection import check_tol, step_ranges
 from ..stats import convergence, dominance, dominance_table, suggest_gate_step
 from ..store import as_trace
-from ..tokens import prompt_text, resolve_targets
+from ..tokens import index_positions, prompt_text, resolve_targets
 from ._heatmaps import heatmaps, site_step_grid, word_maps, word_panels
 from ._layout import step_label
 from ._lines import convergence as convergence_figure
 from ._lines import dominance_lines
-from ._select import sample_index, sample_roles, sample_tokens, site_names
+from ._select import sample_index, sample_roles, sample_tokens, site_names, token_positions
 
 __all__ = ["STOP_WORDS", "report", "report_words"]
 
@@ -179,7 +179,8 @@ def _chosen_words(tr: Any, words: Any, sample: int) -> list[str | int]:
     chosen = [words] if isinstance(words, (str, int)) else list(words)
     if not chosen:
         raise AttnscopeError("words=[]: expected at least one word or phrase of the prompt")
-    resolve_targets(sample_tokens(tr, sample), chosen, sample_roles(tr, sample))  # names a word not in the prompt
+    # names a word not in the prompt, or a position not on the token axis
+    resolve_targets(sample_tokens(tr, sample), index_positions(chosen, token_positions(tr)), sample_roles(tr, sample))
     return chosen
 
 
@@ -420,7 +421,7 @@ def _convergence(tr: Any, names: list[str], sample: int, tol: float) -> Section:
 
 
 def _comparison(c: Any, sample: int) -> Section:
-    df = c.shares()
+    df = c.shares(sample)
     rows = [[str(t), _share(r.before), _share(r.after), f"{100 * r.change:+.1f} pt" if np.isfinite(r.change) else "—"]
             for t, r in df.iterrows()]
     change = c.image_change()

@@ -12,7 +12,7 @@ from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import token_roles, word_alignment
 
-__all__ = ["dataset_variable", "default_targets", "forward_order", "sample_index", "sample_roles", "sample_tokens", "select_label", "site_maps",
+__all__ = ["dataset_variable", "default_targets", "forward_order", "sample_index", "sample_roles", "sample_tokens", "token_positions", "select_label", "site_maps",
            "site_names"]
 
 
@@ -43,6 +43,14 @@ def sample_index(trace: Any, sample: Any) -> int:
 def sample_tokens(trace: Any, sample: Any) -> list[str]:
     """Token strings of ``sample``'s prompt."""
     return [str(t) for t in trace.coords["token_text"].values[sample_index(trace, sample)].tolist()]
+
+
+def token_positions(trace: Any) -> list[int]:
+    """The positions the trace's token axis holds (its ``token`` coordinate: ``0…k, 77…m`` on SD3 with
+    ``tokens="prompt"``), which int targets name."""
+    if "token" in trace.coords:
+        return [int(p) for p in trace.coords["token"].values.tolist()]
+    return list(range(len(trace.coords["token_text"].values[0])))
 
 
 def sample_roles(trace: Any, sample: Any) -> list[str] | None:

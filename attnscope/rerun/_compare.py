@@ -48,14 +48,15 @@ class Comparison:
     steps: Any = field(default=None, repr=False)
     target_spec: list = field(default_factory=list, repr=False)  # as given (words, phrases, positions)
 
-    def shares(self) -> Any:
-        """Mean target share per target (over steps, sites and samples): a DataFrame with ``before``, ``after``,
-        ``change`` columns."""
+    def shares(self, sample: Any = None) -> Any:
+        """Mean target share per target (over steps, sites and samples, or of one ``sample``): a DataFrame with
+        ``before``, ``after``, ``change`` columns."""
         import pandas as pd
 
-        mean = ["step", "site", "sample"]
-        before = self.before.target_share.mean(mean).to_series()
-        after = self.after.target_share.mean(mean).to_series()
+        mean = ["step", "site"] + (["sample"] if sample is None else [])
+        pick = {} if sample is None else {"sample": sample}
+        before = self.before.target_share.sel(pick).mean(mean).to_series()
+        after = self.after.target_share.sel(pick).mean(mean).to_series()
         return pd.DataFrame({"before": before, "after": after, "change": after - before})
 
     def table(self) -> str:

@@ -117,7 +117,8 @@ class AttentionAccessor:
                 raise AttnscopeError(f"target {label!r}: token positions {absent} are not on this DataArray's token "
                                      f"axis (positions {positions[0]}..{positions[-1]})")
         data = _floating(da)
-        maps = [data.isel(token=[index[p] for p in wanted]).sum("token", keep_attrs=True)
+        # skipna=False: a NaN map (a gated step) stays NaN, so means over steps leave it out instead of counting 0
+        maps = [data.isel(token=[index[p] for p in wanted]).sum("token", keep_attrs=True, skipna=False)
                 for wanted in resolved.values()]
         labels = xr.Variable("word", np.array(list(resolved), dtype=object))  # object: variable-length strings in Zarr
         out = xr.concat(maps, dim=labels, coords="minimal", compat="override", join="override",
@@ -207,7 +208,7 @@ class AttentionAccessor:
             return data / scale.where(scale != 0, 1)
 
     def heatmap(self, targets: Sequence[str | int] | str | int, size: Any,
-                over: Sequence[str] | str = ("step", "head"), norm: str = "minmax") -> xr.DataArray:
+                over: Sequence[str] | str = ("step", "head"), norm: str = "minmax", sample: Any = None) -> xr.DataArray:
         """Word heat maps at image size: :meth:`words`, :meth:`aggregate` (mean), :meth:`upsample`, :meth:`normalize`.
 
         >>> import tempfile, attnscope as ats
@@ -227,5 +228,7 @@ class AttentionAccessor:
             Dims averaged before upsampling.
         norm : {"minmax", "max", "sum"}
             See :meth:`normalize`; ``"minmax"`` is DAAM's convention.
+        sample : optional
+            See :meth:`words`: whose prompt the words are found in, when the samples' prompts differ.
         """
-        return self.words(targets).attn.aggregate(over, "mean").attn.upsample(size).attn.normalize(norm)
+        return self.words(targets, sample=sample).attn.aggregate(over, "mean").attn.upsample(size).attn.normalize(norm)

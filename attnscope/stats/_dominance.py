@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
-from ..tokens import resolve_targets, token_roles, token_words
+from ..tokens import index_positions, resolve_targets, token_roles, token_words
 from . import _formulas as f
 from ._sites import reduce_sites, sites_dataset
 
@@ -102,19 +102,12 @@ def target_positions(texts: list[list[str]], roles: list[list[str]], targets: An
     if not items:
         raise AttnscopeError(f"targets={targets!r}: no word to measure (by default every word of the prompt: an empty "
                              "prompt has none); give words, phrases or token positions")
-    index = {int(p): i for i, p in enumerate(stored)} if stored is not None else None
-    for t in items:
-        if index is not None and isinstance(t, int) and not isinstance(t, bool) and t not in index:
-            raise AttnscopeError(f"target {t}: token position not on this trace's token axis; its positions are "
-                                 f"{_ranges(list(index))}")
+    indexed = index_positions(items, stored) if stored is not None else items
     per_sample: list[list[list[int]]] = []
     errors: dict[int, AttnscopeError] = {}
     for text, text_roles in zip(texts, roles):
         row = []
-        for k, t in enumerate(items):
-            if index is not None and isinstance(t, int) and not isinstance(t, bool):
-                row.append([index[t]])
-                continue
+        for k, t in enumerate(indexed):
             try:
                 row.append(next(iter(resolve_targets(text, [t], text_roles).values())))
             except AttnscopeError as exc:
@@ -125,17 +118,6 @@ def target_positions(texts: list[list[str]], roles: list[list[str]], targets: An
         if all(not row[k] for row in per_sample):
             raise errors[k]
     return [str(t) for t in items], per_sample
-
-
-def _ranges(positions: list[int]) -> str:
-    """``[0, 1, 2, 77, 78]`` → ``"0–2, 77–78"``."""
-    runs: list[list[int]] = []
-    for p in positions:
-        if runs and p == runs[-1][-1] + 1:
-            runs[-1].append(p)
-        else:
-            runs.append([p])
-    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, sites: Any = None,
