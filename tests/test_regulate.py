@@ -168,7 +168,8 @@ def test_optimise_matches_an_autograd_reference_loop(batch, cols, spatial):
     torch.manual_seed(batch)
     z = torch.randn(batch * 4, h * w, 16, dtype=torch.float64) * 2
     reg = AttentionRegulation(["circle"], iterations=20)
-    best, initial = reg._optimise(z, cols, basis, lr, groups=batch, key=("site", 3))
+    best, initial = reg._optimise(z, cols, basis, lr, groups=batch, key=("site", 3),
+                                   samples=(list(range(batch)), batch))
     first, best_loss = reg.history[("site", 3)]
     def drawn(dtype):   # the weights _optimise draws: seed 0, site index 0, step 3; one draw for all samples
         generator = torch.Generator().manual_seed((0 * 1_000_003 + 0) * 10_007 + 3)
@@ -188,7 +189,8 @@ def test_optimise_matches_an_autograd_reference_loop(batch, cols, spatial):
     for t, reference in enumerate(trajectory):
         torch.testing.assert_close(descent.weights(t), reference, rtol=1e-9, atol=1e-9)
     if spatial == (8, 8):   # float32, as in generation: rounding grows over the 20 steps, to ~1e-6 here
-        best32, _ = reg._optimise(z.float(), cols, basis.float(), lr, groups=batch, key=("site", 3))
+        best32, _ = reg._optimise(z.float(), cols, basis.float(), lr, groups=batch, key=("site", 3),
+                                   samples=(list(range(batch)), batch))
         expected32 = _reference_descent(z.float(), cols, drawn(torch.float32), basis.float(), lr, 20, tau, batch)[0]
         torch.testing.assert_close(best32, expected32, rtol=1e-5, atol=1e-5 * float(expected32.abs().max()))
 
@@ -436,3 +438,86 @@ def test_a_repeated_target_takes_the_next_occurrence(pipe):
     with pytest.raises(AttnscopeError, match="'circle' is given 3 times but occurs 2 time"):
         with ats.hooks(pipe, AttentionRegulation(["circle"] * 3)):
             pipe(prompt, num_inference_steps=2)
+
+
+# -- bad settings and combinations found by an audit (2026-12-06) -----------------------------------------------
+@pytest.mark.parametrize("make, message", [
+    (lambda: Reweight("circle", float("nan")), r"factor=nan: expected a finite non-negative number"),
+    (lambda: Reweight("circle", math.inf), r"factor=inf: expected a finite non-negative number"),
+    (lambda: Reweight(1.5, 2.0), r"targets=1.5: expected words, phrases or token positions"),
+    (lambda: Reweight("circle", 2.0, sites=3), r"sites=3: expected a site name or glob"),
+    (lambda: AttentionRegulation(["circle"], quantile=2.0), r"quantile=2.0: expected a number in \(0, 1\]"),
+    (lambda: AttentionRegulation(["circle"], quantile_target=math.nan), r"quantile_target=nan"),
+    (lambda: AttentionRegulation(["circle"], weight_decay=math.nan), r"weight_decay=nan"),
+    (lambda: AttentionRegulation(["circle"], lr=math.inf), r"lr=inf: expected a number in \(0, ∞\)"),
+    (lambda: AttentionRegulation(["circle"], tau=-1), r"tau=-1"),
+    (lambda: AttentionRegulation(["circle"], mass_weight=-5), r"mass_weight=-5"),
+    (lambda: AttentionRegulation(["circle"], decay=math.inf), r"decay=inf"),
+])
+def test_bad_settings_are_refused_when_made(make, message):
+    """They were taken (a NaN factor or an infinite decay gave a blank image) or failed mid-run."""
+    with pytest.raises(AttnscopeError, match=message):
+        make()
+
+
+def _run(pipe, *clients, prompt=PROMPT, steps=4, **kwargs):
+    with ats.hooks(pipe, *clients):
+        return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np",
+                    **kwargs).images
+
+
+def test_bad_input_found_at_the_run_start_leaves_no_store(shapes, tmp_path):
+    embeds, negative = shapes.encode_prompt(PROMPT, "cpu", 1, True)
+    store = tmp_path / "a.zarr"
+    for client in (Reweight("circle", 2.0), AttentionRegulation(["circle"])):   # words, but no prompt text
+        with pytest.raises(AttnscopeError, match="targets given as words need the prompt's tokens"):
+            with ats.hooks(shapes, client, ats.Recorder(store)):
+                shapes(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=4)
+        assert not store.exists()
+    gate = ats.regulate.risk_above(0.1, step=1, targets=["green dog", "blue square"])
+    with pytest.raises(AttnscopeError, match="risk_above, prompt 'a red circle and a blue square': target 'green dog'"):
+        _run(shapes, AttentionRegulation(["circle", "square"], steps=None, when=gate), ats.Recorder(store))
+    assert not store.exists()
+    for step, steps in ((2, "first_half"), (4, None)):    # decides at or after the last regulated step of 4
+        gate = ats.regulate.risk_above(0.0, step=step, targets=["red circle", "blue square"])
+        with pytest.raises(AttnscopeError, match=rf"risk_above\(step={step}\): the intervention would never act"):
+            _run(shapes, AttentionRegulation(["circle", "square"], steps=steps, when=gate), ats.Recorder(store))
+        assert not store.exists()
+
+
+def test_history_holds_every_sample_when_prompts_differ_in_columns(shapes):
+    """Samples whose target columns differ are optimised in groups; history kept only the last group's."""
+    reg = AttentionRegulation(["circle", "square"], steps=None, iterations=2)
+    prompts = [PROMPT, "a circle and a blue square", PROMPT]
+    _run(shapes, reg, prompt=prompts, steps=2)
+    for first, best in reg.history.values():
+        assert first.shape == best.shape == (3,) and not torch.isnan(first).any() and bool((best <= first).all())
+    gated = AttentionRegulation(["circle", "square"], steps=None, iterations=2,
+                                when=ats.regulate.risk_above(1.0, step=0, targets=["circle", "square"]))
+    _run(shapes, gated, prompt=prompts, steps=2)   # a risk above 1: no sample is regulated, every entry NaN
+    assert gated.history == {} or all(torch.isnan(f).all() for f, _ in gated.history.values())
+
+
+def test_tgate_and_spatial_temporal_compose(shapes):
+    """At TGATE's first gated step SpatialTemporal said "needs classifier-free guidance" and the run failed."""
+    layout = {"a red circle": (0, 0, 0.5, 1), "a blue square": (0.5, 0, 1, 1)}
+    both = _run(shapes, ats.regulate.SpatialTemporal(layout), ats.regulate.TGate(3), steps=6, guidance_scale=7.5)
+    gated = _run(shapes, ats.regulate.TGate(3), steps=6, guidance_scale=7.5)
+    spatial = _run(shapes, ats.regulate.SpatialTemporal(layout), steps=6, guidance_scale=7.5)
+    assert np.abs(both - gated).max() > 0.01 and np.abs(both - spatial).max() > 0.01
+
+
+def test_a_rerun_of_a_risk_gated_rerun_reproduces_it(shapes, tmp_path):
+    """The second rerun judged the first rerun's regulated maps again and decided otherwise."""
+    tr = ats.capture(shapes, [PROMPT, "a green triangle and a yellow circle"], seed=[0, 1], store=tmp_path / "a.zarr",
+                     num_inference_steps=4)
+
+    def regulation():
+        gate = ats.regulate.risk_above(0.1, step=1, targets=ats.models.object_phrases)
+        return AttentionRegulation(ats.models.object_nouns, when=gate)
+
+    a = ats.rerun(tr, [regulation()], store=tmp_path / "r1.zarr")
+    b = ats.rerun(a, [regulation()], store=tmp_path / "r2.zarr")
+    when = [t.manifest["interventions"][0]["params"]["when"] for t in (a, b)]
+    assert when[0]["at_risk"] == when[1]["at_risk"] and when[0]["risk"] == when[1]["risk"]
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))

@@ -277,3 +277,21 @@ def test_a_sweep_written_to_s3_reads_back_like_a_local_one(sd_pipe, s3, dask_cli
     seconds = cat.df.seconds.tolist()  # resuming on the URL skips what is there
     again = ats.sweep(sd_pipe, ["a red circle"], [0, 1], out=url, storage_options=s3.options, progress=False, **run)
     assert again.df.seconds.tolist() == seconds
+
+
+def test_a_catalog_behind_its_row_files_is_read_from_them(shapes_sweep, tmp_path):
+    """A sweep killed before its first catalog rewrite left no catalog (or a stale one): open_catalog said "no
+    sweep catalog there" although the row files of the finished runs were on disk."""
+    import shutil
+
+    out, cat = shapes_sweep
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "catalog.parquet").unlink()
+    with pytest.warns(ats.AttnscopeWarning, match=r"is missing but 4 runs have finished .* read from their row files"):
+        rebuilt = ats.open_catalog(copy)
+    pd.testing.assert_frame_equal(rebuilt.df.drop(columns=["trace", "image"]), cat.df.drop(columns=["trace", "image"]))
+    stale = pd.read_parquet(out / "catalog.parquet").iloc[:1]
+    stale.to_parquet(copy / "catalog.parquet", index=False)
+    with pytest.warns(ats.AttnscopeWarning, match=r"lists 1 runs but 4 runs have finished"):
+        assert len(ats.open_catalog(copy)) == 4

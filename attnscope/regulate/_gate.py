@@ -66,13 +66,51 @@ class RiskGate:
         if not self._preset:
             self.risk, self.at_risk = None, None
 
+    def check(self, step_ctx: Any, acting: Sequence[int] | None) -> None:
+        """At a run's first step, before any map is recorded: the decision step must come before the last step the
+        intervention acts at (``acting``; None: every step), and the targets must be in every prompt."""
+        if self._preset:
+            return
+        total = step_ctx.num_steps
+        last = (max(acting) if acting else -1) if acting is not None else (total - 1 if total else None)
+        if last is not None and self.step >= last:
+            where = f"its last step is {last}" if acting is None else f"it acts at steps {list(acting)}"
+            raise AttnscopeError(f"risk_above(step={self.step}): the intervention would never act, since it decides "
+                                 f"at step {self.step} and acts only after it, but {where}"
+                                 f"{f' of {total}' if total else ''}; choose an earlier step= or let it act at more "
+                                 f"steps")
+        if step_ctx.token_text is None:
+            raise AttnscopeError("risk_above: judging the risk needs the prompt's words, but the pipeline got "
+                                 "embeddings")
+        from ..tokens import resolve_targets
+
+        roles = step_ctx.token_roles or [None] * len(step_ctx.token_text)
+        for tokens, token_roles in zip(step_ctx.token_text, roles):
+            prompt = _prompt(tokens, token_roles)
+            targets = self.targets(prompt) if callable(self.targets) else self.targets
+            if targets is None or isinstance(targets, str) or len(targets) < 2:
+                raise AttnscopeError(f"risk_above(targets={targets!r}) for prompt {prompt!r}: expected two or more "
+                                     f"object phrases (the risk is that one of them goes missing)")
+            try:
+                resolve_targets(list(tokens), list(targets), list(token_roles) if token_roles else None)
+            except AttnscopeError as exc:
+                raise AttnscopeError(f"risk_above, prompt {prompt!r}: {exc}") from None
+
     def decide_from(self, trace: Any) -> list[bool]:
         """Decide from a stored run: each sample's risk from the trace's maps at the decision step.
 
         The intervention then acts on the samples at risk **from step 0** of the next run (a rerun
         of that trace: ``ats.rerun`` calls this itself), so a generation judged at risk gets the whole
         intervention and one judged safe is left alone. Returns :attr:`at_risk`.
+
+        A trace that was itself made this way (its manifest records the decisions of a gate with the same
+        threshold and step) passes them on: its maps are regulated ones, so judging them again would decide
+        otherwise, and a rerun of it with the same intervention reproduces it.
         """
+        recorded = self._recorded_decisions(trace.manifest)
+        if recorded is not None:
+            self.risk, self.at_risk, self._preset = recorded[0], recorded[1], True
+            return list(self.at_risk)
         run = trace.manifest.get("run", {})
         prompts, per_prompt = run.get("prompts") or [], int(run.get("num_images_per_prompt") or 1)
         risks: list[float] = []
@@ -81,6 +119,15 @@ class RiskGate:
             risks += self._risks({site: trace.attention(site).isel(sample=samples) for site in trace.sites}, prompt)
         self.risk, self.at_risk, self._preset = risks, [r > self.threshold for r in risks], True
         return list(self.at_risk)
+
+    def _recorded_decisions(self, manifest: dict) -> tuple[list[float], list[bool]] | None:
+        """The risks and decisions a trace's manifest holds from a gate like this one, decided from a stored run."""
+        for item in manifest.get("interventions") or []:
+            when = item.get("params", {}).get("when") if isinstance(item, dict) else None
+            if (isinstance(when, dict) and when.get("decided_from_trace") and when.get("risk_above") == self.threshold
+                    and when.get("step") == self.step and isinstance(when.get("at_risk"), list)):
+                return [float(r) for r in when["risk"]], [bool(a) for a in when["at_risk"]]
+        return None
 
     def observing(self, ctx: Any) -> bool:
         """Whether this call's probabilities are needed (every site at the decision step)."""

@@ -12,6 +12,7 @@ the official code".
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -54,6 +55,22 @@ def regulation_loss(maps: torch.Tensor, weights: torch.Tensor, tau: float, *, qu
     shaped = per_row.reshape(groups, rows // groups * n).mean(1)
     decay = (weights**2).reshape(groups, -1).mean(1)
     return shaped + weight_decay * decay
+
+
+def _check_number(name: str, value: Any, low: float, high: float, closed: bool | None) -> None:
+    """``value`` a real number in the range: ``closed`` True ``(low, high]``, False ``(low, high)``, None
+    ``[low, high)`` (the weights, which may be 0).
+
+    >>> _check_number("decay", 0.99, 0, 1, True)
+    >>> _check_number("quantile", 2.0, 0, 1, True)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: quantile=2.0: expected a number in (0, 1]
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        low <= value < high if closed is None else low < value <= high if closed else low < value < high)
+    if not ok:
+        span = f"[{low}, {high})" if closed is None else f"({low}, {high}]" if closed else f"({low}, {high})"
+        raise AttnscopeError(f"{name}={value!r}: expected a number in {span.replace('inf', '∞')}")
 
 
 class AttentionRegulation:
@@ -121,11 +138,12 @@ class AttentionRegulation:
             raise AttnscopeError(f"when={when!r}: expected a gate such as ats.regulate.risk_above(0.3)")
         if not isinstance(iterations, int) or iterations < 1:
             raise AttnscopeError(f"iterations={iterations!r}: expected a positive integer")
-        for name, value in (("lr", lr), ("decay", decay)):
-            if not value > 0:
-                raise AttnscopeError(f"{name}={value!r}: expected a positive number")
-        if not 0 <= smoothing < 1:
-            raise AttnscopeError(f"smoothing={smoothing!r}: expected a number in [0, 1)")
+        for name, value, low, high, closed in (
+                ("lr", lr, 0, math.inf, False), ("decay", decay, 0, math.inf, False), ("smoothing", smoothing, 0, 1, None),
+                ("quantile", quantile, 0, 1, True), ("quantile_target", quantile_target, 0, 1, True),
+                ("mass_weight", mass_weight, 0, math.inf, None), ("weight_decay", weight_decay, 0, math.inf, None),
+                ("tau", 0.5 if tau is None else tau, 0, 1, True)):
+            _check_number(name, value, low, high, closed)
         self.targets = targets
         self.scope = InterventionScope(targets, sites, steps, first_occurrence=True,
                                        default_sites=default_regulation_sites)
@@ -134,6 +152,8 @@ class AttentionRegulation:
                            "weight_decay": weight_decay}
         self.tau, self.smoothing, self.decay = tau, smoothing, decay
         self.when = when
+        if when is not None and when.targets is None:  # risk_above's default: the intervention's targets
+            when.targets = targets
         self._previous: dict[tuple[str, int], torch.Tensor] = {}
         self._restore: tuple[str, int, list[tuple[list[int], torch.Tensor, torch.Tensor]]] | None = None
         self._eos: int | None = None
@@ -176,6 +196,9 @@ class AttentionRegulation:
             self.history = {}
             if self.when is not None:
                 self.when.new_run()
+                steps = (self.scope.steps_of_run(step_ctx.num_steps) if self.scope.steps is not None and step_ctx.num_steps
+                         else None)
+                self.when.check(step_ctx, steps)
 
     def stages(self, ctx: Any) -> tuple[str, ...]:
         acting = self.scope.active(ctx) and (self.when is None or self.when.any_at_risk(ctx))
@@ -210,7 +233,8 @@ class AttentionRegulation:
             z = logits[index].detach().float()  # (b, heads, pixels, tokens)
             b, heads, pixels, tokens = z.shape
             flat = z.reshape(b * heads, pixels, tokens)
-            best, initial = self._optimise(flat, cols, basis, lr, groups=b, key=(ctx.site.name, ctx.step))
+            best, initial = self._optimise(flat, cols, basis, lr, groups=b, key=(ctx.site.name, ctx.step),
+                                           samples=(group, ctx.rows.samples))
             key = (ctx.site.name, tuple(rows))
             delta = torch.lerp(best, self._previous.get(key, initial), self.smoothing)  # s·Δ_prev + (1 − s)·Δ_best
             self._previous[key] = delta
@@ -238,11 +262,12 @@ class AttentionRegulation:
 
     # -- the optimisation ----------------------------------------------------------------------
     def _optimise(self, z: torch.Tensor, cols: list[int], basis: torch.Tensor, lr: float, *, groups: int,
-                  key: tuple[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+                  key: tuple[str, int], samples: tuple[list[int], int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Best Δ (rows, pixels, n) over the iterations, and the initial Δ; no host syncs.
 
         The weights are drawn per site and step; the descent (:class:`RegulationDescent`) is built once
-        per shape and reused."""
+        per shape and reused. ``samples``: which of the run's samples these are, and how many it has (the
+        losses go into :attr:`history` at their places)."""
         rows = z.shape[0]
         n = len(cols)
         tau = self.tau if self.tau is not None else min(1.0, 0.2 * n)
@@ -253,7 +278,13 @@ class AttentionRegulation:
                              dtype=z.dtype).repeat(groups, 1, 1)
         descent = self._descent(rows, n, basis, lr, tau, groups).run(z, cols, weights)
         best, initial, first, best_loss = descent.result()
-        self.history[key] = (first, best_loss)
+        group, count = samples
+        if key not in self.history:  # NaN for the samples not regulated here (other columns come next, or safe)
+            self.history[key] = tuple(torch.full((count,), float("nan"), device=first.device, dtype=first.dtype)
+                                      for _ in range(2))
+        where = torch.tensor(group, device=first.device)
+        for kept, value in zip(self.history[key], (first, best_loss)):
+            kept.index_copy_(0, where, value.to(kept.dtype))
         return best, initial
 
     def _basis(self, height: int, width: int, device: torch.device) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..errors import AttnscopeError
@@ -45,8 +46,8 @@ class Reweight:
     role = "intervention"
 
     def __init__(self, word: Any, factor: float, *, sites: Any = None, steps: Any = None):
-        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 0:
-            raise AttnscopeError(f"factor={factor!r}: expected a non-negative number")
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 <= factor < math.inf:
+            raise AttnscopeError(f"factor={factor!r}: expected a finite non-negative number")
         self.word, self.factor = word, float(factor)
         self.scope = InterventionScope(word, sites, steps)
 

@@ -76,8 +76,15 @@ class InterventionScope:
 
     def __init__(self, targets: TargetSpec, sites: Any = None, steps: Any = None, *, first_occurrence: bool = False,
                  default_sites: Callable[[Sequence[Any], tuple[int, int]], list[str]] | None = None):
-        if targets is None or (isinstance(targets, (list, tuple)) and not targets):
-            raise AttnscopeError(f"targets={targets!r}: expected words, phrases or token positions")
+        items = targets if isinstance(targets, (list, tuple)) else [targets]
+        if targets is None or not items or not (callable(targets) or all(
+                isinstance(t, (str, int)) and not isinstance(t, bool) for t in items)):
+            raise AttnscopeError(f"targets={targets!r}: expected words, phrases or token positions (a str, an int, a "
+                                 f"list of them, or a function of the prompt)")
+        if not (sites is None or callable(sites) or isinstance(sites, str)
+                or (isinstance(sites, (list, tuple)) and all(isinstance(s, str) for s in sites))):
+            raise AttnscopeError(f"sites={sites!r}: expected a site name or glob, a list of them, or a predicate on "
+                                 f"the site")
         self.targets, self.sites, self.steps = targets, sites, steps
         self.first_occurrence, self.default_sites = first_occurrence, default_sites
         self._all: list[Any] = []
@@ -131,11 +138,7 @@ class InterventionScope:
         """Per sample of the cond half: the token columns of every target (flattened, sorted)."""
         texts = ctx.step_context.token_text
         if texts is None:
-            items = self.targets if isinstance(self.targets, (list, tuple)) else [self.targets]
-            if all(isinstance(t, int) for t in items):
-                return [sorted({int(t) for t in items})] * ctx.rows.samples
-            raise AttnscopeError("targets given as words need the prompt's tokens, but the pipeline got embeddings; "
-                                 "give token positions instead")
+            return [self._positions_without_text()] * ctx.rows.samples
         per_prompt = self._run_columns(ctx.step_context)
         return [per_prompt[p] for p in ctx.rows.prompt_of_sample]
 
@@ -145,8 +148,18 @@ class InterventionScope:
         installed beside the intervention, a :class:`~attnscope.Recorder`, creates its store)."""
         if step_ctx.token_text is not None:
             self._run_columns(step_ctx)
+        else:
+            self._positions_without_text()
         if self.steps is not None and step_ctx.num_steps:
             self.steps_of_run(step_ctx.num_steps)
+
+    def _positions_without_text(self) -> list[int]:
+        """The targets' columns of a run whose prompt came as embeddings: token positions only."""
+        items = self.targets if isinstance(self.targets, (list, tuple)) else [self.targets]
+        if not callable(self.targets) and all(isinstance(t, int) for t in items):
+            return sorted({int(t) for t in items})
+        raise AttnscopeError("targets given as words need the prompt's tokens, but the pipeline got embeddings; "
+                             "give token positions instead")
 
     def _run_columns(self, step_ctx: Any) -> list[list[int]]:
         """Per prompt of the run: the token columns of every target (computed once per run's token text)."""

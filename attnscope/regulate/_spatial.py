@@ -270,6 +270,8 @@ class SpatialTemporal:
         self._session = None
 
     def on_step(self, step_ctx: Any) -> None:
+        if step_ctx.rows.uncond is None and step_ctx.single_branch is not None:
+            return  # one half of the CFG batch only (after TGATE's gate): the attention is the cache's, nothing to add
         if step_ctx.rows.uncond is None:
             raise AttnscopeError("SpatialTemporal needs classifier-free guidance (the rule subtracts the "
                                  "unconditional output): use a guidance_scale > 1")
@@ -314,7 +316,8 @@ class SpatialTemporal:
         return plans[step_ctx.rows.prompt_of_sample[sample]] if len(plans) > 1 else plans[0]
 
     def stages(self, ctx: Any) -> tuple[str, ...]:
-        return ("output",) if ctx.site.kind == "cross" and self.scope.active(ctx) else ()
+        both = ctx.rows.uncond is not None  # not after TGATE's gate, which runs one half on the cache
+        return ("output",) if ctx.site.kind == "cross" and both and self.scope.active(ctx) else ()
 
     def on_output(self, ctx: Any, output: torch.Tensor) -> torch.Tensor | None:
         hidden = ctx.hidden_states

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttnscopeError
+from ..errors import AttnscopeError, AttnscopeWarning
 from ..store import is_url
 from ._folder import SweepFolder
 from ._runs import RESERVED_COLUMNS
@@ -23,22 +24,27 @@ def write_catalog(folder: SweepFolder) -> Any:
     The row files are the durable record (each written once its run finished), so the catalog can
     always be rebuilt from them: an interrupted sweep's catalog is rewritten when it resumes.
     """
+    df = _frame_of_rows(folder, _row_files(folder))
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    folder.write_bytes(CATALOG_FILE, buf.getvalue())
+    return df
+
+
+def _row_files(folder: SweepFolder) -> list[str]:
+    return [name for name in folder.list("rows") if name.endswith(".json") and not name.startswith(".")]
+
+
+def _frame_of_rows(folder: SweepFolder, names: list[str]) -> Any:
+    """The catalog's DataFrame from the row files ``names`` under ``folder/rows`` (as the Parquet file holds it)."""
     import pandas as pd
 
-    rows = []
-    for name in folder.list("rows"):
-        if name.endswith(".json") and not name.startswith("."):
-            row = folder.read_json(f"rows/{name}")
-            if isinstance(row, dict) and "run" in row:
-                rows.append(row)
+    rows = [row for row in (folder.read_json(f"rows/{name}") for name in names) if isinstance(row, dict) and "run" in row]
     df = pd.DataFrame(rows)
     own = [c for c in RESERVED_COLUMNS if c in df.columns]
     df = df[own + sorted(c for c in df.columns if c not in own)]  # the catalog's columns first, then extras
     if len(df):
         df = df.sort_values(["prompt", "seed"], kind="stable").reset_index(drop=True)
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    folder.write_bytes(CATALOG_FILE, buf.getvalue())
     return df
 
 
@@ -167,12 +173,21 @@ def open_catalog(location: str | Path, *, storage_options: dict | None = None) -
     try:
         data = folder.read_bytes(CATALOG_FILE)
     except FileNotFoundError:
+        data = None
+    names = _row_files(folder)
+    if data is None and not names:
         raise AttnscopeError(f"{folder.url(CATALOG_FILE)!r}: no sweep catalog there (expected the folder that "
-                             f"ats.sweep / attnscope sweep wrote)") from None
+                             f"ats.sweep / attnscope sweep wrote)")
     try:
-        df = pd.read_parquet(io.BytesIO(data))
+        df = pd.read_parquet(io.BytesIO(data)) if data is not None else None
     except Exception as exc:  # pyarrow's errors for a damaged file: one message naming it
         raise AttnscopeError(f"{folder.url(CATALOG_FILE)!r}: not a readable Parquet catalog ({exc})") from exc
+    if df is None or len(df) < len(names):  # a sweep stopped before its catalog caught up: the rows are the record
+        warnings.warn(f"{folder.url(CATALOG_FILE)!r} {'is missing' if df is None else f'lists {len(df)} runs'} but "
+                      f"{len(names)} runs have finished (the sweep was interrupted before it rewrote its catalog): "
+                      f"read from their row files; rerun the sweep to resume it and rewrite the catalog",
+                      AttnscopeWarning, stacklevel=2)
+        df = _frame_of_rows(folder, names)
     missing = [c for c in ("run", "prompt", "seed", "trace", "status") if c not in df.columns] if len(df) else []
     if missing:
         raise AttnscopeError(f"{folder.url(CATALOG_FILE)!r}: catalog lacks columns {missing}")
