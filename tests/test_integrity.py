@@ -4,6 +4,7 @@ overwritten or edited on disk, a model with NaN weights, two real processes writ
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -246,3 +247,44 @@ def test_two_processes_writing_one_path(tmp_path):
     tr = ats.open_trace(store)
     assert tr.complete and tr.manifest["run"]["seed"] == 0
     assert not np.isnan(tr.attention(SITE).values).any()
+
+
+# -- found by an audit (2026-12-06) ------------------------------------------------------------------------------
+def test_a_capture_killed_while_setting_up_the_store_is_named_and_overwritten(sd_pipe, tmp_path):
+    """The root attributes were written last: a kill during set-up left a directory that open_trace called
+    "not an attnscope trace" and overwrite=True refused to replace."""
+    child = textwrap.dedent(f"""
+        import os, signal, zarr, attnscope as ats
+        from attnscope.testing import tiny_sd_pipeline
+        zarr.Group.update_attributes = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # killed mid-set-up
+        ats.capture(tiny_sd_pipeline(), "a red circle", seed=0, store={str(tmp_path / 'k.zarr')!r},
+                    num_inference_steps=2, height=32, width=32)
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == -signal.SIGKILL
+    with pytest.raises(ats.AttnscopeError, match="capture stopped while it was setting up the store.*overwrite=True"):
+        ats.open_trace(tmp_path / "k.zarr")
+    assert ats.capture(sd_pipe, "a red circle", seed=0, store=tmp_path / "k.zarr", overwrite=True, **RUN).complete
+
+
+def test_a_capture_to_a_url_writes_the_local_path_of_file_urls_and_refuses_others(sd_pipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tr = ats.capture(sd_pipe, "a red circle", seed=0, store=f"file://{tmp_path}/f.zarr", **RUN)
+    assert tr.path == tmp_path / "f.zarr" and not (tmp_path / "file:").exists()
+    with pytest.raises(ats.AttnscopeError, match=r"store='s3://bucket/r.zarr': a capture writes a local directory.*"
+                                                 r"upload_trace"):
+        ats.capture(sd_pipe, "a red circle", seed=0, store="s3://bucket/r.zarr", **RUN)
+    assert not (tmp_path / "s3:").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["attributes"]["manifest"].update(capture=[]), r"manifest entries \['capture'\] are not objects"),
+    (lambda m: m["consolidated_metadata"]["metadata"].pop("step"), r"the root arrays \['step'\] are missing"),
+    (lambda m: m["attributes"].update(format_min_reader="2"), r"'format_min_reader' attribute is '2'; expected an int"),
+    (lambda m: m["attributes"].update(format_min_reader=99), r"needs a reader of format 99 or later"),
+])
+def test_crafted_root_metadata_is_one_clear_error(trace, edit, message):
+    _edit_root(trace, edit)
+    with pytest.raises(ats.AttnscopeError, match=message):
+        tr = ats.open_trace(trace)
+        tr.attention(tr.sites[0]).load()

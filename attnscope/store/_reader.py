@@ -251,7 +251,11 @@ class Trace:
         missing = [v for v in (OUTPUT_NORM, OUTPUT_CHANGE) if v not in node.data_vars]
         if missing:
             raise AttnscopeError(f"{str(self.path)!r}: group {SUMMARIES_GROUP!r} lacks {missing}")
-        ds = node.to_dataset(inherit=False)[[OUTPUT_NORM, OUTPUT_CHANGE]]
+        try:  # a few numbers per step and site: read now, so a damaged chunk is one clear error here
+            ds = node.to_dataset(inherit=False)[[OUTPUT_NORM, OUTPUT_CHANGE]].load()
+        except Exception as exc:
+            raise AttnscopeError(f"{str(self.path)!r}: the output summaries cannot be read ({type(exc).__name__}: "
+                                 f"{exc}); the trace is damaged") from exc
         ds = ds.assign_coords(step=self.coords["step"].values, sample=self.coords["sample"].values,
                               site=[str(s) for s in ds["site"].values],
                               timestep=("step", np.asarray(self.coords["timestep"].values, dtype=float)))
@@ -313,9 +317,12 @@ class Trace:
         group = site_group(name)
         node_attrs = self._nodes.get(group, {}).get("attributes", {})
         branches = [b for b, arr in arrays.items() if f"{group}/{arr}" in self._nodes]
-        if not branches:
+        if not branches and arrays is TEXT_MASS_ARRAYS:
             kind = node_attrs.get("site", {}).get("kind", "cross")
             raise AttnscopeError(f"site {name!r} is a {kind!r} site: only joint sites (SD3, Flux, Flux.2) store a text mass")
+        if not branches:
+            raise AttnscopeError(f"{str(self.path)!r}: site {name!r} has no {' or '.join(arrays.values())} array in the "
+                                 f"store (its metadata is damaged)")
         if branch is None:
             branch = "cond" if "cond" in branches else branches[0]
         if branch not in branches:
@@ -443,8 +450,9 @@ def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = Non
         raise AttnscopeError(f"{where!r} is not an attnscope trace: no Zarr group there (expected {meta})")
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AttnscopeError(f"{where!r} is not an attnscope trace: unreadable zarr.json ({exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise AttnscopeError(f"{where!r} is not an attnscope trace: unreadable zarr.json "
+                             f"({'nested too deeply' if isinstance(exc, RecursionError) else exc})") from None
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     fmt = attrs.get("attnscope_format") if isinstance(attrs, dict) else None
     if not isinstance(fmt, int) or isinstance(fmt, bool):
@@ -453,18 +461,33 @@ def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = Non
         raise AttnscopeError(f"{where!r} claims trace format {fmt}; formats start at 1 (this attnscope reads 1 to "
                              f"{FORMAT_VERSION}): the store is damaged or was not written by attnscope")
     needed = attrs.get("format_min_reader", fmt)
-    if fmt > FORMAT_VERSION or (isinstance(needed, int) and needed > FORMAT_VERSION):
-        raise AttnscopeError(
-            f"{where!r} has trace format {fmt}; this attnscope reads formats up to {FORMAT_VERSION} — upgrade attnscope"
-        )
+    if not isinstance(needed, int) or isinstance(needed, bool):
+        raise AttnscopeError(f"{where!r}: its 'format_min_reader' attribute is {needed!r}; expected an int")
+    if fmt > FORMAT_VERSION or needed > FORMAT_VERSION:
+        why = (f"has trace format {fmt}" if fmt > FORMAT_VERSION else
+               f"needs a reader of format {needed} or later (its 'format_min_reader')")
+        raise AttnscopeError(f"{where!r} {why}; this attnscope reads formats up to {FORMAT_VERSION} — upgrade attnscope")
     if missing not in ("raise", "skip"):
         raise AttnscopeError(f"missing={missing!r}: expected 'raise' or 'skip'")
+    if "manifest" not in attrs and "sites" not in attrs and attrs.get("complete") is False:
+        raise AttnscopeError(f"{where!r} is a trace whose capture stopped while it was setting up the store (killed "
+                             f"during its first step): nothing was recorded; capture it again with overwrite=True")
     if not isinstance(attrs.get("manifest"), dict) or not isinstance(attrs.get("sites"), list):
         raise AttnscopeError(f"{where!r}: trace attributes 'manifest' (object) and 'sites' (list) are missing or malformed")
-    consolidated = (doc.get("consolidated_metadata") or {}).get("metadata")
+    parts = [key for key in ("capture", "run", "model") if not isinstance(attrs["manifest"].get(key, {}), dict)]
+    if parts:
+        raise AttnscopeError(f"{where!r}: manifest entries {parts} are not objects; the store is damaged or crafted")
+    consolidated = doc.get("consolidated_metadata")
+    consolidated = consolidated.get("metadata") if isinstance(consolidated, dict) else None
     use_consolidated = bool(attrs.get("complete")) and isinstance(consolidated, dict)
     nodes = consolidated if use_consolidated else _node_metadata(p, storage_options)
-    check_layout(where, attrs, nodes)
+    try:
+        check_layout(where, attrs, nodes)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as exc:  # metadata of an unexpected shape
+        raise AttnscopeError(f"{where!r}: its metadata is damaged or crafted ({type(exc).__name__}: {exc})") from None
+    absent = [name for name in ("step", "timestep", "token_text") if name not in nodes]
+    if absent:
+        raise AttnscopeError(f"{where!r}: the root arrays {absent} are missing; the store is damaged or crafted")
     trace = Trace(p, attrs, storage_options=storage_options, missing=missing, nodes=nodes, consolidated=use_consolidated)
     if not trace.complete:
         warnings.warn(f"trace {where!r} is incomplete: {trace.written} (the "

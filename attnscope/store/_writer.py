@@ -42,6 +42,7 @@ from ._format import (
     quiet_consolidated,
 )
 from ._integrity import check_site_name
+from ._location import is_url, locate
 
 __all__ = ["SiteLayout", "StoreLayout", "TraceWriter", "check_store_path"]
 
@@ -59,6 +60,12 @@ def check_store_path(store: str | Path, overwrite: bool) -> Path:
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: store '...' exists and is not an attnscope trace or an empty directory; overwrite=True only replaces traces
     """
+    if is_url(store):  # a file:// URL is that local path; captures write nothing else (the writer needs a local disk)
+        located = locate(store)
+        if not isinstance(located, Path):
+            raise AttnscopeError(f"store={store!r}: a capture writes a local directory; write it there, then copy it "
+                                 f"with attnscope.store.upload_trace(path, {store!r})")
+        store = located
     path = Path(store)
     if not path.exists():
         return path
@@ -311,7 +318,10 @@ class TraceWriter:
         for site in layout.sites:
             check_site_name(site.name, str(self.path))
         self._lock = _claim(self.path, self.overwrite)
-        root = zarr.open_group(str(self.path), mode="w-", zarr_format=3)
+        # the format attribute first: a capture killed while it sets up the store leaves a trace that overwrite=True
+        # replaces and that open_trace names as set up only in part, not a directory of unknown kind
+        root = zarr.open_group(str(self.path), mode="w-", zarr_format=3,
+                               attributes={"attnscope_format": FORMAT_VERSION, "complete": False, "steps_written": 0})
         self._num_steps = n = layout.num_steps
         s, t = layout.samples, len(layout.token_positions)
 
