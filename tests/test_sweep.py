@@ -295,3 +295,20 @@ def test_a_catalog_behind_its_row_files_is_read_from_them(shapes_sweep, tmp_path
     stale.to_parquet(copy / "catalog.parquet", index=False)
     with pytest.warns(ats.AttnscopeWarning, match=r"lists 1 runs but 4 runs have finished"):
         assert len(ats.open_catalog(copy)) == 4
+
+
+def test_a_script_without_the_main_guard_is_told_so(tmp_path):
+    """Spawned workers import the calling script again: without `if __name__ == "__main__":` each one failed at
+    start-up and the sweep said "rerun the same sweep to resume", which could never help."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "s.py"
+    script.write_text("import attnscope as ats\n"
+                      f"ats.sweep('shapes', ['a red circle'], seeds='0-1', out={str(tmp_path / 'out')!r}, workers=2, "
+                      "threads=1, num_inference_steps=2, progress=False)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert 'every worker process exited before it was ready' in done.stderr
+    assert 'under `if __name__ == "__main__":`' in done.stderr

@@ -91,6 +91,7 @@ def run_in_workers(runs: Sequence[Run], spec: WorkerSpec, devices: Sequence[str 
     ctx = multiprocessing.get_context("spawn")  # fork and torch/OpenMP threads do not mix
     workers: list[_Worker] = []
     pending = deque(runs)
+    started: set[str] = set()  # the workers that got as far as loading the model
     try:
         for i, device in enumerate(devices):
             parent_conn, child_conn = ctx.Pipe()
@@ -122,6 +123,7 @@ def run_in_workers(runs: Sequence[Run], spec: WorkerSpec, devices: Sequence[str 
                             w.run = None
                     continue
                 kind, payload = message
+                started.add(w.name)
                 if kind == "error":
                     raise AttnscopeError(payload)
                 if kind == "done":
@@ -130,6 +132,11 @@ def run_in_workers(runs: Sequence[Run], spec: WorkerSpec, devices: Sequence[str 
                 if pending:
                     w.run = pending.popleft()
                     w.conn.send(w.run)
+        if pending and not started:
+            codes = sorted({w.process.exitcode for w in workers}, key=str)
+            raise AttnscopeError(f"every worker process exited before it was ready (exit codes {codes}); nothing ran. "
+                                 f"Workers are spawned and import the calling script again: in a script, call "
+                                 f"ats.sweep(..., workers=N) under `if __name__ == \"__main__\":`")
         if pending:
             raise AttnscopeError(f"every worker process died; {len(pending)} runs were not started. Rerun the same "
                                  f"sweep to resume: complete runs are skipped")
