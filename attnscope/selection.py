@@ -16,7 +16,8 @@ import numpy as np
 
 from .errors import AttnscopeError
 
-__all__ = ["DTYPES", "SEEDS", "SiteSpec", "StepSpec", "check_choice", "check_seed", "check_tol", "parse_step_text",
+__all__ = ["DTYPES", "SEEDS", "SiteSpec", "StepSpec", "check_choice", "check_seed", "check_tol", "index_positions",
+           "parse_step_text",
            "run_steps",
            "select_captured_steps", "select_site_names", "select_sites", "select_steps", "step_ranges"]
 
@@ -240,3 +241,26 @@ def step_ranges(steps: Sequence[int]) -> str:
         else:
             runs.append([s, s])
     return ", ".join(f"{lo}–{hi}" if hi > lo else f"{lo}" for lo, hi in runs) or "none"
+
+
+def index_positions(targets: Sequence[str | int], positions: Sequence[int]) -> list[str | int]:
+    """``targets`` with each int — a token position, a value of a trace's ``token`` coordinate — replaced by its index
+    along the stored token axis (``positions``: the kept positions, ``0…k, 77…m`` on SD3 with ``tokens="prompt"``);
+    words and phrases as they are. A position the axis does not hold is an error listing the ones it does.
+
+    >>> index_positions(["red", 78], [0, 1, 2, 77, 78])
+    ['red', 4]
+    >>> index_positions([3], [0, 1, 2, 77, 78])
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: target 3: token position not on this trace's token axis; its positions are 0–2, 77–78
+    """
+    index = {int(p): i for i, p in enumerate(positions)}
+    out: list[str | int] = []
+    for t in targets:
+        if isinstance(t, int) and not isinstance(t, bool):
+            if t not in index:
+                raise AttnscopeError(f"target {t}: token position not on this trace's token axis; its positions are "
+                                     f"{step_ranges(list(index))}")
+            t = index[t]
+        out.append(t)
+    return out

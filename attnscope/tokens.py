@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from .errors import AttnscopeError
 
-__all__ = ["BYTE_SPACE", "EOT", "ROLES", "SOT", "byte_to_unicode", "prompt_length", "prompt_positions", "prompt_text", "index_positions", "resolve_targets",
+__all__ = ["BYTE_SPACE", "EOT", "ROLES", "SOT", "byte_to_unicode", "prompt_length", "prompt_positions", "prompt_text", "resolve_targets",
            "segment_bounds", "target_occurrences", "token_roles", "token_words", "word_alignment"]
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
@@ -318,40 +318,6 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
             raise AttnscopeError(f"target {target!r} is not in the prompt; its words are: {listed}")
         resolved[target] = sorted({p for positions in found for p in positions})
     return resolved
-
-
-def index_positions(targets: Sequence[str | int], positions: Sequence[int]) -> list[str | int]:
-    """``targets`` with each int — a token position, a value of a trace's ``token`` coordinate — replaced by its index
-    along the stored token axis (``positions``: the kept positions, ``0…k, 77…m`` on SD3 with ``tokens="prompt"``);
-    words and phrases as they are. A position the axis does not hold is an error listing the ones it does.
-
-    >>> index_positions(["red", 78], [0, 1, 2, 77, 78])
-    ['red', 4]
-    >>> index_positions([3], [0, 1, 2, 77, 78])
-    Traceback (most recent call last):
-    attnscope.errors.AttnscopeError: target 3: token position not on this trace's token axis; its positions are 0–2, 77–78
-    """
-    index = {int(p): i for i, p in enumerate(positions)}
-    out: list[str | int] = []
-    for t in targets:
-        if isinstance(t, int) and not isinstance(t, bool):
-            if t not in index:
-                raise AttnscopeError(f"target {t}: token position not on this trace's token axis; its positions are "
-                                     f"{_ranges(list(index))}")
-            t = index[t]
-        out.append(t)
-    return out
-
-
-def _ranges(positions: list[int]) -> str:
-    """``[0, 1, 2, 77, 78]`` → ``"0–2, 77–78"``."""
-    runs: list[list[int]] = []
-    for p in positions:
-        if runs and p == runs[-1][-1] + 1:
-            runs[-1].append(p)
-        else:
-            runs.append([p])
-    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def target_occurrences(tokens: Sequence[str], target: str, roles: Sequence[str] | None = None) -> list[list[int]]:

@@ -10,8 +10,9 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from ..errors import AttnscopeError
+from ..selection import index_positions
 from ..stats import image_size, layout_regions, layout_tokens
-from ..tokens import index_positions, prompt_text, resolve_targets
+from ..tokens import prompt_text, resolve_targets
 from ._layout import new_figure, short_site, step_label
 from ._select import forward_order, sample_index, sample_roles, sample_tokens, site_maps, site_names, token_positions
 

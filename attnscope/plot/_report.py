@@ -22,10 +22,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import AttnscopeError
-from ..selection import check_tol, step_ranges
+from ..selection import check_tol, index_positions, step_ranges
 from ..stats import convergence, dominance, dominance_table, suggest_gate_step
 from ..store import as_trace
-from ..tokens import index_positions, prompt_text, resolve_targets
+from ..tokens import prompt_text, resolve_targets
 from ._heatmaps import heatmaps, site_step_grid, word_maps, word_panels
 from ._layout import step_label
 from ._lines import convergence as convergence_figure

@@ -72,7 +72,10 @@ class RiskGate:
         if self._preset:
             return
         total = step_ctx.num_steps
-        last = (max(acting) if acting else -1) if acting is not None else (total - 1 if total else None)
+        if acting is not None:
+            last = max(acting, default=-1)
+        else:
+            last = total - 1 if total else None
         if last is not None and self.step >= last:
             where = f"its last step is {last}" if acting is None else f"it acts at steps {list(acting)}"
             raise AttnscopeError(f"risk_above(step={self.step}): the intervention would never act, since it decides "

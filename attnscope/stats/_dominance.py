@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..selection import run_steps, select_captured_steps, select_site_names
-from ..tokens import index_positions, resolve_targets, token_roles, token_words
+from ..selection import index_positions, run_steps, select_captured_steps, select_site_names
+from ..tokens import resolve_targets, token_roles, token_words
 from . import _formulas as f
 from ._sites import reduce_sites, sites_dataset
 
