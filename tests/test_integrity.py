@@ -288,3 +288,63 @@ def test_crafted_root_metadata_is_one_clear_error(trace, edit, message):
     with pytest.raises(ats.AttnscopeError, match=message):
         tr = ats.open_trace(trace)
         tr.attention(tr.sites[0]).load()
+
+
+@pytest.mark.parametrize("key, what", [
+    ("images/c/0/0/0/0", "the stored images"), ("sample/c/0", "coordinate 'sample'"),
+    ("token_text/c/0/0", "coordinate 'token_text'"), ("timestep/c/0", "coordinate 'timestep'"),
+])
+def test_a_lost_root_chunk_is_damage_not_zeros(trace, key, what):
+    # 'sample' is [0] and would read back as zeros from its fill value: the writer stores every root chunk, so a lost
+    # one is an error naming it, never a black image, empty token text or sample 0
+    (trace / key).unlink()
+    tr = ats.open_trace(trace)
+    with pytest.raises(ats.AttnscopeError, match=rf"{what} lost 1 chunk\(s\) \({key.split('/', 1)[1]} of array"):
+        _ = tr.coords, tr.images
+
+
+def test_a_root_array_with_a_changed_byte_fails_its_checksum(trace):
+    chunk = trace / "token_text" / "c" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(ats.AttnscopeError, match="coordinate 'token_text' cannot be read.*damaged"):
+        _ = ats.open_trace(trace).tokens
+
+
+def test_a_black_image_is_stored_and_read_back(tmp_path):
+    layout = StoreLayout(num_steps=1, samples=1, prompt_of_sample=(0,), image_of_sample=(0,), token_positions=(0,),
+                         token_text=[["<sot>"]], sites=[SiteLayout("attn2", {}, heads=1, spatial=(2, 2),
+                                                                  branches=("cond",), steps=(0,))])
+    writer = TraceWriter(tmp_path / "t.zarr")
+    writer.init(layout)
+    writer.timestep(0, 999.0)
+    writer.put("attn2", "cond", 0, np.zeros((1, 1, 2, 2, 1), np.float16))
+    writer.close(complete=True, images=np.zeros((1, 8, 8, 3), np.uint8), attrs={"manifest": {}, "sites": ["attn2"]})
+    assert (tmp_path / "t.zarr" / "images" / "c" / "0" / "0" / "0" / "0").is_file()
+    assert (tmp_path / "t.zarr" / "sample" / "c" / "0").is_file()
+
+
+def test_a_store_without_the_mark_is_read_as_before(trace):
+    # traces written before every root chunk was stored: a chunk equal to the fill value was left out, not lost
+    _edit_root(trace, lambda m: m["attributes"].pop("root_chunks_stored"))
+    (trace / "sample" / "c" / "0").unlink()
+    assert ats.open_trace(trace).coords["sample"].values.tolist() == [0]
+
+
+@pytest.mark.parametrize("make, kind", [(os.mkfifo, "a named pipe"), (lambda p: os.symlink("/dev/zero", p), "a device")])
+def test_a_store_holding_a_pipe_or_device_is_refused_before_any_read(trace, make, kind):
+    # a FIFO would block the read for ever, /dev/zero would read without end
+    make(trace / "images" / "c" / "0" / "0" / "0" / "1")
+    with pytest.raises(ats.AttnscopeError, match=rf"'images/c/0/0/0/1' is {kind}.*not a regular file"):
+        ats.open_trace(trace)
+
+
+def test_an_unknown_codec_names_the_array_and_codec(trace):
+    def edit(meta):
+        site = meta["consolidated_metadata"]["metadata"][f"sites/{SITE}/attention"]
+        site["codecs"][0]["configuration"]["codecs"][1]["name"] = "lz-unknown"
+    _edit_root(trace, edit)
+    with pytest.raises(ats.AttnscopeError, match=rf"^'[^']*': array 'sites/{SITE}/attention' has codec 'lz-unknown', "
+                                                 r"which zarr .* cannot decode"):
+        ats.open_trace(trace)

@@ -32,6 +32,9 @@ GATED_STEPS_ATTR = "gated_steps"
 #: root attribute: {site: sorted steps} where the model itself produced NaN attention (not gated), recorded
 #: by the writer; absent in traces written before it existed
 NAN_MAPS_ATTR = "nan_maps"
+#: root attribute, true in traces whose writer stores every chunk of the root arrays (coordinates, images), even
+#: one equal to the fill value: there a missing chunk is damage, not zeros (absent in older traces: not checked)
+ROOT_CHUNKS_ATTR = "root_chunks_stored"
 #: optional group of small per-step summaries (``capture(..., output_change=True)``)
 SUMMARIES_GROUP = "summaries"
 SUMMARY_DIMS = ("step", "site", "sample")

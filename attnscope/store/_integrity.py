@@ -38,8 +38,8 @@ from ._format import (
     TEXT_MASS_DIMS,
 )
 
-__all__ = ["LIMITS", "GuardedArray", "check_layout", "check_site_name", "declared_sizes", "missing_shards", "read_key",
-           "shard_keys", "shard_problem", "shard_spec", "stored_keys"]
+__all__ = ["LIMITS", "GuardedArray", "check_entries", "check_layout", "check_site_name", "declared_sizes", "lost_chunks",
+           "missing_shards", "read_key", "shard_keys", "shard_problem", "shard_spec", "stored_keys"]
 
 #: a diffusers module path: dotted identifiers or indices (``up_blocks.1.attentions.0.transformer_blocks.0.attn2``)
 _MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*\Z")
@@ -55,6 +55,42 @@ _ROOT_ARRAYS = {
     "images": ("uint8", IMAGE_DIMS),
 }
 _EMPTY = 2**64 - 1  # offset and length of a chunk a shard does not hold
+
+
+def check_entries(where: Path) -> None:
+    """Refuse a local store holding anything but directories and regular files (a FIFO would hang a read,
+    a link to a device would read without end), before anything in it is opened.
+
+    >>> import os, tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> (d / "zarr.json").write_text("{}") and check_entries(d)
+    >>> os.mkfifo(d / "c")
+    >>> check_entries(d)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: '...': 'c' is a named pipe (FIFO), not a regular file; a trace holds only directories and files (the store is damaged or crafted)
+    """
+    import os
+    import stat
+
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(where, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree: walk each directory once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in files:
+            path = os.path.join(top, name)
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as exc:
+                raise AttnscopeError(f"{str(where)!r}: {os.path.relpath(path, where)!r} cannot be read ({exc}); "
+                                     f"the store is damaged") from None
+            if not stat.S_ISREG(mode):
+                kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                        else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+                raise AttnscopeError(f"{str(where)!r}: {os.path.relpath(path, where)!r} is {kind}, not a regular "
+                                     f"file; a trace holds only directories and files (the store is damaged or crafted)")
 
 
 def check_site_name(name: Any, where: str) -> str:
@@ -182,9 +218,36 @@ def _chunk_problem(meta: dict[str, Any], shape: tuple[int, ...]) -> str | None:
         if (not isinstance(chunk, list) or len(chunk) != len(shape)
                 or not all(_int_in(c, 1, max(d, 1)) for c, d in zip(chunk, shape))):
             return f"chunk shape {chunk} does not fit the array's shape {list(shape)}"
+    codecs = _codec_problem(meta.get("codecs"))
+    if codecs:
+        return codecs
     encoding = meta.get("chunk_key_encoding", {})
     if encoding.get("name") != "default" or encoding.get("configuration", {}).get("separator", "/") != "/":
         return f"chunk key encoding {encoding} (attnscope writes the default, '/'-separated)"
+    return None
+
+
+def _codec_problem(codecs: Any) -> str | None:
+    """Why a codec chain (with the sharding codec's inner chains) cannot be decoded here, or None."""
+    import zarr
+    from zarr.registry import get_codec_class
+
+    if not isinstance(codecs, list) or not codecs:
+        return f"codecs {str(codecs)[:80]} (expected a list of codecs)"
+    for codec in codecs:
+        name = codec.get("name") if isinstance(codec, dict) else codec
+        if not isinstance(name, str):
+            return f"a codec {str(codec)[:80]} with no name"
+        try:
+            get_codec_class(name)
+        except KeyError:
+            return f"codec {name[:80]!r}, which zarr {zarr.__version__} cannot decode (unknown, or its plugin is not installed)"
+        config = codec.get("configuration") if isinstance(codec, dict) else None
+        for inner in ("codecs", "index_codecs"):
+            if isinstance(config, dict) and inner in config:
+                problem = _codec_problem(config[inner])
+                if problem:
+                    return problem
     return None
 
 
@@ -337,6 +400,21 @@ def missing_shards(meta: dict[str, Any], steps: list[int], stored: set[str]) -> 
     step_chunk = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
     lost = {k for k in {s // step_chunk for s in steps} if not set(shard_keys(meta, k)) <= stored}
     return [s for s in steps if s // step_chunk in lost]
+
+
+def lost_chunks(meta: dict[str, Any], stored: set[str]) -> list[str]:
+    """Keys of a (non-sharded) array's chunks that are not among ``stored`` (keys relative to the array).
+
+    >>> lost_chunks({"shape": [3, 4], "chunk_grid": {"configuration": {"chunk_shape": [1, 4]}}}, {"c/0/0", "c/2/0"})
+    ['c/1/0']
+    """
+    shape = meta["shape"]
+    if 0 in shape:
+        return []
+    chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    counts = [math.ceil(d / c) for d, c in zip(shape, chunk)]
+    keys = ("c/" + "/".join(str(i) for i in index) if index else "c" for index in np.ndindex(*counts))
+    return [key for key in keys if key not in stored]
 
 
 def stored_keys(where: Path | str, prefix: str, storage_options: dict[str, Any] | None) -> set[str]:

@@ -19,6 +19,7 @@ from ._format import (
     NAN_MAPS_ATTR,
     OUTPUT_CHANGE,
     OUTPUT_NORM,
+    ROOT_CHUNKS_ATTR,
     ROOT_COORDS,
     SUMMARIES_GROUP,
     SUMMARY_DIMS,
@@ -29,7 +30,9 @@ from ._format import (
 )
 from ._integrity import (
     GuardedArray,
+    check_entries,
     check_layout,
+    lost_chunks,
     missing_shards,
     read_key,
     shard_keys,
@@ -156,6 +159,7 @@ class Trace:
             meta = self._nodes.get(name)
             if not meta or meta.get("node_type") != "array":
                 continue
+            self._check_root_chunks(name, f"coordinate {name!r}")
             try:
                 values = np.asarray(self._group[name][...])
             except Exception as exc:
@@ -272,6 +276,7 @@ class Trace:
 
         if "images" not in self._nodes:
             return []
+        self._check_root_chunks("images", "the stored images")
         try:
             pixels = np.asarray(self._group["images"][...])
         except Exception as exc:
@@ -359,6 +364,15 @@ class Trace:
                  "tokens": self.manifest.get("capture", {}).get("tokens", "all")}  # "prompt": the token axis was cut
         da = xr.DataArray(self._guarded(path, name), dims=dims, coords=coords, name=arrays[branch], attrs=attrs)
         return da.isel(step=steps)
+
+    def _check_root_chunks(self, name: str, what: str) -> None:
+        """A root array whose writer stored every chunk must have them all: one lost would read as zeros or NaN."""
+        if self._attrs.get(ROOT_CHUNKS_ATTR) is not True:
+            return
+        lost = lost_chunks(self._nodes[name], stored_keys(self.path, name, self.storage_options))
+        if lost:
+            raise AttnscopeError(f"{str(self.path)!r}: {what} lost {len(lost)} chunk(s) ({', '.join(lost[:3])}"
+                                 f"{', …' if len(lost) > 3 else ''} of array {name!r}); the trace is damaged")
 
     def _lost_steps(self, path: str, steps: list[int]) -> list[int]:
         """Steps among ``steps`` whose shard of array ``path`` is not in the store (listed once per array)."""
@@ -448,6 +462,8 @@ def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = Non
     if raw is None:
         meta = p / "zarr.json" if isinstance(p, Path) else f"{p}/zarr.json"
         raise AttnscopeError(f"{where!r} is not an attnscope trace: no Zarr group there (expected {meta})")
+    if isinstance(p, Path):
+        check_entries(p)
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -483,6 +499,8 @@ def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = Non
     nodes = consolidated if use_consolidated else _node_metadata(p, storage_options)
     try:
         check_layout(where, attrs, nodes)
+    except AttnscopeError:
+        raise
     except (AttributeError, KeyError, TypeError, IndexError, ValueError) as exc:  # metadata of an unexpected shape
         raise AttnscopeError(f"{where!r}: its metadata is damaged or crafted ({type(exc).__name__}: {exc})") from None
     absent = [name for name in ("step", "timestep", "token_text") if name not in nodes]

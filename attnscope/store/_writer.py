@@ -28,6 +28,7 @@ from ._format import (
     FORMAT_VERSION,
     IMAGE_DIMS,
     NAN_MAPS_ATTR,
+    ROOT_CHUNKS_ATTR,
     ROOT_COORDS,
     SITE_DIMS,
     SITES_GROUP,
@@ -66,6 +67,8 @@ def check_store_path(store: str | Path, overwrite: bool) -> Path:
             raise AttnscopeError(f"store={store!r}: a capture writes a local directory; write it there, then copy it "
                                  f"with attnscope.store.upload_trace(path, {store!r})")
         store = located
+    if not isinstance(overwrite, (bool, np.bool_)):  # "no" is truthy: it must not replace a trace
+        raise AttnscopeError(f"overwrite={overwrite!r}: expected True or False")
     path = Path(store)
     if not path.exists():
         return path
@@ -321,14 +324,17 @@ class TraceWriter:
         # the format attribute first: a capture killed while it sets up the store leaves a trace that overwrite=True
         # replaces and that open_trace names as set up only in part, not a directory of unknown kind
         root = zarr.open_group(str(self.path), mode="w-", zarr_format=3,
-                               attributes={"attnscope_format": FORMAT_VERSION, "complete": False, "steps_written": 0})
+                               attributes={"attnscope_format": FORMAT_VERSION, "complete": False, "steps_written": 0,
+                                           ROOT_CHUNKS_ATTR: True})
         self._num_steps = n = layout.num_steps
         s, t = layout.samples, len(layout.token_positions)
 
         def coord(name: str, values: Any, dims: tuple[str, ...], **kw: Any) -> None:
             values = np.asarray(values)
+            # every chunk stored (a zero or empty one too) and checksummed: a lost or changed one is damage, not values
             arr = root.create_array(name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
-                                    dimension_names=dims, compressors=None, **kw)
+                                    dimension_names=dims, compressors=(checksum_codec(),),
+                                    config={"write_empty_chunks": True}, **kw)
             arr[...] = values
 
         coord("step", np.arange(n, dtype=np.int64), ("step",))
@@ -374,7 +380,7 @@ class TraceWriter:
                     self._buffers[(site.name, TEXT_MASS_ARRAYS[branch])] = _SiteBuffer(mass, site.steps, c)
         coordinates = [*ROOT_COORDS, *(UNCOND_TOKEN_COORDS.values() if layout.uncond_token_text is not None else ())]
         root.update_attributes({**layout.attrs, "attnscope_format": FORMAT_VERSION, "complete": False,
-                                "steps_written": 0, "coordinates": " ".join(coordinates)})  # one metadata write
+                                "steps_written": 0, ROOT_CHUNKS_ATTR: True, "coordinates": " ".join(coordinates)})  # one metadata write
         self._root = root
 
     def _do_timestep(self, step: int, value: float) -> None:
@@ -420,7 +426,8 @@ class TraceWriter:
         self._advance(force=True)
         if images is not None:
             arr = self._root.create_array("images", shape=images.shape, dtype="uint8", dimension_names=IMAGE_DIMS,
-                                          chunks=(1, *images.shape[1:]), compressors=self._codecs)
+                                          chunks=(1, *images.shape[1:]), compressors=self._codecs,
+                                          config={"write_empty_chunks": True})  # a black image is stored too
             arr[...] = images
         self.nan_maps = nan = {site: sorted(steps) for site, steps in self._nan.items()}
         self._root.update_attributes({**attrs, NAN_MAPS_ATTR: nan, "complete": complete})  # complete last, one write
