@@ -353,11 +353,11 @@ def _batch_context(pipe, session, prompts, step, images_per_prompt=1):
     return CallContext(site=site, step_context=step_ctx, spatial_shape=(8, 8), tokens=ids.shape[1])
 
 
-def _regulate_calls(pipe, prompts, logits_per_step, images_per_prompt=1):
+def _regulate_calls(pipe, prompts, logits_per_step, images_per_prompt=1, targets=None):
     """Edited logits and restored probabilities of a fresh regulation, step after step (temporal state included)."""
     from attnscope.models import object_nouns
 
-    reg = AttentionRegulation(object_nouns)
+    reg = AttentionRegulation(targets or object_nouns)
     outputs = []
     with ats.hooks(pipe, reg) as session:
         for step, logits in enumerate(logits_per_step):
@@ -394,6 +394,28 @@ def test_regulation_of_a_sample_is_bit_identical_alone_or_in_any_batch(pipe):
         for (e2, p2), (e, p) in zip(sample_of(twice, k, 4), sample_of(alone, 0, 1)):
             assert torch.equal(e2, e) and torch.equal(p2, p), f"image {k} differs"
     assert not torch.equal(five[0][0][samples], steps[0][samples])        # it did edit
+
+
+def test_each_prompt_of_a_group_gets_its_own_end_of_text_back(pipe):
+    """Two prompts with the same target columns but different lengths are optimised as one group; each gets its
+    own first EOT column back (B's at 12, not A's at 8, which is B's word 'and'), as when it runs alone."""
+    prompts = ["a green square and a green circle", "a green square and a green circle and a red triangle"]
+    torch.manual_seed(3)
+    logits = torch.randn(4, 4, 64, 77)                                   # [uncond A, uncond B, cond A, cond B]
+    (edited, probs), = _regulate_calls(pipe, prompts, [logits], targets=["square", "circle"])
+    (alone_edited, alone), = _regulate_calls(pipe, prompts[1:], [logits[[1, 3]]], targets=["square", "circle"])
+    unedited = torch.softmax(logits, -1)
+    torch.testing.assert_close(probs[3][..., [0, 12]], unedited[3][..., [0, 12]], rtol=0, atol=0)
+    torch.testing.assert_close(probs[2][..., [0, 8]], unedited[2][..., [0, 8]], rtol=0, atol=0)
+    assert not torch.allclose(probs[3][..., 8], unedited[3][..., 8])    # B's 'and': edited softmax, not given back
+    assert torch.equal(probs[3], alone[1]) and torch.equal(edited[3], alone_edited[1])
+
+
+def test_prompt_embeds_warn_that_the_end_of_text_is_not_given_back(pipe):
+    embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    reg = AttentionRegulation([3, 7], iterations=2)
+    with ats.hooks(pipe, reg), pytest.warns(ats.AttnscopeWarning, match="prompt_embeds, so its end-of-text column"):
+        pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=2, output_type="latent")
 
 
 def test_a_regulated_image_is_the_same_alone_or_in_a_batch(pipe):

@@ -148,3 +148,15 @@ def test_rerun_command_with_a_layout(shapes, tmp_path):
     assert bad.exit_code != 0
     bad = cli("rerun", str(tr.path), "--layout", "a red circle=left", "-o", str(tmp_path / "c.zarr"))
     assert bad.exit_code == 2 and "PHRASE=x0,y0,x1,y1" in bad.stderr and not (tmp_path / "c.zarr").exists()
+
+
+def test_a_control_moved_to_another_pipeline_encodes_its_local_prompts_there():
+    """The local prompts' embeddings of the first pipeline were reused on the second (same vocabulary, other weights)."""
+    from attnscope.testing import tiny_sd_pipeline
+
+    first, second = tiny_sd_pipeline(seed=0), tiny_sd_pipeline(seed=1)
+    layout = {"a red circle": (0.0, 0.0, 0.5, 1.0), "a blue square": (0.5, 0.0, 1.0, 1.0)}
+    kw = dict(prompt="a red circle and a blue square", height=32, width=32)
+    shared = SpatialTemporal(layout)
+    _image(first, shared, **kw)
+    assert np.array_equal(_image(second, shared, **kw), _image(second, SpatialTemporal(layout), **kw))

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import torch
 
-from ..errors import AttnscopeError
+from ..errors import AttnscopeError, AttnscopeWarning
 from ..tokens import token_roles
 from ._basis import basis_centres, gaussian_basis
 from ._descent import RegulationDescent, one_thread
@@ -192,6 +193,11 @@ class AttentionRegulation:
     def on_step(self, step_ctx: Any) -> None:
         if step_ctx.step == 0:  # a new run: no temporal smoothing across generations
             self.scope.check(step_ctx)  # unknown targets fail here, before a recorder beside it writes
+            if step_ctx.token_text is None and step_ctx.token_ids is None:
+                warnings.warn("AttentionRegulation: the prompt came as prompt_embeds, so its end-of-text column is "
+                              "unknown and only column 0 (CLIP's start of text) gets its unedited probabilities back "
+                              "after the edit; pass the prompt as text to restore its first end-of-text column too",
+                              AttnscopeWarning, stacklevel=2)
             self._previous = {}
             self.history = {}
             if self.when is not None:
@@ -243,10 +249,15 @@ class AttentionRegulation:
             _put_columns(out, index, cols_t, edited.reshape(b, heads, pixels, -1).to(logits.dtype))
             if ctx.site.kind == "joint":  # no CLIP SOT/EOT sink to give back in a joint softmax (see docs)
                 continue
-            sinks = self._sink_columns(ctx, group)
-            if sinks:
-                keep = self._long(sinks, logits.device)
-                restore.append((rows, keep, torch.softmax(z, -1).index_select(-1, keep)))
+            by_sinks: dict[tuple[int, ...], list[int]] = {}  # each prompt its own end of text (lengths differ)
+            for i, sample in enumerate(group):
+                by_sinks.setdefault(tuple(self._sink_columns(ctx, sample)), []).append(i)
+            unedited = torch.softmax(z, -1)
+            for sinks, members in by_sinks.items():
+                if sinks:
+                    keep = self._long(list(sinks), logits.device)
+                    restore.append(([rows[i] for i in members], keep,
+                                    unedited[_index(members)].index_select(-1, keep)))
         return out, restore
 
     def on_probs(self, ctx: Any, probs: torch.Tensor) -> torch.Tensor | None:
@@ -310,23 +321,22 @@ class AttentionRegulation:
             self._indices[key] = torch.tensor(values, device=device)
         return self._indices[key]
 
-    def _sink_columns(self, ctx: Any, group: list[int]) -> list[int]:
-        """The columns whose unedited probabilities are given back: the start-of-text token (CLIP's; T5 and
-        Gemma prompts start with a word or ``<bos>``) and the first end-of-text token, from the prompt's tokens."""
+    def _sink_columns(self, ctx: Any, sample: int) -> list[int]:
+        """The columns of ``sample``'s prompt whose unedited probabilities are given back: the start-of-text token
+        (CLIP's; T5 and Gemma prompts start with a word or ``<bos>``) and the first end-of-text token."""
         text = ctx.step_context.token_text
         if text is None:  # embeddings given: a CLIP-style layout is assumed, as the official code does
-            return [0] + self._eot_columns(ctx, group)
-        prompt = ctx.rows.prompt_of_sample[group[0]]
+            return [0] + self._eot_columns(ctx, sample)
+        prompt = ctx.rows.prompt_of_sample[sample]
         given = ctx.step_context.token_roles
         roles = given[prompt] if given is not None else _roles(tuple(text[prompt]))
         return [i for i, r in enumerate(roles) if r == "sot"][:1] + [i for i, r in enumerate(roles) if r == "eot"][:1]
 
-    def _eot_columns(self, ctx: Any, group: list[int]) -> list[int]:
+    def _eot_columns(self, ctx: Any, sample: int) -> list[int]:
         ids = ctx.step_context.token_ids
         if ids is None or self._eos is None:
             return []
-        prompt = ctx.rows.prompt_of_sample[group[0]]
-        hits = (ids[prompt] == self._eos).nonzero().flatten()
+        hits = (ids[ctx.rows.prompt_of_sample[sample]] == self._eos).nonzero().flatten()
         return [int(hits[0])] if len(hits) else []
 
 

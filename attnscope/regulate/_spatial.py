@@ -265,6 +265,8 @@ class SpatialTemporal:
         self._session = session
         self.scope.install(session)
         self._kv.clear()
+        self._local.clear()  # the local prompts are encoded by the text encoder of the pipeline installed on,
+        self._plan.clear()  # when its first run plans the placements
 
     def on_remove(self, error: BaseException | None) -> None:
         self._session = None
