@@ -154,6 +154,15 @@ def test_gated_steps_are_no_map_and_left_out_of_the_mean(sd_pipe, sd_trace, tmp_
     v.step = 2
     assert np.isnan(v.current_map()).all() and v.word_means == {"circle": None}
     assert v.panels[0]["maps"][0]["note"] == "not computed here (a gated step)"
+    # before and after over the same steps: the parent's step 2 is left out of its "all" mean, as ats.compare does
+    both = view(sd_trace, compare=gated, words=["circle"], site=site, step="all")
+    np.testing.assert_allclose(both.current_map(), expected_maps(sd_trace, ["circle"], [site], [0, 1]), rtol=1e-5)
+    np.testing.assert_allclose(both.current_map(compare=True), expected_maps(gated, ["circle"], [site], [0, 1]),
+                               rtol=1e-5)
+    assert "mean of 2 steps computed in both runs (gated 2 left out)" in both.summary
+    before = ats.compare(sd_trace, gated, ["circle"], sites=[site]).before.target_share.sel(sample=0).mean()
+    share = next(r for r in both.statistics["rows"] if r["target"] == "circle")["values"][0]
+    assert share == pytest.approx(float(before))
 
 
 def counting(tr, log):

@@ -28,6 +28,7 @@ except ImportError as exc:  # an optional dependency: the notebooks extra
     raise ImportError("ats.view needs anywidget: pip install 'attnscope[notebooks]' (or pip install anywidget)") from exc
 
 from ..errors import AttnscopeError
+from ..selection import step_ranges
 from ..stats import dominance, dominance_ratio, image_size, upsample_maps
 from ..store import as_trace
 from ..tokens import prompt_text, resolve_targets, word_alignment
@@ -293,6 +294,10 @@ class TraceViewer(anywidget.AnyWidget):
         if not steps:
             raise AttnscopeError(f"compare={str(self._runs[1].trace.path)!r}: no captured step in common with "
                                  f"{str(first.path)!r}; the before/after needs common steps")
+        gated = {int(s) for run in self._runs[1:] for s in [*run.trace.gated_steps, *first.gated_steps]}
+        # "all" steps before and after: the same steps, those computed in both runs (a TGATE run's gated steps have
+        # no maps), as ats.compare takes them; one trace alone averages over the steps it computed
+        self._all_steps = tuple(s for s in steps if s not in gated) or tuple(steps)
         super().__init__()
         try:
             with self.hold_sync():  # one message with the whole first state
@@ -411,7 +416,7 @@ class TraceViewer(anywidget.AnyWidget):
 
     def _selection(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...], int]:
         sites = tuple(self.site_options) if self.site == ALL else (self.site,)
-        steps = tuple(self.step_options) if self.step == ALL else (self.step,)
+        steps = self._all_steps if self.step == ALL else (self.step,)
         return tuple(self.words), sites, steps, self.sample
 
     def _update_heads(self) -> None:
@@ -478,6 +483,9 @@ class TraceViewer(anywidget.AnyWidget):
     def _describe(self, sites: Sequence[str], steps: Sequence[int]) -> str:
         where = (f"mean of {len(sites)} sites" if self.site == ALL else short_site(self.site))
         when = (f"mean of {len(steps)} steps" if self.step == ALL else self.step_labels[self.step_options.index(self.step)])
+        if self.step == ALL and len(steps) < len(self.step_options):
+            left_out = step_ranges(sorted(set(self.step_options) - set(steps)))
+            when += f" computed in both runs (gated {left_out} left out)"
         heads = "heads averaged" if self.head == HEAD_MEAN else f"head {self.head}"
         return f"{where} · {when} · {heads} · sample {self.sample}"
 
