@@ -86,11 +86,11 @@ def test_eval_cli_writes_the_documented_json(tmp_path):
     assert proc.exit_code == 0, proc.stderr
     assert "all objects present" in proc.stdout
     data = json.loads(out.read_text())
-    assert set(data) == {"prompts", "n", "seed", "model", "settings", "interventions", "metrics", "per_kind",
-                         "per_prompt"}
+    assert set(data) == {"prompts", "n", "seed", "model", "settings", "interventions", "intervention_settings",
+                         "metrics", "per_kind", "per_prompt"}
     assert data["n"] == 3 and data["model"] == "shapes" and data["settings"]["num_inference_steps"] == 4
     bad = cli("eval", "--intervention", "nope", "--n", "1")
-    assert bad.exit_code == 2 and "intervention='nope'" in bad.stderr
+    assert bad.exit_code == 2 and "--intervention 'nope'" in bad.stderr
 
 
 def test_demo_writes_a_trace_and_reports_objects(tmp_path):
@@ -201,6 +201,9 @@ def test_eval_cli_paired_per_kind(tmp_path):
     assert proc.exit_code == 0, proc.stderr
     data = json.loads(out.read_text())
     assert data["interventions"] == ["Reweight('object_nouns', 2.0)"]
+    settings = data["intervention_settings"]  # every parameter, as a rerun's manifest records it
+    assert settings == [ats.regulate.Reweight(ats.models.object_nouns, 2.0).describe()]
+    assert settings[0]["params"]["factor"] == 2.0
     assert data["baseline"]["interventions"] == [] and set(data["paired"]) == {"metrics", "per_kind"}
     assert [r["seed"] for r in data["baseline"]["per_prompt"]] == [r["seed"] for r in data["per_prompt"]]
     assert "without interventions:" in proc.stdout and "paired (same prompts and seeds)" in proc.stdout

@@ -19,6 +19,7 @@ from ..capture import check_num_steps
 from ..errors import AttnscopeError
 from ..hooks import hooks, prepare_clients
 from ..selection import SEEDS
+from ..store import jsonable
 from .shapes import KINDS, detect, parse_prompt, relation_holds, sample_scene
 
 __all__ = ["INTERVENTIONS", "PROMPT_KINDS", "PROMPT_SETS", "evaluate", "eval_prompts", "format_paired", "format_report",
@@ -144,7 +145,20 @@ def eval_prompts(prompts: str | Path | Sequence[str], n: int | None = None, seed
         raise AttnscopeError(f"prompts={prompts!r}: no prompts")
     for item in items:
         parse_prompt(item)  # refuses prompts the detector cannot score
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise AttnscopeError(f"n={n!r}: expected a positive number of prompts (or None for all)")
     return items[:n] if n else items
+
+
+def _settings(client: Any) -> Any:
+    """A client's JSON-able ``describe()`` (its name alone when it has none)."""
+    describe = getattr(client, "describe", None)
+    if callable(describe):
+        try:
+            return jsonable(describe())
+        except TypeError:
+            pass
+    return {"name": type(client).__name__}
 
 
 def named_interventions(names: Sequence[str]) -> list[Any]:
@@ -239,7 +253,9 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
     Returns
     -------
     dict
-        ``{"prompts", "n", "seed", "model", "settings", "interventions", "metrics", "per_prompt"}``;
+        ``{"prompts", "n", "seed", "model", "settings", "interventions", "intervention_settings", "metrics",
+        "per_kind", "per_prompt"}``; ``interventions`` names each client, ``intervention_settings`` holds each
+        one's full ``describe()`` (every parameter, as a rerun's manifest records it);
         ``metrics[name] = {"rate", "ci95", "count", "total"}`` for ``object_present`` (per object),
         ``all_present``, ``exact`` (all present and nothing else) and, for relation prompts,
         ``relation_correct`` (both present and the relation holds between their centres).
@@ -292,6 +308,7 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
         "model": pipe.config.get("_name_or_path"),
         "settings": {"batch_size": batch_size, **{k: v for k, v in pipeline_kwargs.items() if _plain(v)}},
         "interventions": [repr(c) for c in interventions],
+        "intervention_settings": [_settings(c) for c in interventions],
         "metrics": metrics,
         "per_kind": per_kind,
         "per_prompt": rows,
