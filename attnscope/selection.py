@@ -93,6 +93,8 @@ def select_sites(spec: SiteSpec, sites: Sequence[Any]) -> list[Any]:
         if not chosen:
             raise AttnscopeError(f"sites={spec!r}: the predicate matched no site; {_listing(sites)}")
         return chosen
+    if not isinstance(spec, (str, Iterable)):
+        raise AttnscopeError(f"sites={spec!r}: expected a glob, a list of names/globs, or a predicate")
     patterns = [spec] if isinstance(spec, str) else list(spec)
     if not patterns or not all(isinstance(p, str) for p in patterns):
         raise AttnscopeError(f"sites={spec!r}: expected a glob, a list of names/globs, or a predicate")
@@ -133,9 +135,10 @@ def select_steps(spec: StepSpec, num_steps: int) -> tuple[int, ...]:
         return tuple(range(num_steps))
     if isinstance(spec, slice):
         return _slice_steps(spec, num_steps)
+    spec = int(spec) if isinstance(spec, np.integer) else spec  # numpy's ints count (an np.arange, a .values item)
     if isinstance(spec, bool) or not isinstance(spec, (int, range, Iterable)) or isinstance(spec, str):
         raise AttnscopeError(f"steps={spec!r}: expected an int, range, slice or list of ints")
-    values = [spec] if isinstance(spec, int) else list(spec)
+    values = [spec] if isinstance(spec, int) else [int(v) if isinstance(v, np.integer) else v for v in spec]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise AttnscopeError(f"steps={spec!r}: expected integers")
     resolved = {v + num_steps if v < 0 else v for v in values}

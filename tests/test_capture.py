@@ -132,6 +132,9 @@ def test_overwrite(sd_pipe, tmp_path):
         ats.capture(sd_pipe, PROMPT, seed=0, store=path, **RUN)
     tr = ats.capture(sd_pipe, "a dog", seed=0, store=path, overwrite=True, **RUN)
     assert tr.manifest["run"]["prompts"] == ["a dog"]
+    with pytest.raises(ats.AttnscopeError, match="overwrite='no': expected True or False"):  # "no" is truthy
+        ats.capture(sd_pipe, PROMPT, seed=0, store=path, overwrite="no", **RUN)
+    assert ats.open_trace(path).manifest["run"]["prompts"] == ["a dog"]
     precious = tmp_path / "notes"
     precious.mkdir()
     (precious / "keep.txt").write_text("x")
@@ -151,6 +154,9 @@ def test_overwrite(sd_pipe, tmp_path):
     (dict(branch="uncond", guidance_scale=1.0), "no unconditional branch"),
     (dict(seed=[1, 2]), "expected an int or a list of 1 ints"),
     (dict(output_type="pil-ish"), "output_type='pil-ish'"),
+    (dict(sites=3), r"sites=3: expected a glob, a list of names/globs, or a predicate"),
+    (dict(branch="both", guidance_scale="7"), r"guidance_scale='7': expected a number"),
+    (dict(exact="false"), r"exact='false': expected True or False"),
 ])
 def test_bad_input_names_the_input_and_writes_nothing(sd_pipe, tmp_path, kwargs, message):
     path = store(tmp_path)

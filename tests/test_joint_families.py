@@ -387,6 +387,31 @@ def test_bad_input_gets_one_clear_error(flux, sd3, tmp_path):
     assert not (tmp_path / "y.zarr").exists()
 
 
+def test_the_t5_text_is_checked_where_it_comes_from(flux, sd3, tmp_path):
+    """Flux's T5 reads prompt_2 and SD3's prompt_3 when given: a T5 text the pipeline would cut is refused there too,
+    and the T5 segment's labels are that text's."""
+    long = "a red circle and a blue square and a green triangle"
+    with pytest.raises(AttnscopeError, match=rf"prompt_2 '{long}': \d+ T5 tokens.*max_sequence_length=8"):
+        ats.capture(flux, "a cat", seed=0, store=tmp_path / "f.zarr", prompt_2=long, **{**FLUX_KW, "max_sequence_length": 8})
+    with pytest.raises(AttnscopeError, match=rf"prompt_3 '{long}': \d+ T5 tokens"):
+        ats.capture(sd3, "a cat", seed=0, store=tmp_path / "s.zarr", prompt_3=long, **{**SD3_KW, "max_sequence_length": 8})
+    assert not (tmp_path / "f.zarr").exists() and not (tmp_path / "s.zarr").exists()
+    tr = ats.capture(flux, "a cat", seed=0, store=tmp_path / "ok.zarr", prompt_2="a blue square", **FLUX_KW)
+    assert "square" in tr.words and "cat" not in tr.words
+
+
+def test_a_second_text_joined_to_the_prompt_is_refused_where_its_words_would_be_cut(sd3, sdxl_pipe, tmp_path):
+    """SD3's and SDXL's CLIP-G features of prompt_2 are joined to CLIP-L's of the prompt at each position."""
+    with pytest.raises(AttnscopeError, match=r"prompt_2='a red circle and a blue square' differs from the prompt.*"
+                                             r"tokens='prompt' would keep only the prompt's positions"):
+        ats.capture(sd3, "a cat", seed=0, store=tmp_path / "s.zarr", prompt_2="a red circle and a blue square", **SD3_KW)
+    assert not (tmp_path / "s.zarr").exists()
+    with pytest.warns(ats.AttnscopeWarning, match="prompt_2 differs from the prompt.*labels and words are the prompt's"):
+        tr = ats.capture(sdxl_pipe, "a cat", seed=0, store=tmp_path / "x.zarr", prompt_2="a red circle",
+                         num_inference_steps=1, height=32, width=32)
+    assert tr.tokens[:3] == ["<|startoftext|>", "a</w>", "cat</w>"] and tr.attention(tr.sites[0]).sizes["token"] == 77
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_tgate_is_refused_on_joint_families(family, flux, sd3, tmp_path):
     pipe, kw = (flux, FLUX_KW) if family == "flux" else (sd3, SD3_KW)

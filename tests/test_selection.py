@@ -20,6 +20,8 @@ RUN = dict(num_inference_steps=STEPS, height=32, width=32)
     (slice(None, None, 2), (0, 2, 4)),
     (range(1, 3), (1, 2)),
     ([4, -1, 4], (4, 5)),
+    (np.arange(2, 4), (2, 3)),
+    (np.int64(-2), (4,)),
 ])
 def test_select_steps_counts_the_run(spec, expected):
     assert select_steps(spec, STEPS) == expected

@@ -62,6 +62,8 @@ def test_words_outside_the_vocabulary_are_refused(shapes):
         shapes(["a red circle", "a cat"], num_inference_steps=1)
     with pytest.raises(AttnscopeError, match="'dog'"):
         shapes("a red circle", negative_prompt="a dog", num_inference_steps=1)
+    with pytest.raises(AttnscopeError, match="negative_prompt=3: expected a string or a list of strings"):
+        shapes("a red circle", negative_prompt=3, num_inference_steps=1)
 
 
 def test_sizes_the_model_cannot_make_are_refused(shapes):
@@ -69,6 +71,8 @@ def test_sizes_the_model_cannot_make_are_refused(shapes):
         shapes("a red circle", height=36, num_inference_steps=1)
     with pytest.raises(AttnscopeError, match="width=512"):
         shapes("a red circle", width=512, num_inference_steps=1)
+    with pytest.raises(AttnscopeError, match="height='32': the shapes model"):  # a string, not the number 32
+        shapes("a red circle", height="32", num_inference_steps=1)
 
 
 def test_unknown_model_name():

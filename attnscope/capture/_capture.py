@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import AttnscopeError
+from ..errors import AttnscopeError, AttnscopeWarning
 from ..hooks import find_adapter, find_denoiser, hooks, segment_name, text_segments
 from ..selection import SiteSpec, StepSpec, check_seed
 from ..store import Trace, jsonable, open_trace
@@ -84,16 +85,61 @@ def _check_prompt_lengths(pipe: Any, prompts: list[str], pipeline_kwargs: dict) 
         return
     adapter, _ = find_adapter(pipe)
     count_tokens = getattr(adapter, "prompt_tokens", _t5_prompt_tokens)
-    for _, tokenizer in text_segments(pipe):
+    for name, tokenizer in text_segments(pipe):
         if tokenizer is None:
             continue
-        for prompt in prompts:
+        key, texts = _encoder_texts(name, prompts, pipeline_kwargs)
+        for prompt in texts:
             found = count_tokens(tokenizer, prompt, pipe, setting)
             if found is not None and found[0] > limit - found[1]:
                 count, reserved, what = found
-                raise AttnscopeError(f"prompt {prompt!r}: {count} {what}, more than the {limit - reserved} that "
+                raise AttnscopeError(f"{key} {prompt!r}: {count} {what}, more than the {limit - reserved} that "
                                      f"max_sequence_length={limit} leaves; the pipeline would cut it. Shorten the "
                                      f"prompt or raise max_sequence_length")
+
+
+def _encoder_texts(encoder: str | None, prompts: list[str], pipeline_kwargs: dict) -> tuple[str, list[str]]:
+    """The texts ``encoder`` reads and the argument that gave them: diffusers gives ``text_encoder_N`` the
+    ``prompt_N`` argument where one is passed (Flux's T5 reads ``prompt_2``, SD3's ``prompt_3``), else ``prompt``.
+
+    >>> _encoder_texts("text_encoder_2", ["a", "b"], {"prompt_2": "c"}), _encoder_texts("text_encoder", ["a"], {})
+    (('prompt_2', ['c', 'c']), ('prompt', ['a']))
+    """
+    key = "prompt" + (encoder or "text_encoder")[len("text_encoder"):]
+    value = pipeline_kwargs.get(key) if key != "prompt" else None
+    if value is None:
+        return "prompt", prompts
+    if isinstance(value, str):
+        return key, [value] * len(prompts)
+    if not isinstance(value, (list, tuple)) or len(value) != len(prompts) or not all(isinstance(v, str) for v in value):
+        raise AttnscopeError(f"{key}={value!r}: expected a string or one string per prompt ({len(prompts)})")
+    return key, list(value)
+
+
+def _check_joined_texts(pipe: Any, prompts: list[str], pipeline_kwargs: dict, tokens: str) -> None:
+    """``prompt_N`` other than the prompt for a text encoder whose features are joined to the labelled segment's at
+    each position (SDXL's and SD3's CLIP-G beside CLIP-L): the keys then mix two texts, labelled by ``prompt``'s
+    tokens. Kept with a warning over the whole axis (``tokens="all"``); refused when only the prompt's positions
+    would be stored, as ``prompt_N``'s words past ``prompt``'s end would be lost."""
+    segments = text_segments(pipe)
+    labelled = {name for name, _ in segments if name}
+    if tokens == "auto":  # as the Recorder resolves it: the prompt's positions where a T5 segment pads the axis
+        tokens = "prompt" if any(segment_name(t) != "clip" for _, t in segments if t is not None) else "all"
+    for n in (2, 3):
+        encoder = f"text_encoder_{n}"
+        if encoder in labelled or getattr(pipe, encoder, None) is None:
+            continue  # its own labelled segment (Flux's and SD3's T5), or no such encoder
+        key, texts = _encoder_texts(encoder, prompts, pipeline_kwargs)
+        if key == "prompt" or texts == prompts:
+            continue
+        if tokens != "all":
+            raise AttnscopeError(f"{key}={pipeline_kwargs[key]!r} differs from the prompt: {encoder}'s features of "
+                                 f"it are joined to those of the prompt at each text position, so the keys mix the "
+                                 f"two texts and tokens={tokens!r} would keep only the prompt's positions, dropping "
+                                 f"{key}'s words past its end. Pass tokens='all' (the labels are the prompt's tokens) "
+                                 f"or leave {key} out")
+        warnings.warn(f"{key} differs from the prompt: each text position joins the prompt's token and {key}'s; the "
+                      f"token labels and words are the prompt's", AttnscopeWarning, stacklevel=3)
 
 
 def _check_clip_lengths(pipe: Any, prompts: list[str]) -> None:
@@ -169,10 +215,14 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     if "generator" in pipeline_kwargs or "prompt" in pipeline_kwargs:
         raise AttnscopeError("pipeline_kwargs: pass `prompt` and `seed` to capture() instead of `prompt`/`generator`")
     check_call_kwargs(pipe, pipeline_kwargs)
+    if pipeline_kwargs.get("return_dict", True) is not True:
+        raise AttnscopeError(f"return_dict={pipeline_kwargs['return_dict']!r}: capture reads the images from the "
+                             f"pipeline's output object; leave return_dict out")
     pipeline_kwargs = _negative_prompts(prompts, pipeline_kwargs)
     check_num_steps(pipeline_kwargs.get("num_inference_steps"))
     _check_prompt_lengths(pipe, prompts, pipeline_kwargs)
     _check_clip_lengths(pipe, prompts)
+    _check_joined_texts(pipe, prompts, pipeline_kwargs, tokens)
     output_type = pipeline_kwargs.get("output_type", "pil")
     if output_type not in ("pil", "np", "pt", "latent"):
         raise AttnscopeError(f"output_type={output_type!r}: expected 'pil', 'np', 'pt' or 'latent'")

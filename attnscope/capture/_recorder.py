@@ -135,7 +135,10 @@ class Recorder:
         expected = self.run_info.get("num_inference_steps")
         if expected is not None:
             select_steps(self.step_spec, expected)  # fail before the pipeline runs
-        if self.branch != "cond" and self.run_info.get("guidance_scale", 2.0) <= 1.0:
+        scale = self.run_info.get("guidance_scale", 2.0)
+        if self.branch != "cond" and scale is not None and not _is_number(scale):
+            raise AttnscopeError(f"guidance_scale={scale!r}: expected a number")
+        if self.branch != "cond" and scale is not None and scale <= 1.0:
             raise AttnscopeError(
                 f"branch={self.branch!r}: guidance_scale={self.run_info['guidance_scale']} turns classifier-free guidance "
                 f"off, so there is no unconditional branch; use branch='cond'"
@@ -250,7 +253,9 @@ class Recorder:
         steps = select_steps(self.step_spec, num_steps)
         rows = step.rows
         if self.branch != "cond" and rows.uncond is None:
-            raise AttnscopeError(f"branch={self.branch!r}: this run has no unconditional rows (guidance is off)")
+            raise AttnscopeError(f"branch={self.branch!r}: the denoiser's batch has no unconditional rows (guidance is "
+                                 f"off, or runs as a second denoiser call per step — Flux's true_cfg_scale, FLUX.2 "
+                                 f"klein — whose negative pass attnscope does not record); use branch='cond'")
         ids = step.token_ids
         prompt_tokens, prompt_roles = _text_and_roles(step.token_text, step.token_roles)
         if prompt_tokens is None and self.tokens == "prompt":
@@ -436,3 +441,8 @@ def _images_to_uint8(images: Any) -> np.ndarray:
         return np.stack([np.asarray(im.convert("RGB")) for im in images])
     except AttributeError as exc:
         raise AttnscopeError(f"images: expected PIL images, a numpy array or a tensor, got {type(images).__name__}") from exc
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (not a bool, not a string)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))

@@ -45,6 +45,8 @@ class HookSession:
     """The installed state of :func:`hooks`: sites, clients, the current step."""
 
     def __init__(self, pipe: Any, clients: tuple[Any, ...], exact: bool = False):
+        if not isinstance(exact, bool):
+            raise AttnscopeError(f"exact={exact!r}: expected True or False")
         self.pipe, self.exact = pipe, exact
         self.adapter, self.denoiser = find_adapter(pipe)
         self.family: str = self.adapter.FAMILY

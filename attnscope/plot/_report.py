@@ -159,6 +159,8 @@ def _output_path(path: Any, overwrite: bool) -> Path:
     """``path`` as a Path, after checking it names an ``.html`` file that may be written."""
     if not isinstance(path, (str, os.PathLike)):
         raise AttnscopeError(f"path={path!r}: expected the path of an .html file to write")
+    if not isinstance(overwrite, (bool, np.bool_)):  # "no" is truthy: it must not replace a file
+        raise AttnscopeError(f"overwrite={overwrite!r}: expected True or False")
     out = Path(path)
     if out.is_dir():
         raise AttnscopeError(f"path={str(out)!r} is a directory; expected the path of an .html file to write")

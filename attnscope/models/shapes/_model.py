@@ -30,12 +30,15 @@ class ShapesPipeline(StableDiffusionPipeline):
         for name, value in (("height", height), ("width", width)):
             if value not in _SIZES:
                 raise AttnscopeError(
-                    f"{name}={value}: the shapes model makes images of 16 to 128 pixels in steps of 8 "
+                    f"{name}={value!r}: the shapes model makes images of 16 to 128 pixels in steps of 8 "
                     f"(trained at {IMAGE_SIZE})"
                 )
-        for text in (prompt, negative_prompt):
+        for label, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if not (text is None or isinstance(text, str) or
+                    isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text)):
+                raise AttnscopeError(f"{label}={text!r}: expected a string or a list of strings")
             for item in [text] if isinstance(text, str) else (text or []):
-                check_vocabulary(item)
+                check_vocabulary(item, name=label)
         return super().check_inputs(prompt, height, width, callback_steps, negative_prompt, *args, **kwargs)
 
     def __call__(self, prompt=None, height=None, width=None, num_inference_steps: int = DEFAULT_STEPS,

@@ -161,7 +161,7 @@ def train_shapes(out: str | Path, config: TrainConfig = TrainConfig(), *, resume
     if resume and not out.exists():
         raise AttnscopeError(f"out={str(out)!r}: no run to resume there (the directory does not exist)")
     if out.exists() and not resume and any(out.iterdir()):
-        raise AttnscopeError(f"out={str(out)!r}: directory is not empty; pass resume=True (--resume) to continue it")
+        raise AttnscopeError(f"out={str(out)!r}: directory is not empty; pass resume=True to continue it")
     out.mkdir(parents=True, exist_ok=True)
     if threads is not None:
         torch.set_num_threads(threads)

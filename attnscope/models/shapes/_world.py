@@ -166,8 +166,9 @@ def render(scene: Scene) -> np.ndarray:
 _WORD = re.compile(r"[a-z]+|[^\sa-z]")
 
 
-def check_vocabulary(prompt: str, vocabulary: tuple[str, ...] = VOCABULARY) -> None:
-    """Raise if ``prompt`` has words the shapes model never saw (they would become untrained letter pieces).
+def check_vocabulary(prompt: str, vocabulary: tuple[str, ...] = VOCABULARY, name: str = "prompt") -> None:
+    """Raise if ``prompt`` has words the shapes model never saw (they would become untrained letter pieces);
+    ``name`` names the argument in the message (``negative_prompt``).
 
     >>> from attnscope.models.shapes import check_vocabulary
     >>> check_vocabulary("a red circle")
@@ -179,7 +180,7 @@ def check_vocabulary(prompt: str, vocabulary: tuple[str, ...] = VOCABULARY) -> N
     unknown = [w for w in _WORD.findall(prompt.lower()) if w not in vocabulary]
     if unknown:
         raise AttnscopeError(
-            f"prompt={prompt!r}: words outside the shapes model's vocabulary: "
+            f"{name}={prompt!r}: words outside the shapes model's vocabulary: "
             f"{', '.join(map(repr, dict.fromkeys(unknown)))}; the vocabulary is: {' '.join(vocabulary)}"
         )
 
