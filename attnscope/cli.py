@@ -27,8 +27,21 @@ def main(ctx: typer.Context) -> None:
 _MODEL_HELP = "'shapes' (the embedded model), a local diffusers directory, or a hub id in the local cache."
 
 
-def _pipeline_args(items: list[str]) -> dict:
-    """``--set NAME=VALUE`` options as keyword arguments (VALUE parsed as JSON, else kept as a string)."""
+#: pipeline arguments attnscope itself passes on every capture: never a ``--set``
+_SET_BY_ATTNSCOPE = {"prompt": "--prompt", "generator": "--seed", "seed": "--seed", "return_dict": None}
+
+
+def _pipeline_args(items: list[str], taken: dict[str, str] | None = None, option: str = "--set") -> dict:
+    """``--set NAME=VALUE`` options as keyword arguments (VALUE parsed as JSON, else kept as a string).
+
+    ``taken``: keyword → the command's own flag that sets it (a ``--set`` of it is refused, naming the flag).
+
+    >>> _pipeline_args(["eta=0.5", "use_resolution_binning=false"])
+    {'eta': 0.5, 'use_resolution_binning': False}
+    >>> _pipeline_args(["num_inference_steps=3"], {"num_inference_steps": "--steps"})
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: --set num_inference_steps: the command sets num_inference_steps itself; use --steps
+    """
     import json
 
     import attnscope as ats
@@ -37,8 +50,12 @@ def _pipeline_args(items: list[str]) -> dict:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.isidentifier():
-            raise ats.AttnscopeError(f"--set {item!r}: expected NAME=VALUE with a Python identifier as NAME "
-                                     f"(e.g. use_resolution_binning=false)")
+            raise ats.AttnscopeError(f"{option} {item!r}: expected NAME=VALUE with a Python identifier as NAME "
+                                     f"(e.g. {'use_resolution_binning=false' if option == '--set' else 'anon=true'})")
+        if taken is not None and name in {**_SET_BY_ATTNSCOPE, **taken}:
+            flag = {**_SET_BY_ATTNSCOPE, **taken}[name]
+            raise ats.AttnscopeError(f"{option} {name}: the command sets {name} itself"
+                                     + (f"; use {flag}" if flag else " (attnscope reads the pipeline's output)"))
         try:
             found[name] = json.loads(value)
         except json.JSONDecodeError:
@@ -55,16 +72,16 @@ def _flags(*same: str, **renamed: str) -> dict[str, str]:
 #: per command (by the name of its function here), the library's keyword arguments that its flags set: library
 #: messages name keywords (``seed=…``, ``pass overwrite=True``), the command line's name its flags
 _CLI_FLAGS = {
-    "capture": _flags("prompt", "overwrite", "seed", "device", "dtype", "sites", "heads", "tokens", "branch", "height",
+    "capture": _flags("model", "prompt", "overwrite", "seed", "device", "dtype", "sites", "heads", "tokens", "branch", "height",
                       "width", "negative_prompt", "max_sequence_length", "output_change", num_inference_steps="--steps",
                       steps="--capture-steps", guidance_scale="--guidance", num_images_per_prompt="--images-per-prompt",
                       store="--out"),
     "demo": _flags("overwrite", "seed", "device", "prompt", "out", store="--out"),
-    "rerun": _flags("overwrite", "device", store="--out", gate_step="--tgate", factor="--reweight factor",
+    "rerun": _flags("overwrite", "device", "epochs", "lr", store="--out", gate_step="--tgate", factor="--reweight factor",
                     tol="--tgate-tol"),
-    "eval_": _flags("seed", "device", "n", "batch_size", num_inference_steps="--steps", guidance_scale="--guidance",
+    "eval_": _flags("model", "prompts", "intervention", "seed", "device", "n", "batch_size", num_inference_steps="--steps", guidance_scale="--guidance",
                    json_path="--json"),
-    "sweep_": _flags("seeds", "out", "workers", "devices", "threads", "dtype", "sites", "heads", "tokens", "branch",
+    "sweep_": _flags("model", "seeds", "out", "workers", "devices", "threads", "dtype", "sites", "heads", "tokens", "branch",
                     "height", "width", num_inference_steps="--steps", steps="--capture-steps",
                     guidance_scale="--guidance"),
     "stats": _flags("steps", "sites", "targets", "by", "tol", "of"),
@@ -104,12 +121,23 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _pipeline_failed(exc: Exception, out: str, settings: list[str] | None) -> typer.Exit:
+    """One ``error: …`` line for an exception the pipeline raised during a capture, saying what became of --out."""
+    import attnscope as ats
+
+    where = Path(out)
+    kept = (f"; the incomplete trace at --out {out!r} is kept (pass --overwrite to replace it)"
+            if (where / "zarr.json").is_file() else "")
+    hint = f" (check the --set values: {', '.join(settings)})" if settings else ""
+    return _fail(ats.AttnscopeError(f"the pipeline failed: {type(exc).__name__}: {exc}{hint}{kept}"))
+
+
 @app.command(epilog="Example: attnscope capture --model shapes --prompt 'a red circle and a blue square' "
                     "--seed 0 --steps 20 --out runs/a.zarr")
 def capture(
     model: str = typer.Option("shapes", help=_MODEL_HELP),
     prompt: list[str] = typer.Option(..., help="Prompt; repeat the option for several prompts."),
-    out: Path = typer.Option(..., help="Trace store to create (a .zarr directory)."),
+    out: str = typer.Option(..., help="Trace store to create (a .zarr directory)."),
     seed: int = typer.Option(0, help="Seed of the CPU generator for the latents."),
     steps: int = typer.Option(20, help="Number of inference steps."),
     guidance: float | None = typer.Option(None, help="Guidance scale (default: the pipeline's)."),
@@ -140,7 +168,7 @@ def capture(
     from attnscope.selection import parse_step_text
 
     try:
-        extra = _pipeline_args(pipeline_arg or [])
+        extra = _pipeline_args(pipeline_arg or [], _CLI_FLAGS["capture"])
         pipe = ats.load_pipeline(model, device=device, dtype=dtype)
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width,
                                          negative_prompt=negative_prompt,
@@ -152,6 +180,8 @@ def capture(
                          num_images_per_prompt=images_per_prompt, **kwargs)
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
+    except Exception as exc:  # noqa: BLE001 - the pipeline's own failure, e.g. on a --set value it cannot use
+        raise _pipeline_failed(exc, out, pipeline_arg) from None
     typer.echo(f"trace: {tr.path}  ({len(tr.sites)} sites, {len(tr.timesteps)} steps, {len(tr.images)} images)")
 
 
@@ -159,7 +189,7 @@ def capture(
 def demo(
     prompt: str = typer.Option("a red circle and a blue square", help="A shapes-world prompt."),
     seed: int = typer.Option(0, help="Seed of the generation."),
-    out: Path = typer.Option(Path("runs/demo.zarr"), help="Trace store to create; the image (<stem>.png) and the heat "
+    out: str = typer.Option("runs/demo.zarr", help="Trace store to create; the image (<stem>.png) and the heat "
                                                           "maps (<stem>-heatmaps.png) are written beside it."),
     overwrite: bool = typer.Option(False, help="Replace an existing trace at --out and the images beside it."),
     device: str | None = typer.Option(None, help="Device to run on (cpu, cuda, …)."),
@@ -194,7 +224,7 @@ def eval_(
                                                             "shared shape (two objects), single, three."),
     paired: bool = typer.Option(False, "--paired", help="Also generate without the interventions, on the same "
                                                         "prompts and seeds, and report the paired differences."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the full result (rates, CIs, per prompt) here; "
+    json_out: str | None = typer.Option(None, "--json", help="Write the full result (rates, CIs, per prompt) here; "
                                                               "with --paired also the baseline and the differences."),
     device: str | None = typer.Option(None, help="Device to run on (cpu, cuda, …)."),
     overwrite: bool = typer.Option(False, help="Replace an existing file at --json."),
@@ -207,7 +237,7 @@ def eval_(
 
     try:
         if json_out is not None:
-            _output_file(json_out, "--json", overwrite=overwrite)
+            json_out = _output_file(json_out, "--json", overwrite=overwrite)
         clients = named_interventions(intervention or [])
         if paired and not clients:
             raise ats.AttnscopeError("--paired compares against a run without interventions: give --intervention")
@@ -298,8 +328,23 @@ def stats(
             _prompt_words(tr)  # the default targets: every word of the prompt; an empty prompt has none
         ds = ats.stats.dominance(tr, targets=chosen, sites=sites or None, steps=parse_step_text(steps, "--steps"))
         typer.echo(json.dumps(ats.stats.dominance_json(ds)) if as_json else ats.stats.dominance_table(ds, by=by))
+        note = None if as_json else _gated_note(tr, ds["step"].values.tolist())
+        if note:
+            typer.echo(f"note: {note}")
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
+
+
+def _gated_note(tr, steps: list[int]) -> str | None:
+    """Which of ``steps`` an intervention gated (TGATE: attention served from its cache, no maps), or None."""
+    from attnscope.selection import step_ranges
+
+    gated = sorted(set(tr.gated_steps) & {int(s) for s in steps})
+    if not gated:
+        return None
+    kept = len(set(int(s) for s in steps)) - len(gated)
+    return (f"step{'s' if len(gated) > 1 else ''} {step_ranges(gated)} gated (TGATE: attention reused from the cache, "
+            f"no maps): " + ("left out of the means" if kept else "nothing to show there; choose other --steps"))
 
 
 @app.command(epilog="Example: attnscope rerun runs/demo.zarr --regulate 'circle,square' -o runs/demo-reg.zarr\n\n"
@@ -312,7 +357,7 @@ def stats(
 def rerun(
     trace: str = typer.Argument(..., help="Trace store to regenerate (a complete .zarr written by attnscope capture), "
                                           "or its URL (then give -o)."),
-    out: Path | None = typer.Option(None, "-o", "--out", help="Trace store to create "
+    out: str | None = typer.Option(None, "-o", "--out", help="Trace store to create "
                                                               "(default: <trace stem>-rerun.zarr beside TRACE)."),
     regulate: str | None = typer.Option(None, help="Attention Regulation of these comma-separated targets, "
                                                    "e.g. 'circle,square' or 'red circle,blue square'."),
@@ -458,7 +503,7 @@ _PLOT_KINDS = ("heatmaps", "grid", "violins", "dominance", "convergence")
 def plot(
     trace: str = typer.Argument(..., help="Trace store (a .zarr directory written by attnscope capture), or its URL "
                                           "(s3://…, file://…; S3 settings from the environment, e.g. AWS_ENDPOINT_URL)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Figure file to write (.png, .pdf, .svg)."),
+    out: str = typer.Option(..., "-o", "--out", help="Figure file to write (.png, .pdf, .svg)."),
     words: str | None = typer.Option(None, help="Comma-separated words or phrases (default: every word of the prompt)."),
     kind: str = typer.Option("heatmaps", help="heatmaps (over the image), grid (step x site, first word), "
                                               "violins (per-token values at --steps), dominance (target shares over "
@@ -481,17 +526,26 @@ def plot(
             raise ats.AttnscopeError(f"--kind {kind!r}: expected one of {', '.join(_PLOT_KINDS)}")
         if dpi < 1:
             raise ats.AttnscopeError(f"--dpi {dpi}: expected an int >= 1 (dots per inch)")
-        _output_file(out, "-o", _figure_formats(), overwrite)
+        out = _output_file(out, "-o", _figure_formats(), overwrite)
         tr = _open_trace(trace)
         targets, chosen = _split_words(words), parse_step_text(steps, "--steps")
+        if chosen is not None and kind != "convergence":
+            from attnscope.selection import select_steps
+
+            note = _gated_note(tr, list(select_steps(chosen, tr.num_steps)))
+            if note and note.endswith("choose other --steps"):
+                raise ats.AttnscopeError(note)
+            if note:
+                typer.echo(f"warning: {note}", err=True)
         if kind == "heatmaps":
             fig = ats.plot.heatmaps(tr, targets or _prompt_words(tr), sites=sites or None, steps=chosen, sample=sample)
         elif kind == "grid":
             fig = ats.plot.site_step_grid(tr, (targets or _prompt_words(tr))[0], sites=sites or None, steps=chosen,
                                           sample=sample)
         elif kind == "violins":
-            captured = [int(s) for s in tr.attention(tr.sites[0])["step"].values]
-            default = sorted({captured[0], captured[len(captured) // 2], captured[-1]})
+            captured = [int(s) for s in tr.attention(tr.sites[0])["step"].values if int(s) not in set(tr.gated_steps)]
+            captured = captured or [int(s) for s in tr.attention(tr.sites[0])["step"].values]
+            default = sorted({captured[0], captured[len(captured) // 2], captured[-1]})  # computed steps, if any
             fig = ats.plot.violins(tr, chosen if chosen is not None else default, sites=sites or None, sample=sample,
                                    words=targets)
         elif kind == "dominance":
@@ -512,7 +566,7 @@ def plot(
 def report(
     trace: str = typer.Argument(..., help="Trace store (a .zarr directory written by attnscope capture), or its URL "
                                           "(s3://…, file://…; S3 settings from the environment, e.g. AWS_ENDPOINT_URL)."),
-    out: Path = typer.Option(..., "-o", "--out", help="HTML file to write: one self-contained file, every image "
+    out: str = typer.Option(..., "-o", "--out", help="HTML file to write: one self-contained file, every image "
                                                       "inline, nothing loaded from the network."),
     compare: str | None = typer.Option(None, help="Another run of the same generation (e.g. from attnscope rerun): "
                                                   "adds a before/after section."),
@@ -528,7 +582,7 @@ def report(
     import attnscope as ats
 
     try:
-        path = ats.report(trace, out, compare=compare, words=_split_words(words), sites=sites or None, sample=sample,
+        path = ats.report(trace, _local_file(out, "-o"), compare=compare, words=_split_words(words), sites=sites or None, sample=sample,
                           tol=tol, overwrite=overwrite)
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
@@ -565,7 +619,23 @@ def _figure_formats() -> tuple[str, ...]:
     return tuple(sorted("." + f for f in FigureCanvasBase.get_supported_filetypes()))
 
 
-def _output_file(path: Path, flag: str, suffixes: tuple[str, ...] | None = None, overwrite: bool = False) -> Path:
+def _local_file(path: str | Path, flag: str) -> Path:
+    """An output file's path as given on the command line: a local path (a URL is refused, not written as a local
+    folder named ``s3:``).
+
+    >>> _local_file("s3://bucket/f.png", "-o")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: -o 's3://bucket/f.png': expected a local file path; write it here, then copy it
+    """
+    import attnscope as ats
+
+    if "://" in str(path):
+        raise ats.AttnscopeError(f"{flag} {str(path)!r}: expected a local file path; write it here, then copy it")
+    return Path(path)
+
+
+def _output_file(path: str | Path, flag: str, suffixes: tuple[str, ...] | None = None,
+                 overwrite: bool = False) -> Path:
     """Check an output file's path before any work: not a directory, with one of ``suffixes`` when given, and
     not an existing file unless ``overwrite`` (the command's ``--overwrite``).
 
@@ -578,6 +648,7 @@ def _output_file(path: Path, flag: str, suffixes: tuple[str, ...] | None = None,
     """
     import attnscope as ats
 
+    path = _local_file(path, flag)
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise ats.AttnscopeError(f"{flag} {str(path)!r}: expected a file name ending in "
                                  f"{', '.join(suffixes[:-1])} or {suffixes[-1]}")
@@ -596,7 +667,7 @@ def _storage_options(items: list[str]) -> dict | None:
     """``--storage-option NAME=VALUE`` items as fsspec options (``endpoint_url`` goes into ``client_kwargs``)."""
     if not items:
         return None
-    options = _pipeline_args(items)
+    options = _pipeline_args(items, option="--storage-option")
     endpoint = options.pop("endpoint_url", None)
     if endpoint is not None:
         options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
@@ -640,7 +711,7 @@ def sweep_(
     try:
         prompt_list = read_prompts(prompts)
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width).items() if v is not None}
-        kwargs.update(_pipeline_args(pipeline_arg or []))
+        kwargs.update(_pipeline_args(pipeline_arg or [], _CLI_FLAGS["sweep_"]))
         cat = ats.sweep(model, prompt_list, seeds, out, workers=workers, threads=threads, dtype=dtype,
                         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
                         progress=progress, storage_options=_storage_options(storage_option or []),
@@ -676,7 +747,7 @@ def sweep_stats(
     sites: list[str] | None = typer.Option(None, help="Glob of site module paths; repeatable (default all)."),
     scheduler: str | None = typer.Option(None, help="Address of a running dask scheduler, tcp://host:8786 "
                                                     "(default: a LocalCluster on this machine)."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Write the table here (.parquet or .csv)."),
+    output: str | None = typer.Option(None, "-o", "--output", help="Write the table here (.parquet or .csv)."),
     storage_option: list[str] | None = typer.Option(None, help=_STORAGE_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing file at -o."),
 ) -> None:
@@ -689,7 +760,7 @@ def sweep_stats(
 
     try:
         if output is not None:
-            _output_file(output, "-o", (".parquet", ".csv"), overwrite)
+            output = _output_file(output, "-o", (".parquet", ".csv"), overwrite)
         cat = ats.open_catalog(sweep, storage_options=_storage_options(storage_option or []))
         spec = targets if targets == "objects" else tuple(_split_words(targets) or ())
         fn = DominanceRow(spec, steps=parse_step_text(steps, "--steps"), sites=tuple(sites) if sites else None)

@@ -68,7 +68,7 @@ def test_demo_overwrite_replaces_the_trace_and_its_images(shapes, tmp_path):
     (["--reweight", "hexagon=2"], "target 'hexagon' is not in the prompt"),
     (["--excite", "hexagon"], "target 'hexagon' is not in the prompt"),
     (["--layout", "hexagon=0.2,0.5"], "layout phrase 'hexagon' is not in the prompt"),
-    (["--tgate", "50"], "TGate(gate_step=50) on a run of 20 steps"),
+    (["--tgate", "50"], "TGate: --tgate 50 on a run of 20 steps"),
 ])
 def test_a_rerun_whose_interventions_fail_leaves_no_store(parent, tmp_path, option, message):
     """It left an empty incomplete store, and the retry then failed with 'store exists'."""
@@ -387,3 +387,83 @@ def test_eval_skips_comment_lines_of_a_prompts_file(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n# a note\n\na blue square\n")
     assert ats.models.eval_prompts(prompts) == ["a red circle", "a blue square"]   # '#' was a prompt
+
+
+@pytest.mark.parametrize("command, setting, flag", [
+    (["capture", "--prompt", PROMPT, "--steps", "2"], "num_inference_steps=3", "--steps"),
+    (["capture", "--prompt", PROMPT, "--steps", "2"], "seed=3", "--seed"),
+    (["capture", "--prompt", PROMPT, "--steps", "2"], "guidance_scale=5", "--guidance"),
+])
+def test_a_set_of_what_the_command_sets_itself_names_its_flag(tmp_path, command, setting, flag):
+    """It was a TypeError traceback ('got multiple values for keyword argument'), or --set silently won."""
+    out = tmp_path / "x.zarr"
+    line = error_line(cli(*command, "--out", out, "--set", setting))
+    name = setting.split("=")[0]
+    assert f"--set {name}: the command sets {name} itself; use {flag}" in line
+    assert not out.exists()
+
+
+def test_a_set_the_pipeline_fails_on_is_one_error_saying_what_is_left(tmp_path):
+    out = tmp_path / "e.zarr"
+    line = error_line(cli("capture", "--prompt", PROMPT, "--steps", "2", "--out", out, "--set", "eta=abc"))
+    assert "the pipeline failed: TypeError" in line and "check the --set values: eta=abc" in line
+    if out.exists():  # the scheduler fails inside the first step: what was written is kept and said so
+        assert "incomplete trace at --out" in line
+    line = error_line(cli("capture", "--prompt", PROMPT, "--steps", "2", "--out", tmp_path / "f.zarr",
+                          "--set", "return_dict=false"))
+    assert "the command sets return_dict itself" in line
+    with pytest.raises(ats.AttnscopeError, match="return_dict=False: capture reads the images"):
+        ats.capture(ats.load_pipeline("shapes"), PROMPT, seed=0, store=tmp_path / "g.zarr", return_dict=False)
+
+
+@pytest.mark.parametrize("command", [
+    ["capture", "--prompt", PROMPT, "--steps", "2", "--out", "s3://bucket/x.zarr"],
+    ["capture", "--prompt", PROMPT, "--steps", "2", "--out", "gs://bucket/x.zarr"],
+    ["demo", "--out", "s3://bucket/demo.zarr"],
+])
+def test_a_url_given_as_a_store_is_refused_not_written_as_a_local_folder(tmp_path, monkeypatch, command):
+    """typer's Path type turned s3://bucket/x.zarr into s3:/bucket/x.zarr, a local folder named 's3:'."""
+    monkeypatch.chdir(tmp_path)
+    line = error_line(cli(*command))
+    assert "//bucket/" in line and ("local directory" in line or "pip install gcsfs" in line)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_url_given_as_an_output_file_is_refused(parent, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in (["plot", str(parent.path), "-o", "s3://bucket/f.png"],
+                    ["report", str(parent.path), "-o", "s3://bucket/r.html"],
+                    ["eval", "--n", "1", "--json", "s3://bucket/e.json"]):
+        assert "expected a local file path" in error_line(cli(*command))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_eval_refuses_a_count_below_one_for_a_prompt_file(tmp_path, n):
+    """--n -1 on a 3-line file evaluated 2 prompts (a slice from the end), --n 0 all of them."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\n")
+    assert f"--n {n}: expected a positive number of prompts" in error_line(cli("eval", "--prompts", prompts, "--n", n))
+
+
+def test_a_negative_prompt_outside_the_vocabulary_names_its_own_flag(tmp_path):
+    line = error_line(cli("capture", "--prompt", PROMPT, "--steps", "2", "--out", tmp_path / "n.zarr",
+                          "--negative-prompt", "purple"))
+    assert line.startswith("error: --negative-prompt 'purple': words outside")
+
+
+def test_gated_steps_are_named_not_shown_blank(parent, tmp_path):
+    """stats printed an all-'—' table and plot drew empty heat maps at steps TGATE gated, without a word."""
+    gated = ats.rerun(parent, [ats.regulate.TGate(10)], store=tmp_path / "g.zarr")
+    assert gated.gated_steps == list(range(10, STEPS))
+    done = cli("stats", gated.path, "--steps", "15")
+    assert done.exit_code == 0 and "note: step 15 gated (TGATE" in done.stdout and "choose other --steps" in done.stdout
+    done = cli("stats", gated.path)
+    assert done.exit_code == 0 and "note: steps 10–19 gated" in done.stdout and "left out of the means" in done.stdout
+    assert "gated" not in cli("stats", parent.path).stdout
+    line = error_line(cli("plot", gated.path, "--steps", "15", "-o", tmp_path / "p.png"))
+    assert "step 15 gated" in line and not (tmp_path / "p.png").exists()
+    done = cli("plot", gated.path, "--steps", "8:12", "-o", tmp_path / "q.png")
+    assert done.exit_code == 0 and "warning: steps 10–11 gated" in done.stderr
+    done = cli("plot", gated.path, "--kind", "violins", "-o", tmp_path / "v.png")
+    assert done.exit_code == 0 and "warning" not in done.stderr   # the default steps are computed ones

@@ -53,7 +53,7 @@ def test_the_command_records_the_gate_step_of_a_fraction(parent, tmp_path):
 # -- 2. a gate beyond the run is refused before anything is written ---------------------------------------
 def test_a_gate_beyond_the_run_is_refused_before_anything_is_written(parent, pipe, tmp_path):
     out = tmp_path / "g50.zarr"
-    with pytest.raises(AttnscopeError, match=r"gate_step=50\) on a run of 5 steps.*from 1 to 5"):
+    with pytest.raises(AttnscopeError, match=r"TGate: gate_step=50 on a run of 5 steps.*from 1 to 5"):
         ats.rerun(parent, [TGate(50)], store=out, pipe=pipe)
     assert not out.exists()
     # the same without rerun: refused at the run's first step, before the recorder creates its store
@@ -63,7 +63,7 @@ def test_a_gate_beyond_the_run_is_refused_before_anything_is_written(parent, pip
     assert not (tmp_path / "hooks.zarr").exists()
 
 
-@pytest.mark.parametrize("value, says", [("50", "gate_step=50) on a run of 5 steps"), ("0", "--tgate 0: expected"),
+@pytest.mark.parametrize("value, says", [("50", "TGate: --tgate 50 on a run of 5 steps"), ("0", "--tgate 0: expected"),
                                          ("-3", "--tgate -3: expected"), ("1.0", "--tgate 1.0: expected"),
                                          ("2.5", "--tgate 2.5: expected")])
 def test_the_command_refuses_a_gate_outside_the_run(parent, tmp_path, value, says):

@@ -29,12 +29,11 @@ def demo_outputs(out: str | Path, overwrite: bool = False) -> tuple[Path, Path, 
     >>> [p.name for p in demo_outputs(tempfile.mkdtemp() + "/demo.zarr")]
     ['demo.zarr', 'demo.png', 'demo-heatmaps.png']
     """
-    store = Path(out)
+    store = check_store_path(out, overwrite)  # a local path or file:// URL: a store URL is refused there
     files = (store.with_suffix(".png"), store.with_name(store.stem + "-heatmaps.png"))
     if store in files:
         raise AttnscopeError(f"out={str(out)!r}: expected the path of a trace store (a .zarr directory); the image "
                              f"and heat maps are written beside it as {files[0].name} and {files[1].name}")
-    check_store_path(store, overwrite)
     found = [str(f) for f in files if f.exists()]
     if found and not overwrite:
         raise AttnscopeError(f"out={str(out)!r}: the demo's images beside it are already there ({', '.join(found)}); "

@@ -165,12 +165,12 @@ class TGate:
         (8, 10)
         >>> TGate(50).resolve(20)
         Traceback (most recent call last):
-        attnscope.errors.AttnscopeError: TGate(gate_step=50) on a run of 20 steps: the gate is beyond the run and would gate no step; expected a gate step from 1 to 20 (or a fraction in (0, 1))
+        attnscope.errors.AttnscopeError: TGate: gate_step=50 on a run of 20 steps: the gate is beyond the run and would gate no step; expected a gate step from 1 to 20 (or a fraction in (0, 1))
         """
         steps = _positive_int("num_steps", num_steps, 1)
         gate = self.gate_step if self.fraction is None else max(1, round(self.fraction * steps))
         if gate > steps:
-            raise AttnscopeError(f"TGate(gate_step={gate}) on a run of {steps} steps: the gate is beyond the run and "
+            raise AttnscopeError(f"TGate: gate_step={gate} on a run of {steps} steps: the gate is beyond the run and "
                                  f"would gate no step; expected a gate step from 1 to {steps} (or a fraction in (0, 1))")
         self.gate_step = gate
         return gate
