@@ -8,9 +8,11 @@ across traces), loads the small result and sends it back. The results are then j
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +20,9 @@ from typing import Any
 from ..errors import AttnscopeError
 
 __all__ = ["map_stats"]
+
+#: seconds a scheduler address has to answer dask's handshake and ``identity`` call
+SCHEDULER_TIMEOUT = 5.0
 
 
 def _apply(fn: Callable[[Any], Any], run: str, location: str, storage_options: dict | None) -> tuple[str, str, Any]:
@@ -55,11 +60,11 @@ def _client(client: Any) -> Iterator[Any]:
         with cluster, Client(cluster) as c:
             yield c
     elif isinstance(client, str):
+        check_scheduler(client)
         try:
-            c = Client(client, timeout="5s")
-        except (OSError, TimeoutError) as exc:
-            raise AttnscopeError(f"scheduler {client!r}: cannot connect ({exc}); expected the address of a running "
-                                 f"dask scheduler, e.g. tcp://host:8786") from exc
+            c = Client(client, timeout=f"{SCHEDULER_TIMEOUT:g}s")
+        except (OSError, TimeoutError, ValueError, TypeError) as exc:
+            raise _cannot_connect(client, exc) from exc
         with c:
             yield c
     elif isinstance(client, Client):
@@ -67,6 +72,80 @@ def _client(client: Any) -> Iterator[Any]:
     else:
         raise AttnscopeError(f"client={client!r}: expected None (a LocalCluster), a distributed.Client or a "
                              f"scheduler address like 'tcp://host:8786'")
+
+
+def _cannot_connect(address: str, exc: BaseException) -> AttnscopeError:
+    """The error for an address where no dask scheduler answered, with what happened instead."""
+    if isinstance(exc, MemoryError):  # dask read another protocol's bytes (HTTP's) as the length of a message
+        reason = "the server there answered in another protocol than dask's, e.g. HTTP"
+    else:
+        reason = f"{type(exc).__name__}: " + (str(exc) or f"no answer within {SCHEDULER_TIMEOUT + 1:g} s")
+    return AttnscopeError(f"scheduler {address!r}: cannot connect to a dask scheduler there ({reason}); expected the "
+                          f"address of a running dask scheduler, e.g. tcp://host:8786 (not its dashboard's HTTP port, "
+                          f"e.g. 8787)")
+
+
+async def _identity(address: str) -> Any:
+    """What the server at ``address`` says it is (dask's ``identity`` call), within :data:`SCHEDULER_TIMEOUT`."""
+    from distributed.core import rpc
+    from distributed.security import Security
+
+    async def ask() -> Any:
+        server = rpc(address, timeout=SCHEDULER_TIMEOUT, connection_args=Security().get_connection_args("client"))
+        try:
+            return await server.identity()
+        finally:
+            await server.close_rpc()
+
+    return await asyncio.wait_for(ask(), SCHEDULER_TIMEOUT + 1)  # dask's own connect timeout says more: it goes first
+
+
+def _check_address(address: str) -> None:
+    """Refuse an address dask cannot parse: no port, a port that is not a number, an unknown scheme."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+
+    try:
+        scheme, location = parse_address(address)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            parse_host_port(location)
+    except (ValueError, TypeError) as exc:
+        raise AttnscopeError(f"scheduler {address!r}: not a dask scheduler address ({exc}); expected one like "
+                             f"tcp://host:8786") from None
+
+
+def check_scheduler(address: str) -> None:
+    """Refuse ``address`` unless a dask scheduler answers there within :data:`SCHEDULER_TIMEOUT` seconds.
+
+    ``distributed.Client(address, timeout=…)`` bounds only the TCP connection: a server that accepts
+    it and then stays silent (or answers in HTTP, like a dashboard) made it wait forever or fail with
+    a MemoryError. The probe runs on its own event loop in its own thread, so it works the same
+    inside a running loop (Jupyter).
+
+    >>> check_scheduler("tcp://localhost")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: scheduler 'tcp://localhost': not a dask scheduler address (missing port number in address 'localhost'); expected one like tcp://host:8786
+    """
+    _check_address(address)
+    answer: dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            answer["identity"] = asyncio.run(_identity(address))
+        except Exception as exc:  # noqa: BLE001 - whatever a non-dask server makes dask raise (MemoryError: HTTP)
+            answer["error"] = exc
+
+    thread = threading.Thread(target=probe, name="attnscope-scheduler-probe", daemon=True)
+    thread.start()
+    thread.join(2 * SCHEDULER_TIMEOUT + 1)  # the loop's own timeout ends it before: this is the backstop
+    error = answer.get("error")
+    if error is not None or "identity" not in answer:
+        raise _cannot_connect(address, error or TimeoutError()) from error
+    kind = answer["identity"].get("type") if isinstance(answer["identity"], dict) else None
+    if kind != "Scheduler":
+        raise AttnscopeError(f"scheduler {address!r}: the dask server there is a {kind or 'server of unknown type'}, "
+                             f"not a scheduler; expected the scheduler's address, e.g. tcp://host:8786")
 
 
 def _combine(runs: list[str], values: list[Any]) -> Any:

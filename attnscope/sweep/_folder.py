@@ -4,6 +4,11 @@ Traces are always written to local disk first (the capture writer needs a file s
 into the folder when it is local, into a staging directory and then uploaded (root ``zarr.json``
 last) when it is a URL. Small files (rows, images, the catalog) are written whole, atomically on
 local disk.
+
+Other processes write into the same folder (a sweep's workers, another sweep resuming it), so every
+listing and read of a URL's folder asks the store again: fsspec's cache of directory listings
+(shared by every filesystem instance with the same options in a process) is dropped for the path
+first, and never hides what another process wrote.
 """
 
 from __future__ import annotations
@@ -56,11 +61,17 @@ class SweepFolder:
     def _wrap(self, what: str, exc: Exception) -> AttnscopeError:
         return access_error(self.url(what), exc, self.storage_options)
 
+    def _fresh(self, rel: str) -> str:
+        """The remote path of ``rel``, with fsspec's cached listings of it and of its parents dropped."""
+        path = self._remote_path(rel)
+        self.fs.invalidate_cache(path)
+        return path
+
     def exists(self, rel: str) -> bool:
         if not self.remote:
             return (Path(self._root) / rel).exists()
         try:
-            return bool(self.fs.exists(self._remote_path(rel)))
+            return bool(self.fs.exists(self._fresh(rel)))
         except Exception as exc:  # connection errors of any backend: one message naming the URL
             raise self._wrap(rel, exc) from exc
 
@@ -68,7 +79,7 @@ class SweepFolder:
         try:
             if not self.remote:
                 return (Path(self._root) / rel).read_bytes()
-            return self.fs.cat_file(self._remote_path(rel))
+            return self.fs.cat_file(self._fresh(rel))
         except FileNotFoundError:
             raise
         except Exception as exc:
@@ -98,7 +109,7 @@ class SweepFolder:
         try:
             if not self.remote:
                 (Path(self._root) / rel).unlink(missing_ok=True)
-            elif self.fs.exists(self._remote_path(rel)):
+            elif self.fs.exists(self._fresh(rel)):
                 self.fs.rm(self._remote_path(rel))
         except Exception as exc:
             raise self._wrap(rel, exc) from exc
@@ -117,9 +128,10 @@ class SweepFolder:
             d = Path(self._root) / rel
             return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
         try:
-            if not self.fs.exists(self._remote_path(rel)):
+            path = self._fresh(rel)
+            if not self.fs.exists(path):
                 return []
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._remote_path(rel), detail=False))
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
         except Exception as exc:
             raise self._wrap(rel, exc) from exc
 
@@ -138,15 +150,42 @@ class SweepFolder:
             return Path(self._root) / rel
         return self._staging / rel
 
+    def is_file(self) -> bool:
+        """Whether the folder's own path is a file (or object), where a folder was expected."""
+        if not self.remote:
+            return Path(self._root).is_file()
+        try:
+            return bool(self.fs.isfile(self._fresh("").rstrip("/")))
+        except Exception as exc:
+            raise self._wrap("", exc) from exc
+
     def publish_trace(self, rel: str) -> None:
-        """Make the staged trace ``rel`` visible in the folder (upload it when the folder is a URL)."""
+        """Make the staged trace ``rel`` visible in the folder (upload it when the folder is a URL).
+
+        A trace already at ``rel`` (a run redone: its row was missing or failed, or its upload was cut
+        short) is deleted first, as the capture replaces it in a local folder; nothing else is touched.
+        """
         if not self.remote:
             return
         from ..store import upload_trace
 
         local = self._staging / rel
+        self._remove_trace(rel)
         upload_trace(local, self.url(rel), storage_options=self.storage_options)
         shutil.rmtree(local, ignore_errors=True)
+
+    def _remove_trace(self, rel: str) -> None:
+        """Delete every object of the trace ``rel`` (``traces/<run>.zarr``) of a URL's folder, if there are any."""
+        if not (rel.startswith("traces/") and rel.endswith(".zarr") and rel.count("/") == 1 and ".." not in rel):
+            raise AttnscopeError(f"trace {rel!r}: expected a run's trace path traces/<run>.zarr")
+        path = self._fresh(rel)
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)  # <path> and the objects under <path>/, not <run>.zarr.bak/…
+        except Exception as exc:
+            raise self._wrap(rel, exc) from exc
+        finally:
+            self.fs.invalidate_cache(path)
 
     def close(self) -> None:
         if self.remote:

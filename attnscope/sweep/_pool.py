@@ -19,7 +19,7 @@ from ._folder import SweepFolder
 from ._plan import Run
 from ._runs import execute_run, failed_row
 
-__all__ = ["WorkerSpec", "load_sweep_pipeline", "run_in_workers"]
+__all__ = ["WorkerSpec", "load_sweep_pipeline", "pipeline_settings", "run_in_workers"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,24 @@ def load_sweep_pipeline(model: str, *, device: str | None = None, dtype: str | N
     return pipe
 
 
+def pipeline_settings(pipe: Any) -> dict[str, Any]:
+    """What a sweep records of the pipeline its runs use: the scheduler (class, config) and the dtype.
+
+    The config's private entries (``_class_name``, ``_diffusers_version``) are left out: the class is
+    recorded beside it, and the diffusers version does not change what the runs compute.
+
+    >>> import attnscope as ats
+    >>> s = pipeline_settings(ats.load_pipeline("shapes"))
+    >>> s["scheduler"]["class"], s["scheduler"]["config"]["prediction_type"], s["dtype"]
+    ('DDIMScheduler', 'v_prediction', 'float32')
+    """
+    from ..store import jsonable
+
+    config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+    return {"scheduler": {"class": type(pipe.scheduler).__name__, "config": jsonable(config)},
+            "dtype": str(pipe.dtype).removeprefix("torch.")}
+
+
 def _worker_main(spec: WorkerSpec, conn: Any, name: str) -> None:
     import torch
     from diffusers.utils import logging as diffusers_logging
@@ -67,7 +85,7 @@ def _worker_main(spec: WorkerSpec, conn: Any, name: str) -> None:
         conn.send(("error", f"worker {name} could not load model {spec.model!r}: {type(exc).__name__}: {exc}"))
         return
     folder = SweepFolder(spec.location, spec.storage_options)
-    conn.send(("ready", None))
+    conn.send(("ready", pipeline_settings(pipe)))
     try:
         while (run := conn.recv()) is not None:
             conn.send(("done", execute_run(pipe, run, folder, spec.capture_kwargs, spec.extra, name, spec.detector)))
@@ -86,8 +104,12 @@ class _Worker:
 
 
 def run_in_workers(runs: Sequence[Run], spec: WorkerSpec, devices: Sequence[str | None], folder: SweepFolder,
-                   on_row: Callable[[dict], None]) -> None:
-    """Run ``runs`` on one worker process per entry of ``devices``; ``on_row`` gets each finished run's row."""
+                   on_row: Callable[[dict], None], on_ready: Callable[[dict], None]) -> None:
+    """Run ``runs`` on one worker process per entry of ``devices``; ``on_row`` gets each finished run's row.
+
+    ``on_ready`` gets each worker's :func:`pipeline_settings` once it has loaded the model, before the
+    worker is given a run; an AttnscopeError it raises stops the sweep (the workers are ended).
+    """
     ctx = multiprocessing.get_context("spawn")  # fork and torch/OpenMP threads do not mix
     workers: list[_Worker] = []
     pending = deque(runs)
@@ -126,6 +148,8 @@ def run_in_workers(runs: Sequence[Run], spec: WorkerSpec, devices: Sequence[str 
                 started.add(w.name)
                 if kind == "error":
                     raise AttnscopeError(payload)
+                if kind == "ready":
+                    on_ready(payload)
                 if kind == "done":
                     on_row(payload)
                     w.run = None

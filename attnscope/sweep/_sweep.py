@@ -15,7 +15,7 @@ from ..selection import DTYPES
 from ._catalog import Catalog, open_catalog, write_catalog
 from ._folder import SweepFolder
 from ._plan import plan_runs, read_prompts
-from ._pool import WorkerSpec, load_sweep_pipeline, run_in_workers
+from ._pool import WorkerSpec, load_sweep_pipeline, pipeline_settings, run_in_workers
 from ._runs import execute_run
 
 __all__ = ["sweep"]
@@ -52,33 +52,90 @@ def _check_picklable(extra: Any) -> None:
                              f"devices, give a function defined at the top level of a module") from None
 
 
-def _check_settings(folder: SweepFolder, settings: dict) -> None:
-    """A sweep folder holds one model and one capture setting: refuse to mix in another."""
+def _recordable(value: Any) -> Any:
     from ..store import jsonable
 
-    def recordable(value: Any) -> Any:
-        try:
-            return jsonable(value)
-        except TypeError:  # a site predicate, a function: compared by its repr
-            return repr(value)
+    try:
+        return jsonable(value)
+    except TypeError:  # a site predicate, a function: compared by its repr
+        return repr(value)
 
-    settings = {k: ({kk: recordable(vv) for kk, vv in v.items()} if isinstance(v, dict) else recordable(v))
-                for k, v in settings.items()}
-    settings["capture"] = _explicit(settings["capture"])
+
+def _settings_record(settings: dict) -> dict:
+    """``settings`` as ``sweep.json`` holds them: JSON values, the capture settings that differ from the defaults."""
+    record = {k: ({kk: _recordable(vv) for kk, vv in v.items()} if isinstance(v, dict) else _recordable(v))
+              for k, v in settings.items()}
+    if "capture" in record:
+        record["capture"] = _explicit(record["capture"])
+    return record
+
+
+def _check_folder(folder: SweepFolder) -> None:
+    """``out`` must be a folder that is new, empty or a sweep's: refuse a file, a trace or a folder of other files."""
+    if folder.is_file():
+        raise AttnscopeError(f"out={folder.url('').rstrip('/')!r} is a file; expected a folder (new, empty, or a "
+                             f"sweep's) for the sweep")
+    if not folder.remote:
+        above = next((p for p in Path(folder.url("")).parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise AttnscopeError(f"out={folder.url('').rstrip('/')!r}: {str(above)!r} is a file; expected a folder "
+                                 f"to write the sweep into")
     if not any(folder.exists(mark) for mark in (SETTINGS_FILE, "catalog.parquet", "rows")) and folder.list(""):
         what = "an attnscope trace" if folder.exists("zarr.json") else "a folder that is not a sweep (no sweep.json)"
         raise AttnscopeError(f"out={folder.url('')!r} is {what}; give a new or empty folder for the sweep")
-    if folder.exists(SETTINGS_FILE):
-        before = folder.read_json(SETTINGS_FILE)
-        if isinstance(before.get("capture"), dict):
-            before["capture"] = _explicit(before["capture"])
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-        if changed:
-            detail = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
-            raise AttnscopeError(f"out={folder.url('')!r} holds a sweep with other settings ({detail}); resume it "
-                                 f"with the same settings or choose another folder")
-    else:
-        folder.write_json(SETTINGS_FILE, settings)
+
+
+def _check_settings(folder: SweepFolder, settings: dict) -> bool:
+    """Refuse ``settings`` when the folder's ``sweep.json`` records others; whether the folder has a ``sweep.json``.
+
+    A folder holds one sweep: one model, one capture setting, one scheduler and one dtype. Only the
+    keys in ``settings`` are compared; ``scheduler`` and ``dtype``, recorded since they were added,
+    are not compared with a ``sweep.json`` written before (it lacks them).
+    """
+    if not folder.exists(SETTINGS_FILE):
+        return False
+    before = folder.read_json(SETTINGS_FILE)
+    if not isinstance(before, dict):
+        raise AttnscopeError(f"{folder.url(SETTINGS_FILE)!r}: expected a JSON object of the sweep's settings, got "
+                             f"{type(before).__name__}")
+    if isinstance(before.get("capture"), dict):
+        before["capture"] = _explicit(before["capture"])
+    changed = {k: (before.get(k), v) for k, v in _settings_record(settings).items()
+               if before.get(k) != v and (k in before or k in ("model", "capture"))}
+    if changed:
+        detail = "; ".join(_describe_change(k, old, new) for k, (old, new) in changed.items())
+        raise AttnscopeError(f"out={folder.url('')!r} holds a sweep with other settings ({detail}); resume it "
+                             f"with the same settings or choose another folder")
+    return True
+
+
+def _describe_change(key: str, old: Any, new: Any) -> str:
+    """One setting's change for the refusal: a scheduler by its class, or by the config entries that differ.
+
+    >>> _describe_change("dtype", "float32", "bfloat16")
+    "dtype: 'float32' then, 'bfloat16' now"
+    >>> _describe_change("scheduler", {"class": "DDIMScheduler", "config": {"eta": 0, "steps_offset": 1}},
+    ...                  {"class": "DDIMScheduler", "config": {"eta": 0, "steps_offset": 0}})
+    "scheduler: DDIMScheduler with {'steps_offset': 1} then, with {'steps_offset': 0} now"
+    """
+    if key == "scheduler" and isinstance(old, dict) and isinstance(new, dict):
+        if old.get("class") != new.get("class"):
+            return f"scheduler: {old.get('class')} then, {new.get('class')} now"
+        a, b = old.get("config") or {}, new.get("config") or {}
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        return (f"scheduler: {new.get('class')} with {({k: a.get(k) for k in keys})!r} then, "
+                f"with {({k: b.get(k) for k in keys})!r} now")
+    return f"{key}: {old!r} then, {new!r} now"
+
+
+def _fix_settings(folder: SweepFolder, settings: dict) -> None:
+    """Check ``settings`` against the folder's ``sweep.json`` and write it when there is none yet.
+
+    Called once the model is loaded and a run can start: a sweep that stops before (a model that does
+    not load, a bad device) leaves no settings, so the corrected command can use the same folder.
+    """
+    if not _check_settings(folder, settings):
+        folder.write_json(SETTINGS_FILE, _settings_record(settings))
 
 
 def _explicit(capture_settings: dict) -> dict:
@@ -122,7 +179,8 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
     out : str or Path
         The sweep's folder: a local directory or a URL (``s3://bucket/runs/s1``, ``file://…``). It
         gets ``traces/<run>.zarr``, ``images/<run>.png``, ``rows/<run>.json``, ``sweep.json`` (the
-        settings, checked on resume) and ``catalog.parquet``. Traces for a URL are captured into a
+        model, capture settings, scheduler and dtype, written once the model is loaded and checked on
+        resume) and ``catalog.parquet``. It must not be a file, a trace or a folder of other files. Traces for a URL are captured into a
         local staging folder and uploaded when complete.
     workers : int
         Worker processes on the CPU (1: run in this process, with ``pipe_or_model`` itself).
@@ -190,12 +248,18 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
     folder = SweepFolder(out, storage_options)
     scratch: list[str] = []
     try:
+        _check_folder(folder)
         model = str(pipe_or_model) if isinstance(pipe_or_model, (str, Path)) else None
-        _check_settings(folder, {"model": model or _reference(pipe_or_model), "capture": capture_kwargs})
+        known = {"model": model or _reference(pipe_or_model), "capture": capture_kwargs}
+        started = [_check_settings(folder, known) or folder.exists("rows")]  # the folder holds a sweep already
         todo = [r for r in runs if not _done(folder, r)]
         detector = _is_shapes(model or pipe_or_model)
         bar = _progress_bar(len(runs), len(runs) - len(todo), progress)
         rows_since = [time.monotonic()]
+
+        def on_ready(loaded: dict) -> None:  # the model is loaded: the settings are fixed before the first run
+            _fix_settings(folder, {**known, **loaded})
+            started[0] = True
 
         def on_row(row: dict) -> None:
             bar.update(1)
@@ -214,15 +278,17 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
                                   scheduler=scheduler, threads=threads or _worker_threads(len(worker_devices)),
                                   location=str(folder.location), storage_options=storage_options,
                                   capture_kwargs=capture_kwargs, extra=extra, detector=detector)
-                run_in_workers(todo, spec, worker_devices, folder, on_row)
+                run_in_workers(todo, spec, worker_devices, folder, on_row, on_ready)
             elif todo:
                 pipe = load_sweep_pipeline(model, dtype=dtype) if model else pipe_or_model
+                on_ready(pipeline_settings(pipe))
                 with _torch_threads(threads):
                     for run in todo:
                         on_row(execute_run(pipe, run, folder, capture_kwargs, extra, "main", detector))
         finally:
             bar.close()
-            write_catalog(folder)
+            if started[0]:  # a sweep that never started writes nothing: not even a folder
+                write_catalog(folder)
     finally:
         folder.close()
         for path in scratch:
