@@ -47,13 +47,14 @@ def _pipeline_args(items: list[str], taken: dict[str, str] | None = None, option
     import attnscope as ats
 
     found = {}
+    refused = {**_SET_BY_ATTNSCOPE, **taken} if taken is not None else {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.isidentifier():
             raise ats.AttnscopeError(f"{option} {item!r}: expected NAME=VALUE with a Python identifier as NAME "
                                      f"(e.g. {'use_resolution_binning=false' if option == '--set' else 'anon=true'})")
-        if taken is not None and name in {**_SET_BY_ATTNSCOPE, **taken}:
-            flag = {**_SET_BY_ATTNSCOPE, **taken}[name]
+        if name in refused:
+            flag = refused[name]
             raise ats.AttnscopeError(f"{option} {name}: the command sets {name} itself"
                                      + (f"; use {flag}" if flag else " (attnscope reads the pipeline's output)"))
         try:
@@ -328,23 +329,26 @@ def stats(
             _prompt_words(tr)  # the default targets: every word of the prompt; an empty prompt has none
         ds = ats.stats.dominance(tr, targets=chosen, sites=sites or None, steps=parse_step_text(steps, "--steps"))
         typer.echo(json.dumps(ats.stats.dominance_json(ds)) if as_json else ats.stats.dominance_table(ds, by=by))
-        note = None if as_json else _gated_note(tr, ds["step"].values.tolist())
+        note = None if as_json else _gated_note(tr, ds["step"].values.tolist())[0]
         if note:
             typer.echo(f"note: {note}")
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
 
 
-def _gated_note(tr, steps: list[int]) -> str | None:
-    """Which of ``steps`` an intervention gated (TGATE: attention served from its cache, no maps), or None."""
+def _gated_note(tr, steps: list[int]) -> tuple[str | None, bool]:
+    """A note naming which of ``steps`` an intervention gated (TGATE: attention served from its cache, no maps), or
+    None; and whether every one of them was gated."""
     from attnscope.selection import step_ranges
 
-    gated = sorted(set(tr.gated_steps) & {int(s) for s in steps})
+    chosen = {int(s) for s in steps}
+    gated = sorted(set(tr.gated_steps) & chosen)
     if not gated:
-        return None
-    kept = len(set(int(s) for s in steps)) - len(gated)
+        return None, False
+    every = len(gated) == len(chosen)
     return (f"step{'s' if len(gated) > 1 else ''} {step_ranges(gated)} gated (TGATE: attention reused from the cache, "
-            f"no maps): " + ("left out of the means" if kept else "nothing to show there; choose other --steps"))
+            f"no maps): " + ("nothing to show there; choose other --steps" if every else "left out of the means"),
+            every)
 
 
 @app.command(epilog="Example: attnscope rerun runs/demo.zarr --regulate 'circle,square' -o runs/demo-reg.zarr\n\n"
@@ -532,8 +536,8 @@ def plot(
         if chosen is not None and kind != "convergence":
             from attnscope.selection import select_steps
 
-            note = _gated_note(tr, list(select_steps(chosen, tr.num_steps)))
-            if note and note.endswith("choose other --steps"):
+            note, every = _gated_note(tr, list(select_steps(chosen, tr.num_steps)))
+            if every:
                 raise ats.AttnscopeError(note)
             if note:
                 typer.echo(f"warning: {note}", err=True)
@@ -543,9 +547,9 @@ def plot(
             fig = ats.plot.site_step_grid(tr, (targets or _prompt_words(tr))[0], sites=sites or None, steps=chosen,
                                           sample=sample)
         elif kind == "violins":
-            captured = [int(s) for s in tr.attention(tr.sites[0])["step"].values if int(s) not in set(tr.gated_steps)]
-            captured = captured or [int(s) for s in tr.attention(tr.sites[0])["step"].values]
-            default = sorted({captured[0], captured[len(captured) // 2], captured[-1]})  # computed steps, if any
+            captured = [int(s) for s in tr.attention(tr.sites[0])["step"].values]
+            computed = [s for s in captured if s not in set(tr.gated_steps)] or captured  # not gated, if any
+            default = sorted({computed[0], computed[len(computed) // 2], computed[-1]})
             fig = ats.plot.violins(tr, chosen if chosen is not None else default, sites=sites or None, sample=sample,
                                    words=targets)
         elif kind == "dominance":

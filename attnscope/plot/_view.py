@@ -294,9 +294,9 @@ class TraceViewer(anywidget.AnyWidget):
         if not steps:
             raise AttnscopeError(f"compare={str(self._runs[1].trace.path)!r}: no captured step in common with "
                                  f"{str(first.path)!r}; the before/after needs common steps")
-        gated = {int(s) for run in self._runs[1:] for s in [*run.trace.gated_steps, *first.gated_steps]}
         # "all" steps before and after: the same steps, those computed in both runs (a TGATE run's gated steps have
-        # no maps), as ats.compare takes them; one trace alone averages over the steps it computed
+        # no maps), as ats.compare takes them; one trace alone averages over the steps it computed (NaN skipped)
+        gated = {int(s) for run in self._runs for s in run.trace.gated_steps} if compare is not None else set()
         self._all_steps = tuple(s for s in steps if s not in gated) or tuple(steps)
         super().__init__()
         try:

@@ -384,10 +384,12 @@ def shard_keys(meta: dict[str, Any], step_shard: int) -> list[str]:
     """Keys (relative to the array) of the shards holding step-shard ``step_shard`` (one per block of the other axes)."""
     shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
     counts = [math.ceil(d / c) for d, c in zip(meta["shape"][1:], shard[1:])]
-    keys = []
-    for rest in np.ndindex(*counts):
-        keys.append("c/" + "/".join(str(i) for i in (step_shard, *rest)))
-    return keys
+    return [_chunk_key((step_shard, *rest)) for rest in np.ndindex(*counts)]
+
+
+def _chunk_key(index: tuple[int, ...]) -> str:
+    """The key (relative to its array) of the chunk or shard at grid ``index`` (zarr v3's default encoding)."""
+    return "c/" + "/".join(str(i) for i in index) if index else "c"
 
 
 def missing_shards(meta: dict[str, Any], steps: list[int], stored: set[str]) -> list[int]:
@@ -413,7 +415,7 @@ def lost_chunks(meta: dict[str, Any], stored: set[str]) -> list[str]:
         return []
     chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
     counts = [math.ceil(d / c) for d, c in zip(shape, chunk)]
-    keys = ("c/" + "/".join(str(i) for i in index) if index else "c" for index in np.ndindex(*counts))
+    keys = (_chunk_key(index) for index in np.ndindex(*counts))
     return [key for key in keys if key not in stored]
 
 

@@ -251,7 +251,7 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
         _check_folder(folder)
         model = str(pipe_or_model) if isinstance(pipe_or_model, (str, Path)) else None
         known = {"model": model or _reference(pipe_or_model), "capture": capture_kwargs}
-        started = [_check_settings(folder, known) or folder.exists("rows")]  # the folder holds a sweep already
+        _check_settings(folder, known)
         todo = [r for r in runs if not _done(folder, r)]
         detector = _is_shapes(model or pipe_or_model)
         bar = _progress_bar(len(runs), len(runs) - len(todo), progress)
@@ -259,7 +259,6 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
 
         def on_ready(loaded: dict) -> None:  # the model is loaded: the settings are fixed before the first run
             _fix_settings(folder, {**known, **loaded})
-            started[0] = True
 
         def on_row(row: dict) -> None:
             bar.update(1)
@@ -287,7 +286,7 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
                         on_row(execute_run(pipe, run, folder, capture_kwargs, extra, "main", detector))
         finally:
             bar.close()
-            if started[0]:  # a sweep that never started writes nothing: not even a folder
+            if folder.exists(SETTINGS_FILE) or folder.exists("rows"):  # a sweep that never started writes nothing
                 write_catalog(folder)
     finally:
         folder.close()
