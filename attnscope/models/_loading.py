@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import AttnscopeError
 from ..selection import DTYPES
-from ._compat import quiet_dtype_deprecation
+from ._compat import quiet_loading
 
 __all__ = ["load_pipeline"]
 
@@ -51,7 +51,8 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     if dtype is not None:
         kwargs["torch_dtype"] = dtypes[dtype]
     if str(model) == "shapes":
-        from .shapes import load_shapes_pipeline
+        with quiet_loading():  # importing diffusers' SD pipeline module is what prints transformers' note
+            from .shapes import load_shapes_pipeline
 
         return _to_device(load_shapes_pipeline(dtype=kwargs.get("torch_dtype")), device)
     path = Path(model)
@@ -65,7 +66,7 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     cls = _own_pipeline_class(path) if path.exists() else DiffusionPipeline
     try:
         # some models draw their init from torch's global RNG while loading (PixArt, Sana): the caller's stays as it was
-        with quiet_dtype_deprecation(), torch.random.fork_rng(devices=[]):
+        with quiet_loading(), torch.random.fork_rng(devices=[]):
             pipe = cls.from_pretrained(str(model), **kwargs)
     except (OSError, ValueError) as exc:
         raise AttnscopeError(

@@ -8,7 +8,7 @@ from typing import Any
 from diffusers import StableDiffusionPipeline
 
 from ...errors import AttnscopeError
-from .._compat import quiet_dtype_deprecation
+from .._compat import quiet_loading
 from ._tokenizer import make_clip_tokenizer
 from ._world import IMAGE_SIZE, VOCABULARY, check_vocabulary
 
@@ -124,7 +124,7 @@ def load_shapes_pipeline(dtype: Any = None) -> ShapesPipeline:
             "reinstall attnscope or train them with `attnscope train-shapes`"
         )
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    with quiet_dtype_deprecation():
+    with quiet_loading():
         pipe = ShapesPipeline.from_pretrained(WEIGHTS_DIR, local_files_only=True, **kwargs)
     pipe.register_to_config(_name_or_path="shapes")
     pipe.set_progress_bar_config(disable=None)
