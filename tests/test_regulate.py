@@ -543,3 +543,43 @@ def test_a_rerun_of_a_risk_gated_rerun_reproduces_it(shapes, tmp_path):
     when = [t.manifest["interventions"][0]["params"]["when"] for t in (a, b)]
     assert when[0]["at_risk"] == when[1]["at_risk"] and when[0]["risk"] == when[1]["risk"]
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))
+
+
+# -- a slice of steps read back from a manifest (audit 2027-01) ------------------------------------------------
+def test_steps_slice_round_trips_through_the_manifest(shapes, tmp_path):
+    """A slice is recorded as {"start", "stop", "step"}; that mapping fed back to the constructor failed at the run."""
+    import json
+
+    parent = ats.capture(shapes, PROMPT, seed=0, store=tmp_path / "a.zarr", num_inference_steps=6)
+    first = ats.rerun(parent, [Reweight("circle", 3.0, steps=slice(1, None, 2))], store=tmp_path / "b.zarr")
+    params = json.loads(json.dumps(first.manifest["interventions"][0]["params"]))
+    assert params["steps"] == {"start": 1, "stop": None, "step": 2}
+    again = Reweight(**params)
+    assert again.describe() == first.manifest["interventions"][0]
+    assert again.scope.steps_of_run(6) == (1, 3, 5)
+    second = ats.rerun(parent, [again], store=tmp_path / "c.zarr")  # the same run: the same image, not the parent's
+    assert np.array_equal(np.asarray(second.images[0]), np.asarray(first.images[0]))
+    assert not np.array_equal(np.asarray(second.images[0]), np.asarray(parent.images[0]))
+    regulation = AttentionRegulation(["circle", "square"], steps=slice(1, None, 2))
+    params = json.loads(json.dumps(regulation.describe()["params"]))
+    rebuilt = AttentionRegulation(**params)
+    assert rebuilt.describe() == regulation.describe() and rebuilt.scope.steps_of_run(6) == (1, 3, 5)
+    assert Reweight("circle", 2.0, steps={"stop": 2}).scope.steps_of_run(6) == (0, 1)   # keys left out are None
+
+
+@pytest.mark.parametrize("steps, message", [
+    ({"start": 1, "end": 4}, r"steps=\{'start': 1, 'end': 4\}: a mapping is read as a slice; expected the keys "
+                             r"start, stop, step"),
+    ({"start": "1"}, r"steps=\{'start': '1'\}: .*each an int or None"),
+    ({}, r"steps=\{\}: a mapping is read as a slice"),
+    ("sometimes", r"steps='sometimes': expected an int, a list or range of ints, a slice, \"first_half\" or None"),
+    ([1.5], r"steps=\[1.5\]: expected"),
+    ([], r"steps=\[\]: expected"),
+    (True, r"steps=True: expected"),
+    (slice(0, 4, 0), r"steps=slice\(0, 4, 0\): expected a slice whose step is not 0"),
+    (slice(0.5, 4), r"steps=slice\(0.5, 4, None\): expected a slice of ints"),
+])
+def test_bad_steps_are_refused_when_made(steps, message):
+    for make in (lambda: Reweight("circle", 2.0, steps=steps), lambda: AttentionRegulation(["circle"], steps=steps)):
+        with pytest.raises(AttnscopeError, match=message):
+            make()

@@ -41,6 +41,23 @@ class ScaleWord:
         return out
 
 
+class ZeroAt:
+    """Test intervention: no attention at all (cond rows) at one site and step."""
+
+    role = "intervention"
+
+    def __init__(self, site, step):
+        self.site, self.step = site, step
+
+    def stages(self, ctx):
+        return ("probs",) if ctx.site.name == self.site and ctx.step == self.step else ()
+
+    def on_probs(self, ctx, probs):
+        out = probs.clone()
+        out[ctx.rows.cond] = 0
+        return out
+
+
 class Silent:
     """Test intervention without describe(): changes nothing."""
 
@@ -420,3 +437,64 @@ def test_shares_of_one_sample_and_the_reports_table_follow_sample(shapes, tmp_pa
     page = ats.report(two, tmp_path / "r.html", compare=steered, sample=1, words=["circle"]).read_text()
     row = c.shares(1).loc["circle"]
     assert f"{100 * row.before:.1f} %" in page and f"{100 * row.change:+.1f} pt" in page
+
+
+# -- compare: gated steps, NaN shares, sites one trace lacks, repeated targets (audit 2027-01) ---------------------
+def test_compare_refuses_named_steps_that_a_run_gated(parent, tmp_path):
+    """A gated step's maps are NaN (TGATE reused its cache): named in steps=, it fell out of the after mean only and
+    the table showed a change the runs did not make."""
+    gated = rerun(parent, [ats.regulate.TGate(5)], store=tmp_path / "g.zarr")
+    assert gated.gated_steps == [5, 6, 7]
+    with pytest.raises(ats.AttnscopeError, match=r"at steps=\[0, 6\]: trace b \('.*g\.zarr'\) gated step 6 \(TGATE"):
+        compare(parent, gated, ["circle"], steps=[0, 6])
+    with pytest.raises(ats.AttnscopeError, match=r"trace a \('.*g\.zarr'\) gated steps 5–7 .*steps=None"):
+        compare(gated, parent, ["circle"], steps=slice(3, None))
+    # before its gate TGATE computes the plain run's attention: named steps there compare equal
+    c = compare(parent, gated, ["circle", "square"], steps=[0, 4])
+    assert c.stats.attrs["compared_steps"] == [0, 4] and (c.shares()["change"] == 0).all()
+
+
+def test_shares_average_only_where_both_runs_have_a_share(parent, tmp_path):
+    """A share that is NaN in one run only (no attention there to divide) was left out of that run's mean but not
+    the other's, so shares() showed a change where every other share was equal."""
+    last = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"  # the last attention call of the UNet's pass
+    zeroed = rerun(parent, [ZeroAt(last, 7)], store=tmp_path / "z.zarr")  # ... at the last step: nothing else changes
+    c = compare(parent, zeroed, ["circle", "square"])
+    assert np.isnan(c.after.target_share.sel(step=7, site=last).values).all()
+    assert np.isnan(c.stats.target_share.values).sum() == c.stats.sizes["target"]  # only there
+    assert np.nanmax(np.abs(c.stats.target_share.values)) == 0
+    shares = c.shares()
+    assert (shares["change"] == 0).all()
+    by_hand = ats.stats.dominance(parent, ["circle"]).target_share.sel(target="circle")
+    by_hand = by_hand.where(~((by_hand.step == 7) & (by_hand.site == last)))
+    assert shares.loc["circle", "before"] == pytest.approx(float(np.nanmean(by_hand.values)))
+
+
+def test_compare_names_the_trace_that_lacks_a_site(parent, tmp_path):
+    """A site only one trace recorded gave 'no step was captured and computed in both'."""
+    sub = rerun(parent, store=tmp_path / "sub.zarr", sites="up_blocks.1.*")
+    down = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    with pytest.raises(ats.AttnscopeError, match=rf"trace b \('.*sub\.zarr'\) did not record {down}; the sites "
+                                                 r"both recorded: up_blocks\.1\.attentions\.0"):
+        compare(parent, sub, ["circle"], sites=[down, "up_blocks.1.*"])
+    with pytest.raises(ats.AttnscopeError, match=r"trace a \('.*sub\.zarr'\) did not record down_blocks\.1.*, "
+                                                 r"down_blocks\.2"):
+        compare(sub, parent, ["circle"], sites="down_blocks.*")
+    with pytest.raises(ats.AttnscopeError, match=r"'nowhere\.\*' matches no cross-attention site"):
+        compare(parent, sub, ["circle"], sites="nowhere.*")
+    c = compare(parent, sub, ["circle"], sites="up_blocks.1.*")
+    assert c.stats["site"].values.tolist() == sub.sites  # recording fewer sites changes the maps by rounding only
+    assert c.shares()["change"].abs().max() < 1e-6
+
+
+def test_a_repeated_target_is_measured_once(parent, steered, tmp_path):
+    """words=["circle", "circle"] failed in the report (TypeError) and gave two rows of one target in compare."""
+    once, twice = compare(parent, steered, ["circle"]), compare(parent, steered, ["circle", "square", "circle"])
+    assert twice.targets == ["circle", "square"]
+    assert twice.shares().loc["circle"].tolist() == pytest.approx(once.shares().loc["circle"].tolist(), abs=1e-12)
+    page = tmp_path / "r.html"
+    expected = ats.report(parent, page, compare=steered, words=["circle"]).read_text()
+    assert ats.report(parent, page, compare=steered, words=["circle", "circle"], overwrite=True).read_text() == expected
+    result = cli("report", parent.path, "--compare", steered.path, "--words", "circle,circle", "-o", page, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert page.read_text() == expected

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from ..errors import AttnscopeError
 from ..selection import select_sites, select_steps
@@ -63,7 +65,9 @@ class InterventionScope:
         The run's steps, parsed as capture and the statistics parse them
         (:func:`attnscope.selection.select_steps`: negative indices and slices count from the run's
         end, ``-1`` is the last step); ``None``: every step; ``"first_half"``: the steps below half
-        of the run's planned steps (the official Attention Regulation schedule).
+        of the run's planned steps (the official Attention Regulation schedule). A slice may also be
+        given as the mapping ``{"start", "stop", "step"}`` that :meth:`describe` (and so a manifest)
+        records it as. The spec's form is checked here; its steps are resolved against each run.
 
     Examples
     --------
@@ -72,6 +76,8 @@ class InterventionScope:
     (17, 18, 19)
     >>> InterventionScope("square", steps="first_half").steps_of_run(5)
     (0, 1, 2)
+    >>> InterventionScope("square", steps={"start": -3, "stop": None, "step": None}).steps   # as a manifest holds it
+    slice(-3, None, None)
     """
 
     def __init__(self, targets: TargetSpec, sites: Any = None, steps: Any = None, *, first_occurrence: bool = False,
@@ -85,7 +91,7 @@ class InterventionScope:
                 or (isinstance(sites, (list, tuple)) and all(isinstance(s, str) for s in sites))):
             raise AttnscopeError(f"sites={sites!r}: expected a site name or glob, a list of them, or a predicate on "
                                  f"the site")
-        self.targets, self.sites, self.steps = targets, sites, steps
+        self.targets, self.sites, self.steps = targets, sites, _steps_spec(steps)
         self.first_occurrence, self.default_sites = first_occurrence, default_sites
         self._all: list[Any] = []
         self._chosen: set[str] | None = None
@@ -227,6 +233,49 @@ def targets_label(targets: Any) -> Any:
     return list(targets) if isinstance(targets, tuple) else targets
 
 
+_SLICE_KEYS = ("start", "stop", "step")
+
+
+def _steps_spec(steps: Any) -> Any:
+    """``steps`` checked for form (not yet against a run), with the mapping that :func:`_jsonable_spec` writes
+    for a slice read back as the slice.
+
+    >>> _steps_spec({"start": 1, "stop": None, "step": 2}), _steps_spec([0, 2])
+    (slice(1, None, 2), [0, 2])
+    >>> _steps_spec({"start": 1, "end": 4})
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: steps={'start': 1, 'end': 4}: a mapping is read as a slice; expected the keys start, stop, step (as a manifest records a slice), each an int or None
+    """
+    expected = "expected an int, a list or range of ints, a slice, \"first_half\" or None"
+    if isinstance(steps, Mapping):
+        if not steps or not set(steps) <= set(_SLICE_KEYS) or not all(_int_or_none(v) for v in steps.values()):
+            raise AttnscopeError(f"steps={steps!r}: a mapping is read as a slice; expected the keys "
+                                 f"{', '.join(_SLICE_KEYS)} (as a manifest records a slice), each an int or None")
+        steps = slice(*(steps.get(k) for k in _SLICE_KEYS))
+    if steps is None or (isinstance(steps, str) and steps == "first_half") or _int(steps):
+        return steps
+    if isinstance(steps, slice):
+        if not all(_int_or_none(v) for v in (steps.start, steps.stop, steps.step)):
+            raise AttnscopeError(f"steps={steps!r}: expected a slice of ints")
+        if steps.step == 0:
+            raise AttnscopeError(f"steps={steps!r}: expected a slice whose step is not 0")
+        return steps
+    if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
+        raise AttnscopeError(f"steps={steps!r}: {expected}")
+    values = list(steps)
+    if not values or not all(_int(v) for v in values):
+        raise AttnscopeError(f"steps={steps!r}: {expected} (a list of at least one int)")
+    return steps if isinstance(steps, (list, tuple, range, np.ndarray)) else values  # a generator: read once
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _int_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
 def _jsonable_spec(value: Any) -> Any:
     """A JSON-able form of a site/step spec.
 
@@ -235,6 +284,8 @@ def _jsonable_spec(value: Any) -> Any:
     """
     if value is None or isinstance(value, (str, int, float)):
         return value
+    if isinstance(value, (np.integer, np.ndarray)):  # an np.arange of steps, or one of its items
+        return value.tolist()
     if isinstance(value, slice):
         return {"start": value.start, "stop": value.stop, "step": value.step}
     if isinstance(value, range):

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..selection import select_site_names, step_ranges
+from ..selection import run_steps, select_site_names, select_steps, step_ranges
 from ..stats import dominance
 from ..store import Trace, as_trace
 from ..tokens import token_words
@@ -50,13 +50,15 @@ class Comparison:
 
     def shares(self, sample: Any = None) -> Any:
         """Mean target share per target (over steps, sites and samples, or of one ``sample``): a DataFrame with
-        ``before``, ``after``, ``change`` columns."""
+        ``before``, ``after``, ``change`` columns. Both means are taken over the same entries: where a share is
+        NaN in either run (no attention to divide), it is left out of both."""
         import pandas as pd
 
         mean = ["step", "site"] + (["sample"] if sample is None else [])
         pick = {} if sample is None else {"sample": sample}
-        before = self.before.target_share.sel(pick).mean(mean).to_series()
-        after = self.after.target_share.sel(pick).mean(mean).to_series()
+        before, after = self.before.target_share.sel(pick), self.after.target_share.sel(pick)
+        both = before.notnull() & after.notnull()  # a share NaN in one run (no attention there) leaves both means
+        before, after = before.where(both).mean(mean).to_series(), after.where(both).mean(mean).to_series()
         return pd.DataFrame({"before": before, "after": after, "change": after - before})
 
     def table(self) -> str:
@@ -112,6 +114,18 @@ def _plural(word: str, items: Sequence[Any]) -> str:
     return word if len(items) == 1 else word + "s"
 
 
+def _each_once(items: list[Any]) -> list[Any]:
+    """The items in order, each once (a target named twice would be two rows of one target).
+
+    >>> _each_once(["circle", "square", "circle"])
+    ['circle', 'square']
+    """
+    try:
+        return list(dict.fromkeys(items))
+    except TypeError:  # an unhashable item: left to the statistics' error for a bad target
+        return items
+
+
 def _same_generation(a: Trace, b: Trace) -> None:
     ra, rb = a.manifest.get("run", {}), b.manifest.get("run", {})
     pa, pb = ra.get("prompts"), rb.get("prompts")
@@ -126,12 +140,28 @@ def _same_generation(a: Trace, b: Trace) -> None:
                                  f"({ra.get(key)!r} vs {rb.get(key)!r})")
 
 
-def _computed_in_both(a: Trace, b: Trace, sites: Any) -> list[int]:
+def _chosen_sites(a: Trace, b: Trace, sites: Any) -> list[str]:
+    """The site names ``sites`` chooses (default: every site both traces recorded); each must be in both traces."""
+    where = f"cannot compare {str(a.path)!r} and {str(b.path)!r}"
+    common = [s for s in a.sites if s in set(b.sites)]
+    if sites is None:
+        if not common:
+            raise AttnscopeError(f"{where}: they recorded no site in common ({a.sites} vs {b.sites})")
+        return common
+    names = select_site_names(sites, list(dict.fromkeys([*a.sites, *b.sites])))
+    lacking = [f"trace {label} ({str(tr.path)!r}) did not record {', '.join(missing)}"
+               for label, tr in (("a", a), ("b", b)) if (missing := [n for n in names if n not in set(tr.sites)])]
+    if lacking:
+        raise AttnscopeError(f"{where} at sites={sites!r}: {'; '.join(lacking)}; the sites both recorded: "
+                             f"{', '.join(common) or 'none'}")
+    return names
+
+
+def _computed_in_both(a: Trace, b: Trace, site: str) -> list[int]:
     """The steps both traces captured and computed (not gated by TGATE): ``before`` and ``after`` are taken over
     the same steps, so their means compare like ``stats`` does."""
     gated = set(a.gated_steps) | set(b.gated_steps)
-    site = select_site_names(sites, a.sites)[0]
-    have = set(b.attention(site)["step"].values.tolist()) if site in b.sites else set()
+    have = set(b.attention(site)["step"].values.tolist())
     captured = a.attention(site)["step"].values.tolist()
     steps = [s for s in captured if s in have and s not in gated]
     if not steps:
@@ -139,6 +169,18 @@ def _computed_in_both(a: Trace, b: Trace, sites: Any) -> list[int]:
         raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: no step was captured and "
                              f"computed in both{why}")
     return steps
+
+
+def _check_not_gated(a: Trace, b: Trace, site: str, steps: Any) -> None:
+    """Steps named by the caller must have been computed in both runs: a gated step's maps are NaN (TGATE reused its
+    cache), so its shares would drop out of one mean only and show a change the runs did not make."""
+    chosen = set(select_steps(steps, run_steps(a, [a.attention(site)])))
+    gated = [f"trace {label} ({str(tr.path)!r}) gated {_plural('step', g)} {step_ranges(g)}"
+             for label, tr in (("a", a), ("b", b)) if (g := sorted(chosen & set(tr.gated_steps)))]
+    if gated:
+        raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r} at steps={steps!r}: "
+                             f"{'; '.join(gated)} (TGATE: attention reused from the cache, no maps to compare); "
+                             f"leave them out of steps=, or pass steps=None for every step both runs computed")
 
 
 def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str | int] | str | None = None, *,
@@ -164,11 +206,12 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
     targets : list of words, phrases or token positions, optional
         Default: every distinct word of ``a``'s first prompt (``ats.stats.dominance``'s default).
     sites : glob, list of names/globs, optional
-        Which sites (default all that both traces recorded).
+        Which sites (default all that both traces recorded); every site chosen must be in both traces
+        (an error names the trace that lacks one).
     steps : int, list of int or slice, optional
         Which steps of the run (an int, list or slice over the run's steps, like ``capture``; all
-        must be captured). Default: every step both traces captured, less the steps either one
-        gated (TGATE: not computed, stored as NaN).
+        must be captured, and none gated by either run: an error names them). Default: every step
+        both traces captured, less the steps either one gated (TGATE: not computed, stored as NaN).
 
     Returns
     -------
@@ -181,15 +224,12 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
     _same_generation(ta, tb)
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(ta.tokens, ta.token_roles) if w))
-    targets = [targets] if isinstance(targets, (str, int)) else list(targets)
-    if sites is None:
-        common = [s for s in ta.sites if s in set(tb.sites)]
-        if not common:
-            raise AttnscopeError(f"cannot compare {str(ta.path)!r} and {str(tb.path)!r}: they recorded no site in "
-                                 f"common ({ta.sites} vs {tb.sites})")
-        sites = common
+    targets = _each_once([targets] if isinstance(targets, (str, int)) else list(targets))
+    sites = _chosen_sites(ta, tb, sites)
     if steps is None:
-        steps = _computed_in_both(ta, tb, sites)
+        steps = _computed_in_both(ta, tb, sites[0])
+    else:
+        _check_not_gated(ta, tb, sites[0], steps)
     before = dominance(ta, targets, sites=sites, steps=steps)
     after = dominance(tb, targets, sites=sites, steps=steps)
     with np.errstate(invalid="ignore"):

@@ -46,7 +46,7 @@ def report(trace: Trace | str | Path, path: str | os.PathLike = "report.html", *
         interventions): compared with ``ats.compare(trace, compare, words, sites=sites)``. A trace of
         another prompt or image size is an error.
     words : str, int or sequence of them, optional
-        Words or phrases to draw and measure (also the compared targets). Default: the prompt's phrases
+        Words or phrases to draw and measure (also the compared targets); one given twice counts once. Default: the prompt's phrases
         between stop-words (:func:`attnscope.plot.report_words`; a shapes prompt's object phrases).
     sites : str or sequence of str, optional
         Site names or globs (default all).
@@ -65,6 +65,8 @@ def report(trace: Trace | str | Path, path: str | os.PathLike = "report.html", *
     from .. import plot  # matplotlib loads with the first report, not with ``import attnscope``
 
     tr = as_trace(trace, "trace")
+    if words is not None and not isinstance(words, (str, int)):
+        words = list(dict.fromkeys(words))  # a word given twice is drawn and measured once
     if compare is not None and not isinstance(compare, Comparison):
         targets = words if words is not None else plot.report_words(tr, sample)
         compare = compare_runs(tr, as_trace(compare, "compare"), targets, sites=sites)
