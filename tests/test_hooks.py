@@ -317,17 +317,21 @@ def test_a_second_hooks_block_on_the_same_pipeline_is_refused_before_anything_is
     assert ats.open_trace(tmp_path / "n1.zarr").complete and not (tmp_path / "n2.zarr").exists()
 
 
-@pytest.mark.parametrize("after", ["second call", "error after the run"])
+@pytest.mark.parametrize("after", ["second call", "error after the run", "error after the run, no images added"])
 def test_a_recording_whose_run_finished_is_complete_whatever_ends_the_block(sd_pipe, tmp_path, after):
-    """Any exception at the end of the block marked a fully written store incomplete."""
+    """Any exception at the end of the block marked a fully written store incomplete (without add_images, also one
+    raised after the pipeline returned, although docs/store-format.md said it stays complete)."""
     store = tmp_path / "r.zarr"
     rec = ats.Recorder(store, run_info={"num_inference_steps": RUN["num_inference_steps"]})
     with pytest.raises((ats.AttnscopeError, ValueError)), ats.hooks(sd_pipe, rec):
         if after == "second call":
             sd_pipe("a red circle", **RUN)     # no images added: the second run's start says the first finished
             sd_pipe("a blue square", **RUN)    # "Recorder records one pipeline call"
-        else:
+        elif after == "error after the run":
             rec.add_images(sd_pipe("a red circle", **RUN).images)
+            raise ValueError("the user's code after the run")
+        else:
+            sd_pipe("a red circle", **RUN)
             raise ValueError("the user's code after the run")
     tr = ats.open_trace(store)
     assert tr.complete and tr.steps_written == RUN["num_inference_steps"]
@@ -344,3 +348,108 @@ def test_a_recording_whose_run_finished_is_complete_whatever_ends_the_block(sd_p
         sd_pipe("a red circle", **RUN)
     with pytest.warns(ats.AttnscopeWarning, match="incomplete"):
         assert not ats.open_trace(cut).complete
+
+
+def test_every_cross_site_of_a_session_shares_one_set_of_scratch_buffers(sd_pipe):
+    """Each cross site had scratch tensors of its own: the memory held grew with the number of sites."""
+
+    class KeepAll:
+        def __init__(self):
+            self.kept, self.copies = [], []
+
+        def stages(self, ctx):
+            return ("probs",)
+
+        def on_probs(self, ctx, p):
+            self.kept.append(p)          # held across sites of the same map size: never reused under it
+            self.copies.append(p.clone())
+
+    keep = KeepAll()
+    with ats.hooks(sd_pipe, keep) as session:
+        buffers = {id(site.module.processor._buffer) for site in session.sites}
+        generate(sd_pipe, num_inference_steps=2)
+    assert len(buffers) == 1 and len(session.sites) == 7
+    assert len(keep.kept) == 2 * 7
+    for kept, copy in zip(keep.kept, keep.copies):
+        assert torch.equal(kept, copy)
+
+
+def _restore_processors(pipe, saved):
+    pipe.unet.set_attn_processor(dict(saved))  # it empties the dict it is given
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in pipe.unet.attn_processors.values())
+
+
+def test_processors_replaced_inside_the_block_are_refused_naming_the_site(sd_pipe, tmp_path):
+    """set_attn_processor inside the block silently removed the hooks: the store was marked complete with 0 steps
+    written, and on exit only the wrapped sites were put back (attn1 kept the new processor, attn2 the old)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    saved = sd_pipe.unet.attn_processors
+    store = tmp_path / "r.zarr"
+    try:
+        with pytest.raises(ats.AttnscopeError, match=r"site down_blocks\.0\..*attn2: its attention processor was "
+                                                     r"replaced inside .*AttnProcessor.*set the processors before"):
+            with ats.hooks(sd_pipe, ats.Recorder(store)):
+                sd_pipe.unet.set_attn_processor(AttnProcessor())
+                sd_pipe("a red circle", **RUN)
+        assert not store.exists()     # refused before the first step: nothing written, nothing marked complete
+        # the user's replacement stands everywhere, attn1 and attn2 alike; no attnscope wrapper is left behind
+        assert {type(p).__name__ for p in sd_pipe.unet.attn_processors.values()} == {"AttnProcessor"}
+        assert not sd_pipe.unet._forward_pre_hooks
+    finally:
+        _restore_processors(sd_pipe, saved)
+
+    class Replace:  # mid-run, after the first step: the trace stays incomplete
+        def stages(self, ctx):
+            return ()
+
+        def on_step(self, step):
+            if step.step == 1:
+                sd_pipe.unet.set_attn_processor(AttnProcessor())
+
+    try:
+        with pytest.raises(ats.AttnscopeError, match="replaced inside"):
+            with ats.hooks(sd_pipe, ats.Recorder(store), Replace()):
+                sd_pipe("a red circle", **RUN)
+        with pytest.warns(ats.AttnscopeWarning, match="incomplete"):
+            tr = ats.open_trace(store)
+        assert not tr.complete and tr.steps_written < RUN["num_inference_steps"]
+    finally:
+        _restore_processors(sd_pipe, saved)
+
+
+def test_attention_slicing_is_refused_at_install_naming_the_fix(sd_pipe, tmp_path):
+    """It was found mid-run, at the first read of the attention, with advice (set_default_attn_processor) that does
+    not name the cause."""
+    saved = sd_pipe.unet.attn_processors
+    sd_pipe.enable_attention_slicing()
+    try:
+        with pytest.raises(ats.AttnscopeError, match=r"attention slicing is on \(SlicedAttnProcessor\).*"
+                                                     r"pipe\.disable_attention_slicing\(\)"):
+            with ats.hooks(sd_pipe, ats.Recorder(tmp_path / "r.zarr")):
+                pass
+        assert not (tmp_path / "r.zarr").exists()
+        assert {type(p).__name__ for p in sd_pipe.unet.attn_processors.values()} == {"SlicedAttnProcessor"}
+    finally:
+        _restore_processors(sd_pipe, saved)
+
+
+def test_a_compiled_denoiser_gets_one_clear_error():
+    """torch.compile(pipe.unet) made `unet or transformer` raise a raw TypeError (a compiled module refuses len())."""
+    from attnscope.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    unet = pipe.unet
+    compiled = torch.compile(unet)  # lazy: nothing is compiled until it is called
+    with pytest.raises(ats.AttnscopeError, match=r"pipe: got a torch.compile'd UNet2DConditionModel; pass the "
+                                                 r"pipeline.*pipe\.unet\.compile\(\)"):
+        with ats.hooks(compiled):
+            pass
+    pipe.unet = compiled
+    with pytest.raises(ats.AttnscopeError, match=r"pipe\.unet: a torch.compile'd UNet2DConditionModel.*in place.*"
+                                                 r"pipe\.unet\.compile\(\)"):
+        with ats.hooks(pipe):
+            pass
+    pipe.unet = unet
+    with ats.hooks(pipe) as session:  # the module itself again: hooked as usual
+        assert session.denoiser is unet

@@ -13,7 +13,7 @@ import attnscope as ats
 from attnscope.errors import AttnscopeError
 from attnscope.hooks import find_denoiser
 from attnscope.hooks._joint import attention_with_lse, joint_attention
-from attnscope.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+from attnscope.testing import tiny_flux2_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
 
 SD3_KW = dict(num_inference_steps=2, height=32, width=32, guidance_scale=2.0, max_sequence_length=16)
 FLUX_KW = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=16)
@@ -246,6 +246,29 @@ def test_true_cfg_counts_steps_by_timestep_and_shows_clients_the_prompt_pass(flu
         flux("a red circle", negative_prompt="blue", true_cfg_scale=2.0, **FLUX_KW)
     assert sorted({s for s, _ in steps}) == [0, 1]
     assert len(steps) == 2 * len(ats.discover_sites(flux))  # the negative pass is not shown
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_stored_and_shown_timesteps_are_the_schedulers(family, flux, tmp_path):
+    """Flux's pipelines call the transformer with t / 1000: the store kept 0.76145 where the scheduler says 761.45."""
+    pipe = flux if family == "flux" else tiny_flux2_pipeline()
+    kw = FLUX_KW if family == "flux" else dict(FLUX_KW, max_sequence_length=32, guidance_scale=4.0)  # klein: 2 calls
+    seen = []
+
+    class Steps:
+        def stages(self, ctx):
+            return ()
+
+        def on_step(self, step):
+            seen.append(step.timestep)
+
+    rec = ats.Recorder(tmp_path / "t.zarr")
+    with ats.hooks(pipe, rec, Steps()):
+        pipe(prompt="a red circle", **kw)
+    planned = [float(t) for t in pipe.scheduler.timesteps]     # the scheduler's own values, after the run
+    assert len(planned) == 2 and planned[0] > 1                # on the scheduler's 0…1000 scale
+    assert seen == planned
+    assert ats.open_trace(rec.path).timesteps.tolist() == planned
 
 
 # ----------------------------------------------------------------------------- tokens

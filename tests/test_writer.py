@@ -59,3 +59,34 @@ def test_chunk_steps_bounds():
     assert chunk_steps(10**6, 50) == 1
     assert chunk_steps(1, 50) == 8
     assert chunk_steps(1, 3) == 3
+
+
+def test_a_closed_writer_refuses_new_data_instead_of_blocking(tmp_path):
+    """A put after close queued forever into a queue nobody drained: with a full queue the producer hung."""
+    w = TraceWriter(tmp_path / "t.zarr", max_queue_bytes=64)
+    w.init(layout())
+    w.close(complete=False)
+    outcome = []
+
+    def put_twice():  # 72 + 72 bytes > 64: the second put waited on the dead writer thread
+        try:
+            for _ in range(2):
+                w.put("s", "cond", 0, np.zeros((2, 1, 2, 3, 3), np.float16))
+        except AttnscopeError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=put_twice, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "put() blocked on a closed writer"
+    assert len(outcome) == 1 and "is closed" in str(outcome[0]) and "new one per run" in str(outcome[0])
+
+
+def test_complete_is_never_marked_with_steps_missing(tmp_path):
+    """close(complete=True) marked a store complete although no step's maps had arrived (hooks removed mid-block)."""
+    w = TraceWriter(tmp_path / "t.zarr")
+    w.init(layout())
+    w.put("s", "cond", 0, np.zeros((2, 1, 2, 3, 3), np.float16))   # steps 1 and 2 never come
+    w.close(complete=True)
+    root = zarr.open_group(str(tmp_path / "t.zarr"), mode="r")
+    assert w.steps_written == 1 and root.attrs["steps_written"] == 1 and root.attrs["complete"] is False

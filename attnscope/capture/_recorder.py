@@ -126,9 +126,14 @@ class Recorder:
         self._gated: set[int] = set()  # steps where an intervention bypassed a recorded site
         self._bypassed: set[str] = set()  # sites bypassed at the current step
         self._outputs = _OutputChange()
+        self._refused = False  # on_install refused a second block: its on_remove leaves the first block's trace alone
 
     # -- client protocol ------------------------------------------------------------------------------
     def on_install(self, session: HookSession) -> None:
+        if self._session is not None:  # its writer is closed (or about to be): a second block would record nothing
+            self._refused = True
+            raise AttnscopeError(f"Recorder({str(self.path)!r}) was already used in a `with ats.hooks(...)` block; a "
+                                 f"Recorder records one run: create a new Recorder per run")
         self._session = session
         self._sites = {s.name: s for s in select_sites(self.site_spec, session.sites)}
         self._site_index = {name: i for i, name in enumerate(self._sites)}
@@ -216,11 +221,16 @@ class Recorder:
         self.writer.put(ctx.site.name, branch, ctx.step, p, ready, quantity=quantity)
 
     def on_remove(self, error: BaseException | None) -> None:
+        if self._refused:
+            self._refused = False
+            return
         if self.writer is None:
             return
-        # the last step began; it ran through unless the block ended with an error before the pipeline returned
-        # (it returned: its images were added, or the denoiser went on to another run)
-        finished = error is None or self._images is not None or self._finished
+        # the last step began; it ran through unless the block ended with an error before its denoiser call returned
+        # (it returned: the hook core saw it, the images were added, or the denoiser went on to another run)
+        session = self._session
+        last_done = session is not None and session.step_done == (self._run, self._num_steps - 1)
+        finished = error is None or last_done or self._images is not None or self._finished
         complete = finished and self._steps_seen >= self._num_steps
         try:
             if self.output_change and self.writer.error is None:

@@ -37,6 +37,7 @@ from ._joint import JointAttentionProcessor
 from ._processors import CrossAttentionProcessor, ScratchBuffers, SelfAttentionProcessor
 from ._sites import CrossAttentionSite
 from ._text_mask import check_text_mask
+from .families import timestep_value
 
 __all__ = ["HookSession", "hooks"]
 
@@ -71,6 +72,10 @@ class HookSession:
         #: the padding token of a one-tokenizer text axis (the text mask's check), else None
         self._pad_id = getattr(self.text_encoders[0][1], "pad_token_id", None) if len(self.text_encoders) == 1 else None
         self._last_timestep: float | None = None
+        #: (site, the stand-in processor installed there) of every wrapped site, checked before each denoiser call
+        self._installed: list[tuple[CrossAttentionSite, Any]] = []
+        #: ``(run, step)`` of the last step whose denoiser call returned (the run's prompt pass), None before any
+        self.step_done: tuple[int, int] | None = None
         self._aside = False
         self._probing: Any = None  # the client whose own denoiser calls are running (:meth:`probe`)
         #: True while backward recomputes a checkpointed denoiser call (:meth:`checkpointing`)
@@ -159,8 +164,9 @@ class HookSession:
         return self._uncond_text
 
     def _on_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self._check_installed()
         inputs = self.adapter.step_inputs(args, kwargs)
-        timestep = inputs["timestep"]
+        timestep = self._scheduler_timestep(inputs["timestep"])
         num_steps = self._num_steps()
         if self._probing is not None:  # a client's own call: the step about to run, shown to that client only
             self.step_context, self._duplicate = StepContext(
@@ -206,6 +212,31 @@ class HookSession:
                 client.on_step(self.step_context)
         return (args, kwargs) if branch is not None else None
 
+    def _check_installed(self) -> None:
+        """Each wrapped site still has its stand-in processor; else one error naming the first site that lost it."""
+        for site, wrapper in self._installed:
+            if site.module.__dict__.get("processor") is not wrapper:
+                found = type(getattr(site.module, "processor", None)).__name__
+                raise AttnscopeError(
+                    f"site {site.name}: its attention processor was replaced inside the `with ats.hooks(pipe, ...)` "
+                    f"block (now {found}: set_attn_processor, set_default_attn_processor, enable_attention_slicing, "
+                    f"...), so attnscope no longer sees its attention; set the processors before the block")
+
+    def _scheduler_timestep(self, value: float) -> float:
+        """The scheduler's timestep of a denoiser call whose input is ``value``: the adapter's ``TIMESTEP_SCALE``
+        undone (Flux's pipelines pass ``t / 1000``) — exactly the scheduler's value, the pipeline's
+        ``_current_timestep``, when that is this call's."""
+        scale = getattr(self.adapter, "TIMESTEP_SCALE", None)
+        if scale is None:
+            return value
+        current = getattr(self.pipe, "_current_timestep", None)
+        if current is not None:
+            current = timestep_value(current)
+            # the model's input went through the latents' dtype (bfloat16: 3 significant digits) before the division
+            if abs(current - value * scale) <= 1e-2 * max(abs(current), 1.0):
+                return current
+        return value * scale
+
     def _num_steps(self) -> int | None:
         """The run's planned denoiser steps: the pipeline's ``_num_timesteps``, else its scheduler's timesteps."""
         num_steps = getattr(self.pipe, "_num_timesteps", None)
@@ -243,6 +274,9 @@ class HookSession:
         return wanted.pop()
 
     def _after_denoiser(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        step = self.step_context
+        if self._probing is None and step is not None and not self.recomputing:
+            self.step_done = (step.run, step.step)
         if not self._duplicate:
             return None
         self._duplicate = False
@@ -365,6 +399,17 @@ def _refuse_nesting(session: HookSession) -> None:
                              "in one block, `with ats.hooks(pipe, client_a, client_b): ...`")
 
 
+def _refuse_slicing(session: HookSession) -> None:
+    """Attention slicing (``pipe.enable_attention_slicing()``) splits each site's attention into slices that attnscope
+    cannot read whole: refused before anything is installed."""
+    for site in [*session.sites, *session.self_sites]:
+        name = type(site.module.processor).__name__
+        if name.startswith("SlicedAttn"):
+            raise AttnscopeError(f"site {site.name}: attention slicing is on ({name}), which computes the attention in "
+                                 f"slices attnscope cannot read whole; call pipe.disable_attention_slicing() before "
+                                 f"`ats.hooks(pipe, ...)`")
+
+
 def _watch_encode_prompt(session: HookSession, pipe: Any) -> Callable[[], None]:
     """Tell ``session`` of each ``pipe.encode_prompt`` call (an instance attribute over the class's method);
     returns the function that takes it away again."""
@@ -442,19 +487,23 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
     """
     session = HookSession(pipe, clients, exact=exact)
     _refuse_nesting(session)
-    saved: list[tuple[torch.nn.Module, Any]] = []
+    _refuse_slicing(session)
+    saved: list[tuple[torch.nn.Module, Any, Any]] = []
     handles = []
     unwatch: Callable[[], None] | None = None
     error: BaseException | None = None
     try:
-        kernel, buffers = session.adapter.KERNEL, ScratchBuffers()
+        kernel, buffers = session.adapter.KERNEL, ScratchBuffers()  # one set of scratch tensors for every site
         for site in session.sites:
             wrapper = (JointAttentionProcessor(session, site, site.module.processor, kernel, buffers,
                                                getattr(session.adapter, "PROCESSORS", ())) if site.kind == "joint"
-                       else CrossAttentionProcessor(session, site, site.module.processor))
-            saved.append((site.module, _swap_processor(site.module, wrapper)))
+                       else CrossAttentionProcessor(session, site, site.module.processor, buffers))
+            saved.append((site.module, _swap_processor(site.module, wrapper), wrapper))
+            session._installed.append((site, wrapper))
         for site in session.self_sites:
-            saved.append((site.module, _swap_processor(site.module, SelfAttentionProcessor(session, site, site.module.processor))))
+            wrapper = SelfAttentionProcessor(session, site, site.module.processor)
+            saved.append((site.module, _swap_processor(site.module, wrapper), wrapper))
+            session._installed.append((site, wrapper))
         handles.append(session.denoiser.register_forward_pre_hook(session._on_denoiser, with_kwargs=True))
         handles.append(session.denoiser.register_forward_hook(session._after_denoiser, with_kwargs=True))
         for segment, (name, _) in enumerate(session.text_encoders):
@@ -474,8 +523,9 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
             unwatch()
         for handle in handles:
             handle.remove()
-        for module, token in reversed(saved):
-            _restore_processor(module, token)
+        for module, token, wrapper in reversed(saved):
+            if module.__dict__.get("processor") is wrapper:  # else replaced in the block: that processor stays
+                _restore_processor(module, token)
         pending: BaseException | None = None
         for client in session.clients:
             if hasattr(client, "on_remove"):

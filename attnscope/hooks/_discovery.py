@@ -18,6 +18,10 @@ def find_adapter(pipe: Any) -> tuple[Any, torch.nn.Module]:
     from diffusers import DiffusionPipeline
 
     supported = "; ".join(adapter.SUPPORTS for adapter in ADAPTERS)
+    if _compiled(pipe):
+        raise AttnscopeError(
+            f"pipe: got a torch.compile'd {type(pipe._orig_mod).__name__}; pass the pipeline, and compile its denoiser "
+            f"in place (pipe.unet.compile() or pipe.transformer.compile(): the module stays the same object)")
     if not isinstance(pipe, DiffusionPipeline):
         raise AttnscopeError(
             f"pipe: expected a diffusers pipeline (DiffusionPipeline) with a supported denoiser ({supported}), "
@@ -27,9 +31,25 @@ def find_adapter(pipe: Any) -> tuple[Any, torch.nn.Module]:
         denoiser = adapter.denoiser(pipe)
         if denoiser is not None:
             return adapter, denoiser
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    denoiser = getattr(pipe, name, None)  # `is None` tests: a compiled module refuses truth tests (len())
+    if _compiled(denoiser):
+        raise AttnscopeError(
+            f"pipe.{name}: a torch.compile'd {type(denoiser._orig_mod).__name__} (torch.compile(pipe.{name}) returns a "
+            f"wrapper attnscope cannot hook); keep the module and compile it in place instead: pipe.{name} = "
+            f"pipe.{name}._orig_mod; pipe.{name}.compile()")
     found = type(denoiser).__name__ if denoiser is not None else "no `unet` or `transformer` component"
     raise AttnscopeError(f"pipe: {type(pipe).__name__} has {found}; supported denoisers: {supported}")
+
+
+def _compiled(module: Any) -> bool:
+    """Whether ``module`` is ``torch.compile(module)``'s wrapper (``OptimizedModule``; told without importing
+    ``torch._dynamo``, which takes seconds).
+
+    >>> _compiled(torch.nn.Linear(1, 1)), _compiled(None)
+    (False, False)
+    """
+    return type(module).__name__ == "OptimizedModule" and isinstance(module, torch.nn.Module) and hasattr(module, "_orig_mod")
 
 
 def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:

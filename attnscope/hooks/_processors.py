@@ -30,7 +30,7 @@ def _queries(hidden_states: torch.Tensor) -> int:
     return int(hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1])
 
 
-def _sole_reference(scratch: dict[str, torch.Tensor], key: str) -> bool:
+def _sole_reference(scratch: dict[Any, torch.Tensor], key: Any) -> bool:
     """True when ``scratch[key]`` is referenced only by ``scratch`` (no tensor, view or autograd node
     elsewhere); False when unsure."""
     tensor = scratch.get(key)
@@ -49,8 +49,10 @@ class ScratchBuffers:
     """``out=`` tensors for large per-call results, reused from call to call on the CPU.
 
     On the CPU a fresh multi-MB tensor costs a page fault per 4 KiB on every call (as much as the
-    attention itself), so the last one is reused — but only when nothing else (a client keeping the
-    tensor or a view of it, autograd) still references it. Calling returns None on GPUs (the caching
+    attention itself), so the last one of each key, shape and dtype is reused — but only when nothing
+    else (a client keeping the tensor or a view of it, autograd) still references it. One instance
+    serves every site of a hook session: the memory held grows with the distinct map sizes (a
+    UNet's resolution levels), not with the number of sites. Calling returns None on GPUs (the caching
     allocator already reuses memory) and when autograd records the op (``out=`` can't be
     differentiated): then let the op allocate.
 
@@ -59,10 +61,15 @@ class ScratchBuffers:
     >>> b = buffers("probs", (2, 3), torch.zeros(1))   # `a` is still referenced here: a new tensor
     >>> b is a
     False
+    >>> c = buffers("probs", (3, 2), torch.zeros(1))   # another shape: a slot of its own
+    >>> kept = b.data_ptr()
+    >>> del a, b                                         # nothing references the (2, 3) one now: reused
+    >>> buffers("probs", (2, 3), torch.zeros(1)).data_ptr() == kept
+    True
     """
 
     def __init__(self) -> None:
-        self._scratch: dict[str, torch.Tensor] = {}
+        self._scratch: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, key: str, shape: tuple[int, ...], *inputs: torch.Tensor, dtype: torch.dtype | None = None
                  ) -> torch.Tensor | None:
@@ -70,11 +77,10 @@ class ScratchBuffers:
         dtype = like.dtype if dtype is None else dtype
         if like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
             return None
-        if _sole_reference(self._scratch, key):
-            buf = self._scratch[key]
-            if buf.shape == shape and buf.dtype == dtype:
-                return buf
-        buf = self._scratch[key] = torch.empty(shape, dtype=dtype)
+        slot = (key, tuple(shape), dtype)
+        if _sole_reference(self._scratch, slot):
+            return self._scratch[slot]
+        buf = self._scratch[slot] = torch.empty(shape, dtype=dtype)
         return buf
 
 
@@ -93,9 +99,9 @@ class CrossAttentionProcessor:
     ``exact=True`` an observed call is bit-identical to the original processor.
     """
 
-    def __init__(self, session: Any, site: CrossAttentionSite, original: Any):
+    def __init__(self, session: Any, site: CrossAttentionSite, original: Any, buffers: ScratchBuffers | None = None):
         self.session, self.site, self.original = session, site, original
-        self._buffer = ScratchBuffers()
+        self._buffer = buffers if buffers is not None else ScratchBuffers()  # the session's, shared by its sites
         # Attention.forward passes on only the cross_attention_kwargs that `processor.__call__`
         # names: show it the original's signature so exactly the same kwargs reach us.
         self.__call__ = signature_stub(original.__call__)
@@ -130,7 +136,7 @@ class CrossAttentionProcessor:
         if name not in _KNOWN_PROCESSORS:
             raise AttnscopeError(
                 f"site {self.site.name}: reading logits/probs needs one of {', '.join(_KNOWN_PROCESSORS)}, got "
-                f"{name}; call the denoiser's set_default_attn_processor() first"
+                f"{name}; call the denoiser's set_default_attn_processor() before `ats.hooks(...)`"
             )
         norm_before_heads = name == "SanaAttnProcessor2_0"
         residual = hidden_states

@@ -486,8 +486,9 @@ def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = Non
     if missing not in ("raise", "skip"):
         raise AttnscopeError(f"missing={missing!r}: expected 'raise' or 'skip'")
     if "manifest" not in attrs and "sites" not in attrs and attrs.get("complete") is False:
-        raise AttnscopeError(f"{where!r} is a trace whose capture stopped while it was setting up the store (killed "
-                             f"during its first step): nothing was recorded; capture it again with overwrite=True")
+        raise AttnscopeError(f"{where!r} is a trace whose capture stopped while it was setting up the store, or is "
+                             f"still doing so (being written or interrupted during its first step): nothing is "
+                             f"recorded yet; wait for a running capture, or capture it again with overwrite=True")
     if not isinstance(attrs.get("manifest"), dict) or not isinstance(attrs.get("sites"), list):
         raise AttnscopeError(f"{where!r}: trace attributes 'manifest' (object) and 'sites' (list) are missing or malformed")
     parts = [key for key in ("capture", "run", "model") if not isinstance(attrs["manifest"].get(key, {}), dict)]

@@ -265,6 +265,9 @@ class TraceWriter:
     def _send(self, message: tuple, nbytes: int = 0) -> None:
         if self.error is not None:
             raise AttnscopeError(f"trace writer for {self.path} failed: {self.error!r}") from self.error
+        if not self._thread.is_alive():  # closed: nothing would ever drain the queue, a full one would block forever
+            raise AttnscopeError(f"trace writer for {self.path} is closed: its trace is finished, nothing more can be "
+                                 f"written to it (a Recorder records one run: create a new one per run)")
         self.queue.put(message, nbytes)
 
     def init(self, layout: StoreLayout) -> None:
@@ -294,7 +297,10 @@ class TraceWriter:
         self._send(("summaries", list(sites), arrays), sum(a.nbytes for a in arrays.values()))
 
     def close(self, *, complete: bool, images: np.ndarray | None = None, attrs: dict | None = None) -> None:
-        """Flush, write ``images`` and ``attrs``, mark ``complete`` (last), stop the thread."""
+        """Flush, write ``images`` and ``attrs``, mark ``complete`` (last), stop the thread.
+
+        The store is marked complete only when ``complete`` is asked for and every planned capture of every step
+        is on disk (``steps_written`` reaches the number of steps); otherwise it stays incomplete."""
         if self._thread.is_alive():
             self.queue.put(("close", complete, images, attrs or {}), 0)
             self._thread.join()
@@ -424,6 +430,7 @@ class TraceWriter:
         if complete:
             self._timesteps_done = self._num_steps
         self._advance(force=True)
+        complete = complete and self.steps_written >= self._num_steps  # never complete with steps missing
         if images is not None:
             arr = self._root.create_array("images", shape=images.shape, dtype="uint8", dimension_names=IMAGE_DIMS,
                                           chunks=(1, *images.shape[1:]), compressors=self._codecs,

@@ -31,9 +31,9 @@ Add a family by adding a module and listing it in :data:`ADAPTERS`.
 """
 
 from . import flux, flux2, pixart, sana, sd3, unet
-from ._common import depth_band, text_tokenizer
+from ._common import depth_band, text_tokenizer, timestep_value
 
-__all__ = ["ADAPTERS", "depth_band", "text_tokenizer"]
+__all__ = ["ADAPTERS", "depth_band", "text_tokenizer", "timestep_value"]
 
 #: The adapters, tried in this order.
 ADAPTERS = (unet, sd3, flux, flux2, pixart, sana)

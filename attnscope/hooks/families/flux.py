@@ -23,7 +23,8 @@ import torch
 from .._sites import CrossAttentionSite
 from ._common import packed_latent_shape, timestep_value, transformer_of
 
-__all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "sites", "step_inputs"]
+__all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "TIMESTEP_SCALE", "denoiser", "sites",
+           "step_inputs"]
 
 FAMILY = "flux"
 SUPPORTS = "FluxTransformer2DModel (FLUX.1)"
@@ -35,6 +36,9 @@ KERNEL = ("diffusers.models.transformers.transformer_flux", "dispatch_attention_
 PROCESSORS = ("FluxAttnProcessor",)
 #: Steps are counted by the scheduler's timestep (with ``true_cfg_scale`` the model runs twice per step).
 STEPS_BY = "timestep"
+#: The pipeline calls the transformer with the scheduler's timestep divided by this; the hook core shows clients (and
+#: the store keeps) the scheduler's own value, ``pipe.scheduler.timesteps``.
+TIMESTEP_SCALE = 1000
 
 
 def denoiser(pipe: Any) -> torch.nn.Module | None:
@@ -73,6 +77,8 @@ def sites(model: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite
 
 def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
     """Batch size, timestep, latent (h, w) — twice the packed grid — and text length of one transformer call.
+
+    The timestep is the transformer's input, the scheduler's divided by :data:`TIMESTEP_SCALE` (the core undoes it).
 
     >>> ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(6.0), indexing="ij"), -1)
     >>> step_inputs((), {"hidden_states": torch.zeros(1, 24, 16), "timestep": torch.tensor([0.5]),

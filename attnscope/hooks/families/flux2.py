@@ -44,8 +44,8 @@ from ...errors import AttnscopeError
 from .._sites import CrossAttentionSite
 from ._common import packed_latent_shape, text_tokenizer, timestep_value, transformer_of
 
-__all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "guidance",
-           "prompt_tokens", "sites", "spell", "step_inputs"]
+__all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "TIMESTEP_SCALE", "denoiser",
+           "guidance", "prompt_tokens", "sites", "spell", "step_inputs"]
 
 FAMILY = "flux2"
 SUPPORTS = "Flux2Transformer2DModel (FLUX.2 klein, FLUX.2 dev)"
@@ -57,6 +57,9 @@ KERNEL = ("diffusers.models.transformers.transformer_flux2", "dispatch_attention
 PROCESSORS = ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")
 #: Steps are counted by the scheduler's timestep (with guidance the model runs twice per step).
 STEPS_BY = "timestep"
+#: The pipeline calls the transformer with the scheduler's timestep divided by this; the hook core shows clients (and
+#: the store keeps) the scheduler's own value, ``pipe.scheduler.timesteps``.
+TIMESTEP_SCALE = 1000
 
 #: Per chat template, the tokens that open the user's prompt (None: any token) and the token that closes it:
 #: Qwen3's (klein: ``<|im_start|>user\\n{prompt}<|im_end|>``) and Mistral 3's (dev: ``[INST]{prompt}[/INST]``).
@@ -110,6 +113,8 @@ def sites(model: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite
 
 def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
     """Batch size, timestep, latent (h, w) — twice the packed grid — and text length of one transformer call.
+
+    The timestep is the transformer's input, the scheduler's divided by :data:`TIMESTEP_SCALE` (the core undoes it).
 
     The grid is read from ``img_ids``. Reference images (the pipeline's ``image=``) add positions
     with other time coordinates: refused with one error, their tokens have no place on the grid.
