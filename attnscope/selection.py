@@ -9,6 +9,7 @@ name through :func:`select_site_names`), so this module needs nothing of the hoo
 from __future__ import annotations
 
 import fnmatch
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -251,8 +252,8 @@ def index_positions(targets: Sequence[str | int], positions: Sequence[int]) -> l
     along the stored token axis (``positions``: the kept positions, ``0…k, 77…m`` on SD3 with ``tokens="prompt"``);
     words and phrases as they are. A position the axis does not hold is an error listing the ones it does.
 
-    >>> index_positions(["red", 78], [0, 1, 2, 77, 78])
-    ['red', 4]
+    >>> index_positions(["red", 78, np.int64(2)], [0, 1, 2, 77, 78])
+    ['red', 4, 2]
     >>> index_positions([3], [0, 1, 2, 77, 78])
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: target 3: token position not on this trace's token axis; its positions are 0–2, 77–78
@@ -260,7 +261,8 @@ def index_positions(targets: Sequence[str | int], positions: Sequence[int]) -> l
     index = {int(p): i for i, p in enumerate(positions)}
     out: list[str | int] = []
     for t in targets:
-        if isinstance(t, int) and not isinstance(t, bool):
+        if isinstance(t, numbers.Integral) and not isinstance(t, bool):  # numpy's ints count too
+            t = int(t)
             if t not in index:
                 raise AttnscopeError(f"target {t}: token position not on this trace's token axis; its positions are "
                                      f"{step_ranges(list(index))}")

@@ -5,8 +5,9 @@ Positions are labelled by role — ``"sot"`` (start of text: CLIP's ``<|startoft
 ``<|endoftext|>``, T5's ``</s>``, Gemma's ``<eos>``), ``"pad"`` (everything after it) and
 ``"instruction"`` (text the pipeline adds around the user's prompt: Sana's instruction prefix,
 Flux.2's chat template) — and word pieces are merged into words the way DAAM does: a CLIP word ends
-at a piece carrying ``</w>``, a sentencepiece word starts at a piece carrying ``▁``, a byte-level
-BPE word at a piece carrying ``Ġ``.
+at a piece carrying ``</w>``, a sentencepiece word starts at a piece carrying ``▁`` (and punctuation
+stands apart, as CLIP's pre-tokenizer puts it: ``▁circle`` + ``,`` are the words ``circle`` and ``,``),
+a byte-level BPE word at a piece carrying ``Ġ``.
 
 Roles are read from the token strings, except where the strings cannot tell (an instruction is
 ordinary text): there the family adapter that spelled the tokens gives them, the capture stores
@@ -20,7 +21,8 @@ found per segment, so a word of the prompt maps to its pieces in every segment.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 
 from .errors import AttnscopeError
 
@@ -160,28 +162,58 @@ def _segment_occurrences(tokens: Sequence[str], roles: Sequence[str] | None = No
 
 
 def _bpe_words(tokens: Sequence[str], positions: list[int]) -> list[tuple[str, list[int]]]:
+    """Words of CLIP BPE pieces (a word ends at a piece carrying ``</w>``), each spelled from its pieces' bytes
+    (CLIP's pieces are byte-level: ``Ã`` + ``©`` → ``é``).
+
+    >>> _bpe_words(["a</w>", "caf", "\u00c3", "\u00a9</w>"], [0, 1, 2, 3])
+    [('a', [0]), ('café', [1, 2, 3])]
+    """
     found: list[tuple[str, list[int]]] = []
     pieces: list[int] = []
     for i in positions:
         pieces.append(i)
         if tokens[i].endswith(_END_OF_WORD):
-            word = "".join(tokens[j] for j in pieces)[: -len(_END_OF_WORD)].replace(_END_OF_WORD, "")
-            found.append((word, pieces))
+            found.append((_spelled(tokens, pieces), pieces))
             pieces = []
     if pieces:  # a prompt cut by the tokenizer's length limit ends inside a word
-        found.append(("".join(tokens[j] for j in pieces).replace(_END_OF_WORD, ""), pieces))
+        found.append((_spelled(tokens, pieces), pieces))
     return found
 
 
+def _spelled(tokens: Sequence[str], pieces: list[int]) -> str:
+    """The text of CLIP BPE pieces: ``</w>`` dropped, the bytes they spell decoded (as text where a piece has a
+    character outside the byte-level table, e.g. hand-written tokens)."""
+    text = "".join(tokens[j] for j in pieces).replace(_END_OF_WORD, "")
+    if all(c in _BYTE_OF for c in text):
+        return _piece_bytes(text).decode("utf-8", errors="replace")
+    return text
+
+
 def _marked_words(tokens: Sequence[str], positions: list[int], marker: str) -> list[tuple[str, list[int]]]:
-    """Words of pieces where ``marker`` (``▁``, ``Ġ``) starts a word; a gap in the positions starts one too."""
+    """Words of pieces where ``marker`` (``▁``) starts a word; a gap in the positions starts one too, and so does a
+    change between punctuation pieces and the others (``▁circle`` + ``,`` → ``circle``, ``,``), as CLIP splits them.
+
+    >>> _marked_words(["\u2581a", "\u2581circle", ",", "\u2581ele", "phant", "!", "!"], list(range(7)), "\u2581")
+    [('a', [0]), ('circle', [1]), (',', [2]), ('elephant', [3, 4]), ('!!', [5, 6])]
+    """
     words: list[list[int]] = []
+    kinds: list[bool | None] = []  # per word: punctuation only (True), other text (False), nothing yet (None)
     for i in positions:
-        if tokens[i].startswith(marker) or not words or words[-1][-1] != i - 1:
+        text = tokens[i].replace(marker, "").strip()
+        kind = _is_punctuation(text) if text else None
+        if (tokens[i].startswith(marker) or not words or words[-1][-1] != i - 1
+                or (kind is not None and kinds[-1] is not None and kind != kinds[-1])):
             words.append([])
+            kinds.append(None)
         words[-1].append(i)
+        kinds[-1] = kind if kinds[-1] is None else kinds[-1]
     spelled = [("".join(tokens[j] for j in pieces).replace(marker, "").strip(), pieces) for pieces in words]
     return [(word, pieces) for word, pieces in spelled if word]  # a lone "▁" spells nothing
+
+
+def _is_punctuation(text: str) -> bool:
+    """No letter or digit in ``text`` (CLIP's pre-tokenizer makes such a run a word of its own)."""
+    return not any(c.isalnum() for c in text)
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -207,26 +239,34 @@ _BYTE_NEWLINE = "\u010a"  # "Ċ"
 def _byte_level_words(tokens: Sequence[str], positions: list[int]) -> list[tuple[str, list[int]]]:
     """Words of byte-level BPE pieces: a word starts at a piece beginning with ``Ġ`` (a space) or after a gap in the
     positions; a piece that is only whitespace (a lone ``Ġ``, a newline) belongs to no word and ends the one before;
-    a word's text is its pieces' bytes decoded together (``Ã`` + ``©`` → ``é``).
+    a word's text is its pieces' bytes decoded together (``Ã`` + ``©`` → ``é``). Punctuation stands apart from
+    letters and digits, as in the other tokenizers' words (``elephant`` + ``,`` → ``elephant``, ``,``); a piece
+    holding part of a multi-byte character sides with neither.
 
-    >>> _byte_level_words(["a", "\u0120red", "\u0120", "caf", "\u00c3", "\u00a9"], [0, 1, 2, 3, 4, 5])
-    [('a', [0]), ('red', [1]), ('café', [3, 4, 5])]
+    >>> _byte_level_words(["a", "\u0120red", "\u0120", "caf", "\u00c3", "\u00a9", ",", "!"], list(range(8)))
+    [('a', [0]), ('red', [1]), ('café', [3, 4, 5]), (',!', [6, 7])]
     """
     found: list[tuple[str, list[int]]] = []
     pieces: list[int] = []
+    kind: list[bool | None] = [None]  # the open word's: punctuation only (True), other text (False), unknown (None)
 
     def close() -> None:
         text = b"".join(_piece_bytes(tokens[j]) for j in pieces).decode("utf-8", errors="replace").strip()
         if text:
             found.append((text, list(pieces)))
         pieces.clear()
+        kind[0] = None
 
     for i in positions:
-        blank = not _piece_bytes(tokens[i]).strip()
-        if blank or tokens[i].startswith(BYTE_SPACE) or (pieces and pieces[-1] != i - 1):
+        raw = _piece_bytes(tokens[i]).strip()
+        blank = not raw
+        this = None if blank or max(raw) >= 0x80 else _is_punctuation(raw.decode("ascii"))
+        if (blank or tokens[i].startswith(BYTE_SPACE) or (pieces and pieces[-1] != i - 1)
+                or (this is not None and kind[0] is not None and this != kind[0])):
             close()
         if not blank:
             pieces.append(i)
+            kind[0] = this if kind[0] is None else kind[0]
     close()
     return found
 
@@ -278,7 +318,7 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
     tokens : sequence of str
         The token strings of one prompt (``trace.tokens``).
     targets : str, int or sequence of them
-        ``"circle"``, ``"blue square"``, ``7`` (a token position), or a list of these.
+        ``"circle"``, ``"blue square"``, ``7`` (a token position; numpy's ints too), or a list of these.
     roles : sequence of str, optional
         The positions' roles when the strings cannot tell them (:func:`token_roles`): words of a
         pipeline's instruction are not the prompt's and are never matched.
@@ -295,16 +335,18 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
     >>> resolve_targets(toks, ["circle", "blue square", "a", 2])
     {'circle': [3], 'blue square': [6, 7], 'a': [1, 5], '2': [2]}
     """
-    items = [targets] if isinstance(targets, (str, int)) else list(targets)
+    one = isinstance(targets, (str, numbers.Integral)) or not isinstance(targets, Iterable)
+    items = [targets] if one else list(targets)
     if not items:
         raise AttnscopeError("targets=[]: expected at least one word, phrase or token position")
     segments = _lower(_segment_occurrences(tokens, roles))
     occurrences = [found for segment in segments for found in segment]
     resolved: dict[str, list[int]] = {}
     for target in items:
-        if isinstance(target, bool) or not isinstance(target, (str, int)):
+        if isinstance(target, bool) or not isinstance(target, (str, numbers.Integral)):
             raise AttnscopeError(f"target {target!r}: expected a word, a phrase or a token position (int)")
-        if isinstance(target, int):
+        if isinstance(target, numbers.Integral):
+            target = int(target)  # numpy's ints count (an np.arange, a .values item)
             if not 0 <= target < len(tokens):
                 raise AttnscopeError(f"target {target}: token position out of range 0..{len(tokens) - 1}")
             resolved[str(target)] = [target]
@@ -339,11 +381,29 @@ def _lower(segments: list[list[tuple[str, list[int]]]]) -> list[list[tuple[str, 
 
 def _matches(segments: list[list[tuple[str, list[int]]]], target: str) -> list[list[int]]:
     """Positions of each match of the phrase ``target`` among the (lower-cased) words, within one text segment (a
-    phrase never runs from the end of SD3's CLIP prompt into the start of its T5 copy)."""
+    phrase never runs from the end of SD3's CLIP prompt into the start of its T5 copy). A phrase found nowhere is
+    looked for once more with punctuation apart, as the words split it (``"well-known"`` → ``well - known``)."""
     phrase = target.lower().split()
+    found = _phrase_matches(segments, phrase)
+    split = [run for word in phrase for run in _runs(word)]
+    return found if found or split == phrase else _phrase_matches(segments, split)
+
+
+def _phrase_matches(segments: list[list[tuple[str, list[int]]]], phrase: list[str]) -> list[list[int]]:
     found = []
     for occurrences in segments:
         words = [w for w, _ in occurrences]
         found += [[p for _, ps in occurrences[start:start + len(phrase)] for p in ps]
                   for start in range(len(words) - len(phrase) + 1) if phrase and words[start:start + len(phrase)] == phrase]
     return found
+
+
+def _runs(word: str) -> list[str]:
+    """``word`` cut where punctuation meets letters or digits: ``"circle,"`` → ``["circle", ","]``."""
+    runs: list[str] = []
+    for c in word:
+        if runs and _is_punctuation(c) == _is_punctuation(runs[-1][-1]):
+            runs[-1] += c
+        else:
+            runs.append(c)
+    return runs

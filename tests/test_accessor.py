@@ -51,29 +51,50 @@ def test_fixture_tokens_are_the_hand_written_positions(trace):
 
 def test_words_sums_each_targets_token_positions(da):
     v = da.values.astype(np.float32)
-    out = da.attn.words(["circle", "blue square", 0], sample=0)
+    out = da.isel(sample=[0, 0]).attn.words(["circle", "blue square", 0])  # both samples of the first prompt
     assert isinstance(out.data, dask.array.Array)
     assert out.dims == ("step", "sample", "head", "y", "x", "word")
+    v = v[:, [0, 0]]
     assert out["word"].values.tolist() == ["circle", "blue square", "0"]
     expected = np.stack([v[..., CIRCLE].sum(-1), v[..., BLUE_SQUARE].sum(-1), v[..., 0]], axis=-1)
     np.testing.assert_allclose(out.values, expected, rtol=1e-6)
     assert out.dtype == np.float32 and out.name == da.name and out.attrs == da.attrs
     assert "token_text" not in out.coords and "token" not in out.coords
     np.testing.assert_array_equal(out["timestep"].values, da["timestep"].values)
-    assert out["prompt_index"].values.tolist() == [0, 1]
+    assert out["prompt_index"].values.tolist() == [0, 0]
 
 
 def test_words_uses_the_chosen_samples_text(da):
     with pytest.raises(AttnscopeError, match="different prompts.*sample="):
         da.attn.words(["circle"])
     v = da.values.astype(np.float32)
-    np.testing.assert_allclose(da.attn.words("triangle", sample=1).values[..., 0], v[..., TRIANGLE[0]])
+    np.testing.assert_allclose(da.attn.words("triangle", sample=1).values[..., 0], v[:, 1, ..., TRIANGLE[0]])
     with pytest.raises(AttnscopeError, match=r"'triangle' is not in the prompt; its words are: a, red, circle"):
         da.attn.words("triangle", sample=0)
     with pytest.raises(AttnscopeError, match=r"sample=7 is not in this DataArray; its samples are \[0, 1\]"):
         da.attn.words("circle", sample=7)
     one = da.sel(sample=1)  # token_text is then one row
     np.testing.assert_allclose(one.attn.words("green triangle").values[..., 0], v[:, 1][..., [2, 3]].sum(-1))
+
+
+def test_sample_selects_that_sample_with_its_own_words(da):
+    """sample=k returned every sample's maps summed over sample k's positions: sample 1's "triangle" (position 3)
+    was also read off sample 0's maps, whose position 3 is "circle"."""
+    v = da.values.astype(np.float32)  # step, sample, head, y, x, token
+    circle, triangle = da.attn.words("circle", sample=0), da.attn.words(["green triangle", "a"], sample=1)
+    assert circle.dims == triangle.dims == ("step", "head", "y", "x", "word")  # as da.sel(sample=k)
+    assert int(circle["sample"]) == 0 and int(triangle["sample"]) == 1
+    assert int(triangle["prompt_index"]) == 1
+    np.testing.assert_allclose(circle.values[..., 0], v[:, 0, ..., CIRCLE[0]])
+    np.testing.assert_allclose(triangle.values, np.stack([v[:, 1, ..., 2] + v[:, 1, ..., 3], v[:, 1, ..., 1]], -1),
+                               rtol=1e-6)  # "a green triangle": a = 1, green = 2, triangle = 3
+    xr.testing.assert_identical(triangle, da.sel(sample=1).attn.words(["green triangle", "a"]))
+    hm = da.attn.heatmap("circle", size=(8, 8), sample=0)
+    assert hm.dims == ("y", "x", "word") and int(hm["sample"]) == 0
+    one = da.sel(sample=1)
+    xr.testing.assert_identical(one.attn.words("triangle", sample=1), one.attn.words("triangle"))
+    with pytest.raises(AttnscopeError, match=r"sample=0: this DataArray has no sample dim \(it holds sample 1\)"):
+        one.attn.words("triangle", sample=0)
 
 
 def test_words_on_a_subset_token_axis_uses_positions(da):
@@ -194,6 +215,7 @@ def test_heatmap_takes_the_sample_whose_words_to_use(da, trace):
     with pytest.raises(AttnscopeError, match="different prompts.*sample="):
         da.attn.heatmap("triangle", size=(8, 8))
     hm = da.attn.heatmap("triangle", size=(8, 8), sample=1)
+    assert hm.dims == ("y", "x", "word")
     by_hand = bilinear(da.values[:, 1, ..., TRIANGLE[0]].astype(np.float64).mean(axis=(0, 1)), (8, 8))
     by_hand = (by_hand - by_hand.min()) / (by_hand.max() - by_hand.min())
-    np.testing.assert_allclose(hm.sel(sample=1).values[..., 0], by_hand, atol=1e-5)
+    np.testing.assert_allclose(hm.values[..., 0], by_hand, atol=1e-5)

@@ -1,6 +1,7 @@
 """Capture into a store and read it back: values, layout, options, bad input."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -221,6 +222,33 @@ def test_recorder_inside_hooks_with_another_client(sd_pipe, tmp_path):
             sd_pipe(PROMPT, **RUN)
 
 
+def test_a_recorder_used_in_a_second_block_is_refused_and_its_trace_kept(sd_pipe, tmp_path):
+    """The second block recorded nothing, silently (or hung once the queue to the closed writer filled up)."""
+    rec = ats.Recorder(store(tmp_path), max_queue_bytes=1024)
+    with ats.hooks(sd_pipe, rec):
+        rec.add_images(sd_pipe(PROMPT, **RUN).images)
+    before = ats.open_trace(rec.path)
+    first = before.attention(before.sites[0]).values
+    outcome = []
+
+    def second_block():
+        try:
+            with ats.hooks(sd_pipe, rec):
+                sd_pipe(PROMPT, **RUN)
+        except ats.AttnscopeError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=second_block, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "a second block with a used Recorder hung"
+    assert len(outcome) == 1 and "create a new Recorder per run" in str(outcome[0])
+    tr = ats.open_trace(rec.path)                        # the first run's trace, untouched
+    assert tr.complete and len(tr.images) == 1
+    np.testing.assert_array_equal(tr.attention(tr.sites[0]).values, first)
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in sd_pipe.unet.attn_processors.values())
+
+
 def test_failed_run_leaves_readable_incomplete_store(sd_pipe, tmp_path):
     def stop(pipe, i, t, kwargs):
         if i == 1:
@@ -261,7 +289,7 @@ def test_explicit_roles_are_checked():
     from attnscope.tokens import token_roles, word_alignment
 
     toks = ["<bos>", "\u2581say", ":", "a", "\u2581red"]
-    assert word_alignment(toks) == {"say:a": [1, 2, 3], "red": [4]}           # the strings alone cannot tell
+    assert word_alignment(toks) == {"say": [1], ":": [2], "a": [3], "red": [4]}  # the strings alone cannot tell
     roles = ["sot", "instruction", "instruction", "word", "word"]
     assert word_alignment(toks, roles) == {"a": [3], "red": [4]}
     with pytest.raises(ats.AttnscopeError, match="one of .* per token \\(5\\), got 4 roles"):

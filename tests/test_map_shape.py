@@ -85,6 +85,34 @@ def test_formulas_on_their_own_and_errors():
         ats.stats.map_shape(maps_da(np.zeros((1, 2, 2, 6))), ["cat"])
 
 
+@pytest.mark.parametrize("fraction", ["0.1", None, True, 1.5, -0.1])
+def test_a_fraction_that_is_not_a_number_in_range_is_one_clear_error(fraction):
+    """fraction="0.1" raised a raw TypeError from the comparison."""
+    da = maps_da(np.ones((1, 2, 2, 6)))
+    with pytest.raises(AttnscopeError, match=rf"fraction={fraction!r}: expected a number in \(0, 1\]"):
+        ats.stats.map_shape(da, ["circle"], fraction=fraction)
+    with pytest.raises(AttnscopeError, match=rf"fraction={fraction!r}: expected a number in \(0, 1\]"):
+        ats.stats.top_share(np.ones((2, 2)), fraction)
+    with pytest.raises(AttnscopeError, match=r"threshold='0.4': expected a number in \(0, 1\]"):
+        ats.stats.box_iou(np.ones((2, 2)), (0, 0, 1, 1), threshold="0.4")
+    assert ats.stats.top_share(np.array([[3.0, 1.0]]), np.float32(0.5)) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("formula", [
+    lambda m: ats.stats.peak_to_mean(m),                 # was numpy's AxisError
+    lambda m: ats.stats.top_share(m, 0.5),               # was a silent 0.25 (the 1-D map read as 4 maps of 1 pixel)
+    lambda m: ats.stats.centre_of_mass(m),
+    lambda m: ats.stats.spread(m),
+    lambda m: ats.stats.histogram_intersection(m, np.ones((2, 2))),
+    lambda m: ats.stats.box_iou(m, (0, 0, 1, 1)),        # was a raw ValueError unpacking the shape
+])
+def test_a_map_without_y_and_x_axes_is_one_clear_error(formula):
+    with pytest.raises(AttnscopeError, match=r"of shape \(4,\): expected \(\.\.\., y, x\) maps, at least 2 dims"):
+        formula(np.array([4.0, 3.0, 2.0, 1.0]))
+    with pytest.raises(AttnscopeError, match=r"of shape \(\): expected \(\.\.\., y, x\) maps"):
+        formula(np.float64(1.0))
+
+
 def test_on_a_captured_trace_the_spatial_control_moves_the_centres_apart(shapes, tmp_path):
     """With a layout putting the circle left and the square right, the circle's centre of mass ends left of the
     square's at the last step (mean over sites), on seeds where it was not before."""

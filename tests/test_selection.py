@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnscope as ats
-from attnscope.selection import parse_step_text, select_captured_steps, select_steps
+from attnscope.selection import index_positions, parse_step_text, select_captured_steps, select_steps
 
 STEPS = 6
 RUN = dict(num_inference_steps=STEPS, height=32, width=32)
@@ -61,6 +61,16 @@ def test_command_line_text_errors_name_the_option():
 def test_an_empty_list_item_is_an_error_not_skipped(text):
     with pytest.raises(ats.AttnscopeError, match="--steps .*comma-separated list of ints"):
         parse_step_text(text)
+
+
+def test_numpy_integer_targets_are_token_positions():
+    """An np.int64 position (a .values item) was passed through as an unresolved target, then refused."""
+    kept = [0, 1, 2, 77, 78]
+    assert index_positions([np.int64(78), "red", np.int32(1)], kept) == [4, "red", 1]
+    assert all(type(t) is int for t in index_positions([np.int64(78), np.uint8(2)], kept))
+    assert index_positions([True], kept) == [True]  # a bool is no position: resolve_targets refuses it
+    with pytest.raises(ats.AttnscopeError, match="target 3: token position not on this trace's token axis"):
+        index_positions([np.int64(3)], kept)
 
 
 def _latents(pipe, *clients):

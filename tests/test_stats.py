@@ -365,3 +365,85 @@ def test_top_share_takes_the_ceiling_of_the_exact_count():
 
     m = np.arange(100.0).reshape(10, 10)
     assert top_share(m, 0.07) == pytest.approx(sum(range(93, 100)) / m.sum())   # 7 pixels, not 8
+
+
+# -- defects found by an audit (2026-12-07) -------------------------------------------------------------------
+def test_numpy_integer_targets_are_positions_in_every_statistic():
+    """np.int64(3) (a .values item) was refused as a target by dominance, map_shape and the accessor."""
+    toks = [SOT, "red</w>", "circle</w>", "square</w>", EOT]
+    da = maps_da(PIX, toks)
+    by_int = ats.stats.dominance(da, targets=[2, 3])
+    by_numpy = ats.stats.dominance(da, targets=[np.int64(2), np.int32(3)])
+    assert by_numpy.target.values.tolist() == ["2", "3"]
+    np.testing.assert_array_equal(by_numpy.target_share, by_int.target_share)
+    # circle (column 2): S = 0.3 + 0.2 over the words' 1.3
+    assert one(ats.stats.dominance(da, targets=np.int64(2)), "target_share", target="2") == pytest.approx(0.5 / 1.3)
+    shape = ats.stats.map_shape(da, np.int64(3))  # square: 0.1, 0.4 over x centres 1/4, 3/4
+    assert float(shape.centre_x.squeeze()) == pytest.approx((0.1 * 0.25 + 0.4 * 0.75) / 0.5)
+    np.testing.assert_array_equal(da.attn.words(np.int64(3)).values[..., 0], da.values[..., 3])
+
+
+PIXART_KW = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=16, use_resolution_binning=False,
+                 clean_caption=False)
+
+
+@pytest.fixture(scope="module")
+def pixart_runs(tmp_path_factory):
+    """A tiny PixArt run captured with the prompt's tokens only and with every token, and reruns of the first."""
+    from attnscope.testing import tiny_pixart_pipeline
+
+    pipe, d = tiny_pixart_pipeline(), tmp_path_factory.mktemp("pixart")
+    prompt = "a red circle and a blue square"
+    runs = {"cut": ats.capture(pipe, prompt, seed=0, store=d / "cut.zarr", tokens="prompt", **PIXART_KW),
+            "full": ats.capture(pipe, prompt, seed=0, store=d / "full.zarr", tokens="all", **PIXART_KW)}
+    reweight = ats.regulate.Reweight("circle", 5.0)
+    runs["plain rerun"] = ats.rerun(runs["cut"], pipe=pipe, store=d / "plain.zarr")
+    runs["reweighted"] = ats.rerun(runs["cut"], [reweight], pipe=pipe, store=d / "rw.zarr")
+    runs["reweighted, all tokens"] = ats.rerun(runs["cut"], [reweight], pipe=pipe, store=d / "rwall.zarr", tokens="all")
+    return runs
+
+
+def _sink_by_hand(tr):
+    """1 − (mass on the words) / (mass on every token) per step, site and sample, from the stored maps."""
+    words = tr.attention(tr.sites[0])["token_role"].values[0] == "word"
+    out = []
+    for site in tr.sites:
+        s = tr.attention(site).values.astype(np.float64).mean(2).sum((2, 3))  # step, sample, token
+        out.append(1 - s[..., words].sum(-1) / s.sum(-1))
+    return np.stack(out, 1)  # step, site, sample
+
+
+def test_sink_share_of_a_cut_token_axis_is_nan_after_an_intervention_that_edits_the_probabilities(pixart_runs):
+    """Reweight scales probabilities after the softmax, so a row need not sum to 1: with the padding cut off the
+    sink share was 1 − (prompt mass) / (pixel count), negative where "circle" got 5 times its mass."""
+    reweighted = pixart_runs["reweighted"]
+    assert reweighted.manifest["interventions"][0]["name"] == "Reweight"
+    ds = ats.stats.dominance(reweighted, ["circle", "square"])
+    assert ds.sink_share.isnull().all()
+    assert "Reweight" in ds.attrs["sink_share"] and "tokens='all'" in ds.attrs["sink_share"]
+    assert np.isfinite(ds.target_share).all()  # the other statistics stand
+    # with every token kept the total is known: the same run's sink share, by hand from its maps
+    full = pixart_runs["reweighted, all tokens"]
+    kept = ats.stats.dominance(full, ["circle", "square"])
+    np.testing.assert_allclose(kept.sink_share.values, _sink_by_hand(full), atol=1e-6)
+    assert "sink_share" not in kept.attrs
+
+
+def test_sink_share_of_a_cut_token_axis_without_interventions_equals_the_full_capture(pixart_runs):
+    by_hand = _sink_by_hand(pixart_runs["full"])
+    assert (by_hand > 0).all()  # the </s> token takes some mass (the padding is masked)
+    for name in ("cut", "plain rerun"):  # a rerun records interventions=[]: the rows still sum to 1
+        ds = ats.stats.dominance(pixart_runs[name], ["circle", "square"])
+        np.testing.assert_allclose(ds.sink_share.values, by_hand, atol=2e-3)  # float16 storage
+
+
+def test_interventions_that_leave_the_rows_alone_keep_the_sink_share():
+    from attnscope.stats._dominance import row_editing_interventions
+
+    class Run:
+        def __init__(self, *names):
+            self.manifest = {"interventions": [{"name": n, "params": {}} for n in names]}
+
+    assert row_editing_interventions(Run("TGate", "SpatialTemporal", "AttendAndExcite")) == []
+    assert row_editing_interventions(Run("AttentionRegulation", "TGate", "MyEdit")) == ["AttentionRegulation", "MyEdit"]
+    assert row_editing_interventions(Run()) == [] and row_editing_interventions(xr.DataArray(0)) == []

@@ -35,24 +35,35 @@ def _require_dims(da: xr.DataArray, dims: Sequence[str], what: str) -> None:
         raise AttnscopeError(f"{what}: dims {missing} are not in this DataArray; its dims are {list(da.dims)}")
 
 
-def _token_texts(da: xr.DataArray, sample: Any, coord: str = "token_text") -> list[str] | None:
-    """Token strings along ``da``'s token axis, taken from the ``token_text`` coordinate of one sample
-    (``coord="token_role"``: their roles, None where the array has none)."""
+def _one_sample(da: xr.DataArray, sample: Any) -> xr.DataArray:
+    """``da`` at ``sample`` (a ``sample`` coordinate value; an index where there is none), its ``sample`` dim dropped
+    as ``.sel`` drops it; ``da`` itself when ``sample`` is None."""
+    if sample is None:
+        return da
+    if "sample" not in da.dims:
+        kept = da.coords["sample"].values.tolist() if "sample" in da.coords else None
+        if kept is not None and not isinstance(sample, bool) and sample == kept:
+            return da  # already this sample's maps (da.sel(sample=k))
+        raise AttnscopeError(f"sample={sample!r}: this DataArray has no sample dim"
+                             f"{f' (it holds sample {kept!r})' if kept is not None else ''}; its dims are {list(da.dims)}")
+    found = da["sample"].values.tolist()  # 0..n-1 when there is no sample coordinate
+    if isinstance(sample, bool) or sample not in found:
+        raise AttnscopeError(f"sample={sample!r} is not in this DataArray; its samples are {found}")
+    return da.sel(sample=sample) if "sample" in da.coords else da.isel(sample=sample)
+
+
+def _token_texts(da: xr.DataArray, coord: str = "token_text") -> list[str] | None:
+    """Token strings along ``da``'s token axis, taken from the ``token_text`` coordinate (``coord="token_role"``:
+    their roles, None where the array has none); samples with different prompts are an error."""
     if coord not in da.coords:  # no text: resolve_targets then accepts positions only
         return [""] * da.sizes["token"] if coord == "token_text" else None
     text = da.coords[coord]
     if "sample" in text.dims:
-        if sample is not None:
-            found = text["sample"].values.tolist()  # 0..n-1 when there is no sample coordinate
-            if isinstance(sample, bool) or sample not in found:
-                raise AttnscopeError(f"sample={sample!r} is not in this DataArray; its samples are {found}")
-            text = text.sel(sample=sample) if "sample" in text.coords else text.isel(sample=sample)
-        else:
-            rows = [[str(t) for t in row] for row in text.transpose("sample", "token").values.tolist()]
-            if any(row != rows[0] for row in rows[1:]):
-                raise AttnscopeError("samples have different prompts (token_text differs): pass sample= to choose "
-                                     "whose words to use, or select one sample first")
-            text = text.isel(sample=0)
+        rows = [[str(t) for t in row] for row in text.transpose("sample", "token").values.tolist()]
+        if any(row != rows[0] for row in rows[1:]):
+            raise AttnscopeError("samples have different prompts (token_text differs): pass sample= to choose "
+                                 "one, or select one sample first")
+        text = text.isel(sample=0)
     return [str(t) for t in text.values.tolist()]
 
 
@@ -82,6 +93,8 @@ class AttentionAccessor:
         >>> w = tr.attention(tr.sites[0]).attn.words(["circle", "blue square", 0])
         >>> w.dims, w["word"].values.tolist()
         (('step', 'sample', 'head', 'y', 'x', 'word'), ['circle', 'blue square', '0'])
+        >>> tr.attention(tr.sites[0]).attn.words("circle", sample=0).dims   # one sample: no sample dim
+        ('step', 'head', 'y', 'x', 'word')
 
         Parameters
         ----------
@@ -89,18 +102,19 @@ class AttentionAccessor:
             Words, phrases (``"blue square"``: all their pieces) or token positions, as in
             :func:`attnscope.tokens.resolve_targets`; a word occurring twice sums both occurrences.
         sample : optional
-            Whose ``token_text`` to align the words on (a ``sample`` coordinate value). By default
-            the first sample's; an error if the samples have different prompts.
+            Take this sample only (a ``sample`` coordinate value), its words found in its own prompt;
+            the result has no ``sample`` dim, as ``da.sel(sample=k)``. By default every sample, their
+            words found in the first sample's prompt: an error if the samples have different prompts.
 
         Returns
         -------
         xarray.DataArray
             Same dims with ``token`` replaced in place by ``word`` (labels as given; ints become
-            strings); coordinates along ``token`` are dropped.
+            strings; ``sample`` dropped when one is chosen); coordinates along ``token`` are dropped.
         """
-        da = self._da
-        _require_dims(da, ["token"], f"words({targets!r})")
-        tokens, roles = _token_texts(da, sample), _token_texts(da, sample, "token_role")
+        _require_dims(self._da, ["token"], f"words({targets!r})")
+        da = _one_sample(self._da, sample)
+        tokens, roles = _token_texts(da), _token_texts(da, "token_role")
         positions = da["token"].values.tolist() if "token" in da.coords else list(range(len(tokens)))
         # resolve on a list indexed by token position, so a token axis that was subset still aligns
         by_position = [""] * (max(positions) + 1 if positions else 0)
@@ -229,6 +243,7 @@ class AttentionAccessor:
         norm : {"minmax", "max", "sum"}
             See :meth:`normalize`; ``"minmax"`` is DAAM's convention.
         sample : optional
-            See :meth:`words`: whose prompt the words are found in, when the samples' prompts differ.
+            See :meth:`words`: the one sample to draw (no ``sample`` dim in the result); needed when the
+            samples' prompts differ.
         """
         return self.words(targets, sample=sample).attn.aggregate(over, "mean").attn.upsample(size).attn.normalize(norm)

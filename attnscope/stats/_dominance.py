@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,9 +14,14 @@ from ..tokens import resolve_targets, token_roles, token_words
 from . import _formulas as f
 from ._sites import reduce_sites, sites_dataset
 
-__all__ = ["dominance", "site_arrays", "sites_and_text", "target_positions", "token_role_rows", "token_texts"]
+__all__ = ["ROW_PRESERVING", "dominance", "row_editing_interventions", "site_arrays", "sites_and_text", "target_positions", "token_role_rows", "token_texts"]
 
 _MAP_DIMS = ("head", "y", "x", "token")
+#: interventions that leave each recorded row of probabilities summing to 1 at a cross-attention site: they edit the
+#: latents (AttendAndExcite) or a site's output (SpatialTemporal, TGate; a call TGate bypasses is stored as NaN).
+#: Reweight scales probabilities after the softmax and AttentionRegulation gives back the unedited SOT/EOT
+#: probabilities after its softmax, so their rows do not sum to 1; an unknown intervention is not trusted either.
+ROW_PRESERVING = ("AttendAndExcite", "SpatialTemporal", "TGate")
 
 
 def site_arrays(source: Any, sites: Any = None, steps: Any = None) -> tuple[dict[str, Any], dict[str, bool]]:
@@ -53,6 +59,22 @@ def site_arrays(source: Any, sites: Any = None, steps: Any = None) -> tuple[dict
 
 def _is_joint(da: Any) -> bool:
     return da.attrs.get("site", {}).get("kind") == "joint"
+
+
+def row_editing_interventions(source: Any) -> list[str]:
+    """Names of the interventions in ``source``'s manifest (a rerun records them) after which a cross-attention row
+    of the stored probabilities need not sum to 1 (all but :data:`ROW_PRESERVING`); ``[]`` for arrays without
+    their trace, whose manifest is not at hand.
+
+    >>> class Run:
+    ...     manifest = {"interventions": [{"name": "TGate", "params": {}}, {"name": "Reweight", "params": {}}]}
+    >>> row_editing_interventions(Run()), row_editing_interventions(None)
+    (['Reweight'], [])
+    """
+    manifest = getattr(source, "manifest", None)
+    listed = manifest.get("interventions") if isinstance(manifest, dict) else None
+    names = [d.get("name") if isinstance(d, dict) else None for d in listed] if isinstance(listed, list) else []
+    return [str(n) for n in names if n not in ROW_PRESERVING]
 
 
 def _text_mass_total(source: Any, name: str, da: Any) -> np.ndarray:
@@ -98,7 +120,7 @@ def target_positions(texts: list[list[str]], roles: list[list[str]], targets: An
     """
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(texts[0], roles[0]) if w))
-    items = [targets] if isinstance(targets, (str, int)) else list(targets)
+    items = [targets] if isinstance(targets, (str, numbers.Integral)) else list(targets)
     if not items:
         raise AttnscopeError(f"targets={targets!r}: no word to measure (by default every word of the prompt: an empty "
                              "prompt has none); give words, phrases or token positions")
@@ -152,7 +174,11 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
         ``word`` on them) and ``target``. Variables ``mass_share`` and ``argmax_coverage`` (step, site,
         sample, token); ``target_share`` (step, site, sample, target); ``dominance_ratio``,
         ``entropy``, ``gini`` and ``sink_share`` (step, site, sample). The coordinate ``target_tokens``
-        (sample, target, token) is True where a token belongs to a target.
+        (sample, target, token) is True where a token belongs to a target. ``sink_share`` is NaN at the
+        cross-attention sites of a trace whose token axis was cut to the prompt (``tokens="prompt"``, the
+        default on PixArt and Sana) and whose manifest lists an intervention that edits the probabilities
+        (``Reweight``, ``AttentionRegulation``; see :func:`row_editing_interventions`): its rows need not
+        sum to 1, so the mass on the cut-off padding is unknown (the ``sink_share`` attribute says so).
 
     Examples
     --------
@@ -178,9 +204,13 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     # a cut token axis: the total is each pixel's row sum, 1 at cross sites and the text mass at joint ones
     kernels = {name: sums_of(cut[name] and not _is_joint(da)) for name, da in arrays.items()}
     computed = reduce_sites(arrays, kernels, 2 * first.sizes["token"] + 4)
+    edited = row_editing_interventions(source)
+    unknown_total = [name for name, da in arrays.items() if cut[name] and not _is_joint(da) and edited]
     for sums, (name, da) in zip(computed, arrays.items()):
         if cut[name] and _is_joint(da):
             sums[..., -1] = _text_mass_total(source, name, da)
+        elif name in unknown_total:  # the rows need not sum to 1 and the cut-off columns are gone: no total
+            sums[..., -1] = np.nan
 
     keep = np.flatnonzero(prompt.any(0))
     per_site = []
@@ -208,6 +238,10 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
         for k, cols in enumerate(row):
             member[sample, k] = np.isin(keep, cols)
     out = out.assign_coords(target_tokens=(("sample", "target", "token"), member))
+    if unknown_total:
+        out.attrs["sink_share"] = (f"NaN at {len(unknown_total)} cross-attention site(s): the token axis was cut to "
+                                   f"the prompt and {', '.join(dict.fromkeys(edited))} edited the probabilities, so "
+                                   f"a row's total (the sink's denominator) is unknown; capture with tokens='all'")
     out.attrs.update({"targets": labels, "heads": "averaged before the statistics",
                       "prompt_tokens": "word pieces, SOT, EOT and padding" if include_special else "word pieces",
                       "definitions": "docs/analysis.md of attnscope; one function per formula in attnscope.stats"})

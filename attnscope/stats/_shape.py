@@ -19,6 +19,7 @@ A map without mass gives NaN.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,30 @@ from ._dominance import sites_and_text, target_positions
 from ._sites import reduce_sites, sites_dataset
 
 __all__ = ["box_iou", "centre_of_mass", "histogram_intersection", "map_shape", "peak_to_mean", "spread", "top_share"]
+
+
+def _maps(maps: Any, name: str = "maps") -> np.ndarray:
+    """``maps`` as float64, checked to be ``(..., y, x)``: at least two axes, the last two the map's rows and columns.
+
+    >>> _maps(np.ones(4))
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: maps of shape (4,): expected (..., y, x) maps, at least 2 dims
+    """
+    array = np.asarray(maps, dtype=np.float64)
+    if array.ndim < 2:
+        raise AttnscopeError(f"{name} of shape {array.shape}: expected (..., y, x) maps, at least 2 dims")
+    return array
+
+
+def _check_fraction(value: Any, name: str = "fraction") -> None:
+    """Raise unless ``value`` is a number in (0, 1].
+
+    >>> _check_fraction("0.1")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: fraction='0.1': expected a number in (0, 1]
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+        raise AttnscopeError(f"{name}={value!r}: expected a number in (0, 1]")
 
 
 def _normalised(maps: np.ndarray) -> np.ndarray:
@@ -44,7 +69,7 @@ def peak_to_mean(maps: Any) -> np.ndarray:
     >>> peak_to_mean(np.array([[1.0, 0.0], [0.0, 1.0]])).item(), peak_to_mean(np.ones((3, 3))).item()
     (2.0, 1.0)
     """
-    maps = np.asarray(maps, dtype=np.float64)
+    maps = _maps(maps)
     mean = maps.mean(axis=(-2, -1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(mean > 0, maps.max(axis=(-2, -1)) / np.where(mean > 0, mean, 1), np.nan)
@@ -56,9 +81,8 @@ def top_share(maps: Any, fraction: float = 0.1) -> np.ndarray:
     >>> top_share(np.array([[4.0, 1.0], [3.0, 2.0]]), 0.5).item()   # the 2 largest of 4: (4 + 3) / 10
     0.7
     """
-    if not 0 < fraction <= 1:
-        raise AttnscopeError(f"fraction={fraction!r}: expected a number in (0, 1]")
-    maps = np.asarray(maps, dtype=np.float64)
+    _check_fraction(fraction)
+    maps = _maps(maps)
     flat = maps.reshape(*maps.shape[:-2], -1)
     k = math.ceil(round(fraction * flat.shape[-1], 9))  # 0.07 · 100 is 7.000000000000001 in floats: 7 pixels
     top = -np.sort(-flat, axis=-1)[..., :k].sum(axis=-1)
@@ -79,7 +103,7 @@ def centre_of_mass(maps: Any) -> tuple[np.ndarray, np.ndarray]:
     >>> x.item(), y.item()
     (0.75, 0.625)
     """
-    maps = np.asarray(maps, dtype=np.float64)
+    maps = _maps(maps)
     x, y = _grid(*maps.shape[-2:])
     p = _normalised(maps)
     return (p * x).sum(axis=(-2, -1)), (p * y).sum(axis=(-2, -1))
@@ -91,7 +115,7 @@ def spread(maps: Any) -> np.ndarray:
     >>> round(spread(np.array([[1.0, 0.0], [0.0, 1.0]])).item(), 6)   # two corners' centres, ½√2 apart / 2
     0.353553
     """
-    maps = np.asarray(maps, dtype=np.float64)
+    maps = _maps(maps)
     x, y = _grid(*maps.shape[-2:])
     cx, cy = centre_of_mass(maps)
     p = _normalised(maps)
@@ -105,7 +129,7 @@ def histogram_intersection(a: Any, b: Any) -> np.ndarray:
     >>> histogram_intersection(np.array([[1.0, 1.0]]), np.array([[1.0, 3.0]])).item()   # min(.5,.25)+min(.5,.75)
     0.75
     """
-    return np.minimum(_normalised(np.asarray(a, np.float64)), _normalised(np.asarray(b, np.float64))).sum(axis=(-2, -1))
+    return np.minimum(_normalised(_maps(a, "a")), _normalised(_maps(b, "b"))).sum(axis=(-2, -1))
 
 
 def box_iou(maps: Any, box: Sequence[float], threshold: float = 0.4) -> np.ndarray:
@@ -116,9 +140,8 @@ def box_iou(maps: Any, box: Sequence[float], threshold: float = 0.4) -> np.ndarr
     >>> box_iou(heat, (1, 1, 3, 3)).item(), box_iou(heat, (1, 1, 3, 4)).item()
     (1.0, 0.6666666666666666)
     """
-    if not 0 < threshold <= 1:
-        raise AttnscopeError(f"threshold={threshold!r}: expected a number in (0, 1]")
-    maps = np.asarray(maps, dtype=np.float64)
+    _check_fraction(threshold, "threshold")
+    maps = _maps(maps)
     h, w = maps.shape[-2:]
     try:
         x0, y0, x1, y1 = (int(round(float(v))) for v in box)
@@ -171,8 +194,7 @@ def map_shape(source: Any, targets: Sequence[str | int] | str, *, sites: Any = N
     >>> bool(((ds.top_share >= 0.1) & (ds.top_share <= 1)).all())
     True
     """
-    if not 0 < fraction <= 1:
-        raise AttnscopeError(f"fraction={fraction!r}: expected a number in (0, 1]")
+    _check_fraction(fraction)
     arrays, _, texts, roles = sites_and_text(source, sites, steps, tokens)
     first = next(iter(arrays.values()))
     stored = first["token"].values if "token" in first.coords else np.arange(first.sizes["token"])
