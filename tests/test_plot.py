@@ -1,10 +1,12 @@
 """attnscope.plot: every figure renders to PNG with the expected panels; plotted data against numpy; bad input."""
 
 import inspect
+import warnings
 
 import numpy as np
 import pytest
 import xarray as xr
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from PIL import Image
@@ -12,6 +14,7 @@ from PIL import Image
 import attnscope as ats
 import attnscope.plot as plot
 from attnscope.errors import AttnscopeError
+from attnscope.plot._layout import missing_glyphs_quiet
 from tests.test_accessor import bilinear
 
 PROMPT = "a red circle and a blue square"
@@ -292,3 +295,49 @@ def test_word_maps_are_the_numbers_heatmaps_draw(trace):
     by_site = [bilinear(np.asarray(trace.attention(s).isel(sample=0).values, np.float64).mean(axis=(0, 1))[..., column],
                         (32, 32)) for s in trace.sites]  # steps and heads averaged, upsampled, then sites averaged
     np.testing.assert_allclose(maps.sel(word="circle"), np.mean(by_site, axis=0), rtol=1e-4, atol=1e-6)
+
+
+# --- text: long titles, characters the fonts lack ---------------------------------------------------------
+
+LONG_PROMPT = "a red circle to the left of a blue square above a green triangle"
+
+
+def drawn_title(fig, ax):
+    """The pixel box of ``ax``'s title once ``fig`` is drawn (constrained layout done)."""
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return ax.title.get_window_extent(fig.canvas.get_renderer())
+
+
+def test_long_titles_are_wrapped_inside_their_panel_and_the_figure(shapes, tmp_path):
+    tr = ats.capture(shapes, LONG_PROMPT, seed=0, store=tmp_path / "long.zarr", num_inference_steps=2)
+    fig = plot.heatmaps(tr, ["circle", "square"])
+    first, second = panels(fig)[:2]
+    box = drawn_title(fig, first)
+    assert 0 <= box.x0 and box.x1 <= second.get_window_extent().x0  # the prompt does not run over the next panel
+    assert first.get_title().count("\n") >= 1 and " ".join(first.get_title().split()) == LONG_PROMPT  # every word
+    dom = ats.stats.dominance(tr, targets=["red circle", "blue square", "green triangle"])
+    fig = plot.dominance_lines(dom, sites=tr.sites[:3])
+    (ax,) = panels(fig)
+    box = drawn_title(fig, ax)
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)
+    assert " ".join(ax.get_title().split()) == "share of the prompt's attention — sample 0, mean over 3 sites"
+
+
+def test_a_missing_glyph_is_quiet_and_other_warnings_are_not():
+    def smiling():
+        fig = Figure()
+        fig.suptitle("a circle \N{SLIGHTLY SMILING FACE}")
+        FigureCanvasAgg(fig)
+        return fig
+
+    with pytest.warns(UserWarning, match="missing from font"):  # what the context manager quiets
+        smiling().canvas.draw()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with missing_glyphs_quiet():
+            smiling().canvas.draw()
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+        smiling().canvas.draw()  # quiet only inside the block
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and messages[0] == "another warning" and "missing from font" in messages[1], messages

@@ -2,11 +2,14 @@
 browser (Debian's chromium driven by playwright), and written from the command line."""
 
 import base64
+import html
 import html.parser
 import inspect
 import io
 import json
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +161,67 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(small, shapes, tmp_path
         ats.report(small, out)
     assert out.read_text() == "keep"
     assert ats.report(small, out, overwrite=True) == out and out.read_text().startswith("<!DOCTYPE html>")
+
+
+def table_rows(text, first_header):
+    """The body rows (lists of cell texts) of the page's table whose first header cell is ``first_header``."""
+    head = text.index(f"<table><thead><tr><th>{first_header}</th>")
+    body = text[text.index("<tbody>", head) + len("<tbody>"):text.index("</tbody>", head)]
+    return [[html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)] for row in body.split("</tr>") if row]
+
+
+def test_the_dominance_ratio_is_the_ratio_of_the_shares_shown(written, traces):
+    """Each column's dominance ratio is its largest target share over the second: the shares computed here from
+    ats.stats.dominance (sites averaged; the mean over steps, the first and the last step), as the table shows."""
+    tr, _ = traces
+    _, text = written
+    one = ats.stats.dominance(tr, targets=["red circle", "blue square"]).sel(sample=0).mean("site").target_share
+    steps = one["step"].values
+    want_shares = np.array([[float(one.sel(target=t).mean()), float(one.sel(target=t, step=steps[0])),
+                             float(one.sel(target=t, step=steps[-1]))] for t in ("red circle", "blue square")])
+    shares = table_rows(text, "target share")
+    assert [row[0] for row in shares] == ["red circle", "blue square"]
+    shown = np.array([[float(cell.rstrip(" %")) / 100 for cell in row[1:]] for row in shares])
+    np.testing.assert_allclose(shown, want_shares, atol=0.0005 + 1e-9)  # shown to 0.1 %
+    ratio = next(row for row in table_rows(text, "statistic") if row[0] == "dominance ratio")
+    want = want_shares.max(axis=0) / want_shares.min(axis=0)  # two targets: top-1 over top-2
+    np.testing.assert_allclose([float(cell) for cell in ratio[1:]], want, rtol=0.005)  # shown to 3 digits
+
+
+def test_a_word_given_twice_is_drawn_once(small, tmp_path):
+    text = ats.plot.report(small, tmp_path / "twice.html", words=["circle", "square", "circle"]).read_text()
+    assert [row[0] for row in table_rows(text, "target share")] == ["circle", "square"]
+    assert text.count("<h3>circle</h3>") == 1 and "heat maps of circle, square" in text
+    done = cli("report", small.path, "-o", tmp_path / "cli.html", "--words", "circle,circle")
+    assert done.exit_code == 0, done.stderr
+    assert [row[0] for row in table_rows((tmp_path / "cli.html").read_text(), "target share")] == ["circle"]
+
+
+UNICODE_PROMPT = "A red Circle, café — naïve 🙂"
+
+
+@pytest.fixture(scope="module")
+def unicode_trace(sd_pipe, tmp_path_factory):
+    """Tiny SD with a prompt CLIP's tokenizer rewrites: lower case, byte-level pieces (accents, a dash, an emoji),
+    the comma split off."""
+    return ats.capture(sd_pipe, UNICODE_PROMPT, seed=0, store=tmp_path_factory.mktemp("unicode") / "u.zarr",
+                       num_inference_steps=2, height=32, width=32)
+
+
+def test_the_title_is_the_prompt_as_given(unicode_trace, tmp_path):
+    """The page's title and header show the prompt recorded in the manifest, not one spelled back from the tokens."""
+    assert unicode_trace.manifest["run"]["prompts"] == [UNICODE_PROMPT]
+    text = ats.report(unicode_trace, tmp_path / "u.html", words=["circle"]).read_text(encoding="utf-8")
+    assert f"<title>attnscope report — {UNICODE_PROMPT}</title>" in text
+    assert f'<p class="prompt">“{UNICODE_PROMPT}”</p>' in text
+
+
+def test_an_emoji_in_the_prompt_draws_without_glyph_warnings(unicode_trace, tmp_path):
+    """The fonts lack the emoji: its figures show a box, with no matplotlib warning per figure and glyph."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ats.report(unicode_trace, tmp_path / "u.html", words=["circle"])
+    assert not [w for w in caught if "missing from font" in str(w.message)]
 
 
 def _edited_copy(trace, dest, **attributes):

@@ -3,6 +3,7 @@ reading, its errors, in a real Jupyter kernel, and in a real JupyterLab in Debia
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -36,6 +37,15 @@ def heads_trace(sd_pipe, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd_trace(sd_pipe, tmp_path_factory):
     return ats.capture(sd_pipe, PROMPT, seed=0, store=tmp_path_factory.mktemp("view") / "sd.zarr", **RUN)
+
+
+@pytest.fixture(scope="module")
+def gated_trace(sd_pipe, sd_trace, tmp_path_factory):
+    """A TGATE rerun of ``sd_trace``: step 2 of 3 gated (no maps)."""
+    gated = ats.rerun(sd_trace, [ats.regulate.TGate(0.5)], pipe=sd_pipe,
+                      store=tmp_path_factory.mktemp("view") / "gated.zarr")
+    assert gated.gated_steps == [2]
+    return gated
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +155,13 @@ def test_compare_shows_both_runs(sd_pipe, sd_trace, tmp_path):
     assert share == [pytest.approx(want[0]), pytest.approx(want[1]), pytest.approx(want[1] - want[0])]
 
 
-def test_gated_steps_are_no_map_and_left_out_of_the_mean(sd_pipe, sd_trace, tmp_path):
-    gated = ats.rerun(sd_trace, [ats.regulate.TGate(0.5)], pipe=sd_pipe, store=tmp_path / "gated.zarr")
-    assert gated.gated_steps == [2]
+def test_gated_steps_are_no_map_and_left_out_of_the_mean(sd_trace, gated_trace):
+    gated = gated_trace
     site = sd_trace.sites[0]
     v = view(gated, words=["circle"], site=site, step="all")
     np.testing.assert_allclose(v.current_map(), expected_maps(gated, ["circle"], [site], [0, 1]), rtol=1e-5)
+    # "all" is the mean of the 2 steps computed, and says so (the slider's label reads this count)
+    assert v.step_mean_count == 2 and "mean of 2 steps computed (gated 2 left out)" in v.summary
     v.step = 2
     assert np.isnan(v.current_map()).all() and v.word_means == {"circle": None}
     assert v.panels[0]["maps"][0]["note"] == "not computed here (a gated step)"
@@ -159,7 +170,8 @@ def test_gated_steps_are_no_map_and_left_out_of_the_mean(sd_pipe, sd_trace, tmp_
     np.testing.assert_allclose(both.current_map(), expected_maps(sd_trace, ["circle"], [site], [0, 1]), rtol=1e-5)
     np.testing.assert_allclose(both.current_map(compare=True), expected_maps(gated, ["circle"], [site], [0, 1]),
                                rtol=1e-5)
-    assert "mean of 2 steps computed in both runs (gated 2 left out)" in both.summary
+    assert "mean of 2 steps computed in both runs (gated 2 left out)" in both.summary and both.step_mean_count == 2
+    assert view(sd_trace, words=["circle"]).step_mean_count == 3  # nothing gated: every captured step
     before = ats.compare(sd_trace, gated, ["circle"], sites=[site]).before.target_share.sel(sample=0).mean()
     share = next(r for r in both.statistics["rows"] if r["target"] == "circle")["values"][0]
     assert share == pytest.approx(float(before))
@@ -232,9 +244,22 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(sd_trace, tmp_path, sd
     with pytest.raises(ats.AttnscopeError, match="compare=True: this viewer shows one trace"):
         v.current_map(compare=True)
     other = ats.capture(sd_pipe, "a green triangle", seed=0, store=tmp_path / "other.zarr", **RUN)
-    with pytest.raises(ats.AttnscopeError, match=r"words=\['circle'\]: the compare trace's prompt 'a green triangle' "
-                                                 r"\(sample 0\) lacks it: the before/after needs every word in both"):
+    with pytest.raises(ats.AttnscopeError, match=r"compare='.*other.zarr': cannot compare .* their prompts differ "
+                                                 r"\(\['a red circle and a blue square'\] vs \['a green triangle'\]\)"):
         view(sd_trace, compare=other, words=["circle"])
+
+
+def test_compare_of_another_schedule_is_an_error_naming_both(sd_pipe, sd_trace, tmp_path):
+    """Two runs of the prompt with 3 and 2 steps are not a before/after (as ats.compare says); the view does not
+    pair their steps by number."""
+    shorter = ats.capture(sd_pipe, PROMPT, seed=0, store=tmp_path / "two.zarr", **{**RUN, "num_inference_steps": 2})
+    with pytest.raises(ats.AttnscopeError) as caught:
+        view(sd_trace, compare=shorter)
+    message = str(caught.value)
+    assert message.startswith(f"compare={str(shorter.path)!r}: cannot compare {str(sd_trace.path)!r} and ")
+    assert "their num_steps differs (3 vs 2)" in message and "\n" not in message
+    with pytest.raises(ats.AttnscopeError, match=r"their num_steps differs \(3 vs 2\)"):
+        ats.compare(sd_trace, shorter, ["circle"])  # the same check
 
 
 def test_samples_with_their_own_prompts(sd_pipe, tmp_path):
@@ -290,10 +315,10 @@ def _browser_ready():
         pytest.skip("the jupyter command is missing")
 
 
-def test_in_jupyterlab_in_chromium(sd_trace, tmp_path):
-    """A real JupyterLab on localhost, opened in headless chromium: run the notebook, see the widget's maps, move
-    the step slider in the page, see the maps change; the widget logs no error. Screenshots go to
-    ``$ATTNSCOPE_VIEWER_SCREENSHOTS`` when set."""
+@contextlib.contextmanager
+def jupyterlab_page(tmp_path, code):
+    """A real JupyterLab on localhost serving a notebook of one cell, ``code``, opened in headless chromium and run;
+    yields the page and the list the page's console errors go to."""
     _browser_ready()
     import nbformat
     from playwright.sync_api import sync_playwright
@@ -302,8 +327,7 @@ def test_in_jupyterlab_in_chromium(sd_trace, tmp_path):
     root.mkdir()
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(f"import attnscope as ats\nfrom attnscope.plot._view import view\n"
-                                          f"view(ats.open_trace({str(sd_trace.path)!r}), step=0)")]
+    nb.cells = [nbformat.v4.new_code_cell(code)]
     nbformat.write(nb, root / "view.ipynb")
     port = _free_port()
     private = {"JUPYTER_CONFIG_DIR": ".cfg", "JUPYTER_RUNTIME_DIR": ".rt", "JUPYTERLAB_WORKSPACES_DIR": ".ws",
@@ -339,26 +363,8 @@ def test_in_jupyterlab_in_chromium(sd_trace, tmp_path):
                                        " return w && w.sessionContext && w.sessionContext.session"
                                        " && w.sessionContext.session.kernel; }", timeout=60_000)
                 page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-                viewer = page.locator(".attnscope-viewer")
                 page.wait_for_selector(".attnscope-viewer img.atv-map", timeout=60_000)
-                assert viewer.locator(".atv-run figure").count() == 3  # the image, then one map per default word
-                assert viewer.locator(".atv-max").inner_text() != "—"
-                maps = viewer.locator(".atv-panels")
-                first, source = maps.screenshot(), viewer.locator("img.atv-map").first.get_attribute("src")
-                page.eval_on_selector(".attnscope-viewer input.atv-step", """el => { el.value = 3;
-                    el.dispatchEvent(new Event('input', {bubbles: true}));
-                    el.dispatchEvent(new Event('change', {bubbles: true})); }""")
-                page.wait_for_function("old => document.querySelector('.attnscope-viewer img.atv-map').src !== old",
-                                       arg=source, timeout=30_000)
-                assert "step 2 (t=" in viewer.locator(".atv-summary").inner_text()
-                second = maps.screenshot()
-                assert first != second
-                keep = os.environ.get("ATTNSCOPE_VIEWER_SCREENSHOTS")
-                if keep:
-                    Path(keep, "before.png").write_bytes(first)
-                    Path(keep, "after.png").write_bytes(second)
-                widget_errors = [e for e in errors if any(k in e.lower() for k in ("widget", "atv", "attnscope", "esm"))]
-                assert not widget_errors, widget_errors
+                yield page, errors
             finally:
                 browser.close()
     finally:
@@ -369,6 +375,61 @@ def test_in_jupyterlab_in_chromium(sd_trace, tmp_path):
             server.kill()
             server.wait()
         log.close()
+
+
+def widget_errors(errors):
+    return [e for e in errors if any(k in e.lower() for k in ("widget", "atv", "attnscope", "esm"))]
+
+
+def move_slider(page, name, position):
+    """Drag the viewer's ``name`` slider to ``position`` as a user does: input events while moving, change on release."""
+    page.eval_on_selector(f".attnscope-viewer input.atv-{name}", f"""el => {{ el.value = {position};
+        el.dispatchEvent(new Event('input', {{bubbles: true}}));
+        el.dispatchEvent(new Event('change', {{bubbles: true}})); }}""")
+
+
+def test_in_jupyterlab_in_chromium(sd_trace, tmp_path):
+    """A real JupyterLab on localhost, opened in headless chromium: run the notebook, see the widget's maps, move
+    the step slider in the page, see the maps change; the widget logs no error. Screenshots go to
+    ``$ATTNSCOPE_VIEWER_SCREENSHOTS`` when set."""
+    code = f"import attnscope as ats\nfrom attnscope.plot._view import view\nview(ats.open_trace({str(sd_trace.path)!r}), step=0)"
+    with jupyterlab_page(tmp_path, code) as (page, errors):
+        viewer = page.locator(".attnscope-viewer")
+        assert viewer.locator(".atv-run figure").count() == 3  # the image, then one map per default word
+        assert viewer.locator(".atv-max").inner_text() != "—"
+        maps = viewer.locator(".atv-panels")
+        first, source = maps.screenshot(), viewer.locator("img.atv-map").first.get_attribute("src")
+        move_slider(page, "step", 3)
+        page.wait_for_function("old => document.querySelector('.attnscope-viewer img.atv-map').src !== old",
+                               arg=source, timeout=30_000)
+        assert "step 2 (t=" in viewer.locator(".atv-summary").inner_text()
+        second = maps.screenshot()
+        assert first != second
+        keep = os.environ.get("ATTNSCOPE_VIEWER_SCREENSHOTS")
+        if keep:
+            Path(keep, "before.png").write_bytes(first)
+            Path(keep, "after.png").write_bytes(second)
+        assert not widget_errors(errors), widget_errors(errors)
+
+
+def test_in_chromium_the_all_position_counts_only_the_steps_averaged(gated_trace, tmp_path):
+    """A TGATE trace with 3 steps, step 2 gated: the step slider's "all" reads "mean of 2" (the steps averaged),
+    when drawn and when the slider is dragged back to it; the site slider counts every site."""
+    code = (f"import attnscope as ats\nfrom attnscope.plot._view import view\n"
+            f"view(ats.open_trace({str(gated_trace.path)!r}), words=['circle'], step='all')")
+    with jupyterlab_page(tmp_path, code) as (page, errors):
+        step = page.locator(".attnscope-viewer input.atv-step + .atv-value")
+        site = page.locator(".attnscope-viewer input.atv-site + .atv-value")
+        assert step.inner_text() == "all (mean of 2)"
+        assert site.inner_text() == f"all (mean of {len(gated_trace.sites)})"
+        assert "mean of 2 steps computed (gated 2 left out)" in page.locator(".attnscope-viewer .atv-summary").inner_text()
+        move_slider(page, "step", 2)
+        page.wait_for_function("() => document.querySelector('.attnscope-viewer .atv-summary').textContent"
+                               ".includes('step 1 (t=')", timeout=30_000)
+        page.eval_on_selector(".attnscope-viewer input.atv-step", """el => { el.value = 0;
+            el.dispatchEvent(new Event('input', {bubbles: true})); }""")  # dragging: the label only
+        assert step.inner_text() == "all (mean of 2)"
+        assert not widget_errors(errors), widget_errors(errors)
 
 
 def test_view_takes_a_path_and_says_what_it_is(sd_trace):

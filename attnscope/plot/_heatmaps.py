@@ -13,8 +13,17 @@ from ..errors import AttnscopeError
 from ..selection import index_positions
 from ..stats import image_size, layout_regions, layout_tokens
 from ..tokens import prompt_text, resolve_targets
-from ._layout import new_figure, short_site, step_label
-from ._select import forward_order, sample_index, sample_roles, sample_tokens, site_maps, site_names, token_positions
+from ._layout import new_figure, short_site, step_label, wrapped
+from ._select import (
+    forward_order,
+    sample_index,
+    sample_prompt,
+    sample_roles,
+    sample_tokens,
+    site_maps,
+    site_names,
+    token_positions,
+)
 
 __all__ = ["heatmaps", "site_step_grid", "word_maps", "word_panels"]
 
@@ -130,11 +139,10 @@ def word_panels(trace: Any, maps: xr.DataArray, sample: int = 0, alpha: float = 
     images = trace.images
     size = maps.sizes["y"], maps.sizes["x"]
     labels = [str(w) for w in maps["word"].values.tolist()]
-    fig, axes = new_figure(1, 1 + len(labels), (2.6, 2.8))
+    panel = (2.6, 2.8)
+    fig, axes = new_figure(1, 1 + len(labels), panel)
     picture = np.asarray(images[position]) if images else None
-    prompts = trace.manifest.get("run", {}).get("prompts") or []
-    prompt_of = int(trace.coords["prompt_index"].values[position])
-    titles = [prompts[prompt_of] if prompt_of < len(prompts) else f"sample {sample}", *labels]
+    titles = [sample_prompt(trace, sample) or f"sample {sample}", *labels]
     shown = None
     for i, (ax, title) in enumerate(zip(axes[0], titles)):
         if picture is not None:
@@ -144,7 +152,7 @@ def word_panels(trace: Any, maps: xr.DataArray, sample: int = 0, alpha: float = 
         if i:
             shown = ax.imshow(maps.isel(word=i - 1).values, cmap=cmap, alpha=alpha if picture is not None else 1.0,
                               vmin=0.0, vmax=1.0, extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5))
-        ax.set_title(title, fontsize=9)
+        ax.set_title(wrapped(title, 0.9 * panel[0], 9), fontsize=9)  # a long prompt: lines within its panel
         ax.set_axis_off()
     if shown is not None:  # the bar shows the colours at full strength, as the map's scale (not its opacity)
         bar = fig.colorbar(_opaque(shown), ax=list(axes[0][1:]), shrink=0.85, pad=0.02, aspect=15)

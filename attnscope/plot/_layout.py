@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import textwrap
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -10,7 +14,7 @@ from matplotlib.figure import Figure
 
 from ..errors import AttnscopeError
 
-__all__ = ["colour_map", "new_figure", "short_site", "step_label"]
+__all__ = ["colour_map", "missing_glyphs_quiet", "new_figure", "short_site", "step_label", "wrapped"]
 
 _PARTS = {"down_blocks": "down", "up_blocks": "up", "mid_block": "mid", "attentions": "a",
           "transformer_blocks": "t", "single_transformer_blocks": "st"}
@@ -20,6 +24,29 @@ def new_figure(nrows: int, ncols: int, panel: tuple[float, float], **subplots: A
     """A constrained-layout :class:`~matplotlib.figure.Figure` and its ``(nrows, ncols)`` axes grid."""
     fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), layout="constrained")
     return fig, fig.subplots(nrows, ncols, squeeze=False, **subplots)
+
+
+def wrapped(text: str, width: float, fontsize: float) -> str:
+    """``text`` broken at spaces into lines that fit ``width`` inches at ``fontsize`` points (a character taken as
+    0.6 em wide, DejaVu Sans' widest common letters), so a long title stays inside its panel.
+
+    >>> print(wrapped("a red circle to the left of a blue square", 1.0, 10))
+    a red circle
+    to the left
+    of a blue
+    square
+    """
+    chars = max(8, int(width * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.wrap(text, chars)) or text
+
+
+@contextmanager
+def missing_glyphs_quiet() -> Iterator[None]:
+    """Draw text without matplotlib's warning for each character its fonts lack (an emoji of a prompt: the text
+    shows an empty box there); every other warning is shown as usual."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+        yield
 
 
 def short_site(site: str) -> str:

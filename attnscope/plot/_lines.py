@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..errors import AttnscopeError
-from ._layout import new_figure, short_site
+from ._layout import new_figure, short_site, wrapped
 from ._select import dataset_variable, select_label
 
 __all__ = ["convergence", "dominance_lines"]
@@ -84,7 +84,8 @@ def dominance_lines(stats: xr.Dataset, variable: str = "target_share", sample: i
         short_site(sites) if isinstance(sites, str) else f"mean over {len(sites)} sites")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     label = _STAT_LABEL.get(variable, variable)
-    ax.set(xlabel="denoising step", ylabel=label, title=f"{label.split(' (')[0]} — sample {sample}, {where}")
+    title = f"{label.split(' (')[0]} — sample {sample}, {where}"
+    ax.set(xlabel="denoising step", ylabel=label, title=wrapped(title, 0.8 * fig.get_figwidth(), ax.title.get_fontsize()))
     return fig
 
 

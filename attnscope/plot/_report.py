@@ -23,14 +23,14 @@ from PIL import Image
 
 from ..errors import AttnscopeError
 from ..selection import check_tol, index_positions, step_ranges
-from ..stats import convergence, dominance, dominance_table, suggest_gate_step
+from ..stats import convergence, dominance, dominance_ratio, dominance_table, suggest_gate_step
 from ..store import as_trace
 from ..tokens import prompt_text, resolve_targets
 from ._heatmaps import heatmaps, site_step_grid, word_maps, word_panels
-from ._layout import step_label
+from ._layout import missing_glyphs_quiet, step_label
 from ._lines import convergence as convergence_figure
 from ._lines import dominance_lines
-from ._select import sample_index, sample_roles, sample_tokens, site_names, token_positions
+from ._select import sample_index, sample_prompt, sample_roles, sample_tokens, site_names, token_positions
 
 __all__ = ["STOP_WORDS", "report", "report_words"]
 
@@ -175,7 +175,8 @@ def _output_path(path: Any, overwrite: bool) -> Path:
 
 
 def _chosen_words(tr: Any, words: Any, sample: int) -> list[str | int]:
-    """``words`` as a list, each checked against the sample's prompt; the default when None."""
+    """``words`` as a list without repeats (in their order), each checked against the sample's prompt; the default
+    when None."""
     if words is None:
         return list(report_words(tr, sample))
     chosen = [words] if isinstance(words, (str, int)) else list(words)
@@ -183,7 +184,7 @@ def _chosen_words(tr: Any, words: Any, sample: int) -> list[str | int]:
         raise AttnscopeError("words=[]: expected at least one word or phrase of the prompt")
     # names a word not in the prompt, or a position not on the token axis
     resolve_targets(sample_tokens(tr, sample), index_positions(chosen, token_positions(tr)), sample_roles(tr, sample))
-    return chosen
+    return list(dict.fromkeys(chosen))  # a word given twice is drawn and measured once
 
 
 def _check_comparison(compare: Any) -> None:
@@ -207,7 +208,8 @@ def _png(data: bytes) -> str:
 def _figure_uri(fig: Any, dpi: int) -> tuple[str, tuple[int, int]]:
     """A figure as a PNG data URI (at ``dpi``, its colours reduced to a 256-colour palette) and its pixel size."""
     raw = io.BytesIO()
-    fig.savefig(raw, format="png", dpi=dpi)
+    with missing_glyphs_quiet():  # an emoji of the prompt: a box in the title, not a warning per figure
+        fig.savefig(raw, format="png", dpi=dpi)
     picture = Image.open(raw).convert("RGB")
     small = io.BytesIO()
     picture.quantize(256, method=Image.Quantize.FASTOCTREE).save(small, format="PNG", optimize=True)  # no banding
@@ -394,12 +396,16 @@ def _dominance(tr: Any, words: list, names: list[str], sample: int) -> Section:
         return [float(da.mean()), float(da.sel(step=first)), float(da.sel(step=last))]
 
     columns = ["mean over steps", f"step {first}", f"step {last}"]
-    shares = [[str(t), *map(_share, summary(one.target_share.sel(target=t)))] for t in one["target"].values]
-    stats = [[name.replace("_", " "), *map(fmt, summary(one[name]))] for name, fmt in
-             (("dominance_ratio", _number), ("entropy", _number), ("gini", _number), ("sink_share", _share))]
+    targets = [str(t) for t in one["target"].values]
+    values = np.array([summary(one.target_share.sel(target=t)) for t in targets])  # (target, column)
+    shares = [[t, *map(_share, row)] for t, row in zip(targets, values)]
+    ratios = dominance_ratio(values.T)  # of the shares shown, column by column: the table agrees with itself
+    stats = [["dominance ratio", *map(_number, ratios)]]
+    stats += [[name.replace("_", " "), *map(fmt, summary(one[name]))] for name, fmt in
+              (("entropy", _number), ("gini", _number), ("sink_share", _share))]
     text = ("<p>Target share: each word's part of the attention on the prompt's words, per step (sites averaged). "
-            "Dominance ratio: the largest target share over the second; sink share: attention on the start/end "
-            "tokens.</p>")
+            "Dominance ratio: the largest target share in the table over the second; sink share: attention on the "
+            "start/end tokens.</p>")
     fig = dominance_lines(ds, "target_share", sample=sample)
     return Section("dominance", "Dominance", text + _figure(fig, "lines", "target shares over the steps")
                    + _table(["target share", *columns], shares, (1, 2, 3))
@@ -498,7 +504,7 @@ def _page(tr: Any, sections: list[Section], sample: int) -> str:
         writer = version("attnscope")
     except PackageNotFoundError:
         writer = "(not installed)"
-    prompt = prompt_text(sample_tokens(tr, sample), sample_roles(tr, sample))
+    prompt = sample_prompt(tr, sample)
     notes = "".join(f'<p class="note">{n}</p>' for n in _notes(tr))
     nav = "".join(f'<a href="#{s.anchor}">{_esc(s.title)}</a>' for s in sections)
     body = "".join(f'<section id="{s.anchor}"><h2>{_esc(s.title)}</h2>{s.body}</section>' for s in sections)

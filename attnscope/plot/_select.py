@@ -10,10 +10,10 @@ import xarray as xr
 from .. import stats  # noqa: F401  (registers DataArray.attn)
 from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
-from ..tokens import token_roles, word_alignment
+from ..tokens import prompt_text, token_roles, word_alignment
 
-__all__ = ["dataset_variable", "default_targets", "forward_order", "sample_index", "sample_roles", "sample_tokens", "token_positions", "select_label", "site_maps",
-           "site_names"]
+__all__ = ["dataset_variable", "default_targets", "forward_order", "sample_index",
+           "sample_prompt", "sample_roles", "sample_tokens", "token_positions", "select_label", "site_maps", "site_names"]
 
 
 def site_names(trace: Any, sites: str | Sequence[str] | None) -> list[str]:
@@ -43,6 +43,20 @@ def sample_index(trace: Any, sample: Any) -> int:
 def sample_tokens(trace: Any, sample: Any) -> list[str]:
     """Token strings of ``sample``'s prompt."""
     return [str(t) for t in trace.coords["token_text"].values[sample_index(trace, sample)].tolist()]
+
+
+def sample_prompt(trace: Any, sample: Any) -> str:
+    """The prompt of ``sample`` as given to the run (the manifest's ``run.prompts``, by the ``prompt_index``
+    coordinate); spelled from its tokens when the manifest does not hold it (a prompt given as embeddings).
+    The tokens lose what the tokenizer rewrote (accents, emoji, case), so the manifest's text comes first."""
+    position = sample_index(trace, sample)
+    run = trace.manifest.get("run") if isinstance(trace.manifest, dict) else None
+    prompts = run.get("prompts") if isinstance(run, dict) else None
+    if isinstance(prompts, list) and "prompt_index" in trace.coords:
+        index = int(trace.coords["prompt_index"].values[position])
+        if 0 <= index < len(prompts) and isinstance(prompts[index], str):
+            return prompts[index]
+    return prompt_text(sample_tokens(trace, sample), sample_roles(trace, sample))
 
 
 def token_positions(trace: Any) -> list[int]:

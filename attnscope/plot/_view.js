@@ -132,10 +132,11 @@ function render({ model, el }) {
     return i < 0 ? 0 : i + 1;
   }
 
-  function drawSlider(control, options, labels, name) {
+  // count: how many the "all" position averages (the steps: those computed, gated steps left out)
+  function drawSlider(control, options, labels, name, count) {
     control.input.max = options.length;
     control.input.value = position(options, model.get(name));
-    showSlider(control, labels, Number(control.input.value), options.length);
+    showSlider(control, labels, Number(control.input.value), count);
   }
 
   function showSlider(control, labels, at, count) {
@@ -143,12 +144,12 @@ function render({ model, el }) {
   }
 
   function drawSites() {
-    drawSlider(site, model.get("site_options"), model.get("site_labels"), "site");
+    drawSlider(site, model.get("site_options"), model.get("site_labels"), "site", model.get("site_options").length);
     site.input.title = model.get("site") === "all" ? "every site" : model.get("site");
   }
 
   function drawSteps() {
-    drawSlider(step, model.get("step_options"), model.get("step_labels"), "step");
+    drawSlider(step, model.get("step_options"), model.get("step_labels"), "step", model.get("step_mean_count"));
   }
 
   function drawHeads() {
@@ -253,7 +254,7 @@ function render({ model, el }) {
     send("site", at === 0 ? "all" : model.get("site_options")[at - 1]);
   });
   step.input.addEventListener("input", () =>
-    showSlider(step, model.get("step_labels"), Number(step.input.value), model.get("step_options").length));
+    showSlider(step, model.get("step_labels"), Number(step.input.value), model.get("step_mean_count")));
   step.input.addEventListener("change", () => {
     const at = Number(step.input.value);
     send("step", at === 0 ? "all" : model.get("step_options")[at - 1]);
@@ -272,7 +273,7 @@ function render({ model, el }) {
   const handlers = [
     ["change:words change:word_options", drawWords],
     ["change:site change:site_options change:site_labels", drawSites],
-    ["change:step change:step_options change:step_labels", drawSteps],
+    ["change:step change:step_options change:step_labels change:step_mean_count", drawSteps],
     ["change:head change:head_count", drawHeads],
     ["change:sample change:sample_options", drawSamples],
     ["change:opacity", drawOpacity],

@@ -30,11 +30,11 @@ except ImportError as exc:  # an optional dependency: the notebooks extra
 from ..errors import AttnscopeError
 from ..selection import step_ranges
 from ..stats import dominance, dominance_ratio, image_size, upsample_maps
-from ..store import as_trace
-from ..tokens import prompt_text, resolve_targets, word_alignment
+from ..store import as_trace, check_same_generation
+from ..tokens import resolve_targets, word_alignment
 from ._layout import colour_map, short_site, step_label
 from ._report import report_words
-from ._select import forward_order, sample_index, sample_roles, sample_tokens
+from ._select import forward_order, sample_index, sample_prompt, sample_roles, sample_tokens
 
 __all__ = ["ALL", "TraceViewer", "view"]
 
@@ -110,7 +110,7 @@ class _Run:
         return sample_tokens(self.trace, sample), sample_roles(self.trace, sample)
 
     def prompt(self, sample: int) -> str:
-        return prompt_text(*self.tokens(sample))
+        return sample_prompt(self.trace, sample)
 
     def image(self, sample: int) -> Any:
         """The sample's generated image (PIL), or None when the trace stores none."""
@@ -234,7 +234,8 @@ class TraceViewer(anywidget.AnyWidget):
     site : str
         A site name of the trace, or ``"all"`` (the mean over every site, each upsampled to the image first).
     step : int or str
-        A captured step, or ``"all"`` (the mean over the captured steps).
+        A captured step, or ``"all"`` (the mean over the captured steps TGATE did not gate; with ``compare``,
+        those computed in both runs). ``step_mean_count`` says how many that is.
     head : str or int
         ``"mean"``, or a head index when the trace kept heads (``capture(..., heads="all")``).
     sample : int
@@ -261,6 +262,7 @@ class TraceViewer(anywidget.AnyWidget):
     step = traitlets.Any(ALL).tag(sync=True)
     step_options = traitlets.List(traitlets.Int()).tag(sync=True)
     step_labels = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    step_mean_count = traitlets.Int(0).tag(sync=True)  # the steps the "all" position averages (gated ones left out)
     head = traitlets.Any(HEAD_MEAN).tag(sync=True)
     head_count = traitlets.Int(1).tag(sync=True)
     sample = traitlets.Any(0).tag(sync=True)
@@ -282,7 +284,9 @@ class TraceViewer(anywidget.AnyWidget):
         first = as_trace(trace, "trace")
         self._runs = [_Run(first, "before" if compare is not None else "trace")]
         if compare is not None:
-            self._runs.append(_Run(as_trace(compare, "compare"), "after"))
+            second = as_trace(compare, "compare")
+            check_same_generation(first, second, f"compare={str(second.path)!r}")  # as ats.compare checks
+            self._runs.append(_Run(second, "after"))
         self._cmap = cmap
         colour_map([0.0], 0.0, 1.0, cmap)  # an unknown colour map is an error now
         sites = forward_order(first, [s for s in first.sites if all(s in run.trace.sites for run in self._runs[1:])])
@@ -294,9 +298,9 @@ class TraceViewer(anywidget.AnyWidget):
         if not steps:
             raise AttnscopeError(f"compare={str(self._runs[1].trace.path)!r}: no captured step in common with "
                                  f"{str(first.path)!r}; the before/after needs common steps")
-        # "all" steps before and after: the same steps, those computed in both runs (a TGATE run's gated steps have
-        # no maps), as ats.compare takes them; one trace alone averages over the steps it computed (NaN skipped)
-        gated = {int(s) for run in self._runs for s in run.trace.gated_steps} if compare is not None else set()
+        # "all" steps: those computed (a TGATE run's gated steps have no maps) — before and after, those computed in
+        # both runs, as ats.compare takes them; a map the model made NaN is skipped in the mean
+        gated = {int(s) for run in self._runs for s in run.trace.gated_steps}
         self._all_steps = tuple(s for s in steps if s not in gated) or tuple(steps)
         super().__init__()
         try:
@@ -304,6 +308,7 @@ class TraceViewer(anywidget.AnyWidget):
                 self.site_options, self.site_labels = sites, [short_site(s) for s in sites]
                 timed = first.attention(sites[0])  # its timestep coordinate
                 self.step_options, self.step_labels = steps, [step_label(timed, s) for s in steps]
+                self.step_mean_count = len(self._all_steps)
                 self.sample_options = [s for s in self._runs[0].samples if all(s in r.samples for r in self._runs[1:])]
                 self.sample = sample
                 self.site = site
@@ -485,7 +490,7 @@ class TraceViewer(anywidget.AnyWidget):
         when = (f"mean of {len(steps)} steps" if self.step == ALL else self.step_labels[self.step_options.index(self.step)])
         if self.step == ALL and len(steps) < len(self.step_options):
             left_out = step_ranges(sorted(set(self.step_options) - set(steps)))
-            when += f" computed in both runs (gated {left_out} left out)"
+            when += f" computed{' in both runs' if len(self._runs) > 1 else ''} (gated {left_out} left out)"
         heads = "heads averaged" if self.head == HEAD_MEAN else f"head {self.head}"
         return f"{where} · {when} · {heads} · sample {self.sample}"
 
@@ -550,8 +555,9 @@ def view(trace: Any, compare: Any = None, **options: Any) -> TraceViewer:
     trace : Trace or path
         The trace (a path or URL is opened with :func:`attnscope.open_trace`).
     compare : Trace or path, optional
-        A second run of the same prompt (typically ``ats.rerun(trace, interventions=[...])``): it must share
-        sites, captured steps and the sample with ``trace``, and every chosen word must be in its prompt.
+        A second run of the same generation (typically ``ats.rerun(trace, interventions=[...])``): the same
+        prompts, image size, number of samples and schedule (number of steps), as :func:`attnscope.compare`
+        requires, and sites and captured steps in common with ``trace``.
     **options
         Initial state: ``words`` (list of words/phrases; default :func:`attnscope.plot.report_words`),
         ``site`` (a site name or ``"all"``), ``step`` (a captured step or ``"all"``), ``head`` (``"mean"``

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import AttnscopeError
 from ..selection import run_steps, select_site_names, select_steps, step_ranges
 from ..stats import dominance
-from ..store import Trace, as_trace
+from ..store import Trace, as_trace, check_same_generation
 from ..tokens import token_words
 
 __all__ = ["Comparison", "compare"]
@@ -126,20 +126,6 @@ def _each_once(items: list[Any]) -> list[Any]:
         return items
 
 
-def _same_generation(a: Trace, b: Trace) -> None:
-    ra, rb = a.manifest.get("run", {}), b.manifest.get("run", {})
-    pa, pb = ra.get("prompts"), rb.get("prompts")
-    if pa is None or pb is None:
-        pa, pb = ra.get("tokens"), rb.get("tokens")
-    if pa != pb:
-        raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: their prompts differ "
-                             f"({pa!r} vs {pb!r})")
-    for key in ("height", "width", "samples", "num_steps"):
-        if ra.get(key) != rb.get(key):
-            raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: their {key} differs "
-                                 f"({ra.get(key)!r} vs {rb.get(key)!r})")
-
-
 def _chosen_sites(a: Trace, b: Trace, sites: Any) -> list[str]:
     """The site names ``sites`` chooses (default: every site both traces recorded); each must be in both traces."""
     where = f"cannot compare {str(a.path)!r} and {str(b.path)!r}"
@@ -221,7 +207,7 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
         ``.table()``, ``.steps_note()``, ``.image_change()`` and ``.figure()``.
     """
     ta, tb = as_trace(a, "a"), as_trace(b, "b")
-    _same_generation(ta, tb)
+    check_same_generation(ta, tb)
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(ta.tokens, ta.token_roles) if w))
     targets = _each_once([targets] if isinstance(targets, (str, int)) else list(targets))

@@ -13,11 +13,41 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["build_manifest", "weights_fingerprint", "jsonable"]
+from ..errors import AttnscopeError
+
+__all__ = ["build_manifest", "check_same_generation", "jsonable", "weights_fingerprint"]
 
 _LIBRARIES = ("attnscope", "torch", "diffusers", "transformers", "zarr", "xarray", "numpy")
 _FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 _SAMPLES_PER_TENSOR = 4096
+
+
+def check_same_generation(a: Any, b: Any, what: str = "") -> None:
+    """Check that traces ``a`` and ``b`` record the same generation — the same prompts, image size, number of
+    samples and schedule (``num_steps``) — so their steps pair up as a before/after (:func:`attnscope.compare`,
+    ``ats.view(compare=)``); ``what`` (e.g. ``"compare='b.zarr'"``) opens the error.
+
+    >>> from types import SimpleNamespace as Run
+    >>> a = Run(path="a.zarr", manifest={"run": {"prompts": ["a red circle"], "num_steps": 8}})
+    >>> b = Run(path="b.zarr", manifest={"run": {"prompts": ["a red circle"], "num_steps": 4}})
+    >>> check_same_generation(a, a)
+    >>> check_same_generation(a, b)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: cannot compare 'a.zarr' and 'b.zarr': their num_steps differs (8 vs 4); a before/after needs two runs of the same generation
+    """
+    opening = f"{what}: " if what else ""
+    ra, rb = (t.manifest.get("run", {}) if isinstance(t.manifest, dict) else {} for t in (a, b))
+    pa, pb = ra.get("prompts"), rb.get("prompts")
+    if pa is None or pb is None:
+        pa, pb = ra.get("tokens"), rb.get("tokens")
+    if pa != pb:
+        raise AttnscopeError(f"{opening}cannot compare {str(a.path)!r} and {str(b.path)!r}: their prompts differ "
+                             f"({pa!r} vs {pb!r})")
+    for key in ("height", "width", "samples", "num_steps"):
+        if ra.get(key) != rb.get(key):
+            raise AttnscopeError(f"{opening}cannot compare {str(a.path)!r} and {str(b.path)!r}: their {key} differs "
+                                 f"({ra.get(key)!r} vs {rb.get(key)!r}); a before/after needs two runs of the same "
+                                 f"generation")
 
 
 def jsonable(value: Any) -> Any:
