@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from .errors import AttnscopeError
 
-__all__ = ["BYTE_SPACE", "EOT", "ROLES", "SOT", "byte_to_unicode", "prompt_length", "prompt_positions", "prompt_text", "resolve_targets",
-           "segment_bounds", "target_occurrences", "token_roles", "token_words", "word_alignment"]
+__all__ = ["BYTE_SPACE", "EOT", "ROLES", "SOT", "byte_to_unicode", "is_target", "prompt_length", "prompt_positions", "prompt_text", "resolve_targets",
+           "segment_bounds", "target_list", "target_occurrences", "token_roles", "token_words", "word_alignment"]
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 T5_EOS, T5_PAD, T5_SPACE = "</s>", "<pad>", "\u2581"
@@ -306,6 +307,27 @@ def word_alignment(tokens: Sequence[str], roles: Sequence[str] | None = None) ->
     return words
 
 
+def is_target(value: Any) -> bool:
+    """Whether ``value`` is one target: a word or phrase (str) or a token position (any int, numpy's included; not a
+    bool).
+
+    >>> import numpy as np
+    >>> is_target("circle"), is_target(np.int64(3)), is_target(True), is_target(["circle"])
+    (True, True, False, False)
+    """
+    return isinstance(value, (str, numbers.Integral)) and not isinstance(value, bool)
+
+
+def target_list(targets: Any) -> list[Any]:
+    """``targets`` as a list: one target (a str or an int) in a list of its own, any other iterable listed.
+
+    >>> target_list("blue square"), target_list(7), target_list(("circle", 2))
+    (['blue square'], [7], ['circle', 2])
+    """
+    one = isinstance(targets, (str, numbers.Integral)) or not isinstance(targets, Iterable)
+    return [targets] if one else list(targets)
+
+
 def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | int,
                     roles: Sequence[str] | None = None) -> dict[str, list[int]]:
     """Token positions of each target: a word, a phrase of consecutive words, or a position.
@@ -335,15 +357,14 @@ def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | 
     >>> resolve_targets(toks, ["circle", "blue square", "a", 2])
     {'circle': [3], 'blue square': [6, 7], 'a': [1, 5], '2': [2]}
     """
-    one = isinstance(targets, (str, numbers.Integral)) or not isinstance(targets, Iterable)
-    items = [targets] if one else list(targets)
+    items = target_list(targets)
     if not items:
         raise AttnscopeError("targets=[]: expected at least one word, phrase or token position")
     segments = _lower(_segment_occurrences(tokens, roles))
     occurrences = [found for segment in segments for found in segment]
     resolved: dict[str, list[int]] = {}
     for target in items:
-        if isinstance(target, bool) or not isinstance(target, (str, numbers.Integral)):
+        if not is_target(target):
             raise AttnscopeError(f"target {target!r}: expected a word, a phrase or a token position (int)")
         if isinstance(target, numbers.Integral):
             target = int(target)  # numpy's ints count (an np.arange, a .values item)

@@ -498,3 +498,20 @@ def test_a_repeated_target_is_measured_once(parent, steered, tmp_path):
     result = cli("report", parent.path, "--compare", steered.path, "--words", "circle,circle", "-o", page, "--overwrite")
     assert result.exit_code == 0, result.output
     assert page.read_text() == expected
+
+
+def test_a_numpy_int_is_one_token_position_everywhere_a_target_is_taken(parent, steered, tmp_path):
+    """A token position read off an array (np.int64) is one target, as a Python int is: compare, the report, the
+    heat maps and the interventions took only `int` as a single target and tried to iterate np.int64."""
+    circle = parent.words["circle"][0]
+    as_int, as_numpy = compare(parent, steered, circle), compare(parent, steered, np.int64(circle))
+    assert as_numpy.shares().equals(as_int.shares())
+    assert as_numpy.shares().index.tolist() == [str(circle)]
+    assert Reweight(np.int64(circle), 3.0).describe() == Reweight(circle, 3.0).describe()
+    assert AttentionRegulation(np.int64(circle)).describe() == AttentionRegulation(circle).describe()
+    fig = ats.plot.heatmaps(parent, np.int64(circle))
+    assert len(fig.axes) == len(ats.plot.heatmaps(parent, circle).axes)
+    ats.report(parent, tmp_path / "r.html", words=np.int64(circle))
+    assert (tmp_path / "r.html").stat().st_size > 0
+    with pytest.raises(ats.AttnscopeError, match="target True"):
+        compare(parent, steered, [True])

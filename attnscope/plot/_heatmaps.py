@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from ..errors import AttnscopeError
 from ..selection import index_positions
 from ..stats import image_size, layout_regions, layout_tokens
-from ..tokens import prompt_text, resolve_targets
+from ..tokens import prompt_text, resolve_targets, target_list
 from ._layout import new_figure, short_site, step_label, wrapped
 from ._select import (
     forward_order,
@@ -119,7 +119,7 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
     sample_index(trace, sample)  # a missing sample is an error before any map is read
     on_panels = None
     if regions is not None:  # which phrase goes on which panel, checked before any map is read
-        listed = [words] if isinstance(words, (str, int)) else list(words)
+        listed = target_list(words)
         on_panels = _layout_panels(index_positions(listed, token_positions(trace)), regions, sample_tokens(trace, sample),
                                    sample_roles(trace, sample))
     maps = word_maps(trace, words, sites, steps, sample).attn.normalize("minmax")
@@ -172,7 +172,7 @@ def _opaque(image: Any) -> Any:
 def _layout_panels(words: Any, regions: dict[str, tuple[float, ...]], tokens: list[str],
                    roles: list[str] | None) -> list[list[str]]:
     """Per word panel, the layout phrases drawn on it: those whose tokens it shares one of (see :func:`heatmaps`)."""
-    targets = [words] if isinstance(words, (str, int)) else list(words)
+    targets = target_list(words)
     if not any(tokens):  # a prompt given as embeddings leaves no token text: which panel is whose cannot be told
         return [list(regions)] * len(targets)
     phrase_tokens = layout_tokens(tokens, list(regions), roles)

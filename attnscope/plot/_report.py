@@ -25,7 +25,7 @@ from ..errors import AttnscopeError
 from ..selection import check_tol, index_positions, step_ranges
 from ..stats import convergence, dominance, dominance_ratio, dominance_table, suggest_gate_step
 from ..store import as_trace
-from ..tokens import prompt_text, resolve_targets
+from ..tokens import prompt_text, resolve_targets, target_list
 from ._heatmaps import heatmaps, site_step_grid, word_maps, word_panels
 from ._layout import missing_glyphs_quiet, step_label
 from ._lines import convergence as convergence_figure
@@ -179,7 +179,7 @@ def _chosen_words(tr: Any, words: Any, sample: int) -> list[str | int]:
     when None."""
     if words is None:
         return list(report_words(tr, sample))
-    chosen = [words] if isinstance(words, (str, int)) else list(words)
+    chosen = target_list(words)
     if not chosen:
         raise AttnscopeError("words=[]: expected at least one word or phrase of the prompt")
     # names a word not in the prompt, or a position not on the token axis

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import AttnscopeError
 from ..selection import select_sites, select_steps
-from ..tokens import prompt_text, resolve_targets, target_occurrences
+from ..tokens import is_target, prompt_text, resolve_targets, target_list, target_occurrences
 
 __all__ = ["InterventionScope", "default_regulation_sites", "nth_occurrences", "targets_label"]
 
@@ -84,7 +84,7 @@ class InterventionScope:
                  default_sites: Callable[[Sequence[Any], tuple[int, int]], list[str]] | None = None):
         items = targets if isinstance(targets, (list, tuple)) else [targets]
         if targets is None or not items or not (callable(targets) or all(
-                isinstance(t, (str, int)) and not isinstance(t, bool) for t in items)):
+                is_target(t) for t in items)):
             raise AttnscopeError(f"targets={targets!r}: expected words, phrases or token positions (a str, an int, a "
                                  f"list of them, or a function of the prompt)")
         if not (sites is None or callable(sites) or isinstance(sites, str)
@@ -205,7 +205,7 @@ def nth_occurrences(tokens: list[str], targets: Any, roles: Any = None) -> list[
     >>> nth_occurrences(toks, ["circle", "circle"]), nth_occurrences(toks, ["blue circle", 2])
     ([[3], [7]], [[6, 7], [2]])
     """
-    items = [targets] if isinstance(targets, (str, int)) else list(targets)
+    items = target_list(targets)
     resolve_targets(tokens, items, roles)  # the checks and errors for unknown words and bad positions
     mentions: dict[str, int] = {}
     out = []

@@ -13,7 +13,7 @@ from ..errors import AttnscopeError
 from ..selection import run_steps, select_site_names, select_steps, step_ranges
 from ..stats import dominance
 from ..store import Trace, as_trace, check_same_generation
-from ..tokens import token_words
+from ..tokens import target_list, token_words
 
 __all__ = ["Comparison", "compare"]
 
@@ -210,7 +210,7 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
     check_same_generation(ta, tb)
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(ta.tokens, ta.token_roles) if w))
-    targets = _each_once([targets] if isinstance(targets, (str, int)) else list(targets))
+    targets = _each_once(target_list(targets))
     sites = _chosen_sites(ta, tb, sites)
     if steps is None:
         steps = _computed_in_both(ta, tb, sites[0])
