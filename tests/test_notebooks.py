@@ -16,6 +16,12 @@ EXPECTED = {  # a line each notebook must print, so a silently empty run cannot 
     "04_spatial_control.ipynb": "relation fixed by the layout:",
     "05_sweep_and_predict.ipynb": "with regulation (risk >",
 }
+# cells a user may well run a second time (after changing a parameter): run again at the end, they must not fail
+# (a join of columns already there, a rerun into a store already written); each marker is a line of such a cell
+RUN_TWICE = {
+    "04_spatial_control.ipynb": ["before = pd.DataFrame(", "after = pd.DataFrame("],
+    "05_sweep_and_predict.ipynb": ["for run in table.index[table.risk > theta]:"],
+}
 # The kernel is a process of its own: it gets one torch (OpenMP/MKL) thread explicitly, as the test processes do
 # (conftest.py). With torch's default pool a notebook that takes 30 s idle can pass the 600 s cell timeout on a
 # machine where another process holds a core: the pool's threads spin at every barrier waiting for that core.
@@ -42,6 +48,10 @@ def test_notebook_executes(name, tmp_path):
     tmp.mkdir()
     before = _listing(NOTEBOOKS)
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for marker in RUN_TWICE.get(name, []):
+        again = [cell for cell in nb.cells if cell.cell_type == "code" and marker in cell.source]
+        assert len(again) == 1, f"{name}: {len(again)} cells hold {marker!r}, expected 1"
+        nb.cells.append(nbformat.v4.new_code_cell(again[0].source))
     nb.cells.append(nbformat.v4.new_code_cell("import torch; print('torch threads:', torch.get_num_threads())"))
     NotebookClient(nb, timeout=600, kernel_name="python3").execute(cwd=str(cwd),
                                                                    env={**os.environ, **ONE_THREAD, "TMPDIR": str(tmp)})
