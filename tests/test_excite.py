@@ -364,3 +364,10 @@ def test_on_sdxl_the_looks_get_the_pipelines_own_conditioning(sdxl_pipe):
     with ats.hooks(pipe, excite):
         pipe(**call)
     assert sorted(excite.history) == [0]
+
+
+@pytest.mark.parametrize("thresholds", [5, {"a": 0.5}, {0.0: "high"}, [(0.0, 0.5)]])
+def test_thresholds_not_a_mapping_of_numbers_is_one_error(thresholds):
+    """A non-mapping or non-numeric keys/values failed with a raw TypeError (or were taken as a list of pairs)."""
+    with pytest.raises(AttnscopeError, match=r"thresholds=.*: expected \{share of the run"):
+        AttendAndExcite(["circle"], thresholds=thresholds)

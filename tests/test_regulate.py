@@ -583,3 +583,35 @@ def test_bad_steps_are_refused_when_made(steps, message):
     for make in (lambda: Reweight("circle", 2.0, steps=steps), lambda: AttentionRegulation(["circle"], steps=steps)):
         with pytest.raises(AttnscopeError, match=message):
             make()
+
+
+# -- a second audit (2026-12-06): seeds, booleans, and default sites of a run at another size ---------------------
+@pytest.mark.parametrize("make, message", [
+    (lambda: AttentionRegulation(["circle"], seed="x"), r"seed='x': expected an integer"),
+    (lambda: AttentionRegulation(["circle"], seed=1.5), r"seed=1.5: expected an integer"),
+    (lambda: AttentionRegulation(["circle"], seed=True), r"seed=True: expected an integer"),
+    (lambda: AttentionRegulation(["circle"], iterations=True), r"iterations=True: expected a positive integer"),
+])
+def test_bad_seed_and_iterations_are_refused_when_made(make, message):
+    """A str seed failed mid-run with a raw TypeError, a float one with torch's RuntimeError; True ran one iteration."""
+    with pytest.raises(AttnscopeError, match=message):
+        make()
+
+
+def test_default_sites_follow_each_runs_latent_size(pipe):
+    """The default sites are chosen by map size, so a second run at another size (same object, same hooks) gets
+    the sites a fresh object gets at that size, not the first run's."""
+    def sites_of(reg):
+        return {site for site, _ in reg.history}
+
+    fresh = {}
+    for size in (32, 128):  # 16×16 and 64×64 latents: the ≥ 8 px level is deeper at the larger size
+        reg = AttentionRegulation(["circle"], iterations=2)
+        _run(pipe, reg, steps=2, height=size, width=size)
+        fresh[size] = sites_of(reg)
+    assert fresh[32] != fresh[128]
+    reused = AttentionRegulation(["circle"], iterations=2)
+    with ats.hooks(pipe, reused):
+        for size in (32, 128, 32):
+            pipe(PROMPT, num_inference_steps=2, height=size, width=size, generator=torch.Generator().manual_seed(0))
+            assert sites_of(reused) == fresh[size], size

@@ -160,3 +160,15 @@ def test_a_control_moved_to_another_pipeline_encodes_its_local_prompts_there():
     shared = SpatialTemporal(layout)
     _image(first, shared, **kw)
     assert np.array_equal(_image(second, shared, **kw), _image(second, SpatialTemporal(layout), **kw))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"radius": "0.2"}, r"radius='0.2': expected a number in \(0, 1\]"),
+    ({"radius": True}, r"radius=True: expected a number in \(0, 1\]"),
+    ({"local_prompt": 3}, r"local_prompt=3: expected a template"),
+    ({"local_prompt": None}, r"local_prompt=None: expected a template"),
+])
+def test_bad_radius_and_local_prompt_are_one_error_naming_them(kwargs, message):
+    """A str radius or a non-str template failed with a raw TypeError."""
+    with pytest.raises(AttnscopeError, match=message):
+        SpatialTemporal(**kwargs)

@@ -145,15 +145,17 @@ class AttendAndExcite:
     def __init__(self, targets: Any, *, sites: Any = None, steps: Any = "first_half", step_size: float = 20.0,
                  thresholds: Mapping[float, float] | None = None, max_refinement: int = 20,
                  temperature: float = 100.0, sigma: float = 0.5, probe_batch: int | None = None):
-        thresholds = dict(_THRESHOLDS if thresholds is None else thresholds)
+        if thresholds is None:
+            thresholds = dict(_THRESHOLDS)
+        if not isinstance(thresholds, Mapping) or not all(
+                _real(k) and _real(v) and 0 <= k < 1 and 0 <= v <= 1 for k, v in thresholds.items()):
+            raise AttnscopeError(f"thresholds={thresholds!r}: expected {{share of the run in [0, 1): threshold in "
+                                 f"[0, 1]}}, e.g. the official {_THRESHOLDS}")
+        thresholds = dict(thresholds)
         if not (isinstance(step_size, (int, float)) and step_size > 0):
             raise AttnscopeError(f"step_size={step_size!r}: expected a positive number")
         if not isinstance(max_refinement, int) or isinstance(max_refinement, bool) or max_refinement < 0:
             raise AttnscopeError(f"max_refinement={max_refinement!r}: expected a non-negative integer")
-        bad = [k for k, v in thresholds.items() if not (0 <= k < 1 and 0 <= v <= 1)]
-        if bad:
-            raise AttnscopeError(f"thresholds={thresholds!r}: expected {{share of the run in [0, 1): threshold in "
-                                 f"[0, 1]}}, e.g. the official {_THRESHOLDS}")
         if probe_batch is not None and (not isinstance(probe_batch, int) or isinstance(probe_batch, bool)
                                         or probe_batch < 1):
             raise AttnscopeError(f"probe_batch={probe_batch!r}: expected a positive integer or None")
@@ -330,6 +332,11 @@ class AttendAndExcite:
     def on_probs(self, ctx: Any, probs: torch.Tensor) -> None:
         h, w = ctx.spatial_shape
         self._maps.append(probs.mean(1).view(probs.shape[0], h, w, probs.shape[-1]))
+
+
+def _real(value: Any) -> bool:
+    """A real number (not a bool): a share of the run or a threshold."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class _FirstCall(Exception):

@@ -137,8 +137,10 @@ class AttentionRegulation:
                  scale_lr: bool = True, seed: int = 0, when: RiskGate | None = None):
         if when is not None and not isinstance(when, RiskGate):
             raise AttnscopeError(f"when={when!r}: expected a gate such as ats.regulate.risk_above(0.3)")
-        if not isinstance(iterations, int) or iterations < 1:
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise AttnscopeError(f"iterations={iterations!r}: expected a positive integer")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise AttnscopeError(f"seed={seed!r}: expected an integer")
         for name, value, low, high, closed in (
                 ("lr", lr, 0, math.inf, False), ("decay", decay, 0, math.inf, False), ("smoothing", smoothing, 0, 1, None),
                 ("quantile", quantile, 0, 1, True), ("quantile_target", quantile_target, 0, 1, True),

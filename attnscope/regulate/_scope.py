@@ -94,7 +94,8 @@ class InterventionScope:
         self.targets, self.sites, self.steps = targets, sites, _steps_spec(steps)
         self.first_occurrence, self.default_sites = first_occurrence, default_sites
         self._all: list[Any] = []
-        self._chosen: set[str] | None = None
+        self._chosen: set[str] | None = None  # the sites given, resolved; None: the default sites
+        self._defaults: dict[Any, set[str]] = {}  # latent shape → the default sites at that size
         self._columns: dict[tuple[tuple[str, ...], ...], list[list[int]]] = {}
         self._steps: frozenset[int] = frozenset()
         self._steps_for: int | None = None
@@ -102,18 +103,21 @@ class InterventionScope:
     def install(self, session: Any) -> None:
         """Check the site spec against the pipeline's sites (an unknown site is an error)."""
         self._all = list(session.sites)
-        self._chosen = None
+        self._chosen, self._defaults = None, {}
         if self.sites is not None:
             self._chosen = {s.name for s in select_sites(self.sites, self._all)}
         self._columns = {}
 
     def active(self, ctx: Any) -> bool:
         """Whether the intervention acts at this call (site × step)."""
-        if self._chosen is None:
-            chosen = (self.default_sites(self._all, ctx.step_context.latent_shape) if self.default_sites
-                      else [s.name for s in self._all])
-            self._chosen = set(chosen)
-        return ctx.site.name in self._chosen and self._step_active(ctx)
+        chosen = self._chosen
+        if chosen is None:  # the default sites depend on the map sizes: chosen per latent size
+            shape = ctx.step_context.latent_shape
+            if shape not in self._defaults:
+                self._defaults[shape] = set(self.default_sites(self._all, shape) if self.default_sites
+                                            else [s.name for s in self._all])
+            chosen = self._defaults[shape]
+        return ctx.site.name in chosen and self._step_active(ctx)
 
     def steps_of_run(self, num_steps: int) -> tuple[int, ...]:
         """The steps the intervention acts at in a run of ``num_steps`` steps."""

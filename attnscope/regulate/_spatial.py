@@ -96,9 +96,9 @@ class SpatialTemporal:
                 raise AttnscopeError(f"layout={layout!r}: expected a mapping of object phrase to a box or centre, "
                                      f"or None (a layout from the prompt's relation words)")
             layout = layout_regions({str(p): v for p, v in layout.items()})
-        if "{}" not in local_prompt:
+        if not isinstance(local_prompt, str) or "{}" not in local_prompt:
             raise AttnscopeError(f"local_prompt={local_prompt!r}: expected a template with '{{}}' for the phrase")
-        if not 0 < radius <= 1:
+        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < radius <= 1:
             raise AttnscopeError(f"radius={radius!r}: expected a number in (0, 1]")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise AttnscopeError(f"epochs={epochs!r}: expected an int ≥ 1")
