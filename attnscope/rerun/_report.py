@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..store import Trace, as_trace
-from ..tokens import target_list
 from ._compare import Comparison
 from ._compare import compare as compare_runs
 
@@ -66,8 +65,6 @@ def report(trace: Trace | str | Path, path: str | os.PathLike = "report.html", *
     from .. import plot  # matplotlib loads with the first report, not with ``import attnscope``
 
     tr = as_trace(trace, "trace")
-    if words is not None:
-        words = list(dict.fromkeys(target_list(words)))  # a word given twice is drawn and measured once
     if compare is not None and not isinstance(compare, Comparison):
         targets = words if words is not None else plot.report_words(tr, sample)
         compare = compare_runs(tr, as_trace(compare, "compare"), targets, sites=sites)

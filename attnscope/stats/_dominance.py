@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,7 +9,7 @@ import numpy as np
 
 from ..errors import AttnscopeError
 from ..selection import index_positions, run_steps, select_captured_steps, select_site_names
-from ..tokens import resolve_targets, token_roles, token_words
+from ..tokens import resolve_targets, target_list, token_roles, token_words
 from . import _formulas as f
 from ._sites import reduce_sites, sites_dataset
 
@@ -120,7 +119,7 @@ def target_positions(texts: list[list[str]], roles: list[list[str]], targets: An
     """
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(texts[0], roles[0]) if w))
-    items = [targets] if isinstance(targets, (str, numbers.Integral)) else list(targets)
+    items = target_list(targets)
     if not items:
         raise AttnscopeError(f"targets={targets!r}: no word to measure (by default every word of the prompt: an empty "
                              "prompt has none); give words, phrases or token positions")

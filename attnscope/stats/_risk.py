@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import numbers
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
+from ..tokens import target_list
 from ._dominance import dominance
 from ._shape import map_shape
 
@@ -76,7 +76,7 @@ def neglect_features(source: Any, targets: Sequence[str | int], *, step: int | S
     """
     import xarray as xr
 
-    items = [targets] if isinstance(targets, (str, numbers.Integral)) else list(targets)
+    items = target_list(targets)
     if len(items) < 2:
         raise AttnscopeError(f"targets={targets!r}: the early warning compares objects; expected two or more")
     several = not isinstance(step, (int, np.integer)) or isinstance(step, bool)
