@@ -35,6 +35,10 @@ NAN_MAPS_ATTR = "nan_maps"
 #: root attribute, true in traces whose writer stores every chunk of the root arrays (coordinates, images), even
 #: one equal to the fill value: there a missing chunk is damage, not zeros (absent in older traces: not checked)
 ROOT_CHUNKS_ATTR = "root_chunks_stored"
+#: root attribute: a random id (32 hex digits) of the capture that created the store, written with its first
+#: metadata; an open Trace checks it when it reads data, so a store replaced under it is an error, not another
+#: run's maps (absent in traces written before it existed)
+RUN_ID_ATTR = "run_id"
 #: optional group of small per-step summaries (``capture(..., output_change=True)``)
 SUMMARIES_GROUP = "summaries"
 SUMMARY_DIMS = ("step", "site", "sample")

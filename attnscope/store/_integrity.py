@@ -326,6 +326,9 @@ def _check_steps(where: str, attrs: dict[str, Any], nodes: dict[str, dict], n: i
     if not isinstance(attrs.get("complete", False), bool):
         raise AttnscopeError(f"{where!r}: root attribute 'complete' is {attrs.get('complete')!r}, expected true or false")
     lists = {"root attribute 'gated_steps'": attrs.get("gated_steps", [])}
+    capture = attrs["manifest"].get("capture", {})
+    if capture.get("steps") is not None:  # the captured steps (output summaries are read at them)
+        lists["manifest capture.steps"] = capture["steps"]
     for name in attrs["sites"]:
         lists[f"site {name!r} attribute 'steps'"] = nodes[f"{SITES_GROUP}/{name}"].get("attributes", {}).get("steps", [])
     for what, steps in lists.items():
@@ -463,8 +466,10 @@ class GuardedArray:
     against its shard (``inspect(step)`` returns what is wrong, or None when the maps really are NaN).
     """
 
-    def __init__(self, array: Any, label: str, inspect: Callable[[int], str | None], nan_expected: set[int]):
+    def __init__(self, array: Any, label: str, inspect: Callable[[int], str | None], nan_expected: set[int],
+                 same_store: Callable[[], None] = lambda: None):
         self.array, self.label, self.inspect, self.nan_expected = array, label, inspect, nan_expected
+        self.same_store = same_store  # raises when the store was replaced since it was opened: checked after each read
         self.shape, self.dtype, self.ndim = tuple(array.shape), np.dtype(array.dtype), len(array.shape)
 
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -474,8 +479,10 @@ class GuardedArray:
         except AttnscopeError:
             raise
         except Exception as exc:
+            self.same_store()
             raise AttnscopeError(f"{self.label}, {_step_text(list(steps))}: the stored chunk cannot be decoded "
                                  f"({type(exc).__name__}: {exc}); the trace is damaged") from exc
+        self.same_store()
         if block.ndim == self.ndim and block.size:
             empty = np.isnan(block).reshape(block.shape[0], -1).all(axis=1)
             for step, is_empty in zip(steps, empty):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from ._format import (
     OUTPUT_NORM,
     ROOT_CHUNKS_ATTR,
     ROOT_COORDS,
+    RUN_ID_ATTR,
     SUMMARIES_GROUP,
     SUMMARY_DIMS,
     TEXT_MASS_ARRAYS,
@@ -43,6 +46,8 @@ from ._integrity import (
 from ._location import access_error, locate, read_root, zarr_store
 
 __all__ = ["Trace", "as_trace", "open_trace"]
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}\Z")
 
 
 class Trace:
@@ -79,6 +84,7 @@ class Trace:
         self._lost: dict[str, list[int]] = {}  # array path -> steps whose shards are missing
         self._warned: set[str] = set()
         self._consolidated = consolidated
+        self._run_id: str | None = attrs.get(RUN_ID_ATTR)
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"incomplete, {self.written}"
@@ -92,12 +98,27 @@ class Trace:
         store = zarr_store(self.path, self.storage_options)
         try:
             with quiet_consolidated():
-                return xr.open_datatree(store, engine="zarr", chunks={}, consolidated=self.complete and self._consolidated, zarr_format=3)
+                tree = xr.open_datatree(store, engine="zarr", chunks={}, consolidated=self.complete and self._consolidated, zarr_format=3)
         except Exception as exc:
+            self._check_same_store()
             if isinstance(self.path, Path):
                 raise AttnscopeError(f"{str(self.path)!r}: cannot be read as a trace ({type(exc).__name__}: {exc}); "
                                      f"the store is damaged") from exc
             raise access_error(self.path, exc, self.storage_options) from exc
+        self._check_same_store()
+        return tree
+
+    def _check_same_store(self) -> None:
+        """AttnscopeError when the store at :attr:`path` is no longer the one this trace was opened from (another
+        capture replaced it: its root attribute ``run_id`` differs) or is gone. Called after data is read, so
+        what was read is known to be this trace's."""
+        raw = read_root(self.path, self.storage_options)
+        same = raw is not None and (f'"{self._run_id}"'.encode() in raw if self._run_id is not None
+                                    else f'"{RUN_ID_ATTR}"'.encode() not in raw)
+        if not same:
+            what = "removed" if raw is None else "overwritten (by another capture)"
+            raise AttnscopeError(f"{str(self.path)!r} was {what} since this Trace was opened: its data are no longer "
+                                 f"this trace's; reopen it with ats.open_trace({str(self.path)!r})")
 
     @property
     def num_steps(self) -> int:
@@ -163,10 +184,12 @@ class Trace:
             try:
                 values = np.asarray(self._group[name][...])
             except Exception as exc:
+                self._check_same_store()
                 raise AttnscopeError(f"{str(self.path)!r}: coordinate {name!r} cannot be read ({type(exc).__name__}: "
                                      f"{exc}); the trace is damaged") from exc
             dims = tuple(meta.get("dimension_names") or ())
             out[name] = xr.DataArray(values, dims=dims, name=name)
+        self._check_same_store()
         for name in ("step", "sample", "token"):  # index coordinates carry themselves, as xarray's own
             if name in out:
                 out[name] = out[name].assign_coords({name: out[name].variable})
@@ -258,8 +281,10 @@ class Trace:
         try:  # a few numbers per step and site: read now, so a damaged chunk is one clear error here
             ds = node.to_dataset(inherit=False)[[OUTPUT_NORM, OUTPUT_CHANGE]].load()
         except Exception as exc:
+            self._check_same_store()
             raise AttnscopeError(f"{str(self.path)!r}: the output summaries cannot be read ({type(exc).__name__}: "
                                  f"{exc}); the trace is damaged") from exc
+        self._check_same_store()
         ds = ds.assign_coords(step=self.coords["step"].values, sample=self.coords["sample"].values,
                               site=[str(s) for s in ds["site"].values],
                               timestep=("step", np.asarray(self.coords["timestep"].values, dtype=float)))
@@ -280,8 +305,10 @@ class Trace:
         try:
             pixels = np.asarray(self._group["images"][...])
         except Exception as exc:
+            self._check_same_store()
             raise AttnscopeError(f"{str(self.path)!r}: the stored images cannot be decoded ({type(exc).__name__}: "
                                  f"{exc}); the trace is damaged") from exc
+        self._check_same_store()
         return [Image.fromarray(np.asarray(a)) for a in pixels]
 
     def attention(self, site: str | Any, branch: str | None = None) -> Any:
@@ -340,6 +367,7 @@ class Trace:
         path = f"{group}/{arrays[branch]}"
         lost = self._lost_steps(path, steps)
         if lost:
+            self._check_same_store()
             message = (f"{str(self.path)!r}: site {name!r} ({arrays[branch]}): the shards of steps {lost} are missing "
                        f"from the store although {'the trace is complete' if self.complete else 'they were written'}")
             if self.missing != "skip":
@@ -371,6 +399,7 @@ class Trace:
             return
         lost = lost_chunks(self._nodes[name], stored_keys(self.path, name, self.storage_options))
         if lost:
+            self._check_same_store()
             raise AttnscopeError(f"{str(self.path)!r}: {what} lost {len(lost)} chunk(s) ({', '.join(lost[:3])}"
                                  f"{', …' if len(lost) > 3 else ''} of array {name!r}); the trace is damaged")
 
@@ -410,10 +439,11 @@ class Trace:
         captured = self._nodes[site_group(site)].get("attributes", {}).get("steps", [])
         uncaptured = set(range(self.num_steps)) - set(captured)  # never written: NaN (the fill value) by design
         expected = set(self.gated_steps) | set(self.nan_maps.get(site, [])) | uncaptured
-        guard = GuardedArray(array, f"{str(self.path)!r}: site {site!r} ({path.rsplit('/', 1)[1]})", inspect, expected)
+        guard = GuardedArray(array, f"{str(self.path)!r}: site {site!r} ({path.rsplit('/', 1)[1]})", inspect, expected,
+                             self._check_same_store)
         return dask.array.from_array(guard, chunks=shard, asarray=False, fancy=False, lock=False,
                                      meta=np.empty((0,) * guard.ndim, dtype=guard.dtype),  # else dask reads a block for it
-                                     name=f"attnscope-{abs(hash((str(self.path), path, self.steps_written)))}")
+                                     name=f"attnscope-{abs(hash((str(self.path), self._run_id, path, self.steps_written)))}")
 
 
 def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = None, missing: str = "raise") -> Trace:
@@ -456,6 +486,8 @@ def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = Non
     >>> ats.open_trace("file://" + d).path == tr.path
     True
     """
+    if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+        raise AttnscopeError(f"path={path!r}: expected the path or URL of a trace store (a str or Path)")
     p = locate(path)
     where = str(p)
     raw = read_root(p, storage_options)
@@ -483,6 +515,10 @@ def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = Non
         why = (f"has trace format {fmt}" if fmt > FORMAT_VERSION else
                f"needs a reader of format {needed} or later (its 'format_min_reader')")
         raise AttnscopeError(f"{where!r} {why}; this attnscope reads formats up to {FORMAT_VERSION} — upgrade attnscope")
+    run_id = attrs.get(RUN_ID_ATTR)
+    if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.match(run_id)):
+        raise AttnscopeError(f"{where!r}: root attribute {RUN_ID_ATTR!r} is {str(run_id)[:80]!r}, expected 32 lowercase "
+                             f"hex digits; the store is damaged or crafted")
     if missing not in ("raise", "skip"):
         raise AttnscopeError(f"missing={missing!r}: expected 'raise' or 'skip'")
     if "manifest" not in attrs and "sites" not in attrs and attrs.get("complete") is False:

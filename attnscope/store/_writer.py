@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import json
 import os
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from ._format import (
     NAN_MAPS_ATTR,
     ROOT_CHUNKS_ATTR,
     ROOT_COORDS,
+    RUN_ID_ATTR,
     SITE_DIMS,
     SITES_GROUP,
     SUMMARIES_GROUP,
@@ -74,14 +77,25 @@ def check_store_path(store: str | Path, overwrite: bool) -> Path:
         return path
     if not overwrite:
         raise AttnscopeError(f"store {str(path)!r} exists; pass overwrite=True to replace it")
+    _check_replaceable(path)
+    return path
+
+
+def _check_replaceable(path: Path) -> None:
+    """AttnscopeError unless ``path`` is a directory holding a trace (a root ``zarr.json`` whose attributes have
+    ``attnscope_format``) or nothing: ``overwrite=True`` never deletes anything else."""
     meta = path / "zarr.json"
-    is_trace = meta.is_file() and '"attnscope_format"' in meta.read_text(errors="replace")
-    if not (path.is_dir() and (is_trace or not any(path.iterdir()))):
+    try:
+        doc = json.loads(meta.read_bytes()) if path.is_dir() and not path.is_symlink() and meta.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        doc = None
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    is_trace = isinstance(attrs, dict) and "attnscope_format" in attrs
+    if not (path.is_dir() and not path.is_symlink() and (is_trace or not any(path.iterdir()))):
         raise AttnscopeError(
             f"store {str(path)!r} exists and is not an attnscope trace or an empty directory; "
             f"overwrite=True only replaces traces"
         )
-    return path
 
 
 def _flock(fd: int) -> bool:
@@ -106,6 +120,7 @@ def _claim(path: Path, overwrite: bool) -> int:
         if path.exists():
             if not overwrite:
                 raise AttnscopeError(f"store {str(path)!r} exists; pass overwrite=True to replace it")
+            _check_replaceable(path)  # again: what is there now, not what was there when the capture was set up
             old = os.open(path, os.O_RDONLY)
             try:
                 if not _flock(old):
@@ -247,6 +262,8 @@ class TraceWriter:
         # every chunk compressed, then checksummed (checksum=False: only to measure its cost, benchmarks/)
         self._codecs = (self.compressor, checksum_codec()) if checksum else (self.compressor,)
         self._lock: int | None = None
+        #: the root attribute ``run_id``, set when the store is created (a new one for every store written)
+        self.run_id: str | None = None
         self._nan: dict[str, set[int]] = {}  # site -> steps whose maps came out of the model with NaN
         #: after close: site -> steps where the model produced NaN maps (also the root attribute ``nan_maps``)
         self.nan_maps: dict[str, list[int]] = {}
@@ -328,10 +345,12 @@ class TraceWriter:
             check_site_name(site.name, str(self.path))
         self._lock = _claim(self.path, self.overwrite)
         # the format attribute first: a capture killed while it sets up the store leaves a trace that overwrite=True
-        # replaces and that open_trace names as set up only in part, not a directory of unknown kind
+        # replaces and that open_trace names as set up only in part, not a directory of unknown kind. The run id
+        # tells an open Trace that the store was replaced under it (by another capture to the same path)
+        self.run_id = uuid.uuid4().hex
         root = zarr.open_group(str(self.path), mode="w-", zarr_format=3,
-                               attributes={"attnscope_format": FORMAT_VERSION, "complete": False, "steps_written": 0,
-                                           ROOT_CHUNKS_ATTR: True})
+                               attributes={"attnscope_format": FORMAT_VERSION, RUN_ID_ATTR: self.run_id,
+                                           "complete": False, "steps_written": 0, ROOT_CHUNKS_ATTR: True})
         self._num_steps = n = layout.num_steps
         s, t = layout.samples, len(layout.token_positions)
 
@@ -385,7 +404,7 @@ class TraceWriter:
                     )
                     self._buffers[(site.name, TEXT_MASS_ARRAYS[branch])] = _SiteBuffer(mass, site.steps, c)
         coordinates = [*ROOT_COORDS, *(UNCOND_TOKEN_COORDS.values() if layout.uncond_token_text is not None else ())]
-        root.update_attributes({**layout.attrs, "attnscope_format": FORMAT_VERSION, "complete": False,
+        root.update_attributes({**layout.attrs, "attnscope_format": FORMAT_VERSION, RUN_ID_ATTR: self.run_id, "complete": False,
                                 "steps_written": 0, ROOT_CHUNKS_ATTR: True, "coordinates": " ".join(coordinates)})  # one metadata write
         self._root = root
 
