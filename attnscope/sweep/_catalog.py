@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import io
+import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import AttnscopeError, AttnscopeWarning
 from ..store import is_url
 from ._folder import SweepFolder
-from ._runs import RESERVED_COLUMNS
+from ._runs import BASE_COLUMNS, RESERVED_COLUMNS
 
 __all__ = ["CATALOG_FILE", "Catalog", "open_catalog", "write_catalog"]
 
@@ -40,12 +44,32 @@ def _frame_of_rows(folder: SweepFolder, names: list[str]) -> Any:
     import pandas as pd
 
     rows = [row for row in (folder.read_json(f"rows/{name}") for name in names) if isinstance(row, dict) and "run" in row]
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=None if rows else list(BASE_COLUMNS))  # no rows yet: the columns all the same
     own = [c for c in RESERVED_COLUMNS if c in df.columns]
-    df = df[own + sorted(c for c in df.columns if c not in own)]  # the catalog's columns first, then extras
+    extras = sorted(c for c in df.columns if c not in own)
+    df = df[own + extras]  # the catalog's columns first, then extras
+    for column in extras:
+        df[column] = _one_type(column, df[column])
     if len(df):
         df = df.sort_values(["prompt", "seed"], kind="stable").reset_index(drop=True)
     return df
+
+
+def _one_type(column: str, values: Any) -> Any:
+    """An ``extra`` column whose runs gave values of several types (``7`` and ``"seven"``) as text, with a warning:
+    a Parquet column has one type, and pyarrow refuses the mix."""
+    present = [v for v in values if not _missing(v)]
+    kinds = {"number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__ for v in present}
+    if len(kinds) < 2:
+        return values
+    names = sorted({type(v).__name__ for v in present})
+    warnings.warn(f"extra column {column!r} holds values of several types ({', '.join(names)}); written as text. "
+                  f"Expected one type per column from extra=", AttnscopeWarning, stacklevel=3)
+    return [None if _missing(v) else str(v) for v in values]
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 class Catalog:
@@ -85,7 +109,8 @@ class Catalog:
         return self._folder.url(CATALOG_FILE)
 
     def _row(self, run: str | int) -> Any:
-        if isinstance(run, int) and not isinstance(run, bool):
+        if isinstance(run, numbers.Integral) and not isinstance(run, (bool, np.bool_)):
+            run = int(run)
             if not -len(self.df) <= run < len(self.df):
                 raise AttnscopeError(f"run={run}: the catalog has {len(self.df)} rows")
             return self.df.iloc[run]
@@ -166,9 +191,11 @@ def open_catalog(location: str | Path, *, storage_options: dict | None = None) -
     """
     import pandas as pd
 
-    text = str(location)
-    if text.rstrip("/").endswith(".parquet"):
-        text = text.rstrip("/").rsplit("/", 1)[0] if is_url(text) else str(Path(text).parent)
+    text = str(location).rstrip("/")
+    if text.endswith(".parquet"):
+        if text.rsplit("/", 1)[-1] != CATALOG_FILE:
+            raise AttnscopeError(f"{text!r}: expected a sweep's folder or its {CATALOG_FILE}, got another Parquet file")
+        text = text.rsplit("/", 1)[0] if is_url(text) else str(Path(text).parent)
     folder = SweepFolder(text, storage_options)
     try:
         data = folder.read_bytes(CATALOG_FILE)

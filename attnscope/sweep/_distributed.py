@@ -158,7 +158,13 @@ def _combine(runs: list[str], values: list[Any]) -> Any:
         return xr.concat(values, dim=index, join="outer", coords="different", compat="equals",
                          combine_attrs="drop_conflicts")
     if values and all(isinstance(v, pd.DataFrame) for v in values):
-        return pd.concat(values, keys=runs, names=["run"]).reset_index(level=0).reset_index(drop=True)
+        for run, v in zip(runs, values):
+            if "run" in v.columns or "run" in v.index.names:
+                raise AttnscopeError(f"fn returned a DataFrame with a 'run' column or index level for run {run!r}; "
+                                     f"expected one without it (map_stats adds the run)")
+        # a named index (``step``, …) is kept as columns; an unnamed one (0, 1, … or a filter's) says nothing
+        frames = [v.reset_index() if any(name is not None for name in v.index.names) else v for v in values]
+        return pd.concat(frames, keys=runs, names=["run"]).reset_index(level=0).reset_index(drop=True)
     records = []
     for v in values:
         if isinstance(v, pd.Series):
@@ -180,7 +186,7 @@ def map_stats(catalog: Any, fn: Callable[[Any], Any], client: Any = None, *, pro
         ``fn(trace)`` → a small result: an xarray Dataset/DataArray (e.g. ``ats.stats.dominance(tr,
         targets=[…]).mean("step")``), a pandas DataFrame or Series, a dict of scalars, or a scalar.
         It runs in the workers (dask serialises it with cloudpickle); an AttnscopeError it raises for
-        a trace skips that run.
+        a trace skips that run, any other exception stops the map with an AttnscopeError naming the run.
     client : None, distributed.Client or str
         None: a ``LocalCluster`` (one single-threaded worker process per core, at most 4) started
         and closed here; a Client; or a scheduler address (``"tcp://host:8786"``).
@@ -190,8 +196,8 @@ def map_stats(catalog: Any, fn: Callable[[Any], Any], client: Any = None, *, pro
     Returns
     -------
     xarray.Dataset / DataArray with a ``run`` dimension, or pandas.DataFrame
-        A DataFrame result has a ``run`` column (DataFrames) or index (dicts, Series, scalars), in
-        catalog order. Runs that were skipped — failed runs, missing, unreadable or incomplete
+        A DataFrame result has a ``run`` column (DataFrames, whose named index levels become columns)
+        or index (dicts, Series, scalars), in catalog order. Runs that were skipped — failed runs, missing, unreadable or incomplete
         traces — are left out, listed with the reason in ``result.attrs["skipped"]``, and a warning
         says how many.
 
@@ -228,10 +234,17 @@ def map_stats(catalog: Any, fn: Callable[[Any], Any], client: Any = None, *, pro
         from distributed import as_completed
 
         with _client(client) as c:
-            futures = [c.submit(_apply, fn, run, location, options, pure=False) for run, location in todo]
+            futures = {c.submit(_apply, fn, run, location, options, pure=False): (run, location)
+                       for run, location in todo}
             with tqdm(total=len(futures), unit="trace", desc="map_stats", disable=not progress) as bar:
                 for future in as_completed(futures):
-                    run, status, value = future.result()
+                    try:
+                        run, status, value = future.result()
+                    except Exception as exc:  # a bug in fn: it stops the map, naming the run it failed on
+                        run, location = futures[future]
+                        raise AttnscopeError(f"map_stats: fn raised {type(exc).__name__}: {exc} on run {run!r} "
+                                             f"({location}); expected fn to return a result for every complete "
+                                             f"trace (raise AttnscopeError to skip one)") from exc
                     if status == "ok":
                         results[run] = value
                     else:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import AttnscopeError
 from ..selection import SEEDS, check_seed
@@ -56,10 +59,10 @@ def run_id(prompt: str, seed: int) -> str:
 
 
 def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
-    """Seeds from ``"0-99"``, ``"0,3,7"``, ``"0-9,20-24"``, an int or a list of ints (each ≥ 0, no repeats).
+    """Seeds from ``"0-99"``, ``"0,3,7"``, ``"0-9,20-24"``, an int or a list of ints (numpy's too; each ≥ 0, no repeats).
 
-    >>> parse_seeds("0-3,10"), parse_seeds(5), parse_seeds(range(2))
-    ([0, 1, 2, 3, 10], [5], [0, 1])
+    >>> parse_seeds("0-3,10"), parse_seeds(5), parse_seeds(range(2)), parse_seeds(np.arange(2))
+    ([0, 1, 2, 3, 10], [5], [0, 1], [0, 1])
     >>> parse_seeds("3-1")
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: seeds='3-1': expected ints or ranges A-B with A <= B, e.g. '0-99' or '0,3,7'
@@ -69,8 +72,8 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
     """
     if isinstance(spec, bool):
         raise AttnscopeError(f"seeds={spec!r}: expected an int, a list of ints, or text like '0-99' or '0,3,7'")
-    if isinstance(spec, int):
-        seeds = [spec]
+    if isinstance(spec, numbers.Integral):
+        seeds = [int(spec)]
     elif isinstance(spec, str):
         seeds = []
         for part in (p.strip() for p in spec.split(",")):
@@ -87,8 +90,9 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
             seeds = list(spec)
         except TypeError:
             raise AttnscopeError(f"seeds={spec!r}: expected an int, a list of ints, or text like '0-99'") from None
-        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        if not all(isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_)) for s in seeds):
             raise AttnscopeError(f"seeds={spec!r}: expected ints")
+        seeds = [int(s) for s in seeds]  # numpy's too: a row's seed is a plain int
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise AttnscopeError(f"seeds={spec!r}: expected at least one seed, all >= 0 and none repeated")
     for s in seeds:

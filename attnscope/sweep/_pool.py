@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import AttnscopeError
 from ._folder import SweepFolder
 from ._plan import Run
-from ._runs import execute_run, failed_row
+from ._runs import execute_run, failed_row, model_hash
 
 __all__ = ["WorkerSpec", "load_sweep_pipeline", "pipeline_settings", "run_in_workers"]
 
@@ -36,6 +36,7 @@ class WorkerSpec:
     capture_kwargs: dict
     extra: Callable[[Any], Any] | None
     detector: bool
+    model_hash: str | None = None  # the weights of the pipeline given, which the loaded ``model`` must have
 
 
 def load_sweep_pipeline(model: str, *, device: str | None = None, dtype: str | None = None,
@@ -54,21 +55,22 @@ def load_sweep_pipeline(model: str, *, device: str | None = None, dtype: str | N
 
 
 def pipeline_settings(pipe: Any) -> dict[str, Any]:
-    """What a sweep records of the pipeline its runs use: the scheduler (class, config) and the dtype.
+    """What a sweep records of the pipeline its runs use: the scheduler (class, config), the dtype and the
+    hash of its weights (the catalog's ``model_hash``: two models with one reference are told apart).
 
     The config's private entries (``_class_name``, ``_diffusers_version``) are left out: the class is
     recorded beside it, and the diffusers version does not change what the runs compute.
 
     >>> import attnscope as ats
     >>> s = pipeline_settings(ats.load_pipeline("shapes"))
-    >>> s["scheduler"]["class"], s["scheduler"]["config"]["prediction_type"], s["dtype"]
-    ('DDIMScheduler', 'v_prediction', 'float32')
+    >>> s["scheduler"]["class"], s["scheduler"]["config"]["prediction_type"], s["dtype"], len(s["model_hash"])
+    ('DDIMScheduler', 'v_prediction', 'float32', 16)
     """
-    from ..store import jsonable
+    from ..store import jsonable, weights_fingerprint
 
     config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
     return {"scheduler": {"class": type(pipe.scheduler).__name__, "config": jsonable(config)},
-            "dtype": str(pipe.dtype).removeprefix("torch.")}
+            "dtype": str(pipe.dtype).removeprefix("torch."), "model_hash": model_hash(weights_fingerprint(pipe))}
 
 
 def _worker_main(spec: WorkerSpec, conn: Any, name: str) -> None:
@@ -84,8 +86,15 @@ def _worker_main(spec: WorkerSpec, conn: Any, name: str) -> None:
     except Exception as exc:  # reported to the parent, which stops the sweep with this message
         conn.send(("error", f"worker {name} could not load model {spec.model!r}: {type(exc).__name__}: {exc}"))
         return
+    settings = pipeline_settings(pipe)
+    if spec.model_hash not in (None, settings["model_hash"]):
+        conn.send(("error", f"worker {name} loaded {spec.model!r}, whose weights differ from the pipeline given "
+                            f"(model_hash {spec.model_hash!r} given, {settings['model_hash']!r} loaded, in "
+                            f"{settings['dtype']}): it was changed since it was loaded; save it with "
+                            f"pipe.save_pretrained(folder) and sweep that folder, or use workers=1"))
+        return
     folder = SweepFolder(spec.location, spec.storage_options)
-    conn.send(("ready", pipeline_settings(pipe)))
+    conn.send(("ready", settings))
     try:
         while (run := conn.recv()) is not None:
             conn.send(("done", execute_run(pipe, run, folder, spec.capture_kwargs, spec.extra, name, spec.detector)))

@@ -13,11 +13,13 @@ from ..errors import AttnscopeError
 from ._folder import SweepFolder
 from ._plan import Run
 
-__all__ = ["RESERVED_COLUMNS", "execute_run", "failed_row", "model_hash"]
+__all__ = ["BASE_COLUMNS", "RESERVED_COLUMNS", "execute_run", "failed_row", "model_hash"]
 
-#: columns every row has; a user's ``extra`` scalars may not reuse these names
-RESERVED_COLUMNS = ("run", "prompt", "seed", "trace", "image", "status", "error", "model", "model_hash", "steps",
-                    "seconds", "worker", "finished", "kind", "expected", "detected", "present", "all_present", "exact", "extra",
+#: columns every row has
+BASE_COLUMNS = ("run", "prompt", "seed", "trace", "image", "status", "error", "model", "model_hash", "steps",
+                "seconds", "worker", "finished")
+#: columns of the catalog's own; a user's ``extra`` scalars may not reuse these names
+RESERVED_COLUMNS = (*BASE_COLUMNS, "kind", "expected", "detected", "present", "all_present", "exact", "extra",
                     "n_detected")
 
 

@@ -53,12 +53,33 @@ def _check_picklable(extra: Any) -> None:
 
 
 def _recordable(value: Any) -> Any:
+    """``value`` as ``sweep.json`` records it: JSON, a function by its name and code, anything else by its repr.
+
+    A function's repr holds its address, which differs in every process: a rerun of the same script
+    must find the same setting, and a function with another body another one.
+
+    >>> def starts(prefix):
+    ...     return lambda site: site.name.startswith(prefix)
+    >>> a, b = starts("up"), starts("up")
+    >>> a is b, _recordable(a) == _recordable(b), _recordable(a) == _recordable(starts("down"))
+    (False, True, False)
+    """
+    import hashlib
+    import marshal
+
     from ..store import jsonable
 
     try:
         return jsonable(value)
-    except TypeError:  # a site predicate, a function: compared by its repr
+    except TypeError:
+        pass
+    code = getattr(value, "__code__", None)
+    if code is None:  # a callable object, …: compared by its repr
         return repr(value)
+    code = code.replace(co_filename="", co_firstlineno=1)  # the same function moved in its file is the same
+    bound = repr(([c.cell_contents for c in value.__closure__ or ()], value.__defaults__)).encode()
+    digest = hashlib.sha256(marshal.dumps(code) + bound).hexdigest()[:16]
+    return f"function {value.__qualname__}, code {digest}"
 
 
 def _settings_record(settings: dict) -> dict:
@@ -102,6 +123,8 @@ def _check_settings(folder: SweepFolder, settings: dict) -> bool:
         before["capture"] = _explicit(before["capture"])
     changed = {k: (before.get(k), v) for k, v in _settings_record(settings).items()
                if before.get(k) != v and (k in before or k in ("model", "capture"))}
+    if "dtype" in changed:  # the weights' hash covers their dtype: the dtype says why it differs
+        changed.pop("model_hash", None)
     if changed:
         detail = "; ".join(_describe_change(k, old, new) for k, (old, new) in changed.items())
         raise AttnscopeError(f"out={folder.url('')!r} holds a sweep with other settings ({detail}); resume it "
@@ -173,7 +196,8 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
     pipe_or_model : diffusers pipeline or str
         A pipeline, or what :func:`attnscope.load_pipeline` loads (``"shapes"``, a local directory).
         Worker processes load the pipeline's own reference when it is loadable, else a copy saved
-        with ``save_pretrained`` (safetensors) in a temporary folder; its scheduler is carried over.
+        with ``save_pretrained`` (safetensors) in a temporary folder; its scheduler and dtype are carried
+        over, and weights that differ from what the reference loads stop the sweep before any run.
     prompts : list of str, or the path of a text file (one prompt per line)
     seeds : int, list of int, or text like ``"0-99"`` / ``"0,3,7"``
     out : str or Path
@@ -191,7 +215,8 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
         this process's own ``torch.get_num_threads()``, so ``OMP_NUM_THREADS=1`` holds in workers too;
         in this process, left as they are).
     dtype : str, optional
-        For a model loaded here or in workers: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        For a model loaded here or in workers: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (default: the
+        pipeline's own for a pipeline object, else the model's).
     extra : callable, optional
         ``extra(trace) -> dict`` of scalars, added as catalog columns (runs in the worker; with
         worker processes it must be a module-level function).
@@ -250,7 +275,8 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
     try:
         _check_folder(folder)
         model = str(pipe_or_model) if isinstance(pipe_or_model, (str, Path)) else None
-        known = {"model": model or _reference(pipe_or_model), "capture": capture_kwargs}
+        known = {"model": model or _reference(pipe_or_model), "capture": capture_kwargs,
+                 **({} if model else pipeline_settings(pipe_or_model))}
         _check_settings(folder, known)
         todo = [r for r in runs if not _done(folder, r)]
         detector = _is_shapes(model or pipe_or_model)
@@ -273,10 +299,12 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
                 worker_devices = list(devices) if devices is not None else [None] * workers
                 pipe = None if model else pipe_or_model
                 scheduler = None if pipe is None else (type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
-                spec = WorkerSpec(model=model or _model_source(pipe, scratch), device=None, dtype=dtype,
+                spec = WorkerSpec(model=model or _model_source(pipe, scratch), device=None,
+                                  dtype=dtype or (None if pipe is None else known["dtype"]),
                                   scheduler=scheduler, threads=threads or _worker_threads(len(worker_devices)),
                                   location=str(folder.location), storage_options=storage_options,
-                                  capture_kwargs=capture_kwargs, extra=extra, detector=detector)
+                                  capture_kwargs=capture_kwargs, extra=extra, detector=detector,
+                                  model_hash=known.get("model_hash"))
                 run_in_workers(todo, spec, worker_devices, folder, on_row, on_ready)
             elif todo:
                 pipe = load_sweep_pipeline(model, dtype=dtype) if model else pipe_or_model
