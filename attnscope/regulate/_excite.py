@@ -12,6 +12,7 @@ latent of every later step; its looks at the attention are the hook session's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,16 +153,14 @@ class AttendAndExcite:
             raise AttnscopeError(f"thresholds={thresholds!r}: expected {{share of the run in [0, 1): threshold in "
                                  f"[0, 1]}}, e.g. the official {_THRESHOLDS}")
         thresholds = dict(thresholds)
-        if not (isinstance(step_size, (int, float)) and step_size > 0):
-            raise AttnscopeError(f"step_size={step_size!r}: expected a positive number")
         if not isinstance(max_refinement, int) or isinstance(max_refinement, bool) or max_refinement < 0:
             raise AttnscopeError(f"max_refinement={max_refinement!r}: expected a non-negative integer")
         if probe_batch is not None and (not isinstance(probe_batch, int) or isinstance(probe_batch, bool)
                                         or probe_batch < 1):
             raise AttnscopeError(f"probe_batch={probe_batch!r}: expected a positive integer or None")
-        for name, value in (("temperature", temperature), ("sigma", sigma)):
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise AttnscopeError(f"{name}={value!r}: expected a positive number")
+        for name, value in (("step_size", step_size), ("temperature", temperature), ("sigma", sigma)):
+            if not (_real(value) and 0 < value < math.inf):
+                raise AttnscopeError(f"{name}={value!r}: expected a positive finite number")
         self.targets = targets
         self.scope = InterventionScope(targets, sites, steps, first_occurrence=True,
                                        default_sites=default_regulation_sites)
@@ -176,7 +175,13 @@ class AttendAndExcite:
         self.history: dict[int, tuple[list[float], list[float]]] = {}
 
     def __repr__(self) -> str:
-        return f"AttendAndExcite({targets_label(self.targets)!r})"
+        given = {"sites": (self.scope.sites, None), "steps": (self.scope.steps, "first_half"),
+                 "step_size": (self.step_size, 20.0), "thresholds": (self.thresholds, _THRESHOLDS),
+                 "max_refinement": (self.max_refinement, 20), "temperature": (self.temperature, 100.0),
+                 "sigma": (self.sigma, 0.5), "probe_batch": (self.probe_batch, None)}
+        options = "".join(f", {k}={v!r}" for k, (v, default) in given.items()
+                          if not (v is default or (isinstance(v, (int, float, str, dict)) and v == default)))
+        return f"AttendAndExcite({targets_label(self.targets)!r}{options})"
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for manifests."""

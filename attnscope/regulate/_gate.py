@@ -37,6 +37,9 @@ class RiskGate:
             raise AttnscopeError(f"threshold={threshold!r}: expected a probability in [0, 1]")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise AttnscopeError(f"step={step!r}: expected the decision step, an int >= 0")
+        if not (targets is None or callable(targets) or (isinstance(targets, (list, tuple)) and len(targets) >= 2)):
+            raise AttnscopeError(f"targets={targets!r}: expected two or more object phrases (a list), a function of "
+                                 f"the prompt that gives them, or None (the intervention's targets)")
         self.threshold, self.step, self.targets, self.model = float(threshold), step, targets, model
         self._maps: dict[str, torch.Tensor] = {}
         self._texts: Any = None
@@ -47,6 +50,7 @@ class RiskGate:
         #: per sample of the last run: whether the intervention acts on it after the decision step
         self.at_risk: list[bool] | None = None
         self._preset = False  # decided from a stored run (decide_from): act from step 0, observe nothing
+        self._preset_used = False  # the run the stored decisions were made for has started
 
     def __repr__(self) -> str:
         return f"risk_above({self.threshold}, step={self.step})"
@@ -63,6 +67,9 @@ class RiskGate:
     # -- driven by the intervention that holds the gate -------------------------------------------
     def new_run(self) -> None:
         self._maps = {}
+        if self._preset and self._preset_used:  # decisions from a stored run are for the one run after decide_from
+            self._preset = False
+        self._preset_used = self._preset
         if not self._preset:
             self.risk, self.at_risk = None, None
 
@@ -70,6 +77,10 @@ class RiskGate:
         """At a run's first step, before any map is recorded: the decision step must come before the last step the
         intervention acts at (``acting``; None: every step), and the targets must be in every prompt."""
         if self._preset:
+            if len(self.at_risk) != step_ctx.rows.samples:
+                raise AttnscopeError(f"risk_above: the decisions were decided from a stored run of {len(self.at_risk)} "
+                                     f"sample(s) (decide_from), but this run has {step_ctx.rows.samples}; they are "
+                                     f"for a rerun of that trace only")
             return
         total = step_ctx.num_steps
         if acting is not None:
@@ -104,12 +115,14 @@ class RiskGate:
 
         The intervention then acts on the samples at risk **from step 0** of the next run (a rerun
         of that trace: ``ats.rerun`` calls this itself), so a generation judged at risk gets the whole
-        intervention and one judged safe is left alone. Returns :attr:`at_risk`.
+        intervention and one judged safe is left alone; the run after that is judged live again.
+        Returns :attr:`at_risk`.
 
         A trace that was itself made this way (its manifest records the decisions of a gate with the same
         threshold and step) passes them on: its maps are regulated ones, so judging them again would decide
         otherwise, and a rerun of it with the same intervention reproduces it.
         """
+        self._preset_used = False
         recorded = self._recorded_decisions(trace.manifest)
         if recorded is not None:
             self.risk, self.at_risk, self._preset = recorded[0], recorded[1], True

@@ -52,7 +52,9 @@ class Reweight:
         self.scope = InterventionScope(word, sites, steps)
 
     def __repr__(self) -> str:
-        return f"Reweight({targets_label(self.word)!r}, {self.factor})"
+        given = {"sites": self.scope.sites, "steps": self.scope.steps}
+        options = "".join(f", {k}={v!r}" for k, v in given.items() if v is not None)
+        return f"Reweight({targets_label(self.word)!r}, {self.factor}{options})"
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for manifests."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -95,7 +96,7 @@ class SpatialTemporal:
             if not isinstance(layout, Mapping) or not layout:
                 raise AttnscopeError(f"layout={layout!r}: expected a mapping of object phrase to a box or centre, "
                                      f"or None (a layout from the prompt's relation words)")
-            layout = layout_regions({str(p): v for p, v in layout.items()})
+            layout = layout_regions(dict(layout))  # a key that is not a phrase is an error there
         if not isinstance(local_prompt, str) or "{}" not in local_prompt:
             raise AttnscopeError(f"local_prompt={local_prompt!r}: expected a template with '{{}}' for the phrase")
         if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < radius <= 1:
@@ -121,7 +122,13 @@ class SpatialTemporal:
         self._checkpointing = True  # benchmarks/spatial_optimisation.py turns it off to measure what it saves
 
     def __repr__(self) -> str:
-        return f"SpatialTemporal({self.layout!r})"
+        weights = self.describe()["params"]["weights"]  # as lists: the repr rebuilds the control
+        given = {"weights": (weights, 1.0), "objective": (self.objective, None), "epochs": (self.epochs, 3),
+                 "lr": (self.lr, 5e-3), "local_prompt": (self.local_prompt, "a photo of {}"),
+                 "radius": (self.radius, 0.2), "sites": (self.scope.sites, None), "steps": (self.scope.steps, None)}
+        options = "".join(f", {k}={v!r}" for k, (v, default) in given.items()
+                          if not (v is default or (isinstance(v, (int, float, str)) and v == default)))
+        return f"SpatialTemporal({self.layout!r}{options})"
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for manifests (with the optimised λ and the objective's values, once optimised)."""
@@ -400,7 +407,10 @@ def _weights(weights: Any) -> Any:
     """``weights`` as None, a float, an ``(objects, steps)`` float64 table, or a list of them (one per sample)."""
     if weights is None:
         return None
+    finite = f"weights={weights!r}: expected finite numbers (λ, one per object and step)"
     if isinstance(weights, (int, float)) and not isinstance(weights, bool):
+        if not math.isfinite(weights):
+            raise AttnscopeError(finite)
         return float(weights)
     try:
         if isinstance(weights, (list, tuple)) and weights and all(
@@ -415,6 +425,8 @@ def _weights(weights: Any) -> Any:
     if isinstance(tables, torch.Tensor) and tables.ndim != 2:
         raise AttnscopeError(f"weights: expected a number, an (objects, steps) array or one per sample, got an array "
                              f"of shape {tuple(tables.shape)}")
+    if not all(torch.isfinite(t).all() for t in tables):
+        raise AttnscopeError(finite)
     return tables
 
 

@@ -17,6 +17,7 @@ official code".
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -95,7 +96,11 @@ class TGate:
     def __init__(self, gate_step: int | str = 10, *, reference: Any = None, tol: float = 0.05,
                  drop_guidance: bool = True, sp_interval: int | None = None, warm_up: int = 2,
                  fi_interval: int = 1):
-        self.auto = gate_step == "auto"
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+            raise AttnscopeError(f"tol={tol!r}: expected a positive finite number (a relative change)")
+        if not isinstance(drop_guidance, bool):
+            raise AttnscopeError(f"drop_guidance={drop_guidance!r}: expected True or False")
+        self.auto = isinstance(gate_step, str) and gate_step == "auto"
         if self.auto:
             if reference is None:
                 raise AttnscopeError("gate_step='auto': pass reference=<a Trace> whose convergence sets the gate step")
@@ -115,7 +120,7 @@ class TGate:
                 raise AttnscopeError(f"gate_step={gate_step!r}: expected the number of steps to run in full (an "
                                      f"integer >= 1), a fraction of the steps in (0, 1), or 'auto'")
             self.gate_step = gate_step
-        self.tol, self.drop_guidance = tol, bool(drop_guidance)
+        self.tol, self.drop_guidance = tol, drop_guidance
         self.sp_interval = None if sp_interval is None else _positive_int("sp_interval", sp_interval, 1)
         self.warm_up = _positive_int("warm_up", warm_up, 0)
         self.fi_interval = _positive_int("fi_interval", fi_interval, 1)
@@ -127,7 +132,29 @@ class TGate:
         self._prepared: int | None = None  # the gate step prepare() resolved (and a manifest may describe)
 
     def __repr__(self) -> str:
-        return f"TGate({self.fraction if self.fraction is not None else self.gate_step})"
+        given = {"drop_guidance": (self.drop_guidance, True), "sp_interval": (self.sp_interval, None)}
+        if self.sp_interval is not None:
+            given.update(warm_up=(self.warm_up, 2), fi_interval=(self.fi_interval, 1))
+        options = "".join(f", {k}={v!r}" for k, (v, default) in given.items() if v != default)
+        return f"TGate({self.fraction if self.fraction is not None else self.gate_step}{options})"
+
+    @classmethod
+    def from_description(cls, description: dict[str, Any]) -> TGate:
+        """The gate a manifest describes (an entry of ``manifest["interventions"]``): a fraction as the fraction, an
+        ``"auto"`` gate as the step it resolved to.
+
+        >>> gate = TGate(0.4, sp_interval=3)
+        >>> _ = gate.resolve(20)
+        >>> TGate.from_description(gate.describe())
+        TGate(0.4, sp_interval=3)
+        """
+        if not isinstance(description, dict) or description.get("name") != "TGate":
+            raise AttnscopeError(f"description={description!r}: expected a TGate description (an entry of a trace's "
+                                 f"manifest['interventions'])")
+        p = description.get("params", {})
+        gate = p["fraction"] if p.get("fraction") is not None else p.get("gate_step")
+        return cls(gate, drop_guidance=p.get("drop_guidance", True), sp_interval=p.get("sp_interval"),
+                   warm_up=p.get("warm_up", 2), fi_interval=p.get("fi_interval", 1))
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for manifests: ``gate_step`` is the step index the run used (the first gated
