@@ -309,3 +309,47 @@ def test_compare_with_a_gated_rerun_uses_the_steps_both_computed(parent, tmp_pat
     assert np.isfinite(c.shares().to_numpy()).all()
     fig = c.figure()
     assert all(np.isfinite(im.get_array()).all() for ax in fig.axes for im in ax.images)
+
+
+class _AddToOutput:
+    """An intervention that adds ``value`` to every cross-attention output."""
+
+    role = "intervention"
+
+    def __init__(self, value):
+        self.value = value
+
+    def stages(self, ctx):
+        return ("output",)
+
+    def on_output(self, ctx, output):
+        return output + self.value
+
+
+class _Outputs:
+    """Keeps each cross-attention call's final output, per (site, step)."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def stages(self, ctx):
+        return ("output",)
+
+    def on_output(self, ctx, output):
+        self.seen[ctx.site.name, ctx.step] = output.clone()
+
+
+@pytest.mark.parametrize("make", [lambda: _AddToOutput(0.5), lambda: ats.regulate.SpatialTemporal(weights=1.0)],
+                         ids=["add-to-output", "spatial-temporal"])
+def test_a_cached_output_is_not_edited_again_after_the_gate(pipe, make):
+    """With the CFG batch kept (drop_guidance=False), a gated call's output is the cache as it was taken, the edits of
+    the interventions installed before TGate included once: they do not act again on the cache at each gated step."""
+    seen = _Outputs()
+    _run(pipe, make(), TGate(GATE, drop_guidance=False), seen, steps=STEPS)
+    sites = {name for name, _ in seen.seen}
+    for name in sites:
+        last = seen.seen[name, GATE - 1]
+        half = last.shape[0] // 2
+        cache = (last[:half] + last[half:]) / 2
+        for step in range(GATE, STEPS):
+            torch.testing.assert_close(seen.seen[name, step], torch.cat([cache, cache]), rtol=0, atol=0)

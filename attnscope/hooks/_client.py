@@ -46,7 +46,8 @@ class HookClient(Protocol):
         ``output`` is the attention module's return value (after ``to_out``). Return ``None`` to
         leave the tensor as it is, or a tensor of the same shape to replace it (interventions only).
     bypass(ctx) -> Tensor | None
-        Interventions: return the module output to skip the attention at this call (a cache).
+        Interventions: return the module output to skip the attention at this call (a cache). That
+        output is final: at the call, ``on_output`` runs for observers only.
     on_skipped(ctx)
         Told that a call where it asked for ``logits``/``probs`` was bypassed, so they did not run.
     branches(step_ctx) -> tuple[str, ...] | None

@@ -315,13 +315,16 @@ class HookSession:
         """The clients shown an attention call: all of them, or during a :meth:`probe` only the probing one."""
         return clients if self._probing is None else [c for c in clients if c is self._probing]
 
-    def skipped(self, plan: dict, ctx: CallContext) -> None:
-        """Tell the clients that asked for logits/probs at a bypassed call that those stages did not run."""
+    def skipped(self, plan: dict, ctx: CallContext) -> dict:
+        """At a bypassed call: tell the clients that asked for logits/probs that those stages did not run, and return
+        the plan of its ``output`` stage, observers only. The bypass's output (TGATE's cache) is final: it holds the
+        edits of the interventions that acted when it was taken, so none edits it again."""
         told: list[Any] = []
         for client in plan.get("logits", []) + plan.get("probs", []):
             if hasattr(client, "on_skipped") and not any(client is c for c in told):
                 told.append(client)
                 client.on_skipped(ctx)
+        return {"output": [c for c in plan.get("output", ()) if id(c) not in self._intervening]}
 
     def run_stage(self, stage: str, plan: dict, ctx: CallContext, tensor: torch.Tensor) -> torch.Tensor:
         for client in plan.get(stage, ()):

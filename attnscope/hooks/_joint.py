@@ -208,7 +208,7 @@ class JointAttentionProcessor:
         plan = session.plan(ctx)
         output = session.bypass(ctx)
         if output is not None:
-            session.skipped(plan, ctx)
+            plan = session.skipped(plan, ctx)
         elif plan.get("logits") or plan.get("probs"):
             output = self._observed(ctx, plan, images, tokens, attn, hidden_states, *args, **kwargs)
         else:

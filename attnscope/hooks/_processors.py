@@ -117,7 +117,7 @@ class CrossAttentionProcessor:
         plan = session.plan(ctx)
         output = session.bypass(ctx)
         if output is not None:
-            session.skipped(plan, ctx)
+            plan = session.skipped(plan, ctx)
         else:
             if plan.get("logits") or plan.get("probs"):
                 if args:
@@ -225,4 +225,6 @@ class SelfAttentionProcessor:
         output = session.bypass(ctx, session.self_clients)
         if output is None:
             output = self.original(attn, hidden_states, *args, **kwargs)
+        else:
+            plan = session.skipped(plan, ctx)
         return session.run_stage("output", plan, ctx, output)
