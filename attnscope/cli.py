@@ -6,8 +6,48 @@ import re
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="See and steer what text-to-image diffusion models attend to.")
+
+class _Commands(TyperGroup):
+    """The command group, whose usage errors (a missing option, a word where a number goes, an unknown command) are
+    one ``error: …`` line, as the commands' own errors are, instead of typer's usage line and boxed panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001, ANN201
+        import sys
+
+        try:
+            from typer._click.exceptions import ClickException  # typer vendors click from 0.25 on
+        except ImportError:
+            from click import ClickException
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        except ClickException as exc:
+            if type(exc).__name__ != "NoArgsIsHelpError":  # `attnscope` alone: the help is shown already
+                typer.echo(f"error: {_usage_message(exc)}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_message(exc: Exception) -> str:
+    """A usage error's message on one line, with the value typer could not convert and where the help is."""
+    message = " ".join(exc.format_message().split())
+    errors = getattr(exc.__cause__, "errors", None)  # typer converts values with pydantic, whose message omits them
+    if callable(errors) and errors() and "input" in errors()[0] and ": " in message:
+        head, _, tail = message.partition(": ")
+        message = f"{head} {str(errors()[0]['input'])!r}: {tail}"
+    ctx = getattr(exc, "ctx", None)
+    return message + (f" (see '{ctx.command_path} --help' for help)" if ctx is not None else "")
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  help="See and steer what text-to-image diffusion models attend to.")
 
 
 @app.callback()
@@ -62,6 +102,15 @@ def _pipeline_args(items: list[str], taken: dict[str, str] | None = None, option
         except json.JSONDecodeError:
             found[name] = value
     return found
+
+
+def _check_sizes(height: int | None, width: int | None) -> None:
+    """Refuse an image size below one pixel: diffusers takes ``height or default``, so 0 would be the default."""
+    import attnscope as ats
+
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and value < 1:
+            raise ats.AttnscopeError(f"{flag} {value}: expected a positive number of pixels")
 
 
 def _flags(*same: str, **renamed: str) -> dict[str, str]:
@@ -169,6 +218,7 @@ def capture(
     from attnscope.selection import parse_step_text
 
     try:
+        _check_sizes(height, width)
         extra = _pipeline_args(pipeline_arg or [], _CLI_FLAGS["capture"])
         pipe = ats.load_pipeline(model, device=device, dtype=dtype)
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width,
@@ -186,7 +236,8 @@ def capture(
     typer.echo(f"trace: {tr.path}  ({len(tr.sites)} sites, {len(tr.timesteps)} steps, {len(tr.images)} images)")
 
 
-@app.command(epilog="Example: attnscope demo --prompt 'a green triangle and a yellow circle' --seed 3")
+@app.command(epilog="Example: attnscope demo --prompt 'a red circle and a blue square' --seed 0 --out runs/demo.zarr  "
+                    "(the trace the examples of stats, plot, rerun and report read)")
 def demo(
     prompt: str = typer.Option("a red circle and a blue square", help="A shapes-world prompt."),
     seed: int = typer.Option(0, help="Seed of the generation."),
@@ -523,6 +574,7 @@ def plot(
 ) -> None:
     """Draw a figure of a trace: word heat maps, the step x site grid, violins, dominance or convergence lines."""
     import attnscope as ats
+    from attnscope.plot._layout import missing_glyphs_quiet
     from attnscope.selection import parse_step_text
 
     try:
@@ -541,25 +593,26 @@ def plot(
                 raise ats.AttnscopeError(note)
             if note:
                 typer.echo(f"warning: {note}", err=True)
-        if kind == "heatmaps":
-            fig = ats.plot.heatmaps(tr, targets or _prompt_words(tr), sites=sites or None, steps=chosen, sample=sample)
-        elif kind == "grid":
-            fig = ats.plot.site_step_grid(tr, (targets or _prompt_words(tr))[0], sites=sites or None, steps=chosen,
-                                          sample=sample)
-        elif kind == "violins":
-            captured = [int(s) for s in tr.attention(tr.sites[0])["step"].values]
-            computed = [s for s in captured if s not in set(tr.gated_steps)] or captured  # not gated, if any
-            default = sorted({computed[0], computed[len(computed) // 2], computed[-1]})
-            fig = ats.plot.violins(tr, chosen if chosen is not None else default, sites=sites or None, sample=sample,
-                                   words=targets)
-        elif kind == "dominance":
-            ds = ats.stats.dominance(tr, targets=targets, sites=sites or None, steps=chosen)
-            fig = ats.plot.dominance_lines(ds, sample=sample)
-        else:
-            conv = ats.stats.convergence(tr, sites=sites or None, steps=chosen, tol=tol, of=of)
-            fig = ats.plot.convergence(conv, sample=sample)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=dpi, bbox_inches="tight")
+        with missing_glyphs_quiet():  # an emoji of the prompt: a box in the figure, not a warning per text
+            if kind == "heatmaps":
+                fig = ats.plot.heatmaps(tr, targets or _prompt_words(tr), sites=sites or None, steps=chosen, sample=sample)
+            elif kind == "grid":
+                fig = ats.plot.site_step_grid(tr, (targets or _prompt_words(tr))[0], sites=sites or None, steps=chosen,
+                                              sample=sample)
+            elif kind == "violins":
+                captured = [int(s) for s in tr.attention(tr.sites[0])["step"].values]
+                computed = [s for s in captured if s not in set(tr.gated_steps)] or captured  # not gated, if any
+                default = sorted({computed[0], computed[len(computed) // 2], computed[-1]})
+                fig = ats.plot.violins(tr, chosen if chosen is not None else default, sites=sites or None, sample=sample,
+                                       words=targets)
+            elif kind == "dominance":
+                ds = ats.stats.dominance(tr, targets=targets, sites=sites or None, steps=chosen)
+                fig = ats.plot.dominance_lines(ds, sample=sample)
+            else:
+                conv = ats.stats.convergence(tr, sites=sites or None, steps=chosen, tol=tol, of=of)
+                fig = ats.plot.convergence(conv, sample=sample)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out, dpi=dpi, bbox_inches="tight")
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
     typer.echo(f"figure: {out}")
@@ -713,6 +766,7 @@ def sweep_(
     from attnscope.sweep import read_prompts
 
     try:
+        _check_sizes(height, width)
         prompt_list = read_prompts(prompts)
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width).items() if v is not None}
         kwargs.update(_pipeline_args(pipeline_arg or [], _CLI_FLAGS["sweep_"]))

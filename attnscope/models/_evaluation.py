@@ -137,14 +137,25 @@ def eval_prompts(prompts: str | Path | Sequence[str], n: int | None = None, seed
         path = Path(prompts)
         if not path.is_file():
             raise AttnscopeError(f"prompts={str(prompts)!r}: expected one of {', '.join(PROMPT_SETS)} or a text file")
-        lines = (line.strip() for line in path.read_text().splitlines())
-        items = [line for line in lines if line and not line.startswith("#")]  # as sweep's prompt files
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AttnscopeError(f"prompts={str(prompts)!r}: cannot be read as UTF-8 text ({exc})") from None
+        lines = enumerate((line.strip() for line in text.splitlines()), 1)
+        numbered = [(f"prompts={str(prompts)!r}, line {i}: ", line)  # where a prompt is: its file and line
+                    for i, line in lines if line and not line.startswith("#")]  # as sweep's prompt files
     else:
-        items = list(prompts)
+        numbered = [("", item) for item in prompts]
+    items = [item for _, item in numbered]
     if not items:
         raise AttnscopeError(f"prompts={prompts!r}: no prompts")
-    for item in items:
-        parse_prompt(item)  # refuses prompts the detector cannot score
+    for where, item in numbered:
+        try:
+            parse_prompt(item)  # refuses prompts the detector cannot score
+        except AttnscopeError as exc:
+            if not where:
+                raise
+            raise AttnscopeError(where + str(exc).removeprefix("prompt=")) from None
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise AttnscopeError(f"n={n!r}: expected a positive number of prompts (or None for all)")
     return items[:n] if n else items
