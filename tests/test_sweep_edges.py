@@ -174,3 +174,35 @@ def test_workers_run_the_pipeline_given_in_its_dtype_and_refuse_weights_changed_
         ):
             ats.sweep(pipe, ["a red circle"], [0], out=tmp_path / "tuned", devices=["cpu"], **RUN)
     assert not (tmp_path / "tuned").exists()
+
+
+_CALLS = []
+
+
+def _second_run_fails(pipe, step, timestep, callback_kwargs):
+    _CALLS.append(step)
+    if len(_CALLS) == 3:  # the second run's first step (two steps per run)
+        raise KeyError("latents_of_step_two")  # any exception type the pipeline might raise mid-run
+    return callback_kwargs
+
+
+def test_any_exception_inside_a_run_fails_that_run_only(sd_pipe, tmp_path):
+    """docs/sweep.md: an exception inside a run gives a failed row; before, only a few exception types did, and a
+    KeyError (IndexError, NotImplementedError, ...) from the pipeline stopped the whole sweep."""
+    _CALLS.clear()
+    cat = ats.sweep(sd_pipe, ["a red circle"], [0, 1, 2], out=tmp_path / "s", callback_on_step_end=_second_run_fails,
+                    **RUN)
+    assert list(cat.df.status) == ["complete", "failed", "complete"]
+    assert cat.df.error[1].startswith("KeyError: ") and "latents_of_step_two" in cat.df.error[1]
+
+
+def test_a_model_directory_named_relative_then_absolute_is_the_same_model(tmp_path, monkeypatch):
+    """The model was compared as typed: `models/m` and `/abs/models/m` were refused as two models."""
+    tiny_sd_pipeline().save_pretrained(tmp_path / "models" / "m")
+    monkeypatch.chdir(tmp_path)
+    ats.sweep("models/m", ["a red circle"], [0], out="s", **RUN)
+    cat = ats.sweep(str(tmp_path / "models" / "m"), ["a red circle"], [0, 1], out="s", **RUN)
+    assert list(cat.df.status) == ["complete", "complete"]
+    with pytest.raises(ats.AttnscopeError, match="other settings"):
+        tiny_sd_pipeline(seed=1).save_pretrained(tmp_path / "other")
+        ats.sweep("other", ["a red circle"], [0, 1], out="s", **RUN)

@@ -104,7 +104,7 @@ def execute_run(pipe: Any, run: Run, folder: SweepFolder, capture_kwargs: dict[s
             row.update(_extra_columns(extra, tr, run))
         folder.publish_trace(run.trace)
         row["status"] = "complete"
-    except (AttnscopeError, RuntimeError, ValueError, TypeError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any error inside the run fails this run, not the sweep
         row["error"] = f"{type(exc).__name__}: {exc}"
     row["seconds"] = round(time.perf_counter() - start, 4)
     row["finished"] = round(time.time(), 3)  # Unix time: with ``seconds``, when the run ran

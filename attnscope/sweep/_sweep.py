@@ -123,6 +123,8 @@ def _check_settings(folder: SweepFolder, settings: dict) -> bool:
         before["capture"] = _explicit(before["capture"])
     changed = {k: (before.get(k), v) for k, v in _settings_record(settings).items()
                if before.get(k) != v and (k in before or k in ("model", "capture"))}
+    if "model" in changed and _same_directory(*changed["model"]):  # one directory named two ways
+        del changed["model"]
     if "dtype" in changed:  # the weights' hash covers their dtype: the dtype says why it differs
         changed.pop("model_hash", None)
     if changed:
@@ -149,6 +151,21 @@ def _describe_change(key: str, old: Any, new: Any) -> str:
         return (f"scheduler: {new.get('class')} with {({k: a.get(k) for k in keys})!r} then, "
                 f"with {({k: b.get(k) for k in keys})!r} now")
     return f"{key}: {old!r} then, {new!r} now"
+
+
+def _same_directory(a: Any, b: Any) -> bool:
+    """Whether model references ``a`` and ``b`` are paths of one existing directory (``models/m`` and its absolute
+    path): the weights' hash, compared too, says whether what it holds changed.
+
+    >>> _same_directory(".", str(Path.cwd())), _same_directory("shapes", "other")
+    (True, False)
+    """
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        return Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def _fix_settings(folder: SweepFolder, settings: dict) -> None:
