@@ -288,6 +288,8 @@ def eval_(
     from attnscope.models import evaluate, format_paired, format_report, named_interventions, paired_differences
 
     try:
+        if overwrite and json_out is None:
+            raise ats.AttnscopeError("--overwrite replaces the file at --json: give --json too")
         if json_out is not None:
             json_out = _output_file(json_out, "--json", overwrite=overwrite)
         clients = named_interventions(intervention or [])
@@ -808,6 +810,7 @@ def sweep_stats(
     output: str | None = typer.Option(None, "-o", "--output", help="Write the table here (.parquet or .csv)."),
     storage_option: list[str] | None = typer.Option(None, help=_STORAGE_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing file at -o."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over the runs."),
 ) -> None:
     """Dominance statistics of every trace of a sweep, one row per run, computed on dask.distributed."""
     import warnings
@@ -825,7 +828,7 @@ def sweep_stats(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warnings.simplefilter("ignore", ResourceWarning)  # dask's sockets closed by the GC: not the user's concern
-            table = cat.map_stats(fn, client=scheduler)
+            table = cat.map_stats(fn, client=scheduler, progress=progress)
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
     for w in caught:

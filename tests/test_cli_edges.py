@@ -146,3 +146,21 @@ def test_a_size_of_zero_pixels_is_refused_not_replaced_by_the_default(tmp_path, 
         == f"error: {size} 0: expected a positive number of pixels"
     )
     assert not out.exists()
+
+
+def test_eval_overwrite_without_json_is_refused():
+    """`eval --overwrite` replaces the file at --json; without --json it was silently ignored."""
+    done = cli("eval", "--n", "1", "--overwrite")
+    assert done.exit_code == 2 and error_line(done) == "error: --overwrite replaces the file at --json: give --json too"
+
+
+def test_sweep_stats_progress_bar_can_be_turned_off(sd_pipe, tmp_path):
+    """`sweep-stats` always drew map_stats' bar on stderr; `--no-progress` turns it off, as on `sweep`."""
+    out = tmp_path / "s"
+    ats.sweep(sd_pipe, ["a red circle"], [0], out=out, num_inference_steps=2, height=32, width=32, progress=False)
+    shown = cli("sweep-stats", out, "--targets", "circle")
+    assert shown.exit_code == 0, shown.output
+    assert "|" in shown.stderr  # the bar, drawn by tqdm
+    quiet = cli("sweep-stats", out, "--targets", "circle", "--no-progress")
+    assert quiet.exit_code == 0, quiet.output
+    assert "|" not in quiet.stderr and "circle" in quiet.stdout
