@@ -348,3 +348,27 @@ def test_an_unknown_codec_names_the_array_and_codec(trace):
     with pytest.raises(ats.AttnscopeError, match=rf"^'[^']*': array 'sites/{SITE}/attention' has codec 'lz-unknown', "
                                                  r"which zarr .* cannot decode"):
         ats.open_trace(trace)
+
+
+@pytest.mark.parametrize("target", ["dir", "file"])
+def test_a_link_out_of_the_store_is_refused_before_any_read(trace, tmp_path_factory, target):
+    # a link to / made open_trace walk the whole file system; one to another file read it as a chunk
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret").write_bytes(b"\x00" * 64)
+    if target == "dir":
+        os.symlink(outside, trace / "images" / "elsewhere")
+    else:
+        chunk = trace / "images" / "c" / "0" / "0" / "0" / "0"
+        chunk.unlink()
+        os.symlink(outside / "secret", chunk)
+    with pytest.raises(ats.AttnscopeError, match=r"'images/(elsewhere|c/0/0/0/0)' links out of the store"):
+        ats.open_trace(trace)
+
+
+def test_a_link_inside_the_store_is_read(trace):
+    chunk = trace / "images" / "c" / "0" / "0" / "0" / "0"
+    before = np.asarray(ats.open_trace(trace).images[0])
+    moved = trace / "images" / "moved"
+    chunk.rename(moved)
+    os.symlink(moved, chunk)
+    assert np.array_equal(np.asarray(ats.open_trace(trace).images[0]), before)

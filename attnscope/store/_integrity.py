@@ -59,7 +59,8 @@ _EMPTY = 2**64 - 1  # offset and length of a chunk a shard does not hold
 
 def check_entries(where: Path) -> None:
     """Refuse a local store holding anything but directories and regular files (a FIFO would hang a read,
-    a link to a device would read without end), before anything in it is opened.
+    a link to a device would read without end) or a link that leads out of the store (a link to ``/`` would
+    walk the whole file system, one to another file would be read as a chunk), before anything in it is opened.
 
     >>> import os, tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -72,8 +73,18 @@ def check_entries(where: Path) -> None:
     import os
     import stat
 
+    root = os.path.realpath(where)
+
+    def check_inside(path: str) -> None:
+        real = os.path.realpath(path)
+        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            raise AttnscopeError(f"{str(where)!r}: {os.path.relpath(path, where)!r} links out of the store (to "
+                                 f"{real!r}); a trace holds only its own directories and files (the store is damaged "
+                                 f"or crafted)")
+
     seen: set[str] = set()
     for top, dirs, files in os.walk(where, followlinks=True):
+        check_inside(top)
         real = os.path.realpath(top)
         if real in seen:  # a link back up the tree: walk each directory once
             dirs[:] = []
@@ -91,6 +102,8 @@ def check_entries(where: Path) -> None:
                         else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
                 raise AttnscopeError(f"{str(where)!r}: {os.path.relpath(path, where)!r} is {kind}, not a regular "
                                      f"file; a trace holds only directories and files (the store is damaged or crafted)")
+            if os.path.islink(path):
+                check_inside(path)
 
 
 def check_site_name(name: Any, where: str) -> str:
