@@ -173,11 +173,23 @@ def _fail(exc: Exception) -> typer.Exit:
 
 def _pipeline_failed(exc: Exception, out: str, settings: list[str] | None) -> typer.Exit:
     """One ``error: …`` line for an exception the pipeline raised during a capture, saying what became of --out."""
+    import json
+
     import attnscope as ats
 
-    where = Path(out)
-    kept = (f"; the incomplete trace at --out {out!r} is kept (pass --overwrite to replace it)"
-            if (where / "zarr.json").is_file() else "")
+    # an --overwrite run that did not complete says so in a note: the old trace is kept, its partial trace is beside it
+    notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str) and n.startswith("attnscope: ")]
+    try:
+        attrs = json.loads((Path(out) / "zarr.json").read_bytes())["attributes"]
+    except (OSError, ValueError, TypeError, KeyError):
+        attrs = None
+    if notes:
+        kept = "; " + notes[-1].removeprefix("attnscope: ")
+    elif isinstance(attrs, dict) and attrs.get("complete") is True:  # failed before its first step: nothing written
+        kept = f"; the trace at --out {out!r} is unchanged"
+    else:
+        kept = (f"; the incomplete trace at --out {out!r} is kept (pass --overwrite to replace it)"
+                if attrs is not None else "")
     hint = f" (check the --set values: {', '.join(settings)})" if settings else ""
     return _fail(ats.AttnscopeError(f"the pipeline failed: {type(exc).__name__}: {exc}{hint}{kept}"))
 

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import AttnscopeError, AttnscopeWarning
@@ -220,6 +221,8 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
                              f"pipeline's output object; leave return_dict out")
     pipeline_kwargs = _negative_prompts(prompts, pipeline_kwargs)
     check_num_steps(pipeline_kwargs.get("num_inference_steps"))
+    for name in ("height", "width"):
+        _check_size(name, pipeline_kwargs.get(name))
     _check_prompt_lengths(pipe, prompts, pipeline_kwargs)
     _check_clip_lengths(pipe, prompts)
     _check_joined_texts(pipe, prompts, pipeline_kwargs, tokens)
@@ -314,6 +317,24 @@ def check_num_steps(value: Any) -> None:
     """
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise AttnscopeError(f"num_inference_steps={value!r}: expected an int >= 1 (the number of denoising steps)")
+
+
+def _check_size(name: str, value: Any) -> None:
+    """An image ``height``/``width`` must be an int >= 1 or None (the pipeline's default): diffusers takes
+    ``height or default``, so 0 would run at the default size and be recorded as 0. A size its VAE cannot take (not a
+    multiple of what the pipeline needs) is left to the pipeline, which refuses it (SD) or rounds it (Flux) before
+    the first step, so before anything is written.
+
+    >>> _check_size("height", 512), _check_size("width", None)
+    (None, None)
+    >>> _check_size("height", 0)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: height=0: expected a positive int (the image's height in pixels), or leave it out for the pipeline's default
+    """
+    if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+                              or value < 1):
+        raise AttnscopeError(f"{name}={value!r}: expected a positive int (the image's {name} in pixels), or leave it "
+                             f"out for the pipeline's default")
 
 
 def _generator(seed: Any, batch: int) -> Any:

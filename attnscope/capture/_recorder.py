@@ -64,7 +64,9 @@ class Recorder:
     branch : {"cond", "uncond", "both"}
         Which classifier-free-guidance half to record.
     overwrite : bool
-        Replace an existing trace at ``store``.
+        Replace an existing trace at ``store``, only by a complete one: the run is written beside it
+        (``<store>.attnscope-new-<8 hex>``) and takes its place when it completes; a run that fails or
+        stops early keeps the old trace and leaves its own partial trace there (``path`` says where).
     output_change : bool
         Also keep, at every recorded site and step, ``‖O_t‖`` and ``‖O_t − O_{t−1}‖`` per sample,
         where ``O`` is the site's output averaged over the two guidance halves (what TGATE caches);
@@ -93,6 +95,12 @@ class Recorder:
 
     role = "observer"
 
+    @property
+    def path(self) -> Path:
+        """Where this run's trace is: ``store``, or the directory beside it while a run that replaces a trace is
+        written and after one that did not complete (the old trace then stays at ``store``)."""
+        return self.writer.location if self.writer is not None else self._target
+
     def __init__(self, store: str | Path, *, sites: SiteSpec = None, steps: StepSpec = None, heads: str = "mean",
                  tokens: str = "auto", branch: str = "cond", overwrite: bool = False, output_change: bool = False,
                  max_queue_bytes: int = 256 << 20, run_info: dict[str, Any] | None = None,
@@ -100,7 +108,7 @@ class Recorder:
         self.heads = check_choice("heads", heads, HEADS)
         self.tokens = check_choice("tokens", tokens, TOKENS)
         self.branch = check_choice("branch", branch, BRANCHES)
-        self.path = check_store_path(store, overwrite)
+        self._target = check_store_path(store, overwrite)
         self.overwrite, self.max_queue_bytes = overwrite, max_queue_bytes
         if not isinstance(output_change, bool):
             raise AttnscopeError(f"output_change={output_change!r}: expected True or False")
@@ -233,13 +241,18 @@ class Recorder:
         finished = error is None or last_done or self._images is not None or self._finished
         complete = finished and self._steps_seen >= self._num_steps
         try:
-            if self.output_change and self.writer.error is None:
-                norm, change = self._outputs.arrays(self._num_steps, len(self._sites), self._samples)
-                self.writer.summaries(list(self._sites), {OUTPUT_NORM: norm, OUTPUT_CHANGE: change})
-        finally:
-            self.writer.close(complete=complete, images=self._images,
-                              attrs={"images": 0 if self._images is None else len(self._images),
-                                     GATED_STEPS_ATTR: sorted(self._gated)})
+            try:
+                if self.output_change and self.writer.error is None:
+                    norm, change = self._outputs.arrays(self._num_steps, len(self._sites), self._samples)
+                    self.writer.summaries(list(self._sites), {OUTPUT_NORM: norm, OUTPUT_CHANGE: change})
+            finally:
+                self.writer.close(complete=complete, images=self._images,
+                                  attrs={"images": 0 if self._images is None else len(self._images),
+                                         GATED_STEPS_ATTR: sorted(self._gated)})
+        except BaseException as exc:
+            self._say_kept(error or exc)
+            raise
+        self._say_kept(error)
         if self.writer.nan_maps:
             first = min(min(steps) for steps in self.writer.nan_maps.values())
             warnings.warn(f"{str(self.path)!r}: the model produced NaN attention at {len(self.writer.nan_maps)} of "
@@ -248,6 +261,20 @@ class Recorder:
                           AttnscopeWarning, stacklevel=2)
 
     # -- helpers --------------------------------------------------------------------------------------
+    def _say_kept(self, error: BaseException | None) -> None:
+        """A run that was to replace a trace and did not complete: say that the old trace is kept and where this
+        run's partial trace is, as a note of the exception that ended the run, else (the call returned, or was
+        interrupted: the note of a KeyboardInterrupt is not shown by every caller) as a warning."""
+        assert self.writer is not None
+        if self.writer.location == self.writer.path:
+            return
+        message = (f"attnscope: this run did not complete, so the old trace at {str(self.writer.path)!r} is kept; "
+                   f"the run's partial trace is at {str(self.writer.location)!r}, readable with ats.open_trace")
+        if isinstance(error, Exception) and hasattr(error, "add_note"):  # Python 3.11 and later
+            error.add_note(message)
+        else:
+            warnings.warn(message, AttnscopeWarning, stacklevel=3)
+
     def add_images(self, images: Any) -> None:
         """Store the pipeline's output images (PIL list, numpy array in [0, 1], or tensor) with the trace."""
         self._images = _images_to_uint8(images)
@@ -317,7 +344,7 @@ class Recorder:
         layout.timesteps = tuple(self._planned) if self._planned else None
         self._steps = frozenset(steps)
         self._samples = rows.samples
-        self.writer = TraceWriter(self.path, max_queue_bytes=self.max_queue_bytes, overwrite=self.overwrite)
+        self.writer = TraceWriter(self._target, max_queue_bytes=self.max_queue_bytes, overwrite=self.overwrite)
         self.writer.init(layout)
 
     @staticmethod

@@ -3,7 +3,8 @@
 The forward pass only hands reduced CPU tensors to a byte-bounded queue; this thread compresses and
 writes whole shards, and advances the root attribute ``steps_written`` once every capture planned
 for the steps before it is on disk (persisted at most every PERSIST_INTERVAL seconds, so it may lag
-the data but never leads it). A kill loses at most the steps not yet written.
+the data but never leads it). A kill loses at most the steps not yet written. A run that replaces a
+trace is written beside it and swapped in once complete: the old trace is lost only to a complete new one.
 """
 
 from __future__ import annotations
@@ -106,35 +107,81 @@ def _flock(fd: int) -> bool:
     return True
 
 
-def _claim(path: Path, overwrite: bool) -> int:
-    """Create the store's directory and hold an exclusive lock on it while the writer lives; the open descriptor.
+#: infix of the directory a run that replaces a trace is written into, beside it (``<name>.attnscope-new-<8 hex>``)
+STAGING_INFIX = ".attnscope-new-"
+#: infix of the old trace while it is swapped out (``<name>.attnscope-old-<8 hex>``; only left after a crash)
+ASIDE_INFIX = ".attnscope-old-"
 
+
+def _claim(path: Path, overwrite: bool) -> tuple[int, Path, int | None]:
+    """Create the directory the writer writes and hold an exclusive lock on it while the writer lives: its open
+    descriptor, the directory, and the locked descriptor of the trace it is to replace (None: written in place).
+
+    ``path`` absent or an empty directory: the store is written at ``path``. ``path`` a trace (``overwrite``):
+    the new run is written beside it, into ``<name>.attnscope-new-<8 hex>``, and the old trace is held locked
+    until :func:`_swap` puts the complete new store in its place; a run that does not complete leaves both.
     Claims are serialised by a short lock on the parent directory, so of two processes writing to one
     path at once the second fails (the path exists, or with ``overwrite`` the first still holds its lock):
-    their writes never interleave. The kernel drops the lock when the process ends, even when killed.
+    their writes never interleave. The kernel drops the locks when the process ends, even when killed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     parent = os.open(path.parent, os.O_RDONLY)
+    old: int | None = None
     try:
         fcntl.flock(parent, fcntl.LOCK_EX)
+        where = path
         if path.exists():
             if not overwrite:
                 raise AttnscopeError(f"store {str(path)!r} exists; pass overwrite=True to replace it")
             _check_replaceable(path)  # again: what is there now, not what was there when the capture was set up
             old = os.open(path, os.O_RDONLY)
-            try:
-                if not _flock(old):
-                    raise AttnscopeError(f"store {str(path)!r} is being written by another process; wait for it to "
-                                         f"finish, or write to another path")
-                shutil.rmtree(path)
-            finally:
+            if not _flock(old):
+                raise AttnscopeError(f"store {str(path)!r} is being written by another process; wait for it to "
+                                     f"finish, or write to another path")
+            if any(path.iterdir()):  # a trace: kept until the new one is complete
+                where = path.with_name(f"{path.name}{STAGING_INFIX}{uuid.uuid4().hex[:8]}")
+            else:
+                path.rmdir()
                 os.close(old)
-        path.mkdir()
-        fd = os.open(path, os.O_RDONLY)
+                old = None
+        where.mkdir()
+        fd = os.open(where, os.O_RDONLY)
         _flock(fd)  # nobody else can hold it: the directory is new and claims are serialised
-        return fd
+        return fd, where, old
+    except BaseException:
+        if old is not None:
+            os.close(old)
+        raise
     finally:
         os.close(parent)  # releases the parent's lock
+
+
+def _swap(staging: Path, path: Path, old: int) -> None:
+    """Put the complete store at ``staging`` in the place of the trace at ``path`` (held locked by ``old``), then
+    delete that trace. Under the parent's lock, so no claim sees the path missing; the old trace is renamed aside
+    first, so a crash between the two renames leaves it whole at ``<name>.attnscope-old-<8 hex>`` (and the new
+    one at ``staging``), never neither."""
+    parent = os.open(path.parent, os.O_RDONLY)
+    aside = path.with_name(f"{path.name}{ASIDE_INFIX}{uuid.uuid4().hex[:8]}")
+    try:
+        fcntl.flock(parent, fcntl.LOCK_EX)
+        try:
+            found = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            found = None
+        if found is None or not os.path.samestat(found, os.fstat(old)):  # moved or replaced by hand meanwhile
+            raise AttnscopeError(f"store {str(path)!r} was moved or replaced while this run was written; the new "
+                                 f"trace is kept at {str(staging)!r}")
+        os.rename(path, aside)
+        try:
+            os.rename(staging, path)
+        except BaseException:
+            os.rename(aside, path)
+            raise
+        os.fsync(parent)
+    finally:
+        os.close(parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 #: seconds between rewrites of the root attribute ``steps_written`` (it only ever lags the data)
@@ -257,11 +304,16 @@ class TraceWriter:
     def __init__(self, path: str | Path, *, max_queue_bytes: int = 256 << 20, compressor: Any = None,
                  overwrite: bool = False, checksum: bool = True):
         self.path = Path(path)
+        #: where this run's store is: ``path``, or, while it replaces a trace and after a run that did not complete,
+        #: the directory ``<name>.attnscope-new-<8 hex>`` beside it (the old trace stays at ``path``); set by init()
+        self.location = self.path
         self.overwrite = overwrite
         self.compressor = compressor if compressor is not None else default_compressor()
         # every chunk compressed, then checksummed (checksum=False: only to measure its cost, benchmarks/)
         self._codecs = (self.compressor, checksum_codec()) if checksum else (self.compressor,)
         self._lock: int | None = None
+        self._old: int | None = None  # the locked trace this run replaces once complete
+        self._claimed = threading.Event()
         #: the root attribute ``run_id``, set when the store is created (a new one for every store written)
         self.run_id: str | None = None
         self._nan: dict[str, set[int]] = {}  # site -> steps whose maps came out of the model with NaN
@@ -288,7 +340,10 @@ class TraceWriter:
         self.queue.put(message, nbytes)
 
     def init(self, layout: StoreLayout) -> None:
+        """Create the store (in the writer thread); returns once its directory is claimed and ``location`` set (a
+        failure to claim it is raised by the next call, as every write error is)."""
         self._send(("init", layout))
+        self._claimed.wait()
 
     def timestep(self, step: int, value: float) -> None:
         self._send(("timestep", step, value))
@@ -317,7 +372,9 @@ class TraceWriter:
         """Flush, write ``images`` and ``attrs``, mark ``complete`` (last), stop the thread.
 
         The store is marked complete only when ``complete`` is asked for and every planned capture of every step
-        is on disk (``steps_written`` reaches the number of steps); otherwise it stays incomplete."""
+        is on disk (``steps_written`` reaches the number of steps); otherwise it stays incomplete. A store that replaces
+        a trace (``overwrite``) takes the old one's place only once complete; otherwise the old trace stays at ``path``
+        and this run's is left at ``location``."""
         if self._thread.is_alive():
             self.queue.put(("close", complete, images, attrs or {}), 0)
             self._thread.join()
@@ -334,6 +391,8 @@ class TraceWriter:
                 getattr(self, f"_do_{message[0]}")(*message[1:])
             except BaseException as exc:  # noqa: BLE001 - reported to the producer
                 self.error = self.error or exc
+            if message[0] == "init":
+                self._claimed.set()
             if message[0] == "close":
                 self._release()
                 return
@@ -343,12 +402,12 @@ class TraceWriter:
 
         for site in layout.sites:
             check_site_name(site.name, str(self.path))
-        self._lock = _claim(self.path, self.overwrite)
+        self._lock, self.location, self._old = _claim(self.path, self.overwrite)
         # the format attribute first: a capture killed while it sets up the store leaves a trace that overwrite=True
         # replaces and that open_trace names as set up only in part, not a directory of unknown kind. The run id
         # tells an open Trace that the store was replaced under it (by another capture to the same path)
         self.run_id = uuid.uuid4().hex
-        root = zarr.open_group(str(self.path), mode="w-", zarr_format=3,
+        root = zarr.open_group(str(self.location), mode="w-", zarr_format=3,
                                attributes={"attnscope_format": FORMAT_VERSION, RUN_ID_ATTR: self.run_id,
                                            "complete": False, "steps_written": 0, ROOT_CHUNKS_ATTR: True})
         self._num_steps = n = layout.num_steps
@@ -461,10 +520,14 @@ class TraceWriter:
             import zarr
 
             with quiet_consolidated():
-                zarr.consolidate_metadata(str(self.path))
+                zarr.consolidate_metadata(str(self.location))
+            if self._old is not None and self.error is None:  # replacing a trace: now, complete, it takes its place
+                _swap(self.location, self.path, self._old)
+                self.location = self.path
         self._release()
 
     def _release(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        for fd in (self._lock, self._old):
+            if fd is not None:
+                os.close(fd)
+        self._lock = self._old = None
