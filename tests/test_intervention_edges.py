@@ -180,3 +180,14 @@ def test_one_tgate_serves_runs_of_other_batches_and_lengths(shapes):
     reused = run(gate, [PROMPT], 4)
     np.testing.assert_array_equal(reused, run(TGate(0.5), [PROMPT], 4))
     assert gate.gated_steps == [2, 3]
+
+
+def test_risk_above_refuses_a_model_that_is_not_a_risk_model_for_its_step():
+    """`risk_above(0.3, model="x")` was accepted and failed only at the run's decision step, inside neglect_risk."""
+    with pytest.raises(ats.AttnscopeError, match=r"model='x': expected a risk model"):
+        ats.regulate.risk_above(0.3, model="x")
+    shipped = ats.stats.neglect_model()
+    without_7 = {**shipped, "steps": {k: v for k, v in shipped["steps"].items() if k != "7"}}
+    with pytest.raises(ats.AttnscopeError, match=r"risk_above: the model has no weights for step 7"):
+        ats.regulate.risk_above(0.3, step=7, model=without_7)
+    ats.regulate.risk_above(0.3, step=7, model=ats.stats.neglect_model())

@@ -37,6 +37,7 @@ class RiskGate:
             raise AttnscopeError(f"threshold={threshold!r}: expected a probability in [0, 1]")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise AttnscopeError(f"step={step!r}: expected the decision step, an int >= 0")
+        _check_risk_model(model, step)
         if not (targets is None or callable(targets) or (isinstance(targets, (list, tuple)) and len(targets) >= 2)):
             raise AttnscopeError(f"targets={targets!r}: expected two or more object phrases (a list), a function of "
                                  f"the prompt that gives them, or None (the intervention's targets)")
@@ -215,6 +216,23 @@ def _prompt(tokens: Sequence[str], roles: Sequence[str] | None) -> str:
     from ..tokens import prompt_text
 
     return prompt_text(list(tokens), list(roles) if roles is not None else None)
+
+
+def _check_risk_model(model: Any, step: int) -> None:
+    """AttnscopeError unless ``model`` (None: the shipped one) is a risk model with weights for the decision step:
+    found when the gate is made, not at the run's decision step."""
+    from collections.abc import Mapping
+
+    from ..stats import neglect_model
+
+    if model is not None and not (isinstance(model, Mapping) and isinstance(model.get("steps"), Mapping)):
+        raise AttnscopeError(f"model={model!r}: expected a risk model (a dict with 'features' and 'steps', as "
+                             f"ats.stats.neglect_model() or ats.sweep.fit_neglect_risk give), or None for the shipped one")
+    steps = (model if model is not None else neglect_model())["steps"]
+    if str(step) not in steps:
+        raise AttnscopeError(f"risk_above: the model has no weights for step {step} (it has steps "
+                             f"{', '.join(sorted(steps, key=lambda k: int(k) if str(k).isdigit() else -1))}); "
+                             f"choose one of those, or fit a model for it")
 
 
 def risk_above(threshold: float, *, step: int = 5, targets: Sequence[str] | Callable[[str], Sequence[str]] | None = None,
