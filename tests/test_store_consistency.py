@@ -148,3 +148,13 @@ def test_crafted_manifest_capture_steps_is_refused_at_open(tmp_path, sd_pipe, st
 def test_open_trace_names_a_path_of_the_wrong_type(path):
     with pytest.raises(ats.AttnscopeError, match=r"path=.*: expected the path or URL of a trace store"):
         ats.open_trace(path)
+
+
+def test_a_store_under_a_file_is_refused_before_the_run(sd_pipe, tmp_path):
+    """A store path whose parent is a file failed in the writer thread, mid-run, as a raw NotADirectoryError."""
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ats.AttnscopeError, match=r"store '.*notes.txt/sub/a.zarr': '.*notes.txt' is a file, not a "
+                                                 r"directory"):
+        ats.capture(sd_pipe, "a red circle", seed=0, store=tmp_path / "notes.txt" / "sub" / "a.zarr",
+                    num_inference_steps=2, height=32, width=32)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

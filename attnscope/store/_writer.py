@@ -74,6 +74,12 @@ def check_store_path(store: str | Path, overwrite: bool) -> Path:
     if not isinstance(overwrite, (bool, np.bool_)):  # "no" is truthy: it must not replace a trace
         raise AttnscopeError(f"overwrite={overwrite!r}: expected True or False")
     path = Path(store)
+    for parent in path.parents:  # the nearest existing folder above the store must be a folder
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise AttnscopeError(f"store {str(path)!r}: {str(parent)!r} is a file, not a directory; choose a "
+                                     f"store path in a folder")
+            break
     if not path.exists():
         return path
     if not overwrite:
