@@ -111,8 +111,9 @@ def batch_invariance(device: str, name: str, make, n: int = 8) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
+    description, _, epilog = __doc__.strip().partition("\n\n")
+    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda (default) or cpu for a dry run")
     p.add_argument("--skip-sd15", action="store_true", help="leave out the float16 SD-1.5-structure capture")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)

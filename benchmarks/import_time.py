@@ -5,6 +5,7 @@ memory but the OS file cache; the first, cold run is reported apart from the med
 
     python benchmarks/import_time.py              # 7 runs
     python benchmarks/import_time.py --repeats 15
+    python benchmarks/import_time.py --repeats 2    # a quick look
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ def one_import() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    description, _, epilog = __doc__.strip().partition("\n\n")
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7, help="fresh interpreters, at least 2 (default 7)")
     args = parser.parse_args()
     runs = [one_import() for _ in range(max(2, args.repeats))]
     warm = [r["seconds"] for r in runs[1:]]

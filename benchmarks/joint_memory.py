@@ -12,6 +12,7 @@ before it.
 
     python benchmarks/joint_memory.py                      # flux and sd3 structures at 256 px, CPU
     python benchmarks/joint_memory.py --models flux --resolution 128
+    python benchmarks/joint_memory.py --resolution 64      # a quick look (plumbing, not the figure)
 
 See benchmarks/README.md.
 """
@@ -81,11 +82,12 @@ def measure(model: str, mode: str, px: int, steps: int, threads: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    description, _, epilog = __doc__.strip().partition("\n\n")
+    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="flux,sd3", help="comma-separated, from: " + ", ".join(MODELS))
     p.add_argument("--resolution", type=int, default=256, help="image side in px (default 256: 4096 image tokens)")
     p.add_argument("--steps", type=int, default=1, help="denoising steps of the measured call (default 1)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each child (default 2)")
     p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """What the with/without benchmarks share: the models, the common options, interleaved timing, the JSON.
 
-Used by regulation_overhead.py and tgate_speed.py (``from paired_timing import ...`` from a script in
-this folder). Each script times the same generation twice per pair — plain, then with one hook
+Used by regulation_overhead.py, tgate_speed.py, spatial_overhead.py and spatial_optimisation.py
+(``from paired_timing import ...`` from a script in this folder). Each script times the same generation twice per pair — plain, then with one hook
 client — and reports the medians' ratio measured in one process.
 """
 
@@ -30,19 +30,42 @@ MODELS = {
 }
 
 
-def parser(description: str, steps: str) -> argparse.ArgumentParser:
-    """The options every paired benchmark takes; ``steps`` is the --steps help text."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="shapes,sd15", help="comma-separated from: " + ", ".join(MODELS))
+def parser(doc: str, steps: str) -> argparse.ArgumentParser:
+    """The options every paired benchmark takes; ``doc`` is the script's docstring (its first paragraph is
+    the description, the rest, with the example command lines, the epilog of ``--help``); ``steps`` is the
+    --steps help text."""
+    description, _, epilog = doc.strip().partition("\n\n")
+    p = argparse.ArgumentParser(description=description, epilog=epilog or None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="shapes,sd15", help="comma-separated from: " + ", ".join(MODELS)
+                   + " (default: shapes,sd15; shapes alone is the quick one)")
     p.add_argument("--steps", type=int, help=steps)
     p.add_argument("--repeats", type=int, help="timed pairs (default: shapes 5, sd15 2)")
     p.add_argument("--resolution", type=int, help="image side in px (default: shapes 32, sd15 256)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: float16, synchronised timers)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu or cuda (cuda: float16, synchronised timers)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--batch", type=int, default=1, help="prompts per call (default 1; more: the first N prompts of "
                                                        "the 'two' evaluation set, one seed each)")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``p.parse_args(argv)``, with --models checked against MODELS and --device cuda against the machine
+    (one ``error:`` line instead of a traceback from inside torch)."""
+    args = p.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown or not names:
+        p.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available in this torch build / machine")
+    for flag in ("steps", "repeats", "resolution", "batch", "threads"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            p.error(f"--{flag}: must be at least 1, got {value}")
+    return args
 
 
 def pipeline(name: str, device: str):

@@ -13,6 +13,7 @@ difference to the plain run.
 
     python benchmarks/regulation_depth.py --n 400 --seed 5001     # a tuning set
     python benchmarks/regulation_depth.py --n 400 --seed 9001     # a report set, drawn separately
+    python benchmarks/regulation_depth.py --n 8                   # a quick look (plumbing, not the figure)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,10 +38,11 @@ def choices(pipe) -> dict[str, list[str] | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    description, _, epilog = __doc__.strip().partition("\n\n")
+    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=400, help="two-object prompts (default 400)")
     p.add_argument("--seed", type=int, default=5001, help="prompt set and seeds (prompt i: seed SEED+i)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<8} " + " ".join(f"{c:>22}" for c in cells))
         result[label] = {"sites": names, "metrics": res["metrics"], "paired": diff}
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"n": args.n, "seed": args.seed, "results": result}, f, indent=1, default=str)
     return 0

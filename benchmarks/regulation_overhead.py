@@ -10,6 +10,7 @@ reports +48.8 % for the official implementation.
     python benchmarks/regulation_overhead.py                   # shapes + sd15-structure, CPU
     python benchmarks/regulation_overhead.py --models shapes --json benchmarks/results/reg.json
     python benchmarks/regulation_overhead.py --models shapes --batch 16        # 16 prompts per call
+    python benchmarks/regulation_overhead.py --models shapes --steps 4 --repeats 1   # a quick look (seconds)
     python benchmarks/regulation_overhead.py --models sd15 --device cuda --resolution 512
     python benchmarks/regulation_overhead.py --models shapes --method attend-excite   # the latent-moving baseline
 
@@ -19,7 +20,7 @@ reports +48.8 % for the official implementation.
 
 from __future__ import annotations
 
-from paired_timing import MODELS, generation, interleaved, parser, pipeline, run_models
+from paired_timing import MODELS, generation, interleaved, parse_args, parser, pipeline, run_models
 
 from attnscope.models import named_interventions
 
@@ -46,10 +47,10 @@ def measure(name: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = parser(__doc__.split("\n\n")[0], "denoising steps (default: shapes 20, sd15 10)")
+    p = parser(__doc__, "denoising steps (default: shapes 20, sd15 10)")
     p.add_argument("--method", choices=("regulation", "attend-excite"), default="regulation",
                    help="what to time against the plain run (default: regulation)")
-    return run_models(p.parse_args(argv), measure)
+    return run_models(parse_args(p, argv), measure)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ of objects in their box and of prompts with both in their boxes, with 95 % boots
 and the paired difference.
 
     python benchmarks/spatial_boxes.py --n 300 --seed 9001
+    python benchmarks/spatial_boxes.py --n 4      # a quick look (plumbing, not the figure)
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def generate(pipe, prompts: list[str], seed: int, control: bool, batch: int = 16
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=300)
-    p.add_argument("--seed", type=int, default=9001)
-    p.add_argument("--threads", type=int, default=2)
+    description, _, epilog = __doc__.strip().partition("\n\n")
+    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=300, help="two-object prompts (default 300)")
+    p.add_argument("--seed", type=int, default=9001, help="prompt set and seeds (prompt i: seed SEED+i; default 9001)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = ats.load_pipeline("shapes")

@@ -12,6 +12,8 @@ the relation words, λ fixed at 1 vs optimised from 1 against the attention obje
 difference of the outcomes and the objective before/after per image.
 
     python benchmarks/spatial_optimisation.py cost --models shapes
+    python benchmarks/spatial_optimisation.py cost --models shapes --steps 4 --epochs 1 --repeats 1   # a quick look
+    python benchmarks/spatial_optimisation.py quality --n 4 --batch 4 --epochs 1                     # a quick look
     python benchmarks/spatial_optimisation.py quality --n 100 --seed 9001
     python benchmarks/spatial_optimisation.py cost --models sd15 --memory-only --steps 4 --epochs 1
     python benchmarks/spatial_optimisation.py cost --models sd15 --device cuda --resolution 512 --steps 50
@@ -153,24 +155,31 @@ def quality(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    description, _, epilog = __doc__.strip().partition("\n\n")
+    p = argparse.ArgumentParser(description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["cost", "quality", "memory-child"])
     p.add_argument("--models", default="shapes", help="cost: comma-separated from " + ", ".join(MODELS))
     p.add_argument("--steps", type=int, help="denoising steps (default: shapes 20, sd15 10)")
     p.add_argument("--resolution", type=int, help="image side in px (default: shapes 32, sd15 256)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="cost: timed rounds")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cost: cpu or cuda (cuda: float16, peak memory from max_memory_allocated)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="cost: timed rounds (default 3)")
     p.add_argument("--memory-only", action="store_true", help="cost: peak memory only, no timing")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--epochs", type=int, default=3, help="optimisation epochs (default 3)")
+    p.add_argument("--lr", type=float, default=5e-3, help="optimisation learning rate (default 0.005)")
     p.add_argument("--n", type=int, default=100, help="quality: prompts")
     p.add_argument("--seed", type=int, default=9001, help="quality: prompt i gets seed + i")
     p.add_argument("--batch", type=int, default=8, help="quality: prompts per call")
     p.add_argument("--mode", default="checkpointed", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available in this torch build / machine")
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        p.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
     torch.set_num_threads(args.threads)
     if args.what == "memory-child":
         memory_child(args)
@@ -178,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = ({"cost": [cost(name, args) for name in args.models.split(",")]} if args.what == "cost"
               else {"quality": quality(args)})
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
     return result
 

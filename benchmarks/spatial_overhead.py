@@ -7,12 +7,13 @@ Per site and step the rule adds one attention of the conditional queries over ea
 prompt (77 keys), its ``to_out``, and the masked sum.
 
     python benchmarks/spatial_overhead.py --models shapes
+    python benchmarks/spatial_overhead.py --models shapes --steps 4 --repeats 1   # a quick look (seconds)
     python benchmarks/spatial_overhead.py --models sd15 --device cuda --resolution 512
 """
 
 from __future__ import annotations
 
-from paired_timing import MODELS, generation, interleaved, parser, pipeline, run_models
+from paired_timing import MODELS, generation, interleaved, parse_args, parser, pipeline, run_models
 
 import attnscope as ats
 
@@ -34,8 +35,8 @@ def measure(name: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    return run_models(parser(__doc__.split("\n\n")[0], "denoising steps (default: shapes 20, sd15 10)").parse_args(argv),
-                      measure)
+    p = parser(__doc__, "denoising steps (default: shapes 20, sd15 10)")
+    return run_models(parse_args(p, argv), measure)
 
 
 if __name__ == "__main__":

@@ -55,14 +55,24 @@ STEPS = 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    description, _, epilog = __doc__.strip().partition("\n\n")
+    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=24, help="generations per measurement (prompts × seeds; default 24)")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 measurements")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     p.add_argument("--map-only", type=Path, metavar="DIR", help="only map_stats vs reading, on the sweep in DIR (kept)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved read/map rounds (default 1)")
     p.add_argument("--s3", action="store_true", help="with --map-only: also on an S3 copy of the first --runs runs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.s3 and not args.map_only:
+        p.error("--s3 goes with --map-only DIR (a full run measures S3 unless --no-s3)")
+    if args.no_s3 and args.map_only:
+        p.error("--no-s3: --map-only measures S3 only with --s3")
+    if args.runs < 1 or args.rounds < 1:
+        p.error("--runs and --rounds must be at least 1")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+    return args
 
 
 def _seeds(runs: int) -> list[int]:

@@ -10,6 +10,14 @@ Stages (each resumable; run them in order):
     python studies/early_warning.py rank     --root runs/early-warning --seeds 200-207 --flagged 0.4  # rank rule, fresh seeds
     python studies/early_warning.py rank     --root runs/early-warning --seeds 300-307 --flagged 0.5  # (~12 min each)
 
+A quick look at the plumbing (not the study's numbers; the shipped model is left alone):
+
+    python studies/early_warning.py capture  --root /tmp/ew --n-prompts 3 --workers 1
+    python studies/early_warning.py features --root /tmp/ew
+    python studies/early_warning.py analyse  --root /tmp/ew
+    python studies/early_warning.py fit      --root /tmp/ew --model-out /tmp/ew/neglect_risk.json
+    python studies/early_warning.py policy   --root /tmp/ew --limit 4
+
 Numbers and what they mean: docs/sweep.md, "The early warning". Measured on 2026-12-03 on a 2-core CPU.
 
 The shapes world has 132 distinct two-object prompts ("a C1 S1 and a C2 S2": 72 distinct, 24
@@ -240,7 +248,7 @@ def analyse(root: Path, max_step: int = 5) -> dict:
 MODEL_PATH = Path(__file__).resolve().parents[1] / "attnscope" / "stats" / "neglect_risk.json"
 
 
-def fit(root: Path) -> dict:
+def fit(root: Path, model_path: Path = MODEL_PATH) -> dict:
     """Fit the shipped risk model: per step 0-9, a logistic regression over the 11 site-mean features of
     that step on the tuning split (L2 = 1 on standardised features); score it on the report split."""
     import json
@@ -268,7 +276,7 @@ def fit(root: Path) -> dict:
                           "tuning split); targets: the two object phrases",
              "missing_rate_tune": float(tune.missing.mean())}
     assert model["features"] == list(FEATURES)
-    MODEL_PATH.write_text(json.dumps(model, indent=1) + "\n")
+    model_path.write_text(json.dumps(model, indent=1) + "\n")
     # the shipped function recomputes the study's features from the traces: check it on a few report runs
     cat = ats.open_catalog(root / "report")
     for run in cat.df.run[:5]:
@@ -276,7 +284,7 @@ def fit(root: Path) -> dict:
         f = ats.stats.neglect_features(tr, object_phrases(tr.manifest["run"]["prompts"][0]), step=5)
         for name in FEATURES:
             assert abs(float(f[name][0]) - report.loc[run, f"{name}[mean]@5"]) < 1e-9, (run, name)
-    print(f"model -> {MODEL_PATH}")
+    print(f"model -> {model_path}")
     return model
 
 
@@ -391,8 +399,11 @@ def tune_threshold(root: Path, step: int = 5, keep: float = 0.85) -> dict:
 
     def kept(df, theta):
         chosen = np.where(df.risk > theta, df.always, df.plain)
-        return (chosen.mean() - df.plain.mean()) / (df.always.mean() - df.plain.mean())
+        return _share(chosen.mean() - df.plain.mean(), df.always.mean() - df.plain.mean())
 
+    if not gain > 0:
+        raise SystemExit(f"threshold: always-on regulation gains {gain:+.3f} on the tuning runs; no threshold keeps "
+                         f"{keep:.0%} of a gain (too few runs? see --n-prompts)")
     candidates = np.unique(outcomes.risk.round(4))
     theta = float(max(t for t in candidates if kept(outcomes, t) >= keep))
     report = pd.read_parquet(root / f"policy-step{step}.parquet")
@@ -492,12 +503,17 @@ def rank_policy(root: Path, flag: float = 0.4, step: int = 5, batch: int = 16, l
         versus = _versus(df, "rerun")
         summary[label] = {"threshold": float(threshold), "flagged": float(at.mean()),
                           "recall_of_missing": float(at[~df.plain_all_present].mean()),
-                          **_rates(df, "rerun"), **versus, "kept_share_of_gain": versus["all_present_gain"] / gain,
+                          **_rates(df, "rerun"), **versus, "kept_share_of_gain": _share(versus["all_present_gain"], gain),
                           "compute_extra_vs_plain_sweep": float(at.mean()) * summary["time_always_vs_plain"]}
     summary["auc_on_fresh"] = ats.stats.roc_auc(df.risk, ~df.plain_all_present.astype(bool))
     (root / f"rank-policy-{seeds}.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary
+
+
+def _share(part: float, whole: float) -> float:
+    """``part / whole``, NaN when always-on regulation gained nothing (a small trial run can have no missing object)."""
+    return part / whole if whole else float("nan")
 
 
 def _rates(df, name: str) -> dict:
@@ -582,7 +598,7 @@ def summarise_policy(root: Path, step: int = 5) -> dict:
             "fixed": int((~df.plain_all_present & df[f"{name}_all_present"]).sum()),
             "broken": int((df.plain_all_present & ~df[f"{name}_all_present"]).sum())}
     gain = summary["always_vs_plain"]["all_present_gain"]
-    summary["kept_share_of_gain"] = {n: summary[f"{n}_vs_plain"]["all_present_gain"] / gain for n in ("live", "rerun")}
+    summary["kept_share_of_gain"] = {n: _share(summary[f"{n}_vs_plain"]["all_present_gain"], gain) for n in ("live", "rerun")}
     (root / f"policy-step{step}.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary
@@ -599,6 +615,9 @@ def main() -> None:
     parser.add_argument("--flagged", type=float, default=0.4, help="policy: share of tuning runs above the threshold")
     parser.add_argument("--limit", type=int, default=None, help="policy: only the first N report runs")
     parser.add_argument("--seeds", default=FRESH_SEEDS, help="rank: the image seeds of the report prompts")
+    parser.add_argument("--model-out", type=Path, default=MODEL_PATH,
+                        help="fit: where to write the fitted model (default: the shipped "
+                             "attnscope/stats/neglect_risk.json; give another path for a trial run)")
     args = parser.parse_args()
     if args.stage == "capture":
         capture(args.root, args.workers, args.n_prompts)
@@ -607,7 +626,7 @@ def main() -> None:
     elif args.stage == "analyse":
         analyse(args.root)
     elif args.stage == "fit":
-        fit(args.root)
+        fit(args.root, args.model_out)
     elif args.stage == "policy":
         policy(args.root, step=args.step, flagged=args.flagged, limit=args.limit)
     elif args.stage == "rank":
