@@ -371,3 +371,14 @@ def test_thresholds_not_a_mapping_of_numbers_is_one_error(thresholds):
     """A non-mapping or non-numeric keys/values failed with a raw TypeError (or were taken as a list of pairs)."""
     with pytest.raises(AttnscopeError, match=r"thresholds=.*: expected \{share of the run"):
         AttendAndExcite(["circle"], thresholds=thresholds)
+
+
+def test_a_prepared_call_run_without_the_hooks_to_its_end_is_used_up(pipe):
+    """With only step 0 moved (done in prepare), a prepared call run without the hooks raised nothing and left the
+    preparation in place, so a later hooks block for another call installed and silently moved nothing."""
+    excite = AttendAndExcite(["circle", "square"], steps=[0])
+    call = _call()
+    excite.prepare(pipe, call)
+    pipe(**call)
+    with pytest.raises(AttnscopeError, match="needs the pipeline call"), ats.hooks(pipe, excite):
+        pass

@@ -245,6 +245,8 @@ class AttendAndExcite:
     def _on_step_end(self, pipe: Any, i: int, t: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         step = i + 1
         run = self._run
+        if run is not None and self._session is None and step >= len(pipe.scheduler.timesteps):
+            self._run = None  # the prepared call ran to its end without the hooks: the next call needs its own
         if run is None or step not in run["moved"]:  # the moved steps all lie within the run
             return {}
         if self._session is None:
