@@ -206,3 +206,29 @@ def test_a_model_directory_named_relative_then_absolute_is_the_same_model(tmp_pa
     with pytest.raises(ats.AttnscopeError, match="other settings"):
         tiny_sd_pipeline(seed=1).save_pretrained(tmp_path / "other")
         ats.sweep("other", ["a red circle"], [0, 1], out="s", **RUN)
+
+
+
+_FAILING = [True]
+
+
+def _fails_while_asked(pipe, step, timestep, callback_kwargs):
+    if _FAILING[0] and step == 0:  # of two: the trace is left incomplete
+        raise KeyError("asked to fail")
+    return callback_kwargs
+
+
+def test_a_run_redone_leaves_no_partial_copies_of_its_trace(sd_pipe, tmp_path):
+    """A failed run's redo wrote beside its partial trace (overwrite keeps a trace until a complete run replaces it)
+    and, failing again, left one more `<run>.zarr.attnscope-new-<hex>` directory per resume: the sweep redoes a run
+    from scratch, so what an earlier attempt left is deleted first."""
+    out = tmp_path / "s"
+    _FAILING[0] = True
+    for _ in range(2):
+        with pytest.raises(ats.AttnscopeError, match="every run failed"):
+            ats.sweep(sd_pipe, ["a red circle"], [0], out=out, callback_on_step_end=_fails_while_asked, **RUN)
+    assert [p.name for p in (out / "traces").iterdir() if ".attnscope-" in p.name] == []
+    _FAILING[0] = False
+    cat = ats.sweep(sd_pipe, ["a red circle"], [0], out=out, callback_on_step_end=_fails_while_asked, **RUN)
+    assert list(cat.df.status) == ["complete"]
+    assert [p.name for p in (out / "traces").iterdir()] == [cat.df.trace[0].rsplit("/", 1)[-1]]

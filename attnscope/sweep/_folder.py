@@ -13,6 +13,7 @@ first, and never hides what another process wrote.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -149,6 +150,26 @@ class SweepFolder:
         if not self.remote:
             return Path(self._root) / rel
         return self._staging / rel
+
+    def clear_staged(self, rel: str) -> None:
+        """Delete what an earlier attempt at the trace ``rel`` left where the capture writes it: the trace and the
+        partial copies of failed overwrites beside it (``<rel>.attnscope-new-<hex>``). A run is redone from scratch,
+        so these are not kept; the folder's own paths only."""
+        import fcntl
+
+        target = self.staging_path(rel)
+        for leftover in [target, *target.parent.glob(f"{glob.escape(target.name)}.attnscope-*")]:
+            if not leftover.is_dir() or leftover.is_symlink():
+                continue
+            fd = os.open(leftover, os.O_RDONLY)
+            try:  # one a live writer holds (another process on this folder) is left to the capture, which refuses it
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+            finally:
+                os.close(fd)
 
     def is_file(self) -> bool:
         """Whether the folder's own path is a file (or object), where a folder was expected."""

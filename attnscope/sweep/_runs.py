@@ -88,6 +88,7 @@ def execute_run(pipe: Any, run: Run, folder: SweepFolder, capture_kwargs: dict[s
     start = time.perf_counter()
     row = _base_row(run, worker)
     try:
+        folder.clear_staged(run.trace)
         tr = capture(pipe, run.prompt, seed=run.seed, store=folder.staging_path(run.trace), overwrite=True,
                      **capture_kwargs)
         images = tr.images
