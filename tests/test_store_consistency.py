@@ -158,3 +158,13 @@ def test_a_store_under_a_file_is_refused_before_the_run(sd_pipe, tmp_path):
         ats.capture(sd_pipe, "a red circle", seed=0, store=tmp_path / "notes.txt" / "sub" / "a.zarr",
                     num_inference_steps=2, height=32, width=32)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_old_handle_refuses_its_tree_after_an_overwrite(tmp_path, sd_pipe):
+    """`tr.tree` was opened once and cached: after an overwrite, the old handle's tree read the new run's arrays."""
+    path = tmp_path / "a.zarr"
+    first = ats.capture(sd_pipe, "a red circle", seed=0, store=path, **RUN)
+    assert "images" in first.tree
+    ats.capture(sd_pipe, "a blue square", seed=1, store=path, overwrite=True, **RUN)
+    with pytest.raises(ats.AttnscopeError, match=r"a\.zarr' was overwritten .* since this Trace was opened"):
+        first.tree["images"].to_dataset().load()

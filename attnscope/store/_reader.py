@@ -90,9 +90,16 @@ class Trace:
         state = "complete" if self.complete else f"incomplete, {self.written}"
         return f"<Trace {str(self.path)!r}: {len(self.sites)} sites, {state}>"
 
-    @functools.cached_property
+    @property
     def tree(self) -> Any:
-        """The whole store as an ``xarray.DataTree`` (lazy, dask-backed)."""
+        """The whole store as an ``xarray.DataTree`` (lazy, dask-backed). Each access checks that the store is still
+        the one this trace was opened from (reads through a tree kept from an earlier access are not checked)."""
+        tree = self._tree
+        self._check_same_store()
+        return tree
+
+    @functools.cached_property
+    def _tree(self) -> Any:
         import xarray as xr
 
         store = zarr_store(self.path, self.storage_options)
