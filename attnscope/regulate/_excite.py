@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..errors import AttnscopeError
 from ..hooks import find_adapter, hooks, select_rows
 from ..tokens import prompt_text, token_roles
-from ._scope import InterventionScope, default_regulation_sites, nth_occurrences, targets_label
+from ._scope import InterventionScope, default_regulation_sites, nth_occurrences, repr_options, targets_label
 from ._trajectory import replayable
 
 __all__ = ["AttendAndExcite", "excite_loss", "smoothing_kernel"]
@@ -179,9 +179,7 @@ class AttendAndExcite:
                  "step_size": (self.step_size, 20.0), "thresholds": (self.thresholds, _THRESHOLDS),
                  "max_refinement": (self.max_refinement, 20), "temperature": (self.temperature, 100.0),
                  "sigma": (self.sigma, 0.5), "probe_batch": (self.probe_batch, None)}
-        options = "".join(f", {k}={v!r}" for k, (v, default) in given.items()
-                          if not (v is default or (isinstance(v, (int, float, str, dict)) and v == default)))
-        return f"AttendAndExcite({targets_label(self.targets)!r}{options})"
+        return f"AttendAndExcite({targets_label(self.targets)!r}{repr_options(given)})"
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for manifests."""

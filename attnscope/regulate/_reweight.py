@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from ..errors import AttnscopeError
-from ._scope import InterventionScope, targets_label
+from ._scope import InterventionScope, repr_options, targets_label
 
 __all__ = ["Reweight"]
 
@@ -52,9 +52,8 @@ class Reweight:
         self.scope = InterventionScope(word, sites, steps)
 
     def __repr__(self) -> str:
-        given = {"sites": self.scope.sites, "steps": self.scope.steps}
-        options = "".join(f", {k}={v!r}" for k, v in given.items() if v is not None)
-        return f"Reweight({targets_label(self.word)!r}, {self.factor}{options})"
+        given = {"sites": (self.scope.sites, None), "steps": (self.scope.steps, None)}
+        return f"Reweight({targets_label(self.word)!r}, {self.factor}{repr_options(given)})"
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for manifests."""

@@ -11,7 +11,7 @@ from ..errors import AttnscopeError
 from ..selection import select_sites, select_steps
 from ..tokens import is_target, prompt_text, resolve_targets, target_list, target_occurrences
 
-__all__ = ["InterventionScope", "default_regulation_sites", "nth_occurrences", "targets_label"]
+__all__ = ["InterventionScope", "default_regulation_sites", "nth_occurrences", "repr_options", "targets_label"]
 
 TargetSpec = Sequence[str | int] | str | int | Callable[[str], Sequence[str | int]]
 #: the blocks of a flat stack of layers (PixArt, Sana): the third of the stack a layer sits in
@@ -235,6 +235,17 @@ def targets_label(targets: Any) -> Any:
     if callable(targets):
         return getattr(targets, "__name__", "function")
     return list(targets) if isinstance(targets, tuple) else targets
+
+
+def repr_options(given: dict[str, tuple[Any, Any]]) -> str:
+    """The ``, name=value`` part of a repr: each setting ``name: (value, default)`` whose value is not its default
+    (compared with ``==`` for plain values only: an array or a tensor is shown unless it is the default object).
+
+    >>> repr_options({"lr": (0.1, 100.0), "steps": (None, None), "sites": ("up_*", None), "w": ([1.0], 1.0)})
+    ", lr=0.1, sites='up_*', w=[1.0]"
+    """
+    return "".join(f", {name}={value!r}" for name, (value, default) in given.items()
+                   if not (value is default or (isinstance(value, (int, float, str, dict)) and value == default)))
 
 
 _SLICE_KEYS = ("start", "stop", "step")

@@ -28,7 +28,7 @@ from ..stats import layout_regions, layout_tokens
 from ..tokens import prompt_text
 from ._layout import layout_from_prompt, region_mask
 from ._objectives import AttentionObjective, SampledRun
-from ._scope import InterventionScope
+from ._scope import InterventionScope, repr_options
 from ._trajectory import frozen, replayable, sample_with_gradients
 
 __all__ = ["Placement", "SpatialTemporal"]
@@ -126,9 +126,7 @@ class SpatialTemporal:
         given = {"weights": (weights, 1.0), "objective": (self.objective, None), "epochs": (self.epochs, 3),
                  "lr": (self.lr, 5e-3), "local_prompt": (self.local_prompt, "a photo of {}"),
                  "radius": (self.radius, 0.2), "sites": (self.scope.sites, None), "steps": (self.scope.steps, None)}
-        options = "".join(f", {k}={v!r}" for k, (v, default) in given.items()
-                          if not (v is default or (isinstance(v, (int, float, str)) and v == default)))
-        return f"SpatialTemporal({self.layout!r}{options})"
+        return f"SpatialTemporal({self.layout!r}{repr_options(given)})"
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for manifests (with the optimised λ and the objective's values, once optimised)."""

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import AttnscopeError
+from ._scope import repr_options
 
 __all__ = ["TGate"]
 
@@ -135,8 +136,7 @@ class TGate:
         given = {"drop_guidance": (self.drop_guidance, True), "sp_interval": (self.sp_interval, None)}
         if self.sp_interval is not None:
             given.update(warm_up=(self.warm_up, 2), fi_interval=(self.fi_interval, 1))
-        options = "".join(f", {k}={v!r}" for k, (v, default) in given.items() if v != default)
-        return f"TGate({self.fraction if self.fraction is not None else self.gate_step}{options})"
+        return f"TGate({self.fraction if self.fraction is not None else self.gate_step}{repr_options(given)})"
 
     @classmethod
     def from_description(cls, description: dict[str, Any]) -> TGate:
