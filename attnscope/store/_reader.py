@@ -112,8 +112,7 @@ class Trace:
                 raise AttnscopeError(f"{str(self.path)!r}: cannot be read as a trace ({type(exc).__name__}: {exc}); "
                                      f"the store is damaged") from exc
             raise access_error(self.path, exc, self.storage_options) from exc
-        self._check_same_store()
-        return tree
+        return tree  # checked by the ``tree`` property, after every access
 
     def _check_same_store(self) -> None:
         """AttnscopeError when the store at :attr:`path` is no longer the one this trace was opened from (another
