@@ -232,3 +232,12 @@ def test_a_run_redone_leaves_no_partial_copies_of_its_trace(sd_pipe, tmp_path):
     cat = ats.sweep(sd_pipe, ["a red circle"], [0], out=out, callback_on_step_end=_fails_while_asked, **RUN)
     assert list(cat.df.status) == ["complete"]
     assert [p.name for p in (out / "traces").iterdir()] == [cat.df.trace[0].rsplit("/", 1)[-1]]
+
+
+def test_a_size_of_zero_pixels_is_refused_before_the_folder_is_made(sd_pipe, tmp_path):
+    """`ats.sweep(..., height=0)` made the folder and failed every run in capture's check ("every run failed");
+    only the command line refused it up front. The sweep now runs capture's check before anything is written."""
+    with pytest.raises(ats.AttnscopeError, match=r"^height=0: expected a positive int"):
+        ats.sweep(sd_pipe, ["a red circle"], [0], out=tmp_path / "s", num_inference_steps=2, height=0, width=32,
+                  progress=False)
+    assert not (tmp_path / "s").exists()

@@ -5,7 +5,7 @@
 (True, True)
 """
 
-from ._capture import capture, check_num_steps
+from ._capture import capture, check_num_steps, check_size
 from ._recorder import Recorder
 
-__all__ = ["Recorder", "capture", "check_num_steps"]
+__all__ = ["Recorder", "capture", "check_num_steps", "check_size"]

@@ -16,7 +16,7 @@ from ..selection import SiteSpec, StepSpec, check_seed
 from ..store import Trace, jsonable, open_trace
 from ._recorder import Recorder
 
-__all__ = ["capture", "check_num_steps"]
+__all__ = ["capture", "check_num_steps", "check_size"]
 
 
 def _call_default(pipe: Any, name: str) -> Any:
@@ -222,7 +222,7 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     pipeline_kwargs = _negative_prompts(prompts, pipeline_kwargs)
     check_num_steps(pipeline_kwargs.get("num_inference_steps"))
     for name in ("height", "width"):
-        _check_size(name, pipeline_kwargs.get(name))
+        check_size(name, pipeline_kwargs.get(name))
     _check_prompt_lengths(pipe, prompts, pipeline_kwargs)
     _check_clip_lengths(pipe, prompts)
     _check_joined_texts(pipe, prompts, pipeline_kwargs, tokens)
@@ -319,15 +319,15 @@ def check_num_steps(value: Any) -> None:
         raise AttnscopeError(f"num_inference_steps={value!r}: expected an int >= 1 (the number of denoising steps)")
 
 
-def _check_size(name: str, value: Any) -> None:
+def check_size(name: str, value: Any) -> None:
     """An image ``height``/``width`` must be an int >= 1 or None (the pipeline's default): diffusers takes
     ``height or default``, so 0 would run at the default size and be recorded as 0. A size its VAE cannot take (not a
     multiple of what the pipeline needs) is left to the pipeline, which refuses it (SD) or rounds it (Flux) before
     the first step, so before anything is written.
 
-    >>> _check_size("height", 512), _check_size("width", None)
+    >>> check_size("height", 512), check_size("width", None)
     (None, None)
-    >>> _check_size("height", 0)
+    >>> check_size("height", 0)
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: height=0: expected a positive int (the image's height in pixels), or leave it out for the pipeline's default
     """

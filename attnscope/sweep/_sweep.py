@@ -354,12 +354,17 @@ def _check_capture_kwargs(kwargs: dict[str, Any]) -> None:
     >>> _check_capture_kwargs({"num_inference_steps": 0})
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: num_inference_steps=0: expected an int >= 1 (the number of denoising steps)
+    >>> _check_capture_kwargs({"height": 0})
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: height=0: expected a positive int (the image's height in pixels), or leave it out for the pipeline's default
     """
-    from ..capture import check_num_steps
+    from ..capture import check_num_steps, check_size
     from ..selection import BRANCHES, HEADS, TOKENS, check_choice, select_steps
 
     steps = kwargs.get("num_inference_steps")
     check_num_steps(steps)
+    for name in ("height", "width"):
+        check_size(name, kwargs.get(name))
     for name, allowed in (("heads", HEADS), ("tokens", TOKENS), ("branch", BRANCHES)):
         if name in kwargs:
             check_choice(name, kwargs[name], allowed)
