@@ -191,3 +191,20 @@ def test_risk_above_refuses_a_model_that_is_not_a_risk_model_for_its_step():
     with pytest.raises(ats.AttnscopeError, match=r"risk_above: the model has no weights for step 7"):
         ats.regulate.risk_above(0.3, step=7, model=without_7)
     ats.regulate.risk_above(0.3, step=7, model=ats.stats.neglect_model())
+
+
+@pytest.mark.parametrize("break_it, expected", [
+    (lambda m: m["steps"]["5"].pop("std"), r"step 5: expected 'mean', 'std' and 'weights'"),
+    (lambda m: m["steps"]["5"].update(mean=[0.0]), r"step 5: expected mean and std of 11 values and 12 weights"),
+    (lambda m: m.update(features=["x"]), r"model\['features'\] = \['x'\]"),
+    (lambda m: m["steps"]["5"]["std"].__setitem__(0, 0.0), r"step 5: its std must be positive and finite"),
+    (lambda m: m["steps"]["5"]["weights"].__setitem__(3, float("nan")), r"step 5: .* not finite"),
+    (lambda m: m["steps"]["5"]["weights"].__setitem__(3, "a"), r"step 5: expected numbers"),
+])
+def test_risk_above_refuses_a_malformed_risk_model_when_made(break_it, expected):
+    """A model whose step-5 entry lacked 'std' was accepted by risk_above and raised KeyError('std') in the middle
+    of the generation, at the decision step; wrong features or shapes likewise failed only then."""
+    model = ats.stats.neglect_model()
+    break_it(model)
+    with pytest.raises(ats.AttnscopeError, match=expected):
+        ats.regulate.risk_above(0.3, step=5, model=model)

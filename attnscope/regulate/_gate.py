@@ -223,16 +223,20 @@ def _check_risk_model(model: Any, step: int) -> None:
     found when the gate is made, not at the run's decision step."""
     from collections.abc import Mapping
 
-    from ..stats import neglect_model
+    from ..stats import check_neglect_model, neglect_model
 
     if model is not None and not (isinstance(model, Mapping) and isinstance(model.get("steps"), Mapping)):
         raise AttnscopeError(f"model={model!r}: expected a risk model (a dict with 'features' and 'steps', as "
                              f"ats.stats.neglect_model() or ats.sweep.fit_neglect_risk give), or None for the shipped one")
-    steps = (model if model is not None else neglect_model())["steps"]
-    if str(step) not in steps:
+    model = model if model is not None else neglect_model()
+    if str(step) not in model["steps"]:
         raise AttnscopeError(f"risk_above: the model has no weights for step {step} (it has steps "
-                             f"{', '.join(sorted(steps, key=lambda k: int(k) if str(k).isdigit() else -1))}); "
+                             f"{', '.join(sorted(model['steps'], key=lambda k: int(k) if str(k).isdigit() else -1))}); "
                              f"choose one of those, or fit a model for it")
+    try:
+        check_neglect_model(model, step)
+    except AttnscopeError as exc:
+        raise AttnscopeError(f"risk_above: {exc}") from None
 
 
 def risk_above(threshold: float, *, step: int = 5, targets: Sequence[str] | Callable[[str], Sequence[str]] | None = None,

@@ -126,18 +126,40 @@ def neglect_model() -> dict[str, Any]:
     return json.loads(json.dumps(_shipped_model()))  # a copy: the cached one stays as shipped
 
 
-def _check_model(model: Mapping[str, Any], step: int) -> dict[str, np.ndarray]:
+def check_neglect_model(model: Mapping[str, Any], step: int) -> dict[str, np.ndarray]:
+    """The standardisation and weights of ``model`` for step ``step``, or one AttnscopeError saying what is wrong.
+
+    A risk model is what :func:`neglect_model` or :func:`fit_neglect_model` gives: ``features`` equal to
+    :data:`NEGLECT_FEATURES` and, per step, finite ``mean`` and positive ``std`` of one value per feature and
+    ``weights`` (intercept first) of one more.
+
+    >>> p = check_neglect_model(neglect_model(), 5)
+    >>> sorted(p), p["weights"].shape
+    (['mean', 'std', 'weights'], (12,))
+    >>> check_neglect_model(neglect_model(), 12)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: step=12: the risk model has weights for steps ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9']
+    """
     steps = model.get("steps") if isinstance(model, Mapping) else None
     if not isinstance(steps, Mapping) or str(step) not in steps:
-        have = sorted(steps, key=int) if isinstance(steps, Mapping) else []
+        have = sorted(steps, key=lambda k: int(k) if str(k).isdigit() else -1) if isinstance(steps, Mapping) else []
         raise AttnscopeError(f"step={step!r}: the risk model has weights for steps {have}")
     if list(model.get("features", [])) != list(NEGLECT_FEATURES):
         raise AttnscopeError(f"model['features'] = {model.get('features')!r}: expected {list(NEGLECT_FEATURES)}")
     entry = steps[str(step)]
-    out = {k: np.asarray(entry[k], dtype=np.float64) for k in ("mean", "std", "weights")}
+    if not (isinstance(entry, Mapping) and {"mean", "std", "weights"} <= set(entry)):
+        raise AttnscopeError(f"risk model step {step}: expected 'mean', 'std' and 'weights' (a dict), got {entry!r}")
+    try:
+        out = {k: np.asarray(entry[k], dtype=np.float64) for k in ("mean", "std", "weights")}
+    except (TypeError, ValueError) as exc:
+        raise AttnscopeError(f"risk model step {step}: expected numbers in 'mean', 'std' and 'weights' ({exc})") from None
     n = len(NEGLECT_FEATURES)
     if out["mean"].shape != (n,) or out["std"].shape != (n,) or out["weights"].shape != (n + 1,):
         raise AttnscopeError(f"risk model step {step}: expected mean and std of {n} values and {n + 1} weights")
+    if not all(np.isfinite(v).all() for v in out.values()):
+        raise AttnscopeError(f"risk model step {step}: its mean, std or weights are not finite")
+    if not (out["std"] > 0).all():
+        raise AttnscopeError(f"risk model step {step}: its std must be positive and finite")
     return out
 
 
@@ -177,7 +199,7 @@ def neglect_risk(source: Any, targets: Sequence[str | int], *, step: int = 5, si
     """
     if isinstance(step, bool) or not isinstance(step, int):
         raise AttnscopeError(f"step={step!r}: expected an int")
-    params = _check_model(_shipped_model() if model is None else model, step)
+    params = check_neglect_model(_shipped_model() if model is None else model, step)
     feats = neglect_features(source, targets, sites=sites, step=step, tokens=tokens)
     x = np.stack([feats[name].values for name in NEGLECT_FEATURES], axis=1)
     z = params["weights"][0] + ((x - params["mean"]) / params["std"]) @ params["weights"][1:]
