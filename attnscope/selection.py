@@ -8,6 +8,7 @@ name through :func:`select_site_names`), so this module needs nothing of the hoo
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import numbers
 from collections.abc import Callable, Iterable, Sequence
@@ -90,7 +91,15 @@ def select_sites(spec: SiteSpec, sites: Sequence[Any]) -> list[Any]:
     if spec is None:
         return list(sites)
     if callable(spec):
-        chosen = [s for s in sites if spec(s)]
+        chosen = []
+        for s in sites:
+            try:
+                keep = spec(s)
+            except AttributeError as exc:  # a misspelt attribute, or a bare name (select_site_names) taken for a site
+                raise AttnscopeError(f"sites={spec!r}: the predicate failed on site {s.name!r} ({exc}); "
+                                     f"{_attributes(s)}") from None
+            if keep:
+                chosen.append(s)
         if not chosen:
             raise AttnscopeError(f"sites={spec!r}: the predicate matched no site; {_listing(sites)}")
         return chosen
@@ -112,6 +121,16 @@ class _Named(NamedTuple):
     name: str
 
 
+def _attributes(site: Any) -> str:
+    """What a site predicate may read of ``site``, for an error."""
+    if isinstance(site, _Named):
+        return ("here the predicate is given the site's name only (site.name): use a glob, a list of names, or a "
+                "predicate on site.name")
+    names = ([f.name for f in dataclasses.fields(site)] if dataclasses.is_dataclass(site)
+             else [a for a in vars(site) if not a.startswith("_")] if hasattr(site, "__dict__") else ["name"])
+    return f"a site has: {', '.join(names)}"
+
+
 def select_site_names(spec: SiteSpec, names: Sequence[str]) -> list[str]:
     """:func:`select_sites` over bare site names (a predicate sees objects with only ``.name``).
 
@@ -125,7 +144,9 @@ def select_steps(spec: StepSpec, num_steps: int) -> tuple[int, ...]:
     """Step indices chosen by ``spec`` for a run of ``num_steps`` denoiser calls.
 
     ``None`` is every step; an int, a ``range``, a ``slice`` (resolved against the run, negative
-    indices allowed) or any iterable of ints. Indices outside ``0..num_steps-1`` are an error.
+    indices allowed) or any iterable of ints. Indices outside ``0..num_steps-1`` are an error. The
+    steps are a set: returned in run order, repeats merged, whatever the order of the spec
+    (``slice(None, None, -1)`` is every step, from the first).
 
     Examples
     --------
@@ -135,9 +156,12 @@ def select_steps(spec: StepSpec, num_steps: int) -> tuple[int, ...]:
     if spec is None:
         return tuple(range(num_steps))
     if isinstance(spec, slice):
-        return _slice_steps(spec, num_steps)
+        return tuple(sorted(_slice_steps(spec, num_steps)))
+    if isinstance(spec, np.ndarray) and spec.ndim == 0:  # da.step[-1].values: a 0-d array holds one step
+        spec = spec.item() if spec.dtype.kind in "iu" else spec
     spec = int(spec) if isinstance(spec, np.integer) else spec  # numpy's ints count (an np.arange, a .values item)
-    if isinstance(spec, bool) or not isinstance(spec, (int, range, Iterable)) or isinstance(spec, str):
+    if (isinstance(spec, bool) or not isinstance(spec, (int, range, Iterable)) or isinstance(spec, str)
+            or (isinstance(spec, np.ndarray) and spec.ndim == 0)):
         raise AttnscopeError(f"steps={spec!r}: expected an int, range, slice or list of ints")
     values = [spec] if isinstance(spec, int) else [int(v) if isinstance(v, np.integer) else v for v in spec]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):

@@ -22,13 +22,14 @@ found per segment, so a word of the prompt maps to its pieces in every segment.
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .errors import AttnscopeError
 
 __all__ = ["BYTE_SPACE", "EOT", "ROLES", "SOT", "byte_to_unicode", "is_target", "prompt_length", "prompt_positions", "prompt_text", "resolve_targets",
-           "segment_bounds", "target_list", "target_occurrences", "token_roles", "token_words", "word_alignment"]
+           "segment_bounds", "target_list", "target_occurrences", "token_roles", "token_words", "word_alignment", "word_occurrences"]
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 T5_EOS, T5_PAD, T5_SPACE = "</s>", "<pad>", "\u2581"
@@ -136,14 +137,19 @@ def token_words(tokens: Sequence[str], roles: Sequence[str] | None = None) -> li
     ['a', 'elephant', 'elephant', '']
     """
     out = [""] * len(tokens)
-    for word, positions in _occurrences(tokens, roles):
+    for word, positions in word_occurrences(tokens, roles):
         for p in positions:
             out[p] = word
     return out
 
 
-def _occurrences(tokens: Sequence[str], roles: Sequence[str] | None = None) -> list[tuple[str, list[int]]]:
-    """Every word of the prompt in order, segment after segment, with its piece positions."""
+def word_occurrences(tokens: Sequence[str], roles: Sequence[str] | None = None) -> list[tuple[str, list[int]]]:
+    """Every word of the prompt in order, segment after segment, with its piece positions (a repeated word once
+    per occurrence).
+
+    >>> word_occurrences(["<|startoftext|>", "a</w>", "an", "teater</w>", "a</w>", "<|endoftext|>"])
+    [('a', [1]), ('anteater', [2, 3]), ('a', [4])]
+    """
     return [found for segment in _segment_occurrences(tokens, roles) for found in segment]
 
 
@@ -302,7 +308,7 @@ def word_alignment(tokens: Sequence[str], roles: Sequence[str] | None = None) ->
     {'a': [1, 5], 'elephant': [2, 3], 'and': [4]}
     """
     words: dict[str, list[int]] = {}
-    for word, positions in _occurrences(tokens, roles):
+    for word, positions in word_occurrences(tokens, roles):
         words.setdefault(word, []).extend(positions)
     return words
 
@@ -402,12 +408,24 @@ def _lower(segments: list[list[tuple[str, list[int]]]]) -> list[list[tuple[str, 
 
 def _matches(segments: list[list[tuple[str, list[int]]]], target: str) -> list[list[int]]:
     """Positions of each match of the phrase ``target`` among the (lower-cased) words, within one text segment (a
-    phrase never runs from the end of SD3's CLIP prompt into the start of its T5 copy). A phrase found nowhere is
-    looked for once more with punctuation apart, as the words split it (``"well-known"`` → ``well - known``)."""
+    phrase never runs from the end of SD3's CLIP prompt into the start of its T5 copy). A phrase a segment lacks is
+    looked for there once more with punctuation apart, as the words split it (``"well-known"`` → ``well - known``),
+    and then as CLIP's pre-tokenizer splits it, every digit a word and ``'s``, ``'t``, … apart (``"12"`` → ``1 2``,
+    ``"dog's"`` → ``dog 's``)."""
     phrase = target.lower().split()
-    found = _phrase_matches(segments, phrase)
-    split = [run for word in phrase for run in _runs(word)]
-    return found if found or split == phrase else _phrase_matches(segments, split)
+    splits: list[list[str]] = []
+    for words in (phrase, [run for word in phrase for run in _runs(word)], _CLIP_WORD.findall(" ".join(phrase))):
+        if words not in splits:
+            splits.append(words)
+    found: list[list[int]] = []
+    for segment in segments:  # each segment by its own split: SD3's CLIP copy of "12" is "1 2", its T5 copy "12"
+        found += next((hits for words in splits if (hits := _phrase_matches([segment], words))), [])
+    return found
+
+
+#: CLIP's pre-tokenizer (``CLIPTokenizer.pat``, letters ``\p{L}`` and digits ``\p{N}`` as Python's classes): the words
+#: its BPE pieces end at
+_CLIP_WORD = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+")
 
 
 def _phrase_matches(segments: list[list[tuple[str, list[int]]]], phrase: list[str]) -> list[list[int]]:

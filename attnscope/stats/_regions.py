@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..tokens import prompt_text, target_occurrences
+from ..tokens import prompt_text, target_occurrences, word_occurrences
 from ._dominance import sites_and_text
 from ._sites import reduce_sites, sites_dataset
 
@@ -107,12 +107,20 @@ def region_mask(region: Sequence[float], shape: tuple[int, int], radius: float =
     return np.asarray((x - cx) ** 2 + (y - cy) ** 2 <= f(radius**2))
 
 
-def _without_articles(occurrence: list[int], tokens: Sequence[str]) -> list[int]:
-    words = [str(tokens[p]).lower().removesuffix("</w>").lstrip("▁Ġ") for p in occurrence]
+def _without_articles(occurrence: list[int], words: dict[int, tuple[int, str]]) -> list[int]:
+    """``occurrence`` less its leading article *words* (``words``: position → (word number, word)); a word whose
+    first piece spells an article (``an`` + ``teater``) is kept whole, and a phrase that is only articles keeps its
+    last."""
+    groups: list[list[int]] = []
+    for p in occurrence:
+        if groups and words[p][0] == words[groups[-1][-1]][0]:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
     start = 0
-    while start < len(occurrence) - 1 and words[start] in _ARTICLES:
+    while start < len(groups) - 1 and words[groups[start][0]][1].lower() in _ARTICLES:
         start += 1
-    return occurrence[start:]
+    return [p for group in groups[start:] for p in group]
 
 
 def layout_tokens(tokens: Sequence[str], phrases: Sequence[str] | Mapping[str, Any],
@@ -131,10 +139,11 @@ def layout_tokens(tokens: Sequence[str], phrases: Sequence[str] | Mapping[str, A
     >>> layout_tokens(toks, ["a red circle", "the blue square", "circle", "a triangle"])
     {'a red circle': [2, 3], 'the blue square': [6, 7, 8], 'circle': [3], 'a triangle': []}
     """
+    words = {p: (k, word) for k, (word, positions) in enumerate(word_occurrences(tokens, roles)) for p in positions}
     out = {}
     for phrase in phrases:
         found = target_occurrences(tokens, phrase, roles)
-        out[phrase] = _without_articles(found[0], tokens) if found else []
+        out[phrase] = _without_articles(found[0], words) if found else []
     return out
 
 

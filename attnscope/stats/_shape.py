@@ -84,7 +84,8 @@ def top_share(maps: Any, fraction: float = 0.1) -> np.ndarray:
     _check_fraction(fraction)
     maps = _maps(maps)
     flat = maps.reshape(*maps.shape[:-2], -1)
-    k = math.ceil(round(fraction * flat.shape[-1], 9))  # 0.07 · 100 is 7.000000000000001 in floats: 7 pixels
+    # 0.07 · 100 is 7.000000000000001 in floats: 7 pixels; and at least one pixel, however small the fraction
+    k = max(1, math.ceil(round(fraction * flat.shape[-1], 9)))
     top = -np.sort(-flat, axis=-1)[..., :k].sum(axis=-1)
     total = flat.sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -129,7 +130,10 @@ def histogram_intersection(a: Any, b: Any) -> np.ndarray:
     >>> histogram_intersection(np.array([[1.0, 1.0]]), np.array([[1.0, 3.0]])).item()   # min(.5,.25)+min(.5,.75)
     0.75
     """
-    return np.minimum(_normalised(_maps(a, "a")), _normalised(_maps(b, "b"))).sum(axis=(-2, -1))
+    a, b = _maps(a, "a"), _maps(b, "b")
+    if a.shape[-2:] != b.shape[-2:]:
+        raise AttnscopeError(f"a of shape {a.shape} and b of shape {b.shape}: expected maps on the same (y, x) grid")
+    return np.minimum(_normalised(a), _normalised(b)).sum(axis=(-2, -1))
 
 
 def box_iou(maps: Any, box: Sequence[float], threshold: float = 0.4) -> np.ndarray:
