@@ -46,8 +46,8 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
 def check_seed(name: str, value: Any) -> int:
     """Return ``value`` if it is an int a ``torch.Generator`` can be seeded with, else raise naming the argument.
 
-    >>> check_seed("seed", 7)
-    7
+    >>> check_seed("seed", 7), check_seed("seed", np.int64(7))
+    (7, 7)
     >>> check_seed("seed", -1)
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: seed=-1: expected an int from 0 to 2**64 - 1 (18446744073709551615), the seeds a torch.Generator takes
@@ -55,10 +55,10 @@ def check_seed(name: str, value: Any) -> int:
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: seed=99999999999999999999: expected an int from 0 to 2**64 - 1 (18446744073709551615), the seeds a torch.Generator takes
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value not in SEEDS:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or int(value) not in SEEDS:
         raise AttnscopeError(f"{name}={value!r}: expected an int from 0 to 2**64 - 1 ({SEEDS.stop - 1}), the "
                              f"seeds a torch.Generator takes")
-    return value
+    return int(value)  # numpy's ints too, as a plain int (for JSON)
 
 
 def check_tol(tol: Any) -> None:

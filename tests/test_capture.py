@@ -296,3 +296,21 @@ def test_explicit_roles_are_checked():
         token_roles(toks, roles[:4])
     with pytest.raises(ats.AttnscopeError, match="unknown \\['prefix'\\]"):
         token_roles(toks, ["sot", "prefix", "word", "word", "word"])
+
+
+def test_numpy_seeds_are_seeds(sd_pipe, tmp_path):
+    """`seed=np.int64(3)` was refused as "seed=3: expected an int", and `seed=np.arange(2)` (seeds from numpy) as not
+    a list; both are the seeds they hold, recorded in the manifest as plain ints."""
+    plain = ats.capture(sd_pipe, ["a red circle", "a blue dog"], seed=[3, 4], store=store(tmp_path, "plain"), **RUN)
+    for i, seed in enumerate([np.arange(3, 5), (np.int64(3), np.uint32(4))]):
+        tr = ats.capture(sd_pipe, ["a red circle", "a blue dog"], seed=seed, store=store(tmp_path, f"np{i}"), **RUN)
+        assert tr.manifest["run"]["seed"] == [3, 4] and all(type(s) is int for s in tr.manifest["run"]["seed"])
+        np.testing.assert_array_equal(np.asarray(tr.images[1]), np.asarray(plain.images[1]))
+    one = ats.capture(sd_pipe, "a red circle", seed=np.int64(3), store=store(tmp_path, "one"), **RUN)
+    assert type(one.manifest["run"]["seed"]) is int and one.manifest["run"]["seed"] == 3
+    alone = ats.capture(sd_pipe, "a red circle", seed=3, store=store(tmp_path, "alone"), **RUN)
+    np.testing.assert_array_equal(np.asarray(one.images[0]), np.asarray(alone.images[0]))
+    with pytest.raises(ats.AttnscopeError, match=r"seed=array\(\[0\]\): expected an int or a list of 2 ints"):
+        ats.capture(sd_pipe, ["a", "b"], seed=np.array([0]), store=store(tmp_path, "bad"), **RUN)
+    with pytest.raises(ats.AttnscopeError, match=r"seed\[0\]=np.float64\(0.0\): expected an int"):
+        ats.capture(sd_pipe, ["a", "b"], seed=np.array([0.0, 1.0]), store=store(tmp_path, "bad"), **RUN)

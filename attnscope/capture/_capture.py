@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 import warnings
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,8 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         per_prompt = 1
     if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
         raise AttnscopeError(f"num_images_per_prompt={per_prompt!r}: expected an int >= 1")
-    generator = _generator(seed, len(prompts) * per_prompt)
+    seed = _seeds(seed, len(prompts) * per_prompt)
+    generator = _generator(seed)
     recorded, unrecorded = {}, []
     for key, value in pipeline_kwargs.items():
         try:
@@ -243,7 +245,7 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
             unrecorded.append(key)
     run_info = {
         "prompts": prompts, "negative_prompt": pipeline_kwargs.get("negative_prompt"),
-        "seed": seed if isinstance(seed, int) else list(seed), "generator_device": "cpu",
+        "seed": seed, "generator_device": "cpu",
         "num_images_per_prompt": per_prompt,
         "num_inference_steps": pipeline_kwargs.get("num_inference_steps", _call_default(pipe, "num_inference_steps")),
         "guidance_scale": pipeline_kwargs.get("guidance_scale", _call_default(pipe, "guidance_scale")),
@@ -337,10 +339,22 @@ def check_size(name: str, value: Any) -> None:
                              f"out for the pipeline's default")
 
 
-def _generator(seed: Any, batch: int) -> Any:
-    """A CPU ``torch.Generator`` for one seed, or one per image for a list of ``batch`` seeds."""
-    if isinstance(seed, (list, tuple)) and len(seed) == batch:
-        return [torch.Generator("cpu").manual_seed(check_seed(f"seed[{i}]", s)) for i, s in enumerate(seed)]
-    if isinstance(seed, bool) or not isinstance(seed, int):
+def _seeds(seed: Any, batch: int) -> int | list[int]:
+    """``seed`` as one plain int, or a list of ``batch`` of them (numpy's ints and arrays too); else AttnscopeError.
+
+    >>> _seeds(np.int64(3), 2), _seeds(np.arange(2), 2)
+    (3, [0, 1])
+    """
+    many = list(seed) if isinstance(seed, (list, tuple)) or (isinstance(seed, np.ndarray) and seed.ndim == 1) else None
+    if many is not None and len(many) == batch:
+        return [check_seed(f"seed[{i}]", s) for i, s in enumerate(many)]
+    if many is not None or isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
         raise AttnscopeError(f"seed={seed!r}: expected an int or a list of {batch} ints (one per image)")
-    return torch.Generator("cpu").manual_seed(check_seed("seed", seed))
+    return check_seed("seed", seed)
+
+
+def _generator(seed: int | list[int]) -> Any:
+    """A CPU ``torch.Generator`` for one seed, or one per image for a list of seeds."""
+    if isinstance(seed, list):
+        return [torch.Generator("cpu").manual_seed(s) for s in seed]
+    return torch.Generator("cpu").manual_seed(seed)
