@@ -75,11 +75,11 @@ def comparison(result: Any, sample: int = 0, cmap: str = "viridis") -> Figure:
         bar.set_label(f"attention on {target}", fontsize=8)
         bar.ax.tick_params(labelsize=7)
     bars = fig.add_subplot(grid[:, -1])
-    pick = {"sample": result.before["sample"].values[sample_index(result.a, sample)]}
+    # the table's shares: before and after averaged over the same entries (a share NaN in one run leaves both)
+    shares = result.shares(result.before["sample"].values[sample_index(result.a, sample)]).loc[result.targets]
     x = np.arange(n)
-    for offset, (label, ds) in zip((-0.2, 0.2), (("before", result.before), ("after", result.after))):
-        values = ds.target_share.sel(pick).mean(["step", "site"]).sel(target=result.targets).values
-        bars.bar(x + offset, values, width=0.4, label=label)
+    for offset, label in zip((-0.2, 0.2), ("before", "after")):
+        bars.bar(x + offset, shares[label].to_numpy(), width=0.4, label=label)
     slot = fig.get_figwidth() * 1.8 / (n + 2.8) / n  # inches of bar chart per target
     crowded = max(len(str(t)) for t in result.targets) * 0.07 > 0.9 * slot  # an 8-pt label is wider than its slot
     bars.set_xticks(x, result.targets, rotation=45 if crowded else 0, ha="right" if crowded else "center", fontsize=8)

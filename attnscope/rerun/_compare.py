@@ -54,6 +54,9 @@ class Comparison:
         NaN in either run (no attention to divide), it is left out of both."""
         import pandas as pd
 
+        samples = self.before["sample"].values.tolist()
+        if sample is not None and (isinstance(sample, bool) or sample not in samples):
+            raise AttnscopeError(f"sample={sample!r} is not in the compared runs; their samples are {samples}")
         mean = ["step", "site"] + (["sample"] if sample is None else [])
         pick = {} if sample is None else {"sample": sample}
         before, after = self.before.target_share.sel(pick), self.after.target_share.sel(pick)
@@ -158,9 +161,17 @@ def _computed_in_both(a: Trace, b: Trace, site: str) -> list[int]:
 
 
 def _check_not_gated(a: Trace, b: Trace, site: str, steps: Any) -> None:
-    """Steps named by the caller must have been computed in both runs: a gated step's maps are NaN (TGATE reused its
-    cache), so its shares would drop out of one mean only and show a change the runs did not make."""
+    """Steps named by the caller must have been captured and computed in both runs (an error names the trace that
+    lacks one): a gated step's maps are NaN (TGATE reused its cache), so its shares would drop out of one mean only
+    and show a change the runs did not make."""
     chosen = set(select_steps(steps, run_steps(a, [a.attention(site)])))
+    captured = {label: set(tr.attention(site)["step"].values.tolist()) for label, tr in (("a", a), ("b", b))}
+    lacking = [f"trace {label} ({str(tr.path)!r}) did not capture {_plural('step', m)} {step_ranges(m)}"
+               for label, tr in (("a", a), ("b", b)) if (m := sorted(chosen - captured[label]))]
+    if lacking:
+        both = sorted(captured["a"] & captured["b"])
+        raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r} at steps={steps!r}: "
+                             f"{'; '.join(lacking)}; the steps both captured: {step_ranges(both)}")
     gated = [f"trace {label} ({str(tr.path)!r}) gated {_plural('step', g)} {step_ranges(g)}"
              for label, tr in (("a", a), ("b", b)) if (g := sorted(chosen & set(tr.gated_steps)))]
     if gated:

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from ..capture import Recorder
+from ..capture import Recorder, check_num_steps, check_size
 from ..errors import AttnscopeError
 from ..hooks import client_role, find_denoiser, hooks, prepare_clients
 from ..models import load_pipeline
 from ..selection import SEEDS
-from ..store import Trace, as_trace, check_store_path, jsonable, open_trace, weights_fingerprint
+from ..store import Trace, as_trace, check_store_path, is_url, jsonable, locate, open_trace, weights_fingerprint
 
 __all__ = ["manifest_sha256", "rerun"]
 
@@ -70,7 +70,8 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         Installed in the same :func:`attnscope.hooks` call as the recorder (interventions run first, so
         the new trace records the attention they produce). Default: none.
     store : path, optional
-        Trace store to create. Default: ``<parent stem>-rerun.zarr`` beside the parent. Never the parent.
+        Trace store to create (a local directory; a ``file://`` URL is that path). Default:
+        ``<parent stem>-rerun.zarr`` beside the parent. Never the parent.
     pipe : diffusers pipeline, optional
         Use this pipeline instead of loading ``manifest["model"]["reference"]``; its weights must match
         the trace's fingerprint and its dtype the trace's dtype. Its scheduler is replaced by the
@@ -97,13 +98,17 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     Raises
     ------
     AttnscopeError
-        The trace is incomplete or lacks what a rerun needs (prompts and seed: traces of a bare
-        :class:`~attnscope.Recorder` cannot be rerun), its model cannot be loaded, the loaded weights
-        differ from the recorded fingerprint (the message names the components), ``store`` is the
-        parent or exists without ``overwrite=True``, or an option is unknown.
+        The trace is incomplete, was overwritten or removed since this ``Trace`` was opened, or lacks what a
+        rerun needs (prompts and seed: traces of a bare :class:`~attnscope.Recorder` cannot be rerun; steps,
+        sizes, images per prompt and seeds the pipeline can run), its model cannot be loaded, the loaded
+        weights differ from the recorded fingerprint (the message names the components), ``store`` is the
+        parent, a URL other than ``file://`` or exists without ``overwrite=True``, an intervention is not a
+        hook client instance of role ``"intervention"``, or an option is unknown.
     """
     parent = as_trace(trace, "trace")
     where = str(parent.path)
+    if isinstance(trace, Trace):
+        parent.tree  # noqa: B018  (checks that the store is still the one this Trace was opened from)
     if not parent.complete:
         raise AttnscopeError(f"trace {where!r} is incomplete (complete=false: its capture was interrupted or is "
                              f"still running, {parent.steps_written} steps written); only a complete trace can be rerun")
@@ -127,6 +132,7 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     scheduler = _scheduler(manifest, where)
     generator = _generator(run, where)
     kwargs = _pipeline_kwargs(pipe, run, where)
+    _check_batch(run, kwargs, len(prompts), where)
     exact = bool(options.pop("exact"))
     run_info = {
         **{k: run.get(k) for k in _RUN_INPUTS}, "pipeline_kwargs": jsonable(kwargs), "unrecorded_kwargs": [],
@@ -162,6 +168,9 @@ def _interventions(interventions: Any) -> list[Any]:
         raise AttnscopeError(f"interventions={interventions!r}: expected a hook client or a list of them "
                              "(objects with role 'intervention' and a stages(ctx) method)")
     for i, client in enumerate(interventions):
+        if isinstance(client, type):
+            raise AttnscopeError(f"interventions[{i}]={client!r}: a class; expected an instance of it, e.g. "
+                                 f"{client.__name__}(...)")
         try:
             role = client_role(client)
         except AttnscopeError:
@@ -193,10 +202,19 @@ def _capture_options(manifest: dict[str, Any], run: dict[str, Any], given: dict[
     options = {"sites": spec.get("sites"), "steps": spec.get("steps"), "heads": spec.get("heads", "mean"),
                "tokens": spec.get("tokens", "all"), "branch": spec.get("branch", "cond"),
                "output_change": bool(spec.get("output_change", False)), "exact": bool(run.get("exact", False))}
-    return {**options, **given}
+    options = {**options, **given}
+    if not isinstance(options["exact"], bool):
+        raise AttnscopeError(f"exact={options['exact']!r}: expected True or False")
+    return options
 
 
 def _rerun_store(parent: Trace, store: str | Path | None) -> Path:
+    if is_url(store):  # a file:// URL is that local path; a rerun writes nothing else
+        located = locate(store)
+        if not isinstance(located, Path):
+            raise AttnscopeError(f"store={store!r}: a rerun writes a local directory; write it there, then copy it "
+                                 f"with attnscope.store.upload_trace(path, {store!r})")
+        store = located
     if not isinstance(parent.path, Path):  # a trace read from a URL: the rerun is written locally, where asked
         if store is None:
             raise AttnscopeError(f"trace {str(parent.path)!r} is read from a URL: pass store= (a local path) for "
@@ -300,12 +318,42 @@ def _generator(run: dict[str, Any], where: str) -> Any:
         raise AttnscopeError(f"trace {where!r}: cannot make its generator on {device!r}: {exc}") from exc
 
 
+def _check_batch(run: dict[str, Any], kwargs: dict[str, Any], prompts: int, where: str) -> None:
+    """The steps, sizes, images per prompt and seeds the rerun will pass the pipeline, checked as ``capture`` checked
+    them: a damaged or crafted manifest is one error naming the trace, not a failure inside the pipeline."""
+    for name, expected in (("num_inference_steps", "an int >= 1 (the number of denoising steps)"),
+                           ("height", "a positive int (the image's height in pixels)"),
+                           ("width", "a positive int (the image's width in pixels)")):
+        value = kwargs.get(name)
+        try:
+            if name == "num_inference_steps":
+                check_num_steps(value)
+            else:
+                check_size(name, value)
+        except AttnscopeError:
+            raise AttnscopeError(f"trace {where!r}: {name}={value!r} in its manifest; expected {expected}") from None
+    per_prompt = kwargs.get("num_images_per_prompt")
+    per_prompt = 1 if per_prompt is None else per_prompt  # as capture takes it
+    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+        raise AttnscopeError(f"trace {where!r}: num_images_per_prompt={per_prompt!r} in its manifest; expected an int "
+                             f">= 1")
+    seed, images = run.get("seed"), prompts * per_prompt
+    if isinstance(seed, list) and len(seed) != images:
+        raise AttnscopeError(f"trace {where!r}: seed={seed!r} in its manifest: {len(seed)} seeds for {images} images "
+                             f"({prompts} prompts x {per_prompt} images per prompt); expected one int, or one per "
+                             f"image")
+
+
 def _pipeline_kwargs(pipe: Any, run: dict[str, Any], where: str) -> dict[str, Any]:
     unrecorded = run.get("unrecorded_kwargs") or []
     if unrecorded:
         warnings.warn(f"trace {where!r} was generated with pipeline arguments that could not be recorded "
                       f"({', '.join(map(str, unrecorded))}); the rerun runs without them and may differ", stacklevel=3)
-    kwargs = dict(run.get("pipeline_kwargs") or {})
+    recorded = run.get("pipeline_kwargs") or {}
+    if not isinstance(recorded, dict):
+        raise AttnscopeError(f"trace {where!r}: pipeline_kwargs={recorded!r} in its manifest; expected an object of "
+                             f"pipeline arguments (the store is damaged or crafted)")
+    kwargs = dict(recorded)
     for key in ("prompt", "generator"):
         kwargs.pop(key, None)
     for key in ("num_inference_steps", "guidance_scale", "height", "width", "num_images_per_prompt"):
