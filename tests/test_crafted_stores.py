@@ -147,7 +147,7 @@ def test_mutated_array_metadata(traces, tmp_path_factory, kind, which, field, sh
 
 
 MANIFEST_FIELDS = ["num_steps", "samples", "height", "width", "prompts", "seed", "tokens", "token_ids", "token_roles",
-                   "segments", "num_images_per_prompt", "guidance", "latent_shape"]
+                   "segments", "num_images_per_prompt", "guidance", "latent_shape", "generated_size"]
 ROOT_FIELDS = ["sites", "steps_written", "complete", "gated_steps", "nan_maps", "attnscope_format", "format_min_reader",
                "coordinates", "images", "manifest"]
 

@@ -169,3 +169,22 @@ def test_capture_command_on_a_saved_sana_pipeline(sana, tmp_path):
     tr = ats.open_trace(out)
     assert tr.words == {"a": [1], "red": [2], "elephant": [3, 4]} and tr.token_roles[0] == "sot"
     assert tr.attention(tr.sites[0]).sizes["x"] == 32
+
+
+def test_resolution_binning_records_the_size_of_the_image_the_user_gets(sana, tmp_path):
+    """With the pipeline's default resolution binning Sana generates at the nearest bin (704 x 1408 for 32 x 64) and
+    resizes its image back. Capture recorded the generated size, so it refused its own trace as damaged (images
+    32 x 64, expected 704 x 1408), and heat maps would have been drawn at a size the image does not have."""
+    kw = dict(num_inference_steps=2, height=32, width=64)
+    tr = ats.capture(sana, "a red circle", seed=0, store=tmp_path / "b.zarr", **kw)
+    plain = sana("a red circle", generator=_gen(0), output_type="np", **kw).images[0]
+    assert tr.images[0].size == (64, 32)
+    assert np.abs(np.asarray(tr.images[0], np.int16) - np.round(plain * 255)).max() <= 1
+    run = tr.manifest["run"]
+    assert (run["height"], run["width"]) == (32, 64) and run["generated_size"] == [704, 1408]
+    assert ats.stats.image_size(tr) == (32, 64)
+    da = tr.attention(tr.sites[0])
+    assert (da.sizes["y"], da.sizes["x"]) == (352, 704)                        # the maps of the generated latents
+    again = ats.rerun(tr, store=tmp_path / "r.zarr", pipe=sana)
+    np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(tr.images[0]))
+    np.testing.assert_array_equal(again.attention(again.sites[0]).values, da.values)

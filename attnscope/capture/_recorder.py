@@ -129,6 +129,7 @@ class Recorder:
         self._token_index: slice | torch.Tensor = slice(None)
         self._kept = 0
         self._images: np.ndarray | None = None
+        self._manifest: dict[str, Any] | None = None
         self._planned: list[float] = []
         self._samples = 0
         self._gated: set[int] = set()  # steps where an intervention bypassed a recorded site
@@ -248,7 +249,7 @@ class Recorder:
             finally:
                 self.writer.close(complete=complete, images=self._images,
                                   attrs={"images": 0 if self._images is None else len(self._images),
-                                         GATED_STEPS_ATTR: sorted(self._gated)})
+                                         GATED_STEPS_ATTR: sorted(self._gated), **self._resized_manifest()})
         except BaseException as exc:
             self._say_kept(error or exc)
             raise
@@ -274,6 +275,19 @@ class Recorder:
             error.add_note(message)
         else:
             warnings.warn(message, AttnscopeWarning, stacklevel=3)
+
+    def _resized_manifest(self) -> dict[str, Any]:
+        """``{"manifest": …}`` with the images' size as the run's height and width where the pipeline resized its
+        output (PixArt's and Sana's resolution binning generate at the nearest bin and resize back), the size it
+        generated at kept as ``generated_size``; ``{}`` otherwise."""
+        run = (self._manifest or {}).get("run", {})
+        if self._images is None or self._images.ndim != 4 or not run:
+            return {}
+        size = [int(v) for v in self._images.shape[1:3]]
+        if size == [run.get("height"), run.get("width")]:
+            return {}
+        run = {**run, "height": size[0], "width": size[1], "generated_size": [run.get("height"), run.get("width")]}
+        return {"manifest": {**self._manifest, "run": run}}
 
     def add_images(self, images: Any) -> None:
         """Store the pipeline's output images (PIL list, numpy array in [0, 1], or tensor) with the trace."""
@@ -336,7 +350,7 @@ class Recorder:
         }
         spec = {"sites": list(self._sites), "steps": list(steps), "heads": self.heads, "tokens": self.tokens,
                 "branch": self.branch, "dtype": "float16", "output_change": self.output_change}
-        manifest = {**build_manifest(session.pipe, session.denoiser, run, spec), **self.extra_manifest}
+        manifest = self._manifest = {**build_manifest(session.pipe, session.denoiser, run, spec), **self.extra_manifest}
         layout.attrs = {"manifest": manifest, "sites": list(self._sites),
                         "format_min_reader": FORMAT_VERSION}
         planned = getattr(session.pipe.scheduler, "timesteps", None)

@@ -155,6 +155,13 @@ def declared_sizes(where: str, manifest: dict[str, Any], nodes: dict[str, dict] 
         if not _int_in(value, 1, LIMITS[key]):
             raise AttnscopeError(f"{where!r}: {source} is {value!r}, expected an int from 1 to {LIMITS[key]}")
         sizes[key] = value
+    generated = run.get("generated_size")  # the pipeline generated at another size and resized its image (binning)
+    if generated is not None:
+        if not (isinstance(generated, list) and len(generated) == 2 and _int_in(generated[0], 1, LIMITS["height"])
+                and _int_in(generated[1], 1, LIMITS["width"])):
+            raise AttnscopeError(f"{where!r}: manifest run.generated_size is {generated!r}, expected [height, width]: "
+                                 f"ints from 1 to {LIMITS['height']} and {LIMITS['width']}")
+        sizes["generated_size"] = tuple(generated)
     return sizes
 
 
@@ -214,7 +221,7 @@ def _site_shape_problem(shape: tuple[int, ...], dims: tuple[str, ...], sizes: di
     allowed = {1, heads} if _int_in(heads, 1, LIMITS["heads"]) else {1}
     if named["head"] not in allowed:
         return f"head has {named['head']}, expected {' or '.join(map(str, sorted(allowed)))}"
-    high, wide = sizes["height"] or LIMITS["height"], sizes["width"] or LIMITS["width"]
+    high, wide = sizes.get("generated_size") or (sizes["height"] or LIMITS["height"], sizes["width"] or LIMITS["width"])
     if not (1 <= named["y"] <= high and 1 <= named["x"] <= wide):
         return f"the map is {named['y']}×{named['x']}, larger than the {high}×{wide} image"
     return None
