@@ -12,8 +12,9 @@ from matplotlib.figure import Figure
 from ..errors import AttnscopeError
 from ..selection import index_positions
 from ..stats import image_size, layout_regions, layout_tokens
+from ..store import as_trace
 from ..tokens import prompt_text, resolve_targets, target_list
-from ._layout import new_figure, short_site, step_label, wrapped
+from ._layout import colour_map, new_figure, short_site, step_label, wrapped
 from ._select import (
     forward_order,
     sample_index,
@@ -44,6 +45,7 @@ def word_maps(trace: Any, words: Sequence[str | int] | str | int, sites: str | S
     >>> dict(ats.plot.word_maps(tr, ["circle"], per_step=True).sizes)
     {'step': 2, 'word': 1, 'y': 32, 'x': 32}
     """
+    trace = as_trace(trace, "trace")
     images = trace.images
     size = image_size(images[sample_index(trace, sample)] if images else trace)
     over = ["head"] if per_step else ["step", "head"]
@@ -76,7 +78,8 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
 
     Parameters
     ----------
-    trace : Trace
+    trace : Trace or path
+        The trace (a path or URL is opened with :func:`attnscope.open_trace`).
     words : str, int or sequence of them
         Words, phrases or token positions (see :func:`attnscope.tokens.resolve_targets`).
     sites : str or sequence of str, optional
@@ -112,6 +115,10 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
         and the layout's patches (``ax.patches``) in image pixel coordinates: pixel ``(row, col)``
         is centred at ``(col, row)``, so a box spans ``x0 · W − ½`` to ``x1 · W − ½``.
     """
+    trace = as_trace(trace, "trace")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) or not 0 <= alpha <= 1:
+        raise AttnscopeError(f"alpha={alpha!r}: expected a number from 0 (image only) to 1 (map only)")
+    colour_map([0.0], 0.0, 1.0, cmap)  # an unknown colour map is an error before any map is read
     regions = layout_regions(layout) if layout is not None else None
     if layout is not None and (isinstance(radius, bool) or not isinstance(radius, (int, float))
                                or not 0 < radius <= 1):
@@ -222,7 +229,8 @@ def site_step_grid(trace: Any, word: str | int, sites: str | Sequence[str] | Non
 
     Parameters
     ----------
-    trace : Trace
+    trace : Trace or path
+        The trace (a path or URL is opened with :func:`attnscope.open_trace`).
     word : str or int
         One word, phrase or token position.
     sites : str or sequence of str, optional
@@ -237,11 +245,13 @@ def site_step_grid(trace: Any, word: str | int, sites: str | Sequence[str] | Non
     matplotlib.figure.Figure
         ``len(steps) × len(sites)`` panels plus one colour-bar axes (label ``"<colorbar>"``).
     """
+    trace = as_trace(trace, "trace")
     names = forward_order(trace, site_names(trace, sites))
     lazy = [site_maps(trace, site, steps, sample).attn.words([word]).isel(word=0).attn.aggregate("head")
             for site in names]
     grids = [m.transpose("step", "y", "x").compute() for m in lazy]
-    top = max(float(np.nanmax(g.values)) if g.size else 0.0 for g in grids) or 1.0
+    finite = np.concatenate([g.values[np.isfinite(g.values)].ravel() for g in grids])  # no NaN (gated, NaN maps)
+    top = (float(finite.max()) if finite.size else 0.0) or 1.0
     step_values = grids[0]["step"].values.tolist()
     fig, axes = new_figure(len(step_values), len(names), (1.7, 1.7))
     shown = None

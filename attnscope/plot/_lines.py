@@ -64,7 +64,10 @@ def dominance_lines(stats: xr.Dataset, variable: str = "target_share", sample: i
         da = select_label(da, "sample", sample, f"sample={sample!r}")
     if "site" in da.dims:
         if not (isinstance(sites, str) and sites == "mean"):
-            da = select_label(da, "site", [sites] if isinstance(sites, str) else list(sites), f"sites={sites!r}")
+            chosen = [sites] if isinstance(sites, str) else list(sites) if isinstance(sites, (list, tuple)) else []
+            if not chosen or not all(isinstance(s, str) for s in chosen):  # none: a figure of NaN lines
+                raise AttnscopeError(f"sites={sites!r}: expected 'mean', a site name or a list of site names")
+            da = select_label(da, "site", chosen, f"sites={sites!r}")
         da = da.mean("site", keep_attrs=True)
     extra = [d for d in da.dims if d != "step"]
     if len(extra) > 1 or (extra and extra[0] not in _LINE_DIMS):

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..store import as_trace
 from ._layout import new_figure, step_label
 from ._select import default_targets, sample_roles, sample_tokens, site_maps, site_names
 
@@ -33,7 +34,7 @@ def violins(trace: Any, steps: Any, sites: str | Sequence[str] | None = None, sa
 
     Parameters
     ----------
-    trace : Trace
+    trace : Trace or path
     steps : int, slice or sequence of int
         One panel per step; each must be captured in the trace.
     sites : str or sequence of str, optional
@@ -49,6 +50,7 @@ def violins(trace: Any, steps: Any, sites: str | Sequence[str] | None = None, sa
     matplotlib.figure.Figure
         One panel per step (shared y axis), words on the x axis in the order given.
     """
+    trace = as_trace(trace, "trace")
     if words is None:
         targets, labels = default_targets(sample_tokens(trace, sample), sample_roles(trace, sample))
     else:

@@ -6,8 +6,10 @@ import math
 from typing import Any
 
 import numpy as np
+import xarray as xr
 
 from ..errors import AttnscopeError
+from ..tokens import BYTE_SPACE, T5_SPACE
 from ._convergence import CHANGE_LABELS
 
 __all__ = ["convergence_table", "dominance_json", "dominance_table"]
@@ -48,11 +50,14 @@ def dominance_table(ds: Any, by: str = "word") -> str:
     """
     if by not in _BY:
         raise AttnscopeError(f"by={by!r}: expected one of {', '.join(_BY)}")
+    _check_dataset(ds, ("mass_share", "argmax_coverage", "target_share", *_SUMMARY), ("step", "site", "sample"),
+                   "dominance_table", "ats.stats.dominance")
     lines: list[str] = []
     for s in range(ds.sizes["sample"]):
         one = ds.isel(sample=s)
         words = one["word"].values if "word" in one.coords else np.array([""] * one.sizes["token"])
-        prompt = " ".join(w for i, w in enumerate(words) if w and (i == 0 or words[i - 1] != w))
+        texts = [str(t) for t in one["token_text"].values] if "token_text" in one.coords else None
+        prompt = " ".join(w for i, w in enumerate(words) if w and _starts_word(words, texts, i))
         lines.append(f"sample {s}: {prompt!r}")
         if by == "word":
             mean = one.mean(["step", "site"])
@@ -88,6 +93,18 @@ def dominance_table(ds: Any, by: str = "word") -> str:
     return "\n".join(lines).rstrip()
 
 
+def _starts_word(words: Any, texts: list[str] | None, i: int) -> bool:
+    """Whether token ``i`` begins a word: its word differs from the token before's, or the pieces say so (the token
+    before ends a CLIP word, ``</w>``; this one opens a T5 or byte-level word), so "red red" stays two words.
+
+    >>> [_starts_word(["red", "red", "big", "big"], ["red</w>", "red</w>", "bi", "g</w>"], i) for i in range(4)]
+    [True, True, True, False]
+    """
+    if i == 0 or words[i - 1] != words[i]:
+        return True
+    return texts is not None and (texts[i - 1].endswith("</w>") or texts[i].startswith((T5_SPACE, BYTE_SPACE)))
+
+
 def convergence_table(ds: Any) -> str:
     """A plain-text table of a :func:`~attnscope.stats.convergence` Dataset: the mean curve per sample
     and the stable step (the suggested TGATE gate step). Gated steps are marked ``gated``.
@@ -104,6 +121,8 @@ def convergence_table(ds: Any) -> str:
     ...
     stable from step 3 (tol 0.2)
     """
+    _check_dataset(ds, ("mean_convergence", "stable_step"), ("step", "site", "sample"), "convergence_table",
+                   "ats.stats.convergence")
     lines = []
     tol = ds.attrs.get("tol", float("nan"))
     of = ds.attrs.get("of", "maps")
@@ -120,6 +139,20 @@ def convergence_table(ds: Any) -> str:
         lines.append(f"stable from step {stable} (tol {tol:g})" if stable >= 0 else f"never below tol {tol:g}")
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def _check_dataset(ds: Any, variables: tuple[str, ...], dims: tuple[str, ...], what: str, source: str) -> None:
+    """An error naming what ``ds`` lacks, unless it is a Dataset with ``variables`` and ``dims`` (as ``source`` makes)."""
+    if not isinstance(ds, xr.Dataset):
+        raise AttnscopeError(f"{what}: got {type(ds).__name__}, expected the xarray.Dataset of {source}(...)")
+    missing = [v for v in variables if v not in ds.data_vars]
+    if missing:
+        raise AttnscopeError(f"{what}: the Dataset has no variable {missing[0]!r} (its variables are "
+                             f"{list(ds.data_vars)}); expected the Dataset of {source}(...)")
+    absent = [d for d in dims if d not in ds.dims]
+    if absent:
+        raise AttnscopeError(f"{what}: the Dataset has dims {list(ds.dims)}, expected {list(dims)} among them "
+                             f"(select with a list to keep a dim: .isel({absent[0]}=[0]), not .isel({absent[0]}=0))")
 
 
 def _target_of(one: Any) -> dict[int, str]:
