@@ -115,6 +115,8 @@ _METRICS = {
     "extra": "extra objects",
     "relation_correct": "relation correct",
 }
+#: pipeline arguments ``evaluate`` sets itself: given too, the image scored would not be the prompt's and seed's
+_OWN_ARGUMENTS = ("prompt", "prompt_embeds", "generator", "latents", "num_images_per_prompt", "output_type", "return_dict")
 #: per-prompt outcomes that ``paired_differences`` compares (``extra``: lower is better)
 PAIRED = ("all_present", "exact", "extra")
 
@@ -129,8 +131,10 @@ def eval_prompts(prompts: str | Path | Sequence[str], n: int | None = None, seed
     ['a blue square and a blue triangle', 'a green square and a green circle']
     """
     if isinstance(prompts, str) and prompts in PROMPT_SETS:
-        if n is None or n < 1:
+        if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise AttnscopeError(f"n={n!r}: expected a positive number of prompts for the {prompts!r} set")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise AttnscopeError(f"seed={seed!r}: expected an int >= 0 (the {prompts!r} set is drawn with it)")
         rng = np.random.default_rng([seed, 7919, KINDS.index(prompts)])
         return [sample_scene(rng, prompts).caption for _ in range(n)]
     if isinstance(prompts, (str, Path)):
@@ -190,7 +194,8 @@ def score_image(prompt: str, image: Any) -> dict[str, Any]:
 
     Each object the prompt asks for is matched to the first detection of the same colour and shape;
     ``relation_correct`` (relation prompts; None otherwise) needs both matched and the relation to hold
-    between their centres.
+    between their centres (either way round when the two objects are the same, "a red circle above a red
+    circle": nothing says which of two identical objects the prompt names first).
 
     Examples
     --------
@@ -227,7 +232,11 @@ def score_image(prompt: str, image: Any) -> dict[str, Any]:
     }
     if relation is not None:
         a, b = matches
-        row["relation_correct"] = bool(a is not None and b is not None and relation_holds(relation, a.centre, b.centre))
+        holds = a is not None and b is not None and relation_holds(relation, a.centre, b.centre)
+        if expected[0] == expected[1] and a is not None and b is not None:
+            # "a red circle above a red circle": which detection is "the first" is arbitrary (left to right)
+            holds = holds or relation_holds(relation, b.centre, a.centre)
+        row["relation_correct"] = bool(holds)
     return row
 
 
@@ -259,7 +268,9 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
     json_path : str or Path, optional
         Also write the result there (the same dict, as JSON).
     **pipeline_kwargs
-        Passed to the pipeline (``num_inference_steps``, ``guidance_scale``, …).
+        Passed to the pipeline (``num_inference_steps``, ``guidance_scale``, …); not the arguments evaluate sets
+        itself (``prompt``, ``prompt_embeds``, ``generator``, ``latents``, ``num_images_per_prompt``,
+        ``output_type``, ``return_dict``): given, they would make the image scored not the prompt's and seed's.
 
     Returns
     -------
@@ -283,13 +294,23 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
     from tqdm.auto import tqdm
 
     check_num_steps(pipeline_kwargs.get("num_inference_steps"))
+    own = [name for name in _OWN_ARGUMENTS if name in pipeline_kwargs]
+    if own:
+        value = pipeline_kwargs[own[0]]
+        shown = repr(value) if _plain(value) else f"<{type(value).__name__}>"
+        raise AttnscopeError(f"{own[0]}={shown}: set by evaluate itself (prompt i of the list, one "
+                             f"image each, generated with seed SEED+i and scored as a PIL image); leave it out")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AttnscopeError(f"batch_size={batch_size!r}: expected a positive integer")
+    _check_bootstrap(bootstrap)
+    if isinstance(interventions, (str, bytes)) or not isinstance(interventions, Sequence):
+        raise AttnscopeError(f"interventions={interventions!r}: expected a sequence of hook clients, e.g. "
+                             f"[ats.regulate.TGate(0.4)] (named_interventions(['regulation']) makes them from names)")
     if json_path is not None and Path(json_path).is_dir():
         raise AttnscopeError(f"json_path={str(json_path)!r} is a directory; expected the path of a JSON file to write")
     _check_seed(seed, 1)
     items = eval_prompts(prompts, n, seed)
     _check_seed(seed, len(items))
-    if batch_size < 1:
-        raise AttnscopeError(f"batch_size={batch_size!r}: expected a positive integer")
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(items), desc="eval", disable=not progress)
     pipe.set_progress_bar_config(disable=True)
@@ -343,6 +364,17 @@ def _check_seed(seed: Any, count: int) -> None:
                              f"generated with seed SEED+i, and a torch.Generator takes seeds up to 2**64 - 1")
 
 
+def _check_bootstrap(bootstrap: Any) -> None:
+    """The number of bootstrap resamples must be an int >= 1.
+
+    >>> _check_bootstrap(0)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: bootstrap=0: expected an int >= 1 (the number of bootstrap resamples)
+    """
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 1:
+        raise AttnscopeError(f"bootstrap={bootstrap!r}: expected an int >= 1 (the number of bootstrap resamples)")
+
+
 def _metrics(rows: list[dict[str, Any]], rng: np.random.Generator, bootstrap: int) -> dict[str, Any]:
     """The rates of :func:`evaluate` over some of its rows."""
     present = np.array([sum(r["present"]) for r in rows], float)
@@ -378,6 +410,7 @@ def paired_differences(before: dict[str, Any], after: dict[str, Any], *, bootstr
     >>> round(d["all_present"]["difference"], 3), d["all_present"]["fixed"], d["extra"]["fixed"]
     (0.333, 1, 1)
     """
+    _check_bootstrap(bootstrap)
     rows_before, rows_after = before["per_prompt"], after["per_prompt"]
     pairs = [(r["prompt"], r["seed"]) for r in rows_before]
     if pairs != [(r["prompt"], r["seed"]) for r in rows_after]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ from ..selection import DTYPES
 from ._compat import quiet_loading
 
 __all__ = ["load_pipeline"]
+
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weight files that only torch.load (pickle) reads
 
 
 def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | None = None) -> Any:
@@ -44,10 +47,13 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     import torch
     from diffusers import DiffusionPipeline
 
+    if not isinstance(model, (str, os.PathLike)):
+        raise AttnscopeError(f"model={model!r}: expected a str or path ('shapes', a local diffusers directory or a "
+                             "hub id 'owner/name' already in the local Hugging Face cache)")
     dtypes = {name: getattr(torch, name) for name in DTYPES}
     if dtype is not None and dtype not in dtypes:
         raise AttnscopeError(f"dtype={dtype!r}: expected one of {', '.join(dtypes)}")
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}  # never unpickle .bin weights
     if dtype is not None:
         kwargs["torch_dtype"] = dtypes[dtype]
     if str(model) == "shapes":
@@ -69,13 +75,34 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
         with quiet_loading(), torch.random.fork_rng(devices=[]):
             pipe = cls.from_pretrained(str(model), **kwargs)
     except (OSError, ValueError) as exc:
+        if path.exists():
+            pickled = sorted({f.suffix for f in path.rglob("*") if f.suffix in _PICKLED})
+            note = (f" (its weights are pickled {'/'.join(pickled)} files; attnscope reads .safetensors only: "
+                    "save it again with save_pretrained(..., safe_serialization=True))") if pickled else ""
+            raise AttnscopeError(f"model={str(model)!r}: cannot load the diffusers pipeline in this directory: "
+                                 f"{exc}{note}") from exc
         raise AttnscopeError(
-            f"model={str(model)!r}: not a local diffusers directory and not in the local Hugging Face cache "
-            f"(this machine cannot download models): {exc}"
+            f"model={str(model)!r}: not a local diffusers directory and not in the local Hugging Face cache with "
+            f".safetensors weights (this machine cannot download models; attnscope never unpickles .bin weights): {exc}"
         ) from exc
+    _check_complete(pipe, model)
     pipe = _to_device(pipe, device)
     pipe.set_progress_bar_config(disable=None)
     return pipe
+
+
+def _check_complete(pipe: Any, model: Any) -> None:
+    """Refuse a pipeline whose weight files lack tensors its configs need (diffusers leaves them unloaded, on
+    the ``meta`` device, and the first generation fails far from the cause)."""
+    import torch
+
+    for name, component in getattr(pipe, "components", {}).items():
+        if isinstance(component, torch.nn.Module):
+            tensors = [*component.named_parameters(), *component.named_buffers()]
+            missing = [key for key, tensor in tensors if tensor.is_meta]
+            if missing:
+                raise AttnscopeError(f"model={str(model)!r}: the {name} weights lack {len(missing)} tensor(s) its "
+                                     f"config needs: {', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}")
 
 
 def _to_device(pipe: Any, device: str | None) -> Any:
@@ -111,6 +138,9 @@ def _own_pipeline_class(path: Path) -> Any:
         raise AttnscopeError(f"model={str(path)!r}: cannot read its model_index.json ({exc}); expected the JSON "
                              "that save_pretrained writes") from exc
     name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(name, str):
+        raise AttnscopeError(f"model={str(path)!r}: its model_index.json names no pipeline class (got "
+                             f"{name!r} for '_class_name'); expected the JSON that save_pretrained writes")
     if name == "ShapesPipeline":
         from .shapes import ShapesPipeline
 

@@ -27,26 +27,45 @@ class ShapesPipeline(StableDiffusionPipeline):
     guidance 2.5, 32×32 pixels) that refuses words outside its vocabulary and sizes it cannot make."""
 
     def check_inputs(self, prompt, height, width, callback_steps, negative_prompt=None, *args, **kwargs):  # noqa: D102
-        for name, value in (("height", height), ("width", width)):
-            if value not in _SIZES:
-                raise AttnscopeError(
-                    f"{name}={value!r}: the shapes model makes images of 16 to 128 pixels in steps of 8 "
-                    f"(trained at {IMAGE_SIZE})"
-                )
+        _check_sizes(height, width)
+        tokenizer = getattr(self, "tokenizer", None)
+        limit = TEXT_LENGTH if tokenizer is None else tokenizer.model_max_length
         for label, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             if not (text is None or isinstance(text, str) or
                     isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text)):
                 raise AttnscopeError(f"{label}={text!r}: expected a string or a list of strings")
+            if isinstance(text, (list, tuple)) and not text:
+                raise AttnscopeError(f"{label}={text!r}: expected a string or a list of strings, not an empty list")
             for item in [text] if isinstance(text, str) else (text or []):
                 check_vocabulary(item, name=label)
+                # every vocabulary word is one token; a longer prompt would be cut off with only a warning
+                count = 2 + (len(tokenizer.tokenize(item)) if tokenizer is not None else len(item.split()))
+                if count > limit:
+                    raise AttnscopeError(f"{label}={item!r}: {count} tokens with the start and end tokens; the shapes "
+                                         f"model reads at most {limit} (up to three objects, 'a red circle and a blue "
+                                         f"square and a green triangle')")
         return super().check_inputs(prompt, height, width, callback_steps, negative_prompt, *args, **kwargs)
 
     def __call__(self, prompt=None, height=None, width=None, num_inference_steps: int = DEFAULT_STEPS,
                  timesteps=None, sigmas=None, guidance_scale: float = DEFAULT_GUIDANCE, *args, **kwargs):
         # diffusers resets *both* sizes to the default when one is missing; fill each on its own instead
-        height, width = height or IMAGE_SIZE, width or IMAGE_SIZE
+        height, width = (IMAGE_SIZE if height is None else height), (IMAGE_SIZE if width is None else width)
+        _check_sizes(height, width)  # here too: diffusers turns a 0 into its default before check_inputs sees it
+        if timesteps is None and sigmas is None and (isinstance(num_inference_steps, bool) or
+                                                     not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise AttnscopeError(f"num_inference_steps={num_inference_steps!r}: expected an int >= 1 "
+                                 f"(the number of denoising steps)")
         return super().__call__(prompt, height, width, num_inference_steps, timesteps, sigmas, guidance_scale,
                                 *args, **kwargs)
+
+
+def _check_sizes(height: Any, width: Any) -> None:
+    for name, value in (("height", height), ("width", width)):
+        if value not in _SIZES:
+            raise AttnscopeError(
+                f"{name}={value!r}: the shapes model makes images of 16 to 128 pixels in steps of 8 "
+                f"(trained at {IMAGE_SIZE})"
+            )
 
 
 def sampling_scheduler(config: dict[str, Any]):
@@ -125,7 +144,7 @@ def load_shapes_pipeline(dtype: Any = None) -> ShapesPipeline:
         )
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     with quiet_loading():
-        pipe = ShapesPipeline.from_pretrained(WEIGHTS_DIR, local_files_only=True, **kwargs)
+        pipe = ShapesPipeline.from_pretrained(WEIGHTS_DIR, local_files_only=True, use_safetensors=True, **kwargs)
     pipe.register_to_config(_name_or_path="shapes")
     pipe.set_progress_bar_config(disable=None)
     return pipe

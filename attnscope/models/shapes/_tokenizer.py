@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ...errors import AttnscopeError
 from ...tokens import byte_to_unicode
 
 __all__ = ["learn_bpe_merges", "make_clip_tokenizer"]
@@ -28,11 +29,13 @@ def _learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
     tokenizer applies merges by global rank: a chain for ``photo`` would otherwise be
     cut short by the ``t o</w>`` merge learnt for ``to``.
     """
+    if isinstance(words, (str, bytes)):  # a lone word would become one tokenizer word per letter
+        raise AttnscopeError(f"words={words!r}: expected a sequence of words (e.g. ['a', 'red', 'circle'])")
     table = byte_to_unicode()
     seqs = []
-    for word in dict.fromkeys(w.lower() for w in words):
-        if not word.isalpha():
-            raise ValueError(f"tokenizer words must be letters only, got {word!r}")
+    for word in dict.fromkeys(w.lower() if isinstance(w, str) else w for w in words):
+        if not isinstance(word, str) or not word.isalpha():
+            raise AttnscopeError(f"words: {word!r} is not letters only; expected each word to be letters only")
         chars = [table[b] for b in word.encode("utf-8")]
         seqs.append(chars[:-1] + [chars[-1] + _EOW])
     return learn_bpe_merges(seqs)

@@ -42,6 +42,7 @@ VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(
 _MIN_SIZE, _MAX_SIZE = 9.0, 14.0  # object side (or diameter) in pixels at IMAGE_SIZE
 _GAP = 2.0  # minimum free pixels between two objects' boxes
 _SUPERSAMPLE = 4
+_MIN_IMAGE = 16  # the smallest image side sample_scene draws (and the shapes model makes)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def _place(rng: np.random.Generator, n: int, size: int, relation: str | None) ->
 def sample_scene(seed: int | np.random.Generator, kind: str | None = None, size: int = IMAGE_SIZE,
                  mixture: tuple[float, ...] = (0.3, 0.3, 0.25, 0.15)) -> Scene:
     """Draw a random scene of ``kind`` ("single", "two", "relation" or "three"; None draws the kind
-    with the probabilities in ``mixture``, in that order).
+    with the probabilities in ``mixture``, in that order), as an image of ``size`` × ``size`` pixels (at least 16).
 
     Examples
     --------
@@ -112,6 +113,16 @@ def sample_scene(seed: int | np.random.Generator, kind: str | None = None, size:
     >>> len(sample_scene(0, "three").objects)
     3
     """
+    if not isinstance(seed, np.random.Generator) and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                                      or seed < 0):
+        raise AttnscopeError(f"seed={seed!r}: expected an int >= 0 or a numpy Generator")
+    # the gap between objects does not scale with the image: below 16 px scenes may not fit (and drawing looped forever)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < _MIN_IMAGE:
+        raise AttnscopeError(f"size={size!r}: expected an int >= {_MIN_IMAGE} (the image side in pixels)")
+    if kind is None and (len(mixture) != len(KINDS) or any(not np.isfinite(p) or p < 0 for p in mixture)
+                         or not np.isclose(sum(mixture), 1.0)):
+        raise AttnscopeError(f"mixture={mixture!r}: expected {len(KINDS)} probabilities >= 0 summing to 1, "
+                             f"one per kind ({', '.join(KINDS)})")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     if kind is None:
         kind = str(rng.choice(KINDS, p=mixture))
@@ -177,6 +188,8 @@ def check_vocabulary(prompt: str, vocabulary: tuple[str, ...] = VOCABULARY, name
     ...
     attnscope.errors.AttnscopeError: prompt='a purple circle': words outside the shapes model's vocabulary: 'purple'; ...
     """
+    if not isinstance(prompt, str):
+        raise AttnscopeError(f"{name}={prompt!r}: expected a string (a shapes-world prompt such as 'a red circle')")
     unknown = [w for w in _WORD.findall(prompt.lower()) if w not in vocabulary]
     if unknown:
         raise AttnscopeError(
