@@ -171,3 +171,17 @@ def test_the_figures_bars_are_the_tables_shares(parent, shapes, tmp_path):
     expected = [*c.shares(0)["before"], *c.shares(0)["after"]]
     assert heights == pytest.approx(expected, abs=1e-9)
     assert heights[:2] == pytest.approx(heights[2:], abs=1e-9)
+
+
+def test_the_figure_of_a_sample_of_another_prompt_shows_the_targets_its_prompt_has(batch):
+    """compare(...) defaults to the first prompt's words; figure(sample=2), an image of "a blue square", failed with
+    "target 'red' is not in the prompt". It now draws the targets that prompt has, and says which are left out."""
+    c = compare(batch, batch)
+    assert c.targets == ["a", "red", "circle"]
+    fig = c.figure(sample=2)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "a (before)" in titles and not any(t.startswith(("red", "circle")) for t in titles)
+    assert "not in this sample's prompt: red, circle" in fig.texts[0].get_text()
+    with pytest.raises(ats.AttnscopeError, match=r"sample 2's prompt 'a blue square' has none of the targets "
+                                                 r"\['red', 'circle'\]"):
+        compare(batch, batch, ["red", "circle"]).figure(sample=2)

@@ -8,8 +8,10 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..errors import AttnscopeError
+from ..tokens import resolve_targets
 from ._heatmaps import word_maps
-from ._select import sample_index
+from ._select import sample_index, sample_prompt, sample_roles, sample_tokens
 
 __all__ = ["comparison"]
 
@@ -47,10 +49,10 @@ def comparison(result: Any, sample: int = 0, cmap: str = "viridis") -> Figure:
         Two rows (before, after) of ``1 + len(targets)`` panels, a colour bar under each target's
         column (axes labelled ``"<colorbar>"``), and one bar-chart axes at the right.
     """
-    spec = result.target_spec or result.targets
+    spec, targets, missing = _targets_in_sample(result, sample)
     maps = [word_maps(tr, spec, result.sites, result.steps, sample).transpose("word", "y", "x").values
             for tr in (result.a, result.b)]
-    n = len(result.targets)
+    n = len(targets)
     fig = Figure(figsize=(2.2 * (n + 1) + 3.6, 4.8), layout="constrained")
     grid = fig.add_gridspec(2, n + 2, width_ratios=[1.0] * (n + 1) + [1.8])
     columns: list[list[Any]] = [[] for _ in range(n)]
@@ -64,28 +66,49 @@ def comparison(result: Any, sample: int = 0, cmap: str = "viridis") -> Figure:
             ax.text(0.5, 0.5, "no image stored", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"{label}: {PurePosixPath(str(tr.path)).name}", fontsize=8)  # a Path or a URL
         ax.set_axis_off()
-        for k, target in enumerate(result.targets):
+        for k, target in enumerate(targets):
             ax = fig.add_subplot(grid[row, k + 1])
             top = max(float(np.nanmax(mm[k])) for mm in maps) or 1.0
             columns[k].append(ax.imshow(m[k], cmap=cmap, vmin=0.0, vmax=top))
             ax.set_title(f"{target} ({label})", fontsize=8)
             ax.set_axis_off()
-    for target, shown in zip(result.targets, columns):
+    for target, shown in zip(targets, columns):
         bar = fig.colorbar(shown[0], ax=[im.axes for im in shown], location="bottom", shrink=0.9, aspect=12)
         bar.set_label(f"attention on {target}", fontsize=8)
         bar.ax.tick_params(labelsize=7)
     bars = fig.add_subplot(grid[:, -1])
     # the table's shares: before and after averaged over the same entries (a share NaN in one run leaves both)
-    shares = result.shares(result.before["sample"].values[sample_index(result.a, sample)]).loc[result.targets]
+    shares = result.shares(result.before["sample"].values[sample_index(result.a, sample)]).loc[targets]
     x = np.arange(n)
     for offset, label in zip((-0.2, 0.2), ("before", "after")):
         bars.bar(x + offset, shares[label].to_numpy(), width=0.4, label=label)
     slot = fig.get_figwidth() * 1.8 / (n + 2.8) / n  # inches of bar chart per target
-    crowded = max(len(str(t)) for t in result.targets) * 0.07 > 0.9 * slot  # an 8-pt label is wider than its slot
-    bars.set_xticks(x, result.targets, rotation=45 if crowded else 0, ha="right" if crowded else "center", fontsize=8)
+    crowded = max(len(str(t)) for t in targets) * 0.07 > 0.9 * slot  # an 8-pt label is wider than its slot
+    bars.set_xticks(x, targets, rotation=45 if crowded else 0, ha="right" if crowded else "center", fontsize=8)
     bars.set_ylabel("mean target share (0–1)")
     bars.set_title("share of the prompt's attention, mean over steps and sites", fontsize=8)
     bars.legend(fontsize=8)
+    if missing:
+        fig.suptitle(f"not in this sample's prompt: {', '.join(missing)}", fontsize=8)
     return fig
+
+
+def _targets_in_sample(result: Any, sample: int) -> tuple[list[Any], list[str], list[str]]:
+    """The comparison's targets (as given, and their labels) that ``sample``'s prompt has, and the labels of those it
+    lacks (a batch of prompts: the default targets are the first prompt's words); an error when it has none."""
+    spec = list(result.target_spec or result.targets)
+    tokens, roles = sample_tokens(result.a, sample), sample_roles(result.a, sample)
+    kept, missing = [], []
+    for given, label in zip(spec, result.targets):
+        try:
+            resolve_targets(tokens, [given], roles)
+        except AttnscopeError:
+            missing.append(label)
+        else:
+            kept.append((given, label))
+    if not kept:
+        raise AttnscopeError(f"sample {sample}'s prompt {sample_prompt(result.a, sample)!r} has none of the targets "
+                             f"{list(result.targets)}; compare with targets= its prompt has")
+    return [g for g, _ in kept], [lab for _, lab in kept], missing
 
 
