@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numbers
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .errors import AttnscopeError
@@ -330,6 +330,9 @@ def target_list(targets: Any) -> list[Any]:
     >>> target_list("blue square"), target_list(7), target_list(("circle", 2))
     (['blue square'], [7], ['circle', 2])
     """
+    if isinstance(targets, Mapping):  # its values (weights?) would be dropped silently
+        raise AttnscopeError(f"targets={targets!r}: a mapping; expected a word, a phrase, a token position or a list "
+                             f"of them")
     one = isinstance(targets, (str, numbers.Integral)) or not isinstance(targets, Iterable)
     return [targets] if one else list(targets)
 

@@ -94,3 +94,13 @@ def test_a_word_before_punctuation_is_found_on_t5_pipelines(family, tmp_path):
     if family == "sd3":
         assert ds.token.values[marked][1] >= 77  # the T5 segment starts after CLIP's 77 positions
     assert np.isfinite(ds.target_share.sel(target="circle")).all()
+
+
+def test_targets_given_as_a_mapping_are_refused():
+    """`report(tr, words={"circle": 2.0})` and `dominance(tr, targets={...})` used the dict's keys and dropped its
+    values silently (a user may mean weights); a mapping is not a list of targets."""
+    toks = ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "<|endoftext|>"]
+    with pytest.raises(AttnscopeError, match=r"targets=\{'circle': 2.0\}: a mapping; expected a word, a phrase, a "
+                                             r"token position or a list of them"):
+        resolve_targets(toks, {"circle": 2.0})
+    assert resolve_targets(toks, ("circle", 2)) == {"circle": [3], "2": [2]}
