@@ -2,8 +2,9 @@
 
 The one step-spec parser (:func:`select_steps`) serves capture, the statistics, the plots and the
 interventions alike: a step is an index into the run's denoising steps, negative indices and slices
-count from the run's end. Sites are anything with a ``.name`` (a ``CrossAttentionSite``, or a bare
-name through :func:`select_site_names`), so this module needs nothing of the hook core.
+count from the run's end. Sites are anything with a ``.name`` (a ``CrossAttentionSite``, a :class:`RecordedSite`
+read from a site's stored description, or a bare name through :func:`select_site_names`), so this module needs
+nothing of the hook core.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .errors import AttnscopeError
 
-__all__ = ["DTYPES", "SEEDS", "SiteSpec", "StepSpec", "check_choice", "check_seed", "check_tol", "index_positions",
+__all__ = ["DTYPES", "SEEDS", "RecordedSite", "SiteSpec", "StepSpec", "check_choice", "check_seed", "check_tol", "index_positions",
            "parse_step_text",
            "run_steps",
-           "select_captured_steps", "select_site_names", "select_sites", "select_steps", "step_ranges"]
+           "select_captured_steps", "select_site_names", "select_sites", "select_steps", "site_descriptions",
+           "step_ranges"]
 
 SiteSpec = None | str | Sequence[str] | Callable[[Any], bool]
 StepSpec = None | int | range | slice | Iterable[int]
@@ -121,23 +123,72 @@ class _Named(NamedTuple):
     name: str
 
 
+class RecordedSite:
+    """A recorded site as a site predicate sees it: the fields of its stored description (``CrossAttentionSite.
+    describe()``: name, family, kind, block, level, depth, heads, head_dim, token_dim; text_layout and patch, which a
+    cross-attention site's description leaves out, are ``""`` and 1 as on its ``CrossAttentionSite``), so a predicate
+    written for capture (``lambda site: site.level == 1``) selects the same sites in the statistics.
+
+    >>> site = RecordedSite({"name": "up_blocks.0.attn2", "kind": "cross", "block": "up", "level": 1})
+    >>> site.block, site.level, site.patch, site
+    ('up', 1, 1, RecordedSite(name='up_blocks.0.attn2', kind='cross', block='up', level=1, text_layout='', patch=1))
+    """
+
+    def __init__(self, description: Mapping[str, Any]):
+        fields = dict(description)
+        if fields.get("kind", "cross") != "joint":
+            fields = {**fields, "text_layout": fields.get("text_layout", ""), "patch": fields.get("patch", 1)}
+        self.__dict__.update(fields)
+
+    def __repr__(self) -> str:
+        return f"RecordedSite({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
 def _attributes(site: Any) -> str:
     """What a site predicate may read of ``site``, for an error."""
     if isinstance(site, _Named):
-        return ("here the predicate is given the site's name only (site.name): use a glob, a list of names, or a "
-                "predicate on site.name")
+        return ("here the predicate is given the site's name only (site.name): the arrays carry no site description "
+                "(their attrs['site'], which Trace.attention sets); use a glob, a list of names, a predicate on "
+                "site.name, or the Trace")
     names = ([f.name for f in dataclasses.fields(site)] if dataclasses.is_dataclass(site)
              else [a for a in vars(site) if not a.startswith("_")] if hasattr(site, "__dict__") else ["name"])
     return f"a site has: {', '.join(names)}"
 
 
-def select_site_names(spec: SiteSpec, names: Sequence[str]) -> list[str]:
-    """:func:`select_sites` over bare site names (a predicate sees objects with only ``.name``).
+def select_site_names(spec: SiteSpec, names: Sequence[str],
+                      descriptions: Mapping[str, Mapping[str, Any] | None] | None = None) -> list[str]:
+    """:func:`select_sites` over site names. A predicate sees each site as a :class:`RecordedSite` built from its
+    description in ``descriptions`` (name → a stored site description, as in a site array's ``attrs["site"]``: see
+    :func:`site_descriptions`), so it selects what it selects in capture; a site without one is seen by its
+    ``.name`` only (a predicate reading another attribute is then one error saying so).
 
     >>> select_site_names("up_*", ["down_blocks.0.attn2", "up_blocks.0.attn2"])
     ['up_blocks.0.attn2']
+    >>> select_site_names(lambda s: s.level == 1, ["down_blocks.0.attn2", "up_blocks.0.attn2"],
+    ...                   {"down_blocks.0.attn2": {"level": 0}, "up_blocks.0.attn2": {"level": 1}})
+    ['up_blocks.0.attn2']
     """
-    return [s.name for s in select_sites(spec, [_Named(n) for n in names])]
+    if not callable(spec):
+        return [s.name for s in select_sites(spec, [_Named(n) for n in names])]
+    described = descriptions or {}
+    sites = [RecordedSite({**d, "name": n}) if isinstance(d := described.get(n), Mapping) and d else _Named(n)
+             for n in names]
+    return [s.name for s in select_sites(spec, sites)]
+
+
+def site_descriptions(arrays: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """Each site's stored description (name → the ``site`` attribute :meth:`Trace.attention` puts on its array), or
+    None for an array without one.
+
+    >>> import xarray as xr
+    >>> site_descriptions({"a": xr.DataArray([0], attrs={"site": {"level": 1}}), "b": xr.DataArray([0])})
+    {'a': {'level': 1}, 'b': None}
+    """
+    out: dict[str, dict[str, Any] | None] = {}
+    for name, da in arrays.items():
+        d = getattr(da, "attrs", {}).get("site")
+        out[name] = dict(d) if isinstance(d, Mapping) and d else None
+    return out
 
 
 def select_steps(spec: StepSpec, num_steps: int) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..selection import check_tol, run_steps, select_captured_steps, select_site_names
+from ..selection import check_tol, run_steps, select_captured_steps, select_site_names, site_descriptions
 from ..store import GATED_STEPS_ATTR, OUTPUT_CHANGE, OUTPUT_NORM, Trace, open_trace
 from ._dominance import site_arrays
 
@@ -68,11 +68,15 @@ def _output_summaries(source: Any, of: str) -> Any:
     return None
 
 
-def _output_curves(ds: Any, sites: Any, steps: Any) -> Any:
-    """``output_change / output_norm`` per (step, site, sample)."""
+def _output_curves(ds: Any, sites: Any, steps: Any, source: Any = None) -> Any:
+    """``output_change / output_norm`` per (step, site, sample); a site predicate reads the site descriptions of
+    ``source`` when it is a Trace."""
     curve = (ds[OUTPUT_CHANGE].astype(np.float64) / ds[OUTPUT_NORM].astype(np.float64)).transpose("step", "site", "sample")
     if sites is not None:
-        curve = curve.sel(site=select_site_names(sites, [str(s) for s in curve["site"].values]))
+        names = [str(s) for s in curve["site"].values]
+        described = (site_descriptions({n: source.attention(n) for n in names})
+                     if callable(sites) and hasattr(source, "attention") else None)
+        curve = curve.sel(site=select_site_names(sites, names, described))
     if steps is not None:
         captured = curve["step"].values.tolist()
         curve = curve.sel(step=select_captured_steps(steps, captured, run_steps(ds, [curve]), "the output summaries"))
@@ -177,7 +181,7 @@ def convergence(source: Any, *, sites: Any = None, steps: Any = None, tol: float
         source = open_trace(source)
     summaries = _output_summaries(source, of)
     if summaries is not None:
-        per_site, used, gated = _output_curves(summaries, sites, steps), "outputs", _gated_steps(summaries)
+        per_site, used, gated = _output_curves(summaries, sites, steps, source), "outputs", _gated_steps(summaries)
     else:
         per_site, used, gated = _map_curves(source, sites, steps), "maps", _gated_steps(source)
     per_site = per_site.where(~per_site["step"].isin(gated))

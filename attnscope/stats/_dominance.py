@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..selection import index_positions, run_steps, select_captured_steps, select_site_names
-from ..tokens import resolve_targets, target_list, token_roles, token_words
+from ..selection import index_positions, run_steps, select_captured_steps, select_site_names, site_descriptions
+from ..tokens import (
+    prompt_text,
+    resolve_targets,
+    segment_bounds,
+    target_list,
+    target_occurrences,
+    token_roles,
+    token_words,
+)
 from . import _formulas as f
 from ._sites import reduce_sites, sites_dataset
 
@@ -37,14 +46,20 @@ def site_arrays(source: Any, sites: Any = None, steps: Any = None) -> tuple[dict
     elif isinstance(source, Mapping):
         arrays = dict(source)
     elif hasattr(source, "attention") and hasattr(source, "sites"):
-        arrays = {n: source.attention(n) for n in select_site_names(sites, source.sites)}
-        sites = None
+        if callable(sites):  # a predicate reads the sites' descriptions, which their (lazy) arrays carry
+            arrays = {n: source.attention(n) for n in source.sites}
+        else:
+            arrays = {n: source.attention(n) for n in select_site_names(sites, source.sites)}
+            sites = None
     else:
         raise AttnscopeError(f"source of type {type(source).__name__}: expected a Trace, an xarray.DataArray "
                              "or a mapping of site name to DataArray")
     if sites is not None:
-        arrays = {n: arrays[n] for n in select_site_names(sites, list(arrays))}
+        arrays = {n: arrays[n] for n in select_site_names(sites, list(arrays), site_descriptions(arrays))}
     for name, da in arrays.items():
+        if not isinstance(da, xr.DataArray):
+            raise AttnscopeError(f"site {name!r}: a {type(da).__name__}; expected an xarray.DataArray with dims "
+                                 "(step, sample, head, y, x, token)")
         missing = [d for d in ("step", "sample", *_MAP_DIMS) if d not in da.dims]
         if missing:
             raise AttnscopeError(f"site {name!r}: array with dims {da.dims} lacks {missing}; expected "
@@ -113,9 +128,17 @@ def target_positions(texts: list[list[str]], roles: list[list[str]], targets: An
     lacks it). An int target is a token position, a value of the ``token`` coordinate (``stored``: the positions
     the trace kept, ``0…k, 77…m`` on SD3 with ``tokens="prompt"``), as the statistics report it.
 
+    A word or phrase listed once covers every occurrence; one listed ``n`` times (case ignored: two identical
+    objects, ``["red circle", "red circle"]``) is its occurrences one by one, the k-th listing the k-th occurrence
+    (in each text segment: both copies of SD3's prompt), labelled ``"red circle #1"``, ``"red circle #2"``. A
+    position listed twice is an error.
+
     >>> texts = [["<|startoftext|>", "red</w>", "<|endoftext|>", "▁red", "</s>"]]   # CLIP, then T5 from 77
     >>> target_positions(texts, [["sot", "word", "eot", "word", "eot"]], ["red", 78], stored=[0, 1, 2, 77, 78])
     (['red', '78'], [[[1, 3], [4]]])
+    >>> target_positions([["<|startoftext|>", "red</w>", "and</w>", "red</w>", "<|endoftext|>"]],
+    ...                  [["sot", "word", "word", "word", "eot"]], ["red", "red"])
+    (['red #1', 'red #2'], [[[1], [3]]])
     """
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(texts[0], roles[0]) if w))
@@ -124,13 +147,17 @@ def target_positions(texts: list[list[str]], roles: list[list[str]], targets: An
         raise AttnscopeError(f"targets={targets!r}: no word to measure (by default every word of the prompt: an empty "
                              "prompt has none); give words, phrases or token positions")
     indexed = index_positions(items, stored) if stored is not None else items
+    mention, listed = _mentions(items)
     per_sample: list[list[list[int]]] = []
     errors: dict[int, AttnscopeError] = {}
     for text, text_roles in zip(texts, roles):
         row = []
         for k, t in enumerate(indexed):
             try:
-                row.append(next(iter(resolve_targets(text, [t], text_roles).values())))
+                cols = next(iter(resolve_targets(text, [t], text_roles).values()))
+                if listed[k] > 1:
+                    cols = _nth_occurrence(text, text_roles, str(t), mention[k], listed[k])
+                row.append(cols)
             except AttnscopeError as exc:
                 errors.setdefault(k, exc)
                 row.append([])
@@ -138,7 +165,39 @@ def target_positions(texts: list[list[str]], roles: list[list[str]], targets: An
     for k in range(len(items)):
         if all(not row[k] for row in per_sample):
             raise errors[k]
-    return [str(t) for t in items], per_sample
+    labels = [f"{t} #{mention[k] + 1}" if listed[k] > 1 else str(t) for k, t in enumerate(items)]
+    return labels, per_sample
+
+
+def _mentions(items: list[Any]) -> tuple[list[int], list[int]]:
+    """Per target, which mention of its word or phrase it is (from 0; case and spacing ignored) and how many times
+    it is listed. A token position listed twice is an error: it names one token."""
+    key: list[Any] = [" ".join(t.lower().split()) if isinstance(t, str) else int(t)
+                      if isinstance(t, numbers.Integral) and not isinstance(t, bool) else ("not a target", i)
+                      for i, t in enumerate(items)]  # a bad target is refused by resolve_targets, naming it
+    counts = {k: key.count(k) for k in key}
+    twice = [k for k, n in counts.items() if isinstance(k, int) and n > 1]
+    if twice:
+        raise AttnscopeError(f"target {twice[0]} is listed {counts[twice[0]]} times: a token position names one token; "
+                             f"list it once (a word or phrase listed k times is its occurrences one by one)")
+    return [key[:i].count(k) for i, k in enumerate(key)], [counts[k] for k in key]
+
+
+def _nth_occurrence(text: list[str], roles: list[str], target: str, k: int, listed: int) -> list[int]:
+    """The positions of the ``k``-th occurrence (from 0) of ``target`` in each text segment of one prompt (SD3
+    spells it twice: CLIP, then T5); an error when no segment has that many."""
+    found = target_occurrences(text, target, roles)
+    cols: list[int] = []
+    for start, stop in segment_bounds(text):
+        inside = [occ for occ in found if occ and start <= occ[0] < stop]
+        if k < len(inside):
+            cols += inside[k]
+    if not cols:
+        per_segment = max(sum(1 for occ in found if occ and start <= occ[0] < stop) for start, stop in segment_bounds(text))
+        raise AttnscopeError(f"target {target!r} is listed {listed} times but occurs {per_segment} time(s) in the "
+                             f"prompt {prompt_text(text, roles)!r}: the k-th listing is the k-th occurrence; list it "
+                             f"at most {per_segment} time(s), or name the objects apart (\"red circle\", \"blue circle\")")
+    return sorted(cols)
 
 
 def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, sites: Any = None,
@@ -155,9 +214,12 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     targets : list of words, phrases or token positions, optional
         The candidates of the dominance ratio, e.g. ``["circle", "blue square"]``. Default: every
         distinct word of the first prompt. Resolved on each sample's own prompt; a target in no
-        prompt is an error that lists the prompt's words.
+        prompt is an error that lists the prompt's words. A word or phrase listed once covers every
+        occurrence; listed k times, the k-th listing is its k-th occurrence (``["red circle", "red
+        circle"]`` in "a red circle and a red circle"), labelled ``"red circle #1"``, ``"red circle #2"``.
     sites : glob, list of names/globs or predicate, optional
-        Which sites (default all).
+        Which sites (default all). A predicate gets each site as capture's does (``lambda site: site.level
+        == 1``): its stored description, :class:`~attnscope.selection.RecordedSite`.
     steps : int, list of int or slice, optional
         Which steps of the run (an int, list or slice over the run's steps, like ``capture``; all
         must be captured; default every captured step).
@@ -190,6 +252,8 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     >>> float(ds.mass_share.sum("token").max().round(6))   # shares over the prompt's words sum to 1
     1.0
     """
+    if not isinstance(include_special, (bool, np.bool_)):
+        raise AttnscopeError(f"include_special={include_special!r}: expected True or False")
     arrays, cut, texts, roles = sites_and_text(source, sites, steps, tokens)
     first = next(iter(arrays.values()))
     words = np.array([[r == "word" for r in row] for row in roles])
@@ -253,6 +317,9 @@ def sites_and_text(source: Any, sites: Any, steps: Any, tokens: Any) -> tuple[di
     arrays, cut = site_arrays(source, sites, steps)
     if not arrays:
         raise AttnscopeError("no sites to analyse")
+    for name, da in arrays.items():
+        if not da.sizes["step"]:
+            raise AttnscopeError(f"site {name!r}: the array has no step; expected maps of at least one step")
     first = next(iter(arrays.values()))
     texts = token_texts(first, tokens)
     return arrays, cut, texts, token_role_rows(first, texts, tokens)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -51,7 +52,8 @@ def neglect_features(source: Any, targets: Sequence[str | int], *, step: int | S
         As for :func:`dominance`.
     targets : two or more words, phrases or token positions
         One per object. Two objects named by the same word need phrases (``["red circle", "blue
-        circle"]``): a repeated word names all its occurrences.
+        circle"]``): a word listed once names all its occurrences. Two identical objects ("a red circle
+        and a red circle") are the phrase listed twice: the k-th listing is the k-th occurrence.
     step : int or list of int
         The step (an index into the run's steps), or several: one pass over the trace for all of them.
 
@@ -79,8 +81,11 @@ def neglect_features(source: Any, targets: Sequence[str | int], *, step: int | S
     items = target_list(targets)
     if len(items) < 2:
         raise AttnscopeError(f"targets={targets!r}: the early warning compares objects; expected two or more")
-    several = not isinstance(step, (int, np.integer)) or isinstance(step, bool)
-    steps = [int(s) for s in step] if several else [int(step)]
+    several = not _is_step(step)
+    steps = [step] if not several else _step_list(step)
+    if not steps or not all(_is_step(s) for s in steps):
+        raise AttnscopeError(f"step={step!r}: expected a step (an int) or a list of steps")
+    steps = [int(s) for s in steps]
     dom = dominance(source, targets=items, sites=sites, steps=steps, tokens=tokens).mean("site")
     shape = map_shape(source, items, sites=sites, steps=steps, tokens=tokens).mean("site")
     order = ("step", "sample")
@@ -108,6 +113,20 @@ def neglect_features(source: Any, targets: Sequence[str | int], *, step: int | S
     ds = ds.isel(step=0, drop=True)
     ds.attrs.update(step=int(step))
     return ds
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _step_list(value: Any) -> list[Any]:
+    """The items of a list of steps; ``[]`` for what is not one (a string, a float, a 0-d array)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return []
+    try:
+        return list(value)
+    except TypeError:
+        return []
 
 
 @functools.lru_cache(maxsize=1)
@@ -140,7 +159,10 @@ def check_neglect_model(model: Mapping[str, Any], step: int) -> dict[str, np.nda
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: step=12: the risk model has weights for steps ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9']
     """
-    steps = model.get("steps") if isinstance(model, Mapping) else None
+    if not isinstance(model, Mapping):
+        raise AttnscopeError(f"model={model!r}: expected a risk model: a dict with 'features' and 'steps', as "
+                             f"neglect_model() or fit_neglect_model() gives (json.load a saved one)")
+    steps = model.get("steps")
     if not isinstance(steps, Mapping) or str(step) not in steps:
         have = sorted(steps, key=lambda k: int(k) if str(k).isdigit() else -1) if isinstance(steps, Mapping) else []
         raise AttnscopeError(f"step={step!r}: the risk model has weights for steps {have}")
@@ -197,8 +219,9 @@ def neglect_risk(source: Any, targets: Sequence[str | int], *, step: int = 5, si
     >>> risk.dims, 0 <= float(risk[0]) <= 1
     (('sample',), True)
     """
-    if isinstance(step, bool) or not isinstance(step, int):
+    if not _is_step(step):
         raise AttnscopeError(f"step={step!r}: expected an int")
+    step = int(step)  # numpy's ints too, as neglect_features takes them
     params = check_neglect_model(_shipped_model() if model is None else model, step)
     feats = neglect_features(source, targets, sites=sites, step=step, tokens=tokens)
     x = np.stack([feats[name].values for name in NEGLECT_FEATURES], axis=1)
