@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
 import string
 import tempfile
@@ -59,6 +60,7 @@ from types import MappingProxyType
 
 import torch
 
+from .errors import AttnscopeError
 from .models.shapes import learn_bpe_merges
 from .models.shapes import make_clip_tokenizer as build_clip_tokenizer
 
@@ -95,6 +97,80 @@ DEFAULT_WORDS: tuple[str, ...] = (
 _BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
+# ----------------------------------------------------------------------------- argument checks
+def _int(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as an int (numpy ints too; not a bool, float or str), at least ``minimum``, else one AttnscopeError.
+
+    >>> _int("num_layers", 0, minimum=1)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: num_layers=0: expected an int >= 1
+    """
+    if not isinstance(value, bool):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            pass
+        else:
+            if minimum is None or number >= minimum:
+                return number
+    raise AttnscopeError(f"{name}={value!r}: expected an int" + (f" >= {minimum}" if minimum is not None else ""))
+
+
+def _flag(name: str, value) -> bool:
+    """``value`` if it is a bool, else one AttnscopeError (a string such as ``"no"`` would be truthy)."""
+    if not isinstance(value, bool):
+        raise AttnscopeError(f"{name}={value!r}: expected True or False")
+    return value
+
+
+def _directory(name: str, value) -> Path:
+    """``value`` (str or path) as a Path that is a directory or does not exist yet, else one AttnscopeError."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise AttnscopeError(f"{name}={value!r}: expected a str or os.PathLike directory")
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise AttnscopeError(f"{name}={str(value)!r}: is a file; expected a directory (created if missing)")
+    return path
+
+
+def _tokenizer_dir(value):
+    """``tokenizer_dir`` checked: None, or a directory that exists or can be created."""
+    return None if value is None else _directory("tokenizer_dir", value)
+
+
+#: Files that ``from_pretrained`` of a tokenizer or processor reads from its directory. A tokenizer maker replaces
+#: those another tokenizer left there: a stale ``tokenizer.json`` would be loaded instead of the CLIP vocabulary
+#: just written, a stale ``chat_template.jinja`` would become the new tokenizer's chat template.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+                    "spiece.model", "processor_config.json", "preprocessor_config.json")
+
+
+def _tokenizer_directory(directory) -> Path:
+    """``directory`` checked, created, and cleared of the tokenizer files another tokenizer may have left there."""
+    directory = _directory("directory", directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in _TOKENIZER_FILES:
+        (directory / name).unlink(missing_ok=True)
+    return directory
+
+
+def _words(words: Sequence[str], split: Mapping[str, int] = MappingProxyType({})) -> list[str]:
+    """``words`` as a list, checked: a sequence (not a str) of non-empty strings without whitespace; ``split`` maps
+    words to a split point inside the word. Else one AttnscopeError naming the bad words."""
+    if isinstance(words, str) or not isinstance(words, Sequence):
+        raise AttnscopeError(f"words={words!r}: expected a sequence of words (e.g. ['a', 'red', 'circle'])")
+    if not isinstance(split, Mapping):
+        raise AttnscopeError(f"split={split!r}: expected a mapping of word to split point (e.g. {{'elephant': 3}})")
+    bad = [w for w in words if not isinstance(w, str) or not w or w != "".join(w.split())]
+    bad += [w for w, n in split.items() if not isinstance(w, str) or isinstance(n, bool) or not isinstance(n, int)
+            or not 0 < n < len(w)]
+    if bad:
+        raise AttnscopeError(f"words must be non-empty strings without whitespace, split points inside the word; "
+                             f"got {bad}")
+    return list(words)
+
+
 # ----------------------------------------------------------------------------- tokenizer
 def make_clip_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DEFAULT_WORDS, model_max_length: int = 77):
     """:func:`attnscope.models.shapes.make_clip_tokenizer` with this module's small vocabulary by default.
@@ -105,8 +181,11 @@ def make_clip_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DEF
     >>> tok = make_clip_tokenizer(tempfile.mkdtemp())
     >>> tok.convert_ids_to_tokens(tok("a red circle").input_ids)
     ['<|startoftext|>', 'a</w>', 'red</w>', 'circle</w>', '<|endoftext|>']
+
+    Tokenizer files another tokenizer left in ``directory`` are replaced.
     """
-    return build_clip_tokenizer(directory, words, model_max_length)
+    model_max_length = _int("model_max_length", model_max_length, minimum=1)
+    return build_clip_tokenizer(_tokenizer_directory(directory), words, model_max_length)
 
 
 _T5_SPLIT = MappingProxyType({"elephant": 3})  # make_t5_tokenizer's default: ▁ele + phant
@@ -135,7 +214,8 @@ def make_t5_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DEFAU
     ----------
     directory : str or os.PathLike
         Where ``tokenizer.json`` (written with the ``tokenizers`` library) and
-        ``tokenizer_config.json`` are written (created if missing).
+        ``tokenizer_config.json`` are written (created if missing; tokenizer
+        files another tokenizer left there are replaced).
         ``T5TokenizerFast.from_pretrained(directory)`` works on it afterwards.
     words : sequence of str
         Words without whitespace that each become the single piece ``▁word``,
@@ -164,10 +244,9 @@ def make_t5_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DEFAU
     from transformers import T5TokenizerFast
 
     split = _T5_SPLIT if split is None else split
-    bad = [w for w in words if not w or w != "".join(w.split())]
-    bad += [w for w, n in split.items() if not 0 < n < len(w)]
-    if bad:
-        raise ValueError(f"words must be non-empty without whitespace, split points inside the word: {bad}")
+    words = _words(words, split)
+    model_max_length = _int("model_max_length", model_max_length, minimum=1)
+    directory = _tokenizer_directory(directory)
     pieces = ["▁"]
     for w in words:
         pieces += [f"▁{w[:split[w]]}", w[split[w]:]] if w in split else [f"▁{w}"]
@@ -192,8 +271,6 @@ def make_t5_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DEFAU
         "extra_ids": 0,
         "additional_special_tokens": [],
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     backend.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1), "utf-8")
     return T5TokenizerFast.from_pretrained(str(directory), model_max_length=model_max_length)
@@ -211,6 +288,7 @@ def _tokenizers(tokenizer_dir, *kinds: str) -> Iterator[tuple]:
     and removed afterwards: the tokenizers are fully loaded in memory, the files are no longer needed.
     """
     with ExitStack() as stack:
+        tokenizer_dir = _tokenizer_dir(tokenizer_dir)
         root = tokenizer_dir if tokenizer_dir is not None else stack.enter_context(
             tempfile.TemporaryDirectory(prefix="attnscope-tok-"))
         yield tuple(_TOKENIZERS[kind](root if len(kinds) == 1 else os.path.join(root, kind)) for kind in kinds)
@@ -261,6 +339,25 @@ def _t5_encoder(tokenizer, seed, d_model=32, layers=2, heads=4, d_kv=8, d_ff=37)
     return T5EncoderModel(config).eval()
 
 
+def _structure(seed, num_layers, heads, head_dim, num_single_layers=None) -> tuple:
+    """The structure builders' ``seed``, ``num_layers``, ``heads``, ``head_dim`` (at least 1) and, for Flux,
+    ``num_single_layers`` (at least 0), checked."""
+    counts = (_int("seed", seed), _int("num_layers", num_layers, minimum=1), _int("heads", heads, minimum=1),
+              _int("head_dim", head_dim, minimum=1))
+    return counts if num_single_layers is None else (*counts, _int("num_single_layers", num_single_layers, minimum=0))
+
+
+@contextmanager
+def _width_errors(heads, head_dim) -> Iterator[None]:
+    """diffusers' errors for a transformer width it cannot build (its 2-D sine-cosine position embedding needs an
+    even width per axis) as one AttnscopeError naming ``heads`` and ``head_dim``."""
+    try:
+        yield
+    except (ValueError, IndexError) as exc:
+        raise AttnscopeError(f"heads={heads}, head_dim={head_dim}: diffusers cannot build a transformer of width "
+                             f"heads * head_dim = {heads * head_dim} ({exc})") from exc
+
+
 def _scheduler(name: str):
     """SD-style scheduler: ``"ddim"``, ``"euler"`` or ``"dpm"``."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -271,7 +368,7 @@ def _scheduler(name: str):
         return EulerDiscreteScheduler(**_BETAS, steps_offset=1, timestep_spacing="leading")
     if name == "dpm":
         return DPMSolverMultistepScheduler(**_BETAS, steps_offset=1)
-    raise ValueError(f"scheduler must be 'ddim', 'euler' or 'dpm', got {name!r}")
+    raise AttnscopeError(f"scheduler={name!r}: expected 'ddim', 'euler' or 'dpm'")
 
 
 def _unet(seed, **config):
@@ -337,6 +434,9 @@ def tiny_sd_pipeline(tokenizer_dir=None, seed=0, linear_projection=False, schedu
         ``attn2`` sites sit in ``down_blocks.{0,1}``, ``mid_block`` and
         ``up_blocks.{0,1}`` (full and half latent resolution). No safety checker.
     """
+    seed, linear_projection = _int("seed", seed), _flag("linear_projection", linear_projection)
+    if scheduler not in ("ddim", "euler", "dpm"):
+        _scheduler(scheduler)  # the error, before anything is built
     with torch.random.fork_rng(devices=[]), _tokenizers(tokenizer_dir, "clip") as (tok,):
         unet = _unet(
             seed, sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
@@ -382,6 +482,7 @@ def tiny_sdxl_pipeline(tokenizer_dir=None, seed=0):
     """
     from diffusers import StableDiffusionXLPipeline
 
+    seed = _int("seed", seed)
     with torch.random.fork_rng(devices=[]), _tokenizers(tokenizer_dir, "clip") as (tok,):
         tok_2 = type(tok).from_pretrained(tok.name_or_path)
         unet = _unet(
@@ -429,6 +530,7 @@ def sd15_structure_pipeline(seed=0, tokenizer_dir=None):
         vocabulary, a small VAE with the SD scale factor 8 (256 px -> 32x32
         latent) and the DDIM scheduler.
     """
+    seed = _int("seed", seed)
     with torch.random.fork_rng(devices=[]), _tokenizers(tokenizer_dir, "clip") as (tok,):
         unet = _unet(seed, sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         text_encoder = _text_encoder(tok, seed, hidden_size=768, heads=12, intermediate=3072)
@@ -494,6 +596,8 @@ def tiny_sd3_pipeline(seed=0, tokenizer_dir=None, dual_attention=False, num_laye
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
+    seed, dual_attention = _int("seed", seed), _flag("dual_attention", dual_attention)
+    num_layers = _int("num_layers", num_layers, minimum=1)
     with torch.random.fork_rng(devices=[]), _tokenizers(tokenizer_dir, "clip", "t5") as (tok, t5_tok):
         tok_2 = type(tok).from_pretrained(tok.name_or_path)
         transformer = _dit(
@@ -557,6 +661,9 @@ def tiny_flux_pipeline(seed=0, tokenizer_dir=None, num_layers=2, num_single_laye
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
+    seed, guidance_embeds = _int("seed", seed), _flag("guidance_embeds", guidance_embeds)
+    num_layers = _int("num_layers", num_layers, minimum=1)
+    num_single_layers = _int("num_single_layers", num_single_layers, minimum=0)
     with torch.random.fork_rng(devices=[]), _tokenizers(tokenizer_dir, "clip", "t5") as (tok, t5_tok):
         transformer = _dit(
             "FluxTransformer2DModel", seed, **_FLUX, num_layers=num_layers,
@@ -583,7 +690,7 @@ def flux_structure_pipeline(seed=0, num_layers=4, num_single_layers=8, heads=8, 
 
     :func:`tiny_flux_pipeline` with its transformer replaced by ``num_layers`` double-stream and
     ``num_single_layers`` single-stream blocks of ``heads`` × ``head_dim`` (FLUX.1 itself: 19 + 38
-    blocks of 24 × 128). Its VAE halves the image side, so ``height=width=128`` gives 32×32 = 1024
+    blocks of 24 × 128; ``head_dim`` a multiple of 32, for its RoPE axes). Its VAE halves the image side, so ``height=width=128`` gives 32×32 = 1024
     packed image tokens, as FLUX.1 at 512 px; with the default ``max_sequence_length=512`` the text
     is FLUX.1's 512 T5 tokens.
 
@@ -591,6 +698,11 @@ def flux_structure_pipeline(seed=0, num_layers=4, num_single_layers=8, heads=8, 
     >>> pipe.transformer.config.num_attention_heads, len(pipe.transformer.single_transformer_blocks)
     (2, 1)
     """
+    seed, num_layers, heads, head_dim, num_single_layers = _structure(seed, num_layers, heads, head_dim,
+                                                                      num_single_layers)
+    if head_dim % 32:
+        raise AttnscopeError(f"head_dim={head_dim}: expected a multiple of 32 (the RoPE axes are head_dim/8 and two "
+                             "halves of the rest, each of an even size)")
     pipe = tiny_flux_pipeline(seed=seed)
     rope = (head_dim // 8, (head_dim - head_dim // 8) // 2, head_dim - head_dim // 8 - (head_dim - head_dim // 8) // 2)
     with torch.random.fork_rng(devices=[]):
@@ -612,8 +724,9 @@ def sd3_structure_pipeline(seed=0, num_layers=6, heads=8, head_dim=64):
     >>> pipe.transformer.config.num_attention_heads, len(pipe.transformer.transformer_blocks)
     (2, 1)
     """
+    seed, num_layers, heads, head_dim = _structure(seed, num_layers, heads, head_dim)
     pipe = tiny_sd3_pipeline(seed=seed)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _width_errors(heads, head_dim):
         transformer = _dit("SD3Transformer2DModel", seed, **{
             **_SD3, "sample_size": 64, "attention_head_dim": head_dim, "num_attention_heads": heads,
             "caption_projection_dim": heads * head_dim, "num_layers": num_layers})
@@ -663,6 +776,7 @@ def tiny_pixart_pipeline(seed=0, tokenizer_dir=None, sigma=False, num_layers=2):
     """
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
 
+    seed, sigma, num_layers = _int("seed", seed), _flag("sigma", sigma), _int("num_layers", num_layers, minimum=1)
     with torch.random.fork_rng(devices=[]), _tokenizers(tokenizer_dir, "t5") as (tok,):
         transformer = _dit("PixArtTransformer2DModel", seed, **_PIXART, num_layers=num_layers)
         cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
@@ -699,9 +813,7 @@ def _byte_level_bpe(words: Sequence[str], texts: Sequence[str] = ()) -> tuple[li
     """
     from tokenizers import pre_tokenizers
 
-    bad = [w for w in words if not w or w != "".join(w.split())]
-    if bad:
-        raise ValueError(f"words must be non-empty without whitespace, got {bad}")
+    words = _words(words)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
 
     def symbols(text: str) -> list[str]:  # byte-level BPE's printable symbol of each byte: " " -> "Ġ"
@@ -736,7 +848,8 @@ def make_qwen_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DEF
     ----------
     directory : str or os.PathLike
         Where ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja`` are written
-        (created if missing). ``Qwen2TokenizerFast.from_pretrained(directory)`` works on it afterwards.
+        (created if missing; tokenizer files another tokenizer left there are replaced).
+        ``Qwen2TokenizerFast.from_pretrained(directory)`` works on it afterwards.
     words : sequence of str
         Words without whitespace that each become one token, bare (a prompt's first word, right
         after the template's ``user\\n``) and with byte-level BPE's space ``Ġ`` in front; "elephant"
@@ -757,14 +870,14 @@ def make_qwen_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DEF
     from tokenizers import AddedToken
     from transformers import Qwen2TokenizerFast
 
+    words = _words(words)
+    directory = _tokenizer_directory(directory)
     merges, tokens = _byte_level_bpe([*words, "user", "assistant"], texts=["\n\n"])
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + list(_QWEN_SPECIALS + _QWEN_THINK)))}
     tok = Qwen2TokenizerFast(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
                              pad_token="<|endoftext|>", additional_special_tokens=list(_QWEN_SPECIALS[1:]),
                              chat_template=_QWEN_CHAT_TEMPLATE, model_max_length=32768)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _QWEN_THINK])
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(directory))
     return Qwen2TokenizerFast.from_pretrained(str(directory))
 
@@ -784,6 +897,7 @@ def _flux2_pipeline(cls_name, text, seed, tokenizer_dir, num_layers, num_single_
     import diffusers
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
 
+    tokenizer_dir = _tokenizer_dir(tokenizer_dir)
     with torch.random.fork_rng(devices=[]), ExitStack() as stack:
         root = tokenizer_dir if tokenizer_dir is not None else stack.enter_context(
             tempfile.TemporaryDirectory(prefix="attnscope-tok-"))
@@ -804,6 +918,12 @@ def _flux2_pipeline(cls_name, text, seed, tokenizer_dir, num_layers, num_single_
                                             tokenizer=tokenizer, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _flux2_counts(seed, num_layers, num_single_layers) -> tuple[int, int, int]:
+    """The Flux.2 builders' ``seed``, ``num_layers`` (at least 1) and ``num_single_layers`` (at least 0), checked."""
+    return (_int("seed", seed), _int("num_layers", num_layers, minimum=1),
+            _int("num_single_layers", num_single_layers, minimum=0))
 
 
 def _qwen3_encoder(tokenizer, seed, hidden_size=16, layers=28):
@@ -858,6 +978,8 @@ def tiny_flux2_pipeline(seed=0, tokenizer_dir=None, num_layers=2, num_single_lay
         transformer call per step. Every attention sees the ``max_sequence_length`` chat-template
         tokens first, then the image tokens.
     """
+    seed, num_layers, num_single_layers = _flux2_counts(seed, num_layers, num_single_layers)
+
     def qwen(root):
         tok = make_qwen_tokenizer(root)
         return tok, lambda: _qwen3_encoder(tok, seed)
@@ -881,7 +1003,8 @@ def make_gemma_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DE
     Parameters
     ----------
     directory : str or os.PathLike
-        Where the files are written (``transformers.GemmaTokenizer.save_pretrained``).
+        Where the files are written (``transformers.GemmaTokenizer.save_pretrained``; created if missing,
+        tokenizer files another tokenizer left there are replaced).
     words : sequence of str
         Words that become one piece ``▁word`` (built by a chain of BPE merges), except those in ``split``.
     split : mapping of str to int, optional
@@ -898,6 +1021,8 @@ def make_gemma_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DE
     from transformers import GemmaTokenizer
 
     split = _T5_SPLIT if split is None else split
+    words = _words(words, split)
+    directory = _tokenizer_directory(directory)
     vocab = {t: i for i, t in enumerate(("<pad>", "<eos>", "<bos>", "<unk>", "<mask>"))}
     for c in ["▁", *_T5_CHARS, "\n"]:
         vocab.setdefault(c, len(vocab))
@@ -918,8 +1043,6 @@ def make_gemma_tokenizer(directory: str | os.PathLike, words: Sequence[str] = DE
         else:
             chain("▁", w)
     tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(directory))
     return GemmaTokenizer.from_pretrained(str(directory))
 
@@ -962,6 +1085,8 @@ def tiny_sana_pipeline(seed=0, tokenizer_dir=None, num_layers=2, qk_norm=None):
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline
     from transformers import Gemma2Config, Gemma2Model
 
+    seed, num_layers = _int("seed", seed), _int("num_layers", num_layers, minimum=1)
+    tokenizer_dir = _tokenizer_dir(tokenizer_dir)
     with torch.random.fork_rng(devices=[]), ExitStack() as stack:
         root = tokenizer_dir if tokenizer_dir is not None else stack.enter_context(
             tempfile.TemporaryDirectory(prefix="attnscope-tok-"))
@@ -997,7 +1122,7 @@ def flux2_structure_pipeline(seed=0, num_layers=4, num_single_layers=8, heads=8,
     """A FLUX.2 klein pipeline whose transformer has a benchmark-sized width (random weights, CPU, fp32).
 
     :func:`tiny_flux2_pipeline` with ``num_layers`` double-stream and ``num_single_layers`` single-stream
-    blocks of ``heads`` × ``head_dim``. Its VAE halves the image side and the pipeline packs 2×2, so
+    blocks of ``heads`` × ``head_dim`` (a multiple of 8, for its four RoPE axes). Its VAE halves the image side and the pipeline packs 2×2, so
     ``height=width=128`` gives 32×32 = 1024 image tokens, as FLUX.2 at 512 px; the text is the
     ``max_sequence_length`` (512 by default) chat-template positions.
 
@@ -1005,6 +1130,11 @@ def flux2_structure_pipeline(seed=0, num_layers=4, num_single_layers=8, heads=8,
     >>> pipe.transformer.config.num_attention_heads, len(pipe.transformer.single_transformer_blocks)
     (2, 1)
     """
+    seed, num_layers, heads, head_dim, num_single_layers = _structure(seed, num_layers, heads, head_dim,
+                                                                      num_single_layers)
+    if head_dim % 8:
+        raise AttnscopeError(f"head_dim={head_dim}: expected a multiple of 8 (four RoPE axes of head_dim/4, each of "
+                             "an even size)")
     pipe = tiny_flux2_pipeline(seed=seed)
     with torch.random.fork_rng(devices=[]):
         transformer = _dit("Flux2Transformer2DModel", seed, **{
@@ -1056,6 +1186,20 @@ def _pixtral_text_processor():
     return PixtralTextProcessor
 
 
+def __getattr__(name: str):
+    """``PixtralTextProcessor``, the class of :func:`tiny_flux2_dev_pipeline`'s ``tokenizer``, built on first use (it
+    needs transformers, which importing this module does not). A saved dev pipeline names it in ``model_index.json``
+    as ``["attnscope.testing", "PixtralTextProcessor"]``; diffusers finds it here, and looks up ``ProcessorMixin``
+    in the same module to learn how to load it (``from_pretrained``)."""
+    if name == "PixtralTextProcessor":
+        return _pixtral_text_processor()
+    if name == "ProcessorMixin":
+        from transformers.processing_utils import ProcessorMixin
+
+        return ProcessorMixin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _mistral_processor(directory, words: Sequence[str] = DEFAULT_WORDS):
     """A tiny Tekken-style tokenizer (byte-level BPE over ``words`` and the dev pipeline's system message, Mistral's
     special tokens, left padding with ``<pad>``), written into ``directory`` and loaded back, in a processor with a
@@ -1067,6 +1211,7 @@ def _mistral_processor(directory, words: Sequence[str] = DEFAULT_WORDS):
     from transformers import AutoTokenizer, TokenizersBackend
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
+    directory = _tokenizer_directory(directory)
     merges, tokens = _byte_level_bpe([*words, *re.findall(r"\w+", SYSTEM_MESSAGE)])
     backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(dict.fromkeys([*_MISTRAL_SPECIALS, *tokens]))},
                                    merges=merges))
@@ -1077,8 +1222,6 @@ def _mistral_processor(directory, words: Sequence[str] = DEFAULT_WORDS):
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _MISTRAL_SPECIALS])
     tok = TokenizersBackend(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                             pad_token="<pad>", padding_side="left", model_max_length=131072)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(directory))
     image_processor = PixtralImageProcessorPil(patch_size={"height": 6, "width": 6}, size={"longest_edge": 24})
     return _pixtral_text_processor()(image_processor, AutoTokenizer.from_pretrained(str(directory)),
@@ -1138,6 +1281,8 @@ def tiny_flux2_dev_pipeline(seed=0, tokenizer_dir=None, num_layers=2, num_single
         ``max_sequence_length`` positions of ``<pad>``…``<s>[SYSTEM_PROMPT]{system message}[/SYSTEM_PROMPT]
         [INST]{prompt}[/INST]`` first (31 positions before the prompt), then the image tokens.
     """
+    seed, num_layers, num_single_layers = _flux2_counts(seed, num_layers, num_single_layers)
+
     def mistral(root):
         processor = _mistral_processor(root)
         return processor, lambda: _mistral3_encoder(processor.tokenizer, seed)
@@ -1157,8 +1302,9 @@ def pixart_structure_pipeline(seed=0, num_layers=4, heads=16, head_dim=72, sigma
     >>> pipe.transformer.config.num_attention_heads, len(pipe.transformer.transformer_blocks)
     (2, 1)
     """
+    seed, num_layers, heads, head_dim = _structure(seed, num_layers, heads, head_dim)
     pipe = tiny_pixart_pipeline(seed=seed, sigma=sigma)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _width_errors(heads, head_dim):
         transformer = _dit("PixArtTransformer2DModel", seed, **{
             **_PIXART, "sample_size": 64, "num_attention_heads": heads, "attention_head_dim": head_dim,
             "cross_attention_dim": heads * head_dim, "num_layers": num_layers})
@@ -1178,6 +1324,7 @@ def sana_structure_pipeline(seed=0, num_layers=4, heads=20, head_dim=112):
     >>> pipe.transformer.config.num_cross_attention_heads, len(pipe.transformer.transformer_blocks)
     (2, 1)
     """
+    seed, num_layers, heads, head_dim = _structure(seed, num_layers, heads, head_dim)
     pipe = tiny_sana_pipeline(seed=seed)
     width = heads * head_dim
     linear_heads = max(1, width // 32)  # Sana's linear self-attention: heads of 32
@@ -1214,15 +1361,24 @@ def tiny_clip_model(tokenizer, seed: int = 0, image_size: int = 32, hidden_size:
     import warnings
 
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise AttnscopeError(f"tokenizer={tokenizer!r}: expected a transformers CLIP tokenizer (make_clip_tokenizer)")
+    seed, image_size = _int("seed", seed), _int("image_size", image_size, minimum=8)
+    hidden_size = _int("hidden_size", hidden_size, minimum=4)
+    if image_size % 8 or hidden_size % 4:
+        raise AttnscopeError(f"image_size={image_size}, hidden_size={hidden_size}: expected an image_size divisible "
+                             "by the patch size 8 and a hidden_size divisible by the 4 attention heads")
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4,
                 num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
     vision = dict(image_size=image_size, patch_size=8, hidden_size=hidden_size, intermediate_size=37,
                   num_attention_heads=4, num_hidden_layers=2)
-    torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden_size)).eval()
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG state stays as it was
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden_size)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
