@@ -124,3 +124,23 @@ def test_text_tables_of_a_wrong_input_say_what_they_expected(trace):
             call()
     one = ats.stats.dominance_table(ds.isel(sample=[0]))  # a list keeps the dim: the same table
     assert one == ats.stats.dominance_table(ds)
+
+
+def test_plots_and_compare_take_the_site_predicates_capture_takes(shapes, tmp_path):
+    """capture and the statistics take `sites=lambda site: site.block == "up"`; the figures refused it ("expected a site
+    name, a glob or a list of them") and compare gave it the site's name only. Both now see each site's stored
+    description and draw what the same glob draws."""
+    tr = ats.capture(shapes, "a red circle and a blue square", seed=0, store=tmp_path / "p.zarr",
+                     num_inference_steps=2)
+    up = [s for s in tr.sites if s.startswith("up_blocks")]
+    pick = lambda site: site.block == "up"  # noqa: E731
+    for draw in (lambda s: ats.plot.heatmaps(tr, ["circle"], sites=s),
+                 lambda s: ats.plot.site_step_grid(tr, "circle", sites=s)):
+        with_glob, with_predicate = draw("up_blocks.*"), draw(pick)
+        images = [[np.asarray(im.get_array()) for ax in fig.axes for im in ax.get_images()]
+                  for fig in (with_glob, with_predicate)]
+        assert len(images[0]) == len(images[1]) > 0
+        for a, b in zip(*images):
+            np.testing.assert_array_equal(a, b)
+    c = ats.compare(tr, tr, ["circle"], sites=pick)
+    assert c.sites == up

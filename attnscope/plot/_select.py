@@ -9,18 +9,18 @@ import xarray as xr
 
 from .. import stats  # noqa: F401  (registers DataArray.attn)
 from ..errors import AttnscopeError
-from ..selection import run_steps, select_captured_steps, select_site_names
+from ..selection import run_steps, select_captured_steps, select_site_names, site_descriptions
 from ..tokens import prompt_text, token_roles, word_alignment
 
 __all__ = ["dataset_variable", "default_targets", "forward_order", "sample_index",
            "sample_prompt", "sample_roles", "sample_tokens", "token_positions", "select_label", "site_maps", "site_names"]
 
 
-def site_names(trace: Any, sites: str | Sequence[str] | None) -> list[str]:
-    """The trace's sites chosen by ``sites``: ``None`` (all), a name or glob, or a list of them."""
-    if callable(sites):
-        raise AttnscopeError(f"sites={sites!r}: expected a site name, a glob or a list of them")
-    return select_site_names(sites, trace.sites)
+def site_names(trace: Any, sites: Any) -> list[str]:
+    """The trace's sites chosen by ``sites``: ``None`` (all), a name or glob, a list of them, or a predicate on each
+    site's stored description (as capture's: ``lambda site: site.block == "up"``)."""
+    described = site_descriptions({n: trace.attention(n) for n in trace.sites}) if callable(sites) else None
+    return select_site_names(sites, trace.sites, described)
 
 
 def forward_order(trace: Any, names: Sequence[str]) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..selection import run_steps, select_site_names, select_steps, step_ranges
+from ..selection import run_steps, select_site_names, select_steps, site_descriptions, step_ranges
 from ..stats import dominance
 from ..store import Trace, as_trace, check_same_generation
 from ..tokens import target_list, token_words
@@ -137,7 +137,10 @@ def _chosen_sites(a: Trace, b: Trace, sites: Any) -> list[str]:
         if not common:
             raise AttnscopeError(f"{where}: they recorded no site in common ({a.sites} vs {b.sites})")
         return common
-    names = select_site_names(sites, list(dict.fromkeys([*a.sites, *b.sites])))
+    every = list(dict.fromkeys([*a.sites, *b.sites]))
+    described = (site_descriptions({n: (a if n in a.sites else b).attention(n) for n in every}) if callable(sites)
+                 else None)  # a predicate sees each site's stored description, as in capture
+    names = select_site_names(sites, every, described)
     lacking = [f"trace {label} ({str(tr.path)!r}) did not record {', '.join(missing)}"
                for label, tr in (("a", a), ("b", b)) if (missing := [n for n in names if n not in set(tr.sites)])]
     if lacking:
@@ -202,7 +205,7 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
         :func:`rerun` with interventions).
     targets : list of words, phrases or token positions, optional
         Default: every distinct word of ``a``'s first prompt (``ats.stats.dominance``'s default).
-    sites : glob, list of names/globs, optional
+    sites : glob, list of names/globs or predicate (as in capture), optional
         Which sites (default all that both traces recorded); every site chosen must be in both traces
         (an error names the trace that lacks one).
     steps : int, list of int or slice, optional
