@@ -27,6 +27,8 @@ def _call_default(pipe: Any, name: str) -> Any:
 
 #: names diffusers' pipelines read from ``**kwargs`` (SD 1.x/2.x, SDXL: the deprecated step callback)
 _KWARGS_READ = ("callback", "callback_steps")
+#: the prompt's embeddings (and PixArt's and Sana's mask of them), which diffusers takes instead of ``prompt``
+_PROMPT_EMBEDDINGS = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
 
 
 def check_call_kwargs(pipe: Any, pipeline_kwargs: dict) -> None:
@@ -216,11 +218,19 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     prompts = _prompts(prompt)
     if "generator" in pipeline_kwargs or "prompt" in pipeline_kwargs:
         raise AttnscopeError("pipeline_kwargs: pass `prompt` and `seed` to capture() instead of `prompt`/`generator`")
+    for name in _PROMPT_EMBEDDINGS:
+        if pipeline_kwargs.get(name) is not None:
+            raise AttnscopeError(
+                f"{name}: capture runs the pipeline on `prompt` (diffusers takes a prompt or its embeddings, not both, "
+                f"and encodes the prompt over embeddings given beside it) and labels the maps with the prompt's tokens. "
+                f"To record a run on embeddings, call the pipeline inside `with ats.hooks(pipe, rec)` with "
+                f"rec = ats.Recorder(store) (its maps have no token labels)")
     check_call_kwargs(pipe, pipeline_kwargs)
     if pipeline_kwargs.get("return_dict", True) is not True:
         raise AttnscopeError(f"return_dict={pipeline_kwargs['return_dict']!r}: capture reads the images from the "
                              f"pipeline's output object; leave return_dict out")
     pipeline_kwargs = _negative_prompts(prompts, pipeline_kwargs)
+    _check_negative_is_read(pipe, pipeline_kwargs)
     check_num_steps(pipeline_kwargs.get("num_inference_steps"))
     for name in ("height", "width"):
         check_size(name, pipeline_kwargs.get(name))
@@ -285,6 +295,27 @@ def _negative_prompts(prompts: list[str], pipeline_kwargs: dict) -> dict:
         elif isinstance(value, (list, tuple)) and len(prompts) == 1:
             out[key] = value[0]  # the one prompt goes to the pipeline as a string: so does its negative
     return out
+
+
+def _check_negative_is_read(pipe: Any, pipeline_kwargs: dict) -> None:
+    """A negative prompt the pipeline would drop without a word — guidance off: ``guidance_scale <= 1``, or on a
+    pipeline with true CFG (FLUX.1) ``true_cfg_scale <= 1`` — is refused: the trace would record it as the run's.
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> _check_negative_is_read(tiny_sd_pipeline(), {"negative_prompt": "blurry", "guidance_scale": 1.0})
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: negative_prompt='blurry': StableDiffusionPipeline reads a negative prompt only with guidance_scale > 1 (classifier-free guidance), got guidance_scale=1.0, so it would not act and the trace would record it as the run's; raise guidance_scale or leave negative_prompt out
+    """
+    negative = pipeline_kwargs.get("negative_prompt")
+    texts = [negative] if isinstance(negative, str) else negative if isinstance(negative, (list, tuple)) else []
+    if not any(isinstance(text, str) and text.strip() for text in texts):
+        return
+    name = "true_cfg_scale" if "true_cfg_scale" in _call_parameters(type(pipe))[0] else "guidance_scale"
+    scale = pipeline_kwargs.get(name, _call_default(pipe, name))
+    if isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, bool) and scale <= 1:
+        raise AttnscopeError(f"negative_prompt={negative!r}: {type(pipe).__name__} reads a negative prompt only with "
+                             f"{name} > 1 (classifier-free guidance), got {name}={scale}, so it would not act and the "
+                             f"trace would record it as the run's; raise {name} or leave negative_prompt out")
 
 
 def _prompts(prompt: Any) -> list[str]:

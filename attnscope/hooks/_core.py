@@ -69,6 +69,7 @@ class HookSession:
         self._prompt_embedded = False  # the run's prompt came as prompt_embeds: every text encoded is a negative
         self._text: tuple | None = None  # (token_ids, token_text, segments, token_roles) of the run
         self._uncond_text: tuple | None = None  # (token_text, token_roles) of the negative prompts, or (None, None)
+        self._uncond_ids: torch.Tensor | None = None  # their token ids over the sites' text axis (the text mask's check)
         #: the padding token of a one-tokenizer text axis (the text mask's check), else None
         self._pad_id = getattr(self.text_encoders[0][1], "pad_token_id", None) if len(self.text_encoders) == 1 else None
         self._last_timestep: float | None = None
@@ -123,7 +124,7 @@ class HookSession:
         if self._steps_in_run > 0:
             self._new_run, self._steps_in_run = True, 0
             self._segment_ids, self._text = [None] * len(self.text_encoders), None
-            self._negative_ids, self._uncond_text = [None] * len(self.text_encoders), None
+            self._negative_ids, self._uncond_text, self._uncond_ids = [None] * len(self.text_encoders), None, None
             self._prompt_embedded = False
 
     def _on_encode_prompt(self, embeds_given: bool) -> None:
@@ -158,9 +159,9 @@ class HookSession:
         """``(token_text, token_roles)`` of the negative prompts the unconditional rows read, ``(None, None)`` when
         no text encoder ran for them (embeddings given, or zeros: SDXL's ``force_zeros_for_empty_prompt``)."""
         if self._uncond_text is None:
-            _, text, _, roles = _prompt_text(self.text_encoders, self._negative_ids, text_length,
-                                             getattr(self.adapter, "spell", None), self.pipe)
-            self._uncond_text = (text, roles)
+            ids, text, _, roles = _prompt_text(self.text_encoders, self._negative_ids, text_length,
+                                               getattr(self.adapter, "spell", None), self.pipe)
+            self._uncond_text, self._uncond_ids = (text, roles), ids
         return self._uncond_text
 
     def _on_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -198,7 +199,7 @@ class HookSession:
             uncond_token_text=uncond_text, uncond_token_roles=uncond_roles,
         )
         if step.step == 0:
-            check_text_mask(kwargs.get("encoder_attention_mask"), step, self._pad_id)
+            check_text_mask(kwargs.get("encoder_attention_mask"), step, self._pad_id, self._uncond_ids if guidance else None)
         branch = self._single_branch(step)
         self._duplicate = branch is not None
         if branch is not None:  # run one half of the CFG batch; the post-hook duplicates the prediction
