@@ -1,4 +1,4 @@
-"""``ats.rerun`` and ``ats.compare`` on bad or unusual input (audit 2027-02): each test failed before its fix."""
+"""``ats.rerun`` and ``ats.compare`` on bad or unusual input (audit 2026-12-07): each test failed before its fix."""
 
 import shutil
 
@@ -9,6 +9,8 @@ import zarr
 import attnscope as ats
 from attnscope import compare, rerun
 from attnscope.regulate import Reweight
+
+from .test_rerun import ZeroAt
 
 PROMPT = "a red circle and a blue square"
 
@@ -142,21 +144,6 @@ def test_named_steps_one_trace_did_not_capture_name_that_trace(parent, shapes, t
     assert compare(parent, sub, ["circle"], steps=[1, 2]).stats.attrs["compared_steps"] == [1, 2]
 
 
-class ZeroAt:
-    """Test intervention: no attention at all (cond rows) at one site and step."""
-
-    role = "intervention"
-
-    def __init__(self, site, step):
-        self.site, self.step = site, step
-
-    def stages(self, ctx):
-        return ("probs",) if ctx.site.name == self.site and ctx.step == self.step else ()
-
-    def on_probs(self, ctx, probs):
-        out = probs.clone()
-        out[ctx.rows.cond] = 0
-        return out
 
 
 def test_the_figures_bars_are_the_tables_shares(parent, shapes, tmp_path):
