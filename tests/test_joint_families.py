@@ -547,3 +547,24 @@ def test_sd3_prompt_once_phrases_within_a_segment_and_positions_in_plots(sd3, tm
     assert "<title>attnscope report — red circle and blue square</title>" in page
     with pytest.raises(AttnscopeError, match="target 20: token position not on this trace's token axis"):
         ats.report(tr, tmp_path / "s.html", words=[20])
+
+
+def test_regulation_edits_the_target_in_both_copies_of_the_sd3_prompt(sd3):
+    """SD3's token axis spells the prompt twice (CLIP, then T5). Regulation took a target's first occurrence over the
+    whole axis, so only the CLIP copy of "circle" (column 3) was regulated and its T5 copy (79) never was; and for
+    ["circle", "circle"] the second listing took the second CLIP circle. The k-th listing is now the k-th occurrence
+    in each copy, as in the statistics."""
+    from attnscope.regulate._scope import nth_occurrences
+
+    toks = ["<|startoftext|>", "a</w>", "circle</w>", "and</w>", "a</w>", "circle</w>", "<|endoftext|>"]
+    toks += ["<|endoftext|>"] * 70 + ["▁a", "▁circle", "▁and", "▁a", "▁circle", "</s>"]
+    assert nth_occurrences(toks, ["circle", "circle"]) == [[2, 78], [5, 81]]
+    assert nth_occurrences(toks, ["circle"]) == [[2, 78]]
+    spy, after = _Logits("intervention"), _Logits("observer")
+    with ats.hooks(sd3, spy, ats.regulate.AttentionRegulation(["circle"], iterations=3), after):
+        sd3("a red circle", generator=torch.Generator().manual_seed(3), output_type="np", **SD3_KW)
+    edited = set()
+    for key, before in spy.seen.items():
+        diff = (after.seen[key] - before).abs().amax(dim=(0, 1, 2))           # per token
+        edited |= {int(c) for c in diff.nonzero().flatten()}
+    assert edited == {3, 79}

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import AttnscopeError
 from ..selection import select_sites, select_steps
-from ..tokens import is_target, prompt_text, resolve_targets, target_list, target_occurrences
+from ..tokens import is_target, prompt_text, resolve_targets, segment_bounds, target_list, target_occurrences
 
 __all__ = ["InterventionScope", "default_regulation_sites", "nth_occurrences", "repr_options", "targets_label"]
 
@@ -202,7 +202,8 @@ class InterventionScope:
 
 def nth_occurrences(tokens: list[str], targets: Any, roles: Any = None) -> list[list[int]]:
     """Each target's positions: the first occurrence of a word or phrase, the second occurrence for
-    its second mention in ``targets``, and so on (``["circle", "circle"]`` is both circles).
+    its second mention in ``targets``, and so on (``["circle", "circle"]`` is both circles); in each text
+    segment of the token axis (SD3 spells the prompt twice, CLIP then T5: both copies).
 
     >>> toks = ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "and</w>", "a</w>", "blue</w>",
     ...         "circle</w>", "<|endoftext|>"]
@@ -218,11 +219,14 @@ def nth_occurrences(tokens: list[str], targets: Any, roles: Any = None) -> list[
             out.append([target])
             continue
         found = target_occurrences(tokens, target, roles)
+        per_segment = [[occ for occ in found if start <= occ[0] < stop] for start, stop in segment_bounds(tokens)]
         k = mentions[target.lower()] = mentions.get(target.lower(), -1) + 1
-        if k >= len(found):
-            raise AttnscopeError(f"target {target!r} is given {k + 1} times but occurs {len(found)} time(s) in the "
-                                 f"prompt {prompt_text(tokens, roles)!r}")
-        out.append(found[k])
+        picked = [p for occ in per_segment if k < len(occ) for p in occ[k]]
+        if not picked:
+            raise AttnscopeError(f"target {target!r} is given {k + 1} times but occurs "
+                                 f"{max(len(occ) for occ in per_segment)} time(s) in the prompt "
+                                 f"{prompt_text(tokens, roles)!r}")
+        out.append(sorted(picked))
     return out
 
 
