@@ -4,25 +4,14 @@ import shutil
 
 import numpy as np
 import pytest
-import zarr
 
 import attnscope as ats
 from attnscope import compare, rerun
 from attnscope.regulate import Reweight
 
-from .test_rerun import ZeroAt
+from .test_rerun import ZeroAt, edited_copy
 
 PROMPT = "a red circle and a blue square"
-
-
-def edited_copy(trace, dest, edit):
-    """A copy of ``trace`` whose root attributes went through ``edit(attrs)`` (plain zarr)."""
-    shutil.copytree(trace.path, dest)
-    root = zarr.open_group(str(dest), mode="r+")
-    attrs = dict(root.attrs)
-    edit(attrs)
-    root.attrs.update(attrs)
-    return dest
 
 
 @pytest.fixture(scope="module")
