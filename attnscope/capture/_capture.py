@@ -17,7 +17,7 @@ from ..selection import SiteSpec, StepSpec, check_seed
 from ..store import Trace, jsonable, open_trace
 from ._recorder import Recorder
 
-__all__ = ["capture", "check_num_steps", "check_size"]
+__all__ = ["capture", "check_images_per_prompt", "check_num_steps", "check_size"]
 
 
 def _call_default(pipe: Any, name: str) -> Any:
@@ -240,11 +240,7 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     output_type = pipeline_kwargs.get("output_type", "pil")
     if output_type not in ("pil", "np", "pt", "latent"):
         raise AttnscopeError(f"output_type={output_type!r}: expected 'pil', 'np', 'pt' or 'latent'")
-    per_prompt = pipeline_kwargs.get("num_images_per_prompt", 1)
-    if per_prompt is None:
-        per_prompt = 1
-    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
-        raise AttnscopeError(f"num_images_per_prompt={per_prompt!r}: expected an int >= 1")
+    per_prompt = check_images_per_prompt(pipeline_kwargs.get("num_images_per_prompt"))
     seed = _seeds(seed, len(prompts) * per_prompt)
     generator = _generator(seed)
     recorded, unrecorded = {}, []
@@ -350,6 +346,21 @@ def check_num_steps(value: Any) -> None:
     """
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise AttnscopeError(f"num_inference_steps={value!r}: expected an int >= 1 (the number of denoising steps)")
+
+
+def check_images_per_prompt(value: Any) -> int:
+    """``num_images_per_prompt`` as the pipeline takes it (None: 1), else AttnscopeError unless an int >= 1.
+
+    >>> check_images_per_prompt(None), check_images_per_prompt(2)
+    (1, 2)
+    >>> check_images_per_prompt(0)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: num_images_per_prompt=0: expected an int >= 1
+    """
+    value = 1 if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AttnscopeError(f"num_images_per_prompt={value!r}: expected an int >= 1")
+    return value
 
 
 def check_size(name: str, value: Any) -> None:

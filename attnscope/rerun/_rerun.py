@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..capture import Recorder, check_num_steps, check_size
+from ..capture import Recorder, check_images_per_prompt, check_num_steps, check_size
 from ..errors import AttnscopeError
 from ..hooks import client_role, find_denoiser, hooks, prepare_clients
 from ..models import load_pipeline
@@ -319,24 +320,19 @@ def _generator(run: dict[str, Any], where: str) -> Any:
 
 
 def _check_batch(run: dict[str, Any], kwargs: dict[str, Any], prompts: int, where: str) -> None:
-    """The steps, sizes, images per prompt and seeds the rerun will pass the pipeline, checked as ``capture`` checked
-    them: a damaged or crafted manifest is one error naming the trace, not a failure inside the pipeline."""
-    for name, expected in (("num_inference_steps", "an int >= 1 (the number of denoising steps)"),
-                           ("height", "a positive int (the image's height in pixels)"),
-                           ("width", "a positive int (the image's width in pixels)")):
-        value = kwargs.get(name)
+    """The steps, sizes, images per prompt and seeds the rerun will pass the pipeline, checked with ``capture``'s own
+    checks: a damaged or crafted manifest is one error naming the trace, not a failure inside the pipeline."""
+    checks = {"num_inference_steps": (check_num_steps, "an int >= 1 (the number of denoising steps)"),
+              "height": (functools.partial(check_size, "height"), "a positive int (the image's height in pixels)"),
+              "width": (functools.partial(check_size, "width"), "a positive int (the image's width in pixels)"),
+              "num_images_per_prompt": (check_images_per_prompt, "an int >= 1")}
+    for name, (check, expected) in checks.items():
         try:
-            if name == "num_inference_steps":
-                check_num_steps(value)
-            else:
-                check_size(name, value)
+            check(kwargs.get(name))
         except AttnscopeError:
-            raise AttnscopeError(f"trace {where!r}: {name}={value!r} in its manifest; expected {expected}") from None
-    per_prompt = kwargs.get("num_images_per_prompt")
-    per_prompt = 1 if per_prompt is None else per_prompt  # as capture takes it
-    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
-        raise AttnscopeError(f"trace {where!r}: num_images_per_prompt={per_prompt!r} in its manifest; expected an int "
-                             f">= 1")
+            raise AttnscopeError(f"trace {where!r}: {name}={kwargs.get(name)!r} in its manifest; expected "
+                                 f"{expected}") from None
+    per_prompt = check_images_per_prompt(kwargs.get("num_images_per_prompt"))
     seed, images = run.get("seed"), prompts * per_prompt
     if isinstance(seed, list) and len(seed) != images:
         raise AttnscopeError(f"trace {where!r}: seed={seed!r} in its manifest: {len(seed)} seeds for {images} images "
