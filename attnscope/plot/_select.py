@@ -9,7 +9,7 @@ import xarray as xr
 
 from .. import stats  # noqa: F401  (registers DataArray.attn)
 from ..errors import AttnscopeError
-from ..selection import run_steps, select_captured_steps, select_site_names, site_descriptions
+from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import prompt_text, token_roles, word_alignment
 
 __all__ = ["dataset_variable", "default_targets", "forward_order", "sample_index",
@@ -19,7 +19,7 @@ __all__ = ["dataset_variable", "default_targets", "forward_order", "sample_index
 def site_names(trace: Any, sites: Any) -> list[str]:
     """The trace's sites chosen by ``sites``: ``None`` (all), a name or glob, a list of them, or a predicate on each
     site's stored description (as capture's: ``lambda site: site.block == "up"``)."""
-    described = site_descriptions({n: trace.attention(n) for n in trace.sites}) if callable(sites) else None
+    described = {n: trace.site_description(n) for n in trace.sites} if callable(sites) else None
     return select_site_names(sites, trace.sites, described)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..selection import run_steps, select_site_names, select_steps, site_descriptions, step_ranges
+from ..selection import run_steps, select_site_names, select_steps, step_ranges
 from ..stats import dominance
 from ..store import Trace, as_trace, check_same_generation
 from ..tokens import target_list, token_words
@@ -138,7 +138,7 @@ def _chosen_sites(a: Trace, b: Trace, sites: Any) -> list[str]:
             raise AttnscopeError(f"{where}: they recorded no site in common ({a.sites} vs {b.sites})")
         return common
     every = list(dict.fromkeys([*a.sites, *b.sites]))
-    described = (site_descriptions({n: (a if n in a.sites else b).attention(n) for n in every}) if callable(sites)
+    described = ({n: (a if n in a.sites else b).site_description(n) for n in every} if callable(sites)
                  else None)  # a predicate sees each site's stored description, as in capture
     names = select_site_names(sites, every, described)
     lacking = [f"trace {label} ({str(tr.path)!r}) did not record {', '.join(missing)}"

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError
-from ..selection import check_tol, run_steps, select_captured_steps, select_site_names, site_descriptions
+from ..selection import check_tol, run_steps, select_captured_steps, select_site_names
 from ..store import GATED_STEPS_ATTR, OUTPUT_CHANGE, OUTPUT_NORM, Trace, open_trace
 from ._dominance import site_arrays
 
@@ -74,8 +74,8 @@ def _output_curves(ds: Any, sites: Any, steps: Any, source: Any = None) -> Any:
     curve = (ds[OUTPUT_CHANGE].astype(np.float64) / ds[OUTPUT_NORM].astype(np.float64)).transpose("step", "site", "sample")
     if sites is not None:
         names = [str(s) for s in curve["site"].values]
-        described = (site_descriptions({n: source.attention(n) for n in names})
-                     if callable(sites) and hasattr(source, "attention") else None)
+        described = ({n: source.site_description(n) for n in names}
+                     if callable(sites) and hasattr(source, "site_description") else None)
         curve = curve.sel(site=select_site_names(sites, names, described))
     if steps is not None:
         captured = curve["step"].values.tolist()

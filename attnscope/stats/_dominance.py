@@ -46,11 +46,9 @@ def site_arrays(source: Any, sites: Any = None, steps: Any = None) -> tuple[dict
     elif isinstance(source, Mapping):
         arrays = dict(source)
     elif hasattr(source, "attention") and hasattr(source, "sites"):
-        if callable(sites):  # a predicate reads the sites' descriptions, which their (lazy) arrays carry
-            arrays = {n: source.attention(n) for n in source.sites}
-        else:
-            arrays = {n: source.attention(n) for n in select_site_names(sites, source.sites)}
-            sites = None
+        described = {n: source.site_description(n) for n in source.sites} if callable(sites) else None
+        arrays = {n: source.attention(n) for n in select_site_names(sites, source.sites, described)}
+        sites = None
     else:
         raise AttnscopeError(f"source of type {type(source).__name__}: expected a Trace, an xarray.DataArray "
                              "or a mapping of site name to DataArray")

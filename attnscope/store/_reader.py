@@ -206,6 +206,23 @@ class Trace:
         """Module paths of the recorded sites, in model order."""
         return list(self._attrs["sites"])
 
+    def site_description(self, site: str | Any) -> dict[str, Any]:
+        """The stored description of a recorded site (name, family, kind, block, level, depth, heads, …), read from its
+        metadata without opening its arrays: what a ``sites=`` predicate sees of it after capture.
+
+        >>> import tempfile, attnscope as ats
+        >>> from attnscope.testing import tiny_sd_pipeline
+        >>> tr = ats.capture(tiny_sd_pipeline(), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
+        ...                  num_inference_steps=2, height=32, width=32)
+        >>> d = tr.site_description(tr.sites[0])
+        >>> d["name"] == tr.sites[0], d["kind"], d["block"]
+        (True, 'cross', 'down')
+        """
+        name = getattr(site, "name", site)
+        if name not in self.sites:
+            raise AttnscopeError(f"site {name!r} is not in this trace; recorded sites:\n  " + "\n  ".join(self.sites))
+        return dict(self._nodes.get(site_group(name), {}).get("attributes", {}).get("site", {}))
+
     @property
     def tokens(self) -> list[str]:
         """Text tokens of the first prompt as the model saw them, one per position on the token axis.
@@ -394,7 +411,7 @@ class Trace:
         if branch == "uncond":  # the uncond rows read the negative prompt: its text, where the trace stored it
             coords.update({key: self.coords[stored].rename(key) for key, stored in UNCOND_TOKEN_COORDS.items()
                            if key in coords and stored in self.coords})
-        attrs = {**meta.get("attributes", {}), "site": dict(node_attrs.get("site", {})),  # branch; family, kind, …
+        attrs = {**meta.get("attributes", {}), "site": self.site_description(name),  # branch; family, kind, …
                  "tokens": self.manifest.get("capture", {}).get("tokens", "all")}  # "prompt": the token axis was cut
         da = xr.DataArray(self._guarded(path, name), dims=dims, coords=coords, name=arrays[branch], attrs=attrs)
         return da.isel(step=steps)
