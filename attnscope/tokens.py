@@ -29,7 +29,7 @@ from typing import Any
 from .errors import AttnscopeError
 
 __all__ = ["BYTE_SPACE", "EOT", "ROLES", "SOT", "byte_to_unicode", "is_target", "prompt_length", "prompt_positions", "prompt_text", "resolve_targets",
-           "segment_bounds", "target_list", "target_occurrences", "token_roles", "token_words", "word_alignment", "word_occurrences"]
+           "segment_bounds", "segment_occurrences", "target_list", "target_occurrences", "token_roles", "token_words", "word_alignment", "word_occurrences"]
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 T5_EOS, T5_PAD, T5_SPACE = "</s>", "<pad>", "\u2581"
@@ -403,6 +403,18 @@ def target_occurrences(tokens: Sequence[str], target: str, roles: Sequence[str] 
     ([[3], [7]], [[6, 7]], [])
     """
     return _matches(_lower(_segment_occurrences(tokens, roles)), target)
+
+
+def segment_occurrences(tokens: Sequence[str], target: str, roles: Sequence[str] | None = None) -> list[list[list[int]]]:
+    """:func:`target_occurrences` of a word or phrase, per text segment of the token axis (SD3 spells the prompt
+    twice, CLIP then T5): the k-th occurrence of a target is ``[occ[k] for occ in ...]``, one per copy.
+
+    >>> toks = ["<|startoftext|>", "circle</w>", "circle</w>", "<|endoftext|>"] + ["<|endoftext|>"] * 73
+    >>> segment_occurrences(toks + ["\u2581circle", "\u2581circle", "</s>"], "circle")
+    [[[1], [2]], [[77], [78]]]
+    """
+    found = target_occurrences(tokens, target, roles)
+    return [[occ for occ in found if start <= occ[0] < stop] for start, stop in segment_bounds(tokens)]
 
 
 def _lower(segments: list[list[tuple[str, list[int]]]]) -> list[list[tuple[str, list[int]]]]:

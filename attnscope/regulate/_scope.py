@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import AttnscopeError
 from ..selection import select_sites, select_steps
-from ..tokens import is_target, prompt_text, resolve_targets, segment_bounds, target_list, target_occurrences
+from ..tokens import is_target, prompt_text, resolve_targets, segment_occurrences, target_list
 
 __all__ = ["InterventionScope", "default_regulation_sites", "nth_occurrences", "repr_options", "targets_label"]
 
@@ -218,8 +218,7 @@ def nth_occurrences(tokens: list[str], targets: Any, roles: Any = None) -> list[
         if isinstance(target, int):
             out.append([target])
             continue
-        found = target_occurrences(tokens, target, roles)
-        per_segment = [[occ for occ in found if start <= occ[0] < stop] for start, stop in segment_bounds(tokens)]
+        per_segment = segment_occurrences(tokens, target, roles)
         k = mentions[target.lower()] = mentions.get(target.lower(), -1) + 1
         picked = [p for occ in per_segment if k < len(occ) for p in occ[k]]
         if not picked:

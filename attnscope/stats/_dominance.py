@@ -13,9 +13,8 @@ from ..selection import index_positions, run_steps, select_captured_steps, selec
 from ..tokens import (
     prompt_text,
     resolve_targets,
-    segment_bounds,
+    segment_occurrences,
     target_list,
-    target_occurrences,
     token_roles,
     token_words,
 )
@@ -184,17 +183,13 @@ def _mentions(items: list[Any]) -> tuple[list[int], list[int]]:
 def _nth_occurrence(text: list[str], roles: list[str], target: str, k: int, listed: int) -> list[int]:
     """The positions of the ``k``-th occurrence (from 0) of ``target`` in each text segment of one prompt (SD3
     spells it twice: CLIP, then T5); an error when no segment has that many."""
-    found = target_occurrences(text, target, roles)
-    cols: list[int] = []
-    for start, stop in segment_bounds(text):
-        inside = [occ for occ in found if occ and start <= occ[0] < stop]
-        if k < len(inside):
-            cols += inside[k]
+    per_segment = segment_occurrences(text, target, roles)
+    cols = [p for occ in per_segment if k < len(occ) for p in occ[k]]
     if not cols:
-        per_segment = max(sum(1 for occ in found if occ and start <= occ[0] < stop) for start, stop in segment_bounds(text))
-        raise AttnscopeError(f"target {target!r} is listed {listed} times but occurs {per_segment} time(s) in the "
+        most = max(map(len, per_segment))
+        raise AttnscopeError(f"target {target!r} is listed {listed} times but occurs {most} time(s) in the "
                              f"prompt {prompt_text(text, roles)!r}: the k-th listing is the k-th occurrence; list it "
-                             f"at most {per_segment} time(s), or name the objects apart (\"red circle\", \"blue circle\")")
+                             f"at most {most} time(s), or name the objects apart (\"red circle\", \"blue circle\")")
     return sorted(cols)
 
 
