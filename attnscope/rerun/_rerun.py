@@ -109,7 +109,7 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     parent = as_trace(trace, "trace")
     where = str(parent.path)
     if isinstance(trace, Trace):
-        parent.tree  # noqa: B018  (checks that the store is still the one this Trace was opened from)
+        parent.check_unchanged()
     if not parent.complete:
         raise AttnscopeError(f"trace {where!r} is incomplete (complete=false: its capture was interrupted or is "
                              f"still running, {parent.steps_written} steps written); only a complete trace can be rerun")

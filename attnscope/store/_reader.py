@@ -95,7 +95,7 @@ class Trace:
         """The whole store as an ``xarray.DataTree`` (lazy, dask-backed). Each access checks that the store is still
         the one this trace was opened from (reads through a tree kept from an earlier access are not checked)."""
         tree = self._tree
-        self._check_same_store()
+        self.check_unchanged()
         return tree
 
     @functools.cached_property
@@ -107,17 +107,29 @@ class Trace:
             with quiet_consolidated():
                 tree = xr.open_datatree(store, engine="zarr", chunks={}, consolidated=self.complete and self._consolidated, zarr_format=3)
         except Exception as exc:
-            self._check_same_store()
+            self.check_unchanged()
             if isinstance(self.path, Path):
                 raise AttnscopeError(f"{str(self.path)!r}: cannot be read as a trace ({type(exc).__name__}: {exc}); "
                                      f"the store is damaged") from exc
             raise access_error(self.path, exc, self.storage_options) from exc
         return tree  # checked by the ``tree`` property, after every access
 
-    def _check_same_store(self) -> None:
+    def check_unchanged(self) -> None:
         """AttnscopeError when the store at :attr:`path` is no longer the one this trace was opened from (another
         capture replaced it: its root attribute ``run_id`` differs) or is gone. Called after data is read, so
-        what was read is known to be this trace's."""
+        what was read is known to be this trace's; one small read of the root metadata.
+
+        >>> import tempfile, attnscope as ats
+        >>> from attnscope.testing import tiny_sd_pipeline
+        >>> d, pipe = tempfile.mkdtemp(), tiny_sd_pipeline()
+        >>> kw = dict(seed=0, num_inference_steps=2, height=32, width=32)
+        >>> tr = ats.capture(pipe, "a red circle", store=d + "/a.zarr", **kw)
+        >>> tr.check_unchanged()
+        >>> _ = ats.capture(pipe, "a red circle", store=d + "/a.zarr", overwrite=True, **kw)
+        >>> tr.check_unchanged()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        attnscope.errors.AttnscopeError: '.../a.zarr' was overwritten (by another capture) since this Trace was opened: ...
+        """
         raw = read_root(self.path, self.storage_options)
         same = raw is not None and (f'"{self._run_id}"'.encode() in raw if self._run_id is not None
                                     else f'"{RUN_ID_ATTR}"'.encode() not in raw)
@@ -190,12 +202,12 @@ class Trace:
             try:
                 values = np.asarray(self._group[name][...])
             except Exception as exc:
-                self._check_same_store()
+                self.check_unchanged()
                 raise AttnscopeError(f"{str(self.path)!r}: coordinate {name!r} cannot be read ({type(exc).__name__}: "
                                      f"{exc}); the trace is damaged") from exc
             dims = tuple(meta.get("dimension_names") or ())
             out[name] = xr.DataArray(values, dims=dims, name=name)
-        self._check_same_store()
+        self.check_unchanged()
         for name in ("step", "sample", "token"):  # index coordinates carry themselves, as xarray's own
             if name in out:
                 out[name] = out[name].assign_coords({name: out[name].variable})
@@ -304,10 +316,10 @@ class Trace:
         try:  # a few numbers per step and site: read now, so a damaged chunk is one clear error here
             ds = node.to_dataset(inherit=False)[[OUTPUT_NORM, OUTPUT_CHANGE]].load()
         except Exception as exc:
-            self._check_same_store()
+            self.check_unchanged()
             raise AttnscopeError(f"{str(self.path)!r}: the output summaries cannot be read ({type(exc).__name__}: "
                                  f"{exc}); the trace is damaged") from exc
-        self._check_same_store()
+        self.check_unchanged()
         ds = ds.assign_coords(step=self.coords["step"].values, sample=self.coords["sample"].values,
                               site=[str(s) for s in ds["site"].values],
                               timestep=("step", np.asarray(self.coords["timestep"].values, dtype=float)))
@@ -328,10 +340,10 @@ class Trace:
         try:
             pixels = np.asarray(self._group["images"][...])
         except Exception as exc:
-            self._check_same_store()
+            self.check_unchanged()
             raise AttnscopeError(f"{str(self.path)!r}: the stored images cannot be decoded ({type(exc).__name__}: "
                                  f"{exc}); the trace is damaged") from exc
-        self._check_same_store()
+        self.check_unchanged()
         return [Image.fromarray(np.asarray(a)) for a in pixels]
 
     def attention(self, site: str | Any, branch: str | None = None) -> Any:
@@ -390,7 +402,7 @@ class Trace:
         path = f"{group}/{arrays[branch]}"
         lost = self._lost_steps(path, steps)
         if lost:
-            self._check_same_store()
+            self.check_unchanged()
             message = (f"{str(self.path)!r}: site {name!r} ({arrays[branch]}): the shards of steps {lost} are missing "
                        f"from the store although {'the trace is complete' if self.complete else 'they were written'}")
             if self.missing != "skip":
@@ -422,7 +434,7 @@ class Trace:
             return
         lost = lost_chunks(self._nodes[name], stored_keys(self.path, name, self.storage_options))
         if lost:
-            self._check_same_store()
+            self.check_unchanged()
             raise AttnscopeError(f"{str(self.path)!r}: {what} lost {len(lost)} chunk(s) ({', '.join(lost[:3])}"
                                  f"{', …' if len(lost) > 3 else ''} of array {name!r}); the trace is damaged")
 
@@ -463,7 +475,7 @@ class Trace:
         uncaptured = set(range(self.num_steps)) - set(captured)  # never written: NaN (the fill value) by design
         expected = set(self.gated_steps) | set(self.nan_maps.get(site, [])) | uncaptured
         guard = GuardedArray(array, f"{str(self.path)!r}: site {site!r} ({path.rsplit('/', 1)[1]})", inspect, expected,
-                             self._check_same_store)
+                             self.check_unchanged)
         return dask.array.from_array(guard, chunks=shard, asarray=False, fancy=False, lock=False,
                                      meta=np.empty((0,) * guard.ndim, dtype=guard.dtype),  # else dask reads a block for it
                                      name=f"attnscope-{abs(hash((str(self.path), self._run_id, path, self.steps_written)))}")
