@@ -587,6 +587,7 @@ def plot(
     overwrite: bool = typer.Option(False, help="Replace an existing file at -o."),
 ) -> None:
     """Draw a figure of a trace: word heat maps, the step x site grid, violins, dominance or convergence lines."""
+    import warnings
 
     import attnscope as ats
     from attnscope.selection import parse_step_text
@@ -607,7 +608,8 @@ def plot(
                 raise ats.AttnscopeError(note)
             if note:
                 typer.echo(f"warning: {note}", err=True)
-        with ats.plot.missing_glyphs_quiet():  # an emoji of the prompt: a box in the figure, not a warning per text
+        with warnings.catch_warnings():  # an emoji of the prompt: a box in the figure, not a warning per text
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
             if kind == "heatmaps":
                 fig = ats.plot.heatmaps(tr, targets or _prompt_words(tr), sites=sites or None, steps=chosen, sample=sample)
             elif kind == "grid":

@@ -9,16 +9,16 @@ matplotlib (and seaborn, for the violins) load on first use of a figure function
 
 >>> import attnscope as ats
 >>> sorted(ats.plot.__all__)
-['TraceViewer', 'comparison', 'convergence', 'dominance_lines', 'heatmaps', 'missing_glyphs_quiet', 'report', 'report_words', 'site_step_grid', 'view', 'violins', 'word_maps']
+['TraceViewer', 'comparison', 'convergence', 'dominance_lines', 'heatmaps', 'report', 'report_words', 'site_step_grid', 'view', 'violins', 'word_maps']
 """
 
 from .._lazy import lazy_exports
 
-__all__ = ["TraceViewer", "comparison", "convergence", "dominance_lines", "heatmaps", "missing_glyphs_quiet", "report",
-           "report_words", "site_step_grid", "view", "violins", "word_maps"]
+__all__ = ["TraceViewer", "comparison", "convergence", "dominance_lines", "heatmaps", "report", "report_words", "site_step_grid",
+           "view", "violins", "word_maps"]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     "comparison": "._compare", "convergence": "._lines", "dominance_lines": "._lines", "heatmaps": "._heatmaps",
     "report": "._report", "report_words": "._report", "site_step_grid": "._heatmaps", "violins": "._violins",
-    "word_maps": "._heatmaps", "view": "._view", "TraceViewer": "._view", "missing_glyphs_quiet": "._layout",
+    "word_maps": "._heatmaps", "view": "._view", "TraceViewer": "._view",
 }, globals())

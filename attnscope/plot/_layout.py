@@ -43,17 +43,7 @@ def wrapped(text: str, width: float, fontsize: float) -> str:
 @contextmanager
 def missing_glyphs_quiet() -> Iterator[None]:
     """Draw text without matplotlib's warning for each character its fonts lack (an emoji of a prompt: the text
-    shows an empty box there); every other warning is shown as usual.
-
-    >>> import warnings, attnscope as ats
-    >>> with warnings.catch_warnings(record=True) as seen:
-    ...     warnings.simplefilter("always")
-    ...     with ats.plot.missing_glyphs_quiet():
-    ...         warnings.warn("Glyph 128512 (\\N{GRINNING FACE}) missing from font(s) DejaVu Sans.", UserWarning)
-    ...         warnings.warn("another", UserWarning)
-    >>> [str(w.message) for w in seen]
-    ['another']
-    """
+    shows an empty box there); every other warning is shown as usual."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
         yield
