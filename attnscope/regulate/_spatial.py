@@ -52,11 +52,14 @@ class SpatialTemporal:
     ----------
     layout : mapping of phrase → box or centre, or None
         Each object phrase of the prompt (``"a red circle"``) with a box ``(x0, y0, x1, y1)`` or a centre
-        ``(x, y)`` in [0, 1]² (x to the right, y down; a centre means a disk of ``radius``). None: each
-        prompt's :func:`layout_from_prompt` (from its relation words).
+        ``(x, y)`` in [0, 1]² (x to the right, y down; a centre means a disk of ``radius`` in these
+        coordinates: on a non-square image an ellipse in pixels, ``radius`` of the width across and of the
+        height down, the same image region at every site). A phrase that occurs twice is placed by its first
+        occurrence. None: each prompt's :func:`layout_from_prompt` (from its relation words).
     weights : float, array, or None
         λ, one weight per object and step: a float for every object and step, an ``(objects, steps)``
-        array, or one such array per sample (a list, or a ``(samples, objects, steps)`` array). Default
+        array with exactly the run's steps (another length is an error, not truncated), or one such array per
+        sample (a list, or a ``(samples, objects, steps)`` array). Default
         1.0, tuned on the shapes model's relation prompts (docs/spatial.md). None: ``5 / objects``, the
         released code's initial value. With an ``objective`` these are the starting point.
     objective : "attention", an objective object, or None
@@ -72,7 +75,9 @@ class SpatialTemporal:
     radius : float
         Disk radius for centres (the paper's 0.2).
     sites, steps : optional
-        Where and when (default: every cross-attention site, every step).
+        Where and when (default: every cross-attention site, every step); ``steps`` as
+        :class:`~attnscope.regulate.AttentionRegulation`'s (negative indices and slices from the run's end,
+        ``"first_half"``), checked against the run at its first step.
 
     Examples
     --------
@@ -215,6 +220,11 @@ class SpatialTemporal:
         if generator is None and call.get("latents") is None:
             raise AttnscopeError("optimize(generator=None): every pass must start from the same noise; pass the "
                                  "generator (a seeded torch.Generator) or latents= you will use for the run")
+        if not isinstance(prompt, str) and not (isinstance(prompt, (list, tuple)) and prompt
+                                                 and all(isinstance(p, str) for p in prompt)):
+            raise AttnscopeError(f"optimize(prompt={prompt!r}): expected the prompt's text (a str or a list of str): "
+                                 f"each object's layout and token positions come from it (prompt_embeds cannot be "
+                                 f"optimised for)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         per_prompt = call.get("num_images_per_prompt") or 1
         sample_prompts = tuple(p for p in prompts for _ in range(per_prompt))
@@ -277,6 +287,8 @@ class SpatialTemporal:
         self._session = None
 
     def on_step(self, step_ctx: Any) -> None:
+        if step_ctx.step == 0 and self.scope.steps is not None and step_ctx.num_steps:
+            self.scope.steps_of_run(step_ctx.num_steps)  # a step outside the run fails before a recorder beside it writes
         if step_ctx.rows.uncond is None and step_ctx.single_branch is not None:
             return  # one half of the CFG batch only (after TGATE's gate): the attention is the cache's, nothing to add
         if step_ctx.rows.uncond is None:
@@ -353,7 +365,7 @@ class SpatialTemporal:
         if self._start is None or isinstance(self._start, float):
             value = 5.0 / objects if self._start is None else self._start
             return torch.full((objects, num_steps), value, dtype=torch.float64)
-        return self._table(self._start, sample, None, objects, num_steps)[:, :num_steps]
+        return self._table(self._start, sample, None, objects, num_steps)
 
     @staticmethod
     def _table(weights: Any, sample: int, samples: int | None, objects: int, num_steps: int | None) -> torch.Tensor:
@@ -365,9 +377,10 @@ class SpatialTemporal:
             table = weights[sample]
         else:
             table = weights
-        if table.shape[0] != objects or (num_steps and table.shape[1] < num_steps):
+        if table.shape[0] != objects or (num_steps and table.shape[1] != num_steps):
             raise AttnscopeError(f"weights: expected an array of shape (objects={objects}, steps={num_steps}), "
-                                 f"got {tuple(table.shape)}")
+                                 f"got {tuple(table.shape)}: one λ per object of the prompt and step of this run "
+                                 f"(λ of another run's length would act at the wrong steps)")
         return table
 
     def _lambda(self, sample: int, samples: int, objects: int, step: int, num_steps: int | None) -> list[Any]:

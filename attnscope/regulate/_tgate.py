@@ -18,6 +18,7 @@ official code".
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -110,6 +111,8 @@ class TGate:
             gate_step = suggest_gate_step(reference, tol=tol)
         elif reference is not None:
             raise AttnscopeError(f"reference= is used only with gate_step='auto', got gate_step={gate_step!r}")
+        if isinstance(gate_step, numbers.Integral) and not isinstance(gate_step, bool):
+            gate_step = int(gate_step)  # numpy's integers (a step index read from an array) are integers too
         if isinstance(gate_step, float):
             if not 0 < gate_step < 1:
                 raise AttnscopeError(f"gate_step={gate_step!r}: expected an integer >= 1 or a fraction in (0, 1)")
