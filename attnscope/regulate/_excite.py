@@ -13,6 +13,7 @@ latent of every later step; its looks at the attention are the hook session's
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,7 +55,8 @@ def excite_loss(maps: torch.Tensor, prompt: list[int], targets: list[list[int]],
     ``maps`` is the attention ``(h, w, tokens)`` averaged over heads and sites. Over the prompt's own
     tokens (``prompt``: its word positions, no start/end of text) it is multiplied by ``temperature``
     and softmaxed again, per pixel; each target's map (the sum over its pieces' columns) is smoothed
-    by ``kernel`` (reflect padding) and ``m_s`` is its maximum.
+    by ``kernel`` (reflect padding; a side too short to reflect, a map one pixel high or wide, repeats its edge)
+    and ``m_s`` is its maximum.
 
     Tokens ``[SOT, circle, square, EOT]``; "circle" holds 0.5 of every pixel, "square" 0.2 except one
     pixel where it holds 0.52. After ×100 and the softmax over the two words, square's best pixel
@@ -76,8 +78,9 @@ def excite_loss(maps: torch.Tensor, prompt: list[int], targets: list[list[int]],
     per_target = torch.stack([shares[..., [where[p] for p in cols]].sum(-1) for cols in targets])  # (n, h, w)
     pad = kernel.shape[-1] // 2
     image = per_target[:, None]
-    if pad and h > pad and w > pad:
-        image = F.pad(image, (pad, pad, pad, pad), mode="reflect")
+    if pad:  # reflect padding, as the official code; a side too short to reflect (a 1-pixel row) repeats its edge
+        image = F.pad(image, (pad, pad, 0, 0), mode="reflect" if w > pad else "replicate")
+        image = F.pad(image, (0, 0, pad, pad), mode="reflect" if h > pad else "replicate")
     smooth = F.conv2d(image, kernel.to(maps)[None, None]) if pad else image
     peaks = smooth.flatten(1).amax(1)
     return (1 - peaks).clamp(min=0).max()
@@ -114,7 +117,9 @@ class AttendAndExcite:
     step_size : float
         The official 20.
     thresholds : {share of the run: threshold}
-        Iterative refinement at step ``round(share · N)``; official ``{0: 0.05, 0.2: 0.5, 0.4: 0.8}``.
+        Iterative refinement at step ``round(share · N)``; official ``{0: 0.05, 0.2: 0.5, 0.4: 0.8}``. A share
+        whose step is not moved is ignored, as in the official code; shares that land on one step (a short run)
+        take the later share's threshold. A share may be given as text (``{"0.2": 0.5}``, as a manifest records it).
     max_refinement : int
         At most this many refinement updates per step (official 20).
     temperature, sigma : float
@@ -148,15 +153,15 @@ class AttendAndExcite:
                  temperature: float = 100.0, sigma: float = 0.5, probe_batch: int | None = None):
         if thresholds is None:
             thresholds = dict(_THRESHOLDS)
-        if not isinstance(thresholds, Mapping) or not all(
-                _real(k) and _real(v) and 0 <= k < 1 and 0 <= v <= 1 for k, v in thresholds.items()):
+        shares = {_share(k): v for k, v in thresholds.items()} if isinstance(thresholds, Mapping) else None
+        if shares is None or len(shares) != len(thresholds) or not all(
+                _real(k) and _real(v) and 0 <= k < 1 and 0 <= v <= 1 for k, v in shares.items()):
             raise AttnscopeError(f"thresholds={thresholds!r}: expected {{share of the run in [0, 1): threshold in "
                                  f"[0, 1]}}, e.g. the official {_THRESHOLDS}")
-        thresholds = dict(thresholds)
-        if not isinstance(max_refinement, int) or isinstance(max_refinement, bool) or max_refinement < 0:
+        thresholds = {float(k): float(v) for k, v in sorted(shares.items())}  # by share: the later one wins a step
+        if not _integer(max_refinement) or max_refinement < 0:
             raise AttnscopeError(f"max_refinement={max_refinement!r}: expected a non-negative integer")
-        if probe_batch is not None and (not isinstance(probe_batch, int) or isinstance(probe_batch, bool)
-                                        or probe_batch < 1):
+        if probe_batch is not None and (not _integer(probe_batch) or probe_batch < 1):
             raise AttnscopeError(f"probe_batch={probe_batch!r}: expected a positive integer or None")
         for name, value in (("step_size", step_size), ("temperature", temperature), ("sigma", sigma)):
             if not (_real(value) and 0 < value < math.inf):
@@ -164,8 +169,9 @@ class AttendAndExcite:
         self.targets = targets
         self.scope = InterventionScope(targets, sites, steps, first_occurrence=True,
                                        default_sites=default_regulation_sites)
-        self.step_size, self.thresholds, self.max_refinement = float(step_size), thresholds, max_refinement
-        self.temperature, self.sigma, self.probe_batch = float(temperature), float(sigma), probe_batch
+        self.step_size, self.thresholds, self.max_refinement = float(step_size), thresholds, int(max_refinement)
+        self.temperature, self.sigma = float(temperature), float(sigma)
+        self.probe_batch = None if probe_batch is None else int(probe_batch)
         self._kernel = smoothing_kernel(3, self.sigma)
         self._run: dict[str, Any] | None = None  # what prepare() worked out for the call about to run
         self._session: Any = None
@@ -194,15 +200,18 @@ class AttendAndExcite:
 
         Runs the call up to its first denoiser call and stops it there, keeping the denoiser's
         conditioning and giving the generators' draws back; draws the start noise from the call's
-        generator exactly as the pipeline would, moves it for step 0, and puts it in
-        ``call["latents"]``; adds ``callback_on_step_end``, which moves the latent of every later
-        chosen step. Install this object with :func:`attnscope.hooks` for the
-        call (it reads the attention through the hooks); a second call needs a second ``prepare``.
+        generator (without one: from torch's global RNG) exactly as the pipeline would, moves it for
+        step 0, and puts it in ``call["latents"]``; adds ``callback_on_step_end``, which moves the latent
+        of every later chosen step. Install this object with :func:`attnscope.hooks` for the
+        call (it reads the attention through the hooks); a second call needs a second ``prepare``. A ``prepare`` voids
+        the one before it, also when it fails.
         """
+        self._run = None  # an earlier preparation is void, also when this one fails
         _check_pipeline(pipe, call)
         prompts = [call["prompt"]] if isinstance(call["prompt"], str) else list(call["prompt"])
         per_prompt = int(call.get("num_images_per_prompt") or 1)
-        columns = [self._columns(pipe.tokenizer, p) for p in prompts for _ in range(per_prompt)]
+        found = [self._prompt_columns(pipe.tokenizer, p, i, len(prompts)) for i, p in enumerate(prompts)]
+        columns = [c for c in found for _ in range(per_prompt)]
         t0, sample, inputs = _first_denoiser_call(pipe, call)  # the conditioning exactly as the pipeline builds it
         batch, samples = sample.shape[0], len(columns)
         conditioning = select_rows(inputs, batch, slice(batch - samples, batch))  # [uncond; cond] rows: the cond
@@ -220,12 +229,26 @@ class AttendAndExcite:
                      "sizes": (self.step_size * torch.linspace(1.0, 0.5, num_steps, dtype=torch.float64).sqrt()).tolist()}
         self.history = {}
         if 0 in moved:
-            with hooks(pipe, self) as session:
-                latents = self._excite(session, latents, t0, 0)
+            try:
+                with hooks(pipe, self) as session:
+                    latents = self._excite(session, latents, t0, 0)
+            except BaseException:
+                self._run = None  # not prepared: installing it for the call is the "needs the pipeline call" error
+                raise
         call["latents"] = latents / sigma0
         call["callback_on_step_end"] = self._on_step_end
         call["callback_on_step_end_tensor_inputs"] = ["latents"]
         self._run["ready"] = True
+
+    def _prompt_columns(self, tokenizer: Any, prompt: str, index: int, count: int) -> tuple[list[int], list[list[int]]]:
+        """:meth:`_columns`; with several prompts, an error names the prompt it is about."""
+        try:
+            return self._columns(tokenizer, prompt)
+        except AttnscopeError as exc:
+            if count == 1:
+                raise
+            hint = "" if callable(self.targets) else "; to target other words per prompt, give targets as a function of the prompt"
+            raise AttnscopeError(f"prompt {index} of {count} ({prompt!r}): {exc}{hint}") from None
 
     def _columns(self, tokenizer: Any, prompt: str) -> tuple[list[int], list[list[int]]]:
         """The prompt's word positions and each target's positions, on the tokens the text encoder reads."""
@@ -309,7 +332,7 @@ class AttendAndExcite:
             shapes = {m.shape for m in self._maps}
             if len(shapes) > 1:
                 raise AttnscopeError(f"AttendAndExcite: the chosen sites have maps of different sizes "
-                                     f"{sorted(s[1:3] for s in shapes)}; choose sites of one size")
+                                     f"{sorted(tuple(s[1:3]) for s in shapes)}; choose sites of one size")
             maps = torch.stack(self._maps).mean(0)  # (rows, h, w, tokens)
             losses = torch.stack([excite_loss(maps[j], *run["columns"][b], temperature=self.temperature,
                                               kernel=self._kernel) for j, b in enumerate(rows)])
@@ -340,8 +363,23 @@ class AttendAndExcite:
 
 
 def _real(value: Any) -> bool:
-    """A real number (not a bool): a share of the run or a threshold."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (not a bool; numpy's count): a share of the run, a threshold, a step size."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    """An integer (not a bool; numpy's count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _share(key: Any) -> Any:
+    """A key of ``thresholds``: a number, or a number as text (a manifest's JSON keeps its keys as strings)."""
+    if isinstance(key, str):
+        try:
+            return float(key)
+        except ValueError:
+            return key
+    return key
 
 
 class _FirstCall(Exception):
@@ -350,7 +388,7 @@ class _FirstCall(Exception):
 
 def _first_denoiser_call(pipe: Any, call: Mapping[str, Any]) -> tuple[Any, torch.Tensor, dict[str, Any]]:
     """``(timestep, sample, the other inputs)`` of the pipeline's first denoiser call for ``call``: the call is run
-    and stopped there, and the generators it drew from are put back."""
+    and stopped there, and the generators it drew from (the call's, or torch's global one) are put back."""
     seen: dict[str, Any] = {}
 
     def stop(module: Any, args: tuple, kwargs: dict) -> None:
@@ -358,9 +396,11 @@ def _first_denoiser_call(pipe: Any, call: Mapping[str, Any]) -> tuple[Any, torch
         seen.update({**kwargs, **named})
         raise _FirstCall
 
+    device = torch.device(getattr(pipe, "_execution_device", None) or pipe.unet.device)
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
     handle = pipe.unet.register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        with replayable(call.get("generator")):
+    try:  # without a generator the pipeline draws from torch's global RNG: that draw is given back too
+        with replayable(call.get("generator")), torch.random.fork_rng(devices=cuda):
             pipe(**{**call, "output_type": "latent"})
     except _FirstCall:
         pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from ..errors import AttnscopeError
@@ -20,9 +21,10 @@ class Reweight:
     Parameters
     ----------
     word : str, int, list of them, or a function prompt → those
-        Word(s), phrase(s) or token position(s) whose columns are scaled (every occurrence).
+        Word(s), phrase(s) or token position(s) whose columns are scaled (every occurrence; a column named
+        twice is scaled once).
     factor : float
-        Scale; > 1 strengthens the word, < 1 weakens it, 0 removes it.
+        Scale, finite and ≥ 0; > 1 strengthens the word, < 1 weakens it, 0 removes it.
     sites, steps : optional
         Where and when (default: every site, every step); as in :class:`InterventionScope`.
 
@@ -46,8 +48,9 @@ class Reweight:
     role = "intervention"
 
     def __init__(self, word: Any, factor: float, *, sites: Any = None, steps: Any = None):
-        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 <= factor < math.inf:
-            raise AttnscopeError(f"factor={factor!r}: expected a finite non-negative number")
+        if not isinstance(factor, numbers.Real) or isinstance(factor, bool) or not 0 <= factor < math.inf:
+            raise AttnscopeError(f"factor={factor!r}: expected a finite non-negative number (a float or an int, "
+                                 f"numpy's too)")
         self.word, self.factor = word, float(factor)
         self.scope = InterventionScope(word, sites, steps)
 
