@@ -248,6 +248,37 @@ def test_true_cfg_counts_steps_by_timestep_and_shows_clients_the_prompt_pass(flu
     assert len(steps) == 2 * len(ats.discover_sites(flux))  # the negative pass is not shown
 
 
+def test_sd3_skip_layer_guidance_pass_is_not_shown_to_clients(sd3, tmp_path):
+    """SD3's skip-layer guidance calls the transformer a second time per step (the prompt, some layers skipped, the
+    same timestep): as Flux's negative pass, it is not a step of its own and clients do not see it."""
+    steps = []
+
+    class Steps:
+        def stages(self, ctx):
+            return ("probs",)
+
+        def on_probs(self, ctx, probs):
+            steps.append((ctx.step, ctx.site.name, probs.shape[0]))
+
+    slg = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0,
+               skip_layer_guidance_scale=2.8)
+    calls = []
+    handle = sd3.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    try:
+        with ats.hooks(sd3, Steps()):
+            with_slg = sd3("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **slg,
+                           **SD3_KW).images
+    finally:
+        handle.remove()
+    plain = sd3("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **SD3_KW).images
+    assert len(calls) == 3 and np.abs(with_slg - plain).max() > 1e-4   # step 1 had its skip pass; it changed the image
+    assert sorted({s for s, _, _ in steps}) == [0, 1]
+    assert len(steps) == 2 * len(ats.discover_sites(sd3))              # one call per site and step: the guided batch
+    assert {rows for _, _, rows in steps} == {2}                        # [uncond; cond], never the skip pass's 1 row
+    tr = ats.capture(sd3, "a red circle", store=tmp_path / "slg.zarr", seed=0, **slg, **SD3_KW)
+    assert tr.timesteps.size == 2 and tr.check_unchanged() is None
+
+
 @pytest.mark.parametrize("family", ["flux", "flux2"])
 def test_stored_and_shown_timesteps_are_the_schedulers(family, flux, tmp_path):
     """Flux's pipelines call the transformer with t / 1000: the store kept 0.76145 where the scheduler says 761.45."""
