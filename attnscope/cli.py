@@ -786,8 +786,12 @@ def sweep_(
         prompt_list = read_prompts(prompts)
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width).items() if v is not None}
         kwargs.update(_pipeline_args(pipeline_arg or [], _CLI_FLAGS["sweep_"]))
+        device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices is not None else None
+        if device_list == []:
+            raise ats.AttnscopeError(f"--devices {devices!r}: expected device names separated by commas, e.g. "
+                                     f"cuda:0,cuda:1")
         cat = ats.sweep(model, prompt_list, seeds, out, workers=workers, threads=threads, dtype=dtype,
-                        devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
+                        devices=device_list,
                         progress=progress, storage_options=_storage_options(storage_option or []),
                         num_inference_steps=steps, sites=sites or None,
                         steps=parse_step_text(capture_steps, "--capture-steps"), heads=heads, tokens=tokens, branch=branch,

@@ -48,8 +48,8 @@ def test_one_trace_per_prompt_and_seed_equal_to_a_capture_of_that_run(shapes_swe
 def test_catalog_is_parquet_readable_with_pandas_alone_and_holds_the_detector_results(shapes_sweep):
     out, cat = shapes_sweep
     df = pd.read_parquet(out / "catalog.parquet")
-    assert list(df.columns[:13]) == ["run", "prompt", "seed", "trace", "image", "status", "error", "model",
-                                     "model_hash", "steps", "seconds", "worker", "finished"]
+    assert list(df.columns[:14]) == ["run", "prompt", "seed", "trace", "image", "status", "error", "model",
+                                     "model_hash", "steps", "seconds", "worker", "finished", "trace_id"]
     assert df.trace.str.startswith("traces/").all()  # relative in the file: the folder can move
     assert set(df.model) == {"shapes"} and df.model_hash.nunique() == 1 and set(df.steps) == {4}
     for row in df.itertuples():
@@ -210,7 +210,7 @@ def test_map_stats_equals_the_statistic_of_each_trace_and_reports_skipped_runs(s
     with pytest.warns(UserWarning, match=r"skipped 2 of 4 runs"):
         table = cat.map_stats(fn, client=dask_client, progress=False)
     assert list(table.index) == runs[2:]
-    assert "not an attnscope trace" in table.attrs["skipped"][runs[0]]
+    assert "is gone (deleted since the sweep catalogued it)" in table.attrs["skipped"][runs[0]]
     assert table.attrs["skipped"][runs[1]] == "trace incomplete: 2 of 4 steps written"
     for run in runs[2:]:
         row = fn(cat.trace(run))
@@ -265,7 +265,7 @@ def test_a_sweep_written_to_s3_reads_back_like_a_local_one(sd_pipe, s3, dask_cli
     keys = {o["Key"] for o in s3.client.list_objects_v2(Bucket=BUCKET, Prefix="sweeps/s1/")["Contents"]}
     assert {"sweeps/s1/catalog.parquet", "sweeps/s1/sweep.json"} <= keys
     cat = ats.open_catalog(url + "/catalog.parquet", storage_options=s3.options)
-    volatile = ["trace", "image", "seconds", "finished"]
+    volatile = ["trace", "trace_id", "image", "seconds", "finished"]
     assert cat.df.drop(columns=volatile).equals(local.df.drop(columns=volatile))
     for r in cat.df.run:
         a, b = cat.trace(r), local.trace(r)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import AttnscopeError, AttnscopeWarning
 from ..store import is_url
-from ._folder import SweepFolder
+from ._folder import SweepFolder, trace_problem
 from ._runs import BASE_COLUMNS, RESERVED_COLUMNS
 
 __all__ = ["CATALOG_FILE", "Catalog", "open_catalog", "write_catalog"]
@@ -86,7 +86,8 @@ class Catalog:
     df : pandas.DataFrame
         Columns: ``run``, ``prompt``, ``seed``, ``trace``, ``image``, ``status`` (``"complete"`` or
         ``"failed"``), ``error``, ``model``, ``model_hash``, ``steps``, ``seconds``, ``worker``,
-        ``finished`` (Unix time); on the
+        ``finished`` (Unix time), ``trace_id`` (the trace's root attribute ``run_id``: :meth:`trace` refuses a
+        trace written over since); on the
         shapes model the detector's ``kind``, ``expected``, ``detected``, ``present``,
         ``all_present``, ``exact``, ``extra``, ``n_detected``; then any ``extra=`` columns.
     """
@@ -137,6 +138,9 @@ class Catalog:
         if row.get("status") != "complete":
             raise AttnscopeError(f"run {row['run']!r} has status {row.get('status')!r} ({row.get('error')}); "
                                  f"rerun the sweep to redo it")
+        problem = trace_problem(row["trace"], row.get("trace_id"), self.storage_options)
+        if problem is not None:
+            raise AttnscopeError(f"run {row['run']!r}: {problem}; rerun the sweep to redo it")
         return open_trace(row["trace"], storage_options=self.storage_options)
 
     def traces(self) -> Iterator[tuple[str, Any]]:

@@ -25,13 +25,19 @@ __all__ = ["map_stats"]
 SCHEDULER_TIMEOUT = 5.0
 
 
-def _apply(fn: Callable[[Any], Any], run: str, location: str, storage_options: dict | None) -> tuple[str, str, Any]:
-    """One task: ``("ok", value)`` or ``("skipped", reason)`` for a missing, unreadable or incomplete trace."""
+def _apply(fn: Callable[[Any], Any], run: str, location: str, storage_options: dict | None,
+           trace_id: str | None = None) -> tuple[str, str, Any]:
+    """One task: ``("ok", value)`` or ``("skipped", reason)`` for a missing, unreadable or incomplete trace, or one
+    that is not the trace the catalog recorded (``trace_id``: another capture wrote over it)."""
     import dask
 
     from ..store import open_trace
+    from ._folder import trace_problem
 
     try:
+        problem = trace_problem(location, trace_id, storage_options)
+        if problem is not None:
+            return run, "skipped", problem
         tr = open_trace(location, storage_options=storage_options)
     except AttnscopeError as exc:
         return run, "skipped", f"trace unreadable: {exc}"
@@ -198,7 +204,7 @@ def map_stats(catalog: Any, fn: Callable[[Any], Any], client: Any = None, *, pro
     xarray.Dataset / DataArray with a ``run`` dimension, or pandas.DataFrame
         A DataFrame result has a ``run`` column (DataFrames, whose named index levels become columns)
         or index (dicts, Series, scalars), in catalog order. Runs that were skipped — failed runs, missing, unreadable or incomplete
-        traces — are left out, listed with the reason in ``result.attrs["skipped"]``, and a warning
+        traces, traces another capture wrote over since the sweep catalogued them — are left out, listed with the reason in ``result.attrs["skipped"]``, and a warning
         says how many.
 
     Examples
@@ -225,7 +231,8 @@ def map_stats(catalog: Any, fn: Callable[[Any], Any], client: Any = None, *, pro
     todo = []
     for row in df.itertuples(index=False):
         if row.status == "complete":
-            todo.append((row.run, row.trace))
+            trace_id = getattr(row, "trace_id", None)  # catalogs written before it was recorded have none
+            todo.append((row.run, row.trace, trace_id if isinstance(trace_id, str) else None))
         else:
             skipped[row.run] = f"run {row.status}: {getattr(row, 'error', None)}"
     options = catalog.storage_options
@@ -234,8 +241,8 @@ def map_stats(catalog: Any, fn: Callable[[Any], Any], client: Any = None, *, pro
         from distributed import as_completed
 
         with _client(client) as c:
-            futures = {c.submit(_apply, fn, run, location, options, pure=False): (run, location)
-                       for run, location in todo}
+            futures = {c.submit(_apply, fn, run, location, options, trace_id, pure=False): (run, location)
+                       for run, location, trace_id in todo}
             with tqdm(total=len(futures), unit="trace", desc="map_stats", disable=not progress) as bar:
                 for future in as_completed(futures):
                     try:

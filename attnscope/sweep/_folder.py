@@ -25,7 +25,52 @@ from typing import Any
 from ..errors import AttnscopeError
 from ..store import access_error, filesystem, locate
 
-__all__ = ["SweepFolder"]
+__all__ = ["SweepFolder", "root_attributes", "trace_problem"]
+
+
+def root_attributes(location: str | Path, storage_options: dict | None = None) -> dict | None:
+    """The root attributes of the trace at ``location`` (a path or URL), or None where there is no readable
+    root ``zarr.json``; an unreachable URL is an AttnscopeError naming it.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> root_attributes(d / "a.zarr"), (d / "zarr.json").write_text('{"attributes": {"complete": true}}') > 0
+    (None, True)
+    >>> root_attributes(d)
+    {'complete': True}
+    """
+    where = locate(location)
+    try:
+        if isinstance(where, Path):
+            raw = (where / "zarr.json").read_bytes()
+        else:
+            fs, path = filesystem(str(where), storage_options)
+            fs.invalidate_cache(path)  # another process may have replaced it since this one last looked
+            raw = fs.cat_file(path.rstrip("/") + "/zarr.json")
+        doc = json.loads(raw)
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    except Exception as exc:  # connection errors of any backend: one message naming the URL
+        raise access_error(str(where), exc, storage_options) from exc
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def trace_problem(location: str, trace_id: Any, storage_options: dict | None) -> str | None:
+    """Why the trace at ``location`` is not the one a catalog row recorded (``trace_id``, its root attribute
+    ``run_id``), or None when it is: deleted, or replaced by another capture since the sweep catalogued it.
+
+    >>> import tempfile
+    >>> trace_problem(tempfile.mkdtemp() + "/gone.zarr", "ab" * 16, None)  # doctest: +ELLIPSIS
+    "its trace '.../gone.zarr' is gone (deleted since the sweep catalogued it)"
+    """
+    attrs = root_attributes(location, storage_options)
+    if attrs is None:
+        return f"its trace {str(location)!r} is gone (deleted since the sweep catalogued it)"
+    if isinstance(trace_id, str) and attrs.get("run_id") != trace_id:
+        return (f"its trace {str(location)!r} was replaced since the sweep catalogued it (another capture wrote there; "
+                f"its data are not this run's)")
+    return None
 
 
 class SweepFolder:
@@ -136,14 +181,16 @@ class SweepFolder:
         except Exception as exc:
             raise self._wrap(rel, exc) from exc
 
-    def trace_complete(self, rel: str) -> bool:
-        """Whether the trace at ``rel`` exists and says ``complete: true`` in its root attributes."""
+    def trace_complete(self, rel: str, trace_id: str | None = None) -> bool:
+        """Whether the trace at ``rel`` exists and says ``complete: true`` in its root attributes, and, when
+        ``trace_id`` is given, is that capture's (its root attribute ``run_id``: not one another capture wrote there)."""
         try:
             doc = json.loads(self.read_bytes(rel + "/zarr.json"))
         except (FileNotFoundError, ValueError):
             return False
         attrs = doc.get("attributes") if isinstance(doc, dict) else None
-        return isinstance(attrs, dict) and attrs.get("complete") is True
+        return (isinstance(attrs, dict) and attrs.get("complete") is True
+                and (trace_id is None or attrs.get("run_id") == trace_id))
 
     def staging_path(self, rel: str) -> Path:
         """Where the capture writes the trace ``rel``: in the folder itself, or a local staging copy of a URL's."""

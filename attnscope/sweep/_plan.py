@@ -101,7 +101,8 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """The prompts of a text file, one per line; blank lines and lines starting with ``#`` are skipped.
+    """The prompts of a text file, one per line; blank lines and lines starting with ``#`` are skipped. A UTF-8 byte
+    order mark at the start (Windows editors write one) is not part of the first line.
 
     >>> import tempfile, pathlib
     >>> f = pathlib.Path(tempfile.mkdtemp()) / "prompts.txt"
@@ -111,7 +112,7 @@ def read_prompts(path: str | Path) -> list[str]:
     """
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise AttnscopeError(f"prompts file {str(p)!r}: cannot be read as UTF-8 text ({exc})") from exc
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]

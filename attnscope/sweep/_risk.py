@@ -84,20 +84,51 @@ class NeglectRiskRow:
 
 
 def _outcomes(df: Any, missing: Any) -> Any:
-    """Each run's outcome (True: an object lost) from a catalog column, a mapping or a Series."""
+    """Each run's outcome (True: an object lost), indexed by run, from a catalog column's name, a mapping or Series
+    run -> bool, a column of ``catalog.df`` itself (``cat.df["lost"]``: its index is the row numbers) or one value
+    per row of ``catalog.df``; runs without one (None, NaN) are left out.
+
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"run": ["a", "b", "c"], "lost": [True, False, None]})
+    >>> _outcomes(df, "lost").to_dict(), _outcomes(df, df["lost"]).to_dict(), _outcomes(df, [0, 1, 1]).to_dict()
+    ({'a': True, 'b': False}, {'a': True, 'b': False}, {'a': False, 'b': True, 'c': True})
+    >>> _outcomes(df, {"a": "no"})
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: missing: 'no' for run 'a'; expected True (an object lost) or False, or 1 / 0
+    """
+    import numbers
+
+    import numpy as np
     import pandas as pd
 
+    runs = df["run"]
     if missing is None:
         if "all_present" not in df.columns:
             raise AttnscopeError("missing=None: the catalog has no 'all_present' column (only sweeps of the shapes "
                                  "model have one); expected missing= a column name, or a bool per run")
-        present = df.set_index("run")["all_present"]
-        return ~present.dropna().astype(bool)
-    if isinstance(missing, str):
+        values = ~df.set_index("run")["all_present"].dropna().astype(bool)
+    elif isinstance(missing, str):
         if missing not in df.columns:
             raise AttnscopeError(f"missing={missing!r}: the catalog has no such column; it has {list(df.columns)}")
-        return df.set_index("run")[missing].dropna().astype(bool)
-    return pd.Series(missing).astype(bool)
+        values = df.set_index("run")[missing]
+    elif isinstance(missing, pd.Series) and not missing.index.isin(runs).any() and missing.index.equals(df.index):
+        values = pd.Series(missing.to_numpy(), index=runs.to_numpy())  # a column of catalog.df: aligned by its rows
+    elif isinstance(missing, (list, tuple, np.ndarray)):
+        if len(missing) != len(df):
+            raise AttnscopeError(f"missing: {len(missing)} values for the {len(df)} runs of the catalog; expected one "
+                                 f"per row of catalog.df, in its order, or a mapping run -> bool")
+        values = pd.Series(list(missing), index=runs.to_numpy())
+    else:
+        values = pd.Series(missing, dtype=object)
+    values = values[[not (v is None or (isinstance(v, float) and np.isnan(v))) for v in values]]
+    for run, v in values.items():
+        if not (isinstance(v, (bool, np.bool_)) or (isinstance(v, numbers.Real) and v in (0, 1))):
+            raise AttnscopeError(f"missing: {v!r} for run {run!r}; expected True (an object lost) or False, or 1 / 0")
+    if len(values) and not values.index.isin(runs).any():
+        raise AttnscopeError(f"missing: none of its runs ({', '.join(map(repr, values.index[:3]))}"
+                             f"{', …' if len(values) > 3 else ''}) is a run of the catalog; expected run ids as in "
+                             f"catalog.df.run (e.g. {runs.iloc[0]!r})")
+    return values.astype(bool)
 
 
 def fit_neglect_risk(catalog: Any, missing: Any = None, *, targets: Targets = "objects", steps: Sequence[int] = range(10),
@@ -115,9 +146,10 @@ def fit_neglect_risk(catalog: Any, missing: Any = None, *, targets: Targets = "o
     ----------
     catalog : Catalog
         A sweep's catalog (:func:`attnscope.open_catalog`), one sample per trace.
-    missing : str, mapping run -> bool, pandas.Series, optional
-        Whether each run lost an object: a catalog column holding that, or the values. Default:
-        ``not all_present`` (the shapes model's detector column).
+    missing : str, mapping run -> bool, pandas.Series, list, optional
+        Whether each run lost an object (True / False or 1 / 0; None: no outcome): a catalog column's name,
+        a mapping or Series by run, a column of ``catalog.df`` itself, or one value per row of ``catalog.df``.
+        Default: ``not all_present`` (the shapes model's detector column).
     targets : list of str, "objects", or a function prompt -> list of str
         One phrase per object (``"objects"``: the shapes prompts' object phrases).
     steps : list of int
@@ -165,6 +197,9 @@ def fit_neglect_risk(catalog: Any, missing: Any = None, *, targets: Targets = "o
         raise AttnscopeError("fit_neglect_risk: a trace holds several samples; expected one sample per run "
                              "(a sweep's traces) so each run has one outcome")
     rows = rows[rows["run"].isin(outcome.index)]
+    if not len(rows):
+        raise AttnscopeError(f"missing: no run that gave features has an outcome ({len(outcome)} runs have one); "
+                             f"expected True / False for the complete runs of catalog.df")
     prompts = df.set_index("run")["prompt"]
     where = f"sweep {str(catalog.location)!r}"
     return fit_neglect_model(rows, outcome, groups=prompts, l2=l2, folds=folds,

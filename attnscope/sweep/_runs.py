@@ -10,14 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import AttnscopeError
-from ._folder import SweepFolder
+from ._folder import SweepFolder, root_attributes
 from ._plan import Run
 
 __all__ = ["BASE_COLUMNS", "RESERVED_COLUMNS", "execute_run", "failed_row", "model_hash"]
 
 #: columns every row has
 BASE_COLUMNS = ("run", "prompt", "seed", "trace", "image", "status", "error", "model", "model_hash", "steps",
-                "seconds", "worker", "finished")
+                "seconds", "worker", "finished", "trace_id")
 #: columns of the catalog's own; a user's ``extra`` scalars may not reuse these names
 RESERVED_COLUMNS = (*BASE_COLUMNS, "kind", "expected", "detected", "present", "all_present", "exact", "extra",
                     "n_detected")
@@ -36,7 +36,7 @@ def model_hash(fingerprint: dict[str, str]) -> str:
 def _base_row(run: Run, worker: str) -> dict[str, Any]:
     return {"run": run.run, "prompt": run.prompt, "seed": run.seed, "trace": run.trace, "image": None,
             "status": "failed", "error": None, "model": None, "model_hash": None, "steps": None, "seconds": None,
-            "worker": worker, "finished": None}
+            "worker": worker, "finished": None, "trace_id": None}
 
 
 def failed_row(run: Run, worker: str, error: str) -> dict[str, Any]:
@@ -96,6 +96,8 @@ def execute_run(pipe: Any, run: Run, folder: SweepFolder, capture_kwargs: dict[s
             folder.write_png(run.image, images[0])
             row["image"] = run.image
         manifest = tr.manifest
+        # the capture's own id (the root attribute ``run_id``): a trace another capture writes there later is not this run's
+        row["trace_id"] = (root_attributes(folder.staging_path(run.trace)) or {}).get("run_id")
         row.update(model=manifest["model"].get("reference"),
                    model_hash=model_hash(manifest["model"].get("weights_fingerprint", {})),
                    steps=manifest["run"].get("num_inference_steps"))

@@ -357,14 +357,21 @@ def _check_capture_kwargs(kwargs: dict[str, Any]) -> None:
     >>> _check_capture_kwargs({"height": 0})
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: height=0: expected a positive int (the image's height in pixels), or leave it out for the pipeline's default
+    >>> _check_capture_kwargs({"num_images_per_prompt": 4})
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: num_images_per_prompt=4: a sweep's run is one image (its row, PNG and detector columns are one image's); leave it out and give more seeds instead (seeds give the repeats)
     """
-    from ..capture import check_num_steps, check_size
+    from ..capture import check_images_per_prompt, check_num_steps, check_size
     from ..selection import BRANCHES, HEADS, TOKENS, check_choice, select_steps
 
     steps = kwargs.get("num_inference_steps")
     check_num_steps(steps)
     for name in ("height", "width"):
         check_size(name, kwargs.get(name))
+    if check_images_per_prompt(kwargs.get("num_images_per_prompt")) != 1:
+        raise AttnscopeError(f"num_images_per_prompt={kwargs['num_images_per_prompt']!r}: a sweep's run is one image (its "
+                             f"row, PNG and detector columns are one image's); leave it out and give more seeds instead "
+                             f"(seeds give the repeats)")
     for name, allowed in (("heads", HEADS), ("tokens", TOKENS), ("branch", BRANCHES)):
         if name in kwargs:
             check_choice(name, kwargs[name], allowed)
@@ -373,14 +380,18 @@ def _check_capture_kwargs(kwargs: dict[str, Any]) -> None:
 
 
 def _done(folder: SweepFolder, run: Any) -> bool:
-    """A run is done when its row says complete and its trace is complete (a deleted trace is redone)."""
+    """A run is done when its row says complete and its trace is complete and the one the row recorded (a deleted
+    trace, or one another capture wrote over, is redone)."""
     try:
         row = folder.read_json(run.row)
     except FileNotFoundError:
         return False
     except AttnscopeError:
         return False  # a damaged row file: redo the run
-    return isinstance(row, dict) and row.get("status") == "complete" and folder.trace_complete(run.trace)
+    if not (isinstance(row, dict) and row.get("status") == "complete"):
+        return False
+    trace_id = row.get("trace_id")  # rows written before it was recorded have none: their trace is taken as theirs
+    return folder.trace_complete(run.trace, trace_id if isinstance(trace_id, str) else None)
 
 
 def _progress_bar(total: int, done: int, enabled: bool) -> Any:
