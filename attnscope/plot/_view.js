@@ -44,11 +44,12 @@ function element(tag, className, text) {
   return node;
 }
 
+// Three significant digits, as the table's numbers (_format in _view.py): 0.0130, 0.305, 2.15, 4.20e-4
 function number(value) {
   if (value === null || value === undefined || !Number.isFinite(value)) return "—";
   if (value === 0) return "0";
   const size = Math.abs(value);
-  return size >= 0.01 && size < 1000 ? value.toFixed(3) : value.toExponential(2);
+  return size >= 0.001 && size < 1000 ? value.toPrecision(3) : value.toExponential(2);
 }
 
 // A labelled range input over a list of positions: 0 is "all", 1..n the options.
@@ -110,6 +111,7 @@ function render({ model, el }) {
   };
 
   function drawWords() {
+    const focused = words.contains(document.activeElement) ? document.activeElement.textContent : null;
     words.replaceChildren();
     const chosen = model.get("words");
     const options = [...model.get("word_options")];
@@ -124,6 +126,7 @@ function render({ model, el }) {
         if (next.length) send("words", next);
       });
       words.appendChild(chip);
+      if (w === focused) chip.focus(); // a keyboard user toggling chips stays on the chip
     }
   }
 
@@ -141,6 +144,7 @@ function render({ model, el }) {
 
   function showSlider(control, labels, at, count) {
     control.value.textContent = at === 0 ? `all (mean of ${count})` : labels[at - 1];
+    control.input.setAttribute("aria-valuetext", control.value.textContent); // read out, not the position
   }
 
   function drawSites() {
@@ -181,7 +185,9 @@ function render({ model, el }) {
     const value = model.get("opacity");
     opacity.input.value = Math.round(value * 100);
     opacity.value.textContent = `${Math.round(value * 100)} %`;
-    for (const img of panels.querySelectorAll("img.atv-map")) img.style.opacity = String(value);
+    opacity.input.setAttribute("aria-valuetext", opacity.value.textContent);
+    // only a map over an image: a map drawn alone keeps the colours of the colour bar
+    for (const img of panels.querySelectorAll("img.atv-map.atv-over")) img.style.opacity = String(value);
   }
 
   function drawPanels() {
@@ -206,8 +212,10 @@ function render({ model, el }) {
           const img = element("img", "atv-map");
           img.src = `data:image/png;base64,${map}`;
           img.alt = `attention map of ${caption}`;
-          if (run.image) img.style.opacity = String(alpha);
-          else img.style.position = "static";
+          if (run.image) {
+            img.classList.add("atv-over");
+            img.style.opacity = String(alpha);
+          } else img.style.position = "static";
           stack.appendChild(img);
         }
         const cap = element("figcaption", "", caption);
@@ -229,8 +237,10 @@ function render({ model, el }) {
 
   function drawBar() {
     barImage.src = `data:image/png;base64,${model.get("colorbar")}`;
-    barMin.textContent = number(model.get("map_min"));
-    barMax.textContent = number(model.get("map_max"));
+    // no map has a value (every selected step gated, or NaN): no scale to state
+    const drawn = model.get("panels").some((run) => run.maps.some((m) => m.mean !== null && m.mean !== undefined));
+    barMin.textContent = drawn ? number(model.get("map_min")) : "—";
+    barMax.textContent = drawn ? number(model.get("map_max")) : "—";
   }
 
   function drawAll() {
@@ -278,7 +288,7 @@ function render({ model, el }) {
     ["change:sample change:sample_options", drawSamples],
     ["change:opacity", drawOpacity],
     ["change:panels", drawPanels],
-    ["change:map_min change:map_max change:colorbar", drawBar],
+    ["change:map_min change:map_max change:colorbar change:panels", drawBar],
     ["change:summary", () => { summary.textContent = model.get("summary"); }],
     ["change:table_html", () => { table.innerHTML = model.get("table_html"); }],
   ];

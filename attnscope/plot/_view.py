@@ -200,7 +200,21 @@ def _png(pixels: np.ndarray) -> str:
 
 
 def _format(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
+    """Three significant digits, as the front end's ``number``: a Gini of 0.00263 is not "0.003", a difference of
+    -0.0004 not "-0.000".
+
+    >>> [_format(v) for v in (None, 0.0, 0.01304, 0.3046, 2.1498, 100.0, 0.00042, -0.00042, 12345.0)]
+    ['—', '0', '0.0130', '0.305', '2.15', '100', '4.20e-4', '-4.20e-4', '1.23e+4']
+    """
+    if value is None:
+        return "—"
+    if value == 0:
+        return "0"
+    text = f"{value:#.3g}" if 1e-3 <= abs(value) < 1e3 else f"{value:.2e}"
+    if "e" in text:  # 4.20e-04 as the browser writes it: 4.20e-4
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent):+d}"
+    return text.rstrip(".")
 
 
 class TraceViewer(anywidget.AnyWidget):
@@ -444,7 +458,7 @@ class TraceViewer(anywidget.AnyWidget):
         finite = [m[np.isfinite(m)] for m in maps]
         values = np.concatenate(finite) if any(f.size for f in finite) else np.zeros(1, np.float32)
         low, high = float(values.min()), float(values.max())
-        panels = [self._panel(run, m, words, low, high) for run, m in zip(self._runs, maps)]
+        panels = [self._panel(run, m, words, steps, low, high) for run, m in zip(self._runs, maps)]
         statistics = self._statistics([run.statistics(words, sites, steps, sample) for run in self._runs], words)
         with self.hold_sync():
             self.map_min, self.map_max = low, high
@@ -455,9 +469,12 @@ class TraceViewer(anywidget.AnyWidget):
             self.table_html = _table_html(statistics)
             self.summary = self._describe(sites, steps)
 
-    def _panel(self, run: _Run, maps: np.ndarray, words: Sequence[str], low: float, high: float) -> dict[str, Any]:
+    def _panel(self, run: _Run, maps: np.ndarray, words: Sequence[str], steps: Sequence[int], low: float,
+               high: float) -> dict[str, Any]:
         image = run.image(self.sample)
         trace = run.trace
+        gated = set(steps) <= {int(s) for s in trace.gated_steps}
+        empty = "not computed here (a gated step)" if gated else "no value here (the stored map is NaN)"
         return {
             "role": run.role,
             "label": (f"{run.role}: " if len(self._runs) > 1 else "") + Path(str(trace.path)).name,
@@ -465,7 +482,7 @@ class TraceViewer(anywidget.AnyWidget):
             "image": _png(np.asarray(image.convert("RGB"))) if image is not None else "",
             "maps": [{"word": w, "png": _png(colour_map(m, low, high, self._cmap)),
                       "mean": _number(np.nanmean(m)) if np.isfinite(m).any() else None,
-                      "note": "" if np.isfinite(m).any() else "not computed here (a gated step)"}
+                      "note": "" if np.isfinite(m).any() else empty}
                      for w, m in zip(words, maps)],
         }
 
@@ -483,13 +500,18 @@ class TraceViewer(anywidget.AnyWidget):
         return {"columns": columns, "rows": rows}
 
     def _describe(self, sites: Sequence[str], steps: Sequence[int]) -> str:
-        where = (f"mean of {len(sites)} sites" if self.site == ALL else short_site(self.site))
-        when = (f"mean of {len(steps)} steps" if self.step == ALL else self.step_labels[self.step_options.index(self.step)])
+        where = (f"mean of {_count(len(sites), 'site')}" if self.site == ALL else short_site(self.site))
+        when = (f"mean of {_count(len(steps), 'step')}" if self.step == ALL
+                else self.step_labels[self.step_options.index(self.step)])
         if self.step == ALL and len(steps) < len(self.step_options):
             left_out = step_ranges(sorted(set(self.step_options) - set(steps)))
             when += f" computed{' in both runs' if len(self._runs) > 1 else ''} (gated {left_out} left out)"
         heads = "heads averaged" if self.head == HEAD_MEAN else f"head {self.head}"
         return f"{where} · {when} · {heads} · sample {self.sample}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _has(run: _Run, sample: int, word: str) -> bool:
