@@ -170,6 +170,7 @@ class RegulationDescent:
 
         self._buffers(first, len(pair), options)
         self.loss_weights = self._loss_weights(pair, mass_weight, weight_decay, options)
+        self.members = self._members(len(pair), options)
         self._evaluate, self._step = self._loop()
 
     def _buffers(self, first: int, m: int, options: dict) -> None:
@@ -223,6 +224,13 @@ class RegulationDescent:
         member = torch.eye(self.groups, **options).repeat_interleave(per_group, 1)[:, None, :, None]
         parts = [(member * weight_decay * scale / self.k).expand(-1, n, -1, self.k),
                  (member * q_row).expand(-1, n, -1, -1), (member * mass).expand(-1, n, -1, -1)]
+        return torch.cat([p.reshape(self.groups, -1) for p in parts], 1).t().contiguous()
+
+    def _members(self, m: int, options: dict) -> torch.Tensor:
+        """(trace length, groups): 1 where a trace entry is the group's (its loss weight 0 or not), else 0."""
+        per_group = self.rows // self.groups
+        member = torch.eye(self.groups, **options).repeat_interleave(per_group, 1)[:, None, :, None]
+        parts = [member.expand(-1, self.n, -1, width) for width in (self.k, m, 1)]
         return torch.cat([p.reshape(self.groups, -1) for p in parts], 1).t().contiguous()
 
     # -- the loop --------------------------------------------------------------------------------
@@ -290,8 +298,16 @@ class RegulationDescent:
                                          alpha=2 / (self.rows * self.n)))
 
     def losses(self) -> torch.Tensor:
-        """Each iteration's loss per group, (iterations, groups)."""
-        return torch.mm(self.trace.square(), self.loss_weights)
+        """Each iteration's loss per group, (iterations, groups); NaN for a group with a non-finite term.
+
+        A NaN or infinite term (non-finite logits) spoils its own group only: in the product with the
+        loss weights it would meet the other groups' zero weights, and 0 · NaN is NaN.
+        """
+        squared = self.trace.square()
+        finite = torch.isfinite(squared)
+        losses = torch.mm(torch.where(finite, squared, 0.0), self.loss_weights)   # as it is where all are finite
+        spoilt = torch.mm(finite.logical_not().to(squared.dtype), self.members) > 0
+        return losses.masked_fill_(spoilt, float("nan"))
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Best Δ, initial Δ (both (rows, pixels, n)), first and best loss per group (the first lowest wins)."""

@@ -13,7 +13,6 @@ latent of every later step; its looks at the attention are the hook session's
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +22,15 @@ import torch.nn.functional as F
 from ..errors import AttnscopeError
 from ..hooks import find_adapter, hooks, select_rows
 from ..tokens import prompt_text, token_roles
-from ._scope import InterventionScope, default_regulation_sites, nth_occurrences, repr_options, targets_label
+from ._scope import (
+    InterventionScope,
+    default_regulation_sites,
+    is_integer,
+    is_real,
+    nth_occurrences,
+    repr_options,
+    targets_label,
+)
 from ._trajectory import replayable
 
 __all__ = ["AttendAndExcite", "excite_loss", "smoothing_kernel"]
@@ -155,16 +162,16 @@ class AttendAndExcite:
             thresholds = dict(_THRESHOLDS)
         shares = {_share(k): v for k, v in thresholds.items()} if isinstance(thresholds, Mapping) else None
         if shares is None or len(shares) != len(thresholds) or not all(
-                _real(k) and _real(v) and 0 <= k < 1 and 0 <= v <= 1 for k, v in shares.items()):
+                is_real(k) and is_real(v) and 0 <= k < 1 and 0 <= v <= 1 for k, v in shares.items()):
             raise AttnscopeError(f"thresholds={thresholds!r}: expected {{share of the run in [0, 1): threshold in "
                                  f"[0, 1]}}, e.g. the official {_THRESHOLDS}")
         thresholds = {float(k): float(v) for k, v in sorted(shares.items())}  # by share: the later one wins a step
-        if not _integer(max_refinement) or max_refinement < 0:
+        if not is_integer(max_refinement) or max_refinement < 0:
             raise AttnscopeError(f"max_refinement={max_refinement!r}: expected a non-negative integer")
-        if probe_batch is not None and (not _integer(probe_batch) or probe_batch < 1):
+        if probe_batch is not None and (not is_integer(probe_batch) or probe_batch < 1):
             raise AttnscopeError(f"probe_batch={probe_batch!r}: expected a positive integer or None")
         for name, value in (("step_size", step_size), ("temperature", temperature), ("sigma", sigma)):
-            if not (_real(value) and 0 < value < math.inf):
+            if not (is_real(value) and 0 < value < math.inf):
                 raise AttnscopeError(f"{name}={value!r}: expected a positive finite number")
         self.targets = targets
         self.scope = InterventionScope(targets, sites, steps, first_occurrence=True,
@@ -360,16 +367,6 @@ class AttendAndExcite:
     def on_probs(self, ctx: Any, probs: torch.Tensor) -> None:
         h, w = ctx.spatial_shape
         self._maps.append(probs.mean(1).view(probs.shape[0], h, w, probs.shape[-1]))
-
-
-def _real(value: Any) -> bool:
-    """A real number (not a bool; numpy's count): a share of the run, a threshold, a step size."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _integer(value: Any) -> bool:
-    """An integer (not a bool; numpy's count)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _share(key: Any) -> Any:

@@ -123,11 +123,17 @@ class RiskGate:
         threshold and step) passes them on: its maps are regulated ones, so judging them again would decide
         otherwise, and a rerun of it with the same intervention reproduces it.
         """
-        self._preset_used = False
         recorded = self._recorded_decisions(trace.manifest)
         if recorded is not None:
-            self.risk, self.at_risk, self._preset = recorded[0], recorded[1], True
+            self.risk, self.at_risk, self._preset, self._preset_used = recorded[0], recorded[1], True, False
             return list(self.at_risk)
+        for site in trace.sites:  # before anything is decided: an earlier decision stays as it was
+            captured = [int(s) for s in trace.attention(site)["step"].values]
+            if self.step not in captured:
+                raise AttnscopeError(f"risk_above(step={self.step}): the trace has no maps of step {self.step} at "
+                                     f"{site} (its captured steps: {captured}), so it cannot decide from them; "
+                                     f"capture the decision step, or choose step= among the captured ones")
+        self._preset_used = False
         run = trace.manifest.get("run", {})
         prompts, per_prompt = run.get("prompts") or [], int(run.get("num_images_per_prompt") or 1)
         risks: list[float] = []

@@ -16,6 +16,7 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import AttnscopeError, AttnscopeWarning
@@ -23,7 +24,7 @@ from ..tokens import token_roles
 from ._basis import basis_centres, gaussian_basis
 from ._descent import RegulationDescent, one_thread
 from ._gate import RiskGate
-from ._scope import InterventionScope, default_regulation_sites, targets_label
+from ._scope import InterventionScope, default_regulation_sites, is_integer, is_real, targets_label
 
 _roles = functools.lru_cache(maxsize=64)(token_roles)  # per prompt (a tuple of token strings), not per call
 
@@ -63,11 +64,12 @@ def _check_number(name: str, value: Any, low: float, high: float, closed: bool |
     ``[low, high)`` (the weights, which may be 0).
 
     >>> _check_number("decay", 0.99, 0, 1, True)
+    >>> _check_number("lr", np.float32(50), 0, math.inf, False)     # numpy's numbers too
     >>> _check_number("quantile", 2.0, 0, 1, True)
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: quantile=2.0: expected a number in (0, 1]
     """
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+    ok = is_real(value) and (
         low <= value < high if closed is None else low < value <= high if closed else low < value < high)
     if not ok:
         span = f"[{low}, {high})" if closed is None else f"({low}, {high}]" if closed else f"({low}, {high})"
@@ -135,12 +137,18 @@ class AttentionRegulation:
                  iterations: int = 20, quantile: float = 0.9, quantile_target: float = 0.9, mass_weight: float = 80.0,
                  weight_decay: float = 0.09, tau: float | None = None, smoothing: float = 0.25, decay: float = 0.99,
                  scale_lr: bool = True, seed: int = 0, when: RiskGate | None = None):
+        if isinstance(when, dict) and "risk_above" in when:  # a manifest's record of the gate: not a gate
+            raise AttnscopeError(f"when={when!r}: the record of a gate (a manifest's params) does not rebuild it; pass "
+                                 f"when=ats.regulate.risk_above({when['risk_above']!r}, step={when.get('step')!r}, "
+                                 f"targets=...) with the gate's targets")
         if when is not None and not isinstance(when, RiskGate):
             raise AttnscopeError(f"when={when!r}: expected a gate such as ats.regulate.risk_above(0.3)")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        if not is_integer(iterations) or iterations < 1:
             raise AttnscopeError(f"iterations={iterations!r}: expected a positive integer")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_integer(seed):
             raise AttnscopeError(f"seed={seed!r}: expected an integer")
+        if not isinstance(scale_lr, (bool, np.bool_)):
+            raise AttnscopeError(f"scale_lr={scale_lr!r}: expected True or False")
         for name, value, low, high, closed in (
                 ("lr", lr, 0, math.inf, False), ("decay", decay, 0, math.inf, False), ("smoothing", smoothing, 0, 1, None),
                 ("quantile", quantile, 0, 1, True), ("quantile_target", quantile_target, 0, 1, True),
@@ -150,10 +158,11 @@ class AttentionRegulation:
         self.targets = targets
         self.scope = InterventionScope(targets, sites, steps, first_occurrence=True,
                                        default_sites=default_regulation_sites)
-        self.lr, self.iterations, self.seed, self.scale_lr = float(lr), iterations, seed, scale_lr
-        self.loss_terms = {"quantile": quantile, "quantile_target": quantile_target, "mass_weight": mass_weight,
-                           "weight_decay": weight_decay}
-        self.tau, self.smoothing, self.decay = tau, smoothing, decay
+        self.lr, self.iterations, self.seed, self.scale_lr = float(lr), int(iterations), int(seed), bool(scale_lr)
+        # numpy's numbers as Python's (the same values): JSON-able in describe()
+        self.loss_terms = {"quantile": _plain(quantile), "quantile_target": _plain(quantile_target),
+                           "mass_weight": _plain(mass_weight), "weight_decay": _plain(weight_decay)}
+        self.tau, self.smoothing, self.decay = _plain(tau), _plain(smoothing), _plain(decay)
         self.when = when
         if when is not None and when.targets is None:  # risk_above's default: the intervention's targets
             when.targets = targets
@@ -189,7 +198,7 @@ class AttentionRegulation:
         self._site_index = {s.name: i for i, s in enumerate(session.sites)}
         tokenizer = getattr(session.pipe, "tokenizer", None)
         self._eos = getattr(tokenizer, "eos_token_id", None)
-        self._previous = {}
+        self._previous, self._restore = {}, None  # nothing of a call of an earlier installation is given back
         self._bases, self._descents, self._indices = {}, {}, {}
 
     def on_step(self, step_ctx: Any) -> None:
@@ -200,7 +209,7 @@ class AttentionRegulation:
                               "unknown and only column 0 (CLIP's start of text) gets its unedited probabilities back "
                               "after the edit; pass the prompt as text to restore its first end-of-text column too",
                               AttnscopeWarning, stacklevel=2)
-            self._previous = {}
+            self._previous, self._restore = {}, None
             self.history = {}
             if self.when is not None:
                 self.when.new_run()
@@ -284,8 +293,8 @@ class AttentionRegulation:
         rows = z.shape[0]
         n = len(cols)
         tau = self.tau if self.tau is not None else min(1.0, 0.2 * n)
-        generator = torch.Generator(device=z.device).manual_seed(
-            (self.seed * 1_000_003 + self._site_index.get(key[0], 0)) * 10_007 + key[1])
+        generator = torch.Generator(device=z.device).manual_seed(  # modulo 2**64: torch's range (as it reads a negative)
+            ((self.seed * 1_000_003 + self._site_index.get(key[0], 0)) * 10_007 + key[1]) % 2**64)
         # one draw for a sample's heads, repeated for every sample: its start does not depend on its batch
         weights = torch.rand((rows // groups, basis.shape[0], n), generator=generator, device=z.device,
                              dtype=z.dtype).repeat(groups, 1, 1)
@@ -340,6 +349,15 @@ class AttentionRegulation:
             return []
         hits = (ids[ctx.rows.prompt_of_sample[sample]] == self._eos).nonzero().flatten()
         return [int(hits[0])] if len(hits) else []
+
+
+def _plain(value: Any) -> Any:
+    """A numpy number as the Python number of the same value; anything else as it is.
+
+    >>> _plain(np.float32(0.5)), _plain(np.int64(3)), _plain(0.25), _plain(None)
+    (0.5, 3, 0.25, None)
+    """
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _index(rows: list[int]) -> slice | list[int]:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 from ..errors import AttnscopeError
-from ._scope import InterventionScope, repr_options, targets_label
+from ._scope import InterventionScope, is_real, repr_options, targets_label
 
 __all__ = ["Reweight"]
 
@@ -48,7 +47,7 @@ class Reweight:
     role = "intervention"
 
     def __init__(self, word: Any, factor: float, *, sites: Any = None, steps: Any = None):
-        if not isinstance(factor, numbers.Real) or isinstance(factor, bool) or not 0 <= factor < math.inf:
+        if not is_real(factor) or not 0 <= factor < math.inf:
             raise AttnscopeError(f"factor={factor!r}: expected a finite non-negative number (a float or an int, "
                                  f"numpy's too)")
         self.word, self.factor = word, float(factor)

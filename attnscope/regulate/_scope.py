@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -9,9 +10,10 @@ import numpy as np
 
 from ..errors import AttnscopeError
 from ..selection import select_sites, select_steps
-from ..tokens import is_target, prompt_text, resolve_targets, segment_occurrences, target_list
+from ..tokens import is_target, prompt_text, resolve_targets, segment_occurrences, target_list, token_roles
 
-__all__ = ["InterventionScope", "default_regulation_sites", "nth_occurrences", "repr_options", "targets_label"]
+__all__ = ["InterventionScope", "default_regulation_sites", "is_integer", "is_real", "nth_occurrences", "repr_options",
+           "targets_label"]
 
 TargetSpec = Sequence[str | int] | str | int | Callable[[str], Sequence[str | int]]
 #: the blocks of a flat stack of layers (PixArt, Sana): the third of the stack a layer sits in
@@ -148,7 +150,7 @@ class InterventionScope:
         """Per sample of the cond half: the token columns of every target (flattened, sorted)."""
         texts = ctx.step_context.token_text
         if texts is None:
-            return [self._positions_without_text()] * ctx.rows.samples
+            return [self._positions_without_text(ctx.tokens)] * ctx.rows.samples
         per_prompt = self._run_columns(ctx.step_context)
         return [per_prompt[p] for p in ctx.rows.prompt_of_sample]
 
@@ -159,17 +161,24 @@ class InterventionScope:
         if step_ctx.token_text is not None:
             self._run_columns(step_ctx)
         else:
-            self._positions_without_text()
+            self._positions_without_text(step_ctx.text_length)
         if self.steps is not None and step_ctx.num_steps:
             self.steps_of_run(step_ctx.num_steps)
 
-    def _positions_without_text(self) -> list[int]:
-        """The targets' columns of a run whose prompt came as embeddings: token positions only."""
+    def _positions_without_text(self, length: int | None = None) -> list[int]:
+        """The targets' columns of a run whose prompt came as embeddings: token positions only, each in
+        ``0 .. length - 1`` (``length``: the number of text keys, when known)."""
         items = self.targets if isinstance(self.targets, (list, tuple)) else [self.targets]
-        if not callable(self.targets) and all(isinstance(t, int) for t in items):
-            return sorted({int(t) for t in items})
-        raise AttnscopeError("targets given as words need the prompt's tokens, but the pipeline got embeddings; "
-                             "give token positions instead")
+        if callable(self.targets) or not all(isinstance(t, numbers.Integral) for t in items):
+            raise AttnscopeError("targets given as words need the prompt's tokens, but the pipeline got embeddings; "
+                                 "give token positions instead")
+        positions = sorted({int(t) for t in items})
+        outside = [p for p in positions if p < 0 or (length is not None and p >= length)]
+        if outside:
+            span = f"0..{length - 1} (the prompt embeddings have {length} tokens)" if length else "0 and up"
+            raise AttnscopeError(f"targets={targets_label(self.targets)!r}: token position(s) {outside} out of range "
+                                 f"{span}")
+        return positions
 
     def _run_columns(self, step_ctx: Any) -> list[list[int]]:
         """Per prompt of the run: the token columns of every target (computed once per run's token text)."""
@@ -184,20 +193,31 @@ class InterventionScope:
     def _columns_of_prompt(self, index: int, count: int, tokens: list[str], roles: Any) -> list[int]:
         """:meth:`_prompt_columns`; with several prompts, an error names the prompt it is about."""
         try:
-            return self._prompt_columns(tokens, roles)
+            return self._prompt_columns(tokens, roles, named=count == 1)
         except AttnscopeError as exc:
             if count == 1:
                 raise
             hint = "" if callable(self.targets) else "; to target other words per prompt, give targets as a function of the prompt"
             raise AttnscopeError(f"prompt {index} of {count} ({prompt_text(tokens, roles)!r}): {exc}{hint}") from None
 
-    def _prompt_columns(self, tokens: list[str], roles: Any = None) -> list[int]:
+    def _prompt_columns(self, tokens: list[str], roles: Any = None, named: bool = True) -> list[int]:
         targets = self.targets
-        if callable(targets):
+        if callable(targets):  # what it gives is checked here, where the error can say where it came from
             targets = targets(prompt_text(tokens, roles))
-        if not self.first_occurrence:
-            return sorted({p for positions in resolve_targets(tokens, targets, roles).values() for p in positions})
-        return sorted({p for positions in nth_occurrences(tokens, targets, roles) for p in positions})
+            items = targets if isinstance(targets, (list, tuple)) else [targets]
+            if not items or not all(is_target(t) for t in items):
+                where = f" for the prompt {prompt_text(tokens, roles)!r}" if named else ""
+                raise AttnscopeError(f"targets={targets_label(self.targets)!r} gave {targets!r}{where}: expected words, "
+                                     f"phrases or token positions (a str, an int or a non-empty list of them)")
+        try:
+            if not self.first_occurrence:
+                return sorted({p for positions in resolve_targets(tokens, targets, roles).values() for p in positions})
+            return sorted({p for positions in nth_occurrences(tokens, targets, roles) for p in positions})
+        except AttnscopeError as exc:
+            if "pad" in token_roles(tokens, roles) or not tokens:
+                raise
+            raise AttnscopeError(f"{exc} (the prompt fills all {len(tokens)} token positions: the tokenizer may have "
+                                 f"cut words off its end)") from None
 
 
 def nth_occurrences(tokens: list[str], targets: Any, roles: Any = None) -> list[list[int]]:
@@ -215,11 +235,12 @@ def nth_occurrences(tokens: list[str], targets: Any, roles: Any = None) -> list[
     mentions: dict[str, int] = {}
     out = []
     for target in items:
-        if isinstance(target, int):
-            out.append([target])
+        if isinstance(target, numbers.Integral):  # numpy's ints too, as resolve_targets takes them
+            out.append([int(target)])
             continue
         per_segment = segment_occurrences(tokens, target, roles)
-        k = mentions[target.lower()] = mentions.get(target.lower(), -1) + 1
+        key = " ".join(target.lower().split())  # "circle", "Circle" and " circle" are mentions of one word
+        k = mentions[key] = mentions.get(key, -1) + 1
         picked = [p for occ in per_segment if k < len(occ) for p in occ[k]]
         if not picked:
             raise AttnscopeError(f"target {target!r} is given {k + 1} times but occurs "
@@ -232,12 +253,15 @@ def nth_occurrences(tokens: list[str], targets: Any, roles: Any = None) -> list[
 def targets_label(targets: Any) -> Any:
     """Targets as JSON and in reprs: a function (targets chosen per prompt) by its name, a tuple as a list.
 
-    >>> targets_label(("circle", "square")), targets_label(len)
-    (['circle', 'square'], 'len')
+    >>> import numpy as np
+    >>> targets_label(("circle", "square")), targets_label(len), targets_label([np.int64(3), "square"])
+    (['circle', 'square'], 'len', [3, 'square'])
     """
     if callable(targets):
         return getattr(targets, "__name__", "function")
-    return list(targets) if isinstance(targets, tuple) else targets
+    if isinstance(targets, (list, tuple)):
+        return [int(t) if isinstance(t, numbers.Integral) else t for t in targets]  # numpy's ints: JSON-able
+    return int(targets) if isinstance(targets, numbers.Integral) else targets
 
 
 def repr_options(given: dict[str, tuple[Any, Any]]) -> str:
@@ -270,7 +294,7 @@ def _steps_spec(steps: Any) -> Any:
             raise AttnscopeError(f"steps={steps!r}: a mapping is read as a slice; expected the keys "
                                  f"{', '.join(_SLICE_KEYS)} (as a manifest records a slice), each an int or None")
         steps = slice(*(steps.get(k) for k in _SLICE_KEYS))
-    if steps is None or (isinstance(steps, str) and steps == "first_half") or _int(steps):
+    if steps is None or (isinstance(steps, str) and steps == "first_half") or is_integer(steps):
         return steps
     if isinstance(steps, slice):
         if not all(_int_or_none(v) for v in (steps.start, steps.stop, steps.step)):
@@ -281,13 +305,27 @@ def _steps_spec(steps: Any) -> Any:
     if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
         raise AttnscopeError(f"steps={steps!r}: {expected}")
     values = list(steps)
-    if not values or not all(_int(v) for v in values):
+    if not values or not all(is_integer(v) for v in values):
         raise AttnscopeError(f"steps={steps!r}: {expected} (a list of at least one int)")
     return steps if isinstance(steps, (list, tuple, range, np.ndarray)) else values  # a generator: read once
 
 
-def _int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+def is_integer(value: Any) -> bool:
+    """An integer, numpy's too, and not a bool: what an intervention's counts and indices accept.
+
+    >>> is_integer(3), is_integer(np.int64(3)), is_integer(True), is_integer(3.0)
+    (True, True, False, False)
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: Any) -> bool:
+    """A real number, numpy's too, and not a bool: what an intervention's numeric settings accept.
+
+    >>> is_real(0.5), is_real(np.float32(0.5)), is_real(2), is_real(False), is_real("0.5")
+    (True, True, True, False, False)
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _int_or_none(value: Any) -> bool:

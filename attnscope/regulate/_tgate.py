@@ -18,13 +18,12 @@ official code".
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch
 
 from ..errors import AttnscopeError
-from ._scope import repr_options
+from ._scope import is_integer, repr_options
 
 __all__ = ["TGate"]
 
@@ -111,7 +110,7 @@ class TGate:
             gate_step = suggest_gate_step(reference, tol=tol)
         elif reference is not None:
             raise AttnscopeError(f"reference= is used only with gate_step='auto', got gate_step={gate_step!r}")
-        if isinstance(gate_step, numbers.Integral) and not isinstance(gate_step, bool):
+        if is_integer(gate_step):
             gate_step = int(gate_step)  # numpy's integers (a step index read from an array) are integers too
         if isinstance(gate_step, float):
             if not 0 < gate_step < 1:
