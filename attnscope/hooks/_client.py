@@ -44,7 +44,8 @@ class HookClient(Protocol):
         Called for the stages asked for. ``logits``/``probs`` are ``(batch, heads, h*w, tokens)``:
         the pre-softmax ``QKᵀ/√d`` over the text keys (attention mask added) and its softmax;
         ``output`` is the attention module's return value (after ``to_out``). Return ``None`` to
-        leave the tensor as it is, or a tensor of the same shape to replace it (interventions only).
+        leave the tensor as it is, or a tensor of the same shape to replace it (interventions only;
+        the tensor handed in, edited in place and returned, is a replacement too).
     bypass(ctx) -> Tensor | None
         Interventions: return the module output to skip the attention at this call (a cache). That
         output is final: at the call, ``on_output`` runs for observers only.
@@ -56,7 +57,8 @@ class HookClient(Protocol):
         :class:`~attnscope.hooks.StepContext`), ``None`` for both.
     on_install(session), on_step(step_ctx), on_remove(error)
         Installed (``session`` is the :class:`~attnscope.hooks.HookSession`), a denoising step
-        starts, removed (``error`` is the exception that ended the block, or ``None``).
+        starts, removed (``error`` is the exception that ended the block, or ``None``; called for
+        every client, also when an ``on_install``, its own or another's, raised).
     prepare(pipe, call)
         Before the hooks are installed, the exact pipeline call about to run (``call``: the keyword
         arguments, prompt and generator included), from the runners that know it —

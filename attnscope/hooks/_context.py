@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import AttnscopeError
 from ._sites import CrossAttentionSite
 
 __all__ = ["RowLayout", "StepContext", "CallContext"]
@@ -37,11 +38,20 @@ class RowLayout:
         return len(self.prompt_of_sample)
 
     def rows(self, branch: str) -> slice:
-        """Row slice of ``branch`` (``"cond"`` or ``"uncond"``)."""
+        """Row slice of ``branch`` (``"cond"`` or ``"uncond"``).
+
+        >>> RowLayout.for_batch(batch=2, guidance=True, num_prompts=1).rows("uncond")
+        slice(0, 1, None)
+        >>> RowLayout.for_batch(batch=2, guidance=True, num_prompts=1).rows("negative")
+        Traceback (most recent call last):
+        attnscope.errors.AttnscopeError: branch='negative': expected 'cond' or 'uncond'
+        """
         if branch == "cond":
             return self.cond
+        if branch != "uncond":
+            raise AttnscopeError(f"branch={branch!r}: expected 'cond' or 'uncond'")
         if self.uncond is None:
-            raise ValueError("this batch has no unconditional rows (classifier-free guidance is off)")
+            raise AttnscopeError("branch='uncond': this batch has no unconditional rows (classifier-free guidance is off)")
         return self.uncond
 
     @classmethod

@@ -22,7 +22,8 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -55,6 +56,10 @@ class HookSession:
         #: per text segment of the sites' key axis: (pipeline attribute of its text encoder, its tokenizer)
         self.text_encoders = text_segments(pipe)
         roles = [client_role(client) for client in clients]  # the one place a client's role is read
+        for i, client in enumerate(clients):
+            if any(client is other for other in clients[:i]):
+                raise AttnscopeError(f"client {client!r} is given twice: it would see (and edit) every call twice; "
+                                     f"give each client once")
         #: interventions first, then observers, each in the order given
         self.interventions = [c for c, role in zip(clients, roles) if role == "intervention"]
         self.clients = self.interventions + [c for c, role in zip(clients, roles) if role == "observer"]
@@ -72,7 +77,9 @@ class HookSession:
         self._uncond_ids: torch.Tensor | None = None  # their token ids over the sites' text axis (the text mask's check)
         #: the padding token of a one-tokenizer text axis (the text mask's check), else None
         self._pad_id = getattr(self.text_encoders[0][1], "pad_token_id", None) if len(self.text_encoders) == 1 else None
-        self._last_timestep: float | None = None
+        #: (timestep, the scheduler's step_index) of the last call shown to clients: a second call at both is a second
+        #: pass of one step (Flux's true CFG); a second-order scheduler's correction call repeats the timestep only
+        self._last_position: tuple | None = None
         #: (site, the stand-in processor installed there) of every wrapped site, checked before each denoiser call
         self._installed: list[tuple[CrossAttentionSite, Any]] = []
         #: ``(run, step)`` of the last step whose denoiser call returned (the run's prompt pass), None before any
@@ -104,6 +111,9 @@ class HookSession:
         step context has the step about to run, every row conditional and no token text."""
         if self._probing is not None:
             raise AttnscopeError(f"client {client!r}: probe() inside another client's probe ({self._probing!r})")
+        if not any(client is c for c in self.clients):
+            raise AttnscopeError(f"client {client!r}: probe() needs a client installed in this block (its calls are "
+                                 f"shown to that client only)")
         saved = self.step_context, self._duplicate
         self._probing = client
         try:
@@ -119,9 +129,11 @@ class HookSession:
         return checkpointed_denoiser(self)
 
     # -- events from the pipeline ---------------------------------------------------------------
-    def _start_text(self) -> None:
-        """The text of a new run is about to be encoded: forget the last run's."""
-        if self._steps_in_run > 0:
+    def _start_text(self, call: bool = False) -> None:
+        """The text of a new run is about to be encoded: forget the last run's. ``call``: ``pipe.check_inputs`` ran, a
+        pipeline call begins; also after a call that ended with an error before its first step, whose text would
+        otherwise be taken for this call's."""
+        if self._steps_in_run > 0 or call:
             self._new_run, self._steps_in_run = True, 0
             self._segment_ids, self._text = [None] * len(self.text_encoders), None
             self._negative_ids, self._uncond_text, self._uncond_ids = [None] * len(self.text_encoders), None, None
@@ -166,6 +178,7 @@ class HookSession:
 
     def _on_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
         self._check_installed()
+        self._check_caller()
         inputs = self.adapter.step_inputs(args, kwargs)
         timestep = self._scheduler_timestep(inputs["timestep"])
         num_steps = self._num_steps()
@@ -176,13 +189,14 @@ class HookSession:
                 rows=RowLayout.for_batch(inputs["batch"], False, None), token_ids=None,
                 text_length=inputs["text_length"]), False
             return None
-        if not self._new_run and self.adapter.STEPS_BY == "timestep" and timestep == self._last_timestep:
+        position = (timestep, getattr(getattr(self.pipe, "scheduler", None), "step_index", None))
+        if not self._new_run and self.adapter.STEPS_BY == "timestep" and position == self._last_position:
             # a second pass of the same step (Flux's true CFG: the negative prompt): not shown to clients
             self.step_context, self._duplicate = None, False
             return None
         if self._new_run or (num_steps and self._steps_in_run >= num_steps):
             self._run, self._steps_in_run, self._new_run = self._run + 1, 0, False
-        self._last_timestep = timestep
+        self._last_position = position
         guidance = self._guidance()
         ids, token_text, segments, token_roles = self._text_of_run(inputs["text_length"])
         prompts = len(token_text) if token_text is not None else None
@@ -212,6 +226,24 @@ class HookSession:
             if hasattr(client, "on_step"):
                 client.on_step(self.step_context)
         return (args, kwargs) if branch is not None else None
+
+    def _check_caller(self) -> None:
+        """The denoiser runs in a call of ``pipe`` (or is called directly), not of another pipeline sharing its modules
+        (``StableDiffusionImg2ImgPipeline(**pipe.components)``), whose steps, guidance and prompt hooks on ``pipe``
+        cannot see: one error naming it."""
+        from diffusers import DiffusionPipeline
+
+        frame = sys._getframe(2)
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if owner is self.pipe:
+                return
+            if isinstance(owner, DiffusionPipeline):
+                raise AttnscopeError(
+                    f"the denoiser was called by a {type(owner).__name__} that is not the pipeline given to "
+                    f"`ats.hooks(pipe, ...)` (a {type(self.pipe).__name__} sharing its modules): the hooks cannot read "
+                    f"that call's steps, guidance and prompt; install them on the pipeline you call")
+            frame = frame.f_back
 
     def _check_installed(self) -> None:
         """Each wrapped site still has its stand-in processor; else one error naming the first site that lost it."""
@@ -298,7 +330,11 @@ class HookSession:
     def plan(self, ctx: CallContext, clients: list[Any] | None = None) -> dict[str, list[Any]]:
         plan: dict[str, list[Any]] = {}
         for client in self._visible(self.clients if clients is None else clients):
-            for stage in client.stages(ctx):
+            stages = client.stages(ctx)
+            if isinstance(stages, str) or not isinstance(stages, Iterable):
+                raise AttnscopeError(f"client {client!r}: stages() returned {stages!r} at {ctx.site.name}, expected a "
+                                     f"collection of {STAGES} such as ('probs',), or () for none")
+            for stage in stages:
                 if stage not in STAGES:
                     raise AttnscopeError(f"client {client!r}: unknown stage {stage!r}, expected one of {STAGES}")
                 plan.setdefault(stage, []).append(client)
@@ -334,12 +370,16 @@ class HookSession:
                 continue
             if id(client) not in self._intervening:
                 raise AttnscopeError(f"client {client!r} is an observer but returned a tensor at stage {stage!r}")
+            if not isinstance(result, torch.Tensor):
+                raise AttnscopeError(f"client {client!r} returned {type(result).__name__} at stage {stage!r} of "
+                                     f"{ctx.site.name}, expected None or a tensor of shape {tuple(tensor.shape)}")
             if result.shape != tensor.shape:
                 raise AttnscopeError(
                     f"client {client!r} returned shape {tuple(result.shape)} at stage {stage!r} of {ctx.site.name}, "
                     f"expected {tuple(tensor.shape)}"
                 )
-            tensor = result
+            # the tensor it was handed, edited in place, is an edit too: the processors tell edits by identity
+            tensor = result.view_as(result) if result is tensor else result
         return tensor
 
 
@@ -386,9 +426,12 @@ def _prompt_text(encoders: list[tuple[str | None, Any]], ids: list[torch.Tensor 
 
 
 def _swap_processor(module: torch.nn.Module, new: Any) -> Any:
-    """Replace ``module.processor``; return a token that restores it exactly (also nn.Module processors)."""
-    saved = (module.__dict__.get("processor"), "processor" in module.__dict__, dict(module._modules))
-    module._modules.pop("processor", None)
+    """Replace ``module.processor``; return a token that restores it exactly (also nn.Module processors, in their
+    slot among the module's children)."""
+    children = list(module._modules)
+    slot = children.index("processor") if "processor" in children else None
+    saved = (module.__dict__.get("processor"), "processor" in module.__dict__, module._modules.pop("processor", None),
+             children[slot + 1:] if slot is not None else [])
     module.__dict__["processor"] = new
     return saved
 
@@ -415,39 +458,62 @@ def _refuse_slicing(session: HookSession) -> None:
 
 
 def _watch_encode_prompt(session: HookSession, pipe: Any) -> Callable[[], None]:
-    """Tell ``session`` of each ``pipe.encode_prompt`` call (an instance attribute over the class's method);
-    returns the function that takes it away again."""
-    original, had = pipe.__dict__.get("encode_prompt"), "encode_prompt" in pipe.__dict__
+    """Tell ``session`` of each ``pipe.encode_prompt`` call, and of each ``pipe.check_inputs`` call (the start of a
+    pipeline call); returns the function that takes these watches away again."""
     method = getattr(pipe, "encode_prompt", None)
-    if method is None:
-        return lambda: None
-    signature = inspect.signature(method)
+    signature = inspect.signature(method) if method is not None else None
 
-    @functools.wraps(method)
-    def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+    def encoding(*args: Any, **kwargs: Any) -> None:
         try:
             given = signature.bind_partial(*args, **kwargs).arguments.get("prompt_embeds") is not None
         except TypeError:  # let the method itself report a bad call
             given = False
         session._on_encode_prompt(given)
-        return method(*args, **kwargs)
 
-    pipe.encode_prompt = encode_prompt
+    restores = [_watch(pipe, "check_inputs", lambda *args, **kwargs: session._start_text(call=True)),
+                _watch(pipe, "encode_prompt", encoding)]
 
     def restore() -> None:
-        pipe.__dict__.pop("encode_prompt", None)
+        for each in reversed(restores):
+            each()
+    return restore
+
+
+def _watch(pipe: Any, name: str, event: Callable[..., None]) -> Callable[[], None]:
+    """Call ``event`` with the arguments of each ``pipe.<name>`` call before the method runs (an instance attribute
+    over the class's method); returns the function that takes it away again."""
+    original, had = pipe.__dict__.get(name), name in pipe.__dict__
+    method = getattr(pipe, name, None)
+    if method is None:
+        return lambda: None
+
+    @functools.wraps(method)
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        event(*args, **kwargs)
+        return method(*args, **kwargs)
+
+    setattr(pipe, name, watched)
+
+    def restore() -> None:
+        pipe.__dict__.pop(name, None)
         if had:
-            pipe.__dict__["encode_prompt"] = original
+            pipe.__dict__[name] = original
     return restore
 
 
 def _restore_processor(module: torch.nn.Module, saved: Any) -> None:
-    value, in_dict, modules = saved
+    """Put back the processor :func:`_swap_processor` took; the module's other children stay as they are now (a
+    LoRA or a fused projection added inside the block is kept)."""
+    value, in_dict, child, after = saved
     module.__dict__.pop("processor", None)
     if in_dict:
         module.__dict__["processor"] = value
-    module._modules.clear()
-    module._modules.update(modules)
+    if child is not None:  # back before the first child that followed it and is still there
+        items = list(module._modules.items())
+        at = next((i for i, (name, _) in enumerate(items) if name in after), len(items))
+        items.insert(at, ("processor", child))
+        module._modules.clear()
+        module._modules.update(items)
 
 
 @contextlib.contextmanager
