@@ -173,6 +173,7 @@ class Recorder:
         assert self.writer is not None
         if not self._planned or self._planned[step.step] != step.timestep:
             self.writer.timestep(step.step, step.timestep)  # the plan was unknown or the run deviated from it
+        self.writer.steps_done(step.step)  # the steps before this one ran through
         self._steps_seen = step.step + 1
         self._bypassed = set()
 
@@ -243,6 +244,9 @@ class Recorder:
         complete = finished and self._steps_seen >= self._num_steps
         try:
             try:
+                if session is not None and session.step_done == (self._run, self._steps_seen - 1) \
+                        and self.writer.error is None:  # the step that ran last returned: it ran through
+                    self.writer.steps_done(self._steps_seen)
                 if self.output_change and self.writer.error is None:
                     norm, change = self._outputs.arrays(self._num_steps, len(self._sites), self._samples)
                     self.writer.summaries(list(self._sites), {OUTPUT_NORM: norm, OUTPUT_CHANGE: change})
@@ -290,8 +294,16 @@ class Recorder:
         return {"manifest": {**self._manifest, "run": run}}
 
     def add_images(self, images: Any) -> None:
-        """Store the pipeline's output images (PIL list, numpy array in [0, 1], or tensor) with the trace."""
-        self._images = _images_to_uint8(images)
+        """Store the pipeline's output images (PIL list, numpy array in [0, 1] or uint8, or tensor in [0, 1]) with the
+        trace: RGB, one per sample of the run (else AttnscopeError, and the trace is kept without them)."""
+        pixels = _images_to_uint8(images)
+        if pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise AttnscopeError(f"images: got shape {pixels.shape} (as image, height, width, channel), expected RGB "
+                                 f"images: (image, height, width, 3)")
+        if self._samples and len(pixels) != self._samples:
+            raise AttnscopeError(f"images: got {len(pixels)} images, expected one per sample of the run "
+                                 f"({self._samples}): pass the pipeline's output images")
+        self._images = pixels
 
     def _start(self, step: StepContext) -> None:
         session = self._session
@@ -482,16 +494,41 @@ def _extra_manifest(extra: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _images_to_uint8(images: Any) -> np.ndarray:
+    """Images as uint8 (image, height, width, channel): PIL images as RGB, floats in [0, 1] (diffusers'
+    ``output_type="np"``/``"pt"``) scaled to 0…255, uint8 as they are; floats outside [0, 1] are refused (0…255 or
+    −1…1 values would be clipped to white and black without a word).
+
+    >>> _images_to_uint8(np.full((1, 2, 2, 3), 0.5)).max()
+    np.uint8(128)
+    >>> _images_to_uint8(np.full((1, 2, 2, 3), 255.0))
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: images: float values from 255.0 to 255.0, expected [0, 1] (diffusers' output_type 'np' or 'pt'); pass uint8 for values 0…255
+    """
     if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise AttnscopeError(f"images: a tensor of shape {tuple(images.shape)}, expected (image, channel, height, "
+                                 f"width)")
         images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8:
-            images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+            if images.dtype.kind not in "fiub":
+                raise AttnscopeError(f"images: a numpy array of dtype {images.dtype}, expected uint8 or floats in [0, 1]")
+            low, high = (float(np.nanmin(images)), float(np.nanmax(images))) if np.isfinite(images).any() else (0, 1)
+            if low < 0 or high > 1:
+                kind = "float" if images.dtype.kind == "f" else "integer"
+                raise AttnscopeError(f"images: {kind} values from {low} "
+                                     f"to {high}, expected [0, 1] (diffusers' output_type 'np' or 'pt'); pass uint8 "
+                                     f"for values 0…255")
+            images = (np.clip(np.nan_to_num(images), 0, 1) * 255).round().astype(np.uint8)
         return images if images.ndim == 4 else images[None]
     try:
-        return np.stack([np.asarray(im.convert("RGB")) for im in images])
-    except AttributeError as exc:
+        pixels = [np.asarray(im.convert("RGB")) for im in images]
+    except (AttributeError, TypeError) as exc:
         raise AttnscopeError(f"images: expected PIL images, a numpy array or a tensor, got {type(images).__name__}") from exc
+    if not pixels or len({p.shape for p in pixels}) > 1:
+        raise AttnscopeError(f"images: {len(pixels)} PIL images of sizes {sorted({p.shape[1::-1] for p in pixels})}, "
+                             f"expected one or more of one size")
+    return np.stack(pixels)
 
 
 def _is_number(value: Any) -> bool:

@@ -2,8 +2,8 @@
 
 The forward pass only hands reduced CPU tensors to a byte-bounded queue; this thread compresses and
 writes whole shards, and advances the root attribute ``steps_written`` once every capture planned
-for the steps before it is on disk (persisted at most every PERSIST_INTERVAL seconds, so it may lag
-the data but never leads it). A kill loses at most the steps not yet written. A run that replaces a
+for the steps before it is on disk and the run got past them (:meth:`TraceWriter.steps_done`; persisted
+at most every PERSIST_INTERVAL seconds, so it may lag the data but never leads it). A kill loses at most the steps not yet written. A run that replaces a
 trace is written beside it and swapped in once complete: the old trace is lost only to a complete new one.
 """
 
@@ -64,7 +64,14 @@ def check_store_path(store: str | Path, overwrite: bool) -> Path:
     >>> check_store_path(d, overwrite=True)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: store '...' exists and is not an attnscope trace or an empty directory; overwrite=True only replaces traces
+    >>> check_store_path(None, overwrite=False)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: store=None: expected the path of the trace store to create (a str or Path, e.g. 'runs/a.zarr')
     """
+    if (not isinstance(store, (str, os.PathLike)) or isinstance(os.fspath(store), bytes)
+            or not os.fspath(store).strip()):  # "" would be the working directory
+        raise AttnscopeError(f"store={store!r}: expected the path of the trace store to create (a str or Path, e.g. "
+                             f"'runs/a.zarr')")
     if is_url(store):  # a file:// URL is that local path; captures write nothing else (the writer needs a local disk)
         located = locate(store)
         if not isinstance(located, Path):
@@ -260,13 +267,18 @@ class _SiteBuffer:
         self.array, self.chunk = array, chunk
         self.pending = set(steps)  # captured steps not yet on disk
         self.shards: dict[int, tuple[np.ndarray, set[int]]] = {}
+        self.written: set[int] = set()  # shards on disk
 
     def add(self, step: int, data: np.ndarray) -> None:
         shard = step // self.chunk
         start = shard * self.chunk
         stop = min(start + self.chunk, self.array.shape[0])
         if shard not in self.shards:
-            self.shards[shard] = (np.full((stop - start, *data.shape), np.nan, dtype=np.float16), set())
+            # a step sent again after its shard was written (a site called twice in a step): start from what is on
+            # disk, so the shard's other steps are kept, not rewritten as NaN
+            buf = (np.asarray(self.array[start:stop]) if shard in self.written
+                   else np.full((stop - start, *data.shape), np.nan, dtype=np.float16))
+            self.shards[shard] = (buf, set())
         buf, got = self.shards[shard]
         buf[step - start] = data
         got.add(step)
@@ -278,6 +290,7 @@ class _SiteBuffer:
         start = shard * self.chunk
         self.array[start : start + buf.shape[0]] = buf
         self.pending -= got
+        self.written.add(shard)
 
     def flush(self) -> None:
         for shard in list(self.shards):
@@ -331,6 +344,7 @@ class TraceWriter:
         self._root: Any = None
         self._buffers: dict[tuple[str, str], _SiteBuffer] = {}
         self._timesteps_done = 0
+        self._steps_run: int | None = None  # steps the run has finished (steps_done); None: not told, no bound
         self._num_steps = 0
         self._persisted, self._persisted_at = 0, 0.0
         self._thread = threading.Thread(target=self._run, name=f"attnscope-writer:{self.path.name}", daemon=True)
@@ -353,6 +367,12 @@ class TraceWriter:
 
     def timestep(self, step: int, value: float) -> None:
         self._send(("timestep", step, value))
+
+    def steps_done(self, count: int) -> None:
+        """The run has finished its steps before ``count``: ``steps_written`` never passes it, so a run that stopped
+        early is not counted as written past where it stopped when the steps it skipped captured nothing (a
+        ``steps=`` subset). A writer never told (used directly) bounds ``steps_written`` by the captures alone."""
+        self._send(("steps_done", count))
 
     def put(self, site: str, branch: str, step: int, data: Any, ready: Any = None, quantity: str = "attention",
             gated: bool = False) -> None:
@@ -479,6 +499,10 @@ class TraceWriter:
             self._timesteps_done = step + 1
         self._advance()
 
+    def _do_steps_done(self, count: int) -> None:
+        self._steps_run = max(self._steps_run or 0, count)
+        self._advance()
+
     def _do_data(self, site: str, array_name: str, step: int, data: Any, ready: Any, gated: bool) -> None:
         if ready is not None:
             ready.synchronize()
@@ -490,17 +514,20 @@ class TraceWriter:
 
     def _do_summaries(self, sites: list[str], arrays: dict[str, np.ndarray]) -> None:
         group = self._root.create_group(SUMMARIES_GROUP)
-        labels = group.create_array("site", shape=(len(sites),), dtype=str, dimension_names=("site",), compressors=None)
+        # checksummed and every chunk stored, as the root coordinates: a changed byte is an error, not another norm
+        stored = {"compressors": (checksum_codec(),), "config": {"write_empty_chunks": True}}
+        labels = group.create_array("site", shape=(len(sites),), dtype=str, dimension_names=("site",), **stored)
         labels[...] = np.asarray(sites, dtype=str)
         for name, values in arrays.items():
             arr = group.create_array(name, shape=values.shape, dtype="float32", dimension_names=SUMMARY_DIMS,
-                                     compressors=None, fill_value=np.nan)
+                                     fill_value=np.nan, **stored)
             arr[...] = values.astype(np.float32)
 
     def _advance(self, force: bool = False) -> None:
         """Advance ``steps_written``; persist it at most every PERSIST_INTERVAL s (always when forced)."""
         done = min((b.first_pending(self._num_steps) for b in self._buffers.values()), default=self._num_steps)
-        self.steps_written = max(self.steps_written, min(done, self._timesteps_done))
+        ran = self._num_steps if self._steps_run is None else self._steps_run
+        self.steps_written = max(self.steps_written, min(done, self._timesteps_done, ran))
         now = time.monotonic()
         if self.steps_written > self._persisted and (force or now - self._persisted_at >= PERSIST_INTERVAL):
             self._root.attrs["steps_written"] = self.steps_written
@@ -513,6 +540,7 @@ class TraceWriter:
             buf.flush()
         if complete:
             self._timesteps_done = self._num_steps
+            self._steps_run = None
         self._advance(force=True)
         complete = complete and self.steps_written >= self._num_steps  # never complete with steps missing
         if images is not None:
