@@ -113,6 +113,34 @@ def _check_sizes(height: int | None, width: int | None) -> None:
             raise ats.AttnscopeError(f"{flag} {value}: expected a positive number of pixels")
 
 
+def _check_guidance(guidance: float | None) -> None:
+    """Refuse a guidance scale that is not a number: ``nan > 1`` is false, so NaN would silently turn guidance off
+    (and be recorded as the run's)."""
+    import math
+
+    import attnscope as ats
+
+    if guidance is not None and not math.isfinite(guidance):
+        raise ats.AttnscopeError(f"--guidance {guidance}: expected a finite number (e.g. 7.5; 1 or less: no "
+                                 f"classifier-free guidance)")
+
+
+def _given(ctx: typer.Context, *names: str) -> list[str]:
+    """The options among ``names`` (keyword names) that the command line gave, not left at their defaults."""
+    return [name for name in names if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")]
+
+
+def _refuse_unused(ctx: typer.Context, names: tuple[str, ...], why: str) -> None:
+    """Refuse the first option of ``names`` the command line gave: it would be accepted and then ignored; ``why``
+    says when it applies ("it applies with --convergence only")."""
+    import attnscope as ats
+
+    for name in _given(ctx, *names):
+        flag, value = "--" + name.replace("_", "-"), ctx.params[name]
+        shown = repr(value) if isinstance(value, str) else value
+        raise ats.AttnscopeError(f"{flag} {shown}: {why}; leave {flag} out")
+
+
 def _flags(*same: str, **renamed: str) -> dict[str, str]:
     """Python keyword → CLI flag: ``same`` keywords are spelled as flags (``max_sequence_length`` →
     ``--max-sequence-length``), ``renamed`` ones are given."""
@@ -231,6 +259,7 @@ def capture(
 
     try:
         _check_sizes(height, width)
+        _check_guidance(guidance)
         extra = _pipeline_args(pipeline_arg or [], _CLI_FLAGS["capture"])
         pipe = ats.load_pipeline(model, device=device, dtype=dtype)
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width,
@@ -304,6 +333,11 @@ def eval_(
             raise ats.AttnscopeError("--overwrite replaces the file at --json: give --json too")
         if json_out is not None:
             json_out = _output_file(json_out, "--json", overwrite=overwrite)
+        _check_guidance(guidance)
+        repeated = [name for i, name in enumerate(intervention or []) if name in (intervention or [])[:i]]
+        if repeated:
+            raise ats.AttnscopeError(f"--intervention {repeated[0]!r} given twice: each intervention is installed once "
+                                     f"(twice would apply it twice); give it once")
         clients = named_interventions(intervention or [])
         if paired and not clients:
             raise ats.AttnscopeError("--paired compares against a run without interventions: give --intervention")
@@ -358,6 +392,7 @@ def _split_words(spec: str | None) -> list[str] | None:
 @app.command(epilog="Example: attnscope stats runs/demo.zarr --targets 'circle,square' --by step  "
                     "(or: attnscope stats runs/demo.zarr --convergence --tol 0.05)")
 def stats(
+    ctx: typer.Context,
     trace: str = typer.Argument(..., help="Trace store (a .zarr directory written by attnscope capture), or its URL "
                                           "(s3://…, file://…; S3 settings from the environment, e.g. AWS_ENDPOINT_URL)."),
     targets: str | None = typer.Option(None, help="Comma-separated words or phrases, e.g. 'red circle,square' "
@@ -380,6 +415,13 @@ def stats(
     from attnscope.selection import parse_step_text
 
     try:
+        if convergence:
+            _refuse_unused(ctx, ("targets", "by"), "--convergence prints the step-to-step change of the whole "
+                                                  "maps, one row per step, of no target word")
+        else:
+            _refuse_unused(ctx, ("tol", "of"), "it applies with --convergence only")
+            if as_json:
+                _refuse_unused(ctx, ("by",), "--json prints the whole Dataset, not a table")
         tr = _open_trace(trace)
         if convergence:
             ds = ats.stats.convergence(tr, sites=sites or None, steps=parse_step_text(steps, "--steps"), tol=tol, of=of)
@@ -424,6 +466,7 @@ def _gated_note(tr, steps: list[int]) -> tuple[str | None, bool]:
                      "Example: attnscope rerun runs/demo.zarr --layout auto --optimise -o runs/demo-opt.zarr\n\n"
                      "Example: attnscope rerun runs/demo-opt.zarr --layout trace -o runs/demo-opt-again.zarr")
 def rerun(
+    ctx: typer.Context,
     trace: str = typer.Argument(..., help="Trace store to regenerate (a complete .zarr written by attnscope capture), "
                                           "or its URL (then give -o)."),
     out: str | None = typer.Option(None, "-o", "--out", help="Trace store to create "
@@ -465,6 +508,11 @@ def rerun(
                 raise ats.AttnscopeError(f"{flag} {given!r}: expected comma-separated words, e.g. 'circle,square'")
         if spatial_weight is not None and (layout is None or layout.strip() == "trace"):
             raise ats.AttnscopeError("--spatial-weight sets SpatialTemporal's λ: give --layout PHRASE=BOX;… or auto too")
+        if not optimise:
+            _refuse_unused(ctx, ("epochs", "lr"), "it applies with --optimise only")
+        elif layout is not None and layout.strip() == "trace":
+            raise ats.AttnscopeError("--optimise optimises λ anew, --layout trace reuses the λ TRACE was made with: "
+                                     "give --layout PHRASE=BOX;… or auto to optimise")
         weights = [_parse_reweight(spec) for spec in reweight or []]
         if tgate_tol is not None and (tgate is None or tgate.strip() != "auto"):
             raise ats.AttnscopeError(f"--tgate-tol {tgate_tol:g} sets the tolerance of --tgate auto: give --tgate auto too")
@@ -570,10 +618,12 @@ _PLOT_KINDS = ("heatmaps", "grid", "violins", "dominance", "convergence")
 
 @app.command(epilog="Example: attnscope plot runs/demo.zarr --words 'circle,blue square' -o runs/heatmaps.png")
 def plot(
+    ctx: typer.Context,
     trace: str = typer.Argument(..., help="Trace store (a .zarr directory written by attnscope capture), or its URL "
                                           "(s3://…, file://…; S3 settings from the environment, e.g. AWS_ENDPOINT_URL)."),
     out: str = typer.Option(..., "-o", "--out", help="Figure file to write (.png, .pdf, .svg)."),
-    words: str | None = typer.Option(None, help="Comma-separated words or phrases (default: every word of the prompt)."),
+    words: str | None = typer.Option(None, help="Comma-separated words or phrases (default: every word of the prompt; "
+                                                "grid draws the first, convergence none: its change is of whole maps)."),
     kind: str = typer.Option("heatmaps", help="heatmaps (over the image), grid (step x site, first word), "
                                               "violins (per-token values at --steps), dominance (target shares over "
                                               "steps), convergence (step-to-step change)."),
@@ -597,6 +647,8 @@ def plot(
             raise ats.AttnscopeError(f"--kind {kind!r}: expected one of {', '.join(_PLOT_KINDS)}")
         if dpi < 1:
             raise ats.AttnscopeError(f"--dpi {dpi}: expected an int >= 1 (dots per inch)")
+        if kind != "convergence":
+            _refuse_unused(ctx, ("tol", "of"), "it applies with --kind convergence only")
         out = _output_file(out, "-o", _figure_formats(), overwrite)
         tr = _open_trace(trace)
         targets, chosen = _split_words(words), parse_step_text(steps, "--steps")
