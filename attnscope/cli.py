@@ -334,10 +334,6 @@ def eval_(
         if json_out is not None:
             json_out = _output_file(json_out, "--json", overwrite=overwrite)
         _check_guidance(guidance)
-        repeated = [name for i, name in enumerate(intervention or []) if name in (intervention or [])[:i]]
-        if repeated:
-            raise ats.AttnscopeError(f"--intervention {repeated[0]!r} given twice: each intervention is installed once "
-                                     f"(twice would apply it twice); give it once")
         clients = named_interventions(intervention or [])
         if paired and not clients:
             raise ats.AttnscopeError("--paired compares against a run without interventions: give --intervention")

@@ -142,3 +142,11 @@ def test_a_changed_byte_in_the_output_summaries_is_an_error_not_another_norm(sd_
     chunk.write_bytes(bytes(raw))
     with pytest.raises(ats.AttnscopeError, match="output summaries cannot be read.*the trace is damaged"):
         ats.open_trace(tmp_path / "a.zarr").output_change()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "7.5"])
+def test_a_guidance_scale_that_is_not_a_finite_number_is_refused_before_anything_is_written(sd_pipe, tmp_path, value):
+    # nan > 1 is false: a NaN scale turned classifier-free guidance off without a word and was recorded as the run's
+    with pytest.raises(ats.AttnscopeError, match=r"^guidance_scale=.*expected a finite number"):
+        ats.capture(sd_pipe, "a red circle", seed=0, store=tmp_path / "g.zarr", guidance_scale=value, **RUN)
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 import warnings
 from pathlib import Path
@@ -234,6 +235,8 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     check_num_steps(pipeline_kwargs.get("num_inference_steps"))
     for name in ("height", "width"):
         check_size(name, pipeline_kwargs.get(name))
+    for name in ("guidance_scale", "true_cfg_scale"):
+        _check_scale(name, pipeline_kwargs.get(name))
     _check_prompt_lengths(pipe, prompts, pipeline_kwargs)
     _check_clip_lengths(pipe, prompts)
     _check_joined_texts(pipe, prompts, pipeline_kwargs, tokens)
@@ -379,6 +382,22 @@ def check_size(name: str, value: Any) -> None:
                               or value < 1):
         raise AttnscopeError(f"{name}={value!r}: expected a positive int (the image's {name} in pixels), or leave it "
                              f"out for the pipeline's default")
+
+
+def _check_scale(name: str, value: Any) -> None:
+    """A guidance scale must be a finite number or None: ``nan > 1`` is false, so NaN would turn guidance off without a
+    word and be recorded as the run's scale.
+
+    >>> _check_scale("guidance_scale", 7.5), _check_scale("guidance_scale", None)
+    (None, None)
+    >>> _check_scale("guidance_scale", float("nan"))
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: guidance_scale=nan: expected a finite number (1 or less: no classifier-free guidance), or leave it out for the pipeline's default
+    """
+    if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+                              or not math.isfinite(value)):
+        raise AttnscopeError(f"{name}={value!r}: expected a finite number (1 or less: no classifier-free guidance), or "
+                             f"leave it out for the pipeline's default")
 
 
 def _seeds(seed: Any, batch: int) -> int | list[int]:

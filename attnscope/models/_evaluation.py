@@ -182,10 +182,17 @@ def named_interventions(names: Sequence[str]) -> list[Any]:
     >>> from attnscope.models import named_interventions
     >>> named_interventions([])
     []
+    >>> named_interventions(["reweight", "reweight"])
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: intervention='reweight' given twice: each is installed once (twice would apply it twice); give it once
     """
     unknown = [name for name in names if name not in INTERVENTIONS]
     if unknown:
         raise AttnscopeError(f"intervention={unknown[0]!r}: unknown; available: {', '.join(sorted(INTERVENTIONS))}")
+    repeated = [name for i, name in enumerate(names) if name in names[:i]]
+    if repeated:
+        raise AttnscopeError(f"intervention={repeated[0]!r} given twice: each is installed once (twice would apply it "
+                             f"twice); give it once")
     return [INTERVENTIONS[name]() for name in names]
 
 
