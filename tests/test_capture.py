@@ -156,7 +156,7 @@ def test_overwrite(sd_pipe, tmp_path):
     (dict(seed=[1, 2]), "expected an int or a list of 1 ints"),
     (dict(output_type="pil-ish"), "output_type='pil-ish'"),
     (dict(sites=3), r"sites=3: expected a glob, a list of names/globs, or a predicate"),
-    (dict(branch="both", guidance_scale="7"), r"guidance_scale='7': expected a number"),
+    (dict(branch="both", guidance_scale="7"), r"guidance_scale='7': expected a finite number"),
     (dict(exact="false"), r"exact='false': expected True or False"),
 ])
 def test_bad_input_names_the_input_and_writes_nothing(sd_pipe, tmp_path, kwargs, message):
