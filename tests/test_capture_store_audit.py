@@ -150,3 +150,18 @@ def test_a_guidance_scale_that_is_not_a_finite_number_is_refused_before_anything
     with pytest.raises(ats.AttnscopeError, match=r"^guidance_scale=.*expected a finite number"):
         ats.capture(sd_pipe, "a red circle", seed=0, store=tmp_path / "g.zarr", guidance_scale=value, **RUN)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_given_its_timesteps_records_their_number_of_steps(tmp_path):
+    # with timesteps= diffusers runs exactly those and ignores num_inference_steps: the manifest said the pipeline's
+    # default (50) for a 3-step run, and a sweep's catalog showed 50 steps
+    from diffusers import EulerDiscreteScheduler
+
+    from attnscope.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    tr = ats.capture(pipe, "a red circle", seed=0, store=tmp_path / "t.zarr", timesteps=[999, 500, 1], height=32,
+                     width=32)
+    assert tr.manifest["run"]["num_inference_steps"] == tr.manifest["run"]["num_steps"] == 3
+    assert tr.timesteps.tolist() == [999.0, 500.0, 1.0]

@@ -256,7 +256,7 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         "prompts": prompts, "negative_prompt": pipeline_kwargs.get("negative_prompt"),
         "seed": seed, "generator_device": "cpu",
         "num_images_per_prompt": per_prompt,
-        "num_inference_steps": pipeline_kwargs.get("num_inference_steps", _call_default(pipe, "num_inference_steps")),
+        "num_inference_steps": _planned_steps(pipe, pipeline_kwargs),
         "guidance_scale": pipeline_kwargs.get("guidance_scale", _call_default(pipe, "guidance_scale")),
         "pipeline_kwargs": recorded, "unrecorded_kwargs": unrecorded, "reproducible": not unrecorded,
         "exact": exact,
@@ -271,6 +271,22 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         raise AttnscopeError(f"store={str(store)!r}: nothing was written, the pipeline ran no denoising step "
                              f"(num_inference_steps={run_info['num_inference_steps']!r})")
     return open_trace(recorder.path)
+
+
+def _planned_steps(pipe: Any, pipeline_kwargs: dict) -> Any:
+    """The run's number of steps as the call sets it: ``num_inference_steps``, else the length of ``timesteps=`` or
+    ``sigmas=`` (diffusers then ignores ``num_inference_steps`` and runs exactly those), else the pipeline's default.
+
+    >>> _planned_steps(None, {"timesteps": [999, 500, 1]}), _planned_steps(None, {"num_inference_steps": 4})
+    (3, 4)
+    """
+    if pipeline_kwargs.get("num_inference_steps") is not None:
+        return pipeline_kwargs["num_inference_steps"]
+    for name in ("timesteps", "sigmas"):
+        given = pipeline_kwargs.get(name)
+        if given is not None:
+            return len(given)
+    return _call_default(pipe, "num_inference_steps")
 
 
 def _negative_prompts(prompts: list[str], pipeline_kwargs: dict) -> dict:
