@@ -298,12 +298,17 @@ def select_captured_steps(spec: StepSpec, captured: Sequence[int], num_steps: in
 
 
 def run_steps(source: Any, arrays: Iterable[Any]) -> int:
-    """Denoising steps of the run behind ``source``: the trace manifest's ``run.num_steps``, else one
-    past the last step of ``arrays`` (xarray objects with a ``step`` coordinate)."""
+    """Denoising steps of the run behind ``source``: the trace manifest's ``run.num_steps``, else the
+    ``run_steps`` attribute :meth:`Trace.attention` gives its arrays (a run captured with ``steps=`` has steps
+    its arrays do not hold), else one past the last step of ``arrays`` (xarray objects with a ``step`` coordinate)."""
     manifest = getattr(source, "manifest", None)
     recorded = manifest.get("run", {}).get("num_steps") if isinstance(manifest, dict) else None
     if recorded:
         return int(recorded)
+    arrays = list(arrays)
+    given = [int(da.attrs["run_steps"]) for da in arrays if da.attrs.get("run_steps")]
+    if given:
+        return max(given)
     return max((int(da["step"].max()) + 1 for da in arrays if da.sizes.get("step")), default=0)
 
 

@@ -227,3 +227,16 @@ def test_a_model_that_is_not_a_dict_is_named_in_the_error(model):
     """model="x" said "step=5: the risk model has weights for steps []": the step was blamed, not the model."""
     with pytest.raises(AttnscopeError, match=r"model=.*: expected a risk model: a dict with 'features' and 'steps'"):
         ats.stats.neglect_risk(small_maps(), ["red", "circle"], step=1, model=model)
+
+
+def test_arrays_of_a_trace_captured_with_a_step_subset_know_the_runs_steps(sd_pipe, tmp_path):
+    """Given a trace's arrays instead of the trace, the run's length came from the last captured step: a 4-step run
+    captured at steps 0 and 1 was taken for a 2-step one ("outside this run's steps 0..1"), and step=-1 meant 1."""
+    tr = ats.capture(sd_pipe, "a red circle and a blue square", seed=0, store=tmp_path / "a.zarr", steps=[0, 1],
+                     num_inference_steps=4, height=32, width=32)
+    arrays = {s: tr.attention(s) for s in tr.sites}
+    for source in (tr, arrays):
+        with pytest.raises(AttnscopeError, match=r"steps \[3\] are not in this trace .* captured steps: \[0, 1\]"):
+            ats.stats.neglect_risk(source, ["red circle", "blue square"], step=3)
+        with pytest.raises(AttnscopeError, match=r"steps \[3\] are not in this trace"):
+            ats.stats.dominance(source, ["red circle", "blue square"], steps=-1)

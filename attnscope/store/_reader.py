@@ -424,7 +424,8 @@ class Trace:
             coords.update({key: self.coords[stored].rename(key) for key, stored in UNCOND_TOKEN_COORDS.items()
                            if key in coords and stored in self.coords})
         attrs = {**meta.get("attributes", {}), "site": self.site_description(name),  # branch; family, kind, …
-                 "tokens": self.manifest.get("capture", {}).get("tokens", "all")}  # "prompt": the token axis was cut
+                 "tokens": self.manifest.get("capture", {}).get("tokens", "all"),  # "prompt": the token axis was cut
+                 "run_steps": self.manifest.get("run", {}).get("num_steps")}  # the run's steps, captured or not
         da = xr.DataArray(self._guarded(path, name), dims=dims, coords=coords, name=arrays[branch], attrs=attrs)
         return da.isel(step=steps)
 
