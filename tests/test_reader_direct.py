@@ -25,6 +25,7 @@ def _through_tree(tr, site, array):
                            if source[c] in tr.tree.coords and set(tr.tree[source[c]].dims) <= set(da.dims)})
     da.attrs["site"] = dict(node.attrs.get("site", {}))
     da.attrs["tokens"] = tr.manifest["capture"]["tokens"]  # whether the token axis was cut to the prompt
+    da.attrs["run_steps"] = tr.manifest["run"]["num_steps"]  # the run's steps, captured or not
     steps = [int(s) for s in node.attrs["steps"] if tr.complete or int(s) < tr.steps_written]
     return da.isel(step=steps)
 
