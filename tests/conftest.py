@@ -42,6 +42,15 @@ def cli(*args: str | os.PathLike) -> Result:
     return result
 
 
+def error_line(done: Result) -> str:
+    """The command's one error line (asserting exit status 2, no traceback, and that it is the last line)."""
+    assert done.exit_code == 2, (done.exit_code, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, done.stderr
+    return lines[-1]
+
+
 @pytest.fixture(scope="session")
 def sd_pipe():
     return tiny_sd_pipeline()

@@ -12,18 +12,9 @@ import typer
 import attnscope as ats
 from attnscope.cli import app
 
-from .conftest import cli
+from .conftest import cli, error_line
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def error_line(done) -> str:
-    """The command's one ``error:`` line (exit status 2, no traceback)."""
-    assert done.exit_code == 2, (done.exit_code, done.stdout, done.stderr)
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, done.stderr
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,11 @@ import torch
 
 import attnscope as ats
 
-from .conftest import RUN, cli
+from .conftest import RUN, cli, error_line
 
 PROMPT = "a red circle and a blue square"
 STEPS = 20  # the trace of the stats/plot tests: a 20-step run, as in the issue
 BIG_SEED = "99999999999999999999"  # > 2**64 - 1: torch.Generator.manual_seed overflows
-
-
-def error_line(done) -> str:
-    """The command's one error line (asserting exit status 2, no traceback, and that it is the last line)."""
-    assert done.exit_code == 2, (done.exit_code, done.stdout, done.stderr)
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, done.stderr
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")
