@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnscopeError
-from ..store import access_error, filesystem, locate
+from ..store import access_error, filesystem, locate, read_root
 
 __all__ = ["SweepFolder", "root_attributes", "trace_problem"]
 
@@ -39,19 +39,11 @@ def root_attributes(location: str | Path, storage_options: dict | None = None) -
     >>> root_attributes(d)
     {'complete': True}
     """
-    where = locate(location)
+    raw = read_root(locate(location), storage_options)  # an unreachable URL: AttnscopeError naming it
     try:
-        if isinstance(where, Path):
-            raw = (where / "zarr.json").read_bytes()
-        else:
-            fs, path = filesystem(str(where), storage_options)
-            fs.invalidate_cache(path)  # another process may have replaced it since this one last looked
-            raw = fs.cat_file(path.rstrip("/") + "/zarr.json")
-        doc = json.loads(raw)
-    except (FileNotFoundError, NotADirectoryError, ValueError):
+        doc = json.loads(raw) if raw is not None else None
+    except ValueError:
         return None
-    except Exception as exc:  # connection errors of any backend: one message naming the URL
-        raise access_error(str(where), exc, storage_options) from exc
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     return attrs if isinstance(attrs, dict) else None
 
