@@ -162,6 +162,11 @@ class InterventionScope:
             self._run_columns(step_ctx)
         else:
             self._positions_without_text(step_ctx.text_length)
+        self.check_steps(step_ctx)
+
+    def check_steps(self, step_ctx: Any) -> None:
+        """The steps part of :meth:`check`, for an intervention without token columns: a step outside the run is an
+        error at its first step."""
         if self.steps is not None and step_ctx.num_steps:
             self.steps_of_run(step_ctx.num_steps)
 

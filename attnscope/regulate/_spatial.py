@@ -287,8 +287,8 @@ class SpatialTemporal:
         self._session = None
 
     def on_step(self, step_ctx: Any) -> None:
-        if step_ctx.step == 0 and self.scope.steps is not None and step_ctx.num_steps:
-            self.scope.steps_of_run(step_ctx.num_steps)  # a step outside the run fails before a recorder beside it writes
+        if step_ctx.step == 0:
+            self.scope.check_steps(step_ctx)  # a step outside the run fails before a recorder beside it writes
         if step_ctx.rows.uncond is None and step_ctx.single_branch is not None:
             return  # one half of the CFG batch only (after TGATE's gate): the attention is the cache's, nothing to add
         if step_ctx.rows.uncond is None:
