@@ -113,18 +113,6 @@ def _check_sizes(height: int | None, width: int | None) -> None:
             raise ats.AttnscopeError(f"{flag} {value}: expected a positive number of pixels")
 
 
-def _check_guidance(guidance: float | None) -> None:
-    """Refuse a guidance scale that is not a number: ``nan > 1`` is false, so NaN would silently turn guidance off
-    (and be recorded as the run's)."""
-    import math
-
-    import attnscope as ats
-
-    if guidance is not None and not math.isfinite(guidance):
-        raise ats.AttnscopeError(f"--guidance {guidance}: expected a finite number (e.g. 7.5; 1 or less: no "
-                                 f"classifier-free guidance)")
-
-
 def _given(ctx: typer.Context, *names: str) -> list[str]:
     """The options among ``names`` (keyword names) that the command line gave, not left at their defaults."""
     return [name for name in names if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")]
@@ -255,11 +243,12 @@ def capture(
 ) -> None:
     """Generate with a local diffusers model and record its cross-attention maps into a trace store."""
     import attnscope as ats
+    from attnscope.capture import check_scale
     from attnscope.selection import parse_step_text
 
     try:
         _check_sizes(height, width)
-        _check_guidance(guidance)
+        check_scale("guidance_scale", guidance)  # NaN would turn guidance off without a word
         extra = _pipeline_args(pipeline_arg or [], _CLI_FLAGS["capture"])
         pipe = ats.load_pipeline(model, device=device, dtype=dtype)
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width,
@@ -326,6 +315,7 @@ def eval_(
     import json
 
     import attnscope as ats
+    from attnscope.capture import check_scale
     from attnscope.models import evaluate, format_paired, format_report, named_interventions, paired_differences
 
     try:
@@ -333,7 +323,7 @@ def eval_(
             raise ats.AttnscopeError("--overwrite replaces the file at --json: give --json too")
         if json_out is not None:
             json_out = _output_file(json_out, "--json", overwrite=overwrite)
-        _check_guidance(guidance)
+        check_scale("guidance_scale", guidance)  # NaN would turn guidance off without a word
         clients = named_interventions(intervention or [])
         if paired and not clients:
             raise ats.AttnscopeError("--paired compares against a run without interventions: give --intervention")

@@ -5,7 +5,7 @@
 (True, True)
 """
 
-from ._capture import capture, check_images_per_prompt, check_num_steps, check_size
+from ._capture import capture, check_images_per_prompt, check_num_steps, check_scale, check_size
 from ._recorder import Recorder
 
-__all__ = ["Recorder", "capture", "check_images_per_prompt", "check_num_steps", "check_size"]
+__all__ = ["Recorder", "capture", "check_images_per_prompt", "check_num_steps", "check_scale", "check_size"]

@@ -236,7 +236,7 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     for name in ("height", "width"):
         check_size(name, pipeline_kwargs.get(name))
     for name in ("guidance_scale", "true_cfg_scale"):
-        _check_scale(name, pipeline_kwargs.get(name))
+        check_scale(name, pipeline_kwargs.get(name))
     _check_prompt_lengths(pipe, prompts, pipeline_kwargs)
     _check_clip_lengths(pipe, prompts)
     _check_joined_texts(pipe, prompts, pipeline_kwargs, tokens)
@@ -400,13 +400,13 @@ def check_size(name: str, value: Any) -> None:
                              f"out for the pipeline's default")
 
 
-def _check_scale(name: str, value: Any) -> None:
-    """A guidance scale must be a finite number or None: ``nan > 1`` is false, so NaN would turn guidance off without a
+def check_scale(name: str, value: Any) -> None:
+    """A guidance scale (``guidance_scale``, ``true_cfg_scale``) must be a finite number or None: ``nan > 1`` is false, so NaN would turn guidance off without a
     word and be recorded as the run's scale.
 
-    >>> _check_scale("guidance_scale", 7.5), _check_scale("guidance_scale", None)
+    >>> check_scale("guidance_scale", 7.5), check_scale("guidance_scale", None)
     (None, None)
-    >>> _check_scale("guidance_scale", float("nan"))
+    >>> check_scale("guidance_scale", float("nan"))
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: guidance_scale=nan: expected a finite number (1 or less: no classifier-free guidance), or leave it out for the pipeline's default
     """
