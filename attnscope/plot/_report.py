@@ -244,7 +244,8 @@ def _number(value: float) -> str:
     return "—" if not np.isfinite(value) else f"{value:.3g}"
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
+    """``"1 site"``, ``"3 sites"``."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
@@ -261,7 +262,7 @@ def _notes(tr: Any) -> list[str]:
     nan = tr.nan_maps
     if nan:
         steps = sorted({s for v in nan.values() for s in v})
-        notes.append(f"<strong>NaN attention.</strong> The model produced NaN maps at {_plural(len(nan), 'site')}, "
+        notes.append(f"<strong>NaN attention.</strong> The model produced NaN maps at {plural(len(nan), 'site')}, "
                      f"steps {_esc(step_ranges(steps))} (NaN weights or an overflow): statistics over these steps are "
                      f"NaN and the image is likely blank.")
     if tr.gated_steps:
@@ -380,7 +381,7 @@ def _grid(tr: Any, words: list, names: list[str], sample: int) -> Section:
     steps = _grid_steps(tr, names)
     figures = "".join(f"<h3>{_esc(word)}</h3>" + _figure(site_step_grid(tr, word, names, steps, sample), "grid",
                                                           f"step × site grid of {word}") for word in words)
-    text = (f"<p>Each word's map at each site's own resolution (columns) and at {_plural(len(steps), 'step')} "
+    text = (f"<p>Each word's map at each site's own resolution (columns) and at {plural(len(steps), 'step')} "
             f"({_esc(', '.join(map(str, steps)))}; rows), heads averaged, one colour scale per word. Every step is "
             f"on the slider above.</p>")
     return Section("grid", "Step × site grid", text + figures)

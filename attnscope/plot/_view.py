@@ -33,7 +33,7 @@ from ..stats import dominance, dominance_ratio, image_size, upsample_maps
 from ..store import as_trace, check_same_generation
 from ..tokens import resolve_targets, word_alignment
 from ._layout import colour_map, short_site, step_label
-from ._report import report_words
+from ._report import plural, report_words
 from ._select import forward_order, sample_index, sample_prompt, sample_roles, sample_tokens
 
 __all__ = ["ALL", "TraceViewer", "view"]
@@ -500,18 +500,14 @@ class TraceViewer(anywidget.AnyWidget):
         return {"columns": columns, "rows": rows}
 
     def _describe(self, sites: Sequence[str], steps: Sequence[int]) -> str:
-        where = (f"mean of {_count(len(sites), 'site')}" if self.site == ALL else short_site(self.site))
-        when = (f"mean of {_count(len(steps), 'step')}" if self.step == ALL
+        where = (f"mean of {plural(len(sites), 'site')}" if self.site == ALL else short_site(self.site))
+        when = (f"mean of {plural(len(steps), 'step')}" if self.step == ALL
                 else self.step_labels[self.step_options.index(self.step)])
         if self.step == ALL and len(steps) < len(self.step_options):
             left_out = step_ranges(sorted(set(self.step_options) - set(steps)))
             when += f" computed{' in both runs' if len(self._runs) > 1 else ''} (gated {left_out} left out)"
         heads = "heads averaged" if self.head == HEAD_MEAN else f"head {self.head}"
         return f"{where} · {when} · {heads} · sample {self.sample}"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _has(run: _Run, sample: int, word: str) -> bool:
