@@ -109,13 +109,18 @@ def _map_curves(source: Any, sites: Any, steps: Any) -> Any:
             curve, arrays[name] = curve.sel(step=chosen), da.sel(step=chosen)
         curves.append(curve)
     values = dask.compute(*[c.data for c in curves])
-    first = next(iter(arrays.values()))
-    per_site = xr.DataArray(np.stack([np.asarray(v, float) for v in values], 1), dims=("step", "site", "sample"),
-                            coords={"step": first["step"].values, "site": list(arrays),
-                                    "sample": first["sample"].values if "sample" in first.coords
-                                    else np.arange(first.sizes["sample"])})
-    if "timestep" in first.coords:
-        per_site = per_site.assign_coords(timestep=("step", np.asarray(first["timestep"].values, dtype=float)))
+    # each site on its own steps, joined on their union (NaN where a site has none), as dominance joins them
+    parts = [xr.DataArray(np.asarray(v, float), dims=("step", "sample"),
+                          coords={"step": da["step"].values, "sample": da["sample"].values if "sample" in da.coords
+                                  else np.arange(da.sizes["sample"])})
+             for v, da in zip(values, arrays.values())]
+    per_site = xr.concat(parts, dim="site", join="outer").assign_coords(site=list(arrays))
+    per_site = per_site.transpose("step", "site", "sample")
+    timesteps = {int(s): float(t) for da in arrays.values() if "timestep" in da.coords
+                 for s, t in zip(da["step"].values, da["timestep"].values)}
+    if timesteps:
+        per_site = per_site.assign_coords(timestep=("step", [timesteps.get(int(s), np.nan)
+                                                             for s in per_site["step"].values]))
     return per_site
 
 

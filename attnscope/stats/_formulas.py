@@ -88,8 +88,11 @@ def map_sums(maps: Any, prompt: Any, words: Any, *, total_is_one: bool = False) 
     ent = -(q * torch.log(q)).masked_fill_(q == 0, 0.0).sum(-1)  # 0·log 0 = 0; a NaN map stays NaN
     ent_sum = (ent * has_mass).sum(-1).double().numpy()
     # the first maximum (the lower position) among P's columns; pixels without mass on P count nowhere
-    best = (sub if every else torch.where(keep, sub, torch.full_like(sub, -1.0))).max(-1).indices
-    best = torch.where(has_mass, best, len(cols))
+    if len(cols):
+        best = (sub if every else torch.where(keep, sub, torch.full_like(sub, -1.0))).max(-1).indices
+        best = torch.where(has_mass, best, len(cols))
+    else:  # P is empty (an empty prompt: the uncond branch's ""): no pixel has mass on it
+        best = torch.zeros(row.shape, dtype=torch.long)
     hits = torch.zeros((*lead, len(cols) + 1), dtype=work).scatter_add_(-1, best, torch.ones(best.shape, dtype=work))
     counts = np.zeros((*lead, tokens))
     counts[..., cols] = hits[..., :-1].double().numpy()

@@ -58,7 +58,7 @@ def dominance_table(ds: Any, by: str = "word") -> str:
         words = one["word"].values if "word" in one.coords else np.array([""] * one.sizes["token"])
         texts = [str(t) for t in one["token_text"].values] if "token_text" in one.coords else None
         prompt = " ".join(w for i, w in enumerate(words) if w and _starts_word(words, texts, i))
-        lines.append(f"sample {s}: {prompt!r}")
+        lines.append(f"sample {_sample_label(ds, s)}: {prompt!r}")
         if by == "word":
             mean = one.mean(["step", "site"])
             targets = _target_of(one)
@@ -91,6 +91,15 @@ def dominance_table(ds: Any, by: str = "word") -> str:
                 lines.append(row)
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def _sample_label(ds: Any, s: int) -> Any:
+    """The ``s``-th sample's label: its ``sample`` coordinate (the trace's sample after ``.isel(sample=[2])``), else ``s``.
+
+    >>> _sample_label(xr.Dataset(coords={"sample": [2, 3]}), 1), _sample_label(xr.Dataset(), 1)
+    (3, 1)
+    """
+    return ds["sample"].values[s].item() if "sample" in ds.coords else s
 
 
 def _starts_word(words: Any, texts: list[str] | None, i: int) -> bool:
@@ -129,7 +138,8 @@ def convergence_table(ds: Any) -> str:
     gated = {int(s) for s in ds.attrs.get("gated_steps", [])}
     for s in range(ds.sizes["sample"]):
         curve = ds.mean_convergence.isel(sample=s)
-        lines.append(f"step  {CHANGE_LABELS.get(of, of)} of the {of}, mean over {ds.sizes['site']} sites (sample {s})")
+        lines.append(f"step  {CHANGE_LABELS.get(of, of)} of the {of}, mean over {ds.sizes['site']} sites "
+                     f"(sample {_sample_label(ds, s)})")
         top = np.nanmax(curve.values) if np.isfinite(curve.values).any() else 1.0
         for step, v in zip(curve["step"].values, curve.values):
             bar = "" if math.isnan(v) else "#" * int(round(30 * v / top)) if top > 0 else ""

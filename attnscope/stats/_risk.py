@@ -55,13 +55,15 @@ def neglect_features(source: Any, targets: Sequence[str | int], *, step: int | S
         circle"]``): a word listed once names all its occurrences. Two identical objects ("a red circle
         and a red circle") are the phrase listed twice: the k-th listing is the k-th occurrence.
     step : int or list of int
-        The step (an index into the run's steps), or several: one pass over the trace for all of them.
+        The step (an index into the run's steps; ``-1`` is the last), or several: one pass over the trace
+        for all of them.
 
     Returns
     -------
     xarray.Dataset
         One variable per feature of :data:`NEGLECT_FEATURES`, dims ``(sample,)`` — ``(step, sample)``
-        when ``step`` is a list.
+        when ``step`` is a list, its ``step`` coordinate the run's steps in run order (as every statistic:
+        ``[5, -1]`` of a 20-step run is ``[5, 19]``, repeats merged); ``attrs["step"]``: the one step.
 
     Examples
     --------
@@ -105,14 +107,14 @@ def neglect_features(source: Any, targets: Sequence[str | int], *, step: int | S
             "spread_min": shape["spread"].transpose(*order, "target").values.min(-1),
             "overlap": shape["overlap"].transpose(*order, "pair").values.max(-1), "centre_dist": dist.min(-1),
         }
+    # the steps the statistics computed, in run order (negative ones counted from the end, repeats merged)
     ds = xr.Dataset({k: (order, np.asarray(v, dtype=np.float64)) for k, v in values.items()},
-                    coords={"step": steps, "sample": dom["sample"].values})
+                    coords={"step": dom["step"].values, "sample": dom["sample"].values})
     ds.attrs.update(targets=[str(t) for t in items])
     if several:
         return ds
-    ds = ds.isel(step=0, drop=True)
-    ds.attrs.update(step=int(step))
-    return ds
+    ds.attrs.update(step=int(ds["step"].values[0]))
+    return ds.isel(step=0, drop=True)
 
 
 def _is_step(value: Any) -> bool:

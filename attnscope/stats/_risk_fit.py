@@ -23,7 +23,8 @@ __all__ = ["fit_logistic", "fit_neglect_model", "logistic_score", "out_of_fold_s
 def roc_auc(score: Any, positive: Any) -> float:
     """ROC AUC of ``score`` for the boolean ``positive``: the chance a positive scores above a negative.
 
-    The Mann-Whitney statistic, ties counted half. NaN when either class is empty.
+    The Mann-Whitney statistic, ties counted half (``±inf`` rank as the largest and smallest scores). NaN when
+    either class is empty. A NaN score ranks nowhere: it is an error (drop those runs first).
 
     >>> roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True])
     0.75
@@ -32,6 +33,9 @@ def roc_auc(score: Any, positive: Any) -> float:
     if score.shape != positive.shape or score.ndim != 1:
         raise AttnscopeError(f"score of shape {score.shape} and labels of shape {positive.shape}: expected two "
                              f"1-d arrays of one length")
+    if np.isnan(score).any():
+        raise AttnscopeError(f"score: {int(np.isnan(score).sum())} of {len(score)} scores are NaN (at positions "
+                             f"{np.flatnonzero(np.isnan(score))[:5].tolist()}); expected numbers: drop those first")
     pos, neg = int(positive.sum()), int((~positive).sum())
     if not pos or not neg:
         return float("nan")
