@@ -9,13 +9,14 @@ confidence intervals over prompts.
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..capture import check_num_steps
+from ..capture import check_num_steps, check_scale
 from ..errors import AttnscopeError
 from ..hooks import hooks, prepare_clients
 from ..selection import SEEDS
@@ -130,6 +131,7 @@ def eval_prompts(prompts: str | Path | Sequence[str], n: int | None = None, seed
     >>> eval_prompts("two", n=4)[2:]
     ['a blue square and a blue triangle', 'a green square and a green circle']
     """
+    n, seed = _plain_int(n), _plain_int(seed)
     if isinstance(prompts, str) and prompts in PROMPT_SETS:
         if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise AttnscopeError(f"n={n!r}: expected a positive number of prompts for the {prompts!r} set")
@@ -300,7 +302,11 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
     import torch
     from tqdm.auto import tqdm
 
+    n, seed, batch_size, bootstrap = _plain_int(n), _plain_int(seed), _plain_int(batch_size), _plain_int(bootstrap)
+    if "num_inference_steps" in pipeline_kwargs:
+        pipeline_kwargs["num_inference_steps"] = _plain_int(pipeline_kwargs["num_inference_steps"])
     check_num_steps(pipeline_kwargs.get("num_inference_steps"))
+    check_scale("guidance_scale", pipeline_kwargs.get("guidance_scale"))  # NaN would turn guidance off without a word
     own = [name for name in _OWN_ARGUMENTS if name in pipeline_kwargs]
     if own:
         value = pipeline_kwargs[own[0]]
@@ -318,6 +324,7 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
     _check_seed(seed, 1)
     items = eval_prompts(prompts, n, seed)
     _check_seed(seed, len(items))
+    negatives = _negative_prompts(pipeline_kwargs.get("negative_prompt"), len(items))
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(items), desc="eval", disable=not progress)
     pipe.set_progress_bar_config(disable=True)
@@ -326,6 +333,8 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
             batch = items[start:start + batch_size]
             generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
             call = {"prompt": batch, "generator": generators, **pipeline_kwargs}
+            if negatives is not None:  # diffusers takes a list of prompts only with a list of negative prompts
+                call["negative_prompt"] = negatives[start:start + batch_size]
             prepare_clients(interventions, pipe, call)  # e.g. SpatialTemporal(objective=...) optimises its λ
             with hooks(pipe, *interventions):
                 images = pipe(**call).images
@@ -356,6 +365,33 @@ def evaluate(pipe: Any, prompts: str | Path | Sequence[str], *, n: int | None = 
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=1))
     return result
+
+
+def _plain_int(value: Any) -> Any:
+    """numpy's ints (an ``np.arange`` item) as Python ints, so that the checks take them and the JSON can hold them;
+    anything else as it is.
+
+    >>> _plain_int(np.int64(3)), _plain_int(True), _plain_int(2.0)
+    (3, True, 2.0)
+    """
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+
+
+def _negative_prompts(value: Any, count: int) -> list[str] | None:
+    """The negative prompt of each of the ``count`` prompts: one string for all, or one per prompt.
+
+    >>> _negative_prompts("a red circle", 2), _negative_prompts(None, 2)
+    (['a red circle', 'a red circle'], None)
+    >>> _negative_prompts(["a red circle"], 2)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: negative_prompt=['a red circle']: expected one string for every prompt, or a list of one per prompt (2)
+    """
+    if value is None or isinstance(value, str):
+        return None if value is None else [value] * count
+    if isinstance(value, (list, tuple)) and len(value) == count:
+        return list(value)
+    raise AttnscopeError(f"negative_prompt={value!r}: expected one string for every prompt, or a list of one per "
+                         f"prompt ({count})")
 
 
 def _check_seed(seed: Any, count: int) -> None:
@@ -417,6 +453,7 @@ def paired_differences(before: dict[str, Any], after: dict[str, Any], *, bootstr
     >>> round(d["all_present"]["difference"], 3), d["all_present"]["fixed"], d["extra"]["fixed"]
     (0.333, 1, 1)
     """
+    bootstrap, seed = _plain_int(bootstrap), _plain_int(seed)
     _check_bootstrap(bootstrap)
     rows_before, rows_after = before["per_prompt"], after["per_prompt"]
     pairs = [(r["prompt"], r["seed"]) for r in rows_before]

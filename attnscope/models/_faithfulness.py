@@ -20,8 +20,9 @@ def heatmap_iou(trace: Any, *, threshold: float = 0.4, sites: Any = None, steps:
     colour and noun, ``"red circle"``, when the noun is in the prompt twice) gets its heat map
     (:func:`attnscope.plot.word_maps`: heads and steps averaged, each site upsampled to the image,
     sites averaged), binarised at ``threshold · its max`` and compared with the box of the first
-    detection of that colour and shape (:func:`attnscope.stats.box_iou`). An object the detector does
-    not find gets ``detected=False`` and NaN.
+    detection of that colour and shape not already taken by an earlier object of the prompt
+    (:func:`attnscope.stats.box_iou`; as ``attnscope eval`` counts, "a red circle and a red circle" needs two
+    red circles). An object the detector does not find gets ``detected=False`` and NaN.
 
     Returns
     -------
@@ -51,13 +52,14 @@ def heatmap_iou(trace: Any, *, threshold: float = 0.4, sites: Any = None, steps:
     for sample, image in enumerate(images):
         prompt = prompts[sample // per_prompt]
         objects, _ = parse_prompt(prompt)
-        found = detect(image)
+        remaining = detect(image)  # each detection is matched to one object at most
         nouns = [shape for _, shape in objects]
         for colour, shape in objects:
             word = shape if nouns.count(shape) == 1 else f"{colour} {shape}"
-            hit = next((o for o in found if (o.colour, o.shape) == (colour, shape)), None)
+            hit = next((o for o in remaining if (o.colour, o.shape) == (colour, shape)), None)
             iou = np.nan
             if hit is not None:
+                remaining.remove(hit)
                 heat = word_maps(trace, [word], sites, steps, sample).values[0]
                 iou = float(box_iou(heat, hit.box, threshold))
             rows.append({"sample": sample, "prompt": prompt, "object": f"{colour} {shape}", "word": word,

@@ -67,6 +67,9 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
             f"model={str(model)!r}: unknown model; expected 'shapes' (the embedded model), a local diffusers "
             "directory, or a hub id 'owner/name' already in the local Hugging Face cache"
         )
+    if path.exists() and not path.is_dir():
+        raise AttnscopeError(f"model={str(model)!r}: is a file; expected the directory of a diffusers pipeline saved "
+                             "with save_pretrained (the folder that holds model_index.json)")
     if path.exists() and not (path / "model_index.json").is_file():
         raise AttnscopeError(f"model={str(model)!r}: directory has no model_index.json (expected a diffusers pipeline saved with save_pretrained)")
     cls = _own_pipeline_class(path) if path.exists() else DiffusionPipeline
@@ -128,8 +131,10 @@ def _to_device(pipe: Any, device: str | None) -> Any:
 def _own_pipeline_class(path: Path) -> Any:
     """The class to load a saved directory with: attnscope's own pipeline class when ``model_index.json`` names
     one (a saved copy of the shapes model), else diffusers' ``DiffusionPipeline`` (which reads the class itself)."""
+    import importlib.util
     import json
 
+    import diffusers
     from diffusers import DiffusionPipeline
 
     try:
@@ -145,4 +150,13 @@ def _own_pipeline_class(path: Path) -> Any:
         from .shapes import ShapesPipeline
 
         return ShapesPipeline
+    cls = getattr(diffusers, name, None)  # what DiffusionPipeline.from_pretrained looks the name up in
+    if type(cls).__name__ == "DummyObject":  # diffusers' stand-in for a pipeline whose libraries are not installed
+        needs = [lib for lib in getattr(cls, "_backends", []) if importlib.util.find_spec(lib) is None]
+        raise AttnscopeError(f"model={str(path)!r}: its pipeline class {name!r} needs libraries that are not "
+                             f"installed: {', '.join(needs) or ', '.join(getattr(cls, '_backends', []))}")
+    if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
+        raise AttnscopeError(f"model={str(path)!r}: its model_index.json names {name!r} for '_class_name', which is not "
+                             f"a pipeline class of diffusers {diffusers.__version__}; expected a diffusers pipeline class "
+                             "such as 'StableDiffusionPipeline' (a pipeline saved with a newer diffusers needs that version)")
     return DiffusionPipeline
