@@ -195,23 +195,28 @@ def select_steps(spec: StepSpec, num_steps: int) -> tuple[int, ...]:
     """Step indices chosen by ``spec`` for a run of ``num_steps`` denoiser calls.
 
     ``None`` is every step; an int, a ``range``, a ``slice`` (resolved against the run, negative
-    indices allowed) or any iterable of ints. Indices outside ``0..num_steps-1`` are an error. The
-    steps are a set: returned in run order, repeats merged, whatever the order of the spec
-    (``slice(None, None, -1)`` is every step, from the first).
+    indices allowed) or any iterable of ints; numpy's ints count, and so does a numpy or xarray array of
+    ints (``da.step[-3:]``; a 0-d one, ``da.step[-1]``, is one step). Indices outside ``0..num_steps-1``
+    are an error. The steps are a set: returned in run order, repeats merged, whatever the order of the
+    spec (``slice(None, None, -1)`` is every step, from the first).
 
     Examples
     --------
     >>> select_steps(slice(None, None, 5), 20), select_steps([3, 0, 3], 20), select_steps(-1, 20)
     ((0, 5, 10, 15), (0, 3), (19,))
+    >>> select_steps(slice(np.int64(-2), None), 20), select_steps(np.array([4, 2]), 20)
+    ((18, 19), (2, 4))
     """
     if spec is None:
         return tuple(range(num_steps))
     if isinstance(spec, slice):
         return tuple(sorted(_slice_steps(spec, num_steps)))
-    if isinstance(spec, np.ndarray) and spec.ndim == 0:  # da.step[-1].values: a 0-d array holds one step
-        spec = spec.item() if spec.dtype.kind in "iu" else spec
+    if hasattr(spec, "__array__") and not isinstance(spec, (numbers.Number, np.bool_)):  # numpy or xarray: da.step[-3:], .values
+        spec = np.asarray(spec)
+        if spec.dtype.kind in "iu" and spec.ndim <= 1:  # a 0-d array (da.step[-1]) holds one step
+            spec = spec.item() if spec.ndim == 0 else spec.tolist()
     spec = int(spec) if isinstance(spec, np.integer) else spec  # numpy's ints count (an np.arange, a .values item)
-    if (isinstance(spec, bool) or not isinstance(spec, (int, range, Iterable)) or isinstance(spec, str)
+    if (isinstance(spec, bool) or not isinstance(spec, (int, range, Iterable)) or isinstance(spec, (str, bytes))
             or (isinstance(spec, np.ndarray) and spec.ndim == 0)):
         raise AttnscopeError(f"steps={spec!r}: expected an int, range, slice or list of ints")
     values = [spec] if isinstance(spec, int) else [int(v) if isinstance(v, np.integer) else v for v in spec]
@@ -239,8 +244,10 @@ def _slice_steps(spec: slice, num_steps: int) -> tuple[int, ...]:
     attnscope.errors.AttnscopeError: steps=::0: expected a slice whose STEP is not 0
     """
     text = ":".join("" if v is None else str(v) for v in (spec.start, spec.stop, spec.step)).removesuffix(":")
-    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (spec.start, spec.stop, spec.step)):
+    if not all(v is None or (isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)))
+               for v in (spec.start, spec.stop, spec.step)):
         raise AttnscopeError(f"steps={text}: expected a slice of ints")
+    spec = slice(*(None if v is None else int(v) for v in (spec.start, spec.stop, spec.step)))  # numpy's ints too
     if spec.step == 0:
         raise AttnscopeError(f"steps={text}: expected a slice whose STEP is not 0")
     chosen = tuple(range(num_steps)[spec])

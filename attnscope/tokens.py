@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numbers
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -325,16 +326,24 @@ def is_target(value: Any) -> bool:
 
 
 def target_list(targets: Any) -> list[Any]:
-    """``targets`` as a list: one target (a str or an int) in a list of its own, any other iterable listed.
+    """``targets`` as a list: one target (a str or an int) in a list of its own, any other iterable listed. A 0-d
+    numpy or xarray array (``da.token[3].values``, ``da.word[0]``) is the one value it holds.
 
-    >>> target_list("blue square"), target_list(7), target_list(("circle", 2))
-    (['blue square'], [7], ['circle', 2])
+    >>> import numpy as np
+    >>> target_list("blue square"), target_list(7), target_list(("circle", 2)), target_list(np.array(3))
+    (['blue square'], [7], ['circle', 2], [3])
     """
     if isinstance(targets, Mapping):  # its values (weights?) would be dropped silently
         raise AttnscopeError(f"targets={targets!r}: a mapping; expected a word, a phrase, a token position or a list "
                              f"of them")
-    one = isinstance(targets, (str, numbers.Integral)) or not isinstance(targets, Iterable)
-    return [targets] if one else list(targets)
+    targets = _scalar(targets)
+    one = isinstance(targets, (str, bytes, numbers.Integral)) or not isinstance(targets, Iterable)
+    return [targets] if one else [_scalar(t) for t in targets]
+
+
+def _scalar(value: Any) -> Any:
+    """The value a 0-d array (numpy's, xarray's) or a numpy scalar holds, as a Python object; anything else as it is."""
+    return value.item() if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)) else value
 
 
 def resolve_targets(tokens: Sequence[str], targets: Sequence[str | int] | str | int,
@@ -418,7 +427,17 @@ def segment_occurrences(tokens: Sequence[str], target: str, roles: Sequence[str]
 
 
 def _lower(segments: list[list[tuple[str, list[int]]]]) -> list[list[tuple[str, list[int]]]]:
-    return [[(w.lower(), p) for w, p in segment] for segment in segments]
+    return [[(_fold(w), p) for w, p in segment] for segment in segments]
+
+
+def _fold(text: str) -> str:
+    """``text`` as words are compared: lower case, composed (NFC: the tokenizers compose ``e`` + ``\u0301`` into
+    ``é``, so a target typed decomposed still finds the word).
+
+    >>> _fold("CAFE\u0301") == "café"
+    True
+    """
+    return unicodedata.normalize("NFC", text).lower()
 
 
 def _matches(segments: list[list[tuple[str, list[int]]]], target: str) -> list[list[int]]:
@@ -427,7 +446,7 @@ def _matches(segments: list[list[tuple[str, list[int]]]], target: str) -> list[l
     looked for there once more with punctuation apart, as the words split it (``"well-known"`` → ``well - known``),
     and then as CLIP's pre-tokenizer splits it, every digit a word and ``'s``, ``'t``, … apart (``"12"`` → ``1 2``,
     ``"dog's"`` → ``dog 's``)."""
-    phrase = target.lower().split()
+    phrase = _fold(target).split()
     splits: list[list[str]] = []
     for words in (phrase, [run for word in phrase for run in _runs(word)], _CLIP_WORD.findall(" ".join(phrase))):
         if words not in splits:
