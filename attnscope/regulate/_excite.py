@@ -173,9 +173,9 @@ class AttendAndExcite:
         for name, value in (("step_size", step_size), ("temperature", temperature), ("sigma", sigma)):
             if not (is_real(value) and 0 < value < math.inf):
                 raise AttnscopeError(f"{name}={value!r}: expected a positive finite number")
-        self.targets = targets
         self.scope = InterventionScope(targets, sites, steps, first_occurrence=True,
                                        default_sites=default_regulation_sites)
+        self.targets = self.scope.targets  # numpy's and xarray's words and positions as Python's
         self.step_size, self.thresholds, self.max_refinement = float(step_size), thresholds, int(max_refinement)
         self.temperature, self.sigma = float(temperature), float(sigma)
         self.probe_batch = None if probe_batch is None else int(probe_batch)

@@ -155,9 +155,9 @@ class AttentionRegulation:
                 ("mass_weight", mass_weight, 0, math.inf, None), ("weight_decay", weight_decay, 0, math.inf, None),
                 ("tau", 0.5 if tau is None else tau, 0, 1, True)):
             _check_number(name, value, low, high, closed)
-        self.targets = targets
         self.scope = InterventionScope(targets, sites, steps, first_occurrence=True,
                                        default_sites=default_regulation_sites)
+        self.targets = self.scope.targets  # numpy's and xarray's words and positions as Python's
         self.lr, self.iterations, self.seed, self.scale_lr = float(lr), int(iterations), int(seed), bool(scale_lr)
         # numpy's numbers as Python's (the same values): JSON-able in describe()
         self.loss_terms = {"quantile": _plain(quantile), "quantile_target": _plain(quantile_target),

@@ -50,8 +50,8 @@ class Reweight:
         if not is_real(factor) or not 0 <= factor < math.inf:
             raise AttnscopeError(f"factor={factor!r}: expected a finite non-negative number (a float or an int, "
                                  f"numpy's too)")
-        self.word, self.factor = word, float(factor)
         self.scope = InterventionScope(word, sites, steps)
+        self.word, self.factor = self.scope.targets, float(factor)  # numpy's and xarray's words as Python's
 
     def __repr__(self) -> str:
         given = {"sites": (self.scope.sites, None), "steps": (self.scope.steps, None)}

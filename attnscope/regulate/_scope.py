@@ -84,6 +84,7 @@ class InterventionScope:
 
     def __init__(self, targets: TargetSpec, sites: Any = None, steps: Any = None, *, first_occurrence: bool = False,
                  default_sites: Callable[[Sequence[Any], tuple[int, int]], list[str]] | None = None):
+        targets = _plain_targets(targets)
         items = targets if isinstance(targets, (list, tuple)) else [targets]
         if targets is None or not items or not (callable(targets) or all(
                 is_target(t) for t in items)):
@@ -283,6 +284,22 @@ def repr_options(given: dict[str, tuple[Any, Any]]) -> str:
 _SLICE_KEYS = ("start", "stop", "step")
 
 
+def _plain_targets(targets: Any) -> Any:
+    """``targets`` with numpy's and xarray's values as the Python values they hold (a 0-d array, ``da.word[3]``, is
+    one target; an array of words or positions, a list of them), so that they match and a manifest can hold them;
+    anything else as it is.
+
+    >>> _plain_targets(np.array("circle")), _plain_targets(np.array([2, 5])), _plain_targets(("red", np.int64(4)))
+    ('circle', [2, 5], ('red', 4))
+    """
+    if isinstance(targets, (list, tuple)):
+        return type(targets)(target_list(targets))
+    if getattr(targets, "ndim", None) is not None and hasattr(targets, "__array__") and not isinstance(targets, str):
+        listed = target_list(targets)
+        return listed[0] if getattr(targets, "ndim", None) == 0 else listed
+    return targets
+
+
 def _steps_spec(steps: Any) -> Any:
     """``steps`` checked for form (not yet against a run), with the mapping that :func:`_jsonable_spec` writes
     for a slice read back as the slice.
@@ -299,11 +316,16 @@ def _steps_spec(steps: Any) -> Any:
             raise AttnscopeError(f"steps={steps!r}: a mapping is read as a slice; expected the keys "
                                  f"{', '.join(_SLICE_KEYS)} (as a manifest records a slice), each an int or None")
         steps = slice(*(steps.get(k) for k in _SLICE_KEYS))
+    if hasattr(steps, "__array__") and not isinstance(steps, (numbers.Number, np.bool_)):  # da.step[-3:], .values
+        array = np.asarray(steps)
+        if array.dtype.kind in "iu" and array.ndim <= 1:  # as Python ints: a manifest holds them, == is not per element
+            steps = array.item() if array.ndim == 0 else array.tolist()
     if steps is None or (isinstance(steps, str) and steps == "first_half") or is_integer(steps):
-        return steps
+        return int(steps) if is_integer(steps) else steps
     if isinstance(steps, slice):
         if not all(_int_or_none(v) for v in (steps.start, steps.stop, steps.step)):
             raise AttnscopeError(f"steps={steps!r}: expected a slice of ints")
+        steps = slice(*(None if v is None else int(v) for v in (steps.start, steps.stop, steps.step)))  # numpy's too
         if steps.step == 0:
             raise AttnscopeError(f"steps={steps!r}: expected a slice whose step is not 0")
         return steps
@@ -312,7 +334,7 @@ def _steps_spec(steps: Any) -> Any:
     values = list(steps)
     if not values or not all(is_integer(v) for v in values):
         raise AttnscopeError(f"steps={steps!r}: {expected} (a list of at least one int)")
-    return steps if isinstance(steps, (list, tuple, range, np.ndarray)) else values  # a generator: read once
+    return steps if isinstance(steps, (list, tuple, range)) else values  # a generator: read once
 
 
 def is_integer(value: Any) -> bool:
@@ -334,7 +356,7 @@ def is_real(value: Any) -> bool:
 
 
 def _int_or_none(value: Any) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    return value is None or is_integer(value)
 
 
 def _jsonable_spec(value: Any) -> Any:
