@@ -14,7 +14,7 @@ import torch
 
 from ..errors import AttnscopeError, AttnscopeWarning
 from ..hooks import find_adapter, find_denoiser, hooks, segment_name, text_segments
-from ..selection import SiteSpec, StepSpec, check_seed
+from ..selection import TOKENS, SiteSpec, StepSpec, check_choice, check_seed
 from ..store import Trace, jsonable, open_trace
 from ._recorder import Recorder
 
@@ -29,6 +29,8 @@ def _call_default(pipe: Any, name: str) -> Any:
 #: names diffusers' pipelines read from ``**kwargs`` (SD 1.x/2.x, SDXL: the deprecated step callback)
 _KWARGS_READ = ("callback", "callback_steps")
 #: the prompt's embeddings (and PixArt's and Sana's mask of them), which diffusers takes instead of ``prompt``
+#: the pipeline arguments that are counts or sizes
+_COUNTS = ("num_inference_steps", "num_images_per_prompt", "height", "width", "max_sequence_length")
 _PROMPT_EMBEDDINGS = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
 
 
@@ -227,6 +229,7 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
                 f"To record a run on embeddings, call the pipeline inside `with ats.hooks(pipe, rec)` with "
                 f"rec = ats.Recorder(store) (its maps have no token labels)")
     check_call_kwargs(pipe, pipeline_kwargs)
+    pipeline_kwargs = _plain_counts(pipeline_kwargs)
     if pipeline_kwargs.get("return_dict", True) is not True:
         raise AttnscopeError(f"return_dict={pipeline_kwargs['return_dict']!r}: capture reads the images from the "
                              f"pipeline's output object; leave return_dict out")
@@ -239,6 +242,7 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         check_scale(name, pipeline_kwargs.get(name))
     _check_prompt_lengths(pipe, prompts, pipeline_kwargs)
     _check_clip_lengths(pipe, prompts)
+    check_choice("tokens", tokens, TOKENS)  # before the joined-text check reads it (an array: one error, not numpy's)
     _check_joined_texts(pipe, prompts, pipeline_kwargs, tokens)
     output_type = pipeline_kwargs.get("output_type", "pil")
     if output_type not in ("pil", "np", "pt", "latent"):
@@ -351,6 +355,16 @@ def _prompts(prompt: Any) -> list[str]:
             raise AttnscopeError(f"{name}={text!r}: the prompt is empty; expected some text (an empty prompt has no "
                                  f"words to measure attention on)")
     return prompts
+
+
+def _plain_counts(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's counts and sizes given as numpy's ints (an ``np.arange`` item) as Python's: the checks take them,
+    the manifest records them as the ints they are. Anything else as it is.
+
+    >>> _plain_counts({"num_inference_steps": np.int64(4), "height": True, "guidance_scale": np.float32(5)})
+    {'num_inference_steps': 4, 'height': True, 'guidance_scale': np.float32(5.0)}
+    """
+    return {k: int(v) if k in _COUNTS and isinstance(v, np.integer) else v for k, v in kwargs.items()}
 
 
 def check_num_steps(value: Any) -> None:

@@ -1,0 +1,34 @@
+"""Capture given numpy values where ints or choices are expected (a third audit): the same trace as with Python
+values, or one clear error with nothing written."""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import attnscope as ats
+from attnscope.errors import AttnscopeError
+
+PROMPT = "a red circle and a blue square"
+
+
+def test_numpy_counts_give_the_trace_python_ints_give(shapes, tmp_path):
+    # an np.arange item as num_inference_steps / num_images_per_prompt was refused ("expected an int >= 1")
+    given = ats.capture(shapes, PROMPT, seed=[4, 5], store=tmp_path / "np.zarr", num_inference_steps=np.int64(3),
+                        num_images_per_prompt=np.int64(2), height=np.int32(32))
+    plain = ats.capture(shapes, PROMPT, seed=[4, 5], store=tmp_path / "py.zarr", num_inference_steps=3,
+                        num_images_per_prompt=2, height=32)
+    assert given.manifest["run"]["pipeline_kwargs"] == {"num_inference_steps": 3, "num_images_per_prompt": 2,
+                                                        "height": 32}
+    assert type(given.manifest["run"]["num_inference_steps"]) is int
+    site = plain.sites[0]
+    xr.testing.assert_identical(given.attention(site).load(), plain.attention(site).load())
+    np.testing.assert_array_equal(np.stack([np.asarray(i) for i in given.images]),
+                                  np.stack([np.asarray(i) for i in plain.images]))
+
+
+def test_tokens_given_as_an_array_is_one_error_and_nothing_written(shapes, tmp_path):
+    # it reached `tokens == "auto"` before being checked: numpy's "truth value … is ambiguous"
+    store = tmp_path / "t.zarr"
+    with pytest.raises(AttnscopeError, match=r"tokens=array\(\[1, 2\]\): expected one of 'auto', 'all', 'prompt'"):
+        ats.capture(shapes, PROMPT, seed=0, store=store, num_inference_steps=2, tokens=np.array([1, 2]))
+    assert not store.exists()
