@@ -263,7 +263,15 @@ def capture(
         raise _fail(exc) from None
     except Exception as exc:  # noqa: BLE001 - the pipeline's own failure, e.g. on a --set value it cannot use
         raise _pipeline_failed(exc, out, pipeline_arg) from None
-    typer.echo(f"trace: {tr.path}  ({len(tr.sites)} sites, {len(tr.timesteps)} steps, {len(tr.images)} images)")
+    typer.echo(f"trace: {tr.path}  ({_trace_counts(tr)})")
+
+
+def _trace_counts(tr: object) -> str:
+    """``"7 sites, 3 steps (2 recorded), 1 image"``: what a written trace holds, the recorded steps when not all."""
+    steps, recorded = len(tr.timesteps), len(tr.manifest.get("capture", {}).get("steps", tr.timesteps))
+    counts = [(len(tr.sites), "site"), (steps, "step"), (len(tr.images), "image")]
+    site, step, image = (f"{n} {word}{'' if n == 1 else 's'}" for n, word in counts)
+    return f"{site}, {step}{f' ({recorded} recorded)' if recorded != steps else ''}, {image}"
 
 
 @app.command(epilog="Example: attnscope demo --prompt 'a red circle and a blue square' --seed 0 --out runs/demo.zarr  "
@@ -520,7 +528,7 @@ def rerun(
         table, image_change = comparison.table(), comparison.image_change()  # table(): + the steps note when gated
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
-    typer.echo(f"trace: {tr.path}  ({len(tr.sites)} sites, {len(tr.timesteps)} steps, {len(tr.images)} images; "
+    typer.echo(f"trace: {tr.path}  ({_trace_counts(tr)}; "
                f"interventions: {', '.join(i['name'] for i in tr.manifest['interventions']) or 'none'})")
     if image_change is not None:
         typer.echo(f"image change: {image_change:.4f} mean absolute difference per pixel and channel (0-1)")

@@ -8,6 +8,8 @@ import xarray as xr
 import attnscope as ats
 from attnscope.errors import AttnscopeError
 
+from .conftest import cli
+
 PROMPT = "a red circle and a blue square"
 
 
@@ -32,3 +34,14 @@ def test_tokens_given_as_an_array_is_one_error_and_nothing_written(shapes, tmp_p
     with pytest.raises(AttnscopeError, match=r"tokens=array\(\[1, 2\]\): expected one of 'auto', 'all', 'prompt'"):
         ats.capture(shapes, PROMPT, seed=0, store=store, num_inference_steps=2, tokens=np.array([1, 2]))
     assert not store.exists()
+
+
+def test_the_capture_command_says_how_many_steps_it_recorded(tmp_path):
+    out = tmp_path / "x.zarr"
+    done = cli("capture", "--prompt", "a red circle", "--out", out, "--steps", "3", "--capture-steps", "1:")
+    assert done.exit_code == 0, done.stderr
+    assert f"trace: {out}  (7 sites, 3 steps (2 recorded), 1 image)" in done.stdout  # was "3 steps, 1 images"
+    assert ats.open_trace(out).attention(ats.open_trace(out).sites[0])["step"].values.tolist() == [1, 2]
+    every = cli("capture", "--prompt", "a red circle", "--out", tmp_path / "y.zarr", "--steps", "2",
+                "--images-per-prompt", "2")
+    assert "(7 sites, 2 steps, 2 images)" in every.stdout
