@@ -45,3 +45,30 @@ def test_the_capture_command_says_how_many_steps_it_recorded(tmp_path):
     every = cli("capture", "--prompt", "a red circle", "--out", tmp_path / "y.zarr", "--steps", "2",
                 "--images-per-prompt", "2")
     assert "(7 sites, 2 steps, 2 images)" in every.stdout
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_store_inside_another_trace_is_refused_and_the_trace_left_as_it_was(shapes, tmp_path):
+    outer = tmp_path / "t.zarr"
+    ats.capture(shapes, PROMPT, seed=0, store=outer, num_inference_steps=2)
+    before = _files(outer)
+    for inner in (outer / "x.zarr", outer / "images" / "x.zarr", outer / "images"):
+        for overwrite in (False, True):
+            with pytest.raises(AttnscopeError, match=rf"store '{inner}' is inside the trace '{outer}'; choose a "
+                                                     r"store path outside any trace"):
+                ats.capture(shapes, PROMPT, seed=0, store=inner, num_inference_steps=2, overwrite=overwrite)
+    assert _files(outer) == before  # used to gain a stray trace group, deleted with it on overwrite
+
+
+def test_a_file_at_the_store_path_is_not_offered_overwrite(shapes, tmp_path):
+    # "exists; pass overwrite=True to replace it" sent the user to an option that refuses files
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(AttnscopeError, match=r"exists and is not an attnscope trace or an empty directory; "
+                                                 r"overwrite=True only replaces traces"):
+            ats.capture(shapes, PROMPT, seed=0, store=path, num_inference_steps=2, overwrite=overwrite)
+    assert path.read_text() == "keep me"

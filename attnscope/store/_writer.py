@@ -87,9 +87,14 @@ def check_store_path(store: str | Path, overwrite: bool) -> Path:
                 raise AttnscopeError(f"store {str(path)!r}: {str(parent)!r} is a file, not a directory; choose a "
                                      f"store path in a folder")
             break
+    inside = next((p for p in path.absolute().parents if _is_trace(p)), None)
+    if inside is not None:  # a trace written into another one would be a stray group in it, deleted with it
+        raise AttnscopeError(f"store {str(path)!r} is inside the trace {str(inside)!r}; choose a store path outside "
+                             f"any trace")
     if not path.exists():
         return path
     if not overwrite:
+        _check_replaceable(path)  # a file or another folder: overwrite=True would not help, so do not suggest it
         raise AttnscopeError(f"store {str(path)!r} exists; pass overwrite=True to replace it")
     _check_replaceable(path)
     return path
@@ -98,18 +103,22 @@ def check_store_path(store: str | Path, overwrite: bool) -> Path:
 def _check_replaceable(path: Path) -> None:
     """AttnscopeError unless ``path`` is a directory holding a trace (a root ``zarr.json`` whose attributes have
     ``attnscope_format``) or nothing: ``overwrite=True`` never deletes anything else."""
+    if not (path.is_dir() and not path.is_symlink() and (_is_trace(path) or not any(path.iterdir()))):
+        raise AttnscopeError(
+            f"store {str(path)!r} exists and is not an attnscope trace or an empty directory; "
+            f"overwrite=True only replaces traces"
+        )
+
+
+def _is_trace(path: Path) -> bool:
+    """Whether ``path`` is a directory holding a trace: a root ``zarr.json`` whose attributes have ``attnscope_format``."""
     meta = path / "zarr.json"
     try:
         doc = json.loads(meta.read_bytes()) if path.is_dir() and not path.is_symlink() and meta.is_file() else None
     except (OSError, ValueError, RecursionError):
         doc = None
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
-    is_trace = isinstance(attrs, dict) and "attnscope_format" in attrs
-    if not (path.is_dir() and not path.is_symlink() and (is_trace or not any(path.iterdir()))):
-        raise AttnscopeError(
-            f"store {str(path)!r} exists and is not an attnscope trace or an empty directory; "
-            f"overwrite=True only replaces traces"
-        )
+    return isinstance(attrs, dict) and "attnscope_format" in attrs
 
 
 def _flock(fd: int) -> bool:
