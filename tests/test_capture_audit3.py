@@ -72,3 +72,13 @@ def test_a_file_at_the_store_path_is_not_offered_overwrite(shapes, tmp_path):
                                                  r"overwrite=True only replaces traces"):
             ats.capture(shapes, PROMPT, seed=0, store=path, num_inference_steps=2, overwrite=overwrite)
     assert path.read_text() == "keep me"
+
+
+def test_a_sweep_inside_a_trace_is_refused_before_anything_is_written(shapes, tmp_path):
+    outer = tmp_path / "t.zarr"
+    ats.capture(shapes, PROMPT, seed=0, store=outer, num_inference_steps=2)
+    before = _files(outer)
+    with pytest.raises(AttnscopeError, match=rf"out='{outer}/sweep' is inside the trace '{outer}'; expected a folder "
+                                             r"outside any trace"):
+        ats.sweep(shapes, [PROMPT], seeds=[0], out=outer / "sweep", num_inference_steps=2, progress=False)
+    assert _files(outer) == before and not (outer / "sweep").exists()

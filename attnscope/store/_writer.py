@@ -49,7 +49,7 @@ from ._format import (
 from ._integrity import check_site_name
 from ._location import is_url, locate
 
-__all__ = ["SiteLayout", "StoreLayout", "TraceWriter", "check_store_path"]
+__all__ = ["SiteLayout", "StoreLayout", "TraceWriter", "check_store_path", "enclosing_trace"]
 
 def check_store_path(store: str | Path, overwrite: bool) -> Path:
     """The path of a trace store about to be written: new, or (``overwrite=True``) an existing trace or empty
@@ -87,7 +87,7 @@ def check_store_path(store: str | Path, overwrite: bool) -> Path:
                 raise AttnscopeError(f"store {str(path)!r}: {str(parent)!r} is a file, not a directory; choose a "
                                      f"store path in a folder")
             break
-    inside = next((p for p in path.absolute().parents if _is_trace(p)), None)
+    inside = enclosing_trace(path)
     if inside is not None:  # a trace written into another one would be a stray group in it, deleted with it
         raise AttnscopeError(f"store {str(path)!r} is inside the trace {str(inside)!r}; choose a store path outside "
                              f"any trace")
@@ -108,6 +108,16 @@ def _check_replaceable(path: Path) -> None:
             f"store {str(path)!r} exists and is not an attnscope trace or an empty directory; "
             f"overwrite=True only replaces traces"
         )
+
+
+def enclosing_trace(path: str | Path) -> Path | None:
+    """The trace directory ``path`` lies inside (a folder above it that holds a trace), or None.
+
+    >>> import tempfile, pathlib
+    >>> enclosing_trace(pathlib.Path(tempfile.mkdtemp()) / "runs" / "a.zarr") is None
+    True
+    """
+    return next((p for p in Path(path).absolute().parents if _is_trace(p)), None)
 
 
 def _is_trace(path: Path) -> bool:

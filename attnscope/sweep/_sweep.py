@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import AttnscopeError
 from ..selection import DTYPES
+from ..store import enclosing_trace
 from ._catalog import Catalog, open_catalog, write_catalog
 from ._folder import SweepFolder
 from ._plan import plan_runs, read_prompts
@@ -101,6 +102,10 @@ def _check_folder(folder: SweepFolder) -> None:
         if above is not None and not above.is_dir():
             raise AttnscopeError(f"out={folder.url('').rstrip('/')!r}: {str(above)!r} is a file; expected a folder "
                                  f"to write the sweep into")
+        inside = enclosing_trace(folder.url(""))
+        if inside is not None:
+            raise AttnscopeError(f"out={folder.url('').rstrip('/')!r} is inside the trace {str(inside)!r}; expected a "
+                                 f"folder outside any trace for the sweep")
     if not any(folder.exists(mark) for mark in (SETTINGS_FILE, "catalog.parquet", "rows")) and folder.list(""):
         what = "an attnscope trace" if folder.exists("zarr.json") else "a folder that is not a sweep (no sweep.json)"
         raise AttnscopeError(f"out={folder.url('')!r} is {what}; give a new or empty folder for the sweep")
