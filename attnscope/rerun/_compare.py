@@ -129,6 +129,33 @@ def _each_once(items: list[Any]) -> list[Any]:
         return items
 
 
+def _read_branch(trace: Trace) -> str:
+    """The classifier-free guidance branch whose maps the statistics of ``trace`` read: ``"uncond"`` for a trace
+    captured with ``branch="uncond"``, else ``"cond"`` (``"both"`` stores it too; ``Trace.attention``'s default)."""
+    spec = trace.manifest.get("capture") if isinstance(trace.manifest.get("capture"), dict) else {}
+    return "uncond" if spec.get("branch") == "uncond" else "cond"
+
+
+def _check_same_branch(a: Trace, b: Trace) -> None:
+    """Two traces whose maps come from different branches (the prompt's and the negative prompt's) are no
+    before/after of one generation: their difference would show a change that no intervention made.
+
+    >>> from types import SimpleNamespace as Run
+    >>> cond, uncond = (Run(path=f"{b}.zarr", manifest={"capture": {"branch": b}}) for b in ("cond", "uncond"))
+    >>> _check_same_branch(cond, Run(path="both.zarr", manifest={"capture": {"branch": "both"}}))
+    >>> _check_same_branch(cond, uncond)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: cannot compare 'cond.zarr' and 'uncond.zarr': trace a holds the maps of the cond branch (the prompt's), trace b those of the uncond branch only (the negative prompt's, branch='uncond'); a before/after needs the maps of one branch: capture or rerun both with the same branch=
+    """
+    branches = {"cond": "the cond branch (the prompt's)", "uncond": "the uncond branch only (the negative prompt's, "
+                                                                     "branch='uncond')"}
+    ba, bb = _read_branch(a), _read_branch(b)
+    if ba != bb:
+        raise AttnscopeError(f"cannot compare {str(a.path)!r} and {str(b.path)!r}: trace a holds the maps of "
+                             f"{branches[ba]}, trace b those of {branches[bb]}; a before/after needs the maps of one "
+                             f"branch: capture or rerun both with the same branch=")
+
+
 def _chosen_sites(a: Trace, b: Trace, sites: Any) -> list[str]:
     """The site names ``sites`` chooses (default: every site both traces recorded); each must be in both traces."""
     where = f"cannot compare {str(a.path)!r} and {str(b.path)!r}"
@@ -201,8 +228,8 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
     Parameters
     ----------
     a, b : Trace or path
-        Before and after: two traces of the same prompts and image size (typically a trace and its
-        :func:`rerun` with interventions).
+        Before and after: two traces of the same prompts and image size whose maps are of the same
+        classifier-free guidance branch (typically a trace and its :func:`rerun` with interventions).
     targets : list of words, phrases or token positions, optional
         Default: every distinct word of ``a``'s first prompt (``ats.stats.dominance``'s default).
     sites : glob, list of names/globs or predicate (as in capture), optional
@@ -222,6 +249,7 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
     """
     ta, tb = as_trace(a, "a"), as_trace(b, "b")
     check_same_generation(ta, tb)
+    _check_same_branch(ta, tb)
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(ta.tokens, ta.token_roles) if w))
     targets = _each_once(target_list(targets))

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..store import Trace, as_trace
+from ..store import Trace, as_trace, check_same_generation
 from ._compare import Comparison
 from ._compare import compare as compare_runs
 
@@ -44,7 +44,7 @@ def report(trace: Trace | str | Path, path: str | os.PathLike = "report.html", *
     compare : Trace, path or Comparison, optional
         Another run of the same generation (typically :func:`attnscope.rerun` of ``trace`` with
         interventions): compared with ``ats.compare(trace, compare, words, sites=sites)``. A trace of
-        another prompt or image size is an error.
+        another prompt or image size is an error, and so is a Comparison of such runs.
     words : str, int or sequence of them, optional
         Words or phrases to draw and measure (also the compared targets); one given twice counts once. Default: the prompt's phrases
         between stop-words (:func:`attnscope.plot.report_words`; a shapes prompt's object phrases).
@@ -65,7 +65,9 @@ def report(trace: Trace | str | Path, path: str | os.PathLike = "report.html", *
     from .. import plot  # matplotlib loads with the first report, not with ``import attnscope``
 
     tr = as_trace(trace, "trace")
-    if compare is not None and not isinstance(compare, Comparison):
+    if isinstance(compare, Comparison):  # its before/after must be runs of this trace's generation
+        check_same_generation(tr, compare.a, f"compare=Comparison({str(compare.a.path)!r}, {str(compare.b.path)!r})")
+    elif compare is not None:
         targets = words if words is not None else plot.report_words(tr, sample)
         compare = compare_runs(tr, as_trace(compare, "compare"), targets, sites=sites)
     return plot.report(tr, path, compare=compare, words=words, sites=sites, sample=sample, tol=tol, overwrite=overwrite)

@@ -6,13 +6,14 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..capture import Recorder, check_images_per_prompt, check_num_steps, check_size
+from ..capture import Recorder, check_images_per_prompt, check_num_steps, check_scale, check_size
 from ..errors import AttnscopeError
 from ..hooks import client_role, find_denoiser, hooks, prepare_clients
 from ..models import load_pipeline
@@ -93,17 +94,18 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     -------
     Trace
         The new trace; its manifest adds ``interventions`` (each client's ``describe()``, or
-        ``{"name": class name}``) and ``parent`` (``path`` and ``manifest_sha256``, see
-        :func:`manifest_sha256`).
+        ``{"name": class name}``) and ``parent`` (``path``, absolute, or the URL it was read from, and
+        ``manifest_sha256``, see :func:`manifest_sha256`).
 
     Raises
     ------
     AttnscopeError
         The trace is incomplete, was overwritten or removed since this ``Trace`` was opened, or lacks what a
         rerun needs (prompts and seed: traces of a bare :class:`~attnscope.Recorder` cannot be rerun; steps,
-        sizes, images per prompt and seeds the pipeline can run), its model cannot be loaded, the loaded
-        weights differ from the recorded fingerprint (the message names the components), ``store`` is the
-        parent, a URL other than ``file://`` or exists without ``overwrite=True``, an intervention is not a
+        sizes, guidance scales, images per prompt and seeds the pipeline can run), ``device`` cannot hold the pipeline (checked
+        before ``pipe`` is moved), its model cannot be loaded, the loaded
+        weights differ from the recorded fingerprint (the message names the components), ``store`` is not a
+        path, is the parent, a URL other than ``file://`` or exists without ``overwrite=True``, an intervention is not a
         hook client instance of role ``"intervention"``, or an option is unknown.
     """
     parent = as_trace(trace, "trace")
@@ -123,6 +125,8 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     options = _capture_options(manifest, run, capture_options)
     out = check_store_path(_rerun_store(parent, store), overwrite)
     given = pipe is not None
+    if given and device is not None:  # checked before the pipe moves: a bad device must not leave it half-moved
+        _check_device(device, where)
     pipe = (pipe.to(device) if device is not None else pipe) if given else _load(manifest, where, device)
     denoiser = find_denoiser(pipe)[1]
     if given:
@@ -149,7 +153,7 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
                 decide(parent)
         prepare_clients(clients, pipe, call)  # e.g. SpatialTemporal optimises its λ for exactly this call
         extra = {"interventions": [_describe(i, c) for i, c in enumerate(clients)],
-                 "parent": {"path": where, "manifest_sha256": manifest_sha256(manifest)}}
+                 "parent": {"path": _parent_link(parent), "manifest_sha256": manifest_sha256(manifest)}}
         recorder = Recorder(out, overwrite=overwrite, run_info=run_info, extra_manifest=extra, **options)
         with hooks(pipe, *clients, recorder, exact=exact):
             result = pipe(**call)
@@ -209,7 +213,17 @@ def _capture_options(manifest: dict[str, Any], run: dict[str, Any], given: dict[
     return options
 
 
+def _parent_link(parent: Trace) -> str:
+    """The parent's location as the rerun's manifest records it: an absolute path (a path relative to the working
+    directory of the rerun would point elsewhere from any other), or the URL it was read from."""
+    return str(parent.path.absolute()) if isinstance(parent.path, Path) else str(parent.path)
+
+
 def _rerun_store(parent: Trace, store: str | Path | None) -> Path:
+    if store is not None and (not isinstance(store, (str, os.PathLike)) or isinstance(os.fspath(store), bytes)
+                              or not os.fspath(store).strip()):  # "" would be the working directory
+        raise AttnscopeError(f"store={store!r}: expected the path of the trace store to create (a str or Path, e.g. "
+                             f"'runs/a-reg.zarr'), or None for '<parent stem>-rerun.zarr' beside the parent")
     if is_url(store):  # a file:// URL is that local path; a rerun writes nothing else
         located = locate(store)
         if not isinstance(located, Path):
@@ -237,15 +251,30 @@ def _load(manifest: dict[str, Any], where: str, device: str | None) -> Any:
                              "built in memory); pass the pipeline itself with pipe=...")
     target = device or manifest.get("device")
     if target is not None:
-        try:
-            torch.empty(0, device=target)
-        except (RuntimeError, AssertionError, ValueError) as exc:
-            raise AttnscopeError(f"cannot rerun trace {where!r} on device {target!r}: {exc}; pass device='cpu' "
-                                 "(the latents are drawn on the CPU, so the image changes only by float rounding)") from exc
+        _check_device(target, where)
     try:
         return load_pipeline(ref, device=target, dtype=manifest.get("dtype"))
     except AttnscopeError as exc:
         raise AttnscopeError(f"cannot rerun trace {where!r}: its model cannot be loaded: {exc}") from exc
+
+
+def _check_device(device: Any, where: str) -> None:
+    """``device`` can hold the pipeline's weights: one clear error otherwise, before anything is loaded or moved.
+
+    >>> _check_device("cpu", "a.zarr")
+    >>> _check_device("meta", "a.zarr")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: cannot rerun trace 'a.zarr' on device 'meta': it holds no data (a pipeline moved there loses its weights); pass device='cpu' (the latents are drawn on the CPU, so the image changes only by float rounding)
+    """
+    fix = "pass device='cpu' (the latents are drawn on the CPU, so the image changes only by float rounding)"
+    try:
+        torch.empty(0, device=device)
+        kind = torch.device(device).type
+    except (RuntimeError, AssertionError, ValueError, TypeError) as exc:
+        raise AttnscopeError(f"cannot rerun trace {where!r} on device {device!r}: {exc}; {fix}") from exc
+    if kind == "meta":
+        raise AttnscopeError(f"cannot rerun trace {where!r} on device {device!r}: it holds no data (a pipeline moved "
+                             f"there loses its weights); {fix}")
 
 
 def _check_dtype(denoiser: Any, manifest: dict[str, Any], where: str) -> None:
@@ -320,12 +349,15 @@ def _generator(run: dict[str, Any], where: str) -> Any:
 
 
 def _check_batch(run: dict[str, Any], kwargs: dict[str, Any], prompts: int, where: str) -> None:
-    """The steps, sizes, images per prompt and seeds the rerun will pass the pipeline, checked with ``capture``'s own
-    checks: a damaged or crafted manifest is one error naming the trace, not a failure inside the pipeline."""
+    """The steps, sizes, guidance scales, images per prompt and seeds the rerun will pass the pipeline, checked with
+    ``capture``'s own checks: a damaged or crafted manifest is one error naming the trace, not a failure inside the
+    pipeline (or, for a NaN guidance scale, a run without guidance recorded as guided)."""
     checks = {"num_inference_steps": (check_num_steps, "an int >= 1 (the number of denoising steps)"),
               "height": (functools.partial(check_size, "height"), "a positive int (the image's height in pixels)"),
               "width": (functools.partial(check_size, "width"), "a positive int (the image's width in pixels)"),
               "num_images_per_prompt": (check_images_per_prompt, "an int >= 1")}
+    for name in ("guidance_scale", "true_cfg_scale"):  # NaN would turn guidance off without a word
+        checks[name] = (functools.partial(check_scale, name), "a finite number (the guidance scale)")
     for name, (check, expected) in checks.items():
         try:
             check(kwargs.get(name))
