@@ -82,3 +82,23 @@ def test_a_sweep_inside_a_trace_is_refused_before_anything_is_written(shapes, tm
                                              r"outside any trace"):
         ats.sweep(shapes, [PROMPT], seeds=[0], out=outer / "sweep", num_inference_steps=2, progress=False)
     assert _files(outer) == before and not (outer / "sweep").exists()
+
+
+@pytest.mark.parametrize("limit", [-1, "256MB", 1.5, True])
+def test_a_recorder_queue_bound_that_is_no_byte_count_is_one_error_and_nothing_written(tmp_path, limit):
+    with pytest.raises(AttnscopeError, match=rf"max_queue_bytes={limit!r}: expected an int >= 0"):
+        ats.Recorder(tmp_path / "r.zarr", max_queue_bytes=limit)
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_a_recorder_with_no_queue_writes_the_same_maps(shapes, tmp_path):
+    import torch
+
+    traces = []
+    for limit in (0, np.int64(256 << 20)):
+        rec = ats.Recorder(tmp_path / f"q{int(limit)}.zarr", max_queue_bytes=limit)
+        with ats.hooks(shapes, rec):
+            shapes(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(1))
+        traces.append(ats.open_trace(rec.path))
+    for site in traces[0].sites:
+        xr.testing.assert_identical(traces[0].attention(site).load(), traces[1].attention(site).load())

@@ -95,7 +95,8 @@ def test_report_refuses_a_comparison_of_another_generation(parent, shapes, tmp_p
     report of ``trace``, without a word."""
     other = ats.capture(shapes, "a green triangle", seed=1, store=tmp_path / "o.zarr", num_inference_steps=2)
     unrelated = compare(other, rerun(other, pipe=shapes), ["triangle"])
-    with pytest.raises(ats.AttnscopeError, match=r"compare=Comparison\('.*o\.zarr', '.*o-rerun\.zarr'\): cannot "
-                                                 r"compare .*their prompts differ"):
-        ats.report(parent, tmp_path / "r.html", compare=unrelated)
-    assert not (tmp_path / "r.html").exists()
+    for write in (ats.report, ats.plot.report):  # ats.report hands a Comparison to plot.report, which checks it
+        with pytest.raises(ats.AttnscopeError, match=r"compare=Comparison\('.*o\.zarr', '.*o-rerun\.zarr'\): "
+                                                     r"cannot compare .*their prompts differ"):
+            write(parent, tmp_path / "r.html", compare=unrelated)
+        assert not (tmp_path / "r.html").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,7 +74,8 @@ class Recorder:
         computed on the device, moved to the host once at the end and stored in the ``summaries``
         group (read with :meth:`Trace.output_change`).
     max_queue_bytes : int
-        Bound of the queue to the background writer; the forward pass waits only when it is full.
+        Bound of the queue to the background writer (>= 0; 0 writes each map before the next is queued); the
+        forward pass waits only when it is full.
     run_info : dict, optional
         What the hooks cannot see (prompts, seed, …), stored as the manifest's ``run``.
     extra_manifest : dict, optional
@@ -108,8 +110,11 @@ class Recorder:
         self.heads = check_choice("heads", heads, HEADS)
         self.tokens = check_choice("tokens", tokens, TOKENS)
         self.branch = check_choice("branch", branch, BRANCHES)
+        if isinstance(max_queue_bytes, bool) or not isinstance(max_queue_bytes, numbers.Integral) or max_queue_bytes < 0:
+            raise AttnscopeError(f"max_queue_bytes={max_queue_bytes!r}: expected an int >= 0 (the bytes of maps queued "
+                                 f"for the writer before the forward pass waits)")
         self._target = check_store_path(store, overwrite)
-        self.overwrite, self.max_queue_bytes = overwrite, max_queue_bytes
+        self.overwrite, self.max_queue_bytes = overwrite, int(max_queue_bytes)
         if not isinstance(output_change, bool):
             raise AttnscopeError(f"output_change={output_change!r}: expected True or False")
         self.output_change = output_change

@@ -24,7 +24,7 @@ from PIL import Image
 from ..errors import AttnscopeError
 from ..selection import check_tol, index_positions, step_ranges
 from ..stats import convergence, dominance, dominance_ratio, dominance_table, suggest_gate_step
-from ..store import as_trace
+from ..store import as_trace, check_same_generation
 from ..tokens import prompt_text, resolve_targets, target_list
 from ._heatmaps import heatmaps, site_step_grid, word_maps, word_panels
 from ._layout import missing_glyphs_quiet, step_label
@@ -116,7 +116,7 @@ def report(trace: Any, path: str | os.PathLike = "report.html", *, compare: Any 
     sample_index(tr, sample)
     chosen = _chosen_words(tr, words, sample)
     names = site_names(tr, sites)
-    _check_comparison(compare)
+    _check_comparison(compare, tr)
     sections = [_summary(tr), _images(tr, chosen, names, sample), _steps(tr, chosen, names, sample),
                 _grid(tr, chosen, names, sample), _dominance(tr, chosen, names, sample),
                 _convergence(tr, names, sample, tol)]
@@ -187,10 +187,14 @@ def _chosen_words(tr: Any, words: Any, sample: int) -> list[str | int]:
     return list(dict.fromkeys(chosen))  # a word given twice is drawn and measured once
 
 
-def _check_comparison(compare: Any) -> None:
-    if compare is not None and not all(hasattr(compare, name) for name in ("a", "b", "shares", "steps_note", "figure")):
+def _check_comparison(compare: Any, tr: Any) -> None:
+    """``compare`` is None or a Comparison whose runs are of ``tr``'s generation (its before/after goes in ``tr``'s report)."""
+    if compare is None:
+        return
+    if not all(hasattr(compare, name) for name in ("a", "b", "shares", "steps_note", "figure")):
         raise AttnscopeError(f"compare={compare!r}: expected an attnscope Comparison (ats.compare(trace, other, "
                              f"words)); ats.report and 'attnscope report --compare' take the other trace itself")
+    check_same_generation(tr, compare.a, f"compare=Comparison({str(compare.a.path)!r}, {str(compare.b.path)!r})")
 
 
 # --- pieces of the page -------------------------------------------------------------------------------------------

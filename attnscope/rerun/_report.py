@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..store import Trace, as_trace, check_same_generation
+from ..store import Trace, as_trace
 from ._compare import Comparison
 from ._compare import compare as compare_runs
 
@@ -65,9 +65,7 @@ def report(trace: Trace | str | Path, path: str | os.PathLike = "report.html", *
     from .. import plot  # matplotlib loads with the first report, not with ``import attnscope``
 
     tr = as_trace(trace, "trace")
-    if isinstance(compare, Comparison):  # its before/after must be runs of this trace's generation
-        check_same_generation(tr, compare.a, f"compare=Comparison({str(compare.a.path)!r}, {str(compare.b.path)!r})")
-    elif compare is not None:
+    if compare is not None and not isinstance(compare, Comparison):  # a Comparison is checked by plot.report
         targets = words if words is not None else plot.report_words(tr, sample)
         compare = compare_runs(tr, as_trace(compare, "compare"), targets, sites=sites)
     return plot.report(tr, path, compare=compare, words=words, sites=sites, sample=sample, tol=tol, overwrite=overwrite)
