@@ -3,7 +3,8 @@
 An adapter module has
 
 - ``FAMILY`` (its name, stored in each site) and ``SUPPORTS`` (what it covers, for error messages);
-- ``denoiser(pipe)``: the pipeline's denoiser when the family applies, else None;
+- ``denoiser(pipe)``: the pipeline's denoiser when the family applies, else None (a PAG pipeline of the family:
+  one error, :func:`~attnscope.hooks.families._common.refuse_perturbed_guidance`);
 - ``sites(denoiser, cross=True)``: its :class:`~attnscope.hooks.CrossAttentionSite` list in module
   order (``cross=False``: the self-attention modules wrapped for bypass, if any);
 - ``step_inputs(args, kwargs)``: batch, timestep, latent (h, w) and text length of a denoiser call;

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["call_local", "depth_band", "flat_stack_sites", "latent_step_inputs", "packed_latent_shape", "text_tokenizer",
-           "timestep_value", "transformer_of"]
+__all__ = ["call_local", "depth_band", "flat_stack_sites", "latent_step_inputs", "packed_latent_shape",
+           "refuse_perturbed_guidance", "text_tokenizer", "timestep_value", "transformer_of"]
 
 
 def timestep_value(t: Any) -> float:
@@ -44,7 +44,38 @@ def transformer_of(pipe: Any, class_name: str) -> torch.nn.Module | None:
     import diffusers
 
     model = getattr(pipe, "transformer", None)
-    return model if isinstance(model, getattr(diffusers, class_name)) else None
+    if not isinstance(model, getattr(diffusers, class_name)):
+        return None
+    refuse_perturbed_guidance(pipe)
+    return model
+
+
+def refuse_perturbed_guidance(pipe: Any) -> None:
+    """One error for a pipeline with perturbed-attention guidance (diffusers' PAG pipelines: ``PAGMixin``).
+
+    Its denoiser batch holds a third, perturbed copy of the samples (``[uncond; cond; perturbed]``) that has
+    no place among a trace's samples, and it swaps self-attention processors for the length of a call
+    (left swapped when the call is interrupted): refused before anything is installed.
+
+    >>> from diffusers import PixArtSigmaPAGPipeline
+    >>> from attnscope.testing import tiny_pixart_pipeline
+    >>> refuse_perturbed_guidance(tiny_pixart_pipeline())   # no PAG: nothing to say
+    >>> refuse_perturbed_guidance(PixArtSigmaPAGPipeline(**tiny_pixart_pipeline(sigma=True).components))
+    Traceback (most recent call last):
+    ...
+    attnscope.errors.AttnscopeError: pipe: a PixArtSigmaPAGPipeline (perturbed-attention guidance); its denoiser batch stacks perturbed copies of the samples ([uncond; cond; perturbed]) that attnscope cannot map to a trace's samples; use the pipeline without PAG (PixArtSigmaPipeline(**pipe.components))
+    """
+    from diffusers.pipelines.pag.pag_utils import PAGMixin
+
+    from ...errors import AttnscopeError
+
+    if isinstance(pipe, PAGMixin):
+        name = type(pipe).__name__
+        base = name.replace("PAG", "") if "PAG" in name else "the pipeline without PAG"
+        raise AttnscopeError(
+            f"pipe: a {name} (perturbed-attention guidance); its denoiser batch stacks perturbed copies of the samples "
+            f"([uncond; cond; perturbed]) that attnscope cannot map to a trace's samples; use the pipeline without "
+            f"PAG ({base}(**pipe.components))")
 
 
 def packed_latent_shape(tokens: int, ids: torch.Tensor | None) -> tuple[int, int]:

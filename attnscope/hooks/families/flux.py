@@ -12,6 +12,8 @@ The latent is packed 2×2: the transformer sees ``(batch, h/2·w/2, 4·channels)
 comes from ``img_ids`` (row and column of each position), and the sites' ``patch`` is 2, as SD3's
 patch size, so ``latent_shape`` is the VAE latent's ``(h, w)`` in both families. There is no attention mask: T5 padding takes
 real attention mass.
+A reference image (FLUX.1 Kontext's ``image=``) adds tokens that have no place on the latent grid: refused with one
+error (:func:`step_inputs`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ...errors import AttnscopeError
 from .._sites import CrossAttentionSite
 from ._common import packed_latent_shape, timestep_value, transformer_of
 
@@ -79,6 +82,10 @@ def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
     """Batch size, timestep, latent (h, w) — twice the packed grid — and text length of one transformer call.
 
     The timestep is the transformer's input, the scheduler's divided by :data:`TIMESTEP_SCALE` (the core undoes it).
+    Inputs are read by keyword or by position (``FluxTransformer2DModel.forward(hidden_states,
+    encoder_hidden_states, pooled_projections, timestep, img_ids, ...)``). The grid is read from ``img_ids``;
+    a reference image (``FluxKontextPipeline``'s ``image=``) adds positions with another time coordinate:
+    refused with one error, its tokens have no place on the latent grid.
 
     >>> ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(6.0), indexing="ij"), -1)
     >>> step_inputs((), {"hidden_states": torch.zeros(1, 24, 16), "timestep": torch.tensor([0.5]),
@@ -87,7 +94,16 @@ def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
     """
     sample = args[0] if args else kwargs["hidden_states"]
     text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-    t = kwargs.get("timestep")
-    shape = packed_latent_shape(int(sample.shape[1]), kwargs.get("img_ids"))
+    t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
+    ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
+    if ids is not None:
+        ids = ids[0] if ids.ndim == 3 else ids
+        latent = ids[:, 0] == ids[0, 0]
+        if not bool(latent.all()):
+            raise AttnscopeError(
+                f"Flux.1 with a reference image (FluxKontextPipeline's image=): {int((~latent).sum())} of the "
+                f"transformer's {len(latent)} image tokens are reference-image tokens; attnscope supports "
+                f"text-to-image only (no reference image)")
+    shape = packed_latent_shape(int(sample.shape[1]), ids)
     return {"batch": int(sample.shape[0]), "timestep": timestep_value(t),
             "latent_shape": shape, "text_length": None if text is None else int(text.shape[1])}

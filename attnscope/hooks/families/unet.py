@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .._sites import CrossAttentionSite
-from ._common import timestep_value
+from ._common import refuse_perturbed_guidance, timestep_value
 
 __all__ = ["FAMILY", "KERNEL", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "denoiser", "sites", "step_inputs"]
 
@@ -37,7 +37,10 @@ def denoiser(pipe: Any) -> torch.nn.Module | None:
     from diffusers import UNet2DConditionModel
 
     unet = getattr(pipe, "unet", None)
-    return unet if isinstance(unet, UNet2DConditionModel) else None
+    if not isinstance(unet, UNet2DConditionModel):
+        return None
+    refuse_perturbed_guidance(pipe)  # StableDiffusion(XL)PAGPipeline: one error
+    return unet
 
 
 def sites(unet: torch.nn.Module, cross: bool = True) -> list[CrossAttentionSite]:
