@@ -208,15 +208,30 @@ def _marked_words(tokens: Sequence[str], positions: list[int], marker: str) -> l
     kinds: list[bool | None] = []  # per word: punctuation only (True), other text (False), nothing yet (None)
     for i in positions:
         text = tokens[i].replace(marker, "").strip()
-        kind = _is_punctuation(text) if text else None
+        kind = _is_punctuation(text) if text and not _BYTE_PIECES.fullmatch(text) else None  # a byte sides with neither
         if (tokens[i].startswith(marker) or not words or words[-1][-1] != i - 1
                 or (kind is not None and kinds[-1] is not None and kind != kinds[-1])):
             words.append([])
             kinds.append(None)
         words[-1].append(i)
         kinds[-1] = kind if kinds[-1] is None else kinds[-1]
-    spelled = [("".join(tokens[j] for j in pieces).replace(marker, "").strip(), pieces) for pieces in words]
+    spelled = [(_byte_fallback("".join(tokens[j] for j in pieces).replace(marker, "")).strip(), pieces)
+               for pieces in words]
     return [(word, pieces) for word, pieces in spelled if word]  # a lone "▁" spells nothing
+
+
+#: sentencepiece's byte-fallback pieces (Gemma, Llama): a character outside the vocabulary as its UTF-8 bytes
+_BYTE_PIECES = re.compile(r"(?:<0x[0-9A-Fa-f]{2}>)+")
+
+
+def _byte_fallback(text: str) -> str:
+    """``text`` with each run of byte-fallback pieces decoded as the UTF-8 it spells (``Caf<0xC3><0xA9>`` → ``Café``).
+
+    >>> _byte_fallback("Caf<0xC3><0xA9>"), _byte_fallback("<0xF0><0x9F><0x90><0xB1>cat"), _byte_fallback("a<0x21>")
+    ('Café', '🐱cat', 'a!')
+    """
+    return _BYTE_PIECES.sub(lambda m: bytes.fromhex(m.group().replace("<0x", "").replace(">", ""))
+                            .decode("utf-8", errors="replace"), text)
 
 
 def _is_punctuation(text: str) -> bool:

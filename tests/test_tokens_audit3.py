@@ -80,3 +80,40 @@ def test_byte_level_bpe_words_keep_punctuation_apart(tmp_path):
     comma = tokens.index(",") if "," in tokens else None
     assert comma is not None and dict(word_occurrences(tokens))[","] == [comma]
     assert len(target_occurrences(tokens, "circle")) == 1
+
+
+# ----------------------------------------------------------------------------- sentencepiece byte fallback
+def _byte_fallback_tokenizer(words):
+    """A sentencepiece-style BPE with byte fallback (as Gemma's, Sana's text encoder): ``words`` are pieces, any
+    other character is spelled as its UTF-8 bytes, ``<0xC3>`` ``<0xA9>`` for ``é``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"<0x{b:02X}>": 4 + b for b in range(256)}}
+    merges = []
+    for word in words:
+        for c in word:
+            vocab.setdefault(c, len(vocab))
+        piece = word[0]
+        for c in word[1:]:
+            merges.append((piece, c))
+            piece += c
+            vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(dict.fromkeys(merges)), byte_fallback=True,
+                               unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    return tok
+
+
+def test_byte_fallback_pieces_spell_the_character_they_encode():
+    # Gemma spells a character outside its vocabulary as bytes: "Café" was the word "Caf<0xC3><0xA9>", not findable
+    tok = _byte_fallback_tokenizer(["\u2581a", "\u2581red", "\u2581Caf", "\u2581circle"])
+    tokens = ["<bos>", *tok.encode("a red Café circle 🐱").tokens, "<eos>", "<pad>"]
+    assert tokens[3:6] == ["\u2581Caf", "<0xC3>", "<0xA9>"]  # the tokenizer did fall back to bytes
+    words = word_occurrences(tokens)
+    assert [w for w, _ in words] == ["a", "red", "Café", "circle", "🐱"]
+    assert dict(words)["Café"] == [3, 4, 5]
+    cat = [i for i, t in enumerate(tokens) if t in ("<0xF0>", "<0x9F>", "<0x90>", "<0xB1>")]
+    assert len(cat) == 4 and tokens[cat[0] - 1] == "▁"  # its space is a piece of its own, opening the word
+    assert dict(words)["🐱"] == [cat[0] - 1, *cat]
+    for target in ("café", "CAFE\u0301"):
+        assert target_occurrences(tokens, target) == [[3, 4, 5]]
