@@ -49,6 +49,10 @@ def smoothing_kernel(size: int = 3, sigma: float = 0.5) -> torch.Tensor:
     >>> round(float(k.sum()), 6), round(float(k[1, 1] / k[0, 1]), 4)  # centre / edge = e^{1/(4·0.25)} = e
     (1.0, 2.7183)
     """
+    if not is_integer(size) or size < 1 or size % 2 == 0:
+        raise AttnscopeError(f"size={size!r}: expected an odd int >= 1 (the kernel has a centre pixel)")
+    if not is_real(sigma) or not 0 < sigma < math.inf:
+        raise AttnscopeError(f"sigma={sigma!r}: expected a positive finite number")
     centre = (size - 1) / 2
     axis = torch.exp(-(((torch.arange(size, dtype=torch.float64) - centre) / (2 * sigma)) ** 2))
     kernel = axis[:, None] * axis[None, :]
@@ -78,6 +82,7 @@ def excite_loss(maps: torch.Tensor, prompt: list[int], targets: list[list[int]],
     >>> round(float(loss), 4), round(1 - 1 / (1 + math.exp(-2)), 4)
     (0.1192, 0.1192)
     """
+    _check_excite_input(maps, prompt, targets)
     h, w, _ = maps.shape
     kernel = smoothing_kernel() if kernel is None else kernel
     shares = torch.softmax(maps[..., prompt] * temperature, dim=-1)  # (h, w, prompt tokens)
@@ -91,6 +96,29 @@ def excite_loss(maps: torch.Tensor, prompt: list[int], targets: list[list[int]],
     smooth = F.conv2d(image, kernel.to(maps)[None, None]) if pad else image
     peaks = smooth.flatten(1).amax(1)
     return (1 - peaks).clamp(min=0).max()
+
+
+def _check_excite_input(maps: Any, prompt: Any, targets: Any) -> None:
+    """One AttnscopeError naming what :func:`excite_loss` got, unless the maps are ``(h, w, tokens)`` and every
+    target is a non-empty list of the prompt's positions.
+
+    >>> _check_excite_input(torch.zeros(2, 2, 4), [1, 2], [[1], [3]])
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: targets=[[1], [3]]: expected one or more targets, each a non-empty list of positions among prompt=[1, 2]
+    """
+    if not isinstance(maps, torch.Tensor) or maps.ndim != 3 or 0 in maps.shape:
+        shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
+        raise AttnscopeError(f"maps {shape}: expected a tensor (h, w, tokens), none of them empty")
+    tokens = maps.shape[-1]
+    if (not isinstance(prompt, (list, tuple)) or not prompt
+            or not all(is_integer(p) and 0 <= p < tokens for p in prompt)):
+        raise AttnscopeError(f"prompt={prompt!r}: expected the prompt's word positions, a non-empty list of ints in "
+                             f"0..{tokens - 1}")
+    known = set(prompt)
+    if (not isinstance(targets, (list, tuple)) or not targets
+            or not all(isinstance(c, (list, tuple)) and c and all(p in known for p in c) for c in targets)):
+        raise AttnscopeError(f"targets={targets!r}: expected one or more targets, each a non-empty list of positions "
+                             f"among prompt={list(prompt)!r}")
 
 
 class AttendAndExcite:

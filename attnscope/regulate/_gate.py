@@ -33,10 +33,13 @@ class RiskGate:
     """
 
     def __init__(self, threshold: float, step: int, targets: Any = None, model: dict | None = None):
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        from ._scope import is_integer, is_real
+
+        if not is_real(threshold) or not 0 <= threshold <= 1:  # numpy's numbers too
             raise AttnscopeError(f"threshold={threshold!r}: expected a probability in [0, 1]")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if not is_integer(step) or step < 0:
             raise AttnscopeError(f"step={step!r}: expected the decision step, an int >= 0")
+        step = int(step)
         _check_risk_model(model, step)
         if not (targets is None or callable(targets) or (isinstance(targets, (list, tuple)) and len(targets) >= 2)):
             raise AttnscopeError(f"targets={targets!r}: expected two or more object phrases (a list), a function of "

@@ -50,6 +50,7 @@ def regulation_loss(maps: torch.Tensor, weights: torch.Tensor, tau: float, *, qu
     >>> round(float(regulation_loss(a, w, 0.2)[0]), 4)
     1.5204
     """
+    _check_loss_input(maps, weights, quantile, groups)
     rows, _, n = maps.shape
     q = torch.quantile(maps, quantile, dim=1)  # (rows, n)
     mass = maps.mean(1)  # (rows, n)
@@ -57,6 +58,25 @@ def regulation_loss(maps: torch.Tensor, weights: torch.Tensor, tau: float, *, qu
     shaped = per_row.reshape(groups, rows // groups * n).mean(1)
     decay = (weights**2).reshape(groups, -1).mean(1)
     return shaped + weight_decay * decay
+
+
+def _check_loss_input(maps: Any, weights: Any, quantile: Any, groups: Any) -> None:
+    """One AttnscopeError naming what :func:`regulation_loss` got, unless its shapes and settings fit together.
+
+    >>> _check_loss_input(torch.rand(4, 10, 2), torch.rand(4, 3, 2), 0.9, 3)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: groups=3: expected a positive int dividing the 4 rows (samples of equally many heads)
+    """
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (maps, weights)]
+    if (not all(isinstance(t, torch.Tensor) and t.ndim == 3 for t in (maps, weights))
+            or maps.shape[0] != weights.shape[0] or maps.shape[2] != weights.shape[2] or 0 in maps.shape):
+        raise AttnscopeError(f"maps {shapes[0]}, weights {shapes[1]}: expected tensors (rows, pixels, n) and "
+                             f"(rows, K, n) with the same rows and n, none empty")
+    if not is_integer(groups) or groups < 1 or maps.shape[0] % groups:
+        raise AttnscopeError(f"groups={groups!r}: expected a positive int dividing the {maps.shape[0]} rows (samples "
+                             f"of equally many heads)")
+    if not is_real(quantile) or not 0 <= quantile <= 1:
+        raise AttnscopeError(f"quantile={quantile!r}: expected a number in [0, 1]")
 
 
 def _check_number(name: str, value: Any, low: float, high: float, closed: bool | None) -> None:

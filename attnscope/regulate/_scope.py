@@ -113,14 +113,16 @@ class InterventionScope:
 
     def active(self, ctx: Any) -> bool:
         """Whether the intervention acts at this call (site × step)."""
-        chosen = self._chosen
-        if chosen is None:  # the default sites depend on the map sizes: chosen per latent size
-            shape = ctx.step_context.latent_shape
-            if shape not in self._defaults:
-                self._defaults[shape] = set(self.default_sites(self._all, shape) if self.default_sites
-                                            else [s.name for s in self._all])
-            chosen = self._defaults[shape]
-        return ctx.site.name in chosen and self._step_active(ctx)
+        return ctx.site.name in self.sites_at(ctx.step_context.latent_shape) and self._step_active(ctx)
+
+    def sites_at(self, latent_shape: tuple[int, int]) -> set[str]:
+        """The names of the sites the intervention acts at in a run of this latent size (after :meth:`install`)."""
+        if self._chosen is not None:
+            return self._chosen
+        if latent_shape not in self._defaults:  # the default sites depend on the map sizes: chosen per latent size
+            self._defaults[latent_shape] = set(self.default_sites(self._all, latent_shape) if self.default_sites
+                                               else [s.name for s in self._all])
+        return self._defaults[latent_shape]
 
     def steps_of_run(self, num_steps: int) -> tuple[int, ...]:
         """The steps the intervention acts at in a run of ``num_steps`` steps."""

@@ -28,7 +28,7 @@ from ..stats import layout_regions, layout_tokens
 from ..tokens import prompt_text
 from ._layout import layout_from_prompt, region_mask
 from ._objectives import AttentionObjective, SampledRun
-from ._scope import InterventionScope, repr_options
+from ._scope import InterventionScope, is_integer, is_real, repr_options
 from ._trajectory import frozen, replayable, sample_with_gradients
 
 __all__ = ["Placement", "SpatialTemporal"]
@@ -104,16 +104,16 @@ class SpatialTemporal:
             layout = layout_regions(dict(layout))  # a key that is not a phrase is an error there
         if not isinstance(local_prompt, str) or "{}" not in local_prompt:
             raise AttnscopeError(f"local_prompt={local_prompt!r}: expected a template with '{{}}' for the phrase")
-        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < radius <= 1:
+        if not is_real(radius) or not 0 < radius <= 1:  # numpy's numbers too
             raise AttnscopeError(f"radius={radius!r}: expected a number in (0, 1]")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        if not is_integer(epochs) or epochs < 1:
             raise AttnscopeError(f"epochs={epochs!r}: expected an int ≥ 1")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise AttnscopeError(f"lr={lr!r}: expected a number > 0")
+        if not is_real(lr) or not 0 < lr < math.inf:
+            raise AttnscopeError(f"lr={lr!r}: expected a finite number > 0")
         self.layout, self.local_prompt, self.radius = layout, local_prompt, float(radius)
         self.weights = self._start = _weights(weights)
         self.objective = _objective(objective)
-        self.epochs, self.lr = epochs, float(lr)
+        self.epochs, self.lr = int(epochs), float(lr)
         #: the last optimisation: the objective per pass and sample (the last pass: after the last update)
         self.optimisation: dict[str, Any] | None = None
         self.scope = InterventionScope(lambda prompt: (), sites, steps)  # sites and steps only: no token columns
@@ -289,6 +289,8 @@ class SpatialTemporal:
     def on_step(self, step_ctx: Any) -> None:
         if step_ctx.step == 0:
             self.scope.check_steps(step_ctx)  # a step outside the run fails before a recorder beside it writes
+            if step_ctx.rows.uncond is not None:
+                self._check_regions(step_ctx)
         if step_ctx.rows.uncond is None and step_ctx.single_branch is not None:
             return  # one half of the CFG batch only (after TGATE's gate): the attention is the cache's, nothing to add
         if step_ctx.rows.uncond is None:
@@ -328,6 +330,21 @@ class SpatialTemporal:
         self._plan[key] = plans
         self._kv.clear()
         return plans
+
+    def _check_regions(self, step_ctx: Any) -> None:
+        """At a run's first step: every object's region holds a pixel of some map the control acts on, else one error
+        (a region between the pixel centres of every map would leave its object without any control, silently)."""
+        chosen = self.scope.sites_at(step_ctx.latent_shape)
+        shapes = sorted({s.spatial_shape(step_ctx.latent_shape) for s in self._session.sites
+                         if s.kind == "cross" and s.name in chosen})
+        for plan in self.placements(step_ctx):
+            for phrase, region in zip(plan.phrases, plan.regions):
+                if shapes and not any(bool(region_mask(region, shape, self.radius).any()) for shape in shapes):
+                    what = "the box" if len(region) == 4 else f"the disk of radius {self.radius} around this centre"
+                    raise AttnscopeError(
+                        f"layout[{phrase!r}] = {region}: {what} holds no pixel centre of any map the control acts "
+                        f"on ({', '.join(f'{h}×{w}' for h, w in shapes)}), so the object would get no control; "
+                        f"make the region larger (or radius= bigger for a centre)")
 
     def placement(self, step_ctx: Any, sample: int) -> Placement:
         """The placement of ``sample`` (an image of the running call): its prompt's, from :meth:`placements`."""
@@ -419,7 +436,9 @@ def _weights(weights: Any) -> Any:
     if weights is None:
         return None
     finite = f"weights={weights!r}: expected finite numbers (λ, one per object and step)"
-    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
+    if getattr(weights, "ndim", None) == 0 and callable(getattr(weights, "item", None)):  # numpy's number, a 0-d array
+        weights = weights.item()
+    if is_real(weights):
         if not math.isfinite(weights):
             raise AttnscopeError(finite)
         return float(weights)

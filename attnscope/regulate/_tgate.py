@@ -20,18 +20,25 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import AttnscopeError
-from ._scope import is_integer, repr_options
+from ._scope import is_integer, is_real, repr_options
 
 __all__ = ["TGate"]
 
 
 def _positive_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as a Python int (numpy's integers too), or one error naming it.
+
+    >>> import numpy as np
+    >>> _positive_int("sp_interval", np.int64(3), 1)
+    3
+    """
+    if not is_integer(value) or value < minimum:
         raise AttnscopeError(f"{name}={value!r}: expected an integer >= {minimum}")
-    return value
+    return int(value)
 
 
 #: the families TGATE is defined on: cross-attention whose output can be cached on its own (the
@@ -97,10 +104,12 @@ class TGate:
     def __init__(self, gate_step: int | str = 10, *, reference: Any = None, tol: float = 0.05,
                  drop_guidance: bool = True, sp_interval: int | None = None, warm_up: int = 2,
                  fi_interval: int = 1):
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+        if not is_real(tol) or not 0 < tol < math.inf:  # numpy's numbers too
             raise AttnscopeError(f"tol={tol!r}: expected a positive finite number (a relative change)")
-        if not isinstance(drop_guidance, bool):
+        tol = float(tol)
+        if not isinstance(drop_guidance, (bool, np.bool_)):
             raise AttnscopeError(f"drop_guidance={drop_guidance!r}: expected True or False")
+        drop_guidance = bool(drop_guidance)
         self.auto = isinstance(gate_step, str) and gate_step == "auto"
         if self.auto:
             if reference is None:
@@ -112,6 +121,8 @@ class TGate:
             raise AttnscopeError(f"reference= is used only with gate_step='auto', got gate_step={gate_step!r}")
         if is_integer(gate_step):
             gate_step = int(gate_step)  # numpy's integers (a step index read from an array) are integers too
+        elif is_real(gate_step):
+            gate_step = float(gate_step)  # numpy's floats (np.float32(0.4)) are fractions too
         if isinstance(gate_step, float):
             if not 0 < gate_step < 1:
                 raise AttnscopeError(f"gate_step={gate_step!r}: expected an integer >= 1 or a fraction in (0, 1)")
