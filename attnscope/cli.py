@@ -378,9 +378,25 @@ def train_shapes(
     typer.echo(f"pipeline: {path}  (use it with --model {path}, or ats.load_pipeline({str(path)!r}))")
 
 
-def _split_words(spec: str | None) -> list[str] | None:
-    """``"red circle,square"`` → ``["red circle", "square"]`` (commas separate targets; spaces make phrases)."""
-    return [w.strip() for w in spec.split(",") if w.strip()] if spec else None
+def _split_words(spec: str | None, flag: str | None = None) -> list[str] | None:
+    """``"red circle,square"`` → ``["red circle", "square"]`` (commas separate targets; spaces make phrases).
+
+    ``flag``: the option ``spec`` came from; given, an option with no word in it (``--words ','``, ``--targets ''``)
+    is an error naming it, not the default words (None: the option was left out).
+
+    >>> _split_words("red circle, square")
+    ['red circle', 'square']
+    >>> _split_words(" , ", "--words")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: --words ' , ': expected comma-separated words or phrases, e.g. 'red circle,square'; leave --words out for the default
+    """
+    words = [w.strip() for w in spec.split(",") if w.strip()] if spec is not None else None
+    if flag is not None and words == []:
+        import attnscope as ats
+
+        raise ats.AttnscopeError(f"{flag} {spec!r}: expected comma-separated words or phrases, e.g. 'red circle,square'; "
+                                 f"leave {flag} out for the default")
+    return words or None
 
 
 @app.command(epilog="Example: attnscope stats runs/demo.zarr --targets 'circle,square' --by step  "
@@ -425,7 +441,7 @@ def stats(
             typer.echo(ats.stats.convergence_table(ds))
             typer.echo(_gate_step_line(ds, tol))
             return
-        chosen = _split_words(targets)
+        chosen = _split_words(targets, "--targets")
         if chosen is None:
             _prompt_words(tr)  # the default targets: every word of the prompt; an empty prompt has none
         ds = ats.stats.dominance(tr, targets=chosen, sites=sites or None, steps=parse_step_text(steps, "--steps"))
@@ -641,11 +657,15 @@ def plot(
             raise ats.AttnscopeError(f"--kind {kind!r}: expected one of {', '.join(_PLOT_KINDS)}")
         if dpi < 1:
             raise ats.AttnscopeError(f"--dpi {dpi}: expected an int >= 1 (dots per inch)")
+        targets = _split_words(words, "--words")
         if kind != "convergence":
             _refuse_unused(ctx, ("tol", "of"), "it applies with --kind convergence only")
+        elif _given(ctx, "words"):  # one --words for every --kind of a script: told, not refused
+            typer.echo(f"warning: --words {words!r} left out: --kind convergence draws the step-to-step change of the "
+                       f"whole maps, of no word", err=True)
         out = _output_file(out, "-o", _figure_formats(), overwrite)
         tr = _open_trace(trace)
-        targets, chosen = _split_words(words), parse_step_text(steps, "--steps")
+        chosen = parse_step_text(steps, "--steps")
         if chosen is not None and kind != "convergence":
             from attnscope.selection import select_steps
 
@@ -701,7 +721,7 @@ def report(
     import attnscope as ats
 
     try:
-        path = ats.report(trace, _local_file(out, "-o"), compare=compare, words=_split_words(words), sites=sites or None, sample=sample,
+        path = ats.report(trace, _local_file(out, "-o"), compare=compare, words=_split_words(words, "--words"), sites=sites or None, sample=sample,
                           tol=tol, overwrite=overwrite)
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
@@ -887,7 +907,7 @@ def sweep_stats(
         if output is not None:
             output = _output_file(output, "-o", (".parquet", ".csv"), overwrite)
         cat = ats.open_catalog(sweep, storage_options=_storage_options(storage_option or []))
-        spec = targets if targets == "objects" else tuple(_split_words(targets) or ())
+        spec = targets if targets == "objects" else tuple(_split_words(targets, "--targets"))
         fn = DominanceRow(spec, steps=parse_step_text(steps, "--steps"), sites=tuple(sites) if sites else None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
