@@ -909,6 +909,7 @@ def sweep_stats(
         cat = ats.open_catalog(sweep, storage_options=_storage_options(storage_option or []))
         spec = targets if targets == "objects" else tuple(_split_words(targets, "--targets"))
         fn = DominanceRow(spec, steps=parse_step_text(steps, "--steps"), sites=tuple(sites) if sites else None)
+        _check_sweep_selection(cat, fn.sites, fn.steps)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warnings.simplefilter("ignore", ResourceWarning)  # dask's sockets closed by the GC: not the user's concern
@@ -924,6 +925,25 @@ def sweep_stats(
         typer.echo(f"table: {output} ({len(table)} runs)")
     else:
         typer.echo(table.to_string(max_rows=20))
+
+
+def _check_sweep_selection(cat: object, sites: object, steps: object) -> None:
+    """``--sites`` and ``--steps`` checked once on the sweep's first complete trace (a sweep has one capture setting):
+    one error before the map starts, not the same error from every run."""
+    import attnscope as ats
+    from attnscope.selection import select_site_names, select_steps
+
+    done = cat.df.run[cat.df.status == "complete"]
+    if (sites is None and steps is None) or done.empty:
+        return
+    try:
+        tr = cat.trace(done.iloc[0])
+    except ats.AttnscopeError:
+        return  # a trace that cannot be read: the map skips it and says why
+    if sites is not None:
+        select_site_names(list(sites), tr.sites)
+    if steps is not None:
+        select_steps(steps, int(tr.manifest["run"]["num_steps"]))
 
 
 if __name__ == "__main__":

@@ -75,3 +75,16 @@ def test_plot_convergence_says_it_leaves_words_out(parent, tmp_path):
                                    "change of the whole maps, of no word"), done.stderr
     plain = cli("plot", parent.path, "-o", tmp_path / "d.png", "--kind", "convergence")
     assert plain.exit_code == 0 and plain.stderr.strip() == "", plain.stderr
+
+
+@pytest.mark.parametrize(("option", "expected"), [
+    (["--sites", "zz*"], "error: --sites: 'zz*' matches no cross-attention site; available sites: "),
+    (["--steps", "5"], "error: --steps: [5] outside this run's steps 0..1 (2 steps)"),
+])
+def test_sweep_stats_checks_sites_and_steps_once_before_the_map(sweep_dir, option, expected):
+    # each run used to fail alone inside the map: one long line repeating "sites: …" per run, after dask started
+    done = cli("sweep-stats", sweep_dir, *option, "--no-progress")
+    line = error_line(done)
+    assert line.startswith(expected) and line.count("matches no") <= 1 and "map_stats" not in line, line
+    ok = cli("sweep-stats", sweep_dir, "--sites", "up_*", "--steps", "-1", "--no-progress")
+    assert ok.exit_code == 0, ok.stderr
