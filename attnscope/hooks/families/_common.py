@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 __all__ = ["call_local", "depth_band", "flat_stack_sites", "latent_step_inputs", "packed_latent_shape",
-           "refuse_perturbed_guidance", "text_tokenizer", "timestep_value", "transformer_of"]
+           "packed_step_inputs", "refuse_perturbed_guidance", "text_tokenizer", "timestep_value", "transformer_of"]
 
 
 def timestep_value(t: Any) -> float:
@@ -91,6 +91,36 @@ def packed_latent_shape(tokens: int, ids: torch.Tensor | None) -> tuple[int, int
         return side, side
     ids = ids[0] if ids.ndim == 3 else ids
     return 2 * (int(ids[:, 1].max()) + 1), 2 * (int(ids[:, 2].max()) + 1)
+
+
+def packed_step_inputs(args: tuple, kwargs: dict, positions: tuple[int, int], reference: str) -> dict[str, Any]:
+    """Batch size, timestep, latent (h, w) and text length of a call of a 2×2-packed transformer (Flux.1, Flux.2).
+
+    ``timestep`` and ``img_ids`` are read by keyword or at ``positions`` among the positional arguments; the grid
+    comes from ``img_ids`` (:func:`packed_latent_shape`). Image tokens with another time coordinate than the first
+    (a reference image's) have no place on the latent grid: one error, ``reference`` naming that input.
+
+    >>> ids = torch.stack(torch.meshgrid(torch.arange(2.0), torch.arange(2.0), torch.arange(2.0), indexing="ij"), -1)
+    >>> packed_step_inputs((torch.zeros(1, 8, 4),), {"img_ids": ids.reshape(-1, 3)}, (3, 4), "Flux.1 with image=")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: Flux.1 with image=: 4 of the transformer's 8 image tokens are reference-image tokens; attnscope supports text-to-image only (no reference image)
+    """
+    from ...errors import AttnscopeError
+
+    sample = args[0] if args else kwargs["hidden_states"]
+    text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    at_t, at_ids = positions
+    t = kwargs.get("timestep", args[at_t] if len(args) > at_t else None)
+    ids = kwargs.get("img_ids", args[at_ids] if len(args) > at_ids else None)
+    if ids is not None:
+        ids = ids[0] if ids.ndim == 3 else ids
+        latent = ids[:, 0] == ids[0, 0]
+        if not bool(latent.all()):
+            raise AttnscopeError(f"{reference}: {int((~latent).sum())} of the transformer's {len(latent)} image tokens "
+                                 f"are reference-image tokens; attnscope supports text-to-image only (no reference image)")
+    return {"batch": int(sample.shape[0]), "timestep": timestep_value(t),
+            "latent_shape": packed_latent_shape(int(sample.shape[1]), ids),
+            "text_length": None if text is None else int(text.shape[1])}
 
 
 def depth_band(depth: int, layers: int) -> str:

@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-from ...errors import AttnscopeError
 from .._sites import CrossAttentionSite
-from ._common import packed_latent_shape, timestep_value, transformer_of
+from ._common import packed_step_inputs, transformer_of
 
 __all__ = ["FAMILY", "KERNEL", "PROCESSORS", "STEPS_BY", "SUPPORTS", "TEXT_ENCODERS", "TIMESTEP_SCALE", "denoiser", "sites",
            "step_inputs"]
@@ -92,18 +91,4 @@ def step_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
     ...                  "img_ids": ids.reshape(-1, 3), "encoder_hidden_states": torch.zeros(1, 16, 32)})
     {'batch': 1, 'timestep': 0.5, 'latent_shape': (8, 12), 'text_length': 16}
     """
-    sample = args[0] if args else kwargs["hidden_states"]
-    text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-    t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-    ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
-    if ids is not None:
-        ids = ids[0] if ids.ndim == 3 else ids
-        latent = ids[:, 0] == ids[0, 0]
-        if not bool(latent.all()):
-            raise AttnscopeError(
-                f"Flux.1 with a reference image (FluxKontextPipeline's image=): {int((~latent).sum())} of the "
-                f"transformer's {len(latent)} image tokens are reference-image tokens; attnscope supports "
-                f"text-to-image only (no reference image)")
-    shape = packed_latent_shape(int(sample.shape[1]), ids)
-    return {"batch": int(sample.shape[0]), "timestep": timestep_value(t),
-            "latent_shape": shape, "text_length": None if text is None else int(text.shape[1])}
+    return packed_step_inputs(args, kwargs, (3, 4), "Flux.1 with a reference image (FluxKontextPipeline's image=)")
