@@ -35,7 +35,8 @@ def word_maps(trace: Any, words: Sequence[str | int] | str | int, sites: str | S
     heads and the chosen steps and upsampled bilinearly, then averaged over the sites. Computed.
 
     ``per_step=True`` keeps the steps apart (dims ``step, word, y, x``): step ``s`` holds what
-    ``word_maps(..., steps=[s])`` gives, read with one pass over each site instead of one per step.
+    ``word_maps(..., steps=[s])`` gives, read with one pass over each site instead of one per step. A step a
+    site lacks (a trace opened with ``missing="skip"``) is the mean of the sites that hold it.
 
     >>> import tempfile, attnscope as ats
     >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
@@ -51,7 +52,8 @@ def word_maps(trace: Any, words: Sequence[str | int] | str | int, sites: str | S
     over = ["head"] if per_step else ["step", "head"]
     per_site = [site_maps(trace, site, steps, sample).attn.words(words).attn.aggregate(over)
                 .attn.upsample(size) for site in site_names(trace, sites)]
-    maps = xr.concat(per_site, dim="site", coords="minimal", compat="override", join="override").mean("site")
+    # join="outer": per step, the sites that hold it (a trace opened with missing="skip" may lack steps at a site)
+    maps = xr.concat(per_site, dim="site", coords="minimal", compat="override", join="outer").mean("site")
     return maps.transpose(*(["step"] if per_step else []), "word", "y", "x").compute()
 
 
@@ -73,8 +75,8 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
 
     For each chosen site the map is averaged over heads and the chosen steps and upsampled
     bilinearly to the image size; the sites are averaged; each word's pieces (all occurrences) are
-    summed and the word's map is min-max normalised to ``[0, 1]`` (``da.attn.heatmap`` per site,
-    then the site mean). Only the chosen sites and steps are read from the store.
+    summed and the word's map is min-max normalised to ``[0, 1]`` (:func:`word_maps`, then
+    ``.attn.normalize("minmax")``). Only the chosen sites and steps are read from the store.
 
     Parameters
     ----------
@@ -113,7 +115,8 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
         all the word panels (its axes labelled ``"<colorbar>"``, from 0, the word's least attended
         pixel, to 1, its most attended). Each word panel holds two images, the picture and the normalised map (``ax.images[-1]``),
         and the layout's patches (``ax.patches``) in image pixel coordinates: pixel ``(row, col)``
-        is centred at ``(col, row)``, so a box spans ``x0 · W − ½`` to ``x1 · W − ½``.
+        is centred at ``(col, row)``, so a box spans ``x0 · W − ½`` to ``x1 · W − ½``. A word whose map is NaN
+        everywhere (every chosen step gated by TGATE, or NaN maps) gets a note saying so (``ax.texts``).
     """
     trace = as_trace(trace, "trace")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) or not 0 <= alpha <= 1:
@@ -157,8 +160,12 @@ def word_panels(trace: Any, maps: xr.DataArray, sample: int = 0, alpha: float = 
         else:
             ax.text(0.5, 0.5, "no image stored", ha="center", va="center", transform=ax.transAxes)
         if i:
-            shown = ax.imshow(maps.isel(word=i - 1).values, cmap=cmap, alpha=alpha if picture is not None else 1.0,
+            values = maps.isel(word=i - 1).values
+            shown = ax.imshow(values, cmap=cmap, alpha=alpha if picture is not None else 1.0,
                               vmin=0.0, vmax=1.0, extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5))
+            if not np.isfinite(values).any():  # every chosen step gated (TGATE) or NaN: say so, not a blank panel
+                ax.text(0.5, 0.5, "no map here:\nthe chosen steps were\ngated or their maps NaN", ha="center",
+                        va="center", fontsize=8, color="black", backgroundcolor="white", transform=ax.transAxes)
         ax.set_title(wrapped(title, 0.9 * panel[0], 9), fontsize=9)  # a long prompt: lines within its panel
         ax.set_axis_off()
     if shown is not None:  # the bar shows the colours at full strength, as the map's scale (not its opacity)
@@ -224,7 +231,8 @@ def site_step_grid(trace: Any, word: str | int, sites: str | Sequence[str] | Non
     4
 
     Heads are averaged; the word's pieces are summed. All panels share one colour scale (from 0 to
-    the largest value shown), drawn as a single colour bar. Columns run in the order the forward pass
+    the largest value shown), drawn as a single colour bar. Rows are every chosen step any site holds; a
+    site that lacks one (a trace opened with ``missing="skip"``) has a blank panel there. Columns run in the order the forward pass
     runs the sites (a UNet's down, mid, then up blocks; each site's stored ``depth``).
 
     Parameters
@@ -252,7 +260,10 @@ def site_step_grid(trace: Any, word: str | int, sites: str | Sequence[str] | Non
     grids = [m.transpose("step", "y", "x").compute() for m in lazy]
     finite = np.concatenate([g.values[np.isfinite(g.values)].ravel() for g in grids])  # no NaN (gated, NaN maps)
     top = (float(finite.max()) if finite.size else 0.0) or 1.0
-    step_values = grids[0]["step"].values.tolist()
+    # every site's steps (a trace opened with missing="skip" may lack some at a site: a blank panel there)
+    step_values = sorted({int(s) for g in grids for s in g["step"].values.tolist()})
+    labelled = {s: g for g in reversed(grids) for s in g["step"].values.tolist()}  # a grid holding the step
+    grids = [g.reindex(step=step_values) for g in grids]
     fig, axes = new_figure(len(step_values), len(names), (1.7, 1.7))
     shown = None
     for col, (site, grid) in enumerate(zip(names, grids)):
@@ -263,6 +274,6 @@ def site_step_grid(trace: Any, word: str | int, sites: str | Sequence[str] | Non
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
-                ax.set_ylabel(step_label(grid, step), fontsize=8)
+                ax.set_ylabel(step_label(labelled[step], step), fontsize=8)
     fig.colorbar(shown, ax=axes, shrink=0.8, label=f"attention on {word!r}")
     return fig

@@ -130,14 +130,17 @@ class _Run:
         found = self._recent.get(key)
         if found is not None:
             return found
-        da = (self.trace.attention(site).sel(sample=sample).sel(step=list(steps))
-              .transpose("step", "head", "y", "x", "token"))
+        da = self.trace.attention(site).sel(sample=sample)
+        held = set(da["step"].values.tolist())  # a trace opened with missing="skip" may lack steps at a site: NaN
+        da = da.sel(step=[s for s in steps if s in held]).transpose("step", "head", "y", "x", "token")
         mean, start = _NanMean(), 0
         for size in (da.chunks[0] if da.chunks is not None else (da.sizes["step"],)):
             block = np.asarray(da.isel(step=slice(start, start + size)).values, dtype=np.float32)
             start += size
             block = block.mean(axis=1) if head == HEAD_MEAN else block[:, head]
             mean.add(block, axis=0)
+        if mean.total is None:  # none of the steps at this site: no value, not a zero map
+            mean.add(np.full((1, *(da.sizes[d] for d in ("y", "x", "token"))), np.nan, np.float32), axis=0)
         coords = {name: da.coords[name] for name in ("token", "token_text", "token_role") if name in da.coords}
         out = xr.DataArray(mean.mean(), dims=("y", "x", "token"), coords=coords, name=site)
         return self._recent.put(key, out, out.nbytes)
@@ -170,7 +173,18 @@ class _Run:
         found = self._recent.get(key)
         if found is not None:
             return found
-        ds = dominance(self.trace, targets=list(words), sites=list(sites), steps=list(steps))
+        groups: dict[tuple[int, ...], list[str]] = {}  # sites by the selected steps they hold (all, unless a trace
+        for site in sites:                              # opened with missing="skip" lacks some at a site)
+            captured = set(self.captured_steps(site))
+            held = tuple(s for s in steps if s in captured)
+            if held:
+                groups.setdefault(held, []).append(site)
+        if not groups:
+            out = {"target_share": {w: None for w in words}, **{name: None for name, _ in STATISTICS}}
+            return self._recent.put(key, out, 0)
+        parts = [dominance(self.trace, targets=list(words), sites=group, steps=list(held))
+                 for held, group in groups.items()]
+        ds = parts[0] if len(parts) == 1 else xr.concat(parts, dim="site", join="outer")
         ds = ds.sel(sample=sample).mean(("step", "site"))
         shares = ds.target_share.transpose("target").values
         out = {"target_share": {str(t): _number(v) for t, v in zip(ds["target"].values.tolist(), shares)},
@@ -307,8 +321,9 @@ class TraceViewer(anywidget.AnyWidget):
         if not sites:
             raise AttnscopeError(f"compare={str(self._runs[1].trace.path)!r}: it recorded none of the sites of "
                                  f"{str(first.path)!r} ({first.sites}); the before/after needs common sites")
-        steps = [s for s in self._runs[0].captured_steps(sites[0])
-                 if all(s in run.captured_steps(sites[0]) for run in self._runs[1:])]
+        # every site's captured steps (a trace opened with missing="skip" may lack some at a site), in both runs
+        held = [{s for site in sites for s in run.captured_steps(site)} for run in self._runs]
+        steps = sorted(set.intersection(*held))
         if not steps:
             raise AttnscopeError(f"compare={str(self._runs[1].trace.path)!r}: no captured step in common with "
                                  f"{str(first.path)!r}; the before/after needs common steps")
@@ -320,7 +335,8 @@ class TraceViewer(anywidget.AnyWidget):
         try:
             with self.hold_sync():  # one message with the whole first state
                 self.site_options, self.site_labels = sites, [short_site(s) for s in sites]
-                timed = first.attention(sites[0])  # its timestep coordinate
+                timed = xr.Dataset(coords={"step": first.coords["step"].values,  # each step's timestep
+                                           "timestep": ("step", first.coords["timestep"].values)})
                 self.step_options, self.step_labels = steps, [step_label(timed, s) for s in steps]
                 self.step_mean_count = len(self._all_steps)
                 self.sample_options = [s for s in self._runs[0].samples if all(s in r.samples for r in self._runs[1:])]

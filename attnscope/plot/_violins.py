@@ -48,7 +48,8 @@ def violins(trace: Any, steps: Any, sites: str | Sequence[str] | None = None, sa
     Returns
     -------
     matplotlib.figure.Figure
-        One panel per step (shared y axis), words on the x axis in the order given.
+        One panel per step (shared y axis), words on the x axis in the order given. A step whose maps are NaN
+        (gated by TGATE, or NaN maps) has no violins and a note saying so (``ax.texts``).
     """
     trace = as_trace(trace, "trace")
     if words is None:
@@ -74,6 +75,9 @@ def violins(trace: Any, steps: Any, sites: str | Sequence[str] | None = None, sa
                        hue_order=order, legend=False, cut=0, density_norm="width", inner="quart", linewidth=0.7,
                        ax=ax)
         ax.set_title(step_label(values, step), fontsize=9)
+        if not table.loc[table["step"] == step, "attention"].notna().any():  # gated (TGATE) or NaN: say so
+            ax.text(0.5, 0.5, "no map here:\nthis step was gated\nor its maps are NaN", ha="center", va="center",
+                    fontsize=8, transform=ax.transAxes)
         ax.set_xlabel("")
         if max(map(len, map(str, order))) > 7:  # wider than a violin's slot at this size: slant, anchored at the tick
             ax.tick_params(axis="x", labelrotation=40, labelsize=8)

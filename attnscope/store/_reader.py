@@ -267,7 +267,9 @@ class Trace:
 
     @property
     def timesteps(self) -> np.ndarray:
-        """Timestep of every denoising step of the run (NaN for steps not reached)."""
+        """Timestep of every denoising step of the run: the scheduler's plan, written when the capture starts and
+        corrected at any step where the run deviated, so steps an interrupted run never reached hold their planned
+        timestep (NaN only where the plan was unknown and the step was not reached)."""
         return self.coords["timestep"].values
 
     @property
