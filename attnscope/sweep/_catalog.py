@@ -50,6 +50,8 @@ def _frame_of_rows(folder: SweepFolder, names: list[str]) -> Any:
     df = df[own + extras]  # the catalog's columns first, then extras
     for column in extras:
         df[column] = _one_type(column, df[column])
+    for column in df.columns:
+        df[column] = _nullable_bools(df[column])
     if len(df):
         df = df.sort_values(["prompt", "seed"], kind="stable").reset_index(drop=True)
     return df
@@ -66,6 +68,22 @@ def _one_type(column: str, values: Any) -> Any:
     warnings.warn(f"extra column {column!r} holds values of several types ({', '.join(names)}); written as text. "
                   f"Expected one type per column from extra=", AttnscopeWarning, stacklevel=3)
     return [None if _missing(v) else str(v) for v in values]
+
+
+def _nullable_bools(values: Any) -> Any:
+    """A column of bools that some runs lack (a failed run has no detector verdict) as pandas' ``boolean`` dtype: an
+    object column of ``True`` / ``None`` breaks ``~cat.df.all_present`` and boolean masks; ``<NA>`` keeps them.
+
+    >>> import pandas as pd
+    >>> (~_nullable_bools(pd.Series([True, None, False]))).tolist(), _nullable_bools(pd.Series([1, "a", None], dtype=object)).tolist()
+    ([False, <NA>, True], [1, 'a', None])
+    """
+    if values.dtype != object:
+        return values
+    present = [v for v in values if not _missing(v)]
+    if not present or not all(isinstance(v, (bool, np.bool_)) for v in present):
+        return values
+    return values.astype("boolean")
 
 
 def _missing(value: Any) -> bool:
@@ -171,6 +189,16 @@ def _resolve(folder: SweepFolder, df: Any) -> Any:
     return df
 
 
+def _rows_newer(folder: SweepFolder, names: list[str]) -> int:
+    """How many of the row files ``names`` were written after the catalog: runs redone (a failed run, a trace deleted
+    or written over) since the catalog was gathered, which the count of rows does not show."""
+    written = folder.modified(CATALOG_FILE).get(CATALOG_FILE)
+    if written is None or not names:
+        return 0
+    rows = folder.modified("rows")
+    return sum(1 for name in names if rows.get(name, written) > written)
+
+
 def open_catalog(location: str | Path, *, storage_options: dict | None = None) -> Catalog:
     """Open a sweep's catalog: the sweep's folder (or its ``catalog.parquet``), a local path or a URL.
 
@@ -213,11 +241,13 @@ def open_catalog(location: str | Path, *, storage_options: dict | None = None) -
         df = pd.read_parquet(io.BytesIO(data)) if data is not None else None
     except Exception as exc:  # pyarrow's errors for a damaged file: one message naming it
         raise AttnscopeError(f"{folder.url(CATALOG_FILE)!r}: not a readable Parquet catalog ({exc})") from exc
-    if df is None or len(df) < len(names):  # a sweep stopped before its catalog caught up: the rows are the record
-        warnings.warn(f"{folder.url(CATALOG_FILE)!r} {'is missing' if df is None else f'lists {len(df)} runs'} but "
-                      f"{len(names)} runs have finished (the sweep was interrupted before it rewrote its catalog): "
-                      f"read from their row files; rerun the sweep to resume it and rewrite the catalog",
-                      AttnscopeWarning, stacklevel=2)
+    newer = _rows_newer(folder, names) if df is not None and len(df) >= len(names) else 0
+    if df is None or len(df) < len(names) or newer:  # a sweep stopped before its catalog caught up: the rows are the record
+        state = ("is missing" if df is None else f"lists {len(df)} runs" if len(df) < len(names)
+                 else f"is older than {newer} of the {len(names)} row files (runs redone since it was written)")
+        warnings.warn(f"{folder.url(CATALOG_FILE)!r} {state} but {len(names)} runs have finished (the sweep was "
+                      f"interrupted before it rewrote its catalog): read from their row files; rerun the sweep to "
+                      f"resume it and rewrite the catalog", AttnscopeWarning, stacklevel=2)
         df = _frame_of_rows(folder, names)
     missing = [c for c in ("run", "prompt", "seed", "trace", "status") if c not in df.columns] if len(df) else []
     if missing:

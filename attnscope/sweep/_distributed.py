@@ -168,6 +168,10 @@ def _combine(runs: list[str], values: list[Any]) -> Any:
             if "run" in v.columns or "run" in v.index.names:
                 raise AttnscopeError(f"fn returned a DataFrame with a 'run' column or index level for run {run!r}; "
                                      f"expected one without it (map_stats adds the run)")
+            both = [name for name in v.index.names if name is not None and name in v.columns]
+            if both:  # the level becomes a column: pandas' "cannot insert step, already exists" otherwise
+                raise AttnscopeError(f"fn returned a DataFrame whose index level {both[0]!r} is also a column, for run "
+                                     f"{run!r}; expected each name once (its named index levels become columns)")
         # a named index (``step``, …) is kept as columns; an unnamed one (0, 1, … or a filter's) says nothing
         frames = [v.reset_index() if any(name is not None for name in v.index.names) else v for v in values]
         return pd.concat(frames, keys=runs, names=["run"]).reset_index(level=0).reset_index(drop=True)
@@ -177,6 +181,9 @@ def _combine(runs: list[str], values: list[Any]) -> Any:
             v = v.to_dict()
         if not isinstance(v, dict):
             v = {"value": v}
+        elif "run" in v:
+            raise AttnscopeError(f"fn returned a result with a 'run' entry for run {runs[len(records)]!r}; expected "
+                                 f"one without it (map_stats adds the run)")
         records.append(v)
     return pd.DataFrame.from_records(records, index=index)
 

@@ -173,6 +173,34 @@ class SweepFolder:
         except Exception as exc:
             raise self._wrap(rel, exc) from exc
 
+    def modified(self, rel: str) -> dict[str, float]:
+        """When each file directly under ``rel`` (or the file ``rel`` itself) was last written, as Unix time, by name;
+        files whose store reports no time are left out.
+
+        >>> import tempfile
+        >>> folder = SweepFolder(tempfile.mkdtemp())
+        >>> folder.write_json("rows/a.json", {}); sorted(folder.modified("rows")), list(folder.modified("rows/a.json"))
+        (['a.json'], ['a.json'])
+        """
+        if not self.remote:
+            path = Path(self._root) / rel
+            files = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
+            return {p.name: p.stat().st_mtime for p in files}
+        try:
+            path = self._fresh(rel)
+            if not self.fs.exists(path):
+                return {}
+            entries = self.fs.ls(path, detail=True) if self.fs.isdir(path) else [self.fs.info(path)]
+        except Exception as exc:
+            raise self._wrap(rel, exc) from exc
+        times = {}
+        for entry in entries:
+            when = next((entry[k] for k in ("mtime", "LastModified", "last_modified", "created") if entry.get(k)), None)
+            when = when.timestamp() if hasattr(when, "timestamp") else when
+            if isinstance(when, (int, float)):
+                times[str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]] = float(when)
+        return times
+
     def trace_complete(self, rel: str, trace_id: str | None = None) -> bool:
         """Whether the trace at ``rel`` exists and says ``complete: true`` in its root attributes, and, when
         ``trace_id`` is given, is that capture's (its root attribute ``run_id``: not one another capture wrote there)."""

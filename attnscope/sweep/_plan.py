@@ -102,7 +102,8 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
 
 def read_prompts(path: str | Path) -> list[str]:
     """The prompts of a text file, one per line; blank lines and lines starting with ``#`` are skipped. A UTF-8 byte
-    order mark at the start (Windows editors write one) is not part of the first line.
+    order mark at the start (Windows editors write one) is not part of the first line. A line ends at ``\\n``,
+    ``\\r\\n`` or ``\\r`` only: a form feed or U+2028 inside a prompt stays in it.
 
     >>> import tempfile, pathlib
     >>> f = pathlib.Path(tempfile.mkdtemp()) / "prompts.txt"
@@ -112,9 +113,11 @@ def read_prompts(path: str | Path) -> list[str]:
     """
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
+        text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise AttnscopeError(f"prompts file {str(p)!r}: cannot be read as UTF-8 text ({exc})") from exc
+    # lines end at \n, \r\n or \r only: str.splitlines() also splits at form feeds, U+2028, U+0085, … inside a prompt
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise AttnscopeError(f"prompts file {str(p)!r}: no prompts (expected one prompt per line)")

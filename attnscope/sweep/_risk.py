@@ -86,7 +86,7 @@ class NeglectRiskRow:
 def _outcomes(df: Any, missing: Any) -> Any:
     """Each run's outcome (True: an object lost), indexed by run, from a catalog column's name, a mapping or Series
     run -> bool, a column of ``catalog.df`` itself (``cat.df["lost"]``: its index is the row numbers) or one value
-    per row of ``catalog.df``; runs without one (None, NaN) are left out.
+    per row of ``catalog.df``; runs without one (None, NaN, pandas' ``<NA>``) are left out.
 
     >>> import pandas as pd
     >>> df = pd.DataFrame({"run": ["a", "b", "c"], "lost": [True, False, None]})
@@ -120,7 +120,7 @@ def _outcomes(df: Any, missing: Any) -> Any:
         values = pd.Series(list(missing), index=runs.to_numpy())
     else:
         values = pd.Series(missing, dtype=object)
-    values = values[[not (v is None or (isinstance(v, float) and np.isnan(v))) for v in values]]
+    values = values[[not (v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))) for v in values]]
     for run, v in values.items():
         if not (isinstance(v, (bool, np.bool_)) or (isinstance(v, numbers.Real) and v in (0, 1))):
             raise AttnscopeError(f"missing: {v!r} for run {run!r}; expected True (an object lost) or False, or 1 / 0")

@@ -83,13 +83,13 @@ def _recordable(value: Any) -> Any:
     return f"function {value.__qualname__}, code {digest}"
 
 
-def _settings_record(settings: dict) -> dict:
+def _settings_record(settings: dict, pipeline_defaults: dict | None = None) -> dict:
     """``settings`` as ``sweep.json`` holds them: JSON values, the capture settings that differ from the defaults."""
-    record = {k: ({kk: _recordable(vv) for kk, vv in v.items()} if isinstance(v, dict) else _recordable(v))
-              for k, v in settings.items()}
-    if "capture" in record:
-        record["capture"] = _explicit(record["capture"])
-    return record
+    settings = dict(settings)
+    if isinstance(settings.get("capture"), dict):
+        settings["capture"] = _explicit(settings["capture"], pipeline_defaults)
+    return {k: ({kk: _recordable(vv) for kk, vv in v.items()} if isinstance(v, dict) else _recordable(v))
+            for k, v in settings.items()}
 
 
 def _check_folder(folder: SweepFolder) -> None:
@@ -111,7 +111,7 @@ def _check_folder(folder: SweepFolder) -> None:
         raise AttnscopeError(f"out={folder.url('')!r} is {what}; give a new or empty folder for the sweep")
 
 
-def _check_settings(folder: SweepFolder, settings: dict) -> bool:
+def _check_settings(folder: SweepFolder, settings: dict, pipeline_defaults: dict | None = None) -> bool:
     """Refuse ``settings`` when the folder's ``sweep.json`` records others; whether the folder has a ``sweep.json``.
 
     A folder holds one sweep: one model, one capture setting, one scheduler and one dtype. Only the
@@ -125,8 +125,8 @@ def _check_settings(folder: SweepFolder, settings: dict) -> bool:
         raise AttnscopeError(f"{folder.url(SETTINGS_FILE)!r}: expected a JSON object of the sweep's settings, got "
                              f"{type(before).__name__}")
     if isinstance(before.get("capture"), dict):
-        before["capture"] = _explicit(before["capture"])
-    changed = {k: (before.get(k), v) for k, v in _settings_record(settings).items()
+        before["capture"] = _explicit(before["capture"], pipeline_defaults)
+    changed = {k: (before.get(k), v) for k, v in _settings_record(settings, pipeline_defaults).items()
                if before.get(k) != v and (k in before or k in ("model", "capture"))}
     if "model" in changed and _same_directory(*changed["model"]):  # one directory named two ways
         del changed["model"]
@@ -173,30 +173,96 @@ def _same_directory(a: Any, b: Any) -> bool:
         return False
 
 
-def _fix_settings(folder: SweepFolder, settings: dict) -> None:
+def _fix_settings(folder: SweepFolder, settings: dict, pipeline_defaults: dict | None = None) -> None:
     """Check ``settings`` against the folder's ``sweep.json`` and write it when there is none yet.
 
     Called once the model is loaded and a run can start: a sweep that stops before (a model that does
     not load, a bad device) leaves no settings, so the corrected command can use the same folder.
     """
-    if not _check_settings(folder, settings):
-        folder.write_json(SETTINGS_FILE, _settings_record(settings))
+    if not _check_settings(folder, settings, pipeline_defaults):
+        folder.write_json(SETTINGS_FILE, _settings_record(settings, pipeline_defaults))
 
 
-def _explicit(capture_settings: dict) -> dict:
-    """The capture settings that differ from :func:`attnscope.capture`'s defaults: a setting given at its default
-    value is the same sweep as one left out (``attnscope sweep`` passes every option, ``ats.sweep`` only those given).
+def _explicit(capture_settings: dict, pipeline_defaults: dict | None = None) -> dict:
+    """The capture settings that differ from the defaults of :func:`attnscope.capture` and of the pipeline's own call
+    (``pipeline_defaults``): a setting given at its default value is the same sweep as one left out (``attnscope
+    sweep`` passes every option, ``num_inference_steps`` included, ``ats.sweep`` only those given). ``steps`` is
+    recorded as the step indices it selects (``range(0, 2)``, ``[0, 1]`` and the command line's ``0:2`` are one
+    setting).
 
     >>> _explicit({"num_inference_steps": 20, "sites": None, "heads": "mean", "tokens": "prompt"})
     {'num_inference_steps': 20, 'tokens': 'prompt'}
+    >>> _explicit({"num_inference_steps": 20, "steps": range(0, 2)}, {"num_inference_steps": 20})
+    {'steps': [0, 1]}
     """
     import inspect
 
     from ..capture import capture
+    from ..selection import select_steps
 
     defaults = {name: p.default for name, p in inspect.signature(capture).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    return {k: v for k, v in capture_settings.items() if not (k in defaults and v == defaults[k])}
+    settings = dict(capture_settings)
+    steps = settings.get("num_inference_steps", (pipeline_defaults or {}).get("num_inference_steps"))
+    if settings.get("steps") is not None and isinstance(steps, int):
+        try:
+            chosen = list(select_steps(_step_spec(settings["steps"]), steps))
+        except (AttnscopeError, TypeError, ValueError):  # not a selection of this run's steps: compared as given
+            chosen = None
+        if chosen is not None:
+            settings["steps"] = None if chosen == list(range(steps)) else chosen
+    defaults = {**(pipeline_defaults or {}), **defaults}
+    settings = {k: _recordable(v) for k, v in settings.items()}
+    return {k: v for k, v in settings.items() if not (k in defaults and v == _recordable(defaults[k]))}
+
+
+def _step_spec(spec: Any) -> Any:
+    """``spec``, or the range or slice that a ``sweep.json`` written before steps were resolved holds as its repr.
+
+    >>> _step_spec("range(0, 4, 2)"), _step_spec("slice(None, -1, None)"), _step_spec([0, 1])
+    (range(0, 4, 2), slice(None, -1, None), [0, 1])
+    """
+    import re
+
+    match = re.fullmatch(r"(range|slice)\(([-\d, None]*)\)", spec) if isinstance(spec, str) else None
+    if match is None:
+        return spec
+    args = [None if a.strip() == "None" else int(a) for a in match[2].split(",")]
+    return range(*args) if match[1] == "range" else slice(*args)
+
+
+def _pipeline_defaults(pipe_or_model: Any) -> dict:
+    """The defaults of the pipeline's own call (``num_inference_steps``, ``guidance_scale``, …), from its class, without
+    loading it: a pipeline object's, the shapes model's, a saved directory's (``model_index.json``); else none.
+
+    >>> _pipeline_defaults("shapes")["num_inference_steps"], _pipeline_defaults("owner/not-local")
+    (20, {})
+    """
+    import inspect
+    import json
+
+    cls = name = None
+    if not isinstance(pipe_or_model, (str, Path)):
+        cls = type(pipe_or_model)
+    elif str(pipe_or_model) == "shapes":
+        name = "ShapesPipeline"
+    else:
+        try:
+            name = json.loads((Path(pipe_or_model) / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+    if name == "ShapesPipeline":
+        from ..models.shapes import ShapesPipeline as cls
+    elif isinstance(name, str):
+        import diffusers
+
+        cls = getattr(diffusers, name, None)
+    try:
+        params = inspect.signature(cls.__call__).parameters if cls is not None else {}
+    except (TypeError, ValueError):
+        return {}
+    return {name: p.default for name, p in params.items()
+            if p.default is not inspect.Parameter.empty and isinstance(p.default, (bool, int, float, str, type(None)))}
 
 
 def _is_shapes(model: Any) -> bool:
@@ -299,14 +365,15 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
         model = str(pipe_or_model) if isinstance(pipe_or_model, (str, Path)) else None
         known = {"model": model or _reference(pipe_or_model), "capture": capture_kwargs,
                  **({} if model else pipeline_settings(pipe_or_model))}
-        _check_settings(folder, known)
+        defaults = _pipeline_defaults(pipe_or_model)
+        _check_settings(folder, known, defaults)
         todo = [r for r in runs if not _done(folder, r)]
         detector = _is_shapes(model or pipe_or_model)
         bar = _progress_bar(len(runs), len(runs) - len(todo), progress)
         rows_since = [time.monotonic()]
 
         def on_ready(loaded: dict) -> None:  # the model is loaded: the settings are fixed before the first run
-            _fix_settings(folder, {**known, **loaded})
+            _fix_settings(folder, {**known, **loaded}, defaults)
 
         def on_row(row: dict) -> None:
             bar.update(1)
