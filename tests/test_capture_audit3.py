@@ -102,3 +102,13 @@ def test_a_recorder_with_no_queue_writes_the_same_maps(shapes, tmp_path):
         traces.append(ats.open_trace(rec.path))
     for site in traces[0].sites:
         xr.testing.assert_identical(traces[0].attention(site).load(), traces[1].attention(site).load())
+
+
+def test_a_sweep_given_numpy_counts_records_and_resumes_them_as_ints(shapes, tmp_path):
+    import json
+
+    out = tmp_path / "s"
+    first = ats.sweep(shapes, [PROMPT], seeds=np.arange(2), out=out, num_inference_steps=np.int64(2), progress=False)
+    assert json.loads((out / "sweep.json").read_text())["capture"] == {"num_inference_steps": 2}
+    again = ats.sweep(shapes, [PROMPT], seeds=[0, 1], out=out, num_inference_steps=2, progress=False)  # same sweep
+    assert again.df["trace_id"].tolist() == first.df["trace_id"].tolist()  # resumed: nothing redone

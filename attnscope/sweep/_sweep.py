@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import shutil
 import tempfile
@@ -9,6 +10,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import AttnscopeError
 from ..selection import DTYPES
@@ -342,6 +345,9 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
     elif isinstance(prompts, str):
         raise AttnscopeError(f"prompts={prompts!r}: expected a list of prompts, or a pathlib.Path of a prompts file")
     runs = plan_runs(prompts, seeds)
+    # numpy's ints (an np.arange item) as Python's: checked, recorded in sweep.json and compared as the ints they are
+    capture_kwargs = {k: int(v) if isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) else v
+                      for k, v in capture_kwargs.items()}
     _check_capture_kwargs(capture_kwargs)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise AttnscopeError(f"workers={workers!r}: expected an int >= 1")
