@@ -18,6 +18,9 @@ _HUES = {name: None for name in COLOURS}  # filled below from the palette
 _MIN_SATURATION = 0.28
 _MIN_VALUE = 0.25
 _MIN_AREA = 14  # pixels at IMAGE_SIZE; objects are >= 9x9 px, so anything smaller is a smudge
+#: a region 1 px wide or tall is the anti-aliased border of two touching objects (red | green blends to a
+#: yellowish line), never an object
+_MIN_SIDE = 2
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ def detect(image: Any) -> list[DetectedObject]:
     """Find the coloured objects in a shapes-world image (PIL image or ``(H, W, 3)`` uint8 array).
 
     A pixel belongs to a colour when it is saturated and its hue is nearest to that colour's hue;
-    each 4-connected region of one colour at least ``14 * (H*W / 32**2)`` pixels large is an object;
+    each 4-connected region of one colour at least ``14 * (H*W / 32**2)`` pixels large and at least 2 pixels
+    wide and tall is an object (a 1-px line is the blended border of two touching objects);
     its shape is read from the region: a triangle is much narrower in its top third than in its
     bottom third, a square fills at least half of its box's four corner cells (each a fifth of the
     box's width and height), a circle leaves them empty. Objects are returned left to right.
@@ -127,6 +131,8 @@ def detect(image: Any) -> list[DetectedObject]:
                 continue
             ys, xs = np.asarray(pixels).T
             y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            if min(y1 - y0, x1 - x0) < _MIN_SIDE:
+                continue
             region = np.zeros((y1 - y0, x1 - x0), bool)
             region[ys - y0, xs - x0] = True
             shape, fill = _shape_of(region)

@@ -53,6 +53,20 @@ class ShapeObject:
     shape: str
     box: tuple[float, float, float, float]
 
+    def __post_init__(self) -> None:
+        # render draws only these: an unknown shape would come out a triangle, a flat box divide by zero
+        if not isinstance(self.colour, str) or self.colour not in COLOURS:
+            raise AttnscopeError(f"colour={self.colour!r}: expected one of {', '.join(COLOURS)}")
+        if not isinstance(self.shape, str) or self.shape not in SHAPES:
+            raise AttnscopeError(f"shape={self.shape!r}: expected one of {', '.join(SHAPES)}")
+        box = self.box
+        if (not isinstance(box, (tuple, list)) or len(box) != 4
+                or not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                           and np.isfinite(v) for v in box)
+                or not (box[0] < box[2] and box[1] < box[3])):
+            raise AttnscopeError(f"box={box!r}: expected (x0, y0, x1, y1), four finite numbers in pixels "
+                                 f"with x0 < x1 and y0 < y1")
+
     @property
     def centre(self) -> tuple[float, float]:
         x0, y0, x1, y1 = self.box
@@ -71,6 +85,12 @@ class Scene:
     caption: str
     relation: str | None = None
     size: int = IMAGE_SIZE
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
+            raise AttnscopeError(f"size={self.size!r}: expected an int >= 1 (the image side in pixels)")
+        if self.relation is not None and (not isinstance(self.relation, str) or self.relation not in RELATIONS):
+            raise AttnscopeError(f"relation={self.relation!r}: expected None or one of {', '.join(RELATIONS)}")
 
 
 def _boxes_apart(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
@@ -174,7 +194,8 @@ def render(scene: Scene) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-_WORD = re.compile(r"[a-z]+|[^\sa-z]")
+#: words as CLIP's tokenizer splits them: letter runs (accents included), single digits, other characters
+_WORD = re.compile(r"[^\W\d_]+|\d|[^\w\s]|_")
 
 
 def check_vocabulary(prompt: str, vocabulary: tuple[str, ...] = VOCABULARY, name: str = "prompt") -> None:
@@ -233,6 +254,8 @@ def relation_holds(relation: str, a_centre: tuple[float, float], b_centre: tuple
     >>> relation_holds("above", (5.0, 3.0), (6.0, 20.0))
     True
     """
+    if not isinstance(relation, str) or relation not in RELATIONS:
+        raise AttnscopeError(f"relation={relation!r}: expected one of {', '.join(RELATIONS)}")
     axis, sign = RELATIONS[relation]
     delta = a_centre[axis] - b_centre[axis]
     return delta * sign > 0
