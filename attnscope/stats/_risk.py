@@ -44,7 +44,8 @@ def neglect_features(source: Any, targets: Sequence[str | int], *, step: int | S
     * ``dominance_ratio``, ``entropy``, ``gini``, ``sink_share``: :func:`dominance`'s;
     * ``p2m_min``, ``top_min``, ``spread_min``: the smallest target's peak-to-mean, top-10 % share, spread;
     * ``overlap``: the largest histogram intersection of two targets' maps;
-    * ``centre_dist``: the smallest distance between two targets' centres of mass (map widths).
+    * ``centre_dist``: the smallest distance between two targets' centres of mass (image units: x in widths,
+      y in heights).
 
     Parameters
     ----------
@@ -165,6 +166,8 @@ def check_neglect_model(model: Mapping[str, Any], step: int) -> dict[str, np.nda
         raise AttnscopeError(f"model={model!r}: expected a risk model: a dict with 'features' and 'steps', as "
                              f"neglect_model() or fit_neglect_model() gives (json.load a saved one)")
     steps = model.get("steps")
+    if isinstance(steps, Mapping):  # keys as JSON gives them (str); a dict built in Python may use ints
+        steps = {str(k): v for k, v in steps.items()}
     if not isinstance(steps, Mapping) or str(step) not in steps:
         have = sorted(steps, key=lambda k: int(k) if str(k).isdigit() else -1) if isinstance(steps, Mapping) else []
         raise AttnscopeError(f"step={step!r}: the risk model has weights for steps {have}")

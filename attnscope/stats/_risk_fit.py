@@ -10,6 +10,7 @@ absolute threshold does not (docs/sweep.md, "The early warning").
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -155,14 +156,28 @@ def fit_neglect_model(features: Any, missing: Any, *, groups: Any = None, l2: fl
     lacking = [c for c in ("run", "step", *NEGLECT_FEATURES) if c not in features.columns]
     if lacking:
         raise AttnscopeError(f"features lacks columns {lacking}: expected run, step and {list(NEGLECT_FEATURES)}")
+    if isinstance(folds, bool) or not isinstance(folds, numbers.Integral) or folds < 2:
+        raise AttnscopeError(f"folds={folds!r}: expected an int ≥ 2 (the cross-validation's folds)")
     outcome = pd.Series(missing) if not isinstance(missing, pd.Series) else missing
-    unknown = sorted(set(features["run"]) - set(outcome.index))
+    runs = sorted(set(features["run"]))
+    twice = sorted(set(outcome.index[outcome.index.duplicated()]) & set(runs))
+    if twice:
+        raise AttnscopeError(f"missing has several outcomes for runs {twice[:3]}: expected one bool per run")
+    unknown = [r for r in runs if r not in outcome.index or pd.isna(outcome.loc[r])]
     if unknown:
         raise AttnscopeError(f"missing has no outcome for runs {unknown[:3]}{' …' if len(unknown) > 3 else ''}: "
                              f"expected one bool per run of features")
+    for run in runs:  # "False" or 0.5 would pass astype(bool) as True: the outcome must be a bool or 1 / 0
+        value = outcome.loc[run]
+        if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Real) and value in (0, 1))):
+            raise AttnscopeError(f"missing: {value!r} for run {run!r}; expected True (an object lost) or False, or 1 / 0")
     group_of = pd.Series(groups) if groups is not None else None
+    if group_of is not None:
+        ungrouped = [r for r in runs if r not in group_of.index]
+        if ungrouped:
+            raise AttnscopeError(f"groups has no label for runs {ungrouped[:3]}{' …' if len(ungrouped) > 3 else ''}: "
+                                 f"expected one label (the run's prompt) per run of features")
     steps: dict[str, Any] = {}
-    runs = sorted(set(features["run"]))
     for step, table in sorted(features.groupby("step"), key=lambda kv: int(kv[0])):
         table = table.drop_duplicates("run").set_index("run")
         x = table[list(NEGLECT_FEATURES)].to_numpy(np.float64)
@@ -174,7 +189,7 @@ def fit_neglect_model(features: Any, missing: Any, *, groups: Any = None, l2: fl
                                  f"expected runs of both outcomes to fit a risk")
         mean, std, w = fit_logistic(x, y, l2)
         g = group_of.loc[index].to_numpy() if group_of is not None else np.arange(len(index))
-        cv = roc_auc(out_of_fold_scores(x, y, g, folds=folds, l2=l2), y)
+        cv = roc_auc(out_of_fold_scores(x, y, g, folds=int(folds), l2=l2), y)
         steps[str(int(step))] = {"mean": mean.tolist(), "std": std.tolist(), "weights": w.tolist(), "auc_cv": cv,
                                  "runs": int(len(y)), "dropped_non_finite": int((~keep).sum())}
     return {"features": list(NEGLECT_FEATURES), "steps": steps, "fitted_on": fitted_on or f"{len(runs)} runs",
@@ -194,7 +209,7 @@ def risk_threshold(risks: Sequence[float] | Any, flag: float) -> float:
     [False, True, False, True, False]
     """
     values = np.asarray(risks, dtype=np.float64).ravel()
-    if isinstance(flag, bool) or not isinstance(flag, (int, float)) or not 0 <= flag <= 1:
+    if isinstance(flag, (bool, np.bool_)) or not isinstance(flag, numbers.Real) or not 0 <= flag <= 1:
         raise AttnscopeError(f"flag={flag!r}: expected the share of runs to flag, in [0, 1]")
     if not len(values) or not np.isfinite(values).all():
         raise AttnscopeError(f"risks: expected one or more finite risks, got {len(values)} values "

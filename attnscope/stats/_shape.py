@@ -133,6 +133,11 @@ def histogram_intersection(a: Any, b: Any) -> np.ndarray:
     a, b = _maps(a, "a"), _maps(b, "b")
     if a.shape[-2:] != b.shape[-2:]:
         raise AttnscopeError(f"a of shape {a.shape} and b of shape {b.shape}: expected maps on the same (y, x) grid")
+    try:
+        np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise AttnscopeError(f"a of shape {a.shape} and b of shape {b.shape}: expected leading axes that broadcast "
+                             f"(as many maps in a as in b, or one)") from None
     return np.minimum(_normalised(a), _normalised(b)).sum(axis=(-2, -1))
 
 

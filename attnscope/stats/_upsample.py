@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -49,10 +50,17 @@ def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     --------
     >>> upsample_maps(np.array([[0.0, 1.0]]), (1, 4)).tolist()
     [[0.0, 0.25, 0.75, 1.0]]
+    >>> upsample_maps(np.zeros((2, 2)), (32,))
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: size=(32,): expected (height, width), two positive ints
     """
     import torch
     import torch.nn.functional as F
 
+    if (not isinstance(size, (tuple, list, np.ndarray)) or len(size) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) and v > 0 for v in size)):
+        raise AttnscopeError(f"size={size!r}: expected (height, width), two positive ints")
+    size = (int(size[0]), int(size[1]))
     maps = np.asarray(maps)
     if maps.ndim < 2:
         raise AttnscopeError(f"maps of shape {maps.shape}: expected at least two axes (..., y, x)")
