@@ -47,3 +47,14 @@ def test_regulation_takes_a_word_of_an_xarray_coordinate_and_numpy_steps(shapes)
 def test_steps_that_are_not_ints_are_still_one_clear_error(steps):
     with pytest.raises(AttnscopeError, match=r"(?s)steps=.*expected"):
         Reweight("circle", 2.0, steps=steps)
+
+
+def test_a_layout_reads_relation_words_in_any_case():
+    from attnscope.regulate import layout_from_prompt
+
+    # "Below" used to match no relation: one strip for the whole prompt, the objects placed side by side
+    lower = layout_from_prompt("a red circle below a blue square")
+    upper = layout_from_prompt("A red circle Below a blue square")
+    assert list(upper.values()) == list(lower.values())
+    assert upper["A red circle"][1] > upper["a blue square"][3]  # the circle's box lies under the square's
+    assert layout_from_prompt("a cat AND a dog") == layout_from_prompt("a cat and a dog")

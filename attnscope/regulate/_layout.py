@@ -31,7 +31,8 @@ def layout_from_prompt(prompt: str) -> dict[str, tuple[float, ...]]:
 
     ``"A <relation> B"`` (to the left of / to the right of / above / below) puts A and B in the two
     halves the relation names; ``"A and B and C"`` (or a comma list) puts the objects side by side,
-    left to right, in equal strips; one object gets the middle. Punctuation around a phrase is not part
+    left to right, in equal strips; one object gets the middle. The relation words and "and" match in any case
+    ("A cat Below a dog"). Punctuation around a phrase is not part
     of it. A phrase named twice (``"a cat and a cat"``) is an error: a layout maps each phrase to one
     region, so give one with distinct phrases.
 
@@ -42,10 +43,11 @@ def layout_from_prompt(prompt: str) -> dict[str, tuple[float, ...]]:
     """
     text = " ".join(prompt.split())
     for relation in sorted(_RELATIONS, key=len, reverse=True):
-        parts = [_phrase(p) for p in re.split(rf"\s+{re.escape(relation)}\s+", text, maxsplit=1)]
+        parts = [_phrase(p) for p in re.split(rf"\s+{re.escape(relation)}\s+", text, maxsplit=1, flags=re.IGNORECASE)]
         if len(parts) == 2 and all(parts):
             return dict(zip(_distinct(parts, prompt), _RELATIONS[relation]))
-    phrases = _distinct([p for p in (_phrase(p) for p in re.split(r"\s*,\s*|\s+and\s+", text)) if p], prompt)
+    phrases = _distinct([p for p in (_phrase(p) for p in re.split(r"\s*,\s*|\s+and\s+", text, flags=re.IGNORECASE))
+                         if p], prompt)
     if not phrases:
         raise AttnscopeError(f"prompt {prompt!r}: no object phrase to lay out")
     n, gap = len(phrases), 0.05
