@@ -112,3 +112,27 @@ def test_a_sweep_given_numpy_counts_records_and_resumes_them_as_ints(shapes, tmp
     assert json.loads((out / "sweep.json").read_text())["capture"] == {"num_inference_steps": 2}
     again = ats.sweep(shapes, [PROMPT], seeds=[0, 1], out=out, num_inference_steps=2, progress=False)  # same sweep
     assert again.df["trace_id"].tolist() == first.df["trace_id"].tolist()  # resumed: nothing redone
+
+
+def _two_values(trace):
+    return {"x": np.array([1.0, 2.0])}
+
+
+def _one_value(trace):
+    import torch
+
+    return {"x": np.array([1.5]), "t": torch.tensor(2.5), "n": np.int64(3)}
+
+
+def test_sweep_extra_columns_of_arrays_and_seeds_in_ascii_digits(shapes, tmp_path):
+    # an array of several values failed the run with numpy's "can only convert an array of size 1", no column named
+    with pytest.raises(AttnscopeError, match=r"every run failed; the first error: AttnscopeError: extra column 'x' = "
+                                             r"array\(\[1\., 2\.\]\): expected a scalar"):
+        ats.sweep(shapes, [PROMPT], seeds=[0], out=tmp_path / "a", num_inference_steps=2, progress=False,
+                  extra=_two_values)
+    cat = ats.sweep(shapes, [PROMPT], seeds=[0], out=tmp_path / "b", num_inference_steps=2, progress=False,
+                    extra=_one_value)
+    assert cat.df[["x", "t", "n"]].iloc[0].tolist() == [1.5, 2.5, 3]
+    with pytest.raises(AttnscopeError, match=r"seeds='\u0663'"):  # an Arabic-Indic three was read as seed 3
+        ats.sweep(shapes, [PROMPT], seeds="\u0663", out=tmp_path / "c", num_inference_steps=2, progress=False)
+    assert not (tmp_path / "c").exists()

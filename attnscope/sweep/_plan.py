@@ -77,7 +77,7 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
     elif isinstance(spec, str):
         seeds = []
         for part in (p.strip() for p in spec.split(",")):
-            match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+            match = re.fullmatch(r"([0-9]+)(?:\s*-\s*([0-9]+))?", part)  # ASCII digits: \d takes "٣" as 3
             if not match or (match[2] is not None and int(match[2]) < int(match[1])):
                 raise AttnscopeError(f"seeds={spec!r}: expected ints or ranges A-B with A <= B, e.g. '0-99' or '0,3,7'")
             low, high = int(match[1]), int(match[2] or match[1])

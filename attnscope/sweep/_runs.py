@@ -69,7 +69,10 @@ def _extra_columns(extra: Callable[[Any], Any], trace: Any, run: Run) -> dict[st
             raise AttnscopeError(f"extra column {key!r}: expected a string that is not one of the catalog's own "
                                  f"columns ({', '.join(RESERVED_COLUMNS)})")
         if not (value is None or isinstance(value, (bool, int, float, str))):
-            value = getattr(value, "item", lambda v=value: v)()  # numpy / torch scalars
+            try:
+                value = getattr(value, "item", lambda v=value: v)()  # numpy / torch scalars (an array of one value too)
+            except (ValueError, RuntimeError):  # an array of several values: the check below names the column
+                pass
         if not (value is None or isinstance(value, (bool, int, float, str))):
             raise AttnscopeError(f"extra column {key!r} = {value!r}: expected a scalar (bool, int, float, str or None)")
         values[key] = value if not (isinstance(value, float) and math.isnan(value)) else None
