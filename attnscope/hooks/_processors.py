@@ -181,7 +181,13 @@ class CrossAttentionProcessor:
         edited = session.run_stage("logits", plan, ctx, logits)
         probs = torch.softmax(edited, dim=-1, out=self._buffer("probs", edited.shape, edited))
         final = session.run_stage("probs", plan, ctx, probs)
-        if session.exact and edited is logits and final is probs:  # observed only: the fused kernel, bit-identical
+        if session.exact and edited is logits and final is probs and name == "AttnProcessor":
+            # observed only: AttnProcessor's own computation (no fused kernel), bit-identical
+            mask = attention_mask.reshape(rows, -1, tokens) if attention_mask is not None else None
+            scores = attn.get_attention_scores(query.reshape(rows, queries, head_dim),
+                                               key.reshape(rows, tokens, head_dim), mask)
+            out = torch.bmm(scores, value.reshape(rows, tokens, head_dim)).view(batch_size, attn.heads, queries, head_dim)
+        elif session.exact and edited is logits and final is probs:  # observed only: the fused kernel, bit-identical
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
         else:
             out = final.to(value.dtype) @ value

@@ -1,0 +1,47 @@
+"""The hook core seen by a user writing their own client (fourth audit): exact mode with the processors a user may
+set before the block, the row layout of a prompt given as embeddings, and what a client may hand back."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+
+import attnscope as ats
+from attnscope.testing import tiny_pixart_pipeline, tiny_sd_pipeline
+
+RUN = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+
+
+class Observe:
+    """Reads ``probs`` at every call, changes nothing."""
+
+    def __init__(self, stages=("probs",)):
+        self._stages, self.calls = stages, 0
+
+    def stages(self, ctx):
+        return self._stages
+
+    def on_probs(self, ctx, probs):
+        self.calls += 1
+
+
+def _image(pipe, **kwargs):
+    return pipe("a red circle", generator=torch.Generator().manual_seed(0), **{**RUN, **kwargs}).images
+
+
+@pytest.mark.parametrize("family", ["sd", "pixart"])
+def test_exact_is_bit_identical_with_the_non_fused_attn_processor(family):
+    """With `AttnProcessor` (the non-SDPA default of older setups) set before the block, `exact=True` ran the fused
+    SDPA kernel, which rounds differently: the image was not the one the pipeline makes without hooks (1.5e-6 off)."""
+    if family == "sd":
+        pipe, extra = tiny_sd_pipeline(), {}
+        pipe.unet.set_attn_processor(AttnProcessor())
+    else:  # masked text keys (T5 padding): AttnProcessor adds the mask inside its baddbmm
+        pipe, extra = tiny_pixart_pipeline(), dict(use_resolution_binning=False)
+        pipe.transformer.set_attn_processor(AttnProcessor())
+    plain = _image(pipe, **extra)
+    seen = Observe()
+    with ats.hooks(pipe, seen, exact=True):
+        hooked = _image(pipe, **extra)
+    assert seen.calls > 0
+    np.testing.assert_array_equal(hooked, plain)
