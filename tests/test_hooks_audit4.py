@@ -45,3 +45,39 @@ def test_exact_is_bit_identical_with_the_non_fused_attn_processor(family):
         hooked = _image(pipe, **extra)
     assert seen.calls > 0
     np.testing.assert_array_equal(hooked, plain)
+
+
+class Steps:
+    """Keeps the step contexts."""
+
+    def __init__(self):
+        self.steps = []
+
+    def stages(self, ctx):
+        return ()
+
+    def on_step(self, step):
+        self.steps.append(step)
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_a_prompt_given_as_embeddings_keeps_its_images_together(sd_pipe, guidance):
+    """`prompt_embeds` of 2 prompts with `num_images_per_prompt=2` and no negative text (negative embeddings given, or
+    no guidance): the core could not count the prompts and labelled every image its own prompt, image 0 —
+    `prompt_of_sample` (0, 1, 2, 3) for what the pipeline batches as prompt 0 twice, then prompt 1 twice."""
+    embeds, negative = sd_pipe.encode_prompt(["a red circle", "a blue square"], "cpu", 1, True)
+    seen = Steps()
+    with ats.hooks(sd_pipe, seen):
+        sd_pipe(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            guidance_scale=guidance,
+            num_images_per_prompt=2,
+            generator=torch.Generator().manual_seed(0),
+            **RUN,
+        )
+    rows = seen.steps[0].rows
+    assert (rows.uncond is None) == (guidance == 1.0)
+    assert rows.prompt_of_sample == (0, 0, 1, 1)  # diffusers repeats each prompt's embedding per image
+    assert rows.image_of_sample == (0, 1, 0, 1)
+    assert seen.steps[0].token_text is None  # no ids: no words, as before

@@ -72,6 +72,7 @@ class HookSession:
         self._segment_ids: list[torch.Tensor | None] = [None] * len(self.text_encoders)
         self._negative_ids: list[torch.Tensor | None] = [None] * len(self.text_encoders)  # the uncond rows' text
         self._prompt_embedded = False  # the run's prompt came as prompt_embeds: every text encoded is a negative
+        self._embedded_prompts: int | None = None  # then the number of prompts: prompt_embeds' rows
         self._text: tuple | None = None  # (token_ids, token_text, segments, token_roles) of the run
         self._uncond_text: tuple | None = None  # (token_text, token_roles) of the negative prompts, or (None, None)
         self._uncond_ids: torch.Tensor | None = None  # their token ids over the sites' text axis (the text mask's check)
@@ -137,17 +138,18 @@ class HookSession:
             self._new_run, self._steps_in_run = True, 0
             self._segment_ids, self._text = [None] * len(self.text_encoders), None
             self._negative_ids, self._uncond_text, self._uncond_ids = [None] * len(self.text_encoders), None, None
-            self._prompt_embedded = False
+            self._prompt_embedded, self._embedded_prompts = False, None
 
-    def _on_encode_prompt(self, embeds_given: bool) -> None:
-        """``pipe.encode_prompt`` is called; ``embeds_given``: with ``prompt_embeds``. In a run's first call that
+    def _on_encode_prompt(self, embeds: Any) -> None:
+        """``pipe.encode_prompt`` is called; ``embeds``: its ``prompt_embeds``, or None. In a run's first call that
         means the prompt has no ids here, so the text the encoders see next is the negative prompt's (SD encodes
-        it in the same call, Flux's true CFG in a second one)."""
+        it in the same call, Flux's true CFG in a second one); the embeddings' rows are the prompts."""
         if self._aside:
             return
         self._start_text()
-        if embeds_given and all(ids is None for ids in self._segment_ids):
+        if embeds is not None and all(ids is None for ids in self._segment_ids) and not self._prompt_embedded:
             self._prompt_embedded = True
+            self._embedded_prompts = int(embeds.shape[0]) if isinstance(embeds, torch.Tensor) and embeds.ndim else None
 
     def _on_text_encoder(self, segment: int, module: Any, args: tuple, kwargs: dict) -> None:
         if self._aside:  # a client's extra prompts (encode_text), not the run's
@@ -201,8 +203,8 @@ class HookSession:
         ids, token_text, segments, token_roles = self._text_of_run(inputs["text_length"])
         prompts = len(token_text) if token_text is not None else None
         uncond_text, uncond_roles = self._uncond_text_of_run(inputs["text_length"]) if guidance else (None, None)
-        if prompts is None and uncond_text is not None:  # a prompt given as embeddings: one negative per prompt
-            prompts = len(uncond_text)
+        if prompts is None:  # a prompt given as embeddings: one row per prompt, one negative per prompt
+            prompts = self._embedded_prompts or (len(uncond_text) if uncond_text is not None else None)
         rows = RowLayout.for_batch(inputs["batch"], guidance, prompts)
         if not rows.uncond or (uncond_text is not None and len(uncond_text) != prompts):
             uncond_text = uncond_roles = None
@@ -465,9 +467,9 @@ def _watch_encode_prompt(session: HookSession, pipe: Any) -> Callable[[], None]:
 
     def encoding(*args: Any, **kwargs: Any) -> None:
         try:
-            given = signature.bind_partial(*args, **kwargs).arguments.get("prompt_embeds") is not None
+            given = signature.bind_partial(*args, **kwargs).arguments.get("prompt_embeds")
         except TypeError:  # let the method itself report a bad call
-            given = False
+            given = None
         session._on_encode_prompt(given)
 
     restores = [_watch(pipe, "check_inputs", lambda *args, **kwargs: session._start_text(call=True)),
