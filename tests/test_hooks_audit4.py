@@ -7,7 +7,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 import attnscope as ats
-from attnscope.testing import tiny_pixart_pipeline, tiny_sd_pipeline
+from attnscope.testing import tiny_pixart_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
 
 RUN = dict(num_inference_steps=2, height=32, width=32, output_type="np")
 
@@ -81,3 +81,55 @@ def test_a_prompt_given_as_embeddings_keeps_its_images_together(sd_pipe, guidanc
     assert rows.prompt_of_sample == (0, 0, 1, 1)  # diffusers repeats each prompt's embedding per image
     assert rows.image_of_sample == (0, 1, 0, 1)
     assert seen.steps[0].token_text is None  # no ids: no words, as before
+
+
+class Replace:
+    """An intervention returning ``edit(tensor)`` at one stage."""
+
+    role = "intervention"
+
+    def __init__(self, stage, edit):
+        self.stage, self.edit = stage, edit
+
+    def stages(self, ctx):
+        return (self.stage,)
+
+    def on_logits(self, ctx, t):
+        return self.edit(t)
+
+    on_probs = on_output = on_logits
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return tiny_sd3_pipeline()
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("stage", ["logits", "probs", "output"])
+def test_a_float64_replacement_is_taken_as_the_handed_dtype(sd_pipe, sd3, family, stage):
+    """A client computing its edit in float64 (`t.double() * 1`) and returning it: at the output stage the UNet
+    crashed in its next layer with torch's "mixed dtype (CPU)"; the value is the handed tensor's, so the image is
+    the one of the same edit in float32."""
+    pipe = sd_pipe if family == "sd" else sd3
+    with ats.hooks(pipe, Replace(stage, lambda t: t * 1.0)):
+        same_dtype = _image(pipe)
+    with ats.hooks(pipe, Replace(stage, lambda t: t.double() * 1.0)):
+        wider = _image(pipe)
+    np.testing.assert_array_equal(wider, same_dtype)
+
+
+@pytest.mark.parametrize("stage", ["probs", "output"])
+@pytest.mark.parametrize(
+    "edit",
+    [lambda t: torch.empty_like(t, device="meta"), lambda t: t > 0.5, lambda t: (t * 100).long()],
+    ids=["meta", "bool", "int"],
+)
+def test_a_replacement_on_another_device_or_not_floating_is_one_error(sd_pipe, stage, edit):
+    """A replacement on another device made a NaN image without a word (meta at `probs`) or torch's "not on the
+    expected device"; an int or bool map was silently cast. Each is one error naming the client and the stage."""
+    client = Replace(stage, edit)
+    with pytest.raises(ats.AttnscopeError, match=f"returned a torch.* tensor on .* at stage '{stage}'.*floating-point"):
+        with ats.hooks(sd_pipe, client):
+            _image(sd_pipe)
+    assert not any(type(p).__module__.startswith("attnscope") for p in sd_pipe.unet.attn_processors.values())

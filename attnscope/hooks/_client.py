@@ -44,8 +44,9 @@ class HookClient(Protocol):
         Called for the stages asked for. ``logits``/``probs`` are ``(batch, heads, h*w, tokens)``:
         the pre-softmax ``QKᵀ/√d`` over the text keys (attention mask added) and its softmax;
         ``output`` is the attention module's return value (after ``to_out``). Return ``None`` to
-        leave the tensor as it is, or a tensor of the same shape to replace it (interventions only;
-        the tensor handed in, edited in place and returned, is a replacement too).
+        leave the tensor as it is, or a tensor of the same shape and device to replace it (interventions
+        only; cast to the handed tensor's dtype; the tensor handed in, edited in place and returned, is a
+        replacement too).
     bypass(ctx) -> Tensor | None
         Interventions: return the module output to skip the attention at this call (a cache). That
         output is final: at the call, ``on_output`` runs for observers only.

@@ -380,6 +380,13 @@ class HookSession:
                     f"client {client!r} returned shape {tuple(result.shape)} at stage {stage!r} of {ctx.site.name}, "
                     f"expected {tuple(tensor.shape)}"
                 )
+            if result.device != tensor.device or not result.is_floating_point():
+                raise AttnscopeError(
+                    f"client {client!r} returned a {result.dtype} tensor on {result.device} at stage {stage!r} of "
+                    f"{ctx.site.name}, expected a floating-point tensor on {tensor.device} (as handed: {tensor.dtype})"
+                )
+            if result.dtype != tensor.dtype:  # float64 for a float32 map: the model's layers need the handed dtype
+                result = result.to(tensor.dtype)
             # the tensor it was handed, edited in place, is an edit too: the processors tell edits by identity
             tensor = result.view_as(result) if result is tensor else result
         return tensor
