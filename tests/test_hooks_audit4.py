@@ -133,3 +133,30 @@ def test_a_replacement_on_another_device_or_not_floating_is_one_error(sd_pipe, s
         with ats.hooks(sd_pipe, client):
             _image(sd_pipe)
     assert not any(type(p).__module__.startswith("attnscope") for p in sd_pipe.unet.attn_processors.values())
+
+
+def test_a_stage_named_twice_is_run_once(sd_pipe):
+    """`stages()` answering `["probs", "probs"]` (a list built from two conditions) ran `on_probs` twice per call:
+    an intervention's edit was applied twice (here: probs scaled by 0.25 instead of 0.5)."""
+
+    class Halve:
+        role = "intervention"
+
+        def __init__(self, stages):
+            self._stages = stages
+
+        def stages(self, ctx):
+            return self._stages
+
+        def on_probs(self, ctx, probs):
+            return probs * 0.5
+
+    with ats.hooks(sd_pipe, Halve(["probs"])):
+        once = _image(sd_pipe)
+    with ats.hooks(sd_pipe, Halve(["probs", "probs"])):
+        twice = _image(sd_pipe)
+    np.testing.assert_array_equal(twice, once)
+    seen = Observe(stages=("probs", "probs"))
+    with ats.hooks(sd_pipe, seen):
+        _image(sd_pipe)
+    assert seen.calls == 2 * len(ats.discover_sites(sd_pipe))  # 2 steps, each site once

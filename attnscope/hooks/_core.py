@@ -339,7 +339,9 @@ class HookSession:
             for stage in stages:
                 if stage not in STAGES:
                     raise AttnscopeError(f"client {client!r}: unknown stage {stage!r}, expected one of {STAGES}")
-                plan.setdefault(stage, []).append(client)
+                asked = plan.setdefault(stage, [])
+                if not asked or asked[-1] is not client:  # a stage named twice is asked for once
+                    asked.append(client)
         return plan
 
     def bypass(self, ctx: CallContext, clients: list[Any] | None = None) -> torch.Tensor | None:
