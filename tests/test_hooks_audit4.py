@@ -4,10 +4,17 @@ set before the block, the row layout of a prompt given as embeddings, and what a
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from diffusers.models.attention_processor import AttnProcessor
 
 import attnscope as ats
-from attnscope.testing import tiny_pixart_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+from attnscope.testing import (
+    tiny_flux2_pipeline,
+    tiny_flux_pipeline,
+    tiny_pixart_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+)
 
 RUN = dict(num_inference_steps=2, height=32, width=32, output_type="np")
 
@@ -160,3 +167,34 @@ def test_a_stage_named_twice_is_run_once(sd_pipe):
     with ats.hooks(sd_pipe, seen):
         _image(sd_pipe)
     assert seen.calls == 2 * len(ats.discover_sites(sd_pipe))  # 2 steps, each site once
+
+
+@pytest.mark.parametrize("make", [tiny_flux_pipeline, tiny_flux2_pipeline], ids=["flux", "flux2"])
+def test_exact_is_bit_identical_at_joint_sites_with_another_attention_backend(make):
+    """`transformer.set_attention_backend(...)` before the block: observed joint calls ran torch's fused kernel
+    instead of the chosen backend, and `exact=True` did nothing at joint sites, so the image was 3e-7 off the
+    pipeline's own; now `exact=True` runs the processor's own attention call where nothing was edited."""
+    pipe = make()
+    active = _AttentionBackendRegistry._active_backend  # set_attention_backend also sets diffusers' global one
+    pipe.transformer.set_attention_backend("_native_math")
+    try:
+        _compare_exact(pipe)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(active)
+
+
+def _compare_exact(pipe):
+    """Observed with exact=True: the image without hooks; edited: another image."""
+
+    def image():
+        return pipe(prompt="a red circle", generator=torch.Generator().manual_seed(0), **RUN).images
+
+    plain = image()
+    seen = Observe()
+    with ats.hooks(pipe, seen, exact=True):
+        hooked = image()
+    assert seen.calls > 0
+    np.testing.assert_array_equal(hooked, plain)
+    with ats.hooks(pipe, Replace("probs", lambda t: t * 0.5), exact=True):  # an edit still acts
+        edited = image()
+    assert np.abs(edited - plain).max() > 1e-3

@@ -13,7 +13,8 @@ runs untouched (fused SDPA); ``output`` clients then see its return value. Where
 a cross site, Q, K, V are computed once, ``QKᵀ`` only over the text keys, and the output is
 ``probs @ V`` (``exact=True``: the fused kernel whenever nothing was edited, bit-identical to no
 hooks). At a joint site the model's processor runs with its attention function replaced for the
-call: the fused kernel's output and log-sum-exp, and the text block from them.
+call: the fused kernel's output and log-sum-exp, and the text block from them (``exact=True``: the
+processor's own attention function whenever nothing was edited, its attention backend included).
 """
 
 from __future__ import annotations
@@ -542,10 +543,11 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
         documents the stages, the roles, the optional methods and the order they run in).
     exact : bool
         At calls where clients read ``logits``/``probs`` but change nothing, compute the output with
-        the fused kernel as the original processor does, so the image is bit-identical to a run
-        without hooks. Costs one more attention computation per observed call (about +50% of the
-        attention's time on CPU). Default: the output is ``probs @ V`` from the same probabilities,
-        equal to the fused result up to float rounding.
+        the kernel the original processor uses (at joint sites: its own attention function and
+        backend), so the image is bit-identical to a run without hooks. Costs one more attention
+        computation per observed call (about +50% of the attention's time on CPU). Default: the
+        output is ``probs @ V`` from the same probabilities (joint sites: torch's fused kernel),
+        equal to the original up to float rounding.
 
     Examples
     --------
