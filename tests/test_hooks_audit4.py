@@ -198,3 +198,34 @@ def _compare_exact(pipe):
     with ats.hooks(pipe, Replace("probs", lambda t: t * 0.5), exact=True):  # an edit still acts
         edited = image()
     assert np.abs(edited - plain).max() > 1e-3
+
+
+def test_a_bypass_output_of_another_shape_is_one_error_naming_the_client(sd_pipe):
+    """A cache keyed by site alone, filled by a run of 1 image and replayed in a run of 2 images: torch's "size of
+    tensor a (2) must match ..." from deep in the UNet, naming neither the client nor the site."""
+
+    class SiteCache:
+        role = "intervention"
+
+        def __init__(self):
+            self.cache = {}
+
+        def stages(self, ctx):
+            return ("output",)
+
+        def bypass(self, ctx):
+            return self.cache.get(ctx.site.name) if ctx.step_context.run > 0 else None
+
+        def on_output(self, ctx, output):
+            self.cache[ctx.site.name] = output
+
+    cache = SiteCache()
+    with ats.hooks(sd_pipe, cache):
+        _image(sd_pipe)
+        _image(sd_pipe)  # the same batch: the cache is replayed
+        with pytest.raises(
+            ats.AttnscopeError,
+            match=r"bypass\(\) returned shape \(2, 256, 32\) at down_blocks.0.* "
+            r"expected None or the module.s output, shape \(4, 256, 32\)",
+        ):
+            _image(sd_pipe, num_images_per_prompt=2)

@@ -345,11 +345,18 @@ class HookSession:
                     asked.append(client)
         return plan
 
-    def bypass(self, ctx: CallContext, clients: list[Any] | None = None) -> torch.Tensor | None:
+    def bypass(self, ctx: CallContext, clients: list[Any] | None = None, shape: tuple[int, ...] | None = None
+               ) -> torch.Tensor | None:
+        """The output an intervention's ``bypass`` returns for this call, or None; ``shape``: the module output's,
+        where the caller knows it (a cache of another batch or site is one error naming the client)."""
         for client in self._visible(self.interventions if clients is None else clients):
             if id(client) in self._intervening and hasattr(client, "bypass"):
                 out = client.bypass(ctx)
                 if out is not None:
+                    if shape is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != shape):
+                        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+                        raise AttnscopeError(f"client {client!r}: bypass() returned {got} at {ctx.site.name} step "
+                                             f"{ctx.step}, expected None or the module's output, shape {shape}")
                     return out
         return None
 

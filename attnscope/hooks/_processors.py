@@ -30,6 +30,14 @@ def _queries(hidden_states: torch.Tensor) -> int:
     return int(hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1])
 
 
+def _output_shape(attn: Any, hidden_states: torch.Tensor) -> tuple[int, ...] | None:
+    """The shape of what an ``Attention`` module returns for ``hidden_states``, None where unsure."""
+    if hidden_states.ndim == 4:  # (batch, channels, h, w) in, the same out
+        return tuple(hidden_states.shape)
+    out_dim = getattr(attn, "out_dim", None)
+    return (*hidden_states.shape[:2], out_dim) if hidden_states.ndim == 3 and isinstance(out_dim, int) else None
+
+
 def _sole_reference(scratch: dict[Any, torch.Tensor], key: Any) -> bool:
     """True when ``scratch[key]`` is referenced only by ``scratch`` (no tensor, view or autograd node
     elsewhere); False when unsure."""
@@ -115,7 +123,7 @@ class CrossAttentionProcessor:
         if hidden_states.ndim == 3:  # the queries' input, for output-stage clients that attend again
             ctx = dataclasses.replace(ctx, hidden_states=hidden_states)
         plan = session.plan(ctx)
-        output = session.bypass(ctx)
+        output = session.bypass(ctx, shape=_output_shape(attn, hidden_states))
         if output is not None:
             plan = session.skipped(plan, ctx)
         else:
@@ -228,7 +236,7 @@ class SelfAttentionProcessor:
         plan = session.plan(ctx, session.self_clients)
         if plan.get("logits") or plan.get("probs"):
             raise AttnscopeError(f"self-attention site {self.site.name}: only the 'output' stage and bypass exist there")
-        output = session.bypass(ctx, session.self_clients)
+        output = session.bypass(ctx, session.self_clients, _output_shape(attn, hidden_states))
         if output is None:
             output = self.original(attn, hidden_states, *args, **kwargs)
         else:
