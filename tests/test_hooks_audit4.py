@@ -229,3 +229,13 @@ def test_a_bypass_output_of_another_shape_is_one_error_naming_the_client(sd_pipe
             r"expected None or the module.s output, shape \(4, 256, 32\)",
         ):
             _image(sd_pipe, num_images_per_prompt=2)
+
+
+def test_a_client_class_given_instead_of_an_instance_is_refused_before_the_run(sd_pipe):
+    """`ats.hooks(pipe, Counter)` (the class, not `Counter()`): accepted, then torch's pipeline stopped at the first
+    attention call with "Counter.stages() missing 1 required positional argument: 'ctx'"."""
+    before = dict(sd_pipe.unet.attn_processors)
+    with pytest.raises(ats.AttnscopeError, match=r"client Observe: expected an instance .* give Observe\(\.\.\.\)"):
+        with ats.hooks(sd_pipe, Observe):
+            _image(sd_pipe)
+    assert all(sd_pipe.unet.attn_processors[name] is p for name, p in before.items())

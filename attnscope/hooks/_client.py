@@ -93,10 +93,16 @@ def client_role(client: Any) -> str:
     ...         return ()
     >>> client_role(Edit())
     'intervention'
+    >>> client_role(Edit)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: client Edit: expected an instance of a hook client, got the class itself; give Edit(...)
     >>> client_role("a red circle")
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: client 'a red circle': expected an object with role 'intervention' or 'observer' and a stages(ctx) method (a hook client: attnscope.hooks.HookClient), got role='observer' and no stages(ctx) method
     """
+    if isinstance(client, type):  # `ats.hooks(pipe, Counter)`: its stages(ctx) would be called without an instance
+        raise AttnscopeError(f"client {client.__name__}: expected an instance of a hook client, got the class itself; "
+                             f"give {client.__name__}(...)")
     role = getattr(client, "role", "observer")
     if role not in ROLES or not callable(getattr(client, "stages", None)):
         has_stages = "a stages(ctx) method" if callable(getattr(client, "stages", None)) else "no stages(ctx) method"
