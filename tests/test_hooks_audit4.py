@@ -239,3 +239,34 @@ def test_a_client_class_given_instead_of_an_instance_is_refused_before_the_run(s
         with ats.hooks(sd_pipe, Observe):
             _image(sd_pipe)
     assert all(sd_pipe.unet.attn_processors[name] is p for name, p in before.items())
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_sd3_pipeline, tiny_flux_pipeline, tiny_flux2_pipeline], ids=["sd3", "flux", "flux2"]
+)
+def test_encode_text_gives_the_text_the_transformer_reads(make):
+    """`session.encode_text` (documented for clients that need extra prompts) called `encode_prompt` with SD's
+    arguments: SD3 raised "missing 2 required positional arguments: 'prompt_2' and 'prompt_3'", Flux.1 and Flux.2
+    "unexpected keyword argument 'do_classifier_free_guidance'"."""
+    pipe = make()
+    read = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: read.append(kwargs["encoder_hidden_states"]), with_kwargs=True
+    )
+
+    class Encode:
+        def stages(self, ctx):
+            return ()
+
+        def on_install(self, session):
+            self.session = session
+
+    client = Encode()
+    try:
+        with ats.hooks(pipe, client):
+            pipe(prompt="a red circle", guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **RUN)
+            encoded = client.session.encode_text(["a blue square", "a red circle"])
+    finally:
+        handle.remove()
+    assert encoded.shape[0] == 2
+    torch.testing.assert_close(encoded[1:], read[0], rtol=0, atol=0)

@@ -97,11 +97,17 @@ class HookSession:
         dim)`` — for clients that need extra prompts (SpatialTemporal's local prompts). The run's prompt is not
         changed: the text-encoder hooks ignore these calls."""
         device = getattr(self.pipe, "_execution_device", None) or next(self.denoiser.parameters()).device
+        params = inspect.signature(self.pipe.encode_prompt).parameters
+        call: dict[str, Any] = {"prompt": list(prompts), "device": device, "num_images_per_prompt": 1}
+        if "do_classifier_free_guidance" in params:  # SD, SDXL, PixArt, Sana; SD3, Flux: no negative unless given
+            call["do_classifier_free_guidance"] = False
+        for name in ("prompt_2", "prompt_3"):  # SD3 requires them: None reuses the prompt for that encoder
+            if name in params and params[name].default is inspect.Parameter.empty:
+                call[name] = None
         self._aside = True
         try:
             with torch.no_grad():
-                out = self.pipe.encode_prompt(prompt=list(prompts), device=device, num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)
+                out = self.pipe.encode_prompt(**call)
         finally:
             self._aside = False
         return out[0]
