@@ -154,7 +154,7 @@ _CLI_FLAGS = {
     "plot": _flags("steps", "sites", "words", "kind", "sample", "tol", "of", targets="--words"),
     "sweep_stats": _flags("steps", "sites", "targets"),
     "report": _flags("overwrite", "compare", "words", "sites", "sample", "tol", path="-o", targets="--words"),
-    "train_shapes": _flags("out", "steps", "batch", "vae_steps", "checkpoint_every", "threads", "resume"),
+    "train_shapes": _flags("out", "steps", "batch", "vae_steps", "checkpoint_every", "threads", "resume", "seed"),
 }
 
 

@@ -26,6 +26,8 @@ __all__ = ["TrainConfig", "train_shapes"]
 _STAGES = ("vae", "diffusion")
 #: Caption kinds the autoencoder sees (fixed: every kind of scene must reconstruct well).
 VAE_MIXTURE = (0.3, 0.3, 0.25, 0.15)
+#: multipliers that spread (seed, stage, step) over distinct torch.Generator seeds (:func:`_generator`)
+_SEED_STAGE, _SEED_STEP = 1_000_003, 10_000_019
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,17 @@ class TrainConfig:
 
 
 def _check_run(config: TrainConfig, threads: int | None) -> None:
-    """Counts that must be positive ints, checked before the run's folder is made.
+    """Counts that must be positive ints, and the seed, checked before the run's folder is made.
+
+    Every batch and noise draw is seeded from ``(seed, stage, step)`` (:func:`_scenes`, :func:`_generator`), so
+    the seed must be an int ≥ 0 small enough that each step's ``torch.Generator`` seed stays below 2**64.
 
     >>> _check_run(TrainConfig(checkpoint_every=0), None)
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: checkpoint_every=0: expected an int >= 1
+    >>> _check_run(TrainConfig(seed=-1), None)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: seed=-1: expected an int from 0 to 1844665 (the training seeds each step's torch.Generator with it, which takes seeds up to 2**64 - 1)
     """
     counts = {name: getattr(config, name) for name in ("vae_steps", "vae_batch", "steps", "batch", "checkpoint_every")}
     if threads is not None:
@@ -64,10 +72,16 @@ def _check_run(config: TrainConfig, threads: int | None) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AttnscopeError(f"{name}={value!r}: expected an int >= 1")
+    # the largest seed whose last step's generator seed, (seed · _SEED_STAGE + stage) · _SEED_STEP + step, fits
+    largest = ((2**64 - 1 - (max(config.vae_steps, config.steps) - 1)) // _SEED_STEP - (len(_STAGES) - 1)) // _SEED_STAGE
+    seed = config.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= largest:
+        raise AttnscopeError(f"seed={seed!r}: expected an int from 0 to {largest} (the training seeds each step's "
+                             f"torch.Generator with it, which takes seeds up to 2**64 - 1)")
 
 
 def _generator(config: TrainConfig, stage: str, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((config.seed * 1_000_003 + _STAGES.index(stage)) * 10_000_019 + step)
+    return torch.Generator().manual_seed((config.seed * _SEED_STAGE + _STAGES.index(stage)) * _SEED_STEP + step)
 
 
 def _scenes(config: TrainConfig, stage: str, step: int, n: int):

@@ -1,0 +1,48 @@
+"""What a user copies from the README, the docs pages and each command's ``--help`` (fourth audit).
+
+``attnscope train-shapes --seed -1`` printed a raw numpy traceback (``ValueError: expected non-negative integer``,
+exit status 1) after making the run's folder and writing its tokenizer there; a seed above about 1.8 million failed
+the same way inside torch at the first step ("Overflow when unpacking long long"). The seed is now checked with the
+other numbers, before the folder is made.
+"""
+
+import pytest
+
+from attnscope.errors import AttnscopeError
+from attnscope.models.shapes import TrainConfig, train_shapes
+
+from .conftest import cli, error_line
+
+TINY = dict(vae_steps=2, vae_batch=2, steps=2, batch=2, warmup=1)
+
+
+def _largest_seed(steps: int) -> int:
+    """By hand: step ``k`` of stage 1 seeds its generator with ``(seed · 1_000_003 + 1) · 10_000_019 + k`` < 2**64."""
+    return ((2**64 - 1 - (steps - 1)) // 10_000_019 - 1) // 1_000_003
+
+
+@pytest.mark.parametrize("seed", ["-1", "18446744073709551615"])
+def test_train_shapes_command_checks_its_seed_before_making_its_folder(tmp_path, seed):
+    out = tmp_path / "run"
+    line = error_line(cli("train-shapes", "--out", out, "--seed", seed, "--steps", "4", "--vae-steps", "3"))
+    assert line == (
+        f"error: --seed {seed}: expected an int from 0 to {_largest_seed(4)} (the training seeds each "
+        f"step's torch.Generator with it, which takes seeds up to 2**64 - 1)"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", [-1, True, 2.0, "0"])
+def test_train_shapes_refuses_a_seed_that_is_not_a_non_negative_int(tmp_path, seed):
+    with pytest.raises(AttnscopeError, match=rf"^seed={seed!r}: expected an int from 0 to "):
+        train_shapes(tmp_path / "run", TrainConfig(seed=seed, **TINY), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_shapes_takes_the_largest_seed_and_refuses_the_next(tmp_path):
+    largest = _largest_seed(2)
+    with pytest.raises(AttnscopeError, match=rf"^seed={largest + 1}: expected an int from 0 to {largest} "):
+        train_shapes(tmp_path / "over", TrainConfig(seed=largest + 1, **TINY), progress=False)
+    assert not (tmp_path / "over").exists()
+    pipeline = train_shapes(tmp_path / "run", TrainConfig(seed=largest, **TINY), progress=False)
+    assert (pipeline / "model_index.json").is_file()
