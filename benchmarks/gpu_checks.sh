@@ -40,8 +40,8 @@ step() {  # step SECONDS NAME COMMAND...
     tar czf "$OUT/results.tgz" -C "$RES" .
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/log.txt"
-$PY -c "import torch, diffusers, zarr; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
-'zarr', zarr.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$OUT/log.txt"
+$PY -c "import torch, diffusers, zarr, dask; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
+'zarr', zarr.__version__, 'dask', dask.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$OUT/log.txt"
 
 step 90 cuda_checks $PY benchmarks/cuda_checks.py --json "$RES/cuda_checks.json"
 step 90 capture_sd15 $PY benchmarks/capture_overhead.py --models sd15 --device cuda --resolution 512 \
