@@ -6,6 +6,8 @@ the same way inside torch at the first step ("Overflow when unpacking long long"
 other numbers, before the folder is made.
 """
 
+import shlex
+
 import pytest
 
 from attnscope.errors import AttnscopeError
@@ -46,3 +48,23 @@ def test_train_shapes_takes_the_largest_seed_and_refuses_the_next(tmp_path):
     assert not (tmp_path / "over").exists()
     pipeline = train_shapes(tmp_path / "run", TrainConfig(seed=largest, **TINY), progress=False)
     assert (pipeline / "model_index.json").is_file()
+
+
+def test_demo_next_commands_paste_into_a_shell_whatever_the_path(tmp_path, capsys):
+    """``attnscope demo --out 'my runs/it's demo.zarr'`` suggested ``attnscope stats my runs/it's demo.zarr …``,
+    which a shell splits into three paths (and an open quote), and a ``python -c`` line whose ``open_trace('…')``
+    broke on the apostrophe. Each ``next:`` line, split as a POSIX shell does, must run on the demo's own trace."""
+    out = tmp_path / "my runs" / "it's demo.zarr"
+    done = cli("demo", "--out", out)
+    assert done.exit_code == 0, done.output
+    stats_line, python_line = [line[len("next: ") :] for line in done.stdout.splitlines() if line.startswith("next: ")]
+    stats_args = shlex.split(stats_line)
+    assert stats_args == ["attnscope", "stats", str(out), "--targets", "red circle,blue square", "--by", "step"]
+    by_step = cli(*stats_args[1:])
+    assert by_step.exit_code == 0 and "red circle" in by_step.stdout, by_step.output
+    python_args = shlex.split(python_line)
+    assert python_args[:2] == ["python", "-c"] and len(python_args) == 3
+    capsys.readouterr()
+    exec(python_args[2], {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("<xarray.DataArray 'attention'") and "step: 20" in printed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 from .. import plot
@@ -89,6 +91,21 @@ def run_demo(prompt: str = "a red circle and a blue square", *, seed: int = 0, o
     plot.heatmaps(trace, objects).savefig(figure_path, dpi=150, bbox_inches="tight")
     lines += ["", "attention dominance (mean over steps and sites; attnscope stats for more):",
               dominance_table(stats), f"heat maps: {figure_path}"]
-    lines.append(f"next: attnscope stats {out} --targets '{','.join(objects)}' --by step")
-    lines.append(f"next: python -c \"import attnscope as ats; tr = ats.open_trace('{out}'); print(tr.attention(tr.sites[0]))\"")
+    lines += _next_commands(out, objects)
     return "\n".join(lines)
+
+
+def _next_commands(out: str | Path, objects: list[str]) -> list[str]:
+    """The two commands the demo suggests next, quoted for a POSIX shell so they can be pasted whatever ``out`` holds.
+
+    >>> for line in _next_commands("runs/demo.zarr", ["red circle", "blue square"]):
+    ...     print(line)
+    next: attnscope stats runs/demo.zarr --targets 'red circle,blue square' --by step
+    next: python -c 'import attnscope as ats; tr = ats.open_trace("runs/demo.zarr"); print(tr.attention(tr.sites[0]))'
+    >>> print(_next_commands("my runs/it's.zarr", ["red circle"])[0])
+    next: attnscope stats 'my runs/it'"'"'s.zarr' --targets 'red circle' --by step
+    """
+    path = str(out)
+    code = f"import attnscope as ats; tr = ats.open_trace({json.dumps(path, ensure_ascii=False)}); print(tr.attention(tr.sites[0]))"
+    return [f"next: attnscope stats {shlex.quote(path)} --targets {shlex.quote(','.join(objects))} --by step",
+            f"next: python -c {shlex.quote(code)}"]
