@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import typer
@@ -375,7 +376,7 @@ def train_shapes(
         path = train(out, config, resume=resume, threads=threads)
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
-    typer.echo(f"pipeline: {path}  (use it with --model {path}, or ats.load_pipeline({str(path)!r}))")
+    typer.echo(f"pipeline: {path}  (use it with --model {shlex.quote(str(path))}, or ats.load_pipeline({str(path)!r}))")
 
 
 def _split_words(spec: str | None, flag: str | None = None) -> list[str] | None:

@@ -68,3 +68,21 @@ def test_demo_next_commands_paste_into_a_shell_whatever_the_path(tmp_path, capsy
     exec(python_args[2], {})
     printed = capsys.readouterr().out
     assert printed.startswith("<xarray.DataArray 'attention'") and "step: 20" in printed
+
+
+def test_train_shapes_names_its_pipeline_as_a_model_flag_that_pastes(tmp_path):
+    """``pipeline: … (use it with --model my run/pipeline …)``: the suggested flag split at the space."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "my run"
+    args = ["--out", str(out), "--steps", "2", "--vae-steps", "2", "--batch", "2", "--threads", "1"]
+    # a process of its own: training seeds torch's global generator, which the in-process runner forbids
+    done = subprocess.run(
+        [sys.executable, "-m", "attnscope", "train-shapes", *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    flag = line[line.index("--model ") : line.index(", or ats.load_pipeline")]
+    assert shlex.split(flag) == ["--model", str(out / "pipeline")]
+    assert (out / "pipeline" / "model_index.json").is_file()
