@@ -13,6 +13,9 @@ Each check prints one ``PASS``/``FAIL`` line with the number it compared; ``--js
    batch-size rounding (~1e-6) is amplified by Attention Regulation's descent on some samples
    (docs/regulation.md, "A sample does not depend on its batch").
 
+Float32 runs in IEEE float32: TF32 is turned off (cuDNN convolutions use it by default, which alone
+moves an image by more than these limits), so the checks measure attnscope's CUDA path, not TF32.
+
     python benchmarks/cuda_checks.py --json benchmarks/results/cuda_checks.json
     python benchmarks/cuda_checks.py --device cpu --skip-sd15      # the same checks on the CPU (a dry run)
 """
@@ -36,6 +39,12 @@ from attnscope.testing import sd15_structure_pipeline
 PROMPT = "a red circle and a blue square"
 STEPS = 8
 RESULTS: list[dict] = []
+
+
+def exact_float32() -> None:
+    """Float32 convolutions and matrix products in IEEE float32 on CUDA (cuDNN's default is TF32)."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def check(name: str, value: float, limit: float, *, below: bool = True) -> None:
@@ -120,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     torch.set_num_threads(2)
+    exact_float32()
     with tempfile.TemporaryDirectory() as tmp:
         capture_matches_cpu(args.device, Path(tmp))
         if not args.skip_sd15:
@@ -131,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": args.device, "torch": torch.__version__,
                                          "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                                         "tf32": torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32,
                                          "results": RESULTS}, indent=1))
     failed = [r["check"] for r in RESULTS if not r["ok"]]
     print(f"{len(RESULTS) - len(failed)} of {len(RESULTS)} checks passed")

@@ -89,3 +89,33 @@ def test_gpu_wheels_carry_every_dependency_the_image_lacks():
         except md.PackageNotFoundError:
             pytest.skip(f"{dist} is not installed here")
     assert not missing, f"gpu_wheels.sh lacks (needed by): {missing}"
+
+
+def test_cuda_checks_compare_in_ieee_float32(monkeypatch, tmp_path):
+    """cuda_checks compares CUDA float32 against the CPU within 1e-3: every check must run with TF32 off (cuDNN
+    convolutions default to TF32, ~1e-3 relative per product), or the comparison measures TF32, not attnscope."""
+    import json
+    import sys
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("cuda_checks", None)
+    import cuda_checks
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+
+    for name in ("capture_matches_cpu", "half_capture_rows", "batch_invariance"):
+        monkeypatch.setattr(cuda_checks, name, record)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # TF32 allowed throughout
+    try:
+        assert cuda_checks.main(["--device", "cpu", "--json", str(tmp_path / "c.json")]) == 0
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert len(seen) == 5 and set(seen) == {(False, False)}, seen
+    assert json.loads((tmp_path / "c.json").read_text())["tf32"] is False
