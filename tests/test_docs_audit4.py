@@ -86,3 +86,38 @@ def test_train_shapes_names_its_pipeline_as_a_model_flag_that_pastes(tmp_path):
     flag = line[line.index("--model ") : line.index(", or ats.load_pipeline")]
     assert shlex.split(flag) == ["--model", str(out / "pipeline")]
     assert (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_a_trace_captured_with_a_relative_model_path_reruns_from_another_directory(sd_pipe, tmp_path, monkeypatch):
+    """capture.md's ``attnscope capture --model ./my-sd-model …`` recorded the model as ``./my-sd-model``, so
+    ``attnscope rerun`` from any other working directory failed ("its model cannot be loaded"), and the CLI has no
+    flag to name the model again. The manifest now holds the directory's absolute path."""
+    import numpy as np
+
+    import attnscope as ats
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sd_pipe.save_pretrained(project / "my-sd-model")
+    monkeypatch.chdir(project)
+    done = cli(
+        "capture",
+        "--model",
+        "./my-sd-model",
+        "--prompt",
+        "a red circle",
+        "--seed",
+        "0",
+        "--steps",
+        "2",
+        "--out",
+        "runs/a.zarr",
+    )
+    assert done.exit_code == 0, done.output
+    parent = ats.open_trace(project / "runs" / "a.zarr")
+    assert parent.manifest["model"]["reference"] == str(project / "my-sd-model")
+    monkeypatch.chdir(elsewhere)
+    done = cli("rerun", project / "runs" / "a.zarr", "-o", "again.zarr")
+    assert done.exit_code == 0, done.output
+    again = ats.open_trace(elsewhere / "again.zarr")
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(parent.images[0]))

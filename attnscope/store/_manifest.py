@@ -6,6 +6,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import weakref
 from typing import Any
@@ -106,12 +107,30 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
+def _reference(ref: Any) -> Any:
+    """The model reference a trace records: a relative path to a local pipeline directory is made absolute, so
+    a rerun from another working directory loads the same model (``"shapes"`` and hub ids stay as they are).
+
+    >>> import os, tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "m").mkdir(); (d / "m" / "model_index.json").write_text("{}")
+    2
+    >>> here = os.getcwd(); os.chdir(d)
+    >>> _reference("m") == str(d.resolve() / "m"), _reference("shapes"), _reference("owner/name")
+    (True, 'shapes', 'owner/name')
+    >>> os.chdir(here)
+    """
+    if isinstance(ref, str) and ref and ref != "shapes" and not os.path.isabs(ref) and "://" not in ref:
+        if os.path.isfile(os.path.join(ref, "model_index.json")):
+            return os.path.abspath(ref)
+    return ref
+
+
 def build_manifest(pipe: Any, denoiser: torch.nn.Module, run: dict[str, Any], capture_spec: dict[str, Any]) -> dict[str, Any]:
     """The manifest stored in a trace's root attributes (see docs/store-format.md); ``denoiser`` is the
     pipeline's UNet or transformer, as the hook core found it."""
     return jsonable({
         "model": {
-            "reference": pipe.config.get("_name_or_path") or getattr(pipe, "name_or_path", None),
+            "reference": _reference(pipe.config.get("_name_or_path") or getattr(pipe, "name_or_path", None)),
             "weights_fingerprint": weights_fingerprint(pipe),
             "pipeline_class": type(pipe).__name__,
             "denoiser_class": type(denoiser).__name__,
