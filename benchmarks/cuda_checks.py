@@ -13,8 +13,9 @@ Each check prints one ``PASS``/``FAIL`` line with the number it compared; ``--js
    batch-size rounding (~1e-6) is amplified by Attention Regulation's descent on some samples
    (docs/regulation.md, "A sample does not depend on its batch").
 
-Float32 runs in IEEE float32: TF32 is turned off (cuDNN convolutions use it by default, which alone
-moves an image by more than these limits), so the checks measure attnscope's CUDA path, not TF32.
+Float32 runs in IEEE float32: TF32 is turned off (cuDNN convolutions use it by default; it keeps 10
+bits of each factor's mantissa, ~5e-4 relative error per product, the order of these limits), so the
+checks measure attnscope's CUDA path, not TF32's rounding.
 
     python benchmarks/cuda_checks.py --json benchmarks/results/cuda_checks.json
     python benchmarks/cuda_checks.py --device cpu --skip-sd15      # the same checks on the CPU (a dry run)
