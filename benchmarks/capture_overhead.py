@@ -102,7 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: float16 pipeline on the GPU")
     p.add_argument("--backend", help="diffusers attention backend of the denoiser (set_attention_backend), e.g. "
-                                     "_native_flash or flash; transformers only (default: the model's own)")
+                                     "_native_flash or flash; transformers whose processors take one (Flux, Flux.2; "
+                                     "SD3's, PixArt's and Sana's call torch's SDPA themselves and keep it; the JSON's "
+                                     "'backend' says which ran) (default: the model's own)")
     p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     p.add_argument("--profile", action="store_true",
                    help="after timing, run one extra capture per model under cProfile and print the top functions")
@@ -121,6 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # diffusers' PixArt pipeline takes a 1-step call for a DMD one (scheduler.step(...)[1]): IndexError
         p.error("--steps 1: the PixArt pipeline needs at least 2 steps")
     return args
+
+
+def backend_processors(denoiser) -> int:
+    """How many of ``denoiser``'s attention processors run on a diffusers attention backend (have one set)."""
+    return sum(getattr(getattr(m, "processor", None), "_attention_backend", None) is not None
+               for m in denoiser.modules())
 
 
 def sync(device: str) -> None:
@@ -223,11 +231,18 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     pipe = cfg["build"]()
     if args.device == "cuda":
         pipe = pipe.to("cuda", torch.float16)
+    backend = None  # the backend the denoiser's attention really runs on (None: its own)
     if args.backend:
         denoiser = find_denoiser(pipe)[1]
         if not hasattr(denoiser, "set_attention_backend"):
             raise SystemExit(f"--backend {args.backend}: {type(denoiser).__name__} has no set_attention_backend")
         denoiser.set_attention_backend(args.backend)
+        if backend_processors(denoiser):
+            backend = args.backend
+        else:  # e.g. SD3's JointAttnProcessor2_0 calls torch's SDPA itself: set_attention_backend skips it, silently
+            print(f"   --backend {args.backend}: no attention processor of {type(denoiser).__name__} takes a backend "
+                  "(they call torch's scaled_dot_product_attention themselves): measured with its own attention",
+                  flush=True)
     pipe.set_progress_bar_config(disable=True)
     build_s = time.perf_counter() - t0
     sites = attnscope.discover_sites(pipe)
@@ -277,7 +292,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         "cpu_ratio": statistics.median(capture_cpu) / statistics.median(plain_cpu), "overhead_per_step_ms": (med_c - med_p) / steps * 1e3,
         "target": target, "target_text": target_text, "meets_target": None if target is None else ratio <= target,
         **{k: info[k] for k in ("maps_written", "store_bytes", "store_disk_bytes", "store_files")},
-        "backend": args.backend, **({"peak_plain_bytes": PEAK["plain"], "peak_capture_bytes": PEAK["capture"]}
+        "backend": backend, "backend_requested": args.backend, **({"peak_plain_bytes": PEAK["plain"], "peak_capture_bytes": PEAK["capture"]}
                                     if PEAK else {}),
     }
     if args.profile:

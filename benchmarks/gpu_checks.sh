@@ -15,7 +15,8 @@
 #   tgate_sd15         TGATE speed-up, same model
 #   capture_joint      capture overhead and peak GPU memory, Flux/SD3 structures at 4096 image
 #                      tokens (their 1024 px; target <= 1.05), default attention backend
-#   capture_joint_flash  the same with diffusers' _native_flash backend
+#   capture_joint_flash  the same with diffusers' _native_flash backend, Flux only (SD3's processor calls torch's
+#                      SDPA itself: set_attention_backend does not reach it)
 #   sweep_cuda         attnscope sweep --devices cuda:0 on the shapes model (it runs; traces/s)
 #   excite_sd15        Attend-and-Excite's cost on SD-1.5 at 512 px (random weights never reach the
 #                      refinement thresholds: every refinement runs to its cap, the worst case)
@@ -52,7 +53,7 @@ step 60 tgate_sd15 $PY benchmarks/tgate_speed.py --models sd15 --device cuda --r
     --json "$RES/tgate_sd15.json"
 step 80 capture_joint $PY benchmarks/capture_overhead.py --models flux,sd3 --device cuda --resolution 256 \
     --json "$RES/capture_joint.json"
-step 60 capture_joint_flash $PY benchmarks/capture_overhead.py --models flux,sd3 --device cuda --resolution 256 \
+step 60 capture_joint_flash $PY benchmarks/capture_overhead.py --models flux --device cuda --resolution 256 \
     --backend _native_flash --json "$RES/capture_joint_flash.json"
 printf '%s\n' "a red circle and a blue square" "a green triangle to the left of a yellow circle" \
     "a blue square and a blue circle" "a yellow triangle" > "$RES/prompts.txt"

@@ -119,3 +119,22 @@ def test_cuda_checks_compare_in_ieee_float32(monkeypatch, tmp_path):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
     assert len(seen) == 5 and set(seen) == {(False, False)}, seen
     assert json.loads((tmp_path / "c.json").read_text())["tf32"] is False
+
+
+def test_capture_overhead_records_the_backend_that_ran(monkeypatch, tmp_path, capsys):
+    """``--backend`` reaches Flux's processors; SD3's JointAttnProcessor2_0 calls torch's SDPA itself, so diffusers'
+    set_attention_backend skips it silently: its result must not be labelled with the backend."""
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("capture_overhead", None)
+    import capture_overhead
+
+    out = tmp_path / "o.json"
+    argv = ["--models", "flux,sd3", "--backend", "native", "--steps", "1", "--repeats", "1", "--resolution", "32"]
+    assert capture_overhead.main([*argv, "--threads", "1", "--json", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["sd3"]["backend"] is None and rows["flux"]["backend"] == "native"
+    assert rows["sd3"]["backend_requested"] == rows["flux"]["backend_requested"] == "native"
+    assert "no attention processor of SD3Transformer2DModel takes a backend" in capsys.readouterr().out
