@@ -3,7 +3,8 @@
 The forward pass only hands reduced CPU tensors to a byte-bounded queue; this thread compresses and
 writes whole shards, and advances the root attribute ``steps_written`` once every capture planned
 for the steps before it is on disk and the run got past them (:meth:`TraceWriter.steps_done`; persisted
-at most every PERSIST_INTERVAL seconds, so it may lag the data but never leads it). A kill loses at most the steps not yet written. A run that replaces a
+at most every PERSIST_INTERVAL seconds, and at the latest PERSIST_INTERVAL seconds after the queue runs
+empty, so it may lag the data, briefly, but never leads it). A kill loses at most the steps not yet written. A run that replaces a
 trace is written beside it and swapped in once complete: the old trace is lost only to a complete new one.
 """
 
@@ -269,10 +270,11 @@ class _ByteQueue:
             self.size += nbytes
             self.cond.notify_all()
 
-    def get(self) -> Any:
+    def get(self, timeout: float | None = None) -> Any:
+        """The next item; None when ``timeout`` seconds pass with none queued (never without a timeout)."""
         with self.cond:
-            while not self.items:
-                self.cond.wait()
+            if not self.cond.wait_for(lambda: self.items, timeout):
+                return None
             item, nbytes = self.items.popleft()
             self.size -= nbytes
             self.cond.notify_all()
@@ -429,7 +431,16 @@ class TraceWriter:
     # -- writer thread ----------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            message = self.queue.get()
+            # progress not yet persisted (rewritten at most every PERSIST_INTERVAL s) is persisted once the queue has
+            # stayed empty that long: a slow step, or a pause of the run, must not leave steps on disk uncounted
+            behind = self._root is not None and self.error is None and self.steps_written > self._persisted
+            message = self.queue.get(PERSIST_INTERVAL if behind else None)
+            if message is None:
+                try:
+                    self._advance(force=True)
+                except BaseException as exc:  # noqa: BLE001 - reported to the producer
+                    self.error = self.error or exc
+                continue
             if self.error is not None and message[0] != "close":
                 continue  # drain so producers never block on a dead writer
             try:
