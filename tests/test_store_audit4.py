@@ -2,15 +2,20 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 
 import attnscope as ats
 from attnscope.store import SiteLayout, StoreLayout, TraceWriter
+
+from .conftest import RUN
 
 PAUSING_CHILD = r"""
 import sys, time
@@ -91,3 +96,46 @@ def test_a_capture_killed_while_it_pauses_keeps_every_step_it_got_past(tmp_path,
         assert got.step.values.tolist() == list(range(tr.steps_written))
         want = reference.attention(site).isel(step=slice(0, tr.steps_written))
         np.testing.assert_allclose(got.values.astype(np.float32), want.values.astype(np.float32), atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def small_trace(tmp_path_factory):
+    from attnscope.testing import tiny_sd_pipeline
+
+    path = tmp_path_factory.mktemp("small") / "a.zarr"
+    ats.capture(tiny_sd_pipeline(), "a red circle and a blue square", seed=0, store=path, **RUN)
+    return path
+
+
+def _crafted(small_trace, tmp_path, name, values):
+    """A copy of the trace whose root array ``name`` holds ``values`` (written with plain zarr, as a crafter would)."""
+    import zarr
+
+    path = tmp_path / "crafted.zarr"
+    shutil.copytree(small_trace, path)
+    zarr.open_group(path, mode="a", use_consolidated=False)[name][...] = values
+    zarr.consolidate_metadata(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, values, shown",
+    [
+        ("step", np.array([2, 1, 0]), "[2, 1, 0]"),  # steps=0 would select the run's last step
+        ("step", np.array([0, 1, 5]), "[0, 1, 5]"),
+        ("sample", np.array([7]), "[7]"),
+        ("token", np.arange(77)[::-1].copy(), "[76, 75, 74, 73, 72, 71, 70, 69, …]"),
+        ("token", np.arange(77) - 1, "[-1, 0, 1"),
+    ],
+)
+def test_an_index_coordinate_other_than_the_writers_is_one_clear_error(small_trace, tmp_path, name, values, shown):
+    tr = ats.open_trace(_crafted(small_trace, tmp_path, name, values))
+    with pytest.raises(ats.AttnscopeError, match=rf"coordinate '{name}' holds {re.escape(shown)}.*damaged or crafted"):
+        ats.stats.dominance(tr, targets=["circle", "square"], steps=0)
+
+
+def test_the_writers_own_coordinates_read_back(small_trace):
+    tr = ats.open_trace(small_trace)
+    assert tr.coords["step"].values.tolist() == [0, 1, 2]
+    assert tr.coords["sample"].values.tolist() == [0]
+    assert tr.coords["token"].values.tolist() == list(range(77))

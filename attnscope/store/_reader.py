@@ -208,6 +208,9 @@ class Trace:
             dims = tuple(meta.get("dimension_names") or ())
             out[name] = xr.DataArray(values, dims=dims, name=name)
         self.check_unchanged()
+        for name in ("step", "sample", "token"):
+            if name in out:
+                _check_index(str(self.path), name, out[name].values)
         for name in ("step", "sample", "token"):  # index coordinates carry themselves, as xarray's own
             if name in out:
                 out[name] = out[name].assign_coords({name: out[name].variable})
@@ -587,6 +590,28 @@ def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = Non
                       f"capture was interrupted or is still running); maps, statistics and plots cover only those steps",
                       AttnscopeWarning, stacklevel=2)
     return trace
+
+
+def _check_index(where: str, name: str, values: np.ndarray) -> None:
+    """AttnscopeError unless an index coordinate holds what the writer writes: ``step`` and ``sample`` count 0 … n−1
+    (statistics select steps and samples by these labels: a crafted ``step`` of ``[2, 1, 0]`` would make
+    ``steps=0`` read the last step), ``token`` the text positions, increasing from 0 or more.
+
+    >>> _check_index("a.zarr", "step", np.array([2, 1, 0]))
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: 'a.zarr': coordinate 'step' holds [2, 1, 0], expected 0 … 2 in order; the store is damaged or crafted
+    """
+    values = np.asarray(values)
+    if name == "token":
+        ok = values.ndim == 1 and (values.size == 0 or (int(values[0]) >= 0 and bool(np.all(np.diff(values) > 0))))
+        expected = "text positions increasing from 0 or more"
+    else:
+        ok = values.ndim == 1 and np.array_equal(values, np.arange(values.size))
+        expected = f"0 … {values.size - 1} in order"
+    if not ok:
+        shown = values.ravel()[:8].tolist()
+        raise AttnscopeError(f"{where!r}: coordinate {name!r} holds {str(shown)[:-1]}{', …' if values.size > 8 else ''}], "
+                             f"expected {expected}; the store is damaged or crafted")
 
 
 def _lists(value: Any) -> Any:
