@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import AttnscopeError
 from ..selection import check_tol, run_steps, select_captured_steps, select_site_names
 from ..store import GATED_STEPS_ATTR, OUTPUT_CHANGE, OUTPUT_NORM, Trace, open_trace
-from ._dominance import site_arrays
+from ._dominance import site_arrays, special_prompt, token_role_rows, token_texts
 
 __all__ = ["convergence", "stable_step", "suggest_gate_step"]
 
@@ -91,7 +91,7 @@ def _map_curves(source: Any, sites: Any, steps: Any) -> Any:
     import dask
     import xarray as xr
 
-    arrays, _ = site_arrays(source, sites)  # every captured step: each is compared with the previous captured one
+    arrays, cut = site_arrays(source, sites)  # every captured step: each is compared with the previous captured one
     if not arrays:
         raise AttnscopeError("no sites to analyse")
     curves = []
@@ -100,6 +100,10 @@ def _map_curves(source: Any, sites: Any, steps: Any) -> Any:
         if "step" not in da.coords:
             da = arrays[name] = da.assign_coords(step=np.arange(da.sizes["step"]))
         c = da.astype(np.float32).mean("head")
+        if cut[name] and "token_text" in da.coords:  # tokens="prompt": a sample's norms leave out the padding columns
+            own = special_prompt(token_role_rows(da, token_texts(da, None), None), cut=True)  # a longer prompt kept
+            if not own.all():
+                c = c.where(xr.DataArray(own, dims=("sample", "token")), 0.0)
         # skipna=False: a NaN (gated) map makes its step and the next one NaN, never a zero change
         change = np.sqrt((c.diff("step", label="upper") ** 2).sum(["y", "x", "token"], skipna=False))
         norm = np.sqrt((c ** 2).sum(["y", "x", "token"], skipna=False))
@@ -135,7 +139,8 @@ def convergence(source: Any, *, sites: Any = None, steps: Any = None, tol: float
     """Step-to-step change of each site's cross-attention, ``‖C_t − C_{t−1}‖ / ‖C_t‖``, and where it settles.
 
     ``C_t`` is either a site's map at captured step ``t`` (``of="maps"``: heads averaged, Frobenius
-    norm over pixels and tokens) or its attention output (``of="outputs"``: the output averaged over
+    norm over pixels and tokens; on a token axis cut to the prompt, ``tokens="prompt"``, not over the padding
+    columns a longer prompt of the batch kept, so a sample's curve does not depend on its batch) or its attention output (``of="outputs"``: the output averaged over
     the two guidance halves, what TGATE caches; Frobenius over positions and channels, recorded by
     ``ats.capture(..., output_change=True)``). Each step is compared with the previous *captured*
     step. This is the observation TGATE rests on: cross-attention converges after a few steps; the

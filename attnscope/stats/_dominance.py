@@ -21,7 +21,7 @@ from ..tokens import (
 from . import _formulas as f
 from ._sites import reduce_sites, sites_dataset
 
-__all__ = ["ROW_PRESERVING", "dominance", "row_editing_interventions", "site_arrays", "sites_and_text", "target_positions", "token_role_rows", "token_texts"]
+__all__ = ["ROW_PRESERVING", "dominance", "row_editing_interventions", "site_arrays", "sites_and_text", "special_prompt", "target_positions", "token_role_rows", "token_texts"]
 
 _MAP_DIMS = ("head", "y", "x", "token")
 #: interventions that leave each recorded row of probabilities summing to 1 at a cross-attention site: they edit the
@@ -217,7 +217,9 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
         Which steps of the run (an int, list or slice over the run's steps, like ``capture``; all
         must be captured; default every captured step).
     include_special : bool
-        Count SOT, EOT and padding among the prompt tokens ``P`` (default: word pieces only).
+        Count SOT, EOT and padding among the prompt tokens ``P`` (default: word pieces only). On a token axis cut
+        to the prompt (``tokens="prompt"``) the padding is left out: there it is only the columns a longer prompt
+        of the batch kept, and a sample's numbers do not depend on its batch.
     tokens : list of str, optional
         Token strings, for arrays without a ``token_text`` coordinate.
 
@@ -250,7 +252,7 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
     arrays, cut, texts, roles = sites_and_text(source, sites, steps, tokens)
     first = next(iter(arrays.values()))
     words = np.array([[r == "word" for r in row] for row in roles])
-    prompt = np.ones_like(words) if include_special else words
+    prompt = special_prompt(roles, any(cut.values())) if include_special else words
     stored = first["token"].values if "token" in first.coords else np.arange(first.sizes["token"])
     labels, positions = target_positions(texts, roles, targets, stored)
 
@@ -299,9 +301,30 @@ def dominance(source: Any, targets: Sequence[str | int] | str | None = None, *, 
                                    f"the prompt and {', '.join(dict.fromkeys(edited))} edited the probabilities, so "
                                    f"a row's total (the sink's denominator) is unknown; capture with tokens='all'")
     out.attrs.update({"targets": labels, "heads": "averaged before the statistics",
-                      "prompt_tokens": "word pieces, SOT, EOT and padding" if include_special else "word pieces",
+                      "prompt_tokens": _prompt_tokens(include_special, any(cut.values())),
                       "definitions": "docs/analysis.md of attnscope; one function per formula in attnscope.stats"})
     return out
+
+
+def _prompt_tokens(include_special: bool, cut: bool) -> str:
+    if not include_special:
+        return "word pieces"
+    return ("word pieces, SOT, EOT and added text; no padding (the token axis was cut to the prompt)" if cut else
+            "word pieces, SOT, EOT and padding")
+
+
+def special_prompt(roles: list[list[str]], cut: bool) -> np.ndarray:
+    """Per sample, the positions ``P`` of ``include_special=True``: every position, but on a token axis cut to the
+    prompt (``tokens="prompt"``) not the padding. Such an axis runs to the end of the batch's longest text, so the
+    padding a sample has there is only what a longer prompt of its batch kept: counting it would make the
+    sample's statistics depend on its batch (alone, its axis ends at its own end of text).
+
+    >>> special_prompt([["sot", "word", "eot", "pad"]], cut=True).tolist()
+    [[True, True, True, False]]
+    >>> special_prompt([["sot", "word", "eot", "pad"]], cut=False).tolist()
+    [[True, True, True, True]]
+    """
+    return np.array([[not cut or r != "pad" for r in row] for row in roles], dtype=bool)
 
 
 def sites_and_text(source: Any, sites: Any, steps: Any, tokens: Any) -> tuple[dict[str, Any], Any, list, list]:
