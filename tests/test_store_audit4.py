@@ -139,3 +139,42 @@ def test_the_writers_own_coordinates_read_back(small_trace):
     assert tr.coords["step"].values.tolist() == [0, 1, 2]
     assert tr.coords["sample"].values.tolist() == [0]
     assert tr.coords["token"].values.tolist() == list(range(77))
+
+
+def test_a_store_being_written_opens_while_files_come_and_go(small_trace, tmp_path):
+    """zarr writes each file as ``<name>.<hex>.partial`` and renames it: a file listed by open_trace's walk may be
+    gone when it is looked at. That is a running capture, not damage."""
+    import threading
+
+    path = tmp_path / "live.zarr"
+    shutil.copytree(small_trace, path)
+    stop = threading.Event()
+
+    def writes():  # what a running capture's writer does to the store, many files at once, as fast as it can
+        temps = [path / "timestep" / "c" / f"0.{i:032x}.partial" for i in range(200)]
+        while not stop.is_set():
+            for temp in temps:
+                temp.write_bytes(b"x")
+            for temp in temps:
+                temp.unlink()
+
+    writer = threading.Thread(target=writes)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 3
+        opened = 0
+        while time.monotonic() < deadline:
+            ats.open_trace(path)
+            opened += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert opened > 0
+
+
+def test_a_link_to_nothing_in_a_store_is_named(small_trace, tmp_path):
+    path = tmp_path / "linked.zarr"
+    shutil.copytree(small_trace, path)
+    os.symlink(tmp_path / "nowhere", path / "timestep" / "c" / "1")
+    with pytest.raises(ats.AttnscopeError, match=r"'timestep/c/1' is a link to nothing; the store is damaged"):
+        ats.open_trace(path)

@@ -94,6 +94,11 @@ def check_entries(where: Path) -> None:
             path = os.path.join(top, name)
             try:
                 mode = os.stat(path).st_mode
+            except FileNotFoundError:
+                if not os.path.lexists(path):  # gone since the listing: a running capture renamed its temporary file
+                    continue
+                raise AttnscopeError(f"{str(where)!r}: {os.path.relpath(path, where)!r} is a link to nothing; "
+                                     f"the store is damaged") from None
             except OSError as exc:
                 raise AttnscopeError(f"{str(where)!r}: {os.path.relpath(path, where)!r} cannot be read ({exc}); "
                                      f"the store is damaged") from None
