@@ -178,3 +178,47 @@ def test_a_link_to_nothing_in_a_store_is_named(small_trace, tmp_path):
     os.symlink(tmp_path / "nowhere", path / "timestep" / "c" / "1")
     with pytest.raises(ats.AttnscopeError, match=r"'timestep/c/1' is a link to nothing; the store is damaged"):
         ats.open_trace(path)
+
+
+@pytest.fixture(scope="module")
+def summarised_trace(tmp_path_factory):
+    from attnscope.testing import tiny_sd_pipeline
+
+    path = tmp_path_factory.mktemp("summarised") / "a.zarr"
+    ats.capture(tiny_sd_pipeline(), "a red circle and a blue square", seed=0, store=path, output_change=True, **RUN)
+    return path
+
+
+def _without(trace, tmp_path, array, complete=True):
+    """A copy of ``trace`` that lost every chunk of ``array`` (incomplete: as a run stopped while writing it)."""
+    path = tmp_path / "t.zarr"
+    shutil.copytree(trace, path)
+    shutil.rmtree(path / array / "c")
+    if not complete:
+        root = json.loads((path / "zarr.json").read_text())
+        root["attributes"]["complete"] = False
+        del root["consolidated_metadata"]
+        (path / "zarr.json").write_text(json.dumps(root))
+    return path
+
+
+@pytest.mark.parametrize("array", ["summaries/output_norm", "summaries/output_change", "summaries/site"])
+def test_a_lost_chunk_of_the_output_summaries_is_damage_not_nan_norms(summarised_trace, tmp_path, array):
+    tr = ats.open_trace(_without(summarised_trace, tmp_path, array))
+    with pytest.raises(ats.AttnscopeError, match=rf"output summaries lost 1 chunk\(s\) \(c/0.* of array '{array}'\)"):
+        tr.output_change()
+    assert ats.open_trace(summarised_trace).output_change().site.values.tolist() == tr.sites
+
+
+def test_end_of_run_arrays_a_stopped_run_did_not_finish_writing_read_as_absent(summarised_trace, tmp_path):
+    """A capture killed (or still running) while it writes its images or summaries at the end of the run: an
+    incomplete trace, whose images and summaries are not there yet, as a trace killed a moment earlier."""
+    with pytest.warns(ats.AttnscopeWarning, match="incomplete"):
+        tr = ats.open_trace(_without(summarised_trace, tmp_path, "images", complete=False))
+    assert tr.images == []
+    assert tr.output_change() is not None
+    shutil.rmtree(tmp_path / "t.zarr")
+    with pytest.warns(ats.AttnscopeWarning, match="incomplete"):
+        tr = ats.open_trace(_without(summarised_trace, tmp_path, "summaries/output_change", complete=False))
+    assert tr.output_change() is None
+    assert len(tr.images) == 1

@@ -318,6 +318,13 @@ class Trace:
         missing = [v for v in (OUTPUT_NORM, OUTPUT_CHANGE) if v not in node.data_vars]
         if missing:
             raise AttnscopeError(f"{str(self.path)!r}: group {SUMMARIES_GROUP!r} lacks {missing}")
+        for name in ("site", OUTPUT_NORM, OUTPUT_CHANGE):  # a lost chunk would read as NaN norms or "" site labels
+            path = f"{SUMMARIES_GROUP}/{name}"
+            codecs = self._nodes.get(path, {}).get("codecs") or []
+            if any(isinstance(c, dict) and c.get("name") == "crc32c" for c in codecs):  # every chunk stored since then
+                if not self.complete and self._root_chunks_lost(path):  # the run stopped, or is, while it wrote them
+                    return None
+                self._check_root_chunks(path, "the output summaries")
         try:  # a few numbers per step and site: read now, so a damaged chunk is one clear error here
             ds = node.to_dataset(inherit=False)[[OUTPUT_NORM, OUTPUT_CHANGE]].load()
         except Exception as exc:
@@ -340,6 +347,8 @@ class Trace:
         from PIL import Image
 
         if "images" not in self._nodes:
+            return []
+        if not self.complete and self._root_chunks_lost("images"):  # the run stopped, or is, while it wrote them
             return []
         self._check_root_chunks("images", "the stored images")
         try:
@@ -436,13 +445,17 @@ class Trace:
 
     def _check_root_chunks(self, name: str, what: str) -> None:
         """A root array whose writer stored every chunk must have them all: one lost would read as zeros or NaN."""
-        if self._attrs.get(ROOT_CHUNKS_ATTR) is not True:
-            return
-        lost = lost_chunks(self._nodes[name], stored_keys(self.path, name, self.storage_options))
+        lost = self._root_chunks_lost(name)
         if lost:
             self.check_unchanged()
             raise AttnscopeError(f"{str(self.path)!r}: {what} lost {len(lost)} chunk(s) ({', '.join(lost[:3])}"
                                  f"{', …' if len(lost) > 3 else ''} of array {name!r}); the trace is damaged")
+
+    def _root_chunks_lost(self, name: str) -> list[str]:
+        """Keys of root array ``name``'s chunks missing from the store, where its writer stored them all, else []."""
+        if self._attrs.get(ROOT_CHUNKS_ATTR) is not True:
+            return []
+        return lost_chunks(self._nodes[name], stored_keys(self.path, name, self.storage_options))
 
     def _lost_steps(self, path: str, steps: list[int]) -> list[int]:
         """Steps among ``steps`` whose shard of array ``path`` is not in the store (listed once per array)."""
