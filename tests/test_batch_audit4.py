@@ -127,3 +127,39 @@ def test_map_convergence_of_the_lone_trace_is_its_formula_in_float64(shapes_trac
     expected = [np.nan] + [np.linalg.norm(c[t] - c[t - 1]) / np.linalg.norm(c[t]) for t in range(1, len(c))]
     got = ats.stats.convergence(alone, of="maps").convergence.sel(site=site).isel(sample=0).values
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def _nouns(prompt):
+    return [w for w in prompt.split() if w in ("circle", "square", "cat", "dog")]
+
+
+def test_a_risk_decision_from_a_stored_sd3_batch_is_each_samples_own_risk(tmp_path):
+    """risk_above(...).decide_from(trace) on SD3 (token axis cut to the prompt by default): each sample's risk is
+    neglect_risk of that prompt captured alone, and the live gate's (before: NaN for every sample, the sink share
+    lacking the joint sites' text mass, so no sample was ever at risk and the rerun silently regulated nothing)."""
+    from attnscope.testing import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()
+    kw = dict(height=32, width=32, max_sequence_length=24, guidance_scale=2.0, num_inference_steps=8)
+    prompts = ["a red circle and a blue square", "a cat and a dog"]
+    batch = ats.capture(pipe, prompts, seed=[0, 1], store=tmp_path / "b.zarr", **kw)
+    assert batch.attention(batch.sites[0]).attrs["tokens"] == "prompt"
+    gate = ats.regulate.risk_above(0.2, step=1, targets=_nouns)
+    decided = gate.decide_from(batch)
+    lone = [ats.capture(pipe, p, seed=i, store=tmp_path / f"a{i}.zarr", **kw) for i, p in enumerate(prompts)]
+    alone = [float(ats.stats.neglect_risk(t, _nouns(p), step=1)[0]) for t, p in zip(lone, prompts)]
+    np.testing.assert_allclose(gate.risk, alone, rtol=1e-5)
+    assert decided == [r > 0.2 for r in alone] == [False, True]
+    live = ats.regulate.AttentionRegulation(
+        _nouns, iterations=2, when=ats.regulate.risk_above(0.2, step=1, targets=_nouns)
+    )
+    with ats.hooks(pipe, live):
+        pipe(prompt=prompts, generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **kw)
+    np.testing.assert_allclose(live.when.risk, alone, atol=2e-3)
+    rerun = ats.rerun(
+        batch, [ats.regulate.AttentionRegulation(_nouns, iterations=2, when=gate)], pipe=pipe, store=tmp_path / "r.zarr"
+    )
+    assert rerun.manifest["interventions"][0]["params"]["when"]["at_risk"] == [False, True]
+    plain = np.asarray(batch.images[0], float), np.asarray(batch.images[1], float)
+    assert np.array_equal(np.asarray(rerun.images[0], float), plain[0])  # safe: left alone
+    assert np.abs(np.asarray(rerun.images[1], float) - plain[1]).max() > 0  # at risk: regulated

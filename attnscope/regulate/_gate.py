@@ -142,7 +142,7 @@ class RiskGate:
         risks: list[float] = []
         for p, prompt in enumerate(prompts):  # a prompt's images are consecutive samples: one read of each site
             samples = list(range(p * per_prompt, (p + 1) * per_prompt))
-            risks += self._risks({site: trace.attention(site).isel(sample=samples) for site in trace.sites}, prompt)
+            risks += self._risks(_SomeSamples(trace, samples), prompt)
         self.risk, self.at_risk, self._preset = risks, [r > self.threshold for r in risks], True
         return list(self.at_risk)
 
@@ -211,14 +211,32 @@ class RiskGate:
         self.at_risk = [r > self.threshold for r in risks]
         self._maps = {}
 
-    def _risks(self, arrays: dict[str, Any], prompt: str) -> list[float]:
-        """The risk of each sample of ``arrays`` (site name → DataArray; samples of one prompt)."""
+    def _risks(self, arrays: Any, prompt: str) -> list[float]:
+        """The risk of each sample of ``arrays`` (site name → DataArray, or a trace's samples; of one prompt)."""
         from ..stats import neglect_risk
 
         targets = self.targets(prompt) if callable(self.targets) else self.targets
         if targets is None:
             raise AttnscopeError("risk_above: give targets= (two or more object phrases, or a function of the prompt)")
         return [float(r) for r in neglect_risk(arrays, targets, step=self.step, model=self.model).values]
+
+
+class _SomeSamples:
+    """A trace seen through some of its samples (one prompt's images), for the statistics: its maps and, at joint
+    sites, its text mass, which the sink share of a token axis cut to the prompt needs (SD3, Flux: maps given as bare
+    arrays have none, and their risk was NaN, so no sample was ever judged at risk); the rest is the trace's."""
+
+    def __init__(self, trace: Any, samples: list[int]) -> None:
+        self._trace, self._samples = trace, samples
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trace, name)
+
+    def attention(self, site: Any, branch: str | None = None) -> Any:
+        return self._trace.attention(site, branch).isel(sample=self._samples)
+
+    def text_mass(self, site: Any, branch: str | None = None) -> Any:
+        return self._trace.text_mass(site, branch).isel(sample=self._samples)
 
 
 def _prompt(tokens: Sequence[str], roles: Sequence[str] | None) -> str:
