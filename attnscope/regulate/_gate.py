@@ -143,6 +143,12 @@ class RiskGate:
         for p, prompt in enumerate(prompts):  # a prompt's images are consecutive samples: one read of each site
             samples = list(range(p * per_prompt, (p + 1) * per_prompt))
             risks += self._risks(_SomeSamples(trace, samples), prompt)
+        unknown = [i for i, r in enumerate(risks) if r != r]  # NaN > θ is False: every such sample judged safe
+        if unknown:
+            raise AttnscopeError(f"risk_above(step={self.step}): the risk of sample(s) {unknown} cannot be computed "
+                                 f"from this trace (NaN: its maps at step {self.step} are NaN, or their sink share "
+                                 f"is unknown, as on a rerun trace whose token axis is cut to the prompt); decide "
+                                 f"from the plain parent trace, or live (a run without decide_from)")
         self.risk, self.at_risk, self._preset = risks, [r > self.threshold for r in risks], True
         return list(self.at_risk)
 
