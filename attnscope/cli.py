@@ -130,6 +130,10 @@ def _refuse_unused(ctx: typer.Context, names: tuple[str, ...], why: str) -> None
         raise ats.AttnscopeError(f"{flag} {shown}: {why}; leave {flag} out")
 
 
+_KEEP_BITS_HELP = ("Store the maps lossily with this many of float16's 10 mantissa bits (1-10: each value within "
+                   "2**-(bits+1) relative; 3-4 about halve the maps' bytes). Default: lossless.")
+
+
 def _flags(*same: str, **renamed: str) -> dict[str, str]:
     """Python keyword → CLI flag: ``same`` keywords are spelled as flags (``max_sequence_length`` →
     ``--max-sequence-length``), ``renamed`` ones are given."""
@@ -140,7 +144,8 @@ def _flags(*same: str, **renamed: str) -> dict[str, str]:
 #: messages name keywords (``seed=…``, ``pass overwrite=True``), the command line's name its flags
 _CLI_FLAGS = {
     "capture": _flags("model", "prompt", "overwrite", "seed", "device", "dtype", "sites", "heads", "tokens", "branch", "height",
-                      "width", "negative_prompt", "max_sequence_length", "output_change", num_inference_steps="--steps",
+                      "width", "negative_prompt", "max_sequence_length", "output_change", "keep_bits",
+                      num_inference_steps="--steps",
                       steps="--capture-steps", guidance_scale="--guidance", num_images_per_prompt="--images-per-prompt",
                       store="--out"),
     "demo": _flags("overwrite", "seed", "device", "prompt", "out", store="--out"),
@@ -149,7 +154,7 @@ _CLI_FLAGS = {
     "eval_": _flags("model", "prompts", "intervention", "seed", "device", "n", "batch_size", num_inference_steps="--steps", guidance_scale="--guidance",
                    json_path="--json"),
     "sweep_": _flags("model", "seeds", "out", "workers", "devices", "threads", "dtype", "sites", "heads", "tokens", "branch",
-                    "height", "width", num_inference_steps="--steps", steps="--capture-steps",
+                    "height", "width", "keep_bits", num_inference_steps="--steps", steps="--capture-steps",
                     guidance_scale="--guidance"),
     "stats": _flags("steps", "sites", "targets", "by", "tol", "of"),
     "plot": _flags("steps", "sites", "words", "kind", "sample", "tol", "of", targets="--words"),
@@ -238,6 +243,7 @@ def capture(
     output_change: bool = typer.Option(False, "--output-change",
                                        help="Also record each site's per-step output norm and change "
                                             "(for 'attnscope stats --convergence --of outputs')."),
+    keep_bits: int | None = typer.Option(None, "--keep-bits", help=_KEEP_BITS_HELP),
     pipeline_arg: list[str] | None = typer.Option(
         None, "--set", help="Another pipeline argument as NAME=VALUE, VALUE in JSON (true, 3, \"text\", [1,2]) or a "
                             "bare string; repeatable. E.g. --set use_resolution_binning=false for PixArt/Sana."),
@@ -258,7 +264,8 @@ def capture(
         kwargs.update(extra)
         tr = ats.capture(pipe, prompt if len(prompt) > 1 else prompt[0], seed=seed, store=out,
                          sites=sites or None, steps=parse_step_text(capture_steps, "--capture-steps"), heads=heads, tokens=tokens,
-                         branch=branch, overwrite=overwrite, output_change=output_change, num_inference_steps=steps,
+                         branch=branch, overwrite=overwrite, output_change=output_change, keep_bits=keep_bits,
+                         num_inference_steps=steps,
                          num_images_per_prompt=images_per_prompt, **kwargs)
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
@@ -837,6 +844,7 @@ def sweep_(
     heads: str = typer.Option("mean", help="'mean' (average heads on the device) or 'all'."),
     tokens: str = typer.Option("auto", help="'all' text positions, 'prompt' or 'auto'."),
     branch: str = typer.Option("cond", help="'cond', 'uncond' or 'both' classifier-free-guidance halves."),
+    keep_bits: int | None = typer.Option(None, "--keep-bits", help=_KEEP_BITS_HELP),
     dtype: str | None = typer.Option(None, help="float32, float16 or bfloat16."),
     pipeline_arg: list[str] | None = typer.Option(None, "--set", help="Another pipeline argument as NAME=VALUE "
                                                                        "(VALUE in JSON or a bare string); repeatable."),
@@ -853,6 +861,8 @@ def sweep_(
         prompt_list = read_prompts(prompts)
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width).items() if v is not None}
         kwargs.update(_pipeline_args(pipeline_arg or [], _CLI_FLAGS["sweep_"]))
+        if keep_bits is not None:  # left out otherwise: a sweep begun without it resumes with the same settings
+            kwargs["keep_bits"] = keep_bits
         device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices is not None else None
         if device_list == []:
             raise ats.AttnscopeError(f"--devices {devices!r}: expected device names separated by commas, e.g. "

@@ -178,7 +178,7 @@ def _check_clip_lengths(pipe: Any, prompts: list[str]) -> None:
 
 def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store: str | Path, sites: SiteSpec = None,
             steps: StepSpec = None, heads: str = "mean", tokens: str = "auto", branch: str = "cond",
-            overwrite: bool = False, exact: bool = False, output_change: bool = False,
+            overwrite: bool = False, exact: bool = False, output_change: bool = False, keep_bits: int | None = None,
             **pipeline_kwargs: Any) -> Trace:
     """Run ``pipe`` on ``prompt`` with a fixed seed and record its cross-attention maps into ``store``.
 
@@ -194,7 +194,8 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         One seed for the whole batch (a CPU ``torch.Generator``) or one per image.
     store : path
         Zarr store to create; see :class:`Recorder` for ``sites``, ``steps``, ``heads``, ``tokens``,
-        ``branch``, ``overwrite`` and ``output_change`` (also keep the per-step norms of each site's
+        ``branch``, ``overwrite``, ``keep_bits`` (lossy maps: that many mantissa bits kept, for smaller
+        stores) and ``output_change`` (also keep the per-step norms of each site's
         output and of its change, for ``ats.stats.convergence(tr, of="outputs")``).
     exact : bool
         Make the image bit-identical to a run without capture (see :func:`attnscope.hooks`);
@@ -266,7 +267,8 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         "exact": exact,
     }
     recorder = Recorder(store, sites=sites, steps=steps, heads=heads, tokens=tokens, branch=branch,
-                        overwrite=overwrite, output_change=output_change, run_info=run_info)
+                        overwrite=overwrite, output_change=output_change, run_info=run_info,
+                        keep_bits=keep_bits)
     with hooks(pipe, recorder, exact=exact):
         out = pipe(prompt=prompts if len(prompts) > 1 else prompts[0], generator=generator, **pipeline_kwargs)
         if output_type != "latent":

@@ -23,6 +23,7 @@ from ..store import (
     StoreLayout,
     TraceWriter,
     build_manifest,
+    check_keep_bits,
     check_store_path,
     jsonable,
 )
@@ -76,6 +77,10 @@ class Recorder:
     max_queue_bytes : int
         Bound of the queue to the background writer (>= 0; 0 writes each map before the next is queued); the
         forward pass waits only when it is full.
+    keep_bits : int, optional
+        Store the maps lossily, keeping this many of float16's 10 mantissa bits (1–10; numcodecs' BitRound, round
+        to nearest): each value within a relative ``2**-(keep_bits + 1)`` of the lossless one, the store smaller
+        (docs/store-format.md gives sizes and errors). ``None`` (default): lossless. ``text_mass`` stays lossless.
     run_info : dict, optional
         What the hooks cannot see (prompts, seed, …), stored as the manifest's ``run``.
     extra_manifest : dict, optional
@@ -106,7 +111,7 @@ class Recorder:
     def __init__(self, store: str | Path, *, sites: SiteSpec = None, steps: StepSpec = None, heads: str = "mean",
                  tokens: str = "auto", branch: str = "cond", overwrite: bool = False, output_change: bool = False,
                  max_queue_bytes: int = 256 << 20, run_info: dict[str, Any] | None = None,
-                 extra_manifest: dict[str, Any] | None = None):
+                 extra_manifest: dict[str, Any] | None = None, keep_bits: int | None = None):
         self.heads = check_choice("heads", heads, HEADS)
         self.tokens = check_choice("tokens", tokens, TOKENS)
         self.branch = check_choice("branch", branch, BRANCHES)
@@ -118,6 +123,7 @@ class Recorder:
         if not isinstance(output_change, bool):
             raise AttnscopeError(f"output_change={output_change!r}: expected True or False")
         self.output_change = output_change
+        self.keep_bits = check_keep_bits(keep_bits)
         self.site_spec, self.step_spec = sites, steps
         self.run_info = dict(run_info or {})
         self.extra_manifest = _extra_manifest(extra_manifest)
@@ -366,7 +372,8 @@ class Recorder:
             "segments": [list(segment) for segment in step.segments],
         }
         spec = {"sites": list(self._sites), "steps": list(steps), "heads": self.heads, "tokens": self.tokens,
-                "branch": self.branch, "dtype": "float16", "output_change": self.output_change}
+                "branch": self.branch, "dtype": "float16", "output_change": self.output_change,
+                "keep_bits": self.keep_bits}
         manifest = self._manifest = {**build_manifest(session.pipe, session.denoiser, run, spec), **self.extra_manifest}
         layout.attrs = {"manifest": manifest, "sites": list(self._sites),
                         "format_min_reader": FORMAT_VERSION}
@@ -375,7 +382,8 @@ class Recorder:
         layout.timesteps = tuple(self._planned) if self._planned else None
         self._steps = frozenset(steps)
         self._samples = rows.samples
-        self.writer = TraceWriter(self._target, max_queue_bytes=self.max_queue_bytes, overwrite=self.overwrite)
+        self.writer = TraceWriter(self._target, max_queue_bytes=self.max_queue_bytes, overwrite=self.overwrite,
+                                  keep_bits=self.keep_bits)
         self.writer.init(layout)
 
     @staticmethod

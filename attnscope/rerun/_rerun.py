@@ -23,7 +23,8 @@ from ..store import Trace, as_trace, check_store_path, is_url, jsonable, locate,
 __all__ = ["manifest_sha256", "rerun"]
 
 #: ``**capture_options`` of :func:`rerun`: the capture spec (default: the parent's) and the recorder's tuning.
-CAPTURE_OPTIONS = ("sites", "steps", "heads", "tokens", "branch", "exact", "output_change", "max_queue_bytes")
+CAPTURE_OPTIONS = ("sites", "steps", "heads", "tokens", "branch", "exact", "output_change", "keep_bits",
+                   "max_queue_bytes")
 #: What ``capture`` put into the manifest's ``run`` from its arguments (the rest the recorder measures).
 _RUN_INPUTS = ("prompts", "negative_prompt", "seed", "generator_device", "num_images_per_prompt",
                "num_inference_steps", "guidance_scale")
@@ -85,7 +86,7 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         either way, so another device changes the image only by float rounding).
     **capture_options
         Override the parent's capture spec: ``sites``, ``steps``, ``heads``, ``tokens``, ``branch``,
-        ``output_change`` (as in :func:`attnscope.capture`), ``exact`` and ``max_queue_bytes``. With ``exact=False`` (capture's
+        ``output_change``, ``keep_bits`` (as in :func:`attnscope.capture`), ``exact`` and ``max_queue_bytes``. With ``exact=False`` (capture's
         default) the attention of recorded calls is computed as ``probs @ V``, so recording other sites
         or steps than the parent changes the image by float rounding; keep the spec for bit-identity
         (on the CPU, also the number of torch threads: see docs/rerun.md).
@@ -206,7 +207,8 @@ def _capture_options(manifest: dict[str, Any], run: dict[str, Any], given: dict[
     spec = manifest.get("capture") if isinstance(manifest.get("capture"), dict) else {}
     options = {"sites": spec.get("sites"), "steps": spec.get("steps"), "heads": spec.get("heads", "mean"),
                "tokens": spec.get("tokens", "all"), "branch": spec.get("branch", "cond"),
-               "output_change": bool(spec.get("output_change", False)), "exact": bool(run.get("exact", False))}
+               "output_change": bool(spec.get("output_change", False)), "keep_bits": spec.get("keep_bits"),
+               "exact": bool(run.get("exact", False))}
     options = {**options, **given}
     if not isinstance(options["exact"], bool):
         raise AttnscopeError(f"exact={options['exact']!r}: expected True or False")

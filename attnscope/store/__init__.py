@@ -22,6 +22,7 @@ from ._format import (
     SITES_GROUP,
     SUMMARIES_GROUP,
     SUMMARY_DIMS,
+    check_keep_bits,
     chunk_steps,
     site_group,
 )
@@ -33,5 +34,5 @@ from ._writer import SiteLayout, StoreLayout, TraceWriter, check_store_path, enc
 
 __all__ = ["BRANCH_ARRAYS", "FORMAT_VERSION", "GATED_STEPS_ATTR", "IMAGE_DIMS", "OUTPUT_CHANGE", "OUTPUT_NORM",
            "ROOT_COORDS", "SITES_GROUP", "SITE_DIMS", "SUMMARIES_GROUP", "SUMMARY_DIMS", "SiteLayout", "StoreLayout",
-           "Trace", "TraceWriter", "access_error", "as_trace", "build_manifest", "check_same_generation", "check_store_path", "chunk_steps", "enclosing_trace", "filesystem", "is_url", "jsonable", "locate",
+           "Trace", "TraceWriter", "access_error", "as_trace", "build_manifest", "check_keep_bits", "check_same_generation", "check_store_path", "chunk_steps", "enclosing_trace", "filesystem", "is_url", "jsonable", "locate",
            "open_trace", "read_root", "site_group", "upload_trace", "weights_fingerprint"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
+from typing import Any
 
 FORMAT_VERSION = 1
 SITE_DIMS = ("step", "sample", "head", "y", "x", "token")
@@ -78,6 +80,47 @@ def default_compressor():
     from zarr.codecs import BloscCodec
 
     return BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+
+
+#: the mantissa bits a float16 map may keep with ``keep_bits=`` (float16 stores 10)
+KEEP_BITS = range(1, 11)
+# zarr warns at every write and read of an array that uses a numcodecs codec (BitRound: keep_bits=) that other
+# zarr implementations may not read it; docs/store-format.md says so once, so the warning is silenced (only it)
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+
+
+def check_keep_bits(keep_bits: Any) -> int | None:
+    """Return ``keep_bits`` (``None``: lossless, or an int of :data:`KEEP_BITS`), else raise naming it.
+
+    >>> check_keep_bits(None), check_keep_bits(4)
+    (None, 4)
+    >>> check_keep_bits(0)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: keep_bits=0: expected None (lossless) or an int from 1 to 10, the mantissa bits of a float16 map to keep
+    """
+    from ..errors import AttnscopeError
+
+    if keep_bits is None:
+        return None
+    if isinstance(keep_bits, bool) or not isinstance(keep_bits, numbers.Integral) or int(keep_bits) not in KEEP_BITS:
+        raise AttnscopeError(f"keep_bits={keep_bits!r}: expected None (lossless) or an int from {KEEP_BITS.start} to "
+                             f"{KEEP_BITS.stop - 1}, the mantissa bits of a float16 map to keep")
+    return int(keep_bits)
+
+
+def map_filters(keep_bits: int | None) -> tuple:
+    """The filters of a site's map array: none (lossless), or numcodecs' BitRound keeping ``keep_bits`` mantissa
+    bits (round to nearest, ties to even; a relative error of at most ``2**-(keep_bits + 1)``), which plain zarr
+    decodes as it reads (the codec ships with zarr).
+
+    >>> map_filters(None), [f.codec_config for f in map_filters(4)]
+    ((), [{'id': 'bitround', 'keepbits': 4}])
+    """
+    if keep_bits is None or keep_bits == KEEP_BITS.stop - 1:  # 10 bits: every float16 value as it is
+        return ()
+    from zarr.codecs.numcodecs import BitRound
+
+    return (BitRound(keepbits=keep_bits),)
 
 
 @contextlib.contextmanager

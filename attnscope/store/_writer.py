@@ -42,9 +42,11 @@ from ._format import (
     TEXT_MASS_ARRAYS,
     TEXT_MASS_DIMS,
     UNCOND_TOKEN_COORDS,
+    check_keep_bits,
     checksum_codec,
     chunk_steps,
     default_compressor,
+    map_filters,
     quiet_consolidated,
 )
 from ._integrity import check_site_name
@@ -324,6 +326,9 @@ class _SiteBuffer:
 class TraceWriter:
     """Writes one trace store from a background thread.
 
+    ``keep_bits`` (None: lossless) keeps that many of the 10 mantissa bits of each stored map value (numcodecs'
+    BitRound, which plain zarr decodes): smaller stores at a relative error of at most ``2**-(keep_bits + 1)``.
+
     Examples
     --------
     >>> import tempfile, numpy as np
@@ -342,7 +347,7 @@ class TraceWriter:
     """
 
     def __init__(self, path: str | Path, *, max_queue_bytes: int = 256 << 20, compressor: Any = None,
-                 overwrite: bool = False, checksum: bool = True):
+                 overwrite: bool = False, checksum: bool = True, keep_bits: int | None = None):
         self.path = Path(path)
         #: where this run's store is: ``path``, or, while it replaces a trace and after a run that did not complete,
         #: the directory ``<name>.attnscope-new-<8 hex>`` beside it (the old trace stays at ``path``); set by init()
@@ -351,6 +356,8 @@ class TraceWriter:
         self.compressor = compressor if compressor is not None else default_compressor()
         # every chunk compressed, then checksummed (checksum=False: only to measure its cost, benchmarks/)
         self._codecs = (self.compressor, checksum_codec()) if checksum else (self.compressor,)
+        #: the site maps' filters: lossless, or ``keep_bits`` mantissa bits kept (``text_mass`` stays lossless)
+        self._map_filters = map_filters(check_keep_bits(keep_bits))
         self._lock: int | None = None
         self._old: int | None = None  # the locked trace this run replaces once complete
         self._claimed = threading.Event()
@@ -504,8 +511,8 @@ class TraceWriter:
                 arr = group.create_array(
                     BRANCH_ARRAYS[branch], shape=(n, s, site.heads, y, x, t), dtype="float16",
                     shards=(c, s, site.heads, y, x, t), chunks=(c, 1, site.heads, y, x, t),
-                    compressors=self._codecs, fill_value=np.nan, dimension_names=SITE_DIMS,
-                    attributes={"branch": branch},
+                    filters=self._map_filters, compressors=self._codecs, fill_value=np.nan,
+                    dimension_names=SITE_DIMS, attributes={"branch": branch},
                     # every shard written holds captured maps: skip zarr's all-NaN test (~1 ms per write)
                     config={"write_empty_chunks": True},
                 )

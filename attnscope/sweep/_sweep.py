@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import AttnscopeError
 from ..selection import DTYPES
-from ..store import enclosing_trace
+from ..store import check_keep_bits, enclosing_trace
 from ._catalog import Catalog, open_catalog, write_catalog
 from ._folder import SweepFolder
 from ._plan import plan_runs, read_prompts
@@ -453,6 +453,7 @@ def _check_capture_kwargs(kwargs: dict[str, Any]) -> None:
     for name, allowed in (("heads", HEADS), ("tokens", TOKENS), ("branch", BRANCHES)):
         if name in kwargs:
             check_choice(name, kwargs[name], allowed)
+    check_keep_bits(kwargs.get("keep_bits"))
     if steps is not None:
         select_steps(kwargs.get("steps"), steps)
 
