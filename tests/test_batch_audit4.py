@@ -30,38 +30,43 @@ def shapes_traces(shapes, tmp_path_factory):
     return alone, batch
 
 
-@pytest.fixture(scope="module")
-def flux_traces(tmp_path_factory):
-    """Tiny Flux.1 (its default token axis is cut to the prompt; T5 padding is not masked, so it holds mass)."""
-    d = tmp_path_factory.mktemp("flux")
-    pipe = tiny_flux_pipeline()
-    kw = dict(num_inference_steps=4, height=32, width=32, max_sequence_length=24)
-    alone = ats.capture(pipe, "a cat", seed=1, store=d / "alone.zarr", **kw)
+def _alone_and_second_in_a_batch(pipe, folder, **kw):
+    """The prompt "a cat" alone (seed 1) and second in a batch after a much longer prompt (seeds 0, 1)."""
+    alone = ats.capture(pipe, "a cat", seed=1, store=folder / "alone.zarr", **kw)
     batch = ats.capture(
         pipe,
         ["the big black dog with glasses on the left of a small white cat", "a cat"],
         seed=[0, 1],
-        store=d / "batch.zarr",
+        store=folder / "batch.zarr",
         **kw,
     )
     return alone, batch
+
+
+@pytest.fixture(scope="module")
+def flux_traces(tmp_path_factory):
+    """Tiny Flux.1 (its default token axis is cut to the prompt; T5 padding is not masked, so it holds mass)."""
+    return _alone_and_second_in_a_batch(
+        tiny_flux_pipeline(),
+        tmp_path_factory.mktemp("flux"),
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        max_sequence_length=24,
+    )
 
 
 @pytest.fixture(scope="module")
 def pixart_traces(tmp_path_factory):
     """Tiny PixArt-α (default token axis cut to the prompt; its T5 padding is masked: zero mass)."""
-    d = tmp_path_factory.mktemp("pixart")
-    pipe = tiny_pixart_pipeline()
-    kw = dict(num_inference_steps=3, height=32, width=32, use_resolution_binning=False)
-    alone = ats.capture(pipe, "a cat", seed=1, store=d / "alone.zarr", **kw)
-    batch = ats.capture(
-        pipe,
-        ["the big black dog with glasses on the left of a small white cat", "a cat"],
-        seed=[0, 1],
-        store=d / "batch.zarr",
-        **kw,
+    return _alone_and_second_in_a_batch(
+        tiny_pixart_pipeline(),
+        tmp_path_factory.mktemp("pixart"),
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        use_resolution_binning=False,
     )
-    return alone, batch
 
 
 def _padding_in_batch(alone, batch, mass=True):

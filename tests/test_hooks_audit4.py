@@ -16,6 +16,8 @@ from attnscope.testing import (
     tiny_sd_pipeline,
 )
 
+from .test_hooks_audit import Steps
+
 RUN = dict(num_inference_steps=2, height=32, width=32, output_type="np")
 
 
@@ -52,19 +54,6 @@ def test_exact_is_bit_identical_with_the_non_fused_attn_processor(family):
         hooked = _image(pipe, **extra)
     assert seen.calls > 0
     np.testing.assert_array_equal(hooked, plain)
-
-
-class Steps:
-    """Keeps the step contexts."""
-
-    def __init__(self):
-        self.steps = []
-
-    def stages(self, ctx):
-        return ()
-
-    def on_step(self, step):
-        self.steps.append(step)
 
 
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
