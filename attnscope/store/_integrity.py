@@ -95,8 +95,8 @@ def check_entries(where: Path) -> None:
             try:
                 mode = os.stat(path).st_mode
             except FileNotFoundError:
-                if not os.path.lexists(path):  # gone since the listing: a running capture renamed its temporary file
-                    continue
+                if not (os.path.islink(path) and not os.path.exists(path)):
+                    continue  # gone since the listing (or gone and back): a running capture renamed its temporary file
                 raise AttnscopeError(f"{str(where)!r}: {os.path.relpath(path, where)!r} is a link to nothing; "
                                      f"the store is damaged") from None
             except OSError as exc:
