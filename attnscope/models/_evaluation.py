@@ -401,10 +401,14 @@ def _check_seed(seed: Any, count: int) -> None:
     >>> _check_seed(2**64 - 2, 3)
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: seed=18446744073709551614: expected an int from 0 to 18446744073709551613: prompt i of 3 is generated with seed SEED+i, and a torch.Generator takes seeds up to 2**64 - 1
+    >>> _check_seed(-5, 1)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: seed=-5: expected an int from 0 to 18446744073709551615: prompt i is generated with seed SEED+i, and a torch.Generator takes seeds up to 2**64 - 1
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEEDS.stop - count:
-        raise AttnscopeError(f"seed={seed!r}: expected an int from 0 to {SEEDS.stop - count}: prompt i of {count} is "
-                             f"generated with seed SEED+i, and a torch.Generator takes seeds up to 2**64 - 1")
+        which = f"prompt i of {count} is" if count > 1 else "prompt i is"  # 1: checked before the prompts are read
+        raise AttnscopeError(f"seed={seed!r}: expected an int from 0 to {SEEDS.stop - count}: {which} generated with "
+                             f"seed SEED+i, and a torch.Generator takes seeds up to 2**64 - 1")
 
 
 def _check_bootstrap(bootstrap: Any) -> None:
