@@ -861,8 +861,6 @@ def sweep_(
         prompt_list = read_prompts(prompts)
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width).items() if v is not None}
         kwargs.update(_pipeline_args(pipeline_arg or [], _CLI_FLAGS["sweep_"]))
-        if keep_bits is not None:  # left out otherwise: a sweep begun without it resumes with the same settings
-            kwargs["keep_bits"] = keep_bits
         device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices is not None else None
         if device_list == []:
             raise ats.AttnscopeError(f"--devices {devices!r}: expected device names separated by commas, e.g. "
@@ -872,7 +870,7 @@ def sweep_(
                         progress=progress, storage_options=_storage_options(storage_option or []),
                         num_inference_steps=steps, sites=sites or None,
                         steps=parse_step_text(capture_steps, "--capture-steps"), heads=heads, tokens=tokens, branch=branch,
-                        **kwargs)
+                        keep_bits=keep_bits, **kwargs)
     except ats.AttnscopeError as exc:
         raise _fail(exc) from None
     typer.echo(_catalog_summary(cat))
