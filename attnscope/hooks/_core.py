@@ -343,12 +343,10 @@ class HookSession:
             if isinstance(stages, str) or not isinstance(stages, Iterable):
                 raise AttnscopeError(f"client {client!r}: stages() returned {stages!r} at {ctx.site.name}, expected a "
                                      f"collection of {STAGES} such as ('probs',), or () for none")
-            for stage in stages:
+            for stage in dict.fromkeys(stages):  # a stage named twice is asked for once
                 if stage not in STAGES:
                     raise AttnscopeError(f"client {client!r}: unknown stage {stage!r}, expected one of {STAGES}")
-                asked = plan.setdefault(stage, [])
-                if not asked or asked[-1] is not client:  # a stage named twice is asked for once
-                    asked.append(client)
+                plan.setdefault(stage, []).append(client)
         return plan
 
     def bypass(self, ctx: CallContext, clients: list[Any] | None = None, shape: tuple[int, ...] | None = None

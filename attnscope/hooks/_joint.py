@@ -148,12 +148,13 @@ def _no_buffer(*args: Any, **kwargs: Any) -> None:
 
 
 @contextlib.contextmanager
-def _kernel_replaced(target: tuple[str, str], kernel: Callable[..., Any]) -> Iterator[None]:
+def _kernel_replaced(target: tuple[str, str], kernel: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """Replace the attention function ``target`` (module, name) by ``kernel`` for the block; yields the original."""
     module = importlib.import_module(target[0])
     original = getattr(module, target[1])
     setattr(module, target[1], kernel)
     try:
-        yield
+        yield original
     finally:
         setattr(module, target[1], original)
 
@@ -236,7 +237,6 @@ class JointAttentionProcessor:
         image = slice(tokens, tokens + images) if text_first else slice(0, images)
         text = slice(0, tokens) if text_first else slice(images, images + tokens)
         session, calls, edits = self.session, [], []
-        original = getattr(importlib.import_module(self._target[0]), self._target[1])
 
         def stage(name: str, tensor: torch.Tensor) -> torch.Tensor:
             result = session.run_stage(name, plan, ctx, tensor)
@@ -263,7 +263,7 @@ class JointAttentionProcessor:
                                 scale=scale, **rest)
             return out
 
-        with _kernel_replaced(self._target, kernel):
+        with _kernel_replaced(self._target, kernel) as original:  # kernel() calls it where exact asks for it
             output = self.original(attn, hidden_states, *args, **kwargs)
         if len(calls) != 1:
             raise AttnscopeError(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
 
 from ..errors import AttnscopeError
+from ._scope import is_integer
 
 __all__ = ["basis_centres", "gaussian_basis"]
 
@@ -21,7 +21,7 @@ def basis_centres(side: int, name: str = "side") -> tuple[int, list[int]]:
     >>> basis_centres(64), basis_centres(16), basis_centres(8), basis_centres(4), basis_centres(2)
     ((4, [8, 16, 24, 32, 40, 48, 56]), (1, [2, 4, 6, 8, 10, 12, 14]), (1, [2, 4, 6]), (1, [2]), (1, [1]))
     """
-    if isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < 1:
+    if not is_integer(side) or side < 1:
         raise AttnscopeError(f"{name}={side!r}: expected a map side in pixels, an int >= 1")
     sigma = max(1, side // 16)
     centres = list(range(2 * sigma, side, 2 * sigma))

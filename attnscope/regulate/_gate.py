@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import AttnscopeError
+from ._scope import is_integer, is_real
 
 __all__ = ["RiskGate", "risk_above"]
 
@@ -33,8 +34,6 @@ class RiskGate:
     """
 
     def __init__(self, threshold: float, step: int, targets: Any = None, model: dict | None = None):
-        from ._scope import is_integer, is_real
-
         if not is_real(threshold) or not 0 <= threshold <= 1:  # numpy's numbers too
             raise AttnscopeError(f"threshold={threshold!r}: expected a probability in [0, 1]")
         if not is_integer(step) or step < 0:

@@ -8,6 +8,8 @@ import numbers
 import warnings
 from typing import Any
 
+from ..errors import AttnscopeError
+
 FORMAT_VERSION = 1
 SITE_DIMS = ("step", "sample", "head", "y", "x", "token")
 IMAGE_DIMS = ("sample", "height", "width", "channel")
@@ -98,8 +100,6 @@ def check_keep_bits(keep_bits: Any) -> int | None:
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: keep_bits=0: expected None (lossless) or an int from 1 to 10, the mantissa bits of a float16 map to keep
     """
-    from ..errors import AttnscopeError
-
     if keep_bits is None:
         return None
     if isinstance(keep_bits, bool) or not isinstance(keep_bits, numbers.Integral) or int(keep_bits) not in KEEP_BITS:

@@ -208,11 +208,9 @@ class Trace:
             dims = tuple(meta.get("dimension_names") or ())
             out[name] = xr.DataArray(values, dims=dims, name=name)
         self.check_unchanged()
-        for name in ("step", "sample", "token"):
-            if name in out:
-                _check_index(str(self.path), name, out[name].values)
         for name in ("step", "sample", "token"):  # index coordinates carry themselves, as xarray's own
             if name in out:
+                _check_index(str(self.path), name, out[name].values)
                 out[name] = out[name].assign_coords({name: out[name].variable})
         return out
 
