@@ -539,8 +539,7 @@ def _restore_processor(module: torch.nn.Module, saved: Any) -> None:
         module._modules.update(items)
 
 
-@contextlib.contextmanager
-def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession]:
+def hooks(pipe: Any, *clients: Any, exact: bool = False) -> contextlib.AbstractContextManager[HookSession]:
     """Install ``clients`` on every cross-attention site of ``pipe`` for the duration of the block.
 
     Parameters
@@ -579,6 +578,32 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> Iterator[HookSession
     >>> counter.calls
     4
     """
+    return _OneBlock(functools.partial(_installed, pipe, clients, exact))
+
+
+class _OneBlock(contextlib.AbstractContextManager):
+    """What :func:`hooks` returns: the hooks of one ``with`` block; entering it a second time is an error
+    (a generator-based context manager would fail there with contextlib's own AttributeError)."""
+
+    def __init__(self, open_block: Callable[[], Any]):
+        self._open, self._block = open_block, None
+
+    def __enter__(self) -> HookSession:
+        if self._block is not None:
+            raise AttnscopeError("ats.hooks(...): this hooks object was already entered; it installs the hooks for "
+                                 "one `with` block: call ats.hooks(pipe, *clients) again for each block")
+        block = self._open()
+        session = block.__enter__()  # a failed start leaves nothing installed: the object may be entered again
+        self._block = block
+        return session
+
+    def __exit__(self, *exc_info: Any) -> bool | None:
+        return self._block.__exit__(*exc_info)
+
+
+@contextlib.contextmanager
+def _installed(pipe: Any, clients: tuple, exact: bool) -> Iterator[HookSession]:
+    """:func:`hooks`' work: install, yield the session, restore everything (also after an exception)."""
     session = HookSession(pipe, clients, exact=exact)
     _refuse_nesting(session)
     _refuse_slicing(session)
