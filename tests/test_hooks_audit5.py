@@ -1,11 +1,12 @@
 """The hook core (fifth audit): the object ``ats.hooks(...)`` returns is one ``with`` block."""
 
+import numpy as np
 import pytest
 import torch
 
 import attnscope as ats
 from attnscope.errors import AttnscopeError
-from attnscope.testing import tiny_sd_pipeline
+from attnscope.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
 
 RUN = dict(num_inference_steps=2, height=32, width=32, output_type="np")
 
@@ -47,3 +48,61 @@ def test_a_block_whose_start_failed_may_be_entered_again():
                 pass
     with block:  # the pipeline is free now: the same object installs
         _image(pipe)
+
+
+
+class ModuleCache:
+    """Keeps each joint site's whole module output (a forward hook on the attention module: at joint sites
+    ``on_output`` shows the image stream only) from the first run and hands it back (bypass) in later runs."""
+
+    role = "intervention"
+
+    def __init__(self, image_only=False):
+        self.cache, self.bypassed, self.image_only, self.handles = {}, 0, image_only, []
+
+    def stages(self, ctx):
+        return ()
+
+    def on_install(self, session):
+        for site in session.sites:
+            self.handles.append(site.module.register_forward_hook(self._keep(session, site.name)))
+
+    def _keep(self, session, name):
+        def keep(module, args, output):
+            step = session.step_context
+            if step is not None and step.run == 0:
+                self.cache[(name, step.step)] = output[0] if self.image_only and isinstance(output, tuple) else output
+        return keep
+
+    def on_remove(self, error):
+        for handle in self.handles:
+            handle.remove()
+
+    def bypass(self, ctx):
+        out = self.cache.get((ctx.site.name, ctx.step)) if ctx.step_context.run > 0 else None
+        self.bypassed += out is not None
+        return out
+
+
+@pytest.mark.parametrize("make", [tiny_sd3_pipeline, tiny_flux_pipeline], ids=["sd3", "flux"])
+def test_a_joint_site_bypass_is_checked_against_the_module_output(make):
+    """Joint sites (SD3; Flux double and single stream) had no check: a cache of another batch, or of the image
+    stream only, failed inside the transformer block with torch's or Python's own error."""
+    pipe = make()
+    run = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    cache = ModuleCache()
+    with ats.hooks(pipe, cache):
+        first = pipe("a red circle", generator=torch.Generator().manual_seed(0), **run).images
+        replayed = pipe("a red circle", generator=torch.Generator().manual_seed(0), **run).images
+        assert cache.bypassed == len(cache.cache) > 0  # every site, double and single stream, replayed
+        np.testing.assert_array_equal(replayed, first)  # the module's own outputs: the same image
+        with pytest.raises(AttnscopeError, match=r"client <.*ModuleCache.*>: bypass\(\) returned a tuple \(shape "
+                                                 r"\((\d+), .* at \S+ step 0, expected None or the module.s output, a tuple "
+                                                 r"\(shape \((?!\1,)\d+, 64, …\), shape \(\d+, \d+, …\)\)"):
+            pipe("a red circle", generator=torch.Generator().manual_seed(0), num_images_per_prompt=2, **run)
+    image_only = ModuleCache(image_only=True)
+    with ats.hooks(pipe, image_only):
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), **run)
+        with pytest.raises(AttnscopeError, match=r"bypass\(\) returned shape \(\d+, 64, \d+\) at .* expected None or "
+                                                 r"the module.s output, a tuple"):
+            pipe("a red circle", generator=torch.Generator().manual_seed(0), **run)

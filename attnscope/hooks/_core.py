@@ -349,18 +349,17 @@ class HookSession:
                 plan.setdefault(stage, []).append(client)
         return plan
 
-    def bypass(self, ctx: CallContext, clients: list[Any] | None = None, shape: tuple[int, ...] | None = None
-               ) -> torch.Tensor | None:
+    def bypass(self, ctx: CallContext, clients: list[Any] | None = None, shape: tuple | None = None) -> Any:
         """The output an intervention's ``bypass`` returns for this call, or None; ``shape``: the module output's,
-        where the caller knows it (a cache of another batch or site is one error naming the client)."""
+        where the caller knows it — one tensor's ``(sizes)`` or a tuple of them for a module returning several
+        tensors, a size None where any fits (a cache of another batch or site is one error naming the client)."""
         for client in self._visible(self.interventions if clients is None else clients):
             if id(client) in self._intervening and hasattr(client, "bypass"):
                 out = client.bypass(ctx)
                 if out is not None:
-                    if shape is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != shape):
-                        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-                        raise AttnscopeError(f"client {client!r}: bypass() returned {got} at {ctx.site.name} step "
-                                             f"{ctx.step}, expected None or the module's output, shape {shape}")
+                    if shape is not None and not _fits(out, shape):
+                        raise AttnscopeError(f"client {client!r}: bypass() returned {_spell(out)} at {ctx.site.name} "
+                                             f"step {ctx.step}, expected None or the module's output, {_spell(shape, expected=True)}")
                     return out
         return None
 
@@ -457,6 +456,33 @@ def _swap_processor(module: torch.nn.Module, new: Any) -> Any:
              children[slot + 1:] if slot is not None else [])
     module.__dict__["processor"] = new
     return saved
+
+
+def _fits(out: Any, shape: tuple) -> bool:
+    """Whether ``out`` is a tensor of ``shape`` (None: any size), or a tuple of such tensors for a tuple of shapes.
+
+    >>> _fits(torch.zeros(2, 3), (2, None)), _fits((torch.zeros(2, 3), torch.zeros(2, 4)), ((2, 3), (2, 5)))
+    (True, False)
+    """
+    if shape and isinstance(shape[0], tuple):
+        return isinstance(out, (tuple, list)) and len(out) == len(shape) and all(map(_fits, out, shape))
+    return (isinstance(out, torch.Tensor) and out.ndim == len(shape)
+            and all(want is None or want == got for want, got in zip(shape, out.shape)))
+
+
+def _spell(value: Any, *, expected: bool = False) -> str:
+    """A bypass output (tensors in words by their shapes), or with ``expected`` a shape from :func:`_fits`.
+
+    >>> _spell((torch.zeros(2, 3), 1)), _spell(((2, None), (2, 4)), expected=True)
+    ('a tuple (shape (2, 3), int)', 'a tuple (shape (2, …), shape (2, 4))')
+    """
+    if expected and not (value and isinstance(value[0], tuple)):
+        return f"shape ({', '.join('…' if v is None else str(v) for v in value)}{',' if len(value) == 1 else ''})"
+    if isinstance(value, torch.Tensor):
+        return _spell(tuple(value.shape), expected=True)
+    if isinstance(value, (tuple, list)):
+        return f"a tuple ({', '.join(_spell(v, expected=expected) for v in value)})"
+    return type(value).__name__
 
 
 def _refuse_nesting(session: HookSession) -> None:

@@ -207,7 +207,9 @@ class JointAttentionProcessor:
             images = int(hidden_states.shape[1]) - tokens
         ctx = session.call_context(self.site, images, tokens)
         plan = session.plan(ctx)
-        output = session.bypass(ctx)
+        batch = int(hidden_states.shape[0])
+        output = session.bypass(ctx, shape=((batch, images, None), (batch, tokens, None)) if encoder is not None
+                                else (batch, tokens + images, None))
         if output is not None:
             plan = session.skipped(plan, ctx)
         elif plan.get("logits") or plan.get("probs"):
