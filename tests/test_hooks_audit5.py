@@ -106,3 +106,41 @@ def test_a_joint_site_bypass_is_checked_against_the_module_output(make):
         with pytest.raises(AttnscopeError, match=r"bypass\(\) returned shape \(\d+, 64, \d+\) at .* expected None or "
                                                  r"the module.s output, a tuple"):
             pipe("a red circle", generator=torch.Generator().manual_seed(0), **run)
+
+
+def test_under_the_classic_attn_processor_the_maps_are_what_it_computes():
+    """AttnProcessor (set by the user, e.g. for its plain bmm) scales by ``attn.scale`` and applies no q/k norms;
+    the hook core's mirror used SDPA's ``head_dim**-0.5`` and the norms, so on a module with another scale or a
+    norm the recorded maps were not the model's and an edit ran another attention."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = tiny_sd_pipeline()
+    pipe.unet.set_attn_processor(AttnProcessor())
+    site = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    module = pipe.unet.get_submodule(site)
+    module.scale = 0.5  # not head_dim ** -0.5
+    module.norm_q = torch.nn.LayerNorm(module.inner_dim // module.heads)  # AttnProcessor does not apply it
+    seen_by_model = []
+    own = module.get_attention_scores
+    module.get_attention_scores = lambda *a, **k: seen_by_model.append(own(*a, **k)) or seen_by_model[-1]
+    plain = _image(pipe)
+    model_probs = torch.stack(seen_by_model)
+    seen_by_model.clear()
+
+    class Keep:
+        def __init__(self):
+            self.probs = []
+
+        def stages(self, ctx):
+            return ("probs",) if ctx.site.name == site else ()
+
+        def on_probs(self, ctx, probs):
+            self.probs.append(probs.flatten(0, 1).clone())
+
+    keep = Keep()
+    with ats.hooks(pipe, keep, exact=True):
+        hooked = _image(pipe)
+    np.testing.assert_array_equal(hooked, plain)
+    torch.testing.assert_close(torch.stack(keep.probs), model_probs, rtol=0, atol=1e-6)
+    with ats.hooks(pipe, Keep()):  # default: output from the same probabilities, equal up to rounding
+        np.testing.assert_allclose(_image(pipe), plain, atol=1e-5)

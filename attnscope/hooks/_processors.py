@@ -139,7 +139,7 @@ class CrossAttentionProcessor:
                 encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 temb: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         """AttnProcessor2_0's computation with the logits/probs stages made visible (SanaAttnProcessor2_0's: the
-        same with the q/k norms applied before the heads are split)."""
+        same with the q/k norms applied before the heads are split; AttnProcessor's: ``attn.scale``, no q/k norms)."""
         name = type(self.original).__name__
         if name not in _KNOWN_PROCESSORS:
             raise AttnscopeError(
@@ -147,6 +147,7 @@ class CrossAttentionProcessor:
                 f"{name}; call the denoiser's set_default_attn_processor() before `ats.hooks(...)`"
             )
         norm_before_heads = name == "SanaAttnProcessor2_0"
+        classic = name == "AttnProcessor"  # attn.get_attention_scores: attn.scale, no q/k norms (as it computes)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -171,14 +172,15 @@ class CrossAttentionProcessor:
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if not norm_before_heads:
+        if not (norm_before_heads or classic):
             query, key = _normed(attn, query, key)
 
         session = self.session
         rows, queries, tokens = batch_size * attn.heads, query.shape[-2], key.shape[-2]
-        logits = torch.baddbmm(  # scaled QKᵀ in one pass (the scale SDPA uses); beta=0 ignores the input
+        scale = attn.scale if classic else head_dim**-0.5  # the classic processor's, or the one SDPA uses
+        logits = torch.baddbmm(  # scaled QKᵀ in one pass; beta=0 ignores the input
             query.new_empty(1, 1, 1), query.reshape(rows, queries, head_dim),
-            key.reshape(rows, tokens, head_dim).transpose(1, 2), beta=0, alpha=head_dim**-0.5,
+            key.reshape(rows, tokens, head_dim).transpose(1, 2), beta=0, alpha=scale,
             out=self._buffer("logits", (rows, queries, tokens), query, key),
         ).view(batch_size, attn.heads, queries, tokens)
         if attention_mask is not None:
@@ -189,7 +191,7 @@ class CrossAttentionProcessor:
         edited = session.run_stage("logits", plan, ctx, logits)
         probs = torch.softmax(edited, dim=-1, out=self._buffer("probs", edited.shape, edited))
         final = session.run_stage("probs", plan, ctx, probs)
-        if session.exact and edited is logits and final is probs and name == "AttnProcessor":
+        if session.exact and edited is logits and final is probs and classic:
             # observed only: AttnProcessor's own computation (no fused kernel), bit-identical
             mask = attention_mask.reshape(rows, -1, tokens) if attention_mask is not None else None
             scores = attn.get_attention_scores(query.reshape(rows, queries, head_dim),
