@@ -413,7 +413,9 @@ def test_compare_takes_before_and_after_over_the_same_steps(parent, tmp_path):
     sub = rerun(parent, store=tmp_path / "sub.zarr", steps=[1, 5])
     c = compare(parent, sub, ["circle", "square"])
     assert c.before.step.values.tolist() == c.after.step.values.tolist() == [1, 5]
-    assert (c.shares()["change"].abs() == 0).all() and float(abs(c.stats.target_share).max()) == 0
+    # ~0, not 0: recording other steps than the parent runs other kernels at the steps before them (docs/rerun.md,
+    # "another capture spec"; 1e-9 on some CPUs, 0 on others) — the bug gave ±0.01
+    assert (c.shares()["change"].abs() < 1e-6).all() and float(abs(c.stats.target_share).max()) < 1e-6
     by_hand = ats.stats.dominance(parent, ["circle"], steps=[1, 5]).target_share.mean().item()
     assert c.shares().loc["circle", "before"] == pytest.approx(by_hand)
 
