@@ -237,6 +237,7 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     pipeline_kwargs = _negative_prompts(prompts, pipeline_kwargs)
     _check_negative_is_read(pipe, pipeline_kwargs)
     check_num_steps(pipeline_kwargs.get("num_inference_steps"))
+    _check_strength(pipe, pipeline_kwargs)
     for name in ("height", "width"):
         check_size(name, pipeline_kwargs.get(name))
     for name in ("guidance_scale", "true_cfg_scale"):
@@ -293,6 +294,43 @@ def _planned_steps(pipe: Any, pipeline_kwargs: dict) -> Any:
         if given is not None:
             return len(given)
     return _call_default(pipe, "num_inference_steps")
+
+
+def _check_strength(pipe: Any, pipeline_kwargs: dict) -> None:
+    """An img2img or inpainting ``strength`` that leaves no step (``strength=0.1`` of 4 steps on SD): diffusers then
+    fails inside the pipeline (a reshape of 0 elements). ``denoising_start`` (SDXL's refiner) sets the steps instead.
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> _check_strength(tiny_sd_pipeline(), {"strength": 0.1, "num_inference_steps": 4})
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: strength=0.1 with num_inference_steps=4: StableDiffusionPipeline would run 0 of the 4 steps, so nothing would be denoised or recorded; raise strength to 0.25 or num_inference_steps to 10
+    """
+    strength = pipeline_kwargs.get("strength")
+    if (pipeline_kwargs.get("denoising_start") is not None or isinstance(strength, (bool, np.bool_))
+            or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1):  # out of [0, 1]: the pipeline's error
+        return
+    steps = _planned_steps(pipe, pipeline_kwargs)
+    family = find_adapter(pipe)[0].FAMILY
+    if not isinstance(steps, int) or _strength_steps(family, steps, strength) >= 1:
+        return
+    least = next(k / 1000 for k in range(1, 1001) if _strength_steps(family, steps, k / 1000) >= 1)
+    more = next((n for n in range(steps, 100 * steps + 1) if _strength_steps(family, n, strength) >= 1), None)
+    raise AttnscopeError(f"strength={strength!r} with num_inference_steps={steps}: {type(pipe).__name__} would run 0 "
+                         f"of the {steps} steps, so nothing would be denoised or recorded; raise strength to {least:g}"
+                         + (f" or num_inference_steps to {more}" if more else ""))
+
+
+def _strength_steps(family: str, steps: int, strength: float) -> int:
+    """How many of ``steps`` an img2img or inpainting pipeline runs at ``strength``: diffusers' UNet pipelines (SD,
+    SDXL) the last ``int(steps * strength)``, its transformer pipelines (SD3, Flux) all but the first
+    ``int(steps - steps * strength)``.
+
+    >>> _strength_steps("unet", 4, 0.1), _strength_steps("flux", 4, 0.1), _strength_steps("unet", 4, 0.5)
+    (0, 1, 2)
+    """
+    if family == "unet":
+        return min(int(steps * strength), steps)
+    return steps - int(max(steps - min(steps * strength, steps), 0))
 
 
 def _negative_prompts(prompts: list[str], pipeline_kwargs: dict) -> dict:

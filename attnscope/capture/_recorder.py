@@ -43,7 +43,8 @@ class Recorder:
     listed in the root attribute ``gated_steps``. At a step where the hook core runs one
     classifier-free-guidance half only (``StepContext.single_branch``) and a call still attends,
     the rows that ran are stored as the ``cond`` branch — they are the prediction that drives the
-    image — and ``attention_uncond`` (if recorded) holds NaN there.
+    image — and ``attention_uncond`` (if recorded) holds NaN there, as it does from a step on which the
+    batch has no uncond rows any more (a CFG cutoff callback turned guidance off).
 
     Parameters
     ----------
@@ -157,9 +158,8 @@ class Recorder:
         self._session = session
         self._sites = {s.name: s for s in select_sites(self.site_spec, session.sites)}
         self._site_index = {name: i for i, name in enumerate(self._sites)}
-        expected = self.run_info.get("num_inference_steps")
-        if expected is not None:
-            select_steps(self.step_spec, expected)  # fail before the pipeline runs
+        # the steps are checked at the first step, against the scheduler's count: num_inference_steps is not it (Heun
+        # and PNDM run more, img2img's strength, denoising_end and an Euler sigmas= list fewer); still before the store
         scale = self.run_info.get("guidance_scale", 2.0)
         if self.branch != "cond" and scale is not None and not _is_number(scale):
             raise AttnscopeError(f"guidance_scale={scale!r}: expected a number")
@@ -212,14 +212,12 @@ class Recorder:
 
     def on_probs(self, ctx: CallContext, probs: torch.Tensor) -> None:
         h, w = ctx.spatial_shape
+        single = ctx.step_context.single_branch is not None  # one CFG half ran: its rows are the prediction
         for branch in self.branches:
-            if ctx.step_context.single_branch is not None:  # one CFG half ran: its rows are the prediction
-                if branch == "uncond":
-                    self._put_nan(ctx, branch)
-                    continue
-                rows = slice(None)
-            else:
-                rows = ctx.rows.rows(branch)
+            if branch == "uncond" and (single or ctx.rows.uncond is None):  # or guidance stopped: a CFG cutoff
+                self._put_nan(ctx, branch)
+                continue
+            rows = slice(None) if single else ctx.rows.rows(branch)
             p = probs[rows]
             if ctx.site.kind == "joint":  # the row's whole mass on text, before any token selection
                 mass = p.sum(dim=-1, dtype=torch.float32)

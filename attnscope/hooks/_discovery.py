@@ -27,6 +27,7 @@ def find_adapter(pipe: Any) -> tuple[Any, torch.nn.Module]:
             f"pipe: expected a diffusers pipeline (DiffusionPipeline) with a supported denoiser ({supported}), "
             f"got {type(pipe).__module__}.{type(pipe).__qualname__}"
         )
+    _refuse_image_guidance(pipe)
     for adapter in ADAPTERS:
         denoiser = adapter.denoiser(pipe)
         if denoiser is not None:
@@ -40,6 +41,32 @@ def find_adapter(pipe: Any) -> tuple[Any, torch.nn.Module]:
             f"pipe.{name}._orig_mod; pipe.{name}.compile()")
     found = type(denoiser).__name__ if denoiser is not None else "no `unet` or `transformer` component"
     raise AttnscopeError(f"pipe: {type(pipe).__name__} has {found}; supported denoisers: {supported}")
+
+
+#: pipelines whose guided denoiser batch stacks three copies of the samples, not ``[uncond; cond]``
+_THREE_WAY_GUIDANCE = ("StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline")
+
+
+def _refuse_image_guidance(pipe: Any) -> None:
+    """One error for InstructPix2Pix (SD, SDXL): with its text and image guidance the denoiser batch is
+    ``[prompt + image; image only; neither]``, which attnscope would take for three samples per image (their maps
+    labelled with the prompt, the run failing at its end on one image per sample). Refused before anything runs.
+
+    >>> from diffusers import StableDiffusionInstructPix2PixPipeline
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> _refuse_image_guidance(StableDiffusionInstructPix2PixPipeline(**tiny_sd_pipeline().components))
+    Traceback (most recent call last):
+    ...
+    attnscope.errors.AttnscopeError: pipe: a StableDiffusionInstructPix2PixPipeline (text and image guidance); its denoiser batch stacks three copies of the samples ([prompt + image; image only; neither]) that attnscope cannot map to a trace's samples and CFG branches; supported are pipelines whose guided batch is [uncond; cond] (text-to-image, img2img, inpainting, ControlNet)
+    """
+    import diffusers
+
+    classes = tuple(getattr(diffusers, name) for name in _THREE_WAY_GUIDANCE)
+    if isinstance(pipe, classes):
+        raise AttnscopeError(f"pipe: a {type(pipe).__name__} (text and image guidance); its denoiser batch stacks three "
+                             f"copies of the samples ([prompt + image; image only; neither]) that attnscope cannot map "
+                             f"to a trace's samples and CFG branches; supported are pipelines whose guided batch is "
+                             f"[uncond; cond] (text-to-image, img2img, inpainting, ControlNet)")
 
 
 def _compiled(module: Any) -> bool:

@@ -139,7 +139,8 @@ class CrossAttentionProcessor:
                 encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 temb: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         """AttnProcessor2_0's computation with the logits/probs stages made visible (SanaAttnProcessor2_0's: the
-        same with the q/k norms applied before the heads are split; AttnProcessor's: ``attn.scale``, no q/k norms)."""
+        same with the q/k norms applied before the heads are split; AttnProcessor's: ``attn.scale``, no q/k norms;
+        FusedAttnProcessor2_0's: key and value from ``to_kv``)."""
         name = type(self.original).__name__
         if name not in _KNOWN_PROCESSORS:
             raise AttnscopeError(
@@ -164,8 +165,10 @@ class CrossAttentionProcessor:
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        if name == "FusedAttnProcessor2_0":  # pipe.fuse_qkv_projections(): key and value from one fused projection
+            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         if norm_before_heads:
             query, key = _normed(attn, query, key)
         head_dim = key.shape[-1] // attn.heads
@@ -211,7 +214,7 @@ class CrossAttentionProcessor:
 
 
 #: the cross-attention processors whose computation :class:`CrossAttentionProcessor` mirrors
-_KNOWN_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "SanaAttnProcessor2_0")
+_KNOWN_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "SanaAttnProcessor2_0", "FusedAttnProcessor2_0")
 
 
 def _normed(attn: Any, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

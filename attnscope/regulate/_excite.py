@@ -12,6 +12,7 @@ latent of every later step; its looks at the attention are the hook session's
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -444,6 +445,10 @@ def _check_pipeline(pipe: Any, call: Mapping[str, Any]) -> None:
         raise AttnscopeError(f"AttendAndExcite on {type(pipe).__name__}: expected a UNet pipeline (Stable Diffusion "
                              "1.x/2.x, SDXL) that takes latents= and callback_on_step_end=; Attend-and-Excite is not "
                              "defined on joint attention or flat stacks here")
+    if "strength" in inspect.signature(pipe.__call__).parameters:  # img2img, inpainting: starts from an image
+        raise AttnscopeError(f"AttendAndExcite on {type(pipe).__name__}: expected a text-to-image pipeline (ControlNet's "
+                             "included); it draws its start noise as text-to-image does, which a pipeline starting "
+                             "from an image (img2img, inpainting) does not take")
     if not isinstance(call.get("prompt"), (str, list)) or call.get("prompt_embeds") is not None:
         raise AttnscopeError("AttendAndExcite: expected the call's prompt as text (prompt=...), not prompt_embeds: the "
                              "targets are found in its words")

@@ -18,7 +18,17 @@ from ..errors import AttnscopeError
 from ..hooks import client_role, find_denoiser, hooks, prepare_clients
 from ..models import load_pipeline
 from ..selection import SEEDS
-from ..store import Trace, as_trace, check_store_path, is_url, jsonable, locate, open_trace, weights_fingerprint
+from ..store import (
+    Trace,
+    as_trace,
+    check_store_path,
+    freeu_settings,
+    is_url,
+    jsonable,
+    locate,
+    open_trace,
+    weights_fingerprint,
+)
 
 __all__ = ["manifest_sha256", "rerun"]
 
@@ -76,9 +86,11 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         Trace store to create (a local directory; a ``file://`` URL is that path). Default:
         ``<parent stem>-rerun.zarr`` beside the parent. Never the parent.
     pipe : diffusers pipeline, optional
-        Use this pipeline instead of loading ``manifest["model"]["reference"]``; its weights must match
-        the trace's fingerprint and its dtype the trace's dtype. Its scheduler is replaced by the
-        trace's for the duration of the run and put back afterwards. ``device`` given too moves it there.
+        Use this pipeline instead of loading ``manifest["model"]["reference"]``; its class must be the trace's
+        ``pipeline_class`` (or derive from it), its weights must match
+        the trace's fingerprint and its dtype the trace's dtype. Its scheduler and its FreeU factors
+        (``pipe.enable_freeu``: no weights, so not in the fingerprint) are set to the trace's for the duration of
+        the run and put back afterwards. ``device`` given too moves it there.
     overwrite : bool
         Replace an existing trace at ``store``.
     device : str, optional
@@ -103,7 +115,10 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     AttnscopeError
         The trace is incomplete, was overwritten or removed since this ``Trace`` was opened, or lacks what a
         rerun needs (prompts and seed: traces of a bare :class:`~attnscope.Recorder` cannot be rerun; steps,
-        sizes, guidance scales, images per prompt and seeds the pipeline can run), ``device`` cannot hold the pipeline (checked
+        sizes, guidance scales, images per prompt and seeds the pipeline can run), its pipeline was called with
+        inputs the manifest cannot hold (an img2img, inpainting or ControlNet image, ``latents``: see docs/rerun.md
+        for the before/after made by hand), ``pipe`` is not of the pipeline class it was captured with (or one
+        derived from it), ``device`` cannot hold the pipeline (checked
         before ``pipe`` is moved), its model cannot be loaded, the loaded
         weights differ from the recorded fingerprint (the message names the components), ``store`` is not a
         path, is the parent, a URL other than ``file://`` or exists without ``overwrite=True``, an intervention is not a
@@ -122,6 +137,7 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)) or seed is None:
         raise AttnscopeError(f"trace {where!r}: its manifest has no prompts/seed (prompts={prompts!r}, seed={seed!r}); "
                              "it was recorded with a bare Recorder rather than attnscope.capture and cannot be rerun")
+    _check_inputs_recorded(manifest, run, where)
     clients = _interventions(interventions)
     options = _capture_options(manifest, run, capture_options)
     out = check_store_path(_rerun_store(parent, store), overwrite)
@@ -130,12 +146,14 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         _check_device(device, where)
     pipe = (pipe.to(device) if device is not None else pipe) if given else _load(manifest, where, device)
     denoiser = find_denoiser(pipe)[1]
+    _check_pipeline_class(pipe, manifest, where)
     if given:
         _check_dtype(denoiser, manifest, where)
     _check_weights(pipe, manifest, where)
     _warn_on_other_threads(denoiser, manifest, where)
     _warn_on_dropped_interventions(manifest, clients, where)
     scheduler = _scheduler(manifest, where)
+    freeu = _recorded_freeu(manifest, denoiser, where)
     generator = _generator(run, where)
     kwargs = _pipeline_kwargs(pipe, run, where)
     _check_batch(run, kwargs, len(prompts), where)
@@ -144,8 +162,9 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         **{k: run.get(k) for k in _RUN_INPUTS}, "pipeline_kwargs": jsonable(kwargs), "unrecorded_kwargs": [],
         "reproducible": True, "exact": exact,
     }
-    saved = pipe.scheduler
+    saved, saved_freeu = pipe.scheduler, freeu_settings(denoiser)
     pipe.scheduler = scheduler
+    _set_freeu(denoiser, saved_freeu if freeu is _UNRECORDED else freeu)
     try:
         call = {"prompt": prompts if len(prompts) > 1 else prompts[0], "generator": generator, **kwargs}
         for client in clients:  # e.g. AttentionRegulation(when=risk_above(θ)): the parent's maps say which samples
@@ -162,6 +181,7 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
                 recorder.add_images(result.images)
     finally:
         pipe.scheduler = saved
+        _set_freeu(denoiser, saved_freeu)
     return open_trace(recorder.path)
 
 
@@ -279,6 +299,29 @@ def _check_device(device: Any, where: str) -> None:
                              f"there loses its weights); {fix}")
 
 
+def _check_pipeline_class(pipe: Any, manifest: dict[str, Any], where: str) -> None:
+    """``pipe`` is of the class the trace was captured with, or of one derived from it (a subclass makes the same
+    call): another pipeline on the same modules (``StableDiffusionImg2ImgPipeline(**pipe.components)`` for a
+    text-to-image trace) passes the weights check but needs other inputs.
+
+    >>> class StableDiffusionPipeline: ...
+    >>> class Mine(StableDiffusionPipeline): ...
+    >>> _check_pipeline_class(Mine(), {"model": {"pipeline_class": "StableDiffusionPipeline"}}, "a.zarr")
+    >>> _check_pipeline_class(Mine(), {"model": {"pipeline_class": "StableDiffusionImg2ImgPipeline"}}, "a.zarr")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: cannot rerun trace 'a.zarr' with a Mine: it was captured with a StableDiffusionImg2ImgPipeline, and another pipeline class makes another call (other inputs, other steps); pass a StableDiffusionImg2ImgPipeline (e.g. diffusers.StableDiffusionImg2ImgPipeline(**pipe.components))
+    """
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    want, have = model.get("pipeline_class"), type(pipe)
+    if not isinstance(want, str) or want in {c.__name__ for c in have.__mro__}:
+        return
+    import diffusers
+
+    hint = f" (e.g. diffusers.{want}(**pipe.components))" if isinstance(getattr(diffusers, want, None), type) else ""
+    raise AttnscopeError(f"cannot rerun trace {where!r} with a {have.__name__}: it was captured with a {want}, and "
+                         f"another pipeline class makes another call (other inputs, other steps); pass a {want}{hint}")
+
+
 def _check_dtype(denoiser: Any, manifest: dict[str, Any], where: str) -> None:
     have = str(getattr(denoiser, "dtype", "")).removeprefix("torch.")
     want = manifest.get("dtype")
@@ -333,6 +376,36 @@ def _scheduler(manifest: dict[str, Any], where: str) -> Any:
     return cls.from_config(config)
 
 
+#: ``model.freeu`` absent from the manifest (a trace written before it was recorded): the pipe's FreeU is kept
+_UNRECORDED = object()
+
+
+def _recorded_freeu(manifest: dict[str, Any], denoiser: Any, where: str) -> Any:
+    """The FreeU factors the trace was captured with (``model.freeu``: None for off), checked; ``_UNRECORDED`` for an
+    older trace. FreeU is no weight: a pipeline loaded again has it off, another may have it on."""
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    if "freeu" not in model:
+        return _UNRECORDED
+    factors = model["freeu"]
+    if factors is None:
+        return None
+    numbers = isinstance(factors, dict) and set(factors) == {"s1", "s2", "b1", "b2"} and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v for v in factors.values())
+    if not numbers or not callable(getattr(denoiser, "enable_freeu", None)):
+        raise AttnscopeError(f"trace {where!r}: freeu={factors!r} in its manifest's model; expected null or the "
+                             f"non-zero numbers s1, s2, b1, b2 of pipe.enable_freeu on a UNet (the store is damaged "
+                             f"or crafted)")
+    return factors
+
+
+def _set_freeu(denoiser: Any, factors: dict[str, float] | None) -> None:
+    """Run ``denoiser`` with these FreeU factors (None: FreeU off)."""
+    if factors:
+        denoiser.enable_freeu(**factors)
+    elif callable(getattr(denoiser, "disable_freeu", None)):
+        denoiser.disable_freeu()
+
+
 def _generator(run: dict[str, Any], where: str) -> Any:
     seed, device = run.get("seed"), run.get("generator_device") or "cpu"
 
@@ -374,6 +447,36 @@ def _check_batch(run: dict[str, Any], kwargs: dict[str, Any], prompts: int, wher
                              f"image")
 
 
+#: pipeline arguments that only watch the run (a step callback): a rerun without them makes the same generation
+_OBSERVING_KWARGS = ("callback", "callback_on_step_end")
+
+
+def _check_inputs_recorded(manifest: dict[str, Any], run: dict[str, Any], where: str) -> None:
+    """Refuse a trace generated from pipeline inputs its manifest could not hold (not JSON: an img2img or inpainting
+    pipeline's ``image`` and ``mask_image``, a ControlNet's control image, ``latents``): without them the pipeline
+    fails or makes another generation. Only step callbacks may be missing (they watch the run): a warning, later.
+
+    >>> _check_inputs_recorded({}, {"unrecorded_kwargs": ["callback_on_step_end"]}, "a.zarr")
+    >>> _check_inputs_recorded({"model": {"pipeline_class": "StableDiffusionImg2ImgPipeline"}},
+    ...                        {"unrecorded_kwargs": ["image"]}, "a.zarr")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: cannot rerun trace 'a.zarr': its StableDiffusionImg2ImgPipeline was called with image, ...
+    """
+    unrecorded = run.get("unrecorded_kwargs") or []
+    missing = [str(k) for k in unrecorded if k not in _OBSERVING_KWARGS] if isinstance(unrecorded, list) else []
+    if not missing:
+        return
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    pipeline = model.get("pipeline_class") or "pipeline"
+    raise AttnscopeError(
+        f"cannot rerun trace {where!r}: its {pipeline} was called with {', '.join(missing)}, which the manifest cannot "
+        f"hold (not JSON: an init image, a mask, a control image, latents), so a rerun cannot make the same "
+        f"generation. Record the run with interventions in your own block, passing the same inputs and seed: "
+        f"rec = ats.Recorder(store); with ats.hooks(pipe, *interventions, rec): out = pipe(prompt, "
+        f"{', '.join(f'{k}=...' for k in missing)}, generator=torch.Generator().manual_seed(seed), ...); "
+        f"rec.add_images(out.images); then ats.compare(trace, ats.open_trace(store)) (docs/rerun.md)")
+
+
 def _pipeline_kwargs(pipe: Any, run: dict[str, Any], where: str) -> dict[str, Any]:
     unrecorded = run.get("unrecorded_kwargs") or []
     if unrecorded:
@@ -395,4 +498,30 @@ def _pipeline_kwargs(pipe: Any, run: dict[str, Any], where: str) -> dict[str, An
         annotation = str(getattr(params.get(key), "annotation", ""))
         if isinstance(value, list) and "tuple" in annotation.lower():
             kwargs[key] = tuple(value)
+        elif isinstance(value, dict) and "diffusers_callback" in value:  # SDCFGCutoffCallback, … (store.jsonable)
+            kwargs[key] = _diffusers_callback(key, value, where)
     return kwargs
+
+
+def _diffusers_callback(key: str, spec: dict[str, Any], where: str) -> Any:
+    """A callback of diffusers' own (``diffusers.callbacks``) built again from the class name and config the manifest
+    records for it; a spec that names no such class or that it refuses is one error naming the trace.
+
+    >>> _diffusers_callback("callback_on_step_end", {"diffusers_callback": "SDCFGCutoffCallback",
+    ...                     "config": {"cutoff_step_ratio": 0.4, "cutoff_step_index": None}}, "a.zarr").config
+    FrozenDict([('cutoff_step_ratio', 0.4), ('cutoff_step_index', None)])
+    """
+    from diffusers import callbacks
+
+    name, config, parts = spec.get("diffusers_callback"), spec.get("config"), spec.get("callbacks")
+    cls = getattr(callbacks, name, None) if isinstance(name, str) else None
+    try:
+        if cls is callbacks.MultiPipelineCallbacks and isinstance(parts, list):
+            return cls([_diffusers_callback(key, part if isinstance(part, dict) else {}, where) for part in parts])
+        if isinstance(cls, type) and issubclass(cls, callbacks.PipelineCallback) and isinstance(config, dict):
+            return cls(**config)
+    except (TypeError, ValueError) as exc:
+        raise AttnscopeError(f"trace {where!r}: {key}={spec!r} in its manifest: {name} refuses that config ({exc})") \
+            from None
+    raise AttnscopeError(f"trace {where!r}: {key}={spec!r} in its manifest; expected one of diffusers' callbacks "
+                         f"(diffusers.callbacks) as its class name and config (the store is damaged or crafted)")

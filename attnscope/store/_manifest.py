@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import sys
 import weakref
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from ..errors import AttnscopeError
 
-__all__ = ["build_manifest", "check_same_generation", "jsonable", "weights_fingerprint"]
+__all__ = ["build_manifest", "check_same_generation", "freeu_settings", "jsonable", "weights_fingerprint"]
 
 _LIBRARIES = ("attnscope", "torch", "diffusers", "transformers", "zarr", "xarray", "numpy")
 _FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
@@ -52,18 +53,49 @@ def check_same_generation(a: Any, b: Any, what: str = "") -> None:
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON types, or raise TypeError."""
+    """``value`` as plain JSON types, or raise TypeError. Numpy's scalars and 1-d numeric arrays (a schedule:
+    ``sigmas=np.linspace(...)``, ``timesteps=np.array([...])``) become numbers and lists of them, which the pipeline
+    takes back alike; arrays of more dimensions (an image) and tensors are not JSON-able.
+
+    >>> jsonable({"sigmas": np.array([14.6, 0.5], np.float32), "steps": np.int64(3), "size": (64, 96)})
+    {'sigmas': [14.600000381469727, 0.5], 'steps': 3, 'size': [64, 96]}
+    """
     return json.loads(json.dumps(value, default=_default))
 
 
 def _default(value: Any) -> Any:
     if isinstance(value, (np.generic,)):
         return value.item()
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "biuf":
+        return value.tolist()
+    callback = _diffusers_callback(value)
+    if callback is not None:
+        return callback
     if isinstance(value, (tuple, set, frozenset)):
         return list(value)
     if isinstance(value, torch.dtype):
         return str(value)
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _diffusers_callback(value: Any) -> dict[str, Any] | None:
+    """One of diffusers' own step callbacks (``diffusers.callbacks``: ``SDCFGCutoffCallback``, …, and a
+    ``MultiPipelineCallbacks`` of them) as ``{"diffusers_callback": class name, "config": …}`` (``"callbacks": […]``),
+    from which a rerun builds it again; None for anything else (a function or a class of your own is not recorded).
+
+    >>> from diffusers.callbacks import SDCFGCutoffCallback
+    >>> jsonable(SDCFGCutoffCallback(cutoff_step_ratio=0.4))
+    {'diffusers_callback': 'SDCFGCutoffCallback', 'config': {'cutoff_step_ratio': 0.4, 'cutoff_step_index': None}}
+    """
+    callbacks = sys.modules.get("diffusers.callbacks")  # loaded wherever one of its callbacks exists
+    name = type(value).__name__
+    if callbacks is None or getattr(callbacks, name, None) is not type(value):
+        return None
+    if isinstance(value, callbacks.MultiPipelineCallbacks):
+        return {"diffusers_callback": name, "callbacks": list(value.callbacks)}
+    if isinstance(value, callbacks.PipelineCallback):
+        return {"diffusers_callback": name, "config": {k: v for k, v in value.config.items() if not k.startswith("_")}}
+    return None
 
 
 def _module_fingerprint(module: torch.nn.Module) -> str:
@@ -125,6 +157,29 @@ def _reference(ref: Any) -> Any:
     return ref
 
 
+#: the factors of FreeU (``pipe.enable_freeu(s1=, s2=, b1=, b2=)``), set on each of the UNet's up blocks
+FREEU = ("s1", "s2", "b1", "b2")
+
+
+def freeu_settings(denoiser: Any) -> dict[str, float] | None:
+    """The FreeU factors a UNet's up blocks run with, None where FreeU is off (diffusers applies it only when all four
+    are set and non-zero) or the denoiser has no up blocks. Not in the weights: a rerun must set it again.
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> freeu_settings(pipe.unet) is None
+    True
+    >>> pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+    >>> freeu_settings(pipe.unet)
+    {'s1': 0.9, 's2': 0.2, 'b1': 1.5, 'b2': 1.6}
+    """
+    for block in getattr(denoiser, "up_blocks", None) or ():
+        factors = {k: getattr(block, k, None) for k in FREEU}
+        if all(factors.values()):
+            return factors
+    return None
+
+
 def build_manifest(pipe: Any, denoiser: torch.nn.Module, run: dict[str, Any], capture_spec: dict[str, Any]) -> dict[str, Any]:
     """The manifest stored in a trace's root attributes (see docs/store-format.md); ``denoiser`` is the
     pipeline's UNet or transformer, as the hook core found it."""
@@ -134,6 +189,7 @@ def build_manifest(pipe: Any, denoiser: torch.nn.Module, run: dict[str, Any], ca
             "weights_fingerprint": weights_fingerprint(pipe),
             "pipeline_class": type(pipe).__name__,
             "denoiser_class": type(denoiser).__name__,
+            "freeu": freeu_settings(denoiser),
         },
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
         "dtype": str(denoiser.dtype).removeprefix("torch."),
