@@ -77,6 +77,11 @@ def _recordable(value: Any) -> Any:
         return jsonable(value)
     except TypeError:
         pass
+    if isinstance(value, (list, tuple)):  # a list of init images, …
+        return [_recordable(v) for v in value]
+    content = _content_digest(value)
+    if content is not None:
+        return content
     code = getattr(value, "__code__", None)
     if code is None:  # a callable object, …: compared by its repr
         return repr(value)
@@ -84,6 +89,36 @@ def _recordable(value: Any) -> Any:
     bound = repr(([c.cell_contents for c in value.__closure__ or ()], value.__defaults__)).encode()
     digest = hashlib.sha256(marshal.dumps(code) + bound).hexdigest()[:16]
     return f"function {value.__qualname__}, code {digest}"
+
+
+def _content_digest(value: Any) -> str | None:
+    """An image, array or tensor (an img2img init image, a mask, a control image, latents) by its content: its repr
+    holds an address (PIL) or a few values (torch, numpy), so a resumed sweep found the same input changed, or
+    another one the same.
+
+    >>> import numpy as np, PIL.Image
+    >>> a = PIL.Image.fromarray(np.zeros((2, 3, 3), np.uint8))
+    >>> _content_digest(a) == _content_digest(a.copy()), _content_digest(a).split(",")[0], _content_digest(1.0)
+    (True, 'image RGB 3x2', None)
+    >>> _content_digest(np.ones(3)) != _content_digest(np.ones(4))
+    True
+    """
+    import hashlib
+
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    if isinstance(value, PIL.Image.Image):
+        kind, data = f"image {value.mode} {value.width}x{value.height}", value.tobytes()
+    elif isinstance(value, (np.ndarray, torch.Tensor)):
+        array = value.detach().cpu().contiguous() if isinstance(value, torch.Tensor) else np.ascontiguousarray(value)
+        dtype = str(array.dtype).removeprefix("torch.")
+        kind = f"{type(value).__name__} {dtype} {tuple(array.shape)}"
+        data = array.view(torch.uint8).numpy().tobytes() if isinstance(array, torch.Tensor) else array.tobytes()
+    else:
+        return None
+    return f"{kind}, sha256 {hashlib.sha256(data).hexdigest()[:16]}"
 
 
 def _settings_record(settings: dict, pipeline_defaults: dict | None = None) -> dict:
