@@ -30,9 +30,10 @@ from ._scope import (
     is_real,
     nth_occurrences,
     repr_options,
+    steps_note,
     targets_label,
 )
-from ._trajectory import replayable
+from ._trajectory import first_denoiser_call
 
 __all__ = ["AttendAndExcite", "excite_loss", "smoothing_kernel"]
 
@@ -252,7 +253,10 @@ class AttendAndExcite:
         batch, samples = sample.shape[0], len(columns)
         conditioning = select_rows(inputs, batch, slice(batch - samples, batch))  # [uncond; cond] rows: the cond
         num_steps = len(pipe.scheduler.timesteps)  # set by the pipeline's own call
-        moved = self.scope.steps_of_run(num_steps)
+        try:
+            moved = self.scope.steps_of_run(num_steps)
+        except AttnscopeError as exc:
+            raise AttnscopeError(f"{exc}{steps_note(pipe, num_steps)}") from None
         sigma0 = pipe.scheduler.init_noise_sigma
         if call.get("latents") is not None:
             latents = call["latents"].to(device=sample.device, dtype=sample.dtype) * sigma0
@@ -408,32 +412,11 @@ def _share(key: Any) -> Any:
     return key
 
 
-class _FirstCall(Exception):
-    """Stops a pipeline call at its first denoiser call (raised by the pre-hook of :func:`_first_denoiser_call`)."""
-
-
 def _first_denoiser_call(pipe: Any, call: Mapping[str, Any]) -> tuple[Any, torch.Tensor, dict[str, Any]]:
     """``(timestep, sample, the other inputs)`` of the pipeline's first denoiser call for ``call``: the call is run
     and stopped there, and the generators it drew from (the call's, or torch's global one) are put back."""
-    seen: dict[str, Any] = {}
-
-    def stop(module: Any, args: tuple, kwargs: dict) -> None:
-        named = dict(zip(("sample", "timestep", "encoder_hidden_states"), args))
-        seen.update({**kwargs, **named})
-        raise _FirstCall
-
-    device = torch.device(getattr(pipe, "_execution_device", None) or pipe.unet.device)
-    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
-    handle = pipe.unet.register_forward_pre_hook(stop, with_kwargs=True)
-    try:  # without a generator the pipeline draws from torch's global RNG: that draw is given back too
-        with replayable(call.get("generator")), torch.random.fork_rng(devices=cuda):
-            pipe(**{**call, "output_type": "latent"})
-    except _FirstCall:
-        pass
-    finally:
-        handle.remove()
-    if "sample" not in seen:
-        raise AttnscopeError(f"AttendAndExcite: {type(pipe).__name__} returned without calling its denoiser")
+    args, kwargs = first_denoiser_call(pipe, pipe.unet, call, "AttendAndExcite")
+    seen = {**kwargs, **dict(zip(("sample", "timestep", "encoder_hidden_states"), args))}
     inputs = {k: v for k, v in seen.items() if k not in ("sample", "timestep", "return_dict")}
     return seen["timestep"], seen["sample"], inputs
 

@@ -76,9 +76,11 @@ class RiskGate:
         if not self._preset:
             self.risk, self.at_risk = None, None
 
-    def check(self, step_ctx: Any, acting: Sequence[int] | None) -> None:
+    def check(self, step_ctx: Any, acting: Sequence[int] | None, cached: tuple[Any, int] | None = None) -> None:
         """At a run's first step, before any map is recorded: the decision step must come before the last step the
-        intervention acts at (``acting``; None: every step), and the targets must be in every prompt."""
+        intervention acts at (``acting``; None: every step) and before ``cached`` (``(client, step)``: from that step
+        on another intervention, TGate, serves the cross-attention from a cache, so no maps are computed), and the
+        targets must be in every prompt."""
         if self._preset:
             if len(self.at_risk) != step_ctx.rows.samples:
                 raise AttnscopeError(f"risk_above: the decisions were decided from a stored run of {len(self.at_risk)} "
@@ -96,6 +98,10 @@ class RiskGate:
                                  f"at step {self.step} and acts only after it, but {where}"
                                  f"{f' of {total}' if total else ''}; choose an earlier step= or let it act at more "
                                  f"steps")
+        if cached is not None and self.step >= cached[1]:
+            raise AttnscopeError(f"risk_above(step={self.step}): {cached[0]!r} serves the cross-attention from its "
+                                 f"cache from step {cached[1]} on, so the decision step has no maps to judge; choose "
+                                 f"step= below {cached[1]} or a later gate")
         if step_ctx.token_text is None:
             raise AttnscopeError("risk_above: judging the risk needs the prompt's words, but the pipeline got "
                                  "embeddings")

@@ -191,6 +191,7 @@ class AttentionRegulation:
         self._eos: int | None = None
         self._site_index: dict[str, int] = {}
         self._bases: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._others: list[Any] = []  # the session's other interventions (on_install)
         self._descents: dict[tuple, RegulationDescent] = {}
         self._indices: dict[tuple, torch.Tensor] = {}
         #: last optimisation's losses per call, for inspection: {(site, step): (first, best)} (tensors)
@@ -220,6 +221,7 @@ class AttentionRegulation:
         self._eos = getattr(tokenizer, "eos_token_id", None)
         self._previous, self._restore = {}, None  # nothing of a call of an earlier installation is given back
         self._bases, self._descents, self._indices = {}, {}, {}
+        self._others = [c for c in session.interventions if c is not self]  # e.g. a TGate: no maps after its gate
 
     def on_step(self, step_ctx: Any) -> None:
         if step_ctx.step == 0:  # a new run: no temporal smoothing across generations
@@ -235,7 +237,14 @@ class AttentionRegulation:
                 self.when.new_run()
                 steps = (self.scope.steps_of_run(step_ctx.num_steps) if self.scope.steps is not None and step_ctx.num_steps
                          else None)
-                self.when.check(step_ctx, steps)
+                self.when.check(step_ctx, steps, self._cache_start(step_ctx.num_steps))
+
+    def _cache_start(self, num_steps: int | None) -> tuple[Any, int] | None:
+        """``(client, step)``: the earliest step from which another intervention of the session (TGate, by its
+        ``gate_of_run``) serves the cross-attention from a cache in a run of ``num_steps``; None if none does."""
+        starts = [(c, c.gate_of_run(num_steps)) for c in self._others
+                  if num_steps and callable(getattr(c, "gate_of_run", None))]
+        return min(starts, key=lambda item: item[1], default=None)
 
     def stages(self, ctx: Any) -> tuple[str, ...]:
         acting = self.scope.active(ctx) and (self.when is None or self.when.any_at_risk(ctx))
@@ -272,7 +281,7 @@ class AttentionRegulation:
             flat = z.reshape(b * heads, pixels, tokens)
             best, initial = self._optimise(flat, cols, basis, lr, groups=b, key=(ctx.site.name, ctx.step),
                                            samples=(group, ctx.rows.samples))
-            key = (ctx.site.name, tuple(rows))
+            key = (ctx.site.name, tuple(group))  # by sample: a CFG cutoff moves the cond rows, not the samples
             delta = torch.lerp(best, self._previous.get(key, initial), self.smoothing)  # s·Δ_prev + (1 − s)·Δ_best
             self._previous[key] = delta
             cols_t = self._long(cols, logits.device)

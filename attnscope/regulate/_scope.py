@@ -13,7 +13,7 @@ from ..selection import select_sites, select_steps
 from ..tokens import is_target, prompt_text, resolve_targets, segment_occurrences, target_list, token_roles
 
 __all__ = ["InterventionScope", "default_regulation_sites", "is_integer", "is_real", "nth_occurrences", "repr_options",
-           "targets_label"]
+           "steps_note", "targets_label"]
 
 TargetSpec = Sequence[str | int] | str | int | Callable[[str], Sequence[str | int]]
 #: the blocks of a flat stack of layers (PixArt, Sana): the third of the stack a layer sits in
@@ -102,10 +102,12 @@ class InterventionScope:
         self._columns: dict[tuple[tuple[str, ...], ...], list[list[int]]] = {}
         self._steps: frozenset[int] = frozenset()
         self._steps_for: int | None = None
+        self._pipe: Any = None  # the pipeline installed on, for the note of a steps error
 
     def install(self, session: Any) -> None:
         """Check the site spec against the pipeline's sites (an unknown site is an error)."""
         self._all = list(session.sites)
+        self._pipe = session.pipe
         self._chosen, self._defaults = None, {}
         if self.sites is not None:
             self._chosen = {s.name for s in select_sites(self.sites, self._all)}
@@ -171,7 +173,10 @@ class InterventionScope:
         """The steps part of :meth:`check`, for an intervention without token columns: a step outside the run is an
         error at its first step."""
         if self.steps is not None and step_ctx.num_steps:
-            self.steps_of_run(step_ctx.num_steps)
+            try:
+                self.steps_of_run(step_ctx.num_steps)
+            except AttnscopeError as exc:
+                raise AttnscopeError(f"{exc}{steps_note(self._pipe, step_ctx.num_steps)}") from None
 
     def _positions_without_text(self, length: int | None = None) -> list[int]:
         """The targets' columns of a run whose prompt came as embeddings: token positions only, each in
@@ -226,6 +231,26 @@ class InterventionScope:
                 raise
             raise AttnscopeError(f"{exc} (the prompt fills all {len(tokens)} token positions: the tokenizer may have "
                                  f"cut words off its end)") from None
+
+
+def steps_note(pipe: Any, num_steps: int | None) -> str:
+    """The end of an error about a run's steps when the run has other steps than the ``num_inference_steps`` its
+    scheduler was set to (Heun's 2N − 1, PNDM's N + 1, img2img's ``strength``): which count the steps are; else "".
+
+    >>> import diffusers
+    >>> pipe = type("Pipe", (), {"scheduler": diffusers.HeunDiscreteScheduler()})()
+    >>> pipe.scheduler.set_timesteps(4)
+    >>> steps_note(pipe, 7)
+    '; steps count the denoiser steps of the run: 7 for num_inference_steps=4 (HeunDiscreteScheduler, Pipe)'
+    >>> steps_note(pipe, 4), steps_note(None, 7)
+    ('', '')
+    """
+    scheduler = getattr(pipe, "scheduler", None)
+    planned = getattr(scheduler, "num_inference_steps", None)
+    if not is_integer(planned) or not num_steps or planned == num_steps:
+        return ""
+    return (f"; steps count the denoiser steps of the run: {num_steps} for num_inference_steps={planned} "
+            f"({type(scheduler).__name__}, {type(pipe).__name__})")
 
 
 def nth_occurrences(tokens: list[str], targets: Any, roles: Any = None) -> list[list[int]]:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import AttnscopeError
+from ..errors import AttnscopeError, AttnscopeWarning
 from ..hooks import hooks
 from ..stats import layout_regions, layout_tokens
 from ..tokens import prompt_text
@@ -124,6 +125,7 @@ class SpatialTemporal:
         self._kv: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
         self._trainable: list[torch.Tensor] | None = None  # per sample, while optimising
         self._optimising = False
+        self._unguided = False  # the running call stopped classifier-free guidance (a CFG cutoff callback)
         self._checkpointing = True  # benchmarks/spatial_optimisation.py turns it off to measure what it saves
 
     def __repr__(self) -> str:
@@ -288,14 +290,22 @@ class SpatialTemporal:
 
     def on_step(self, step_ctx: Any) -> None:
         if step_ctx.step == 0:
+            self._unguided = False
             self.scope.check_steps(step_ctx)  # a step outside the run fails before a recorder beside it writes
             if step_ctx.rows.uncond is not None:
                 self._check_regions(step_ctx)
         if step_ctx.rows.uncond is None and step_ctx.single_branch is not None:
             return  # one half of the CFG batch only (after TGATE's gate): the attention is the cache's, nothing to add
         if step_ctx.rows.uncond is None:
-            raise AttnscopeError("SpatialTemporal needs classifier-free guidance (the rule subtracts the "
-                                 "unconditional output): use a guidance_scale > 1")
+            if step_ctx.step == 0:  # before anything is written
+                raise AttnscopeError("SpatialTemporal needs classifier-free guidance (the rule subtracts the "
+                                     "unconditional output): use a guidance_scale > 1")
+            if not self._unguided:  # guidance stopped mid-run: said once per run
+                self._unguided = True
+                warnings.warn(f"SpatialTemporal: the pipeline stopped classifier-free guidance at step {step_ctx.step} "
+                              f"(a CFG cutoff callback?): no unconditional output to subtract, so the control adds "
+                              f"nothing from this step on", AttnscopeWarning, stacklevel=2)
+            return
         self.placements(step_ctx)
         if self._optimising and self._trainable is None:
             self._trainable = [

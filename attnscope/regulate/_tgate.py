@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from ..errors import AttnscopeError
-from ._scope import is_integer, is_real, repr_options
+from ..hooks import find_denoiser
+from ._scope import is_integer, is_real, repr_options, steps_note
+from ._trajectory import planned_steps
 
 __all__ = ["TGate"]
 
@@ -144,6 +146,7 @@ class TGate:
         self.computed: dict[str, list[int]] = {}
         self.gated_steps: list[int] = []
         self._prepared: int | None = None  # the gate step prepare() resolved (and a manifest may describe)
+        self._pipe: Any = None  # the pipeline installed on, for the note of a steps error
 
     def __repr__(self) -> str:
         given = {"drop_guidance": (self.drop_guidance, True), "sp_interval": (self.sp_interval, None)}
@@ -207,12 +210,22 @@ class TGate:
         Traceback (most recent call last):
         attnscope.errors.AttnscopeError: TGate: gate_step=50 on a run of 20 steps: the gate is beyond the run and would gate no step; expected a gate step from 1 to 20 (or a fraction in (0, 1))
         """
+        self.gate_step = self.gate_of_run(num_steps)
+        return self.gate_step
+
+    def gate_of_run(self, num_steps: int) -> int:
+        """:meth:`resolve` without setting ``gate_step``: the first step a run of ``num_steps`` steps serves from the
+        cross-attention cache (what another intervention reads to know which steps have no maps).
+
+        >>> gate = TGate(0.5)
+        >>> gate.gate_of_run(7), gate.gate_step
+        (4, None)
+        """
         steps = _positive_int("num_steps", num_steps, 1)
         gate = self.gate_step if self.fraction is None else max(1, round(self.fraction * steps))
         if gate > steps:
             raise AttnscopeError(f"TGate: gate_step={gate} on a run of {steps} steps: the gate is beyond the run and "
                                  f"would gate no step; expected a gate step from 1 to {steps} (or a fraction in (0, 1))")
-        self.gate_step = gate
         return gate
 
     def _gate(self) -> int:
@@ -237,21 +250,25 @@ class TGate:
 
     # -- hook client protocol ------------------------------------------------------------------
     def on_install(self, session: Any) -> None:
-        if session.family not in _FAMILIES:
-            why = _REFUSED.get(session.family, "a model family TGATE was not defined on")
-            supported = "; ".join(f"{family} ({models})" for family, models in _FAMILIES.items())
-            raise AttnscopeError(
-                f"TGate on a {session.family!r} pipeline: TGATE has no official rule for {why}, and attnscope has not "
-                f"designed and measured one; supported families: {supported}")
+        self._pipe = session.pipe
+        _check_family(session.family)
 
     def prepare(self, pipe: Any, call: dict[str, Any]) -> None:
         """Resolve and check the gate for the pipeline call about to run (before anything is written).
 
         Called by :func:`attnscope.rerun` and ``attnscope eval`` with the call's keyword arguments, so
-        the manifest's description holds the gate step the run uses.
+        the manifest's description holds the gate step the run uses. The steps are the denoiser steps the call
+        runs, counted by running it up to its first denoiser call (its generators put back): not
+        ``num_inference_steps``, which Heun's 2N − 1, PNDM's N + 1, img2img's ``strength`` and an Euler
+        ``sigmas=`` list (one step fewer than sigmas) are not.
         """
-        num_steps = _planned_steps(pipe, call)
-        self._prepared = self.resolve(num_steps) if num_steps is not None else None
+        family, denoiser = find_denoiser(pipe)
+        _check_family(family)  # before the call is run to count its steps
+        num_steps = planned_steps(pipe, denoiser, call, "TGate")
+        try:
+            self._prepared = self.resolve(num_steps) if num_steps is not None else None
+        except AttnscopeError as exc:
+            raise AttnscopeError(f"{exc}{steps_note(pipe, num_steps)}") from None
 
     def branches(self, step_ctx: Any) -> tuple[str, ...] | None:
         # step 0 is never gated (the gate is at least 1); it comes before on_step, which resolves the gate
@@ -262,7 +279,10 @@ class TGate:
             self.cache, self.computed, self.gated_steps = {}, {}, []
             prepared, self._prepared = self._prepared, None
             if step_ctx.num_steps:
-                self.resolve(step_ctx.num_steps)
+                try:
+                    self.resolve(step_ctx.num_steps)
+                except AttnscopeError as exc:
+                    raise AttnscopeError(f"{exc}{steps_note(self._pipe, step_ctx.num_steps)}") from None
             elif self.fraction is not None:
                 raise AttnscopeError(f"gate_step={self.fraction}: the pipeline does not say how many steps it "
                                      f"runs; give an integer gate step")
@@ -305,20 +325,11 @@ class TGate:
         return self.self_attention_computed(ctx.step)
 
 
-def _planned_steps(pipe: Any, call: dict[str, Any]) -> int | None:
-    """The number of steps a pipeline call will run: its ``timesteps``/``sigmas``, else ``num_inference_steps``
-    (given, or the pipeline's default), else None.
-
-    >>> _planned_steps(None, {"num_inference_steps": 20}), _planned_steps(None, {"timesteps": [999, 500, 1]})
-    (20, 3)
-    """
-    for key in ("timesteps", "sigmas"):
-        if call.get(key) is not None:
-            return len(call[key])
-    steps = call.get("num_inference_steps")
-    if steps is None and pipe is not None:
-        import inspect
-
-        default = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
-        steps = None if default is None else default.default
-    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+def _check_family(family: str) -> None:
+    """One error for a family TGATE is not defined on (joint attention, Sana's linear self-attention)."""
+    if family not in _FAMILIES:
+        why = _REFUSED.get(family, "a model family TGATE was not defined on")
+        supported = "; ".join(f"{name} ({models})" for name, models in _FAMILIES.items())
+        raise AttnscopeError(
+            f"TGate on a {family!r} pipeline: TGATE has no official rule for {why}, and attnscope has not "
+            f"designed and measured one; supported families: {supported}")
