@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,13 +10,14 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from ..errors import AttnscopeError
+from ..errors import AttnscopeError, AttnscopeWarning
 from ..selection import index_positions
 from ..stats import image_size, layout_regions, layout_tokens
 from ..store import as_trace
 from ..tokens import prompt_text, resolve_targets, target_list
 from ._layout import colour_map, new_figure, short_site, step_label, wrapped
 from ._select import (
+    cropped_generation,
     forward_order,
     sample_index,
     sample_prompt,
@@ -133,6 +135,8 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
         on_panels = _layout_panels(index_positions(listed, token_positions(trace)), regions, sample_tokens(trace, sample),
                                    sample_roles(trace, sample))
     maps = word_maps(trace, words, sites, steps, sample).attn.normalize("minmax")
+    if (cropped := cropped_generation(trace)) is not None:
+        warnings.warn(f"heatmaps of {str(trace.path)!r}: {cropped}", AttnscopeWarning, stacklevel=2)
     fig, axes = word_panels(trace, maps, sample, alpha, cmap)
     if regions is not None:
         _draw_layout(axes[1:], on_panels, regions, radius, (maps.sizes["y"], maps.sizes["x"]))
@@ -232,7 +236,8 @@ def site_step_grid(trace: Any, word: str | int, sites: str | Sequence[str] | Non
 
     Heads are averaged; the word's pieces are summed. All panels share one colour scale (from 0 to
     the largest value shown), drawn as a single colour bar. Rows are every chosen step any site holds; a
-    site that lacks one (a trace opened with ``missing="skip"``) has a blank panel there. Columns run in the order the forward pass
+    site that lacks one (a trace opened with ``missing="skip"``) has a blank panel there, marked ``no map``
+    (``gated: no map`` at a step TGATE gated) in ``ax.texts``. Columns run in the order the forward pass
     runs the sites (a UNet's down, mid, then up blocks; each site's stored ``depth``).
 
     Parameters
@@ -265,12 +270,16 @@ def site_step_grid(trace: Any, word: str | int, sites: str | Sequence[str] | Non
     labelled = {s: g for g in reversed(grids) for s in g["step"].values.tolist()}  # a grid holding the step
     grids = [g.reindex(step=step_values) for g in grids]
     fig, axes = new_figure(len(step_values), len(names), (1.7, 1.7))
-    shown = None
+    shown, gated = None, set(trace.gated_steps)
     for col, (site, grid) in enumerate(zip(names, grids)):
         axes[0, col].set_title(f"{short_site(site)}\n{grid.sizes['y']}×{grid.sizes['x']}", fontsize=8)
         for row, step in enumerate(step_values):
             ax = axes[row, col]
-            shown = ax.imshow(grid.sel(step=step).values, cmap="viridis", vmin=0.0, vmax=top, interpolation="nearest")
+            values = grid.sel(step=step).values
+            shown = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=top, interpolation="nearest")
+            if not np.isfinite(values).any():  # a blank panel says why, rather than pass for an empty map
+                ax.text(0.5, 0.5, "gated:\nno map" if step in gated else "no map", transform=ax.transAxes,
+                        ha="center", va="center", fontsize=7, color="0.4")
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:

@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..errors import AttnscopeError
+from ..selection import step_ranges
 from ._layout import new_figure, short_site, wrapped
 from ._select import dataset_variable, select_label
 
@@ -76,6 +77,7 @@ def dominance_lines(stats: xr.Dataset, variable: str = "target_share", sample: i
     fig, axes = new_figure(1, 1, (5.5, 3.4))
     ax = axes[0, 0]
     steps = da["step"].values
+    missing = _mark_missing(ax, da)
     if extra:
         dim = extra[0]
         for value in da[dim].values.tolist():
@@ -83,6 +85,8 @@ def dominance_lines(stats: xr.Dataset, variable: str = "target_share", sample: i
         ax.legend(fontsize=8, title=dim)
     else:
         ax.plot(steps, da.values, marker=".", label=variable)
+        if missing:
+            ax.legend(fontsize=8)
     where = "mean over sites" if isinstance(sites, str) and sites == "mean" else (
         short_site(sites) if isinstance(sites, str) else f"mean over {len(sites)} sites")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -92,11 +96,42 @@ def dominance_lines(stats: xr.Dataset, variable: str = "target_share", sample: i
     return fig
 
 
+def _mark_missing(ax: Any, da: xr.DataArray) -> list[int]:
+    """Grey bands over the steps where ``da`` has no value at all (TGATE's gated steps, NaN maps), on an x axis that
+    spans every step: a line that just stops would read as a run that ended there. Returns those steps."""
+    steps = np.asarray(da["step"].values)
+    if steps.size == 0:
+        return []
+    values = np.asarray(da.transpose("step", ...).values, dtype=np.float64).reshape(steps.size, -1)
+    missing = [int(s) for s, row in zip(steps, values) if np.isnan(row).all()]
+    for i, (lo, hi) in enumerate(_runs_of(missing)):
+        ax.axvspan(lo - 0.5, hi + 0.5, color="0.88", zorder=0,
+                   label=f"no maps: step{'s' if len(missing) > 1 else ''} {step_ranges(missing)}" if i == 0 else None)
+    if missing:
+        ax.set_xlim(steps.min() - 0.5, steps.max() + 0.5)
+    return missing
+
+
+def _runs_of(steps: list[int]) -> list[tuple[int, int]]:
+    """Consecutive steps as ``(first, last)`` pairs.
+
+    >>> _runs_of([3, 4, 5, 8])
+    [(3, 5), (8, 8)]
+    """
+    runs: list[list[int]] = []
+    for s in sorted(steps):
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return [(a, b) for a, b in runs]
+
+
 #: axis labels of dominance's statistics, with their units
 _STAT_LABEL = {
     "target_share": "share of the prompt's attention (0–1)", "mass_share": "share of the prompt's attention (0–1)",
     "argmax_coverage": "share of pixels where it is the argmax (0–1)", "dominance_ratio": "dominance ratio (top-1 / top-2)",
-    "entropy": "entropy of the shares (nats)", "gini": "Gini of the shares (0–1)",
+    "entropy": "per-pixel entropy over the prompt's tokens (nats)", "gini": "Gini of the shares (0–1)",
     "sink_share": "attention on SOT, EOT and padding (0–1)",
 }
 
@@ -163,10 +198,16 @@ def convergence(conv: xr.Dataset, sample: int = 0) -> Figure:
         if stable >= 0:
             ax.axvline(stable, ls=":", color="tab:green", lw=1.5, label=f"suggested gate step {stable}")
     gated = [int(s) for s in conv.attrs.get("gated_steps", [])]
-    if gated:
-        ax.axvspan(min(gated) - 0.5, max(gated) + 0.5, color="0.85", zorder=0, label=f"gated steps {min(gated)}–{max(gated)}")
+    for i, (lo, hi) in enumerate(_runs_of(gated)):  # one band per run of steps: gated steps need not be consecutive
+        ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", zorder=0,
+                   label=f"gated step{'s' if len(gated) > 1 else ''} {step_ranges(gated)}" if i == 0 else None)
     if np.any(np.asarray(per_site.values) > 0) or np.any(np.asarray(mean.values) > 0):
         ax.set_yscale("log")
+    if not np.isfinite(np.asarray(mean.values, dtype=np.float64)).any():  # one step, or every step gated: no curve
+        ax.text(0.5, 0.5, "no step-to-step change: fewer than two\nconsecutive captured steps with maps",
+                transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
+    if steps.size:
+        ax.set_xlim(float(np.min(steps)) - 0.5, float(np.max(steps)) + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     of = conv.attrs.get("of", "maps")
     ax.set(xlabel="step", ylabel=_YLABEL.get(of, str(of)), title=f"convergence — sample {sample}")

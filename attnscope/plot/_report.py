@@ -30,7 +30,15 @@ from ._heatmaps import heatmaps, site_step_grid, word_maps, word_panels
 from ._layout import missing_glyphs_quiet, step_label
 from ._lines import convergence as convergence_figure
 from ._lines import dominance_lines
-from ._select import sample_index, sample_prompt, sample_roles, sample_tokens, site_names, token_positions
+from ._select import (
+    cropped_generation,
+    sample_index,
+    sample_prompt,
+    sample_roles,
+    sample_tokens,
+    site_names,
+    token_positions,
+)
 
 __all__ = ["STOP_WORDS", "report", "report_words"]
 
@@ -257,7 +265,8 @@ def plural(n: int, word: str) -> str:
 
 
 def _notes(tr: Any) -> list[str]:
-    """What a reader must know before trusting the figures: an incomplete capture, NaN maps, gated steps."""
+    """What a reader must know before trusting the figures: an incomplete capture, NaN maps, maps of an inpainting
+    crop, gated steps."""
     notes = []
     if not tr.complete:
         notes.append(f"<strong>Incomplete trace.</strong> Its capture stopped after {tr.steps_written} of "
@@ -269,6 +278,8 @@ def _notes(tr: Any) -> list[str]:
         notes.append(f"<strong>NaN attention.</strong> The model produced NaN maps at {plural(len(nan), 'site')}, "
                      f"steps {_esc(step_ranges(steps))} (NaN weights or an overflow): statistics over these steps are "
                      f"NaN and the image is likely blank.")
+    if (cropped := cropped_generation(tr)) is not None:
+        notes.append(f"<strong>Maps of a crop.</strong> {_esc(cropped[0].upper() + cropped[1:])}.")
     if tr.gated_steps:
         notes.append(f"<strong>Gated steps.</strong> Steps {_esc(step_ranges(tr.gated_steps))} reused cached "
                      f"attention (TGATE): they have no maps and are left out of the statistics.")
@@ -282,6 +293,42 @@ def _interventions(manifest: Any, params: bool = True) -> str:
         return "none"
     return "; ".join((f"{i.get('name')} {json.dumps(i.get('params', {}), sort_keys=True)}" if params else
                       str(i.get("name"))) if isinstance(i, dict) else str(i) for i in found)
+
+
+def _steps_row(tr: Any, run: dict) -> str:
+    """The run's denoiser steps and their timesteps, and the guidance: an img2img run starts mid-schedule,
+    Heun runs 2N−1 steps for N, a run without guidance records the prompt's rows alone.
+
+    >>> from types import SimpleNamespace as Run
+    >>> _steps_row(Run(timesteps=[499.0, 374.0]), {"num_steps": 2, "num_inference_steps": 4, "guidance_scale": 7.5,
+    ...                                            "pipeline_kwargs": {"strength": 0.5}, "guidance": True})
+    '2 (num_inference_steps 4, strength 0.5), t = 499 … 374; guidance scale 7.5'
+    """
+    kwargs = run.get("pipeline_kwargs") if isinstance(run.get("pipeline_kwargs"), dict) else {}
+    asked = [f"num_inference_steps {run['num_inference_steps']}"] if run.get("num_inference_steps") not in (
+        None, run.get("num_steps")) else []
+    asked += [f"{k} {kwargs[k]}" for k in ("strength", "denoising_start", "denoising_end") if k in kwargs]
+    times = np.asarray(getattr(tr, "timesteps", []), dtype=np.float64)
+    known = times[np.isfinite(times)]
+    span = f", t = {known[0]:g} … {known[-1]:g}" if known.size > 1 else f", t = {known[0]:g}" if known.size else ""
+    off = " (guidance off: the prompt's rows alone)" if run.get("guidance") is False else ""
+    return (f"{run.get('num_steps')}{' (' + ', '.join(asked) + ')' if asked else ''}{span}; guidance scale "
+            f"{run.get('guidance_scale')}{off}")
+
+
+_SHOWN_ELSEWHERE = ("num_inference_steps", "guidance_scale", "height", "width", "strength", "denoising_start",
+                    "denoising_end", "negative_prompt", "num_images_per_prompt")
+
+
+def _arguments_row(run: dict) -> str:
+    """The pipeline's other arguments as recorded (a CFG cutoff callback, ``padding_mask_crop``, …) and the names
+    of those the manifest could not hold (an init image, a mask, a callback function)."""
+    kwargs = run.get("pipeline_kwargs") if isinstance(run.get("pipeline_kwargs"), dict) else {}
+    shown = [f"{k}={json.dumps(v, sort_keys=True)}" for k, v in kwargs.items() if k not in _SHOWN_ELSEWHERE]
+    unrecorded = run.get("unrecorded_kwargs") if isinstance(run.get("unrecorded_kwargs"), list) else []
+    if unrecorded:
+        shown.append(f"not recorded: {', '.join(map(str, unrecorded))}")
+    return "; ".join(shown)
 
 
 def _summary_rows(tr: Any) -> list[tuple[str, Any]]:
@@ -299,7 +346,8 @@ def _summary_rows(tr: Any) -> list[tuple[str, Any]]:
         ("prompts" if len(run.get("prompts") or []) > 1 else "prompt", " | ".join(map(str, run.get("prompts") or []))),
         ("negative prompt", run.get("negative_prompt") or "none"),
         ("seed", f"{run.get('seed')} (generator on {run.get('generator_device')})"),
-        ("steps", f"{run.get('num_steps')}, guidance scale {run.get('guidance_scale')}"),
+        ("steps", _steps_row(tr, run)),
+        *([("pipeline arguments", _arguments_row(run))] if _arguments_row(run) else []),
         ("scheduler", f"{scheduler.get('class')} (prediction {config.get('prediction_type')}, "
                       f"spacing {config.get('timestep_spacing')})"),
         ("size", f"{run.get('height')} × {run.get('width')} px, {run.get('samples')} image(s)"),

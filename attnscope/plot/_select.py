@@ -12,7 +12,7 @@ from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import prompt_text, token_roles, word_alignment
 
-__all__ = ["dataset_variable", "default_targets", "forward_order", "sample_index",
+__all__ = ["cropped_generation", "dataset_variable", "default_targets", "forward_order", "sample_index",
            "sample_prompt", "sample_roles", "sample_tokens", "token_positions", "select_label", "site_maps", "site_names"]
 
 
@@ -21,6 +21,33 @@ def site_names(trace: Any, sites: Any) -> list[str]:
     site's stored description (as capture's: ``lambda site: site.block == "up"``)."""
     described = {n: trace.site_description(n) for n in trace.sites} if callable(sites) else None
     return select_site_names(sites, trace.sites, described)
+
+
+def cropped_generation(trace: Any) -> str | None:
+    """Why the trace's maps are not aligned with its images, or None when they are.
+
+    An inpainting run with ``padding_mask_crop`` generates only a crop around the mask (at ``height`` × ``width``)
+    and pastes it back into the whole image: its maps cover that crop, whose box the manifest does not hold, so a
+    map stretched over the stored image lands in the wrong place.
+
+    >>> from types import SimpleNamespace as Run
+    >>> print(cropped_generation(Run(manifest={"run": {"pipeline_kwargs": {"padding_mask_crop": 4}, "height": 64,
+    ...                                                 "width": 64, "generated_size": [32, 32]}})))
+    the maps cover the crop around the mask that the pipeline generated (padding_mask_crop=4, at 32 × 32 px) and pasted back into the 64 × 64 px image, not the whole image: heat maps drawn over the image are not aligned with it
+    >>> cropped_generation(Run(manifest={"run": {"pipeline_kwargs": {}}})) is None
+    True
+    """
+    manifest = getattr(trace, "manifest", None)
+    run = manifest.get("run") if isinstance(manifest, dict) else None
+    kwargs = run.get("pipeline_kwargs") if isinstance(run, dict) else None
+    pad = kwargs.get("padding_mask_crop") if isinstance(kwargs, dict) else None
+    if pad is None:
+        return None
+    height, width = run.get("height"), run.get("width")
+    generated = run.get("generated_size") or [height, width]
+    return (f"the maps cover the crop around the mask that the pipeline generated (padding_mask_crop={pad!r}, at "
+            f"{generated[0]} × {generated[1]} px) and pasted back into the {height} × {width} px image, not the whole "
+            f"image: heat maps drawn over the image are not aligned with it")
 
 
 def forward_order(trace: Any, names: Sequence[str]) -> list[str]:

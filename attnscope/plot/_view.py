@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -27,14 +28,14 @@ try:
 except ImportError as exc:  # an optional dependency: the notebooks extra
     raise ImportError("ats.view needs anywidget: pip install 'attnscope[notebooks]' (or pip install anywidget)") from exc
 
-from ..errors import AttnscopeError
+from ..errors import AttnscopeError, AttnscopeWarning
 from ..selection import step_ranges
 from ..stats import dominance, dominance_ratio, image_size, upsample_maps
-from ..store import as_trace, check_same_generation
+from ..store import as_trace, check_same_generation, check_same_schedule
 from ..tokens import resolve_targets, word_alignment
 from ._layout import colour_map, short_site, step_label
 from ._report import plural, report_words
-from ._select import forward_order, sample_index, sample_prompt, sample_roles, sample_tokens
+from ._select import cropped_generation, forward_order, sample_index, sample_prompt, sample_roles, sample_tokens
 
 __all__ = ["ALL", "TraceViewer", "view"]
 
@@ -314,7 +315,11 @@ class TraceViewer(anywidget.AnyWidget):
         if compare is not None:
             second = as_trace(compare, "compare")
             check_same_generation(first, second, f"compare={str(second.path)!r}")  # as ats.compare checks
+            check_same_schedule(first, second, f"compare={str(second.path)!r}")
             self._runs.append(_Run(second, "after"))
+        for run in self._runs:  # an inpainting crop's maps: the panels would show them stretched over the whole image
+            if (cropped := cropped_generation(run.trace)) is not None:
+                warnings.warn(f"view of {str(run.trace.path)!r}: {cropped}", AttnscopeWarning, stacklevel=3)
         self._cmap = cmap
         colour_map([0.0], 0.0, 1.0, cmap)  # an unknown colour map is an error now
         sites = forward_order(first, [s for s in first.sites if all(s in run.trace.sites for run in self._runs[1:])])

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import AttnscopeError
 from ..selection import run_steps, select_site_names, select_steps, step_ranges
 from ..stats import dominance
-from ..store import Trace, as_trace, check_same_generation
+from ..store import Trace, as_trace, check_same_generation, check_same_schedule
 from ..tokens import target_list, token_words
 
 __all__ = ["Comparison", "compare"]
@@ -65,19 +65,20 @@ class Comparison:
         return pd.DataFrame({"before": before, "after": after, "change": after - before})
 
     def table(self) -> str:
-        """The targets' mean shares before and after as a text table; when a run gated steps (TGATE), a last
-        line says which steps were compared and which were gated (see :meth:`steps_note`)."""
+        """The targets' mean shares before and after as a text table; when a run gated steps (TGATE) or a trace is
+        incomplete, a last line says which steps were compared and why not all (see :meth:`steps_note`)."""
         df = self.shares()
         width = max([6, *(len(t) for t in df.index)])
         lines = [f"{'target':<{width}}  {'before':>7}  {'after':>7}  {'change':>7}"]
         for target, row in df.iterrows():
             lines.append(f"{target:<{width}}  {row.before:7.3f}  {row.after:7.3f}  {row.change:+7.3f}")
-        if self.stats.attrs.get("gated_steps"):
+        if self.stats.attrs.get("gated_steps") or not all(getattr(t, "complete", True) for t in (self.a, self.b)):
             lines.append(self.steps_note())
         return "\n".join(lines)
 
     def steps_note(self) -> str:
-        """Which steps the statistics compare, and which were left out because a run gated them (TGATE).
+        """Which steps the statistics compare, which were left out because a run gated them (TGATE), and whether a
+        trace is incomplete (its capture stopped: only the steps it wrote are compared).
 
         >>> import tempfile, attnscope as ats
         >>> d = tempfile.mkdtemp()
@@ -91,7 +92,9 @@ class Comparison:
         if gated:
             note += (f" ({_plural('step', gated)} {step_ranges(gated)} gated: attention reused from the cache, "
                      f"no maps to compare)")
-        return note
+        stopped = [f"trace {label} is incomplete: {tr.written}" for label, tr in (("a", self.a), ("b", self.b))
+                   if getattr(tr, "complete", True) is False]
+        return note + (f" ({'; '.join(stopped)})" if stopped else "")
 
     def image_change(self) -> float | None:
         """Mean absolute difference of the two runs' images, per pixel and channel in [0, 1] (None when a trace
@@ -228,7 +231,8 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
     Parameters
     ----------
     a, b : Trace or path
-        Before and after: two traces of the same prompts and image size whose maps are of the same
+        Before and after: two traces of the same prompts, image size and schedule (steps at the same timesteps:
+        not a text-to-image run and an img2img run of as many steps) whose maps are of the same
         classifier-free guidance branch (typically a trace and its :func:`rerun` with interventions).
     targets : list of words, phrases or token positions, optional
         Default: every distinct word of ``a``'s first prompt (``ats.stats.dominance``'s default).
@@ -249,6 +253,7 @@ def compare(a: Trace | str | Path, b: Trace | str | Path, targets: Sequence[str 
     """
     ta, tb = as_trace(a, "a"), as_trace(b, "b")
     check_same_generation(ta, tb)
+    check_same_schedule(ta, tb)
     _check_same_branch(ta, tb)
     if targets is None:
         targets = list(dict.fromkeys(w for w in token_words(ta.tokens, ta.token_roles) if w))

@@ -32,7 +32,7 @@ def dominance_table(ds: Any, by: str = "word") -> str:
 
     ``by="word"``: mass share and argmax coverage per prompt token (mean over steps and sites), then
     the summary statistics. ``by="step"`` / ``by="site"``: target shares and summary statistics per
-    step (mean over sites) or per site (mean over steps). ``by="block"``: per block of sites (a
+    step (mean over sites; the step's timestep last, ``t``) or per site (mean over steps). ``by="block"``: per block of sites (a
     UNet's down/mid/up, a joint transformer's double/single stream, a flat stack's early/middle/late
     third), in the order the forward pass reaches them, mean over steps and the block's sites.
 
@@ -83,11 +83,15 @@ def dominance_table(ds: Any, by: str = "word") -> str:
                 mean = one.mean("site" if by == "step" else "step")
             labels = [str(t) for t in one["target"].values]
             head = f"{by:<52}" if by in ("site", "block") else f"{by:>4}"
-            lines.append(head + "".join(f"{t[:12]:>13}" for t in labels) + "".join(f"{_SHORT[v]:>11}" for v in _SUMMARY))
+            # per step, the step's timestep last: an img2img run's step 0 is mid-schedule, Heun repeats timesteps
+            timed = by == "step" and "timestep" in mean.coords and mean["timestep"].dims == ("step",)
+            lines.append(head + "".join(f"{t[:12]:>13}" for t in labels) + "".join(f"{_SHORT[v]:>11}" for v in _SUMMARY)
+                         + (f"{'t':>8}" if timed else ""))
             for k, key in enumerate(mean[by].values):
                 row = f"{str(key):<52}" if by in ("site", "block") else f"{int(key):>4}"
                 row += "".join(f"{_num(float(x), True):>13}" for x in mean.target_share.values[k])
                 row += "".join(f"{_num(float(mean[v].values[k])):>11}" for v in _SUMMARY)
+                row += f"{float(mean['timestep'].values[k]):>8g}" if timed else ""
                 lines.append(row)
         lines.append("")
     return "\n".join(lines).rstrip()

@@ -15,13 +15,14 @@ import functools
 import itertools
 import json
 import numbers
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
 import numpy as np
 
-from ..errors import AttnscopeError
+from ..errors import AttnscopeError, AttnscopeWarning
 from ..tokens import target_list
 from ._dominance import dominance
 from ._shape import map_shape
@@ -132,6 +133,55 @@ def _step_list(value: Any) -> list[Any]:
         return []
 
 
+#: the runs the shipped weights were fitted on: the shapes model's 20-step plan (DDIM, trailing spacing), t = 999 … 49
+_SHIPPED_STEPS = 20
+_SHIPPED_TIMESTEPS = tuple(999 - 50 * k for k in range(_SHIPPED_STEPS))
+
+
+def _run_schedule(source: Any) -> tuple[int | None, np.ndarray | None]:
+    """The number of steps of the run behind ``source`` and its timesteps, where the source says (a trace, or arrays
+    from one: their ``run_steps`` attribute and ``timestep`` coordinate); ``None`` for what it does not say (the live
+    maps ``risk_above`` judges)."""
+    manifest = getattr(source, "manifest", None)
+    if isinstance(manifest, Mapping):
+        steps = manifest.get("run", {}).get("num_steps") if isinstance(manifest.get("run"), Mapping) else None
+        timesteps = getattr(source, "timesteps", None)
+        return (int(steps) if steps else None), (None if timesteps is None else np.asarray(timesteps, np.float64))
+    first = next(iter(source.values()), None) if isinstance(source, Mapping) else source
+    attrs = getattr(first, "attrs", {}) if first is not None else {}
+    coords = getattr(first, "coords", {}) if first is not None else {}
+    n_steps = int(attrs["run_steps"]) if attrs.get("run_steps") else None
+    if "timestep" not in coords or "step" not in coords or coords["step"].size == 0:
+        return n_steps, None
+    try:
+        steps = np.asarray(coords["step"].values, dtype=np.int64).ravel()
+        times = np.full(max(n_steps or 0, int(steps.max()) + 1), np.nan)
+        times[steps] = np.asarray(coords["timestep"].values, np.float64).ravel()
+    except (TypeError, ValueError, IndexError):  # odd coordinates: the statistics will say what is wrong with them
+        return n_steps, None
+    return n_steps, times
+
+
+def _warn_if_uncalibrated(source: Any, step: int) -> None:
+    """Warn when the shipped weights judge a step they were not fitted at: step ``step`` of a run of another length
+    or another schedule (an img2img run starts mid-schedule, Heun runs 2N−1 steps) sits at another noise level than
+    step ``step`` of the shapes model's 20-step runs, so its risk is not the calibrated one."""
+    n_steps, timesteps = _run_schedule(source)
+    index = step if step >= 0 else (n_steps or 0) + step
+    at = timesteps[index] if timesteps is not None and 0 <= index < len(timesteps) else np.nan
+    fitted = _SHIPPED_TIMESTEPS[step] if 0 <= step < _SHIPPED_STEPS else np.nan
+    if np.isfinite(at) and np.isfinite(fitted):  # the timestep decides: step 0 of any plan from t=999 is step 0's maps
+        uncalibrated = abs(at - fitted) > 0.5
+    else:
+        uncalibrated = n_steps is not None and n_steps != _SHIPPED_STEPS
+    if uncalibrated:
+        run = (f"a run of {n_steps} steps" if n_steps else "this run") + (f", at t={at:g}" if np.isfinite(at) else "")
+        warnings.warn(f"neglect_risk(step={step}): the shipped weights were fitted at step {step} of the shapes model's "
+                      f"{_SHIPPED_STEPS}-step runs (t={fitted:g}); this is step {step} of {run}, another point of the "
+                      f"schedule, so the risk is not calibrated here (fit a model on your own runs: "
+                      f"attnscope.sweep.fit_neglect_risk, and pass model=)", AttnscopeWarning, stacklevel=3)
+
+
 @functools.lru_cache(maxsize=1)
 def _shipped_model() -> dict[str, Any]:
     return json.loads(resources.files(__package__).joinpath("neglect_risk.json").read_text())
@@ -228,6 +278,8 @@ def neglect_risk(source: Any, targets: Sequence[str | int], *, step: int = 5, si
         raise AttnscopeError(f"step={step!r}: expected an int")
     step = int(step)  # numpy's ints too, as neglect_features takes them
     params = check_neglect_model(_shipped_model() if model is None else model, step)
+    if model is None:
+        _warn_if_uncalibrated(source, step)
     feats = neglect_features(source, targets, sites=sites, step=step, tokens=tokens)
     x = np.stack([feats[name].values for name in NEGLECT_FEATURES], axis=1)
     z = params["weights"][0] + ((x - params["mean"]) / params["std"]) @ params["weights"][1:]

@@ -27,12 +27,19 @@ from ._format import (
     site_group,
 )
 from ._location import access_error, filesystem, is_url, locate, read_root
-from ._manifest import build_manifest, check_same_generation, freeu_settings, jsonable, weights_fingerprint
+from ._manifest import (
+    build_manifest,
+    check_same_generation,
+    check_same_schedule,
+    freeu_settings,
+    jsonable,
+    weights_fingerprint,
+)
 from ._reader import Trace, as_trace, open_trace
 from ._upload import upload_trace
 from ._writer import SiteLayout, StoreLayout, TraceWriter, check_store_path, enclosing_trace
 
 __all__ = ["BRANCH_ARRAYS", "FORMAT_VERSION", "GATED_STEPS_ATTR", "IMAGE_DIMS", "OUTPUT_CHANGE", "OUTPUT_NORM",
            "ROOT_COORDS", "SITES_GROUP", "SITE_DIMS", "SUMMARIES_GROUP", "SUMMARY_DIMS", "SiteLayout", "StoreLayout",
-           "Trace", "TraceWriter", "access_error", "as_trace", "build_manifest", "check_keep_bits", "check_same_generation", "check_store_path", "chunk_steps", "enclosing_trace", "filesystem", "freeu_settings", "is_url", "jsonable", "locate",
+           "Trace", "TraceWriter", "access_error", "as_trace", "build_manifest", "check_keep_bits", "check_same_generation", "check_same_schedule", "check_store_path", "chunk_steps", "enclosing_trace", "filesystem", "freeu_settings", "is_url", "jsonable", "locate",
            "open_trace", "read_root", "site_group", "upload_trace", "weights_fingerprint"]

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import AttnscopeError
 
-__all__ = ["build_manifest", "check_same_generation", "freeu_settings", "jsonable", "weights_fingerprint"]
+__all__ = ["build_manifest", "check_same_generation", "check_same_schedule", "freeu_settings", "jsonable", "weights_fingerprint"]
 
 _LIBRARIES = ("attnscope", "torch", "diffusers", "transformers", "zarr", "xarray", "numpy")
 _FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
@@ -50,6 +50,33 @@ def check_same_generation(a: Any, b: Any, what: str = "") -> None:
             raise AttnscopeError(f"{opening}cannot compare {str(a.path)!r} and {str(b.path)!r}: their {key} differs "
                                  f"({ra.get(key)!r} vs {rb.get(key)!r}); a before/after needs two runs of the same "
                                  f"generation")
+
+
+def check_same_schedule(a: Any, b: Any, what: str = "") -> None:
+    """Check that traces ``a`` and ``b`` ran their steps at the same timesteps: a before/after pairs steps by index,
+    so a text-to-image run (t = 999, 749, …) and an img2img run of as many steps (strength 0.5: t = 499, 374, …), or
+    two schedulers' plans, would compare maps of other noise levels as if one run had changed them. Steps whose
+    timestep either trace does not know (NaN) are not judged; ``what`` opens the error, as in
+    :func:`~attnscope.store.check_same_generation`.
+
+    >>> from types import SimpleNamespace as Run
+    >>> a, b = Run(path="a.zarr", timesteps=[999.0, 749.0]), Run(path="b.zarr", timesteps=[499.0, 374.0])
+    >>> check_same_schedule(a, a)
+    >>> check_same_schedule(a, b)
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: cannot compare 'a.zarr' and 'b.zarr': their timesteps differ (step 0: t=999 vs t=499; step 1: t=749 vs t=374); steps pair up by index, so a before/after needs two runs of the same schedule (the same scheduler, steps and strength)
+    """
+    ta, tb = (np.asarray(getattr(t, "timesteps", []), dtype=np.float64).ravel() for t in (a, b))
+    if len(ta) != len(tb):  # another number of steps: check_same_generation's num_steps says so
+        return
+    known = np.isfinite(ta) & np.isfinite(tb)
+    differ = np.flatnonzero(known & ~np.isclose(ta, tb, rtol=1e-6, atol=1e-6))
+    if differ.size:
+        shown = "; ".join(f"step {i}: t={ta[i]:g} vs t={tb[i]:g}" for i in differ[:3]) + ("; …" if differ.size > 3 else "")
+        opening = f"{what}: " if what else ""
+        raise AttnscopeError(f"{opening}cannot compare {str(a.path)!r} and {str(b.path)!r}: their timesteps differ "
+                             f"({shown}); steps pair up by index, so a before/after needs two runs of the same "
+                             f"schedule (the same scheduler, steps and strength)")
 
 
 def jsonable(value: Any) -> Any:
