@@ -23,7 +23,7 @@ __all__ = ["DTYPES", "SEEDS", "RecordedSite", "SiteSpec", "StepSpec", "check_cho
            "parse_step_text",
            "run_steps",
            "select_captured_steps", "select_site_names", "select_sites", "select_steps", "site_descriptions",
-           "step_ranges"]
+           "step_ranges", "step_runs"]
 
 SiteSpec = None | str | Sequence[str] | Callable[[Any], bool]
 StepSpec = None | int | range | slice | Iterable[int]
@@ -319,11 +319,11 @@ def run_steps(source: Any, arrays: Iterable[Any]) -> int:
     return max((int(da["step"].max()) + 1 for da in arrays if da.sizes.get("step")), default=0)
 
 
-def step_ranges(steps: Sequence[int]) -> str:
-    """Steps as compact ranges, for messages and reports.
+def step_runs(steps: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive steps as ``(first, last)`` pairs (for ranges in messages, bands in figures).
 
-    >>> step_ranges([0, 1, 2, 3, 5, 8, 9]), step_ranges([]), step_ranges([4])
-    ('0–3, 5, 8–9', 'none', '4')
+    >>> step_runs([8, 3, 4, 5])
+    [(3, 5), (8, 8)]
     """
     runs: list[list[int]] = []
     for s in sorted(steps):
@@ -331,7 +331,16 @@ def step_ranges(steps: Sequence[int]) -> str:
             runs[-1][1] = s
         else:
             runs.append([s, s])
-    return ", ".join(f"{lo}–{hi}" if hi > lo else f"{lo}" for lo, hi in runs) or "none"
+    return [(lo, hi) for lo, hi in runs]
+
+
+def step_ranges(steps: Sequence[int]) -> str:
+    """Steps as compact ranges, for messages and reports.
+
+    >>> step_ranges([0, 1, 2, 3, 5, 8, 9]), step_ranges([]), step_ranges([4])
+    ('0–3, 5, 8–9', 'none', '4')
+    """
+    return ", ".join(f"{lo}–{hi}" if hi > lo else f"{lo}" for lo, hi in step_runs(steps)) or "none"
 
 
 def index_positions(targets: Sequence[str | int], positions: Sequence[int]) -> list[str | int]:

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..errors import AttnscopeError
-from ..selection import step_ranges
+from ..selection import step_ranges, step_runs
 from ._layout import new_figure, short_site, wrapped
 from ._select import dataset_variable, select_label
 
@@ -104,27 +104,12 @@ def _mark_missing(ax: Any, da: xr.DataArray) -> list[int]:
         return []
     values = np.asarray(da.transpose("step", ...).values, dtype=np.float64).reshape(steps.size, -1)
     missing = [int(s) for s, row in zip(steps, values) if np.isnan(row).all()]
-    for i, (lo, hi) in enumerate(_runs_of(missing)):
+    for i, (lo, hi) in enumerate(step_runs(missing)):
         ax.axvspan(lo - 0.5, hi + 0.5, color="0.88", zorder=0,
                    label=f"no maps: step{'s' if len(missing) > 1 else ''} {step_ranges(missing)}" if i == 0 else None)
     if missing:
         ax.set_xlim(steps.min() - 0.5, steps.max() + 0.5)
     return missing
-
-
-def _runs_of(steps: list[int]) -> list[tuple[int, int]]:
-    """Consecutive steps as ``(first, last)`` pairs.
-
-    >>> _runs_of([3, 4, 5, 8])
-    [(3, 5), (8, 8)]
-    """
-    runs: list[list[int]] = []
-    for s in sorted(steps):
-        if runs and s == runs[-1][1] + 1:
-            runs[-1][1] = s
-        else:
-            runs.append([s, s])
-    return [(a, b) for a, b in runs]
 
 
 #: axis labels of dominance's statistics, with their units
@@ -198,7 +183,7 @@ def convergence(conv: xr.Dataset, sample: int = 0) -> Figure:
         if stable >= 0:
             ax.axvline(stable, ls=":", color="tab:green", lw=1.5, label=f"suggested gate step {stable}")
     gated = [int(s) for s in conv.attrs.get("gated_steps", [])]
-    for i, (lo, hi) in enumerate(_runs_of(gated)):  # one band per run of steps: gated steps need not be consecutive
+    for i, (lo, hi) in enumerate(step_runs(gated)):  # one band per run of steps: gated steps need not be consecutive
         ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", zorder=0,
                    label=f"gated step{'s' if len(gated) > 1 else ''} {step_ranges(gated)}" if i == 0 else None)
     if np.any(np.asarray(per_site.values) > 0) or np.any(np.asarray(mean.values) > 0):
