@@ -177,11 +177,13 @@ def test_report_says_which_steps_ran(runs, tmp_path):
     assert "guidance off" in dict(_summary_rows(runs["nocfg"]))["steps"]
 
 
-def test_inpainting_crop_maps_are_flagged_where_they_are_drawn_over_the_image(sd_pipe, tmp_path):
-    """With padding_mask_crop the maps cover the crop the pipeline generated, not the stored image, and the crop's box
-    is not recorded: heatmaps, the viewer and the report drew them stretched over the whole image without a word.
-    Now each says so; an inpainting run without the crop does not."""
+def test_inpainting_crop_maps_are_drawn_inside_the_crop_box(sd_pipe, tmp_path):
+    """With padding_mask_crop the maps cover the crop the pipeline generated, not the stored image: heatmaps, the
+    viewer and the report drew them stretched over the whole image without a word (then: with a warning). Capture now
+    records the crop's box and each draws the maps inside it, without a warning; the report says so. An inpainting
+    run without the crop is drawn over the whole image. (tests/test_crop_audit5.py checks the placement by hand.)"""
     import diffusers
+    from diffusers.image_processor import VaeImageProcessor
 
     pipe = quiet(diffusers.StableDiffusionInpaintPipeline(**sd_pipe.components))
     mask = np.zeros((64, 64), np.uint8)
@@ -190,17 +192,23 @@ def test_inpainting_crop_maps_are_flagged_where_they_are_drawn_over_the_image(sd
     crop = ats.capture(pipe, PROMPT, seed=0, store=tmp_path / "crop.zarr", height=32, width=32, padding_mask_crop=4, **kw)
     whole = ats.capture(pipe, PROMPT, seed=0, store=tmp_path / "whole.zarr", height=64, width=64, **kw)
     assert crop.images[0].size == (64, 64)  # the pasted-back image; the maps are of the 32 px crop
-    with pytest.warns(ats.AttnscopeWarning, match=r"crop around the mask .*padding_mask_crop=4, at 32 × 32 px.*not aligned"):
-        ats.plot.heatmaps(crop, ["circle"])
-    with pytest.warns(ats.AttnscopeWarning, match="not aligned"):
-        path = ats.report(crop, tmp_path / "crop.html", words=["circle"])
-    assert "Maps of a crop." in path.read_text()
+    x1, y1, x2, y2 = box = crop.manifest["run"]["crop_region"]
+    assert box == list(VaeImageProcessor.get_crop_region(Image.fromarray(mask), 32, 32, pad=4))
     with warnings.catch_warnings():
         warnings.simplefilter("error", ats.AttnscopeWarning)
-        ats.plot.heatmaps(whole, ["circle"])
+        fig = ats.plot.heatmaps(crop, ["circle"])
+        path = ats.report(crop, tmp_path / "crop.html", words=["circle"])
+        assert ats.plot.heatmaps(whole, ["circle"]).axes[1].images[-1].get_extent() == [-0.5, 63.5, 63.5, -0.5]
+    assert fig.axes[1].images[-1].get_extent() == [x1 - 0.5, x2 - 0.5, y2 - 0.5, y1 - 0.5]
+    assert "Maps of a crop." in path.read_text()
     pytest.importorskip("anywidget")
-    with pytest.warns(ats.AttnscopeWarning, match="not aligned"):
-        ats.view(crop)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ats.AttnscopeWarning)
+        shown = ats.view(crop).current_map()
+    inside = np.zeros(shown.shape[1:], bool)
+    inside[y1:y2, x1:x2] = True
+    assert (x1, y1, x2, y2) != (0, 0, 64, 64) and np.isnan(shown[:, ~inside]).all()
+    assert np.isfinite(shown[:, inside]).all()
 
 
 def test_convergence_figure_of_one_step_says_there_is_no_curve(shapes, tmp_path):

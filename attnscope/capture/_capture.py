@@ -6,6 +6,8 @@ import inspect
 import math
 import numbers
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -270,7 +272,8 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     recorder = Recorder(store, sites=sites, steps=steps, heads=heads, tokens=tokens, branch=branch,
                         overwrite=overwrite, output_change=output_change, run_info=run_info,
                         keep_bits=keep_bits)
-    with hooks(pipe, recorder, exact=exact):
+    cropping = pipeline_kwargs.get("padding_mask_crop") is not None
+    with hooks(pipe, recorder, exact=exact), (_recording_crop(pipe, recorder.run_info) if cropping else nullcontext()):
         out = pipe(prompt=prompts if len(prompts) > 1 else prompts[0], generator=generator, **pipeline_kwargs)
         if output_type != "latent":
             recorder.add_images(out.images)
@@ -278,6 +281,34 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         raise AttnscopeError(f"store={str(store)!r}: nothing was written, the pipeline ran no denoising step "
                              f"(num_inference_steps={run_info['num_inference_steps']!r})")
     return open_trace(recorder.path)
+
+
+@contextmanager
+def _recording_crop(pipe: Any, run_info: dict) -> Iterator[None]:
+    """While an inpainting pipeline runs with ``padding_mask_crop``: the box it crops, generates and pastes back,
+    as ``run_info["crop_region"] = [x1, y1, x2, y2]`` (plain ints, pixels of the mask and image, x2 and y2
+    exclusive), read from the pipeline's own call of ``mask_processor.get_crop_region`` (diffusers' inpainting
+    pipelines compute the box there). Nothing is recorded for a pipeline without that processor."""
+    processor = getattr(pipe, "mask_processor", None)
+    find = getattr(processor, "get_crop_region", None)
+    if not callable(find):
+        yield
+        return
+    own = processor.__dict__.get("get_crop_region")  # an instance attribute to restore (normally the class's)
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        box = find(*args, **kwargs)
+        run_info["crop_region"] = [int(v) for v in box]
+        return box
+
+    processor.get_crop_region = recording
+    try:
+        yield
+    finally:
+        if own is None:
+            del processor.get_crop_region
+        else:
+            processor.get_crop_region = own
 
 
 def _planned_steps(pipe: Any, pipeline_kwargs: dict) -> Any:

@@ -17,6 +17,7 @@ from ..store import as_trace
 from ..tokens import prompt_text, resolve_targets, target_list
 from ._layout import colour_map, new_figure, short_site, step_label, wrapped
 from ._select import (
+    crop_box,
     cropped_generation,
     forward_order,
     sample_index,
@@ -28,7 +29,7 @@ from ._select import (
     token_positions,
 )
 
-__all__ = ["heatmaps", "site_step_grid", "word_maps", "word_panels"]
+__all__ = ["heatmaps", "map_area", "site_step_grid", "word_maps", "word_panels"]
 
 
 def word_maps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Sequence[str] | None = None,
@@ -39,6 +40,10 @@ def word_maps(trace: Any, words: Sequence[str | int] | str | int, sites: str | S
     ``per_step=True`` keeps the steps apart (dims ``step, word, y, x``): step ``s`` holds what
     ``word_maps(..., steps=[s])`` gives, read with one pass over each site instead of one per step. A step a
     site lacks (a trace opened with ``missing="skip"``) is the mean of the sites that hold it.
+
+    An inpainting run with ``padding_mask_crop`` generated only a crop of its image: its maps are of that crop,
+    here upsampled to the image's size all the same; :func:`heatmaps` draws them inside the crop's box
+    (manifest ``run.crop_region``, :func:`map_area`).
 
     >>> import tempfile, attnscope as ats
     >>> tr = ats.capture(ats.load_pipeline("shapes"), "a red circle", seed=0, store=tempfile.mkdtemp() + "/a.zarr",
@@ -119,6 +124,12 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
         and the layout's patches (``ax.patches``) in image pixel coordinates: pixel ``(row, col)``
         is centred at ``(col, row)``, so a box spans ``x0 · W − ½`` to ``x1 · W − ½``. A word whose map is NaN
         everywhere (every chosen step gated by TGATE, or NaN maps) gets a note saying so (``ax.texts``).
+        An inpainting run with ``padding_mask_crop`` generated only a crop of the image, its box recorded by
+        capture (manifest ``run.crop_region``, ``[x1, y1, x2, y2]``): each map is drawn inside that box (its
+        extent ``x1 − ½`` to ``x2 − ½``, ``y1 − ½`` to ``y2 − ½``), the image around it uncovered, and the
+        layout's regions, fractions of the maps, inside the box too. A trace captured before the box was
+        recorded draws the maps over the whole image, with an :class:`~attnscope.AttnscopeWarning` that they
+        are not aligned with it.
     """
     trace = as_trace(trace, "trace")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) or not 0 <= alpha <= 1:
@@ -139,23 +150,34 @@ def heatmaps(trace: Any, words: Sequence[str | int] | str | int, sites: str | Se
         warnings.warn(f"heatmaps of {str(trace.path)!r}: {cropped}", AttnscopeWarning, stacklevel=2)
     fig, axes = word_panels(trace, maps, sample, alpha, cmap)
     if regions is not None:
-        _draw_layout(axes[1:], on_panels, regions, radius, (maps.sizes["y"], maps.sizes["x"]))
+        _draw_layout(axes[1:], on_panels, regions, radius, map_area(trace, (maps.sizes["y"], maps.sizes["x"])))
     return fig
+
+
+def map_area(trace: Any, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where the trace's maps lie on its image, ``(x1, y1, x2, y2)`` in image pixels: the crop's box of an inpainting
+    run with ``padding_mask_crop`` (:func:`crop_box`), else the whole image of ``size`` ``(height, width)``."""
+    box = crop_box(trace)
+    return box if box is not None else (0, 0, size[1], size[0])
 
 
 def word_panels(trace: Any, maps: xr.DataArray, sample: int = 0, alpha: float = 0.55, cmap: str = "viridis"
                 ) -> tuple[Figure, list[Any]]:
     """The figure of :func:`heatmaps` for maps already computed (dims ``word, y, x``, values in ``[0, 1]``): the
     sample's image titled with its prompt, then each word's map over it, and one colour bar for the word panels;
-    the figure and its panels' axes (not the colour bar's), in that order."""
+    the figure and its panels' axes (not the colour bar's), in that order. The maps are drawn over the whole image,
+    or, for an inpainting run with ``padding_mask_crop``, inside the crop's box (:func:`map_area`)."""
     maps = maps.transpose("word", "y", "x")
     position = sample_index(trace, sample)
     images = trace.images
+    picture = np.asarray(images[position]) if images else None
     size = maps.sizes["y"], maps.sizes["x"]
+    if crop_box(trace) is not None:  # the maps cover the box of the crop, in pixels of the image
+        size = picture.shape[:2] if picture is not None else image_size(trace)
+    x1, y1, x2, y2 = map_area(trace, size)
     labels = [str(w) for w in maps["word"].values.tolist()]
     panel = (2.6, 2.8)
     fig, axes = new_figure(1, 1 + len(labels), panel)
-    picture = np.asarray(images[position]) if images else None
     titles = [sample_prompt(trace, sample) or f"sample {sample}", *labels]
     shown = None
     for i, (ax, title) in enumerate(zip(axes[0], titles)):
@@ -166,7 +188,9 @@ def word_panels(trace: Any, maps: xr.DataArray, sample: int = 0, alpha: float = 
         if i:
             values = maps.isel(word=i - 1).values
             shown = ax.imshow(values, cmap=cmap, alpha=alpha if picture is not None else 1.0,
-                              vmin=0.0, vmax=1.0, extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5))
+                              vmin=0.0, vmax=1.0, extent=(x1 - 0.5, x2 - 0.5, y2 - 0.5, y1 - 0.5))
+            ax.set_xlim(-0.5, size[1] - 0.5)  # the whole image, also where the maps cover only a crop of it
+            ax.set_ylim(size[0] - 0.5, -0.5)
             if not np.isfinite(values).any():  # every chosen step gated (TGATE) or NaN: say so, not a blank panel
                 ax.text(0.5, 0.5, "no map here:\nthe chosen steps were\ngated or their maps NaN", ha="center",
                         va="center", fontsize=8, color="black", backgroundcolor="white", transform=ax.transAxes)
@@ -203,11 +227,13 @@ def _layout_panels(words: Any, regions: dict[str, tuple[float, ...]], tokens: li
 
 
 def _draw_layout(axes: list[Any], on_panels: list[list[str]], regions: dict[str, tuple[float, ...]], radius: float,
-                 size: tuple[int, int]) -> None:
-    """Each panel's regions as dashed outlines in image coordinates, the view left on the image."""
+                 area: tuple[int, int, int, int]) -> None:
+    """Each panel's regions as dashed outlines in image coordinates, the view left on the image. The regions are
+    fractions of the maps, which cover ``area`` ``(x1, y1, x2, y2)`` of the image (:func:`map_area`)."""
     from matplotlib.patches import Ellipse, Rectangle
 
-    h, w = size
+    left, top = area[0] - 0.5, area[1] - 0.5
+    h, w = area[3] - area[1], area[2] - area[0]
     for ax, phrases in zip(axes, on_panels):
         limits = ax.get_xlim(), ax.get_ylim()
         for phrase in phrases:
@@ -215,9 +241,9 @@ def _draw_layout(axes: list[Any], on_panels: list[list[str]], regions: dict[str,
             style = dict(fill=False, edgecolor="white", linestyle="--", linewidth=1.5, label=phrase)
             if len(region) == 4:
                 x0, y0, x1, y1 = region
-                patch = Rectangle((x0 * w - 0.5, y0 * h - 0.5), (x1 - x0) * w, (y1 - y0) * h, **style)
+                patch = Rectangle((left + x0 * w, top + y0 * h), (x1 - x0) * w, (y1 - y0) * h, **style)
             else:
-                patch = Ellipse((region[0] * w - 0.5, region[1] * h - 0.5), 2 * radius * w, 2 * radius * h, **style)
+                patch = Ellipse((left + region[0] * w, top + region[1] * h), 2 * radius * w, 2 * radius * h, **style)
             ax.add_patch(patch)
         ax.set_xlim(limits[0])
         ax.set_ylim(limits[1])

@@ -31,6 +31,7 @@ from ._layout import missing_glyphs_quiet, step_label
 from ._lines import convergence as convergence_figure
 from ._lines import dominance_lines
 from ._select import (
+    crop_box,
     cropped_generation,
     sample_index,
     sample_prompt,
@@ -280,6 +281,10 @@ def _notes(tr: Any) -> list[str]:
                      f"NaN and the image is likely blank.")
     if (cropped := cropped_generation(tr)) is not None:
         notes.append(f"<strong>Maps of a crop.</strong> {_esc(cropped[0].upper() + cropped[1:])}.")
+    elif (box := crop_box(tr)) is not None:
+        notes.append(f"<strong>Maps of a crop.</strong> The pipeline generated only the box x {box[0]}–{box[2]}, "
+                     f"y {box[1]}–{box[3]} px of the image (inpainting with padding_mask_crop) and pasted it back: "
+                     f"the heat maps are drawn inside that box, the image around it uncovered.")
     if tr.gated_steps:
         notes.append(f"<strong>Gated steps.</strong> Steps {_esc(step_ranges(tr.gated_steps))} reused cached "
                      f"attention (TGATE): they have no maps and are left out of the statistics.")

@@ -12,7 +12,7 @@ from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
 from ..tokens import prompt_text, token_roles, word_alignment
 
-__all__ = ["cropped_generation", "dataset_variable", "default_targets", "forward_order", "sample_index",
+__all__ = ["crop_box", "cropped_generation", "in_crop_box", "dataset_variable", "default_targets", "forward_order", "sample_index",
            "sample_prompt", "sample_roles", "sample_tokens", "token_positions", "select_label", "site_maps", "site_names"]
 
 
@@ -23,17 +23,69 @@ def site_names(trace: Any, sites: Any) -> list[str]:
     return select_site_names(sites, trace.sites, described)
 
 
+def crop_box(trace: Any) -> tuple[int, int, int, int] | None:
+    """The box ``(x1, y1, x2, y2)`` (image pixels, x2 and y2 exclusive) that an inpainting run with
+    ``padding_mask_crop`` generated and pasted back into its image (manifest ``run.crop_region``), or None: a run
+    without the crop, or a trace written before capture recorded the box.
+
+    >>> from types import SimpleNamespace as Run
+    >>> crop_box(Run(manifest={"run": {"height": 64, "width": 64, "crop_region": [8, 4, 40, 36]}}))
+    (8, 4, 40, 36)
+    >>> crop_box(Run(manifest={"run": {"height": 64, "width": 64}})) is None
+    True
+    >>> crop_box(Run(manifest={"run": {"height": 64, "width": 64, "crop_region": [8, 4, 80, 36]}}))
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: manifest run.crop_region is [8, 4, 80, 36], expected [x1, y1, x2, y2]: ints with 0 ≤ x1 < x2 ≤ 64 (the image's width) and 0 ≤ y1 < y2 ≤ 64 (its height)
+    """
+    manifest = getattr(trace, "manifest", None)
+    run = manifest.get("run") if isinstance(manifest, dict) else None
+    box = run.get("crop_region") if isinstance(run, dict) else None
+    if box is None:
+        return None
+    height, width = run.get("height"), run.get("width")
+    ints = isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) and not isinstance(v, bool) for v in box)
+    sized = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width))
+    if not (ints and sized and 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
+        raise AttnscopeError(f"manifest run.crop_region is {box!r}, expected [x1, y1, x2, y2]: ints with "
+                             f"0 ≤ x1 < x2 ≤ {width} (the image's width) and 0 ≤ y1 < y2 ≤ {height} (its height)")
+    return box[0], box[1], box[2], box[3]
+
+
+def in_crop_box(maps: Any, box: tuple[int, int, int, int], size: tuple[int, int]) -> Any:
+    """``maps`` (last two axes ``y, x``, a float array) upsampled bilinearly to the crop ``box`` and pasted at its
+    place in an image of ``size`` ``(height, width)``, NaN (no map, drawn transparent) outside the box.
+
+    >>> import numpy as np
+    >>> out = in_crop_box(np.array([[0.0, 1.0], [0.0, 0.0]]), (2, 0, 6, 4), (4, 8))
+    >>> np.argwhere(out == out[np.isfinite(out)].max()).tolist(), bool(np.isnan(out[:, :2]).all())
+    ([[0, 5]], True)
+    """
+    import numpy as np
+
+    from ..stats import upsample_maps
+
+    x1, y1, x2, y2 = box
+    inside = upsample_maps(np.asarray(maps), (y2 - y1, x2 - x1))
+    canvas = np.full((*inside.shape[:-2], *size), np.nan, dtype=inside.dtype)
+    canvas[..., y1:y2, x1:x2] = inside
+    return canvas
+
+
 def cropped_generation(trace: Any) -> str | None:
     """Why the trace's maps are not aligned with its images, or None when they are.
 
     An inpainting run with ``padding_mask_crop`` generates only a crop around the mask (at ``height`` × ``width``)
-    and pastes it back into the whole image: its maps cover that crop, whose box the manifest does not hold, so a
+    and pastes it back into the whole image: its maps cover that crop. Capture records the crop's box
+    (:func:`crop_box`) and the figures draw the maps inside it; a trace written before that lacks the box, so a
     map stretched over the stored image lands in the wrong place.
 
     >>> from types import SimpleNamespace as Run
     >>> print(cropped_generation(Run(manifest={"run": {"pipeline_kwargs": {"padding_mask_crop": 4}, "height": 64,
     ...                                                 "width": 64, "generated_size": [32, 32]}})))
-    the maps cover the crop around the mask that the pipeline generated (padding_mask_crop=4, at 32 × 32 px) and pasted back into the 64 × 64 px image, not the whole image: heat maps drawn over the image are not aligned with it
+    the maps cover the crop around the mask that the pipeline generated (padding_mask_crop=4, at 32 × 32 px) and pasted back into the 64 × 64 px image, not the whole image, and the trace does not record the crop's box (run.crop_region; captured before attnscope recorded it): heat maps drawn over the image are not aligned with it
+    >>> cropped_generation(Run(manifest={"run": {"pipeline_kwargs": {"padding_mask_crop": 4}, "height": 64,
+    ...                                          "width": 64, "crop_region": [0, 0, 32, 32]}})) is None
+    True
     >>> cropped_generation(Run(manifest={"run": {"pipeline_kwargs": {}}})) is None
     True
     """
@@ -41,13 +93,14 @@ def cropped_generation(trace: Any) -> str | None:
     run = manifest.get("run") if isinstance(manifest, dict) else None
     kwargs = run.get("pipeline_kwargs") if isinstance(run, dict) else None
     pad = kwargs.get("padding_mask_crop") if isinstance(kwargs, dict) else None
-    if pad is None:
+    if pad is None or run.get("crop_region") is not None:
         return None
     height, width = run.get("height"), run.get("width")
     generated = run.get("generated_size") or [height, width]
     return (f"the maps cover the crop around the mask that the pipeline generated (padding_mask_crop={pad!r}, at "
             f"{generated[0]} × {generated[1]} px) and pasted back into the {height} × {width} px image, not the whole "
-            f"image: heat maps drawn over the image are not aligned with it")
+            f"image, and the trace does not record the crop's box (run.crop_region; captured before attnscope "
+            f"recorded it): heat maps drawn over the image are not aligned with it")
 
 
 def forward_order(trace: Any, names: Sequence[str]) -> list[str]:

@@ -35,7 +35,16 @@ from ..store import as_trace, check_same_generation, check_same_schedule
 from ..tokens import resolve_targets, word_alignment
 from ._layout import colour_map, short_site, step_label
 from ._report import plural, report_words
-from ._select import cropped_generation, forward_order, sample_index, sample_prompt, sample_roles, sample_tokens
+from ._select import (
+    crop_box,
+    cropped_generation,
+    forward_order,
+    in_crop_box,
+    sample_index,
+    sample_prompt,
+    sample_roles,
+    sample_tokens,
+)
 
 __all__ = ["ALL", "TraceViewer", "view"]
 
@@ -149,17 +158,19 @@ class _Run:
     def maps(self, words: tuple[str, ...], sites: tuple[str, ...], steps: tuple[int, ...], sample: int,
              head: Any) -> np.ndarray:
         """Each word's map ``(word, y, x)`` at image size: per site, the words' tokens summed and upsampled
-        bilinearly; then the mean over the sites (NaN skipped). One site is read and reduced at a time."""
+        bilinearly; then the mean over the sites (NaN skipped). One site is read and reduced at a time. An
+        inpainting crop's maps (:func:`crop_box`) are upsampled to the crop's box and placed there, NaN (drawn
+        transparent) around it."""
         key = ("maps", words, sites, steps, sample, head)
         found = self._recent.get(key)
         if found is not None:
             return found
-        size, mean = self.size(sample), _NanMean()
+        size, mean, box = self.size(sample), _NanMean(), crop_box(self.trace)
         for site in sites:
             native = self.site_map(site, steps, sample, head)
             per_word = native.attn.words(list(words)).transpose("word", "y", "x").values
             per_word[:, np.isnan(native.values).all(-1)] = np.nan  # not computed (gated): no map, not a zero one
-            mean.add(upsample_maps(per_word, size))
+            mean.add(upsample_maps(per_word, size) if box is None else in_crop_box(per_word, box, size))
         out = mean.mean()
         out.setflags(write=False)
         return self._recent.put(key, out, out.nbytes)
@@ -444,7 +455,8 @@ class TraceViewer(anywidget.AnyWidget):
 
         ``compare=True``: those of the compare trace. Each is the mean over the selected sites of the word's
         map (its tokens summed; heads averaged or the chosen head; the selected step or the mean over the
-        captured steps), upsampled bilinearly to the image size.
+        captured steps), upsampled bilinearly to the image size (an inpainting crop's: to the crop's box, at its
+        place in the image, NaN around it).
         """
         if compare and len(self._runs) < 2:
             raise AttnscopeError("compare=True: this viewer shows one trace; create it with view(trace, compare=other)")
