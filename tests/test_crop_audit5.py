@@ -178,3 +178,16 @@ def test_a_trace_without_the_box_keeps_the_warning(crop, tmp_path):
     with pytest.warns(ats.AttnscopeWarning, match="does not record the crop's box.*not aligned"):
         fig = ats.plot.heatmaps(tr, ["circle"])
     assert fig.axes[1].images[-1].get_extent() == [-0.5, 63.5, 63.5, -0.5]
+
+
+@pytest.mark.parametrize("box", [[8, 4, 80, 36], [8, 4, 8, 36], [8, 4, 40], "8,4,40,36", [8.0, 4, 40, 36]])
+def test_a_crafted_box_is_refused_when_the_trace_is_opened(crop, tmp_path, box):
+    """The store treats its manifest as untrusted: a box outside the image (or not four ints) was only noticed when
+    a figure was drawn; now ``open_trace`` refuses it, naming the field."""
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(crop.path, bad)
+    meta = json.loads((bad / "zarr.json").read_text())
+    meta["attributes"]["manifest"]["run"]["crop_region"] = box
+    (bad / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(ats.AttnscopeError, match=r"bad\.zarr.*manifest run\.crop_region is .*expected \[x1, y1, x2, y2\]"):
+        ats.open_trace(bad)

@@ -10,6 +10,7 @@ import xarray as xr
 from .. import stats  # noqa: F401  (registers DataArray.attn)
 from ..errors import AttnscopeError
 from ..selection import run_steps, select_captured_steps, select_site_names
+from ..store import crop_region
 from ..tokens import prompt_text, token_roles, word_alignment
 
 __all__ = ["crop_box", "cropped_generation", "in_crop_box", "dataset_variable", "default_targets", "forward_order", "sample_index",
@@ -25,30 +26,18 @@ def site_names(trace: Any, sites: Any) -> list[str]:
 
 def crop_box(trace: Any) -> tuple[int, int, int, int] | None:
     """The box ``(x1, y1, x2, y2)`` (image pixels, x2 and y2 exclusive) that an inpainting run with
-    ``padding_mask_crop`` generated and pasted back into its image (manifest ``run.crop_region``), or None: a run
-    without the crop, or a trace written before capture recorded the box.
+    ``padding_mask_crop`` generated and pasted back into its image (manifest ``run.crop_region``, checked by
+    :func:`attnscope.store.crop_region`), or None: a run without the crop, or a trace written before capture recorded
+    the box.
 
     >>> from types import SimpleNamespace as Run
     >>> crop_box(Run(manifest={"run": {"height": 64, "width": 64, "crop_region": [8, 4, 40, 36]}}))
     (8, 4, 40, 36)
     >>> crop_box(Run(manifest={"run": {"height": 64, "width": 64}})) is None
     True
-    >>> crop_box(Run(manifest={"run": {"height": 64, "width": 64, "crop_region": [8, 4, 80, 36]}}))
-    Traceback (most recent call last):
-    attnscope.errors.AttnscopeError: manifest run.crop_region is [8, 4, 80, 36], expected [x1, y1, x2, y2]: ints with 0 ≤ x1 < x2 ≤ 64 (the image's width) and 0 ≤ y1 < y2 ≤ 64 (its height)
     """
     manifest = getattr(trace, "manifest", None)
-    run = manifest.get("run") if isinstance(manifest, dict) else None
-    box = run.get("crop_region") if isinstance(run, dict) else None
-    if box is None:
-        return None
-    height, width = run.get("height"), run.get("width")
-    ints = isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) and not isinstance(v, bool) for v in box)
-    sized = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width))
-    if not (ints and sized and 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
-        raise AttnscopeError(f"manifest run.crop_region is {box!r}, expected [x1, y1, x2, y2]: ints with "
-                             f"0 ≤ x1 < x2 ≤ {width} (the image's width) and 0 ≤ y1 < y2 ≤ {height} (its height)")
-    return box[0], box[1], box[2], box[3]
+    return crop_region(manifest.get("run") if isinstance(manifest, dict) else None)
 
 
 def in_crop_box(maps: Any, box: tuple[int, int, int, int], size: tuple[int, int]) -> Any:

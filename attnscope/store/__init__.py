@@ -26,6 +26,7 @@ from ._format import (
     chunk_steps,
     site_group,
 )
+from ._integrity import crop_region
 from ._location import access_error, filesystem, is_url, locate, read_root
 from ._manifest import (
     build_manifest,
@@ -41,5 +42,5 @@ from ._writer import SiteLayout, StoreLayout, TraceWriter, check_store_path, enc
 
 __all__ = ["BRANCH_ARRAYS", "FORMAT_VERSION", "GATED_STEPS_ATTR", "IMAGE_DIMS", "OUTPUT_CHANGE", "OUTPUT_NORM",
            "ROOT_COORDS", "SITES_GROUP", "SITE_DIMS", "SUMMARIES_GROUP", "SUMMARY_DIMS", "SiteLayout", "StoreLayout",
-           "Trace", "TraceWriter", "access_error", "as_trace", "build_manifest", "check_keep_bits", "check_same_generation", "check_same_schedule", "check_store_path", "chunk_steps", "enclosing_trace", "filesystem", "freeu_settings", "is_url", "jsonable", "locate",
+           "Trace", "TraceWriter", "access_error", "as_trace", "build_manifest", "check_keep_bits", "check_same_generation", "check_same_schedule", "check_store_path", "chunk_steps", "crop_region", "enclosing_trace", "filesystem", "freeu_settings", "is_url", "jsonable", "locate",
            "open_trace", "read_root", "site_group", "upload_trace", "weights_fingerprint"]

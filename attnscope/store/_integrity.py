@@ -38,7 +38,7 @@ from ._format import (
     TEXT_MASS_DIMS,
 )
 
-__all__ = ["LIMITS", "GuardedArray", "check_entries", "check_layout", "check_site_name", "declared_sizes", "lost_chunks",
+__all__ = ["LIMITS", "GuardedArray", "check_entries", "check_layout", "check_site_name", "crop_region", "declared_sizes", "lost_chunks",
            "missing_shards", "read_key", "shard_keys", "shard_problem", "shard_spec", "stored_keys"]
 
 #: a diffusers module path: dotted identifiers or indices (``up_blocks.1.attentions.0.transformer_blocks.0.attn2``)
@@ -130,6 +130,29 @@ def _int_in(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
+def crop_region(run: Any, where: str | None = None) -> tuple[int, int, int, int] | None:
+    """The box ``(x1, y1, x2, y2)`` (image pixels, x2 and y2 exclusive) an inpainting run with ``padding_mask_crop``
+    generated and pasted back into its image (``run.crop_region`` of a manifest), checked; None where there is none.
+
+    >>> crop_region({"height": 64, "width": 64, "crop_region": [8, 4, 40, 36]}), crop_region({"height": 64})
+    ((8, 4, 40, 36), None)
+    >>> crop_region({"height": 64, "width": 64, "crop_region": [8, 4, 80, 36]}, "t.zarr")
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: 't.zarr': manifest run.crop_region is [8, 4, 80, 36], expected [x1, y1, x2, y2]: ints with 0 ≤ x1 < x2 ≤ 64 (the image's width) and 0 ≤ y1 < y2 ≤ 64 (its height)
+    """
+    box = run.get("crop_region") if isinstance(run, dict) else None
+    if box is None:
+        return None
+    height, width = run.get("height"), run.get("width")
+    sized = _int_in(height, 1, LIMITS["height"]) and _int_in(width, 1, LIMITS["width"])
+    if not (sized and isinstance(box, list) and len(box) == 4 and all(_int_in(v, 0, LIMITS["width"]) for v in box)
+            and box[0] < box[2] <= width and box[1] < box[3] <= height):
+        opening = f"{where!r}: " if where else ""
+        raise AttnscopeError(f"{opening}manifest run.crop_region is {box!r}, expected [x1, y1, x2, y2]: ints with "
+                             f"0 ≤ x1 < x2 ≤ {width} (the image's width) and 0 ≤ y1 < y2 ≤ {height} (its height)")
+    return box[0], box[1], box[2], box[3]
+
+
 def declared_sizes(where: str, manifest: dict[str, Any], nodes: dict[str, dict] | None = None) -> dict[str, int | None]:
     """Steps, samples and image size the manifest declares (``manifest["run"]``), each checked against :data:`LIMITS`.
 
@@ -167,6 +190,7 @@ def declared_sizes(where: str, manifest: dict[str, Any], nodes: dict[str, dict] 
             raise AttnscopeError(f"{where!r}: manifest run.generated_size is {generated!r}, expected [height, width]: "
                                  f"ints from 1 to {LIMITS['height']} and {LIMITS['width']}")
         sizes["generated_size"] = tuple(generated)
+    crop_region(run, where)  # an inpainting crop's box, where the figures draw its maps
     return sizes
 
 
