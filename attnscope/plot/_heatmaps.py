@@ -171,10 +171,10 @@ def word_panels(trace: Any, maps: xr.DataArray, sample: int = 0, alpha: float = 
     position = sample_index(trace, sample)
     images = trace.images
     picture = np.asarray(images[position]) if images else None
-    size = maps.sizes["y"], maps.sizes["x"]
-    if crop_box(trace) is not None:  # the maps cover the box of the crop, in pixels of the image
+    size, box = (maps.sizes["y"], maps.sizes["x"]), crop_box(trace)
+    if box is not None:  # the maps cover the box of the crop, in pixels of the image
         size = picture.shape[:2] if picture is not None else image_size(trace)
-    x1, y1, x2, y2 = map_area(trace, size)
+    x1, y1, x2, y2 = box if box is not None else (0, 0, size[1], size[0])
     labels = [str(w) for w in maps["word"].values.tolist()]
     panel = (2.6, 2.8)
     fig, axes = new_figure(1, 1 + len(labels), panel)

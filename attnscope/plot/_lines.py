@@ -104,13 +104,18 @@ def _mark_missing(ax: Any, da: xr.DataArray) -> list[int]:
         return []
     values = np.asarray(da.transpose("step", ...).values, dtype=np.float64).reshape(steps.size, -1)
     missing = [int(s) for s, row in zip(steps, values) if np.isnan(row).all()]
-    for i, (lo, hi) in enumerate(step_runs(missing)):
-        ax.axvspan(lo - 0.5, hi + 0.5, color="0.88", zorder=0,
-                   label=f"no maps: step{'s' if len(missing) > 1 else ''} {step_ranges(missing)}" if i == 0 else None)
+    _step_bands(ax, missing, "no maps:", "0.88")
     if missing:
         ax.set_xlim(steps.min() - 0.5, steps.max() + 0.5)
     return missing
 
+
+def _step_bands(ax: Any, steps: list[int], what: str, color: str) -> None:
+    """A grey band over each run of consecutive ``steps`` (the steps need not all be consecutive), the first labelled
+    ``"<what> steps 3–5, 8"`` for the legend."""
+    for i, (lo, hi) in enumerate(step_runs(steps)):
+        ax.axvspan(lo - 0.5, hi + 0.5, color=color, zorder=0,
+                   label=f"{what} step{'s' if len(steps) > 1 else ''} {step_ranges(steps)}" if i == 0 else None)
 
 #: axis labels of dominance's statistics, with their units
 _STAT_LABEL = {
@@ -183,9 +188,7 @@ def convergence(conv: xr.Dataset, sample: int = 0) -> Figure:
         if stable >= 0:
             ax.axvline(stable, ls=":", color="tab:green", lw=1.5, label=f"suggested gate step {stable}")
     gated = [int(s) for s in conv.attrs.get("gated_steps", [])]
-    for i, (lo, hi) in enumerate(step_runs(gated)):  # one band per run of steps: gated steps need not be consecutive
-        ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", zorder=0,
-                   label=f"gated step{'s' if len(gated) > 1 else ''} {step_ranges(gated)}" if i == 0 else None)
+    _step_bands(ax, gated, "gated", "0.85")
     if np.any(np.asarray(per_site.values) > 0) or np.any(np.asarray(mean.values) > 0):
         ax.set_yscale("log")
     if not np.isfinite(np.asarray(mean.values, dtype=np.float64)).any():  # one step, or every step gated: no curve
