@@ -352,7 +352,7 @@ def _summary_rows(tr: Any) -> list[tuple[str, Any]]:
         ("negative prompt", run.get("negative_prompt") or "none"),
         ("seed", f"{run.get('seed')} (generator on {run.get('generator_device')})"),
         ("steps", _steps_row(tr, run)),
-        *([("pipeline arguments", _arguments_row(run))] if _arguments_row(run) else []),
+        *([("pipeline arguments", arguments)] if (arguments := _arguments_row(run)) else []),
         ("scheduler", f"{scheduler.get('class')} (prediction {config.get('prediction_type')}, "
                       f"spacing {config.get('timestep_spacing')})"),
         ("size", f"{run.get('height')} × {run.get('width')} px, {run.get('samples')} image(s)"),
