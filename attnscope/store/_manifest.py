@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import sys
-import weakref
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,6 @@ from ..errors import AttnscopeError
 __all__ = ["build_manifest", "check_same_generation", "check_same_schedule", "freeu_settings", "jsonable", "weights_fingerprint"]
 
 _LIBRARIES = ("attnscope", "torch", "diffusers", "transformers", "zarr", "xarray", "numpy")
-_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 _SAMPLES_PER_TENSOR = 4096
 
 
@@ -126,25 +124,30 @@ def _diffusers_callback(value: Any) -> dict[str, Any] | None:
 
 
 def _module_fingerprint(module: torch.nn.Module) -> str:
-    tensors = list(module.state_dict(keep_vars=True).items())  # the live tensors: ids stay stable
-    key = tuple((id(t), t._version) for _, t in tensors)
-    cached = _FINGERPRINTS.get(module)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    digest = hashlib.sha256()
-    for name, t in tensors:
+    """SHA-256 of one module's tensors (names, shapes, dtypes, a strided sample of values), computed afresh each
+    time: a cache keyed by tensor versions missed writes through ``.data`` (peft's ``fuse_lora`` merges so), and
+    the samples of a whole SD 1.5 cost about 40 ms on CPU. The samples are gathered per device and copied to the
+    host once, not once per tensor."""
+    tensors = list(module.state_dict(keep_vars=True).items())
+    samples = []
+    for _, t in tensors:
         flat = t.detach().reshape(-1)
-        stride = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        sample = flat[::stride].to("cpu", torch.float64).numpy()
+        samples.append(flat[::max(1, flat.numel() // _SAMPLES_PER_TENSOR)].to(torch.float64))
+    host = {}
+    for device in {s.device for s in samples}:
+        on = [s for s in samples if s.device == device]
+        host[device] = iter(np.split(torch.cat(on).cpu().numpy(), np.cumsum([len(s) for s in on])[:-1]))
+    digest = hashlib.sha256()
+    for (name, t), sample in zip(tensors, samples):
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(sample.tobytes())
-    _FINGERPRINTS[module] = (key, digest.hexdigest())
+        digest.update(next(host[sample.device]).tobytes())
     return digest.hexdigest()
 
 
 def weights_fingerprint(pipe: Any) -> dict[str, str]:
     """SHA-256 per model component over names, shapes, dtypes and an evenly strided sample of
-    each tensor's values (≤4096 per tensor). Cached per module until a tensor changes.
+    each tensor's values (4096 to 8191 per tensor of 4096 or more values; every value of a smaller one), computed
+    afresh on each call (a change through ``.data`` counts too).
 
     Examples
     --------
