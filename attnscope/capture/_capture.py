@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -153,7 +154,8 @@ def _check_joined_texts(pipe: Any, prompts: list[str], pipeline_kwargs: dict, to
 
 def _check_clip_lengths(pipe: Any, prompts: list[str]) -> None:
     """On a pipeline whose text is CLIP's alone (SD 1.x/2.x, SDXL, the shapes model): a prompt longer than the
-    tokenizer keeps (``model_max_length``, 77 for CLIP) is refused, naming the count and what would be cut.
+    tokenizer keeps (``model_max_length``, 77 for CLIP) is refused, naming the count and what would be cut. The
+    prompt is counted as the pipeline tokenizes it: a textual-inversion token of n vectors is n tokens.
 
     Pipelines with a T5 segment beside CLIP (SD3, Flux) give the T5 encoder the whole prompt; there
     :func:`_check_prompt_lengths` checks the T5 count against ``max_sequence_length``.
@@ -166,16 +168,59 @@ def _check_clip_lengths(pipe: Any, prompts: list[str]) -> None:
     tokenizers = [tokenizer for _, tokenizer in text_segments(pipe) if tokenizer is not None]
     if not tokenizers or any(segment_name(t) != "clip" for t in tokenizers):
         return
+    convert = getattr(pipe, "maybe_convert_prompt", None)  # a textual inversion of n vectors: its token n times
     for tokenizer in tokenizers:
         keep = getattr(tokenizer, "model_max_length", None)
         if not isinstance(keep, int):
             continue
         for prompt in prompts:
-            count = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+            text = convert(prompt, tokenizer) if callable(convert) else prompt
+            count = len(tokenizer(text, truncation=False, verbose=False).input_ids)
             if count > keep:
                 raise AttnscopeError(f"prompt {prompt!r}: {count} CLIP tokens (with the start and end tokens), more "
                                      f"than the {keep} the tokenizer keeps; the pipeline would cut the last "
                                      f"{count - keep}. Shorten the prompt")
+
+
+def _check_text_model(pipe: Any, pipeline_kwargs: dict) -> None:
+    """``clip_skip``, and ``cross_attention_kwargs={"scale": …}`` without peft, on a pipeline whose ``encode_prompt``
+    then reads ``text_encoder.text_model`` (SD 1.x/2.x, the shapes model), which transformers 5's ``CLIPTextModel`` no
+    longer has: diffusers would fail inside the call with an AttributeError. One error naming the argument instead.
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> _check_text_model(tiny_sd_pipeline(), {"clip_skip": 1})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: clip_skip=1: StableDiffusionPipeline's encode_prompt reads text_encoder.text_model, ...
+    """
+    encoder, method = getattr(pipe, "text_encoder", None), getattr(type(pipe), "encode_prompt", None)
+    if encoder is None or hasattr(encoder, "text_model") or method is None:
+        return
+    try:
+        source = inspect.getsource(method)
+    except (OSError, TypeError):
+        return
+    scale = pipeline_kwargs.get("cross_attention_kwargs")
+    given = []
+    if pipeline_kwargs.get("clip_skip") is not None and "text_encoder.text_model" in source:
+        given.append(("clip_skip", pipeline_kwargs["clip_skip"], "leave clip_skip out"))
+    peft = getattr(sys.modules.get(method.__module__), "USE_PEFT_BACKEND", True)
+    if isinstance(scale, dict) and "scale" in scale and not peft and "adjust_lora_scale_text_encoder" in source:
+        given.append(("cross_attention_kwargs", scale, "install peft (pip install peft), which diffusers' LoRA needs"))
+    if given:
+        name, value, fix = given[0]
+        raise AttnscopeError(f"{name}={value!r}: {type(pipe).__name__}'s encode_prompt reads text_encoder.text_model, "
+                             f"which this {type(encoder).__name__} (transformers "
+                             f"{_version('transformers')}) does not have, so the pipeline would fail with an "
+                             f"AttributeError; {fix}")
+
+
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store: str | Path, sites: SiteSpec = None,
@@ -246,6 +291,7 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
         check_scale(name, pipeline_kwargs.get(name))
     _check_prompt_lengths(pipe, prompts, pipeline_kwargs)
     _check_clip_lengths(pipe, prompts)
+    _check_text_model(pipe, pipeline_kwargs)
     check_choice("tokens", tokens, TOKENS)  # before the joined-text check reads it (an array: one error, not numpy's)
     _check_joined_texts(pipe, prompts, pipeline_kwargs, tokens)
     output_type = pipeline_kwargs.get("output_type", "pil")
@@ -257,7 +303,7 @@ def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store:
     recorded, unrecorded = {}, []
     for key, value in pipeline_kwargs.items():
         try:
-            recorded[key] = jsonable(value)
+            recorded[key] = jsonable(_schedule_list(key, value))
         except TypeError:
             unrecorded.append(key)
     run_info = {
@@ -309,6 +355,19 @@ def _recording_crop(pipe: Any, run_info: dict) -> Iterator[None]:
             del processor.get_crop_region
         else:
             processor.get_crop_region = own
+
+
+def _schedule_list(name: str, value: Any) -> Any:
+    """A 1-d torch tensor given as ``sigmas=`` or ``timesteps=`` as the list of its values (the pipeline gets the tensor
+    as given; diffusers' schedulers read a tensor, a numpy array and a list of the same values alike), so the manifest
+    records it as it does a numpy array; anything else as it is.
+
+    >>> _schedule_list("sigmas", torch.tensor([14.5, 1.0, 0.0])), _schedule_list("latents", 1)
+    ([14.5, 1.0, 0.0], 1)
+    """
+    if name in ("sigmas", "timesteps") and isinstance(value, torch.Tensor) and value.ndim == 1 and not value.is_complex():
+        return value.detach().cpu().tolist()
+    return value
 
 
 def _planned_steps(pipe: Any, pipeline_kwargs: dict) -> Any:

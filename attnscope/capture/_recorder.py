@@ -28,6 +28,7 @@ from ..store import (
     jsonable,
 )
 from ..tokens import prompt_positions, segment_bounds, token_roles
+from ._adapters import adapter_state
 
 __all__ = ["Recorder"]
 
@@ -372,7 +373,10 @@ class Recorder:
         spec = {"sites": list(self._sites), "steps": list(steps), "heads": self.heads, "tokens": self.tokens,
                 "branch": self.branch, "dtype": "float16", "output_change": self.output_change,
                 "keep_bits": self.keep_bits}
-        manifest = self._manifest = {**build_manifest(session.pipe, session.denoiser, run, spec), **self.extra_manifest}
+        manifest = {**build_manifest(session.pipe, session.denoiser, run, spec), **self.extra_manifest}
+        # how LoRA is applied and textual inversion's tokens: no weights, so not in the fingerprint (a rerun checks them)
+        manifest["model"] = {**manifest["model"], "adapters": jsonable(adapter_state(session.pipe))}
+        self._manifest = manifest
         layout.attrs = {"manifest": manifest, "sites": list(self._sites),
                         "format_min_reader": FORMAT_VERSION}
         planned = getattr(session.pipe.scheduler, "timesteps", None)

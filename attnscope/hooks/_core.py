@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import AttnscopeError
+from ..tokens import added_tokens, mark_added_tokens
 from ._cfg_batch import duplicate_prediction, select_rows
 from ._checkpoint import checkpointed_denoiser
 from ._client import STAGES, client_role
@@ -439,12 +440,22 @@ def _prompt_text(encoders: list[tuple[str | None, Any]], ids: list[torch.Tensor 
                 positions, tokens, token_roles = spell(tokenizer, row_ids, text_length, pipe)
                 roles.append(tuple(token_roles))
             else:
-                tokens = tokenizer.convert_ids_to_tokens(row_ids) if tokenizer is not None else [""] * len(row_ids)
+                tokens = _spelled_ids(tokenizer, row_ids)
             row.extend(tokens)
         kept_ids.append(segment_ids[:, positions])
         segments.append((segment_name(tokenizer), len(positions)))
     token_ids = torch.cat(kept_ids, dim=-1) if len(known) == len(ids) else None
     return token_ids, tuple(tuple(row) for row in texts), tuple(segments), tuple(roles) if roles else None
+
+
+def _spelled_ids(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The strings of a segment's token ids (empty strings without a tokenizer); a CLIP tokenizer's added tokens
+    (textual inversion's ``<tok>``) end their word (:func:`attnscope.tokens.mark_added_tokens`)."""
+    if tokenizer is None:
+        return [""] * len(ids)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    added = added_tokens(tokenizer) if segment_name(tokenizer) == "clip" else set()
+    return mark_added_tokens(tokens, added) if added else tokens
 
 
 def _swap_processor(module: torch.nn.Module, new: Any) -> Any:
@@ -504,6 +515,18 @@ def _refuse_slicing(session: HookSession) -> None:
             raise AttnscopeError(f"site {site.name}: attention slicing is on ({name}), which computes the attention in "
                                  f"slices attnscope cannot read whole; call pipe.disable_attention_slicing() before "
                                  f"`ats.hooks(pipe, ...)`")
+
+
+def _refuse_ip_adapter(session: HookSession) -> None:
+    """An IP-Adapter (``pipe.load_ip_adapter(...)``) makes each cross-attention site attend to the text and, apart, to
+    image-prompt tokens handed with it (``IPAdapterAttnProcessor2_0``), which attnscope neither records nor mirrors:
+    refused before anything is installed, not a failure at the first recorded call."""
+    for site in session.sites:
+        name = type(site.module.processor).__name__
+        if "IPAdapter" in name:
+            raise AttnscopeError(f"site {site.name}: an IP-Adapter is loaded ({name}: the site also attends to image "
+                                 f"tokens, which attnscope cannot record or steer apart from the text); call "
+                                 f"pipe.unload_ip_adapter() before `ats.hooks(pipe, ...)` (or ats.capture)")
 
 
 def _watch_encode_prompt(session: HookSession, pipe: Any) -> Callable[[], None]:
@@ -633,6 +656,7 @@ def _installed(pipe: Any, clients: tuple, exact: bool) -> Iterator[HookSession]:
     session = HookSession(pipe, clients, exact=exact)
     _refuse_nesting(session)
     _refuse_slicing(session)
+    _refuse_ip_adapter(session)
     saved: list[tuple[torch.nn.Module, Any, Any]] = []
     handles = []
     unwatch: Callable[[], None] | None = None

@@ -29,6 +29,7 @@ from ..store import (
     open_trace,
     weights_fingerprint,
 )
+from ._adapters import check_adapters
 
 __all__ = ["manifest_sha256", "rerun"]
 
@@ -149,6 +150,7 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     _check_pipeline_class(pipe, manifest, where)
     if given:
         _check_dtype(denoiser, manifest, where)
+    check_adapters(pipe, manifest, where)  # before the weights: a LoRA applied otherwise says so, not 'weights differ'
     _check_weights(pipe, manifest, where)
     _warn_on_other_threads(denoiser, manifest, where)
     _warn_on_dropped_interventions(manifest, clients, where)

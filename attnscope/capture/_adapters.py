@@ -1,0 +1,108 @@
+"""What adapters loaded into a pipeline change without being a weight of it: LoRA settings and textual-inversion tokens.
+
+The weights fingerprint (``attnscope.store.weights_fingerprint``) sees a LoRA's matrices and a textual inversion's
+embedding rows, but not how a LoRA is applied: ``pipe.set_adapters(..., adapter_weights=...)``, ``disable_lora()``,
+``fuse_lora(lora_scale=...)`` change the image and no weight (a fused LoRA's sum is written into the base weights, which the fingerprint
+sees, but a rerun's error should say why they differ). Capture records them as the manifest's ``model.adapters``; a
+rerun compares them with its pipeline's (``attnscope.rerun._adapters``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from typing import Any
+
+import torch
+
+from ..tokens import added_tokens
+
+__all__ = ["adapter_state", "lora_state", "textual_inversion_tokens"]
+
+#: significant digits a LoRA scale is recorded with: diffusers scales a LoRA for a call (``cross_attention_kwargs=
+#: {"scale": s}``) by multiplying and dividing again, which may leave the last bit of the scale changed
+_DIGITS = 6
+
+
+def adapter_state(pipe: Any) -> dict[str, Any]:
+    """``{"lora": lora_state(pipe), "textual_inversion": textual_inversion_tokens(pipe)}``.
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> adapter_state(tiny_sd_pipeline())
+    {'lora': {}, 'textual_inversion': {}}
+    """
+    return {"lora": lora_state(pipe), "textual_inversion": textual_inversion_tokens(pipe)}
+
+
+def lora_state(pipe: Any) -> dict[str, dict[str, Any]]:
+    """Per pipeline component holding LoRA (peft) layers: how they are applied. ``adapters``: each adapter's scales
+    (the distinct ``scaling`` values of its layers: ``lora_alpha / r`` times the weight ``set_adapters`` or
+    ``fuse_lora(lora_scale=)`` gave it, to 6 significant digits), ``active`` (the adapters the layers run),
+    ``disabled`` (``disable_lora()``), ``merged`` (fused into the base weights: ``fuse_lora()``) and ``digest``
+    (SHA-256 over every layer's settings: per-block weights that differ layer by layer). Components without LoRA
+    layers are left out."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")  # no peft imported: no LoRA layer can exist
+    if tuners is None:
+        return {}
+    state: dict[str, dict[str, Any]] = {}
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        layers = [(path, m) for path, m in component.named_modules() if isinstance(m, tuners.BaseTunerLayer)]
+        if layers:
+            state[name] = _component_lora(layers)
+    return state
+
+
+def _component_lora(layers: list[tuple[str, Any]]) -> dict[str, Any]:
+    scales: dict[str, set[float]] = {}
+    active: set[str] = set()
+    merged: set[str] = set()
+    disabled: set[bool] = set()
+    rows = []
+    for path, layer in layers:
+        scaling = {k: _rounded(v) for k, v in sorted(getattr(layer, "scaling", {}).items())}
+        for adapter, value in scaling.items():
+            scales.setdefault(adapter, set()).add(value)
+        on, fused, off = sorted(layer.active_adapters), sorted(layer.merged_adapters), bool(layer.disable_adapters)
+        active.update(on)
+        merged.update(fused)
+        disabled.add(off)
+        rows.append([path, on, fused, off, scaling])
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    return {"adapters": {k: sorted(v) for k, v in sorted(scales.items())}, "active": sorted(active),
+            "disabled": sorted(disabled) if len(disabled) > 1 else disabled.pop(), "merged": sorted(merged),
+            "layers": len(layers), "digest": digest}
+
+
+def _rounded(value: Any) -> Any:
+    """A LoRA scale to :data:`_DIGITS` significant digits (a tensor or another object: its string).
+
+    >>> _rounded(0.30000000000000004), _rounded(2)
+    (0.3, 2.0)
+    """
+    try:
+        return float(f"{float(value):.{_DIGITS}g}")
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def textual_inversion_tokens(pipe: Any) -> dict[str, list[str]]:
+    """Per tokenizer of the pipeline (``tokenizer``, ``tokenizer_2``, …), the tokens added to it that are not special
+    tokens: textual inversion's (``pipe.load_textual_inversion(..., token="<tok>")`` adds ``<tok>``, and
+    ``<tok>_1``, … for an embedding of several vectors). Tokenizers without such tokens are left out.
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> pipe.load_textual_inversion(torch.zeros(2, 32), token="<tok>")
+    >>> textual_inversion_tokens(pipe)
+    {'tokenizer': ['<tok>', '<tok>_1']}
+    """
+    found: dict[str, list[str]] = {}
+    for name, component in pipe.components.items():
+        added = added_tokens(component) if name.startswith("tokenizer") else set()
+        if added:
+            found[name] = sorted(added)
+    return found
+
