@@ -394,8 +394,11 @@ def _check_strength(pipe: Any, pipeline_kwargs: dict) -> None:
     >>> _check_strength(tiny_sd_pipeline(), {"strength": 0.1, "num_inference_steps": 4})
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: strength=0.1 with num_inference_steps=4: StableDiffusionPipeline would run 0 of the 4 steps, so nothing would be denoised or recorded; raise strength to 0.25 or num_inference_steps to 10
+
+    A strength not given is the pipeline's default (``StableDiffusionImg2ImgPipeline``: 0.8, which leaves no step of
+    ``num_inference_steps=1``).
     """
-    strength = pipeline_kwargs.get("strength")
+    strength = pipeline_kwargs.get("strength", _call_default(pipe, "strength"))  # img2img's default: 0.8 on SD
     if (pipeline_kwargs.get("denoising_start") is not None or isinstance(strength, (bool, np.bool_))
             or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1):  # out of [0, 1]: the pipeline's error
         return
@@ -405,7 +408,8 @@ def _check_strength(pipe: Any, pipeline_kwargs: dict) -> None:
         return
     least = next(k / 1000 for k in range(1, 1001) if _strength_steps(family, steps, k / 1000) >= 1)
     more = next((n for n in range(steps, 100 * steps + 1) if _strength_steps(family, n, strength) >= 1), None)
-    raise AttnscopeError(f"strength={strength!r} with num_inference_steps={steps}: {type(pipe).__name__} would run 0 "
+    default = "" if "strength" in pipeline_kwargs else " (the pipeline's default)"
+    raise AttnscopeError(f"strength={strength!r}{default} with num_inference_steps={steps}: {type(pipe).__name__} would run 0 "
                          f"of the {steps} steps, so nothing would be denoised or recorded; raise strength to {least:g}"
                          + (f" or num_inference_steps to {more}" if more else ""))
 

@@ -268,11 +268,16 @@ class HookSession:
     def _scheduler_timestep(self, value: float) -> float:
         """The scheduler's timestep of a denoiser call whose input is ``value``: the adapter's ``TIMESTEP_SCALE``
         undone (Flux's pipelines pass ``t / 1000``) — exactly the scheduler's value, the pipeline's
-        ``_current_timestep``, when that is this call's."""
+        ``_current_timestep`` (else the scheduler's timestep nearest to it), when that is this call's."""
         scale = getattr(self.adapter, "TIMESTEP_SCALE", None)
         if scale is None:
             return value
         current = getattr(self.pipe, "_current_timestep", None)
+        if current is None:  # FluxImg2Img, FluxInpaint, FluxFill, FluxControlNet set none: the schedule's nearest
+            timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+            if timesteps is not None and len(timesteps):
+                listed = timesteps.tolist() if hasattr(timesteps, "tolist") else list(timesteps)  # one device copy
+                current = min(listed, key=lambda t: abs(float(t) - value * scale))
         if current is not None:
             current = timestep_value(current)
             # the model's input went through the latents' dtype (bfloat16: 3 significant digits) before the division

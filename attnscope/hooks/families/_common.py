@@ -103,7 +103,7 @@ def packed_step_inputs(args: tuple, kwargs: dict, positions: tuple[int, int], re
     >>> ids = torch.stack(torch.meshgrid(torch.arange(2.0), torch.arange(2.0), torch.arange(2.0), indexing="ij"), -1)
     >>> packed_step_inputs((torch.zeros(1, 8, 4),), {"img_ids": ids.reshape(-1, 3)}, (3, 4), "Flux.1 with image=")
     Traceback (most recent call last):
-    attnscope.errors.AttnscopeError: Flux.1 with image=: 4 of the transformer's 8 image tokens are reference-image tokens; attnscope supports text-to-image only (no reference image)
+    attnscope.errors.AttnscopeError: Flux.1 with image=: 4 of the transformer's 8 image tokens are reference-image tokens, which have no place on the latent's grid; attnscope records pipelines whose transformer sees the latent's own tokens only (text-to-image, img2img, inpainting, Fill, ControlNet: docs/model-families.md)
     """
     from ...errors import AttnscopeError
 
@@ -117,7 +117,9 @@ def packed_step_inputs(args: tuple, kwargs: dict, positions: tuple[int, int], re
         latent = ids[:, 0] == ids[0, 0]
         if not bool(latent.all()):
             raise AttnscopeError(f"{reference}: {int((~latent).sum())} of the transformer's {len(latent)} image tokens "
-                                 f"are reference-image tokens; attnscope supports text-to-image only (no reference image)")
+                                 f"are reference-image tokens, which have no place on the latent's grid; attnscope records "
+                                 f"pipelines whose transformer sees the latent's own tokens only (text-to-image, img2img, "
+                                 f"inpainting, Fill, ControlNet: docs/model-families.md)")
     return {"batch": int(sample.shape[0]), "timestep": timestep_value(t),
             "latent_shape": packed_latent_shape(int(sample.shape[1]), ids),
             "text_length": None if text is None else int(text.shape[1])}
