@@ -19,7 +19,8 @@ from ._folder import SweepFolder
 from ._plan import Run
 from ._runs import execute_run, failed_row, model_hash
 
-__all__ = ["WorkerSpec", "load_sweep_pipeline", "pipeline_settings", "run_in_workers"]
+__all__ = ["WorkerSpec", "adapter_change", "check_workers_can_load", "load_sweep_pipeline", "pipeline_settings",
+           "run_in_workers"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,14 @@ class WorkerSpec:
     extra: Callable[[Any], Any] | None
     detector: bool
     model_hash: str | None = None  # the weights of the pipeline given, which the loaded ``model`` must have
+    freeu: dict[str, float] | None = None  # the FreeU factors of the pipeline given: no weights, set again on load
+    adapters: dict | None = None  # its adapters (``adapter_state``), which the loaded ``model`` must apply alike
 
 
 def load_sweep_pipeline(model: str, *, device: str | None = None, dtype: str | None = None,
-                        scheduler: tuple[str, dict] | None = None) -> Any:
-    """The pipeline a sweep runs: ``model`` loaded locally, with ``scheduler`` (class name, config) when given."""
+                        scheduler: tuple[str, dict] | None = None, freeu: dict[str, float] | None = None) -> Any:
+    """The pipeline a sweep runs: ``model`` loaded locally, with ``scheduler`` (class name, config) and FreeU
+    (``pipe.enable_freeu`` factors: no weights, so a loaded model has it off) when given."""
     import diffusers
 
     from ..models import load_pipeline
@@ -50,13 +54,18 @@ def load_sweep_pipeline(model: str, *, device: str | None = None, dtype: str | N
     if scheduler is not None:
         name, config = scheduler
         pipe.scheduler = getattr(diffusers, name).from_config(config)
+    if freeu:
+        pipe.unet.enable_freeu(**freeu)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def pipeline_settings(pipe: Any) -> dict[str, Any]:
-    """What a sweep records of the pipeline its runs use: the scheduler (class, config), the dtype and the
-    hash of its weights (the catalog's ``model_hash``: two models with one reference are told apart).
+    """What a sweep records of the pipeline its runs use: the scheduler (class, config), the dtype, the
+    hash of its weights (the catalog's ``model_hash``: two models with one reference are told apart), and
+    what changes the image but no weight: the FreeU factors (``freeu``, None when off; the manifest's
+    ``model.freeu``) and how LoRA and textual inversion are applied (``adapters``: the manifest's
+    ``model.adapters``, :func:`attnscope.capture.adapter_state`).
 
     The config's private entries (``_class_name``, ``_diffusers_version``) are left out: the class is
     recorded beside it, and the diffusers version does not change what the runs compute.
@@ -65,12 +74,85 @@ def pipeline_settings(pipe: Any) -> dict[str, Any]:
     >>> s = pipeline_settings(ats.load_pipeline("shapes"))
     >>> s["scheduler"]["class"], s["scheduler"]["config"]["prediction_type"], s["dtype"], len(s["model_hash"])
     ('DDIMScheduler', 'v_prediction', 'float32', 16)
+    >>> s["freeu"], s["adapters"]
+    (None, {'lora': {}, 'textual_inversion': {}})
     """
-    from ..store import jsonable, weights_fingerprint
+    from ..capture import adapter_state
+    from ..store import freeu_settings, jsonable, weights_fingerprint
 
     config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
     return {"scheduler": {"class": type(pipe.scheduler).__name__, "config": jsonable(config)},
-            "dtype": str(pipe.dtype).removeprefix("torch."), "model_hash": model_hash(weights_fingerprint(pipe))}
+            "dtype": str(pipe.dtype).removeprefix("torch."), "model_hash": model_hash(weights_fingerprint(pipe)),
+            "freeu": freeu_settings(getattr(pipe, "unet", None)), "adapters": jsonable(adapter_state(pipe))}
+
+
+#: the LoRA settings of ``adapter_state`` in the order a change names them, with what sets each
+_LORA_SETTINGS = {"merged": "fused (pipe.fuse_lora)", "disabled": "disabled (pipe.disable_lora)",
+                  "active": "active adapters (pipe.set_adapters)",
+                  "adapters": "scales (pipe.set_adapters(adapter_weights=), fuse_lora(lora_scale=))",
+                  "layers": "layers (pipe.load_lora_weights)"}
+
+
+def adapter_change(before: dict | None, after: dict | None, then: str = "then", now: str = "now") -> str:
+    """What differs between two :func:`attnscope.capture.adapter_state` records, in words (for a refusal).
+
+    >>> adapter_change({"lora": {}, "textual_inversion": {"tokenizer": ["<t>"]}}, {"lora": {}, "textual_inversion": {}})
+    "textual-inversion tokens of tokenizer: ['<t>'] then, none now"
+    >>> lora = {"adapters": {"a": [1.0]}, "active": ["a"], "disabled": False, "merged": [], "layers": 8, "digest": "x"}
+    >>> adapter_change({"lora": {"unet": lora, "text_encoder": lora}},
+    ...                {"lora": {"unet": {**lora, "disabled": True}, "text_encoder": {**lora, "disabled": True}}})
+    'LoRA of text_encoder, unet: disabled (pipe.disable_lora) False then, True now'
+    >>> adapter_change({"lora": {"unet": lora}}, {"lora": {"unet": {**lora, "digest": "y"}}}, "given", "loaded")
+    'LoRA of unet: per-layer scales (pipe.set_adapters with per-block weights) differ'
+    >>> adapter_change({"lora": {"unet": lora}}, {"lora": {}})
+    "LoRA in unet: adapters {'a': [1.0]} then, none now"
+    """
+    before, after = before or {}, after or {}
+    parts = []
+    tokens_then, tokens_now = before.get("textual_inversion") or {}, after.get("textual_inversion") or {}
+    for name in sorted(set(tokens_then) | set(tokens_now)):
+        if tokens_then.get(name) != tokens_now.get(name):
+            parts.append(f"textual-inversion tokens of {name}: {tokens_then.get(name) or 'none'} {then}, "
+                         f"{tokens_now.get(name) or 'none'} {now}")
+    lora_then, lora_now = before.get("lora") or {}, after.get("lora") or {}
+    changes: dict[str, list[str]] = {}  # one description -> the components it holds for
+    for name in sorted(set(lora_then) | set(lora_now)):
+        a, b = lora_then.get(name), lora_now.get(name)
+        if a == b:
+            continue
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            parts.append(f"LoRA in {name}: {_lora_words(a)} {then}, {_lora_words(b)} {now}")
+            continue
+        differ = [f"{words} {a.get(key)!r} {then}, {b.get(key)!r} {now}"
+                  for key, words in _LORA_SETTINGS.items() if a.get(key) != b.get(key)]
+        said = "; ".join(differ) or "per-layer scales (pipe.set_adapters with per-block weights) differ"
+        changes.setdefault(said, []).append(name)
+    parts += [f"LoRA of {', '.join(names)}: {said}" for said, names in changes.items()]
+    return "; ".join(parts)
+
+
+def _lora_words(state: Any) -> str:
+    return f"adapters {state.get('adapters')!r}" if isinstance(state, dict) else "none"
+
+
+def check_workers_can_load(settings: dict[str, Any]) -> None:
+    """Refuse worker processes for a pipeline with a LoRA loaded (its ``pipeline_settings``): they load the model
+    again, from its reference or a copy saved with ``save_pretrained``, and neither holds peft's LoRA layers.
+
+    >>> lora = {"adapters": {"a": [1.0]}, "active": ["a"], "disabled": False, "merged": [], "layers": 8, "digest": "x"}
+    >>> check_workers_can_load({"adapters": {"lora": {"unet": lora}, "textual_inversion": {}}})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: the pipeline given has a LoRA loaded (adapter 'a' in unet): worker processes ...
+    """
+    lora = (settings.get("adapters") or {}).get("lora") or {}
+    if not lora:
+        return
+    names = sorted({a for state in lora.values() for a in state.get("adapters", {})})
+    raise AttnscopeError(f"the pipeline given has a LoRA loaded (adapter {', '.join(map(repr, names))} in "
+                         f"{', '.join(sorted(lora))}): worker processes load the model again, from its reference or a "
+                         f"copy saved with save_pretrained, which keeps no LoRA layers, so their runs would lack it; use "
+                         f"workers=1 (no devices=), or fuse it into the weights (pipe.fuse_lora(); "
+                         f"pipe.unload_lora_weights()), save it with pipe.save_pretrained(folder) and sweep that folder")
 
 
 def _worker_main(spec: WorkerSpec, conn: Any, name: str) -> None:
@@ -82,16 +164,15 @@ def _worker_main(spec: WorkerSpec, conn: Any, name: str) -> None:
     diffusers_logging.disable_progress_bar()  # the parent's bar over runs is the one progress display
     transformers_logging.disable_progress_bar()
     try:
-        pipe = load_sweep_pipeline(spec.model, device=spec.device, dtype=spec.dtype, scheduler=spec.scheduler)
+        pipe = load_sweep_pipeline(spec.model, device=spec.device, dtype=spec.dtype, scheduler=spec.scheduler,
+                                   freeu=spec.freeu)
     except Exception as exc:  # reported to the parent, which stops the sweep with this message
         conn.send(("error", f"worker {name} could not load model {spec.model!r}: {type(exc).__name__}: {exc}"))
         return
     settings = pipeline_settings(pipe)
-    if spec.model_hash not in (None, settings["model_hash"]):
-        conn.send(("error", f"worker {name} loaded {spec.model!r}, whose weights differ from the pipeline given "
-                            f"(model_hash {spec.model_hash!r} given, {settings['model_hash']!r} loaded, in "
-                            f"{settings['dtype']}): it was changed since it was loaded; save it with "
-                            f"pipe.save_pretrained(folder) and sweep that folder, or use workers=1"))
+    problem = _loaded_otherwise(spec, settings, name)
+    if problem is not None:
+        conn.send(("error", problem))
         return
     folder = SweepFolder(spec.location, spec.storage_options)
     conn.send(("ready", settings))
@@ -102,6 +183,20 @@ def _worker_main(spec: WorkerSpec, conn: Any, name: str) -> None:
         pass
     finally:
         folder.close()
+
+
+def _loaded_otherwise(spec: WorkerSpec, settings: dict[str, Any], name: str) -> str | None:
+    """Why the model a worker loaded is not the pipeline given (its adapters, then its weights), or None."""
+    if spec.adapters is not None and settings["adapters"] != spec.adapters:  # they say why the weights differ
+        return (f"worker {name} loaded {spec.model!r}, whose adapters differ from the pipeline given "
+                f"({adapter_change(spec.adapters, settings['adapters'], 'given', 'loaded')}): they were loaded into it "
+                f"since; save it with pipe.save_pretrained(folder) and sweep that folder, or use workers=1")
+    if spec.model_hash not in (None, settings["model_hash"]):
+        return (f"worker {name} loaded {spec.model!r}, whose weights differ from the pipeline given "
+                f"(model_hash {spec.model_hash!r} given, {settings['model_hash']!r} loaded, in "
+                f"{settings['dtype']}): it was changed since it was loaded; save it with "
+                f"pipe.save_pretrained(folder) and sweep that folder, or use workers=1")
+    return None
 
 
 @dataclass

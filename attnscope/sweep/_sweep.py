@@ -19,7 +19,14 @@ from ..store import check_keep_bits, enclosing_trace
 from ._catalog import Catalog, open_catalog, write_catalog
 from ._folder import SweepFolder
 from ._plan import plan_runs, read_prompts
-from ._pool import WorkerSpec, load_sweep_pipeline, pipeline_settings, run_in_workers
+from ._pool import (
+    WorkerSpec,
+    adapter_change,
+    check_workers_can_load,
+    load_sweep_pipeline,
+    pipeline_settings,
+    run_in_workers,
+)
 from ._runs import execute_run
 
 __all__ = ["sweep"]
@@ -152,9 +159,10 @@ def _check_folder(folder: SweepFolder) -> None:
 def _check_settings(folder: SweepFolder, settings: dict, pipeline_defaults: dict | None = None) -> bool:
     """Refuse ``settings`` when the folder's ``sweep.json`` records others; whether the folder has a ``sweep.json``.
 
-    A folder holds one sweep: one model, one capture setting, one scheduler and one dtype. Only the
-    keys in ``settings`` are compared; ``scheduler`` and ``dtype``, recorded since they were added,
-    are not compared with a ``sweep.json`` written before (it lacks them).
+    A folder holds one sweep: one model, one capture setting, one scheduler, one dtype, one FreeU setting and
+    one way of applying adapters. Only the keys in ``settings`` are compared; ``scheduler``, ``dtype``,
+    ``freeu`` and ``adapters``, recorded since they were added, are not compared with a ``sweep.json`` written
+    before (it lacks them).
     """
     if not folder.exists(SETTINGS_FILE):
         return False
@@ -168,7 +176,7 @@ def _check_settings(folder: SweepFolder, settings: dict, pipeline_defaults: dict
                if before.get(k) != v and (k in before or k in ("model", "capture"))}
     if "model" in changed and _same_directory(*changed["model"]):  # one directory named two ways
         del changed["model"]
-    if "dtype" in changed:  # the weights' hash covers their dtype: the dtype says why it differs
+    if "dtype" in changed or "adapters" in changed:  # the hash covers both: they say why it differs
         changed.pop("model_hash", None)
     if changed:
         detail = "; ".join(_describe_change(k, old, new) for k, (old, new) in changed.items())
@@ -178,14 +186,21 @@ def _check_settings(folder: SweepFolder, settings: dict, pipeline_defaults: dict
 
 
 def _describe_change(key: str, old: Any, new: Any) -> str:
-    """One setting's change for the refusal: a scheduler by its class, or by the config entries that differ.
+    """One setting's change for the refusal: a scheduler by its class, or by the config entries that differ; FreeU by
+    its factors; adapters by what differs (:func:`adapter_change`).
 
     >>> _describe_change("dtype", "float32", "bfloat16")
     "dtype: 'float32' then, 'bfloat16' now"
     >>> _describe_change("scheduler", {"class": "DDIMScheduler", "config": {"eta": 0, "steps_offset": 1}},
     ...                  {"class": "DDIMScheduler", "config": {"eta": 0, "steps_offset": 0}})
     "scheduler: DDIMScheduler with {'steps_offset': 1} then, with {'steps_offset': 0} now"
+    >>> _describe_change("freeu", None, {"s1": 0.9, "s2": 0.2, "b1": 1.5, "b2": 1.6})
+    'freeu (pipe.enable_freeu): off then, s1=0.9 s2=0.2 b1=1.5 b2=1.6 now'
     """
+    if key == "adapters":
+        return f"adapters: {adapter_change(old, new)}"
+    if key == "freeu":
+        return f"freeu (pipe.enable_freeu): {_factors(old)} then, {_factors(new)} now"
     if key == "scheduler" and isinstance(old, dict) and isinstance(new, dict):
         if old.get("class") != new.get("class"):
             return f"scheduler: {old.get('class')} then, {new.get('class')} now"
@@ -194,6 +209,13 @@ def _describe_change(key: str, old: Any, new: Any) -> str:
         return (f"scheduler: {new.get('class')} with {({k: a.get(k) for k in keys})!r} then, "
                 f"with {({k: b.get(k) for k in keys})!r} now")
     return f"{key}: {old!r} then, {new!r} now"
+
+
+def _factors(freeu: Any) -> str:
+    """FreeU factors in the order ``enable_freeu`` takes them (``sweep.json`` sorts them), or ``off``."""
+    if not isinstance(freeu, dict):
+        return "off" if freeu is None else repr(freeu)
+    return " ".join(f"{k}={freeu.get(k)}" for k in ("s1", "s2", "b1", "b2"))
 
 
 def _same_directory(a: Any, b: Any) -> bool:
@@ -322,15 +344,17 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
     pipe_or_model : diffusers pipeline or str
         A pipeline, or what :func:`attnscope.load_pipeline` loads (``"shapes"``, a local directory).
         Worker processes load the pipeline's own reference when it is loadable, else a copy saved
-        with ``save_pretrained`` (safetensors) in a temporary folder; its scheduler and dtype are carried
-        over, and weights that differ from what the reference loads stop the sweep before any run.
+        with ``save_pretrained`` (safetensors) in a temporary folder; its scheduler, dtype and FreeU factors
+        are carried over, and weights or textual-inversion tokens that differ from what the reference loads
+        stop the sweep before any run; a pipeline with a LoRA loaded is refused for workers (they would
+        load it without).
     prompts : list of str, or the path of a text file (one prompt per line)
     seeds : int, list of int, or text like ``"0-99"`` / ``"0,3,7"``
     out : str or Path
         The sweep's folder: a local directory or a URL (``s3://bucket/runs/s1``, ``file://…``). It
         gets ``traces/<run>.zarr``, ``images/<run>.png``, ``rows/<run>.json``, ``sweep.json`` (the
-        model, capture settings, scheduler and dtype, written once the model is loaded and checked on
-        resume) and ``catalog.parquet``. It must not be a file, a trace or a folder of other files. Traces for a URL are captured into a
+        model, capture settings, scheduler, dtype, FreeU and adapters, written once the model is loaded
+        and checked on resume) and ``catalog.parquet``. It must not be a file, a trace or a folder of other files. Traces for a URL are captured into a
         local staging folder and uploaded when complete.
     workers : int
         Worker processes on the CPU (1: run in this process, with ``pipe_or_model`` itself).
@@ -426,6 +450,7 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
 
         try:
             if todo and use_workers:
+                check_workers_can_load(known)
                 worker_devices = list(devices) if devices is not None else [None] * workers
                 pipe = None if model else pipe_or_model
                 scheduler = None if pipe is None else (type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
@@ -434,7 +459,8 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
                                   scheduler=scheduler, threads=threads or _worker_threads(len(worker_devices)),
                                   location=str(folder.location), storage_options=storage_options,
                                   capture_kwargs=capture_kwargs, extra=extra, detector=detector,
-                                  model_hash=known.get("model_hash"))
+                                  model_hash=known.get("model_hash"), freeu=known.get("freeu"),
+                                  adapters=known.get("adapters"))
                 run_in_workers(todo, spec, worker_devices, folder, on_row, on_ready)
             elif todo:
                 pipe = load_sweep_pipeline(model, dtype=dtype) if model else pipe_or_model
