@@ -146,3 +146,15 @@ def test_workers_name_the_textual_inversion_token_the_reloaded_model_lacks(tmp_p
         ats.sweep(pipe, ["a red <tok> circle"], [0], out=tmp_path / "s", devices=["cpu"], threads=1, progress=False,
                   **RUN)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_dtype_other_than_the_pipeline_objects_own_is_refused_before_anything_is_written(tmp_path):
+    """dtype= is what a model reference is loaded in: beside a pipeline object in float32, dtype='bfloat16' was
+    ignored with workers=1 (float32 traces) and refused by every worker as changed weights."""
+    pipe = ats.load_pipeline("shapes")
+    with pytest.raises(ats.AttnscopeError, match=r"dtype='bfloat16': the pipeline given runs in float32"):
+        ats.sweep(pipe, ["a red circle"], [0], tmp_path / "sw", dtype="bfloat16", num_inference_steps=2, progress=False)
+    assert not (tmp_path / "sw").exists()
+    ats.sweep(pipe, ["a red circle"], [0], tmp_path / "ok", dtype="float32", num_inference_steps=2,
+              progress=False)  # its own dtype, said again: fine
+    assert json.loads((tmp_path / "ok" / "sweep.json").read_text())["dtype"] == "float32"

@@ -329,6 +329,25 @@ def _is_shapes(model: Any) -> bool:
     return (model if isinstance(model, str) else _reference(model)) == "shapes"
 
 
+def _check_dtype_of_pipeline(pipe_or_model: Any, dtype: str | None) -> None:
+    """``dtype=`` names the dtype a model is *loaded* in; a pipeline object is already loaded: another dtype than its
+    own was ignored with ``workers=1`` and refused by every worker as changed weights. One error instead.
+
+    >>> import attnscope as ats
+    >>> _check_dtype_of_pipeline(ats.load_pipeline("shapes"), "float32")
+    >>> _check_dtype_of_pipeline(ats.load_pipeline("shapes"), "bfloat16")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: dtype='bfloat16': the pipeline given runs in float32; ...
+    """
+    if dtype is None or isinstance(pipe_or_model, (str, Path)):
+        return
+    own = str(getattr(pipe_or_model, "dtype", "")).removeprefix("torch.")
+    if own and own != dtype:
+        raise AttnscopeError(f"dtype={dtype!r}: the pipeline given runs in {own}; dtype= sets the dtype a model is "
+                             f"loaded in, so give the model's reference (a name or directory) with dtype={dtype!r}, "
+                             f"or a pipeline loaded in it (ats.load_pipeline(ref, dtype={dtype!r})), or leave dtype= out")
+
+
 def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, out: str | Path, *,
           workers: int = 1, devices: Sequence[str] | None = None, threads: int | None = None,
           dtype: str | None = None, extra: Callable[[Any], dict] | None = None, progress: bool = True,
@@ -366,7 +385,7 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
         in this process, left as they are).
     dtype : str, optional
         For a model loaded here or in workers: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (default: the
-        pipeline's own for a pipeline object, else the model's).
+        model's). A pipeline object runs in its own dtype: another ``dtype=`` beside it is refused.
     extra : callable, optional
         ``extra(trace) -> dict`` of scalars, added as catalog columns (runs in the worker; with
         worker processes it must be a module-level function).
@@ -420,6 +439,7 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
         raise AttnscopeError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     if not isinstance(pipe_or_model, (str, Path)) and not hasattr(pipe_or_model, "components"):
         raise AttnscopeError(f"pipe_or_model={pipe_or_model!r}: expected a diffusers pipeline or a model name/directory")
+    _check_dtype_of_pipeline(pipe_or_model, dtype)
     use_workers = devices is not None or workers > 1
     if use_workers and extra is not None:
         _check_picklable(extra)
