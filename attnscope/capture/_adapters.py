@@ -1,4 +1,5 @@
-"""What adapters loaded into a pipeline change without being a weight of it: LoRA settings and textual-inversion tokens.
+"""What adapters loaded into a pipeline change without being a weight of it: LoRA settings, textual-inversion tokens
+and IP-Adapter scales.
 
 The weights fingerprint (``attnscope.store.weights_fingerprint``) sees a LoRA's matrices and a textual inversion's
 embedding rows, but not how a LoRA is applied: ``pipe.set_adapters(..., adapter_weights=...)``, ``disable_lora()``,
@@ -18,7 +19,7 @@ import torch
 
 from ..tokens import added_tokens
 
-__all__ = ["adapter_state", "lora_state", "textual_inversion_tokens"]
+__all__ = ["adapter_state", "ip_adapter_state", "lora_state", "textual_inversion_tokens"]
 
 #: significant digits a LoRA scale is recorded with: diffusers scales a LoRA for a call (``cross_attention_kwargs=
 #: {"scale": s}``) by multiplying and dividing again, which may leave the last bit of the scale changed
@@ -26,13 +27,51 @@ _DIGITS = 6
 
 
 def adapter_state(pipe: Any) -> dict[str, Any]:
-    """``{"lora": lora_state(pipe), "textual_inversion": textual_inversion_tokens(pipe)}``.
+    """``{"lora": lora_state(pipe), "textual_inversion": textual_inversion_tokens(pipe)}``, and ``"ip_adapter":
+    ip_adapter_state(pipe)`` where an IP-Adapter is loaded.
 
     >>> from attnscope.testing import tiny_sd_pipeline
     >>> adapter_state(tiny_sd_pipeline())
     {'lora': {}, 'textual_inversion': {}}
     """
-    return {"lora": lora_state(pipe), "textual_inversion": textual_inversion_tokens(pipe)}
+    state = {"lora": lora_state(pipe), "textual_inversion": textual_inversion_tokens(pipe)}
+    ip_adapter = ip_adapter_state(pipe)
+    return {**state, "ip_adapter": ip_adapter} if ip_adapter else state
+
+
+def ip_adapter_state(pipe: Any) -> dict[str, dict[str, Any]]:
+    """Per pipeline component with IP-Adapter processors (``pipe.load_ip_adapter(...)``): their settings, which are no
+    weight. ``scales``: the distinct per-processor scales (one per loaded adapter, as ``set_ip_adapter_scale`` set
+    them, to 6 significant digits; per-block scales give several), ``tokens`` (the image tokens of each adapter),
+    ``processors`` and ``digest`` (SHA-256 over each processor's path and scales). Components without are left out;
+    while attnscope's hooks are installed the processors they wrap are read.
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> ip_adapter_state(tiny_sd_pipeline())
+    {}
+    """
+    state: dict[str, dict[str, Any]] = {}
+    for name, component in pipe.components.items():
+        rows = _ip_adapter_rows(component) if isinstance(component, torch.nn.Module) else []
+        if rows:
+            distinct = sorted({json.dumps(scales) for _, scales, _ in rows})
+            state[name] = {"scales": [json.loads(s) for s in distinct], "tokens": rows[0][2], "processors": len(rows),
+                           "digest": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()}
+    return state
+
+
+def _ip_adapter_rows(component: torch.nn.Module) -> list[list[Any]]:
+    """``[path, scales, tokens]`` of each IP-Adapter processor in ``component`` (the original under an attnscope
+    hook, which keeps it as ``.original``)."""
+    rows = []
+    for path, module in component.named_modules():
+        processor = module.__dict__.get("processor", module._modules.get("processor"))
+        processor = getattr(processor, "original", processor)
+        if "IPAdapter" in type(processor).__name__:
+            scales = [[_rounded(v) for v in s] if isinstance(s, (list, tuple)) else _rounded(s)
+                      for s in getattr(processor, "scale", [])]
+            rows.append([path, scales, list(getattr(processor, "num_tokens", []))])
+    return rows
 
 
 def lora_state(pipe: Any) -> dict[str, dict[str, Any]]:

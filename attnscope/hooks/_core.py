@@ -37,7 +37,7 @@ from ._client import STAGES, client_role
 from ._context import CallContext, RowLayout, StepContext
 from ._discovery import discover_self_sites, discover_sites, find_adapter, segment_name, text_segments
 from ._joint import JointAttentionProcessor
-from ._processors import CrossAttentionProcessor, ScratchBuffers, SelfAttentionProcessor
+from ._processors import _IP_ADAPTER_TEXT, CrossAttentionProcessor, ScratchBuffers, SelfAttentionProcessor
 from ._sites import CrossAttentionSite
 from ._text_mask import check_text_mask
 from .families import timestep_value
@@ -464,12 +464,10 @@ def _spelled_ids(tokenizer: Any, ids: list[int]) -> list[str]:
 
 
 def _swap_processor(module: torch.nn.Module, new: Any) -> Any:
-    """Replace ``module.processor``; return a token that restores it exactly (also nn.Module processors, in their
-    slot among the module's children)."""
-    children = list(module._modules)
-    slot = children.index("processor") if "processor" in children else None
-    saved = (module.__dict__.get("processor"), "processor" in module.__dict__, module._modules.pop("processor", None),
-             children[slot + 1:] if slot is not None else [])
+    """Replace ``module.processor`` (an instance attribute, which attribute access finds first); return a token that
+    restores it exactly. An nn.Module processor (an IP-Adapter's) stays the module's child meanwhile, so its weights
+    stay in the module's parameters, ``state_dict`` (the manifest's weights fingerprint) and ``.to(...)``."""
+    saved = (module.__dict__.get("processor"), "processor" in module.__dict__)
     module.__dict__["processor"] = new
     return saved
 
@@ -524,14 +522,24 @@ def _refuse_slicing(session: HookSession) -> None:
 
 def _refuse_ip_adapter(session: HookSession) -> None:
     """An IP-Adapter (``pipe.load_ip_adapter(...)``) makes each cross-attention site attend to the text and, apart, to
-    image-prompt tokens handed with it (``IPAdapterAttnProcessor2_0``), which attnscope neither records nor mirrors:
-    refused before anything is installed, not a failure at the first recorded call."""
+    image-prompt tokens handed with it, adding ``scale ·`` that attention to the text's. Observers are shown the text
+    part (UNet sites: ``IPAdapterAttnProcessor2_0``/``IPAdapterAttnProcessor``) while the processor makes the output;
+    interventions, which would edit a computation attnscope does not mirror, and the IP-Adapters of other processors
+    (SD3, Flux, xFormers) are refused before anything is installed, not at the first call."""
     for site in session.sites:
         name = type(site.module.processor).__name__
-        if "IPAdapter" in name:
+        if "IPAdapter" not in name:
+            continue
+        if site.kind != "cross" or name not in _IP_ADAPTER_TEXT:
             raise AttnscopeError(f"site {site.name}: an IP-Adapter is loaded ({name}: the site also attends to image "
-                                 f"tokens, which attnscope cannot record or steer apart from the text); call "
-                                 f"pipe.unload_ip_adapter() before `ats.hooks(pipe, ...)` (or ats.capture)")
+                                 f"tokens, which attnscope cannot record apart from the text with this processor); "
+                                 f"call pipe.unload_ip_adapter() before `ats.hooks(pipe, ...)` (or ats.capture)")
+        if session.interventions:
+            names = ", ".join(type(c).__name__ for c in session.interventions)
+            raise AttnscopeError(f"interventions ({names}) with an IP-Adapter loaded ({name} at {site.name}): the site "
+                                 f"adds attention to image tokens to the text's, which interventions cannot edit "
+                                 f"apart; record without interventions (ats.capture, ats.Recorder), or call "
+                                 f"pipe.unload_ip_adapter() first")
 
 
 def _watch_encode_prompt(session: HookSession, pipe: Any) -> Callable[[], None]:
@@ -579,18 +587,12 @@ def _watch(pipe: Any, name: str, event: Callable[..., None]) -> Callable[[], Non
 
 
 def _restore_processor(module: torch.nn.Module, saved: Any) -> None:
-    """Put back the processor :func:`_swap_processor` took; the module's other children stay as they are now (a
-    LoRA or a fused projection added inside the block is kept)."""
-    value, in_dict, child, after = saved
+    """Put back the processor :func:`_swap_processor` took; the module's children stay as they are now (a LoRA or a
+    fused projection added inside the block is kept)."""
+    value, in_dict = saved
     module.__dict__.pop("processor", None)
     if in_dict:
         module.__dict__["processor"] = value
-    if child is not None:  # back before the first child that followed it and is still there
-        items = list(module._modules.items())
-        at = next((i for i, (name, _) in enumerate(items) if name in after), len(items))
-        items.insert(at, ("processor", child))
-        module._modules.clear()
-        module._modules.update(items)
 
 
 def hooks(pipe: Any, *clients: Any, exact: bool = False) -> contextlib.AbstractContextManager[HookSession]:
@@ -611,7 +613,8 @@ def hooks(pipe: Any, *clients: Any, exact: bool = False) -> contextlib.AbstractC
         backend), so the image is bit-identical to a run without hooks. Costs one more attention
         computation per observed call (about +50% of the attention's time on CPU). Default: the
         output is ``probs @ V`` from the same probabilities (joint sites: torch's fused kernel),
-        equal to the original up to float rounding.
+        equal to the original up to float rounding. With an IP-Adapter loaded a cross site's output is always
+        its processor's own (bit-identical either way; clients see the text part, docs/hooks.md).
 
     Examples
     --------

@@ -14,7 +14,7 @@ from ..errors import AttnscopeError
 from ._context import CallContext
 from ._sites import CrossAttentionSite
 
-__all__ = ["CrossAttentionProcessor", "ScratchBuffers", "SelfAttentionProcessor", "signature_stub"]
+__all__ = ["CrossAttentionProcessor", "ScratchBuffers", "SelfAttentionProcessor", "signature_stub", "text_states"]
 
 
 def signature_stub(fn: Any) -> Any:
@@ -102,7 +102,9 @@ class CrossAttentionProcessor:
     residual connection, ``rescale_output_factor`` — with ``QKᵀ/√d`` and its softmax made visible
     as the ``logits`` and ``probs`` stages; it accepts sites whose original processor is
     ``AttnProcessor2_0``, ``AttnProcessor`` (the same computation without SDPA) or Sana's
-    ``SanaAttnProcessor2_0`` (q/k norms before the heads are split). Tested against
+    ``SanaAttnProcessor2_0`` (q/k norms before the heads are split). With an IP-Adapter's processor
+    (``IPAdapterAttnProcessor2_0``/``IPAdapterAttnProcessor``) the stages show the text part — the same
+    computation over the text keys alone — to observers, and the processor itself then makes the output. Tested against
     diffusers 0.42 (the version CI installs; ``pyproject.toml`` admits 0.35 and later): with
     ``exact=True`` an observed call is bit-identical to the original processor.
     """
@@ -119,7 +121,8 @@ class CrossAttentionProcessor:
         encoder_hidden_states = kwargs.get("encoder_hidden_states", args[0] if args else None)
         if session.step_context is None or encoder_hidden_states is None:
             return self.original(attn, hidden_states, *args, **kwargs)
-        ctx = session.call_context(self.site, _queries(hidden_states), int(encoder_hidden_states.shape[1]))
+        text = text_states(encoder_hidden_states)
+        ctx = session.call_context(self.site, _queries(hidden_states), int(text.shape[1]))
         if hidden_states.ndim == 3:  # the queries' input, for output-stage clients that attend again
             ctx = dataclasses.replace(ctx, hidden_states=hidden_states)
         plan = session.plan(ctx)
@@ -130,18 +133,23 @@ class CrossAttentionProcessor:
             if plan.get("logits") or plan.get("probs"):
                 if args:
                     raise AttnscopeError(f"site {self.site.name}: expected keyword arguments from Attention.forward")
-                output = self._attend(ctx, plan, attn, hidden_states, **kwargs)
+                output = self._attend(ctx, plan, attn, hidden_states, **{**kwargs, "encoder_hidden_states": text})
+                if output is None:  # IP-Adapter: the text part was observed; the processor adds the image part
+                    output = self.original(attn, hidden_states, **kwargs)
             else:
                 output = self.original(attn, hidden_states, *args, **kwargs)
         return session.run_stage("output", plan, ctx, output)
 
     def _attend(self, ctx: CallContext, plan: dict, attn: Any, hidden_states: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                temb: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+                temb: torch.Tensor | None = None, **_: Any) -> torch.Tensor | None:
         """AttnProcessor2_0's computation with the logits/probs stages made visible (SanaAttnProcessor2_0's: the
         same with the q/k norms applied before the heads are split; AttnProcessor's: ``attn.scale``, no q/k norms;
-        FusedAttnProcessor2_0's: key and value from ``to_kv``)."""
+        FusedAttnProcessor2_0's: key and value from ``to_kv``; an IP-Adapter's: its text part, which is
+        AttnProcessor2_0's or AttnProcessor's, and None once the stages have run: the caller runs the processor)."""
         name = type(self.original).__name__
+        ip_adapter = name in _IP_ADAPTER_TEXT
+        name = _IP_ADAPTER_TEXT.get(name, name)
         if name not in _KNOWN_PROCESSORS:
             raise AttnscopeError(
                 f"site {self.site.name}: reading logits/probs needs one of {', '.join(_KNOWN_PROCESSORS)}, got "
@@ -194,6 +202,8 @@ class CrossAttentionProcessor:
         edited = session.run_stage("logits", plan, ctx, logits)
         probs = torch.softmax(edited, dim=-1, out=self._buffer("probs", edited.shape, edited))
         final = session.run_stage("probs", plan, ctx, probs)
+        if ip_adapter:  # observers only (interventions are refused at install): the output is the processor's own
+            return None
         if session.exact and edited is logits and final is probs and classic:
             # observed only: AttnProcessor's own computation (no fused kernel), bit-identical
             mask = attention_mask.reshape(rows, -1, tokens) if attention_mask is not None else None
@@ -215,6 +225,21 @@ class CrossAttentionProcessor:
 
 #: the cross-attention processors whose computation :class:`CrossAttentionProcessor` mirrors
 _KNOWN_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "SanaAttnProcessor2_0", "FusedAttnProcessor2_0")
+
+
+#: IP-Adapter processors (``pipe.load_ip_adapter``) whose text part is the computation of a processor above: the
+#: queries attend to the text keys alone, then ``scale ·`` attention to each adapter's image tokens is added
+_IP_ADAPTER_TEXT = {"IPAdapterAttnProcessor2_0": "AttnProcessor2_0", "IPAdapterAttnProcessor": "AttnProcessor"}
+
+
+def text_states(encoder_hidden_states: Any) -> torch.Tensor:
+    """The text states a cross-attention call attends to: the first of the ``(text, [image tokens, …])`` pair a UNet
+    hands its sites with an IP-Adapter loaded, else ``encoder_hidden_states`` itself.
+
+    >>> text_states((torch.zeros(2, 77, 8), [torch.zeros(2, 1, 4, 8)])).shape
+    torch.Size([2, 77, 8])
+    """
+    return encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
 
 
 def _normed(attn: Any, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

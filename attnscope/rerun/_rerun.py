@@ -455,7 +455,8 @@ _OBSERVING_KWARGS = ("callback", "callback_on_step_end")
 
 def _check_inputs_recorded(manifest: dict[str, Any], run: dict[str, Any], where: str) -> None:
     """Refuse a trace generated from pipeline inputs its manifest could not hold (not JSON: an img2img or inpainting
-    pipeline's ``image`` and ``mask_image``, a ControlNet's control image, ``latents``): without them the pipeline
+    pipeline's ``image`` and ``mask_image``, a ControlNet's control image, an IP-Adapter's image or embeddings,
+    ``latents``): without them the pipeline
     fails or makes another generation. Only step callbacks may be missing (they watch the run): a warning, later.
 
     >>> _check_inputs_recorded({}, {"unrecorded_kwargs": ["callback_on_step_end"]}, "a.zarr")
@@ -470,10 +471,14 @@ def _check_inputs_recorded(manifest: dict[str, Any], run: dict[str, Any], where:
         return
     model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
     pipeline = model.get("pipeline_class") or "pipeline"
+    opening = (f"cannot rerun trace {where!r}: its {pipeline} was called with {', '.join(missing)}, which the manifest "
+               f"cannot hold (not JSON: an init image, a mask, a control image, an IP-Adapter image or its embeddings, "
+               f"latents), so a rerun cannot make the same generation. ")
+    if any(k.startswith("ip_adapter_") for k in missing):  # interventions are refused beside an IP-Adapter
+        raise AttnscopeError(opening + "Interventions are refused while an IP-Adapter is loaded, so no before/after "
+                                       "can be made with it (docs/capture.md#adapters-lora-textual-inversion-ip-adapter)")
     raise AttnscopeError(
-        f"cannot rerun trace {where!r}: its {pipeline} was called with {', '.join(missing)}, which the manifest cannot "
-        f"hold (not JSON: an init image, a mask, a control image, latents), so a rerun cannot make the same "
-        f"generation. Record the run with interventions in your own block, passing the same inputs and seed: "
+        opening + f"Record the run with interventions in your own block, passing the same inputs and seed: "
         f"rec = ats.Recorder(store); with ats.hooks(pipe, *interventions, rec): out = pipe(prompt, "
         f"{', '.join(f'{k}=...' for k in missing)}, generator=torch.Generator().manual_seed(seed), ...); "
         f"rec.add_images(out.images); then ats.compare(trace, ats.open_trace(store)) (docs/rerun.md)")

@@ -106,6 +106,8 @@ def adapter_change(before: dict | None, after: dict | None, then: str = "then", 
     'LoRA of unet: per-layer scales (pipe.set_adapters with per-block weights) differ'
     >>> adapter_change({"lora": {"unet": lora}}, {"lora": {}})
     "LoRA in unet: adapters {'a': [1.0]} then, none now"
+    >>> adapter_change({"ip_adapter": {"unet": {"scales": [[0.5]], "digest": "x"}}}, {})
+    'IP-Adapter of unet (pipe.load_ip_adapter, set_ip_adapter_scale): scales [[0.5]] then, none now'
     """
     before, after = before or {}, after or {}
     parts = []
@@ -128,6 +130,12 @@ def adapter_change(before: dict | None, after: dict | None, then: str = "then", 
         said = "; ".join(differ) or "per-layer scales (pipe.set_adapters with per-block weights) differ"
         changes.setdefault(said, []).append(name)
     parts += [f"LoRA of {', '.join(names)}: {said}" for said, names in changes.items()]
+    ip_then, ip_now = before.get("ip_adapter") or {}, after.get("ip_adapter") or {}
+    for name in sorted(set(ip_then) | set(ip_now)):
+        a, b = ip_then.get(name), ip_now.get(name)
+        if a != b:
+            parts.append(f"IP-Adapter of {name} (pipe.load_ip_adapter, set_ip_adapter_scale): scales "
+                         f"{a['scales'] if a else 'none'} {then}, {b['scales'] if b else 'none'} {now}")
     return "; ".join(parts)
 
 
@@ -144,7 +152,12 @@ def check_workers_can_load(settings: dict[str, Any]) -> None:
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: the pipeline given has a LoRA loaded (adapter 'a' in unet): worker processes ...
     """
-    lora = (settings.get("adapters") or {}).get("lora") or {}
+    adapters = settings.get("adapters") or {}
+    if adapters.get("ip_adapter"):
+        raise AttnscopeError(f"the pipeline given has an IP-Adapter loaded (in {', '.join(sorted(adapters['ip_adapter']))}): "
+                             f"worker processes load the model again, from its reference or a copy saved with "
+                             f"save_pretrained, which keeps no IP-Adapter; use workers=1 (no devices=)")
+    lora = adapters.get("lora") or {}
     if not lora:
         return
     names = sorted({a for state in lora.values() for a in state.get("adapters", {})})
