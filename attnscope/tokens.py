@@ -29,7 +29,7 @@ from typing import Any
 
 from .errors import AttnscopeError
 
-__all__ = ["BYTE_SPACE", "EOT", "ROLES", "SOT", "added_tokens", "byte_to_unicode", "is_target", "mark_added_tokens", "prompt_length", "prompt_positions", "prompt_text", "resolve_targets",
+__all__ = ["BYTE_SPACE", "EOT", "ROLES", "SOT", "byte_to_unicode", "is_target", "prompt_length", "prompt_positions", "prompt_text", "resolve_targets",
            "segment_bounds", "segment_occurrences", "target_list", "target_occurrences", "token_roles", "token_words", "word_alignment", "word_occurrences"]
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
@@ -304,40 +304,6 @@ def _byte_level_words(tokens: Sequence[str], positions: list[int]) -> list[tuple
 
 def _piece_bytes(piece: str) -> bytes:
     return bytes(_BYTE_OF.get(c, ord("?")) for c in piece)
-
-
-def added_tokens(tokenizer: Any) -> set[str]:
-    """The tokens added to a tokenizer after it was made, without its special tokens: textual inversion's
-    (``pipe.load_textual_inversion(..., token="<tok>")`` adds ``<tok>``, and ``<tok>_1``, … for an embedding of several
-    vectors)."""
-    encoder = getattr(tokenizer, "added_tokens_encoder", None)
-    if not isinstance(encoder, Mapping):
-        return set()
-    special = set(getattr(tokenizer, "all_special_tokens", ()) or ())
-    return {str(token) for token in encoder if token not in special}
-
-
-def mark_added_tokens(tokens: Sequence[str], added: set[str] | frozenset[str]) -> list[str]:
-    """CLIP BPE pieces with each added token (textual inversion's) ending its word: the tokenizer splits an added token
-    from the text around it before BPE, so it is a word of its own, but its string carries no ``</w>`` and would join
-    the next word's pieces. The last piece of each added token gets ``</w>``; the vectors of one token (``<tok>``,
-    ``<tok>_1``, …: diffusers' names) stay one word.
-
-    >>> mark_added_tokens(["a</w>", "<tok>", "<tok>_1", "circle</w>", "<tok>"], {"<tok>", "<tok>_1"})
-    ['a</w>', '<tok>', '<tok>_1</w>', 'circle</w>', '<tok></w>']
-    """
-    out = list(tokens)
-    base = None
-    for i, tok in enumerate(out):
-        if tok not in added:
-            base = None
-            continue
-        base = base if base is not None and re.fullmatch(re.escape(base) + r"_\d+", tok) else tok
-        after = out[i + 1] if i + 1 < len(out) else None
-        continues = after in added and re.fullmatch(re.escape(base) + r"_\d+", after or "") is not None
-        if not continues and not tok.endswith(_END_OF_WORD):
-            out[i] = tok + _END_OF_WORD
-    return out
 
 
 def prompt_text(tokens: Sequence[str], roles: Sequence[str] | None = None) -> str:

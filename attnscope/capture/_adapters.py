@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..tokens import added_tokens
+from ..hooks import added_tokens
 
 __all__ = ["adapter_state", "ip_adapter_state", "lora_state", "textual_inversion_tokens"]
 

@@ -10,6 +10,7 @@ capture, store, stats, plot, regulate or rerun: they build on it.
 (True, ('logits', 'probs', 'output'))
 """
 
+from ._added_tokens import added_tokens
 from ._cfg_batch import select_rows
 from ._client import OPTIONAL_METHODS, ROLES, STAGES, HookClient, client_role, prepare_clients
 from ._context import CallContext, RowLayout, StepContext
@@ -18,5 +19,5 @@ from ._discovery import discover_self_sites, discover_sites, find_adapter, find_
 from ._sites import CrossAttentionSite
 
 __all__ = ["CallContext", "CrossAttentionSite", "HookClient", "HookSession", "OPTIONAL_METHODS", "ROLES", "RowLayout", "STAGES",
-           "StepContext", "client_role", "discover_self_sites", "discover_sites", "find_adapter", "find_denoiser", "hooks",
+           "StepContext", "added_tokens", "client_role", "discover_self_sites", "discover_sites", "find_adapter", "find_denoiser", "hooks",
            "prepare_clients", "segment_name", "select_rows", "text_segments"]

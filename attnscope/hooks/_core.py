@@ -30,14 +30,14 @@ from typing import Any
 import torch
 
 from ..errors import AttnscopeError
-from ..tokens import added_tokens, mark_added_tokens
+from ._added_tokens import added_tokens, mark_added_tokens
 from ._cfg_batch import duplicate_prediction, select_rows
 from ._checkpoint import checkpointed_denoiser
 from ._client import STAGES, client_role
 from ._context import CallContext, RowLayout, StepContext
 from ._discovery import discover_self_sites, discover_sites, find_adapter, segment_name, text_segments
 from ._joint import JointAttentionProcessor
-from ._processors import _IP_ADAPTER_TEXT, CrossAttentionProcessor, ScratchBuffers, SelfAttentionProcessor
+from ._processors import IP_ADAPTER_TEXT, CrossAttentionProcessor, ScratchBuffers, SelfAttentionProcessor
 from ._sites import CrossAttentionSite
 from ._text_mask import check_text_mask
 from .families import timestep_value
@@ -455,7 +455,7 @@ def _prompt_text(encoders: list[tuple[str | None, Any]], ids: list[torch.Tensor 
 
 def _spelled_ids(tokenizer: Any, ids: list[int]) -> list[str]:
     """The strings of a segment's token ids (empty strings without a tokenizer); a CLIP tokenizer's added tokens
-    (textual inversion's ``<tok>``) end their word (:func:`attnscope.tokens.mark_added_tokens`)."""
+    (textual inversion's ``<tok>``) end their word (:func:`attnscope.hooks._added_tokens.mark_added_tokens`)."""
     if tokenizer is None:
         return [""] * len(ids)
     tokens = tokenizer.convert_ids_to_tokens(ids)
@@ -530,7 +530,7 @@ def _refuse_ip_adapter(session: HookSession) -> None:
         name = type(site.module.processor).__name__
         if "IPAdapter" not in name:
             continue
-        if site.kind != "cross" or name not in _IP_ADAPTER_TEXT:
+        if site.kind != "cross" or name not in IP_ADAPTER_TEXT:
             raise AttnscopeError(f"site {site.name}: an IP-Adapter is loaded ({name}: the site also attends to image "
                                  f"tokens, which attnscope cannot record apart from the text with this processor); "
                                  f"call pipe.unload_ip_adapter() before `ats.hooks(pipe, ...)` (or ats.capture)")

@@ -14,7 +14,7 @@ from ..errors import AttnscopeError
 from ._context import CallContext
 from ._sites import CrossAttentionSite
 
-__all__ = ["CrossAttentionProcessor", "ScratchBuffers", "SelfAttentionProcessor", "signature_stub", "text_states"]
+__all__ = ["IP_ADAPTER_TEXT", "CrossAttentionProcessor", "ScratchBuffers", "SelfAttentionProcessor", "signature_stub", "text_states"]
 
 
 def signature_stub(fn: Any) -> Any:
@@ -148,8 +148,8 @@ class CrossAttentionProcessor:
         FusedAttnProcessor2_0's: key and value from ``to_kv``; an IP-Adapter's: its text part, which is
         AttnProcessor2_0's or AttnProcessor's, and None once the stages have run: the caller runs the processor)."""
         name = type(self.original).__name__
-        ip_adapter = name in _IP_ADAPTER_TEXT
-        name = _IP_ADAPTER_TEXT.get(name, name)
+        ip_adapter = name in IP_ADAPTER_TEXT
+        name = IP_ADAPTER_TEXT.get(name, name)
         if name not in _KNOWN_PROCESSORS:
             raise AttnscopeError(
                 f"site {self.site.name}: reading logits/probs needs one of {', '.join(_KNOWN_PROCESSORS)}, got "
@@ -229,7 +229,7 @@ _KNOWN_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "SanaAttnProcessor2_0"
 
 #: IP-Adapter processors (``pipe.load_ip_adapter``) whose text part is the computation of a processor above: the
 #: queries attend to the text keys alone, then ``scale ·`` attention to each adapter's image tokens is added
-_IP_ADAPTER_TEXT = {"IPAdapterAttnProcessor2_0": "AttnProcessor2_0", "IPAdapterAttnProcessor": "AttnProcessor"}
+IP_ADAPTER_TEXT = {"IPAdapterAttnProcessor2_0": "AttnProcessor2_0", "IPAdapterAttnProcessor": "AttnProcessor"}
 
 
 def text_states(encoder_hidden_states: Any) -> torch.Tensor:
