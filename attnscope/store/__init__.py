@@ -30,10 +30,12 @@ from ._integrity import crop_region
 from ._location import access_error, filesystem, is_url, locate, read_root
 from ._manifest import (
     build_manifest,
+    check_layerwise_casting,
     check_same_generation,
     check_same_schedule,
     freeu_settings,
     jsonable,
+    layerwise_casting,
     weights_fingerprint,
 )
 from ._reader import Trace, as_trace, open_trace
@@ -42,5 +44,5 @@ from ._writer import SiteLayout, StoreLayout, TraceWriter, check_store_path, enc
 
 __all__ = ["BRANCH_ARRAYS", "FORMAT_VERSION", "GATED_STEPS_ATTR", "IMAGE_DIMS", "OUTPUT_CHANGE", "OUTPUT_NORM",
            "ROOT_COORDS", "SITES_GROUP", "SITE_DIMS", "SUMMARIES_GROUP", "SUMMARY_DIMS", "SiteLayout", "StoreLayout",
-           "Trace", "TraceWriter", "access_error", "as_trace", "build_manifest", "check_keep_bits", "check_same_generation", "check_same_schedule", "check_store_path", "chunk_steps", "crop_region", "enclosing_trace", "filesystem", "freeu_settings", "is_url", "jsonable", "locate",
+           "Trace", "TraceWriter", "access_error", "as_trace", "build_manifest", "check_keep_bits", "check_layerwise_casting", "check_same_generation", "check_same_schedule", "check_store_path", "chunk_steps", "crop_region", "enclosing_trace", "filesystem", "freeu_settings", "is_url", "jsonable", "layerwise_casting", "locate",
            "open_trace", "read_root", "site_group", "upload_trace", "weights_fingerprint"]

@@ -210,6 +210,70 @@ def freeu_settings(denoiser: Any) -> dict[str, float] | None:
     return None
 
 
+def layerwise_casting(pipe: Any) -> dict[str, dict[str, str]]:
+    """Per model component with layerwise casting on (``component.enable_layerwise_casting(storage_dtype=,
+    compute_dtype=)``): its storage and compute dtypes. Not a weight: the weights fingerprint sees the storage dtype
+    (and the values rounded to it), not that the layers are upcast to run; a rerun must have it on again.
+
+    >>> import torch
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> layerwise_casting(pipe)
+    {}
+    >>> pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    >>> layerwise_casting(pipe)
+    {'unet': {'storage_dtype': 'float8_e4m3fn', 'compute_dtype': 'float32'}}
+    """
+    found = {}
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        settings = {(str(hook.storage_dtype).removeprefix("torch."), str(hook.compute_dtype).removeprefix("torch."))
+                    for hook in map(_casting_hook, component.modules()) if hook is not None}
+        if settings:  # diffusers applies one setting to a whole model: the first of a sorted set, to be deterministic
+            storage, compute = sorted(settings)[0]
+            found[name] = {"storage_dtype": storage, "compute_dtype": compute}
+    return found
+
+
+def _casting_hook(module: torch.nn.Module) -> Any:
+    """The diffusers layerwise-casting hook of one module (its ``_diffusers_hook`` registry), or None."""
+    registry = getattr(module, "_diffusers_hook", None)
+    get = getattr(registry, "get_hook", None)
+    return get("layerwise_casting") if callable(get) else None
+
+
+def check_layerwise_casting(pipe: Any, manifest: dict[str, Any], where: str) -> None:
+    """Refuse to rerun trace ``where`` with ``pipe`` when its layerwise casting differs from the recorded one
+    (``model.layerwise_casting``; a manifest written before it was recorded is not judged), naming the component and
+    the call that sets it: without it, the weights fingerprint would only say that the weights differ.
+    """
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    if "layerwise_casting" not in model:
+        return
+    recorded = model["layerwise_casting"] if isinstance(model["layerwise_casting"], dict) else {}
+    current = layerwise_casting(pipe)
+    for name in sorted(set(recorded) | set(current)):
+        then, now = recorded.get(name), current.get(name)
+        if then == now:
+            continue
+        if not isinstance(then, dict) or not then:
+            raise AttnscopeError(f"cannot rerun trace {where!r} with this pipe: its {name} has layerwise casting on "
+                                 f"({_spell_casting(now)}), the trace was captured without it; load the model afresh "
+                                 f"(layerwise casting cannot be turned off) and pass it without casting")
+        enable = (f"pipe.{name}.enable_layerwise_casting(storage_dtype=torch.{then.get('storage_dtype')}, "
+                  f"compute_dtype=torch.{then.get('compute_dtype')})")
+        raise AttnscopeError(f"cannot rerun trace {where!r} with this pipe: the trace was captured with layerwise "
+                             f"casting on its {name} ({_spell_casting(then)}), this pipe has "
+                             f"{_spell_casting(now) if now else 'it off'}; call {enable} on a freshly loaded model "
+                             f"before the rerun")
+
+
+def _spell_casting(setting: dict[str, str]) -> str:
+    """``{'storage_dtype': 'float8_e4m3fn', 'compute_dtype': 'bfloat16'}`` in words."""
+    return f"storage {setting.get('storage_dtype')}, compute {setting.get('compute_dtype')}"
+
+
 def build_manifest(pipe: Any, denoiser: torch.nn.Module, run: dict[str, Any], capture_spec: dict[str, Any]) -> dict[str, Any]:
     """The manifest stored in a trace's root attributes (see docs/store-format.md); ``denoiser`` is the
     pipeline's UNet or transformer, as the hook core found it."""
@@ -220,6 +284,7 @@ def build_manifest(pipe: Any, denoiser: torch.nn.Module, run: dict[str, Any], ca
             "pipeline_class": type(pipe).__name__,
             "denoiser_class": type(denoiser).__name__,
             "freeu": freeu_settings(denoiser),
+            "layerwise_casting": layerwise_casting(pipe),
         },
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
         "dtype": str(denoiser.dtype).removeprefix("torch."),
