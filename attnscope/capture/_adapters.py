@@ -77,7 +77,9 @@ def _ip_adapter_rows(component: torch.nn.Module) -> list[list[Any]]:
 def lora_state(pipe: Any) -> dict[str, dict[str, Any]]:
     """Per pipeline component holding LoRA (peft) layers: how they are applied. ``adapters``: each adapter's scales
     (the distinct ``scaling`` values of its layers: ``lora_alpha / r`` times the weight ``set_adapters`` or
-    ``fuse_lora(lora_scale=)`` gave it, to 6 significant digits), ``active`` (the adapters the layers run),
+    ``fuse_lora(lora_scale=)`` gave it, to 6 significant digits), ``active`` (the adapters the layers run, in the
+    order ``set_adapters`` named them: a layer adds their products to its output in that order, and another order
+    may change the last bits of the maps and the image),
     ``disabled`` (``disable_lora()``), ``merged`` (fused into the base weights: ``fuse_lora()``) and ``digest``
     (SHA-256 over every layer's settings: per-block weights that differ layer by layer). Components without LoRA
     layers are left out."""
@@ -96,7 +98,7 @@ def lora_state(pipe: Any) -> dict[str, dict[str, Any]]:
 
 def _component_lora(layers: list[tuple[str, Any]]) -> dict[str, Any]:
     scales: dict[str, set[float]] = {}
-    active: set[str] = set()
+    active: list[str] = []  # in the order the layers sum them (the first layer's, then any a later layer adds)
     merged: set[str] = set()
     disabled: set[bool] = set()
     rows = []
@@ -104,13 +106,13 @@ def _component_lora(layers: list[tuple[str, Any]]) -> dict[str, Any]:
         scaling = {k: _rounded(v) for k, v in sorted(getattr(layer, "scaling", {}).items())}
         for adapter, value in scaling.items():
             scales.setdefault(adapter, set()).add(value)
-        on, fused, off = sorted(layer.active_adapters), sorted(layer.merged_adapters), bool(layer.disable_adapters)
-        active.update(on)
+        on, fused, off = list(layer.active_adapters), sorted(layer.merged_adapters), bool(layer.disable_adapters)
+        active.extend(name for name in on if name not in active)
         merged.update(fused)
         disabled.add(off)
         rows.append([path, on, fused, off, scaling])
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
-    return {"adapters": {k: sorted(v) for k, v in sorted(scales.items())}, "active": sorted(active),
+    return {"adapters": {k: sorted(v) for k, v in sorted(scales.items())}, "active": active,
             "disabled": sorted(disabled) if len(disabled) > 1 else disabled.pop(), "merged": sorted(merged),
             "layers": len(layers), "digest": digest}
 

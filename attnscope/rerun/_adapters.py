@@ -12,7 +12,8 @@ __all__ = ["check_adapters"]
 
 #: what to call for each LoRA setting that differs
 _LORA_FIX = {"adapters": "pipe.set_adapters(names, adapter_weights=...) (or fuse_lora(lora_scale=...))",
-             "active": "pipe.set_adapters(names)", "disabled": "pipe.enable_lora() / pipe.disable_lora()",
+             "active": "pipe.set_adapters(names) with the names in the same order",
+             "disabled": "pipe.enable_lora() / pipe.disable_lora()",
              "merged": "pipe.fuse_lora() / pipe.unfuse_lora()", "layers": "pipe.load_lora_weights(...)",
              "digest": "pipe.set_adapters(names, adapter_weights=...) with the same per-block weights"}
 
