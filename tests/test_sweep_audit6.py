@@ -158,3 +158,25 @@ def test_a_dtype_other_than_the_pipeline_objects_own_is_refused_before_anything_
     ats.sweep(pipe, ["a red circle"], [0], tmp_path / "ok", dtype="float32", num_inference_steps=2,
               progress=False)  # its own dtype, said again: fine
     assert json.loads((tmp_path / "ok" / "sweep.json").read_text())["dtype"] == "float32"
+
+
+def test_workers_run_with_the_layerwise_casting_of_the_pipeline_given_and_a_resume_compares_it(tmp_path):
+    """Layerwise casting (weights stored in float8, upcast per layer) is a setting of the loaded model: a worker that
+    loads the model again from its reference set none (its weights then differed: refused as 'changed since it was
+    loaded'). It is recorded in sweep.json, set again in the worker, and a resume without it is refused naming it."""
+    def cast():
+        pipe = ats.load_pipeline("shapes")
+        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        return pipe
+
+    pipe = cast()
+    run = dict(num_inference_steps=2, progress=False, exact=True)
+    cat = ats.sweep(pipe, ["a red circle"], [0], out=tmp_path / "s", devices=["cpu"], threads=1, **run)
+    made = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    np.testing.assert_array_equal(np.asarray(cat.trace(0).images[0]), np.asarray(made))  # a plain cast call here
+    setting = {"unet": {"storage_dtype": "float8_e4m3fn", "compute_dtype": "float32"}}
+    assert cat.trace(0).manifest["model"]["layerwise_casting"] == setting
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["layerwise_casting"] == setting
+    with pytest.raises(ats.AttnscopeError, match=r"other settings \(layerwise_casting: \{'unet': .*\} then, \{\} now\)"):
+        ats.sweep(ats.load_pipeline("shapes"), ["a red circle"], [0, 1], out=tmp_path / "s", **run)
+    assert len(ats.sweep(cast(), ["a red circle"], [0, 1], out=tmp_path / "s", **run).df) == 2

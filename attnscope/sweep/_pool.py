@@ -40,13 +40,18 @@ class WorkerSpec:
     model_hash: str | None = None  # the weights of the pipeline given, which the loaded ``model`` must have
     freeu: dict[str, float] | None = None  # the FreeU factors of the pipeline given: no weights, set again on load
     adapters: dict | None = None  # its adapters (``adapter_state``), which the loaded ``model`` must apply alike
+    casting: dict | None = None  # its layerwise casting per component (storage, compute dtypes): set again on load
 
 
 def load_sweep_pipeline(model: str, *, device: str | None = None, dtype: str | None = None,
-                        scheduler: tuple[str, dict] | None = None, freeu: dict[str, float] | None = None) -> Any:
-    """The pipeline a sweep runs: ``model`` loaded locally, with ``scheduler`` (class name, config) and FreeU
-    (``pipe.enable_freeu`` factors: no weights, so a loaded model has it off) when given."""
+                        scheduler: tuple[str, dict] | None = None, freeu: dict[str, float] | None = None,
+                        casting: dict[str, dict[str, str]] | None = None) -> Any:
+    """The pipeline a sweep runs: ``model`` loaded locally, with ``scheduler`` (class name, config), FreeU
+    (``pipe.enable_freeu`` factors: no weights, so a loaded model has it off) and layerwise casting (per component:
+    ``enable_layerwise_casting``'s storage and compute dtypes, as ``attnscope.store.layerwise_casting`` reads them)
+    when given."""
     import diffusers
+    import torch
 
     from ..models import load_pipeline
 
@@ -56,6 +61,9 @@ def load_sweep_pipeline(model: str, *, device: str | None = None, dtype: str | N
         pipe.scheduler = getattr(diffusers, name).from_config(config)
     if freeu:
         pipe.unet.enable_freeu(**freeu)
+    for name, dtypes in (casting or {}).items():
+        getattr(pipe, name).enable_layerwise_casting(storage_dtype=getattr(torch, dtypes["storage_dtype"]),
+                                                     compute_dtype=getattr(torch, dtypes["compute_dtype"]))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -78,12 +86,13 @@ def pipeline_settings(pipe: Any) -> dict[str, Any]:
     (None, {'lora': {}, 'textual_inversion': {}})
     """
     from ..capture import adapter_state
-    from ..store import freeu_settings, jsonable, weights_fingerprint
+    from ..store import freeu_settings, jsonable, layerwise_casting, weights_fingerprint
 
     config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
     return {"scheduler": {"class": type(pipe.scheduler).__name__, "config": jsonable(config)},
             "dtype": str(pipe.dtype).removeprefix("torch."), "model_hash": model_hash(weights_fingerprint(pipe)),
-            "freeu": freeu_settings(getattr(pipe, "unet", None)), "adapters": jsonable(adapter_state(pipe))}
+            "freeu": freeu_settings(getattr(pipe, "unet", None)), "adapters": jsonable(adapter_state(pipe)),
+            "layerwise_casting": layerwise_casting(pipe)}
 
 
 #: the LoRA settings of ``adapter_state`` in the order a change names them, with what sets each
@@ -178,7 +187,7 @@ def _worker_main(spec: WorkerSpec, conn: Any, name: str) -> None:
     transformers_logging.disable_progress_bar()
     try:
         pipe = load_sweep_pipeline(spec.model, device=spec.device, dtype=spec.dtype, scheduler=spec.scheduler,
-                                   freeu=spec.freeu)
+                                   freeu=spec.freeu, casting=spec.casting)
     except Exception as exc:  # reported to the parent, which stops the sweep with this message
         conn.send(("error", f"worker {name} could not load model {spec.model!r}: {type(exc).__name__}: {exc}"))
         return

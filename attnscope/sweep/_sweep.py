@@ -160,9 +160,9 @@ def _check_settings(folder: SweepFolder, settings: dict, pipeline_defaults: dict
     """Refuse ``settings`` when the folder's ``sweep.json`` records others; whether the folder has a ``sweep.json``.
 
     A folder holds one sweep: one model, one capture setting, one scheduler, one dtype, one FreeU setting and
-    one way of applying adapters. Only the keys in ``settings`` are compared; ``scheduler``, ``dtype``,
-    ``freeu`` and ``adapters``, recorded since they were added, are not compared with a ``sweep.json`` written
-    before (it lacks them).
+    one way of applying adapters, one layerwise casting. Only the keys in ``settings`` are compared; ``scheduler``,
+    ``dtype``, ``freeu``, ``adapters`` and ``layerwise_casting``, recorded since they were added, are not compared
+    with a ``sweep.json`` written before (it lacks them).
     """
     if not folder.exists(SETTINGS_FILE):
         return False
@@ -176,7 +176,7 @@ def _check_settings(folder: SweepFolder, settings: dict, pipeline_defaults: dict
                if before.get(k) != v and (k in before or k in ("model", "capture"))}
     if "model" in changed and _same_directory(*changed["model"]):  # one directory named two ways
         del changed["model"]
-    if "dtype" in changed or "adapters" in changed:  # the hash covers both: they say why it differs
+    if "dtype" in changed or "adapters" in changed or "layerwise_casting" in changed:  # they say why the hash differs
         changed.pop("model_hash", None)
     if changed:
         detail = "; ".join(_describe_change(k, old, new) for k, (old, new) in changed.items())
@@ -480,7 +480,7 @@ def sweep(pipe_or_model: Any, prompts: Sequence[str] | str | Path, seeds: Any, o
                                   location=str(folder.location), storage_options=storage_options,
                                   capture_kwargs=capture_kwargs, extra=extra, detector=detector,
                                   model_hash=known.get("model_hash"), freeu=known.get("freeu"),
-                                  adapters=known.get("adapters"))
+                                  adapters=known.get("adapters"), casting=known.get("layerwise_casting"))
                 run_in_workers(todo, spec, worker_devices, folder, on_row, on_ready)
             elif todo:
                 pipe = load_sweep_pipeline(model, dtype=dtype) if model else pipe_or_model
