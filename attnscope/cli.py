@@ -105,6 +105,41 @@ def _pipeline_args(items: list[str], taken: dict[str, str] | None = None, option
     return found
 
 
+_LORA_HELP = ("A LoRA to load into the model: a local .safetensors file (or a folder holding one), as PATH or "
+              "PATH=SCALE (default scale 1.0); repeat the option for several, all applied. The trace records each "
+              "file's path and SHA-256, so 'attnscope rerun' loads them again.")
+
+
+def _lora_args(items: list[str]) -> list[dict] | None:
+    """``--lora PATH[=SCALE]`` options as ``load_pipeline``'s ``lora=`` entries (the last ``=`` splits off SCALE).
+
+    >>> _lora_args(["styles/ink.safetensors=0.7", "b.safetensors"])
+    [{'path': 'styles/ink.safetensors', 'scale': 0.7}, {'path': 'b.safetensors', 'scale': 1.0}]
+    >>> _lora_args(["a.safetensors=strong"])
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: --lora 'a.safetensors=strong': SCALE 'strong' is not a finite number; expected PATH or PATH=SCALE, e.g. a.safetensors=0.8
+    """
+    import math
+
+    import attnscope as ats
+
+    found = []
+    for item in items:
+        path, _, text = item.rpartition("=") if "=" in item else (item, "", "1")
+        try:
+            scale = float(text)
+        except ValueError:
+            scale = math.nan
+        if not math.isfinite(scale) and Path(item).exists():  # a file whose name holds '=', given without SCALE
+            path, text, scale = item, "1", 1.0
+        if not path or not math.isfinite(scale):
+            raise ats.AttnscopeError(f"--lora {item!r}: SCALE {text!r} is not a finite number; expected PATH or PATH=SCALE, "
+                                     f"e.g. a.safetensors=0.8" if path else
+                                     f"--lora {item!r}: no PATH; expected PATH or PATH=SCALE, e.g. a.safetensors=0.8")
+        found.append({"path": path, "scale": scale})
+    return found or None
+
+
 def _check_sizes(height: int | None, width: int | None) -> None:
     """Refuse an image size below one pixel: diffusers takes ``height or default``, so 0 would be the default."""
     import attnscope as ats
@@ -143,7 +178,7 @@ def _flags(*same: str, **renamed: str) -> dict[str, str]:
 #: per command (by the name of its function here), the library's keyword arguments that its flags set: library
 #: messages name keywords (``seed=…``, ``pass overwrite=True``), the command line's name its flags
 _CLI_FLAGS = {
-    "capture": _flags("model", "prompt", "overwrite", "seed", "device", "dtype", "sites", "heads", "tokens", "branch", "height",
+    "capture": _flags("model", "prompt", "overwrite", "seed", "device", "dtype", "lora", "sites", "heads", "tokens", "branch", "height",
                       "width", "negative_prompt", "max_sequence_length", "output_change", "keep_bits",
                       num_inference_steps="--steps",
                       steps="--capture-steps", guidance_scale="--guidance", num_images_per_prompt="--images-per-prompt",
@@ -239,6 +274,7 @@ def capture(
     branch: str = typer.Option("cond", help="'cond', 'uncond' or 'both' classifier-free-guidance halves."),
     device: str | None = typer.Option(None, help="Device to run on (cpu, cuda, …)."),
     dtype: str | None = typer.Option(None, help="float32, float16 or bfloat16."),
+    lora: list[str] | None = typer.Option(None, "--lora", metavar="PATH[=SCALE]", help=_LORA_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing trace at --out."),
     output_change: bool = typer.Option(False, "--output-change",
                                        help="Also record each site's per-step output norm and change "
@@ -248,7 +284,9 @@ def capture(
         None, "--set", help="Another pipeline argument as NAME=VALUE, VALUE in JSON (true, 3, \"text\", [1,2]) or a "
                             "bare string; repeatable. E.g. --set use_resolution_binning=false for PixArt/Sana."),
 ) -> None:
-    """Generate with a local diffusers model and record its cross-attention maps into a trace store."""
+    """Generate with a local diffusers model and record its cross-attention maps into a trace store.
+
+    With --lora PATH[=SCALE] (repeatable) the model runs with those LoRA files; the trace records them, so 'attnscope rerun' loads them again."""
     import attnscope as ats
     from attnscope.capture import check_scale
     from attnscope.selection import parse_step_text
@@ -257,7 +295,7 @@ def capture(
         _check_sizes(height, width)
         check_scale("guidance_scale", guidance)  # NaN would turn guidance off without a word
         extra = _pipeline_args(pipeline_arg or [], _CLI_FLAGS["capture"])
-        pipe = ats.load_pipeline(model, device=device, dtype=dtype)
+        pipe = ats.load_pipeline(model, device=device, dtype=dtype, lora=_lora_args(lora or []))
         kwargs = {k: v for k, v in dict(guidance_scale=guidance, height=height, width=width,
                                          negative_prompt=negative_prompt,
                                          max_sequence_length=max_sequence_length).items() if v is not None}
@@ -516,7 +554,9 @@ def rerun(
     overwrite: bool = typer.Option(False, help="Replace an existing trace at --out."),
     device: str | None = typer.Option(None, help="Device to run on (default: the trace's)."),
 ) -> None:
-    """Regenerate a trace exactly (same model, seed, scheduler) with interventions on; compare target shares."""
+    """Regenerate a trace exactly (same model, seed, scheduler) with interventions on; compare target shares.
+
+    A trace captured with --lora loads the same LoRA files again (each must still have its recorded SHA-256)."""
     import attnscope as ats
 
     try:

@@ -19,7 +19,11 @@ import torch
 
 from ..hooks import added_tokens
 
-__all__ = ["adapter_state", "ip_adapter_state", "lora_state", "textual_inversion_tokens"]
+__all__ = ["adapter_state", "ip_adapter_state", "lora_sources", "lora_state", "textual_inversion_tokens"]
+
+#: the pipeline attribute where ``attnscope.load_pipeline(..., lora=)`` keeps the LoRA files it loaded (the name
+#: ``attnscope.models._loading.LORA_SOURCES`` gives it; capture may not import models)
+_LORA_SOURCES = "_attnscope_lora_sources"
 
 #: significant digits a LoRA scale is recorded with: diffusers scales a LoRA for a call (``cross_attention_kwargs=
 #: {"scale": s}``) by multiplying and dividing again, which may leave the last bit of the scale changed
@@ -28,15 +32,35 @@ _DIGITS = 6
 
 def adapter_state(pipe: Any) -> dict[str, Any]:
     """``{"lora": lora_state(pipe), "textual_inversion": textual_inversion_tokens(pipe)}``, and ``"ip_adapter":
-    ip_adapter_state(pipe)`` where an IP-Adapter is loaded.
+    ip_adapter_state(pipe)`` where an IP-Adapter is loaded, ``"lora_sources": lora_sources(pipe)`` where
+    ``load_pipeline(..., lora=)`` loaded LoRA files.
 
     >>> from attnscope.testing import tiny_sd_pipeline
     >>> adapter_state(tiny_sd_pipeline())
     {'lora': {}, 'textual_inversion': {}}
     """
     state = {"lora": lora_state(pipe), "textual_inversion": textual_inversion_tokens(pipe)}
-    ip_adapter = ip_adapter_state(pipe)
-    return {**state, "ip_adapter": ip_adapter} if ip_adapter else state
+    ip_adapter, sources = ip_adapter_state(pipe), lora_sources(pipe, state["lora"])
+    return {**state, **({"ip_adapter": ip_adapter} if ip_adapter else {}),
+            **({"lora_sources": sources} if sources else {})}
+
+
+def lora_sources(pipe: Any, lora: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The LoRA files ``attnscope.load_pipeline(..., lora=)`` loaded into ``pipe``, in loading order, each as
+    ``{"path": absolute path, "sha256", "adapter_name", "scale"}``; those whose adapter is no longer in any component
+    (``pipe.unload_lora_weights()``, ``delete_adapters``) are left out. ``lora``: :func:`lora_state` of ``pipe``.
+    A rerun that loads the model loads them again (a scale set otherwise afterwards is refused by its check).
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> lora_sources(tiny_sd_pipeline())
+    []
+    """
+    recorded = pipe.__dict__.get(_LORA_SOURCES) if hasattr(pipe, "__dict__") else None
+    if not recorded:
+        return []
+    present = {name for component in (lora_state(pipe) if lora is None else lora).values()
+               for name in component["adapters"]}
+    return [dict(source) for source in recorded if source.get("adapter_name") in present]
 
 
 def ip_adapter_state(pipe: Any) -> dict[str, dict[str, Any]]:

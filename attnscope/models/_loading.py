@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,13 @@ from ._compat import quiet_loading
 __all__ = ["load_pipeline"]
 
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weight files that only torch.load (pickle) reads
+#: the pipeline attribute holding the LoRA files ``load_pipeline(..., lora=)`` loaded; capture reads it under this
+#: name (``attnscope.capture._adapters``) into the manifest's ``model.adapters.lora_sources``
+LORA_SOURCES = "_attnscope_lora_sources"
 
 
-def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | None = None) -> Any:
+def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | None = None,
+                  lora: Any = None) -> Any:
     """Load a diffusers pipeline from a local directory or the local Hugging Face cache, never the network.
 
     Parameters
@@ -26,6 +31,13 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     device : str, optional
         ``"cpu"``, ``"cuda"``, … (default: leave where loaded).
     dtype : {"float32", "float16", "bfloat16"}, optional
+    lora : path, dict or list of them, optional
+        LoRA files to load into the pipeline with diffusers' ``load_lora_weights``, in order: each a local
+        ``.safetensors`` file (or a folder holding exactly one), or a dict with ``path`` and optionally ``scale``
+        (default 1.0: the weight ``set_adapters`` would give it), ``adapter_name`` (default: diffusers'
+        ``default_<i>``) and ``sha256`` (the file must have this SHA-256). Pickled files (.bin, .pt, .ckpt) are
+        refused. Each file's absolute path, SHA-256, adapter name and scale are remembered on the pipeline, so a
+        capture records them (``model.adapters.lora_sources``) and :func:`attnscope.rerun` loads them again.
 
     Examples
     --------
@@ -43,6 +55,12 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     >>> ats.load_pipeline("shapes").save_pretrained(d + "/copy")
     >>> type(ats.load_pipeline(d + "/copy")).__name__
     'ShapesPipeline'
+
+    A LoRA file must be safetensors:
+
+    >>> ats.load_pipeline("shapes", lora=d + "/style.ckpt")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: lora=...style.ckpt': a pickled file (.ckpt); attnscope reads LoRA weights from .safetensors files only...
     """
     import torch
     from diffusers import DiffusionPipeline
@@ -56,11 +74,12 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}  # never unpickle .bin weights
     if dtype is not None:
         kwargs["torch_dtype"] = dtypes[dtype]
+    loras = _lora_files(lora)  # checked and hashed before the model loads: a wrong file fails fast
     if str(model) == "shapes":
         with quiet_loading():  # importing diffusers' SD pipeline module is what prints transformers' note
             from .shapes import load_shapes_pipeline
 
-        return _to_device(load_shapes_pipeline(dtype=kwargs.get("torch_dtype")), device)
+        return _to_device(_load_loras(load_shapes_pipeline(dtype=kwargs.get("torch_dtype")), loras), device)
     path = Path(model)
     if not path.exists() and str(model).count("/") != 1:
         raise AttnscopeError(
@@ -89,9 +108,139 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
             f".safetensors weights (this machine cannot download models; attnscope never unpickles .bin weights): {exc}"
         ) from exc
     _check_complete(pipe, model)
-    pipe = _to_device(pipe, device)
+    pipe = _to_device(_load_loras(pipe, loras), device)
     pipe.set_progress_bar_config(disable=None)
     return pipe
+
+
+def _lora_files(lora: Any) -> list[dict[str, Any]]:
+    """``lora=`` as a list of ``{"path": absolute .safetensors file, "sha256", "adapter_name", "scale"}``, each file
+    hashed (and compared with a ``sha256`` given); any bad entry is one error naming it.
+
+    >>> _lora_files(None)
+    []
+    >>> _lora_files({"path": "a.safetensors", "scale": "big"})
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: lora={'path': 'a.safetensors', 'scale': 'big'}: scale='big'; expected a finite number
+    """
+    import math
+
+    if lora is None:
+        return []
+    entries = list(lora) if isinstance(lora, (list, tuple)) else [lora]
+    found: list[dict[str, Any]] = []
+    for entry in entries:
+        spec = entry if isinstance(entry, dict) else {"path": entry}
+        path, scale, name, want = (spec.get(k) for k in ("path", "scale", "adapter_name", "sha256"))
+        unknown = sorted(set(spec) - {"path", "scale", "adapter_name", "sha256"})
+        if unknown or not isinstance(path, (str, os.PathLike)):
+            raise AttnscopeError(f"lora={entry!r}: expected a path to a .safetensors file, or a dict with 'path' and "
+                                 f"optionally 'scale', 'adapter_name', 'sha256'")
+        scale = 1.0 if scale is None else scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise AttnscopeError(f"lora={entry!r}: scale={scale!r}; expected a finite number")
+        if not (name is None or (isinstance(name, str) and name)):
+            raise AttnscopeError(f"lora={entry!r}: adapter_name={name!r}; expected a non-empty str")
+        file = _lora_file(Path(path))
+        digest = _sha256(file)
+        if want is not None and want != digest:
+            raise AttnscopeError(f"lora={str(file)!r}: the file's SHA-256 is {digest}, expected {want!r} (the file "
+                                 f"changed since it was recorded)")
+        found.append({"path": str(file), "sha256": digest, "adapter_name": name, "scale": float(scale)})
+    names = [f["adapter_name"] for f in found if f["adapter_name"] is not None]
+    if len(set(names)) < len(names):
+        raise AttnscopeError(f"lora: adapter names {names!r}; expected each LoRA under its own name")
+    return found
+
+
+def _lora_file(path: Path) -> Path:
+    """The absolute ``.safetensors`` file ``path`` names: itself, or the only one in a folder."""
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            pickled = sorted(f.name for f in path.iterdir() if f.suffix in _PICKLED)
+            raise AttnscopeError(f"lora={str(path)!r}: the folder holds {len(files)} .safetensors files "
+                                 f"({', '.join(f.name for f in files) or 'none'}"
+                                 f"{'; pickled: ' + ', '.join(pickled) if pickled else ''}); expected exactly one, "
+                                 f"or give the file itself")
+        path = files[0]
+    if path.suffix in _PICKLED:
+        raise AttnscopeError(f"lora={str(path)!r}: a pickled file ({path.suffix}); attnscope reads LoRA weights from "
+                             ".safetensors files only (convert it with safetensors.torch.save_file)")
+    if not path.is_file():
+        raise AttnscopeError(f"lora={str(path)!r}: no such file; expected a local LoRA .safetensors file or a folder "
+                             "holding one")
+    if path.suffix != ".safetensors":
+        raise AttnscopeError(f"lora={str(path)!r}: expected a .safetensors file (LoRA weights in safetensors format)")
+    return path.resolve()
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_loras(pipe: Any, loras: list[dict[str, Any]]) -> Any:
+    """Load each of ``loras`` (from :func:`_lora_files`) into ``pipe`` with ``load_lora_weights``, make them all
+    active in that order with their scales (``set_adapters``) and remember them as ``pipe._attnscope_lora_sources``."""
+    if not loras:
+        return pipe
+    if not callable(getattr(pipe, "load_lora_weights", None)):
+        raise AttnscopeError(f"lora={loras[0]['path']!r}: {type(pipe).__name__} cannot load LoRA weights (it has no "
+                             "load_lora_weights); expected a pipeline diffusers loads LoRA into")
+    import importlib.util
+
+    import torch
+    from safetensors import SafetensorError
+
+    if importlib.util.find_spec("peft") is None:
+        raise AttnscopeError(f"lora={loras[0]['path']!r}: diffusers loads LoRA weights with peft, which is not "
+                             "installed (pip install peft)")
+    sources = list(getattr(pipe, LORA_SOURCES, []))
+    for spec in loras:
+        file, before = Path(spec["path"]), _lora_names(pipe)
+        try:
+            with quiet_loading(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                # peft may draw an init it then overwrites; it warns on a second adapter, which lora=[a, b] asks for
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=spec["adapter_name"],
+                                       use_safetensors=True, local_files_only=True)
+        except (ValueError, RuntimeError, KeyError, OSError, TypeError, AttributeError, SafetensorError) as exc:
+            said = " ".join(str(exc).split())
+            said = said if len(said) <= 300 else said[:300] + " …"  # e.g. every size mismatch of a LoRA for another model
+            raise AttnscopeError(f"lora={str(file)!r}: cannot load it into the {type(pipe).__name__}: "
+                                 f"{type(exc).__name__}: {said}") from exc
+        added = sorted(_lora_names(pipe) - before)
+        name = spec["adapter_name"] or (added[0] if len(added) == 1 else None)
+        if name is None or name not in _lora_names(pipe):
+            raise AttnscopeError(f"lora={str(file)!r}: loaded no LoRA layer into the {type(pipe).__name__} (are its "
+                                 "keys for another model?)")
+        sources.append({**spec, "adapter_name": name})
+    try:  # loading activates only the adapter loaded last: all of them run, in the order given, with their scales
+        pipe.set_adapters([s["adapter_name"] for s in sources], adapter_weights=[s["scale"] for s in sources])
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise AttnscopeError(f"lora={[s['path'] for s in sources]!r}: cannot set their scales with set_adapters: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    setattr(pipe, LORA_SOURCES, sources)
+    return pipe
+
+
+def _lora_layers(pipe: Any) -> list[Any]:
+    """Every peft LoRA layer of ``pipe``'s model components."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()
+            if isinstance(m, BaseTunerLayer)]
+
+
+def _lora_names(pipe: Any) -> set[str]:
+    return {name for layer in _lora_layers(pipe) for name in getattr(layer, "scaling", {})}
 
 
 def _check_complete(pipe: Any, model: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from ..capture import adapter_state
 from ..errors import AttnscopeError
 
-__all__ = ["check_adapters"]
+__all__ = ["check_adapters", "recorded_lora_sources"]
 
 #: what to call for each LoRA setting that differs
 _LORA_FIX = {"adapters": "pipe.set_adapters(names, adapter_weights=...) (or fuse_lora(lora_scale=...))",
@@ -45,6 +45,29 @@ def check_adapters(pipe: Any, manifest: dict[str, Any], where: str) -> None:
     _check_lora(recorded["lora"], current["lora"], where)
 
 
+def recorded_lora_sources(manifest: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """The LoRA files the trace's pipeline was loaded with (``model.adapters.lora_sources``, written when
+    ``load_pipeline(..., lora=)`` loaded them), to load again with ``load_pipeline(ref, lora=...)``: each
+    ``{"path", "sha256", "adapter_name", "scale"}``. None recorded: ``[]``; a malformed entry is one error.
+
+    >>> recorded_lora_sources({"model": {"adapters": {"lora": {}, "textual_inversion": {}}}}, "a.zarr")
+    []
+    >>> recorded_lora_sources({"model": {"adapters": {"lora_sources": [{"path": 3}]}}}, "a.zarr")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: trace 'a.zarr': lora_sources=[{'path': 3}] in its manifest's model.adapters; ...
+    """
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    adapters = model.get("adapters") if isinstance(model.get("adapters"), dict) else {}
+    sources = adapters.get("lora_sources", [])
+    keys = {"path": str, "sha256": str, "adapter_name": str, "scale": (int, float)}
+    if not (isinstance(sources, list) and all(isinstance(s, dict) and set(s) == set(keys) and all(
+            isinstance(s[k], t) and not isinstance(s[k], bool) for k, t in keys.items()) for s in sources)):
+        raise AttnscopeError(f"trace {where!r}: lora_sources={sources!r} in its manifest's model.adapters; expected "
+                             f"a list of objects with 'path', 'sha256', 'adapter_name' and 'scale' (the store is "
+                             f"damaged or crafted)")
+    return sources
+
+
 def _check_tokens(recorded: dict[str, Any], current: dict[str, list[str]], where: str) -> None:
     for name in sorted(set(recorded) | set(current)):
         want, have = set(recorded.get(name) or ()), set(current.get(name) or ())
@@ -65,7 +88,9 @@ def _check_lora(recorded: dict[str, Any], current: dict[str, dict[str, Any]], wh
         want, have = recorded.get(name), current.get(name)
         if want is None or have is None:
             said = ("captured with LoRA layers in {0}, which this pipeline has none of; load the same LoRA "
-                    "(pipe.load_lora_weights(...)) with the same settings and pass pipe=" if have is None else
+                    "(pipe.load_lora_weights(...)) with the same settings and pass pipe= (or load the model and "
+                    "its LoRA files with attnscope.load_pipeline(model, lora=[...]) for the capture: a rerun "
+                    "without pipe= then loads them again)" if have is None else
                     "captured without LoRA in {0}, which this pipeline has LoRA layers in; rerun on a pipeline "
                     "without them (pipe.unload_lora_weights())").format(name)
             raise AttnscopeError(f"cannot rerun trace {where!r}: it was {said}")

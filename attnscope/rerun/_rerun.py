@@ -30,7 +30,7 @@ from ..store import (
     open_trace,
     weights_fingerprint,
 )
-from ._adapters import check_adapters
+from ._adapters import check_adapters, recorded_lora_sources
 
 __all__ = ["manifest_sha256", "rerun"]
 
@@ -88,7 +88,9 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         Trace store to create (a local directory; a ``file://`` URL is that path). Default:
         ``<parent stem>-rerun.zarr`` beside the parent. Never the parent.
     pipe : diffusers pipeline, optional
-        Use this pipeline instead of loading ``manifest["model"]["reference"]``; its class must be the trace's
+        Use this pipeline instead of loading ``manifest["model"]["reference"]`` (a rerun without it also loads
+        the LoRA files ``load_pipeline(..., lora=)`` loaded for the capture, ``model.adapters.lora_sources``, each
+        checked against its recorded SHA-256); its class must be the trace's
         ``pipeline_class`` (or derive from it), its weights must match
         the trace's fingerprint and its dtype the trace's dtype. Its scheduler and its FreeU factors
         (``pipe.enable_freeu``: no weights, so not in the fingerprint) are set to the trace's for the duration of
@@ -121,7 +123,8 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
         inputs the manifest cannot hold (an img2img, inpainting or ControlNet image, ``latents``: see docs/rerun.md
         for the before/after made by hand), ``pipe`` is not of the pipeline class it was captured with (or one
         derived from it), ``device`` cannot hold the pipeline (checked
-        before ``pipe`` is moved), its model cannot be loaded, the loaded
+        before ``pipe`` is moved), its model cannot be loaded (or a LoRA file it recorded is missing or changed: its
+        SHA-256 is checked before the model loads), the loaded
         weights differ from the recorded fingerprint (the message names the components), ``store`` is not a
         path, is the parent, a URL other than ``file://`` or exists without ``overwrite=True``, an intervention is not a
         hook client instance of role ``"intervention"``, or an option is unknown.
@@ -277,13 +280,15 @@ def _load(manifest: dict[str, Any], where: str, device: str | None) -> Any:
     if not isinstance(ref, str) or not ref:
         raise AttnscopeError(f"trace {where!r}: its manifest names no model (reference={ref!r}: the pipeline was "
                              "built in memory); pass the pipeline itself with pipe=...")
+    loras = recorded_lora_sources(manifest, where)  # loaded again after the model, each file's SHA-256 checked first
     target = device or manifest.get("device")
     if target is not None:
         _check_device(target, where)
     try:
-        return load_pipeline(ref, device=target, dtype=manifest.get("dtype"))
+        return load_pipeline(ref, device=target, dtype=manifest.get("dtype"), lora=loras or None)
     except AttnscopeError as exc:
-        raise AttnscopeError(f"cannot rerun trace {where!r}: its model cannot be loaded: {exc}") from exc
+        what = "its model" if not loras else "its model with the LoRA files recorded in model.adapters.lora_sources"
+        raise AttnscopeError(f"cannot rerun trace {where!r}: {what} cannot be loaded: {exc}") from exc
 
 
 def _enable_recorded_casting(pipe: Any, manifest: dict[str, Any], where: str) -> None:

@@ -115,6 +115,8 @@ def adapter_change(before: dict | None, after: dict | None, then: str = "then", 
     'LoRA of unet: per-layer scales (pipe.set_adapters with per-block weights) differ'
     >>> adapter_change({"lora": {"unet": lora}}, {"lora": {}})
     "LoRA in unet: adapters {'a': [1.0]} then, none now"
+    >>> adapter_change({"lora_sources": [{"path": "/l/a.safetensors", "scale": 0.5, "sha256": "ab" * 32}]}, {})
+    'LoRA files (load_pipeline(lora=)): /l/a.safetensors ×0.5 (sha256 abababababab…) then, none now'
     >>> adapter_change({"ip_adapter": {"unet": {"scales": [[0.5]], "digest": "x"}}}, {})
     'IP-Adapter of unet (pipe.load_ip_adapter, set_ip_adapter_scale): scales [[0.5]] then, none now'
     """
@@ -139,6 +141,9 @@ def adapter_change(before: dict | None, after: dict | None, then: str = "then", 
         said = "; ".join(differ) or "per-layer scales (pipe.set_adapters with per-block weights) differ"
         changes.setdefault(said, []).append(name)
     parts += [f"LoRA of {', '.join(names)}: {said}" for said, names in changes.items()]
+    files_then, files_now = before.get("lora_sources") or [], after.get("lora_sources") or []
+    if files_then != files_now:
+        parts.append(f"LoRA files (load_pipeline(lora=)): {_lora_files(files_then)} {then}, {_lora_files(files_now)} {now}")
     ip_then, ip_now = before.get("ip_adapter") or {}, after.get("ip_adapter") or {}
     for name in sorted(set(ip_then) | set(ip_now)):
         a, b = ip_then.get(name), ip_now.get(name)
@@ -146,6 +151,13 @@ def adapter_change(before: dict | None, after: dict | None, then: str = "then", 
             parts.append(f"IP-Adapter of {name} (pipe.load_ip_adapter, set_ip_adapter_scale): scales "
                          f"{a['scales'] if a else 'none'} {then}, {b['scales'] if b else 'none'} {now}")
     return "; ".join(parts)
+
+
+def _lora_files(sources: list) -> str:
+    """The LoRA files of ``lora_sources`` in words: path, scale (and the hash's start), or ``none``."""
+    said = [f"{s.get('path')} ×{s.get('scale')} (sha256 {str(s.get('sha256'))[:12]}…)" for s in sources
+            if isinstance(s, dict)]
+    return ", ".join(said) or "none"
 
 
 def _lora_words(state: Any) -> str:
