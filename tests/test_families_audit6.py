@@ -146,15 +146,20 @@ def planned(kw):
     return n - int(max(n - min(n * strength, n), 0))
 
 
-@pytest.mark.parametrize("kind", KINDS + MORE)
-def test_capture_records_the_calls_made_independent_maps_on_the_grid_and_the_plain_image(kind, tmp_path):
-    pipe, kw, missing = build(kind)
+def plain_with_timesteps(pipe, kw):
+    """A plain call's image, and the timestep of each transformer call it made (a torch pre-hook, no attnscope)."""
     made = []
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: made.append(k["timestep"]), with_kwargs=True)
     try:
-        plain = pipe(**seeded(pipe, kw)).images[0]
+        return pipe(**seeded(pipe, kw)).images[0], made
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("kind", KINDS + MORE)
+def test_capture_records_the_calls_made_independent_maps_on_the_grid_and_the_plain_image(kind, tmp_path):
+    pipe, kw, missing = build(kind)
+    plain, made = plain_with_timesteps(pipe, kw)
     assert len(made) == planned(kw) and (len(made) < kw["num_inference_steps"]) == ("strength" in kw)
     controlnet = getattr(pipe, "controlnet", None)
     processors = dict(controlnet.attn_processors) if controlnet is not None else {}
@@ -329,12 +334,7 @@ def test_sana_sprint_records_its_calls_with_independent_maps_and_the_plain_image
     kw = dict(num_inference_steps=2, height=32, width=64, max_sequence_length=16, use_resolution_binning=False)
     if img2img:
         kw.update(image=picture(0, 32, 64), strength=0.5)
-    made = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: made.append(k["timestep"]), with_kwargs=True)
-    try:
-        plain = pipe(**seeded(pipe, kw)).images[0]
-    finally:
-        hook.remove()
+    plain, made = plain_with_timesteps(pipe, kw)
     if not img2img:
         scheduled = pipe.scheduler.timesteps[:len(made)].double()
         np.testing.assert_allclose([float(t) for t in made], torch.sin(scheduled) / (torch.cos(scheduled) +

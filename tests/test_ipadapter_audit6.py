@@ -11,6 +11,7 @@ import torch
 import attnscope as ats
 from attnscope.testing import tiny_sd_pipeline
 
+from .conftest import AttnInputs
 from .test_adapters_audit6 import PROMPT, RUN, image, ip_adapter_state_dict, plain
 
 pytest.importorskip("peft")
@@ -30,19 +31,9 @@ def image_embeds(dim=32, seed=1):
     return [torch.randn(2, 1, dim, generator=torch.Generator().manual_seed(seed))]
 
 
-class TextInputs:
+class TextInputs(AttnInputs):
     """Plain torch forward pre-hooks (independent of attnscope) that keep each attn2 call's queries' input and the
     text states it attends to (the first of the ``(text, image tokens)`` pair the UNet hands an IP-Adapter's site)."""
-
-    def __init__(self, pipe):
-        self.pipe, self.calls, self.handles = pipe, {}, []
-
-    def __enter__(self):
-        for name, module in self.pipe.unet.named_modules():
-            if name.endswith("attn2"):
-                self.calls[name] = []
-                self.handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
-        return self
 
     def _hook(self, name):
         def hook(module, args, kwargs):
@@ -51,10 +42,6 @@ class TextInputs:
             assert isinstance(pair, tuple)  # the IP-Adapter's (text, [image tokens])
             self.calls[name].append((hidden.detach().clone(), pair[0].detach().clone()))
         return hook
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
 
 
 def text_probs64(module, hidden, text):
