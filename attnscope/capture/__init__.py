@@ -5,8 +5,8 @@
 (True, True)
 """
 
-from ._adapters import adapter_state
+from ._adapters import LORA_SOURCES, adapter_state
 from ._capture import capture, check_images_per_prompt, check_num_steps, check_scale, check_size
 from ._recorder import Recorder
 
-__all__ = ["Recorder", "adapter_state", "capture", "check_images_per_prompt", "check_num_steps", "check_scale", "check_size"]
+__all__ = ["LORA_SOURCES", "Recorder", "adapter_state", "capture", "check_images_per_prompt", "check_num_steps", "check_scale", "check_size"]

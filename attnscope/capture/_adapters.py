@@ -19,11 +19,11 @@ import torch
 
 from ..hooks import added_tokens
 
-__all__ = ["adapter_state", "ip_adapter_state", "lora_sources", "lora_state", "textual_inversion_tokens"]
+__all__ = ["LORA_SOURCES", "adapter_state", "ip_adapter_state", "lora_sources", "lora_state", "textual_inversion_tokens"]
 
-#: the pipeline attribute where ``attnscope.load_pipeline(..., lora=)`` keeps the LoRA files it loaded (the name
-#: ``attnscope.models._loading.LORA_SOURCES`` gives it; capture may not import models)
-_LORA_SOURCES = "_attnscope_lora_sources"
+#: the pipeline attribute where ``attnscope.load_pipeline(..., lora=)`` keeps the LoRA files it loaded (models writes
+#: it, capture reads it into the manifest's ``model.adapters.lora_sources``)
+LORA_SOURCES = "_attnscope_lora_sources"
 
 #: significant digits a LoRA scale is recorded with: diffusers scales a LoRA for a call (``cross_attention_kwargs=
 #: {"scale": s}``) by multiplying and dividing again, which may leave the last bit of the scale changed
@@ -55,7 +55,7 @@ def lora_sources(pipe: Any, lora: dict[str, dict[str, Any]] | None = None) -> li
     >>> lora_sources(tiny_sd_pipeline())
     []
     """
-    recorded = pipe.__dict__.get(_LORA_SOURCES) if hasattr(pipe, "__dict__") else None
+    recorded = pipe.__dict__.get(LORA_SOURCES) if hasattr(pipe, "__dict__") else None
     if not recorded:
         return []
     present = {name for component in (lora_state(pipe) if lora is None else lora).values()

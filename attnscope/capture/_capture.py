@@ -192,35 +192,27 @@ def _check_text_model(pipe: Any, pipeline_kwargs: dict) -> None:
     Traceback (most recent call last):
     attnscope.errors.AttnscopeError: clip_skip=1: StableDiffusionPipeline's encode_prompt reads text_encoder.text_model, ...
     """
+    scale = pipeline_kwargs.get("cross_attention_kwargs")
+    clip_skip, scaled = pipeline_kwargs.get("clip_skip"), isinstance(scale, dict) and "scale" in scale
     encoder, method = getattr(pipe, "text_encoder", None), getattr(type(pipe), "encode_prompt", None)
-    if encoder is None or hasattr(encoder, "text_model") or method is None:
-        return
+    if not (clip_skip is not None or scaled) or encoder is None or hasattr(encoder, "text_model") or method is None:
+        return  # the usual call: encode_prompt's source is not read
     try:
         source = inspect.getsource(method)
     except (OSError, TypeError):
         return
-    scale = pipeline_kwargs.get("cross_attention_kwargs")
     given = []
-    if pipeline_kwargs.get("clip_skip") is not None and "text_encoder.text_model" in source:
-        given.append(("clip_skip", pipeline_kwargs["clip_skip"], "leave clip_skip out"))
+    if clip_skip is not None and "text_encoder.text_model" in source:
+        given.append(("clip_skip", clip_skip, "leave clip_skip out"))
     peft = getattr(sys.modules.get(method.__module__), "USE_PEFT_BACKEND", True)
-    if isinstance(scale, dict) and "scale" in scale and not peft and "adjust_lora_scale_text_encoder" in source:
+    if scaled and not peft and "adjust_lora_scale_text_encoder" in source:
         given.append(("cross_attention_kwargs", scale, "install peft (pip install peft), which diffusers' LoRA needs"))
     if given:
         name, value, fix = given[0]
+        version = getattr(sys.modules.get("transformers"), "__version__", "?")
         raise AttnscopeError(f"{name}={value!r}: {type(pipe).__name__}'s encode_prompt reads text_encoder.text_model, "
-                             f"which this {type(encoder).__name__} (transformers "
-                             f"{_version('transformers')}) does not have, so the pipeline would fail with an "
-                             f"AttributeError; {fix}")
-
-
-def _version(package: str) -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
+                             f"which this {type(encoder).__name__} (transformers {version}) does not have, so the "
+                             f"pipeline would fail with an AttributeError; {fix}")
 
 
 def capture(pipe: Any, prompt: str | list[str], *, seed: int | list[int], store: str | Path, sites: SiteSpec = None,

@@ -14,9 +14,6 @@ from ._compat import quiet_loading
 __all__ = ["load_pipeline"]
 
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weight files that only torch.load (pickle) reads
-#: the pipeline attribute holding the LoRA files ``load_pipeline(..., lora=)`` loaded; capture reads it under this
-#: name (``attnscope.capture._adapters``) into the manifest's ``model.adapters.lora_sources``
-LORA_SOURCES = "_attnscope_lora_sources"
 
 
 def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | None = None,
@@ -187,7 +184,7 @@ def _sha256(path: Path) -> str:
 
 def _load_loras(pipe: Any, loras: list[dict[str, Any]]) -> Any:
     """Load each of ``loras`` (from :func:`_lora_files`) into ``pipe`` with ``load_lora_weights``, make them all
-    active in that order with their scales (``set_adapters``) and remember them as ``pipe._attnscope_lora_sources``."""
+    active in that order with their scales (``set_adapters``) and remember them on the pipeline (:data:`attnscope.capture.LORA_SOURCES`)."""
     if not loras:
         return pipe
     if not callable(getattr(pipe, "load_lora_weights", None)):
@@ -197,6 +194,8 @@ def _load_loras(pipe: Any, loras: list[dict[str, Any]]) -> Any:
 
     import torch
     from safetensors import SafetensorError
+
+    from ..capture import LORA_SOURCES  # where capture reads them from
 
     if importlib.util.find_spec("peft") is None:
         raise AttnscopeError(f"lora={loras[0]['path']!r}: diffusers loads LoRA weights with peft, which is not "

@@ -28,6 +28,7 @@ from ..store import (
     jsonable,
     locate,
     open_trace,
+    set_layerwise_casting,
     weights_fingerprint,
 )
 from ._adapters import check_adapters, recorded_lora_sources
@@ -150,8 +151,9 @@ def rerun(trace: Trace | str | Path, interventions: Any = (), *, store: str | Pa
     if given and device is not None:  # checked before the pipe moves: a bad device must not leave it half-moved
         _check_device(device, where)
     pipe = (pipe.to(device) if device is not None else pipe) if given else _load(manifest, where, device)
-    if not given:  # a setting, not a weight: a model loaded afresh gets the trace's again (as FreeU below)
-        _enable_recorded_casting(pipe, manifest, where)
+    if not given:  # a setting, not a weight: a model loaded afresh gets the trace's again (as FreeU below);
+        # _load found manifest["model"] an object naming the model
+        set_layerwise_casting(pipe, manifest["model"].get("layerwise_casting") or {}, f"trace {where!r}")
     denoiser = find_denoiser(pipe)[1]
     _check_pipeline_class(pipe, manifest, where)
     if given:
@@ -289,35 +291,6 @@ def _load(manifest: dict[str, Any], where: str, device: str | None) -> Any:
     except AttnscopeError as exc:
         what = "its model" if not loras else "its model with the LoRA files recorded in model.adapters.lora_sources"
         raise AttnscopeError(f"cannot rerun trace {where!r}: {what} cannot be loaded: {exc}") from exc
-
-
-def _enable_recorded_casting(pipe: Any, manifest: dict[str, Any], where: str) -> None:
-    """Turn on the layerwise casting the trace was captured with (``model.layerwise_casting``, per component: storage
-    and compute dtypes) on a freshly loaded ``pipe``; a crafted entry is one error naming it.
-
-    >>> from attnscope.testing import tiny_sd_pipeline
-    >>> pipe = tiny_sd_pipeline()
-    >>> _enable_recorded_casting(pipe, {"model": {"layerwise_casting": {"unet": {"storage_dtype": "float8_e4m3fn",
-    ...                                                                         "compute_dtype": "float32"}}}}, "a.zarr")
-    >>> import attnscope as ats; ats.store.layerwise_casting(pipe)
-    {'unet': {'storage_dtype': 'float8_e4m3fn', 'compute_dtype': 'float32'}}
-    >>> _enable_recorded_casting(pipe, {"model": {"layerwise_casting": {"unet": {"storage_dtype": "os.system"}}}},
-    ...                          "a.zarr")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    attnscope.errors.AttnscopeError: trace 'a.zarr': layerwise_casting unet={'storage_dtype': 'os.system'} in its manifest; ...
-    """
-    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
-    recorded = model.get("layerwise_casting") or {}
-    for name, setting in (recorded.items() if isinstance(recorded, dict) else [(None, recorded)]):
-        dtypes = [getattr(torch, setting.get(k), None) if isinstance(setting, dict) and isinstance(setting.get(k), str)
-                  else None for k in ("storage_dtype", "compute_dtype")]
-        component = getattr(pipe, name, None) if isinstance(name, str) else None
-        if not all(isinstance(d, torch.dtype) for d in dtypes) or not callable(
-                getattr(component, "enable_layerwise_casting", None)):
-            raise AttnscopeError(f"trace {where!r}: layerwise_casting {name}={setting!r} in its manifest; expected, per "
-                                 f"model component of the pipeline, a storage_dtype and a compute_dtype named as torch "
-                                 f"dtypes (the store is damaged or crafted)")
-        component.enable_layerwise_casting(storage_dtype=dtypes[0], compute_dtype=dtypes[1])
 
 
 def _check_device(device: Any, where: str) -> None:

@@ -36,6 +36,7 @@ from ._manifest import (
     freeu_settings,
     jsonable,
     layerwise_casting,
+    set_layerwise_casting,
     weights_fingerprint,
 )
 from ._reader import Trace, as_trace, open_trace
@@ -45,4 +46,4 @@ from ._writer import SiteLayout, StoreLayout, TraceWriter, check_store_path, enc
 __all__ = ["BRANCH_ARRAYS", "FORMAT_VERSION", "GATED_STEPS_ATTR", "IMAGE_DIMS", "OUTPUT_CHANGE", "OUTPUT_NORM",
            "ROOT_COORDS", "SITES_GROUP", "SITE_DIMS", "SUMMARIES_GROUP", "SUMMARY_DIMS", "SiteLayout", "StoreLayout",
            "Trace", "TraceWriter", "access_error", "as_trace", "build_manifest", "check_keep_bits", "check_layerwise_casting", "check_same_generation", "check_same_schedule", "check_store_path", "chunk_steps", "crop_region", "enclosing_trace", "filesystem", "freeu_settings", "is_url", "jsonable", "layerwise_casting", "locate",
-           "open_trace", "read_root", "site_group", "upload_trace", "weights_fingerprint"]
+           "open_trace", "read_root", "set_layerwise_casting", "site_group", "upload_trace", "weights_fingerprint"]

@@ -16,7 +16,8 @@ import torch
 
 from ..errors import AttnscopeError
 
-__all__ = ["build_manifest", "check_same_generation", "check_same_schedule", "freeu_settings", "jsonable", "weights_fingerprint"]
+__all__ = ["build_manifest", "check_layerwise_casting", "check_same_generation", "check_same_schedule", "freeu_settings", "jsonable",
+           "layerwise_casting", "set_layerwise_casting", "weights_fingerprint"]
 
 _LIBRARIES = ("attnscope", "torch", "diffusers", "transformers", "zarr", "xarray", "numpy")
 _SAMPLES_PER_TENSOR = 4096
@@ -234,6 +235,32 @@ def layerwise_casting(pipe: Any) -> dict[str, dict[str, str]]:
             storage, compute = sorted(settings)[0]
             found[name] = {"storage_dtype": storage, "compute_dtype": compute}
     return found
+
+
+def set_layerwise_casting(pipe: Any, recorded: Any, what: str) -> None:
+    """Turn on, on a freshly loaded ``pipe``, the layerwise casting :func:`layerwise_casting` recorded (per
+    component: storage and compute dtypes); an entry that is not that (a damaged or crafted record) is one error that
+    ``what`` opens (e.g. ``"trace 'a.zarr'"``).
+
+    >>> from attnscope.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> set_layerwise_casting(pipe, {"unet": {"storage_dtype": "float8_e4m3fn", "compute_dtype": "float32"}}, "a")
+    >>> layerwise_casting(pipe)
+    {'unet': {'storage_dtype': 'float8_e4m3fn', 'compute_dtype': 'float32'}}
+    >>> set_layerwise_casting(pipe, {"unet": {"storage_dtype": "os.system"}}, "trace 'a.zarr'")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    attnscope.errors.AttnscopeError: trace 'a.zarr': layerwise_casting unet={'storage_dtype': 'os.system'} in its manifest; ...
+    """
+    for name, setting in (recorded.items() if isinstance(recorded, dict) else [(None, recorded)]):
+        dtypes = [getattr(torch, setting.get(k), None) if isinstance(setting, dict) and isinstance(setting.get(k), str)
+                  else None for k in ("storage_dtype", "compute_dtype")]
+        component = getattr(pipe, name, None) if isinstance(name, str) else None
+        if not all(isinstance(d, torch.dtype) for d in dtypes) or not callable(
+                getattr(component, "enable_layerwise_casting", None)):
+            raise AttnscopeError(f"{what}: layerwise_casting {name}={setting!r} in its manifest; expected, per model "
+                                 f"component of the pipeline, a storage_dtype and a compute_dtype named as torch "
+                                 f"dtypes (the store is damaged or crafted)")
+        component.enable_layerwise_casting(storage_dtype=dtypes[0], compute_dtype=dtypes[1])
 
 
 def _casting_hook(module: torch.nn.Module) -> Any:

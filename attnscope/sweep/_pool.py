@@ -48,12 +48,13 @@ def load_sweep_pipeline(model: str, *, device: str | None = None, dtype: str | N
                         casting: dict[str, dict[str, str]] | None = None) -> Any:
     """The pipeline a sweep runs: ``model`` loaded locally, with ``scheduler`` (class name, config), FreeU
     (``pipe.enable_freeu`` factors: no weights, so a loaded model has it off) and layerwise casting (per component:
-    ``enable_layerwise_casting``'s storage and compute dtypes, as ``attnscope.store.layerwise_casting`` reads them)
+    ``enable_layerwise_casting``'s storage and compute dtypes, as ``attnscope.store.layerwise_casting`` reads them,
+    set by ``attnscope.store.set_layerwise_casting``)
     when given."""
     import diffusers
-    import torch
 
     from ..models import load_pipeline
+    from ..store import set_layerwise_casting
 
     pipe = load_pipeline(model, device=device, dtype=dtype)
     if scheduler is not None:
@@ -61,9 +62,7 @@ def load_sweep_pipeline(model: str, *, device: str | None = None, dtype: str | N
         pipe.scheduler = getattr(diffusers, name).from_config(config)
     if freeu:
         pipe.unet.enable_freeu(**freeu)
-    for name, dtypes in (casting or {}).items():
-        getattr(pipe, name).enable_layerwise_casting(storage_dtype=getattr(torch, dtypes["storage_dtype"]),
-                                                     compute_dtype=getattr(torch, dtypes["compute_dtype"]))
+    set_layerwise_casting(pipe, casting or {}, f"model {model!r}")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
